@@ -1,0 +1,1 @@
+"""HE-friendly torch layers, the model zoo, training, metrics and self-describing model artifacts."""
