@@ -1,0 +1,5 @@
+import sys
+
+from medhe.cli import main
+
+sys.exit(main())
