@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 #: torch layer types that the compilers accept as-is (linear, or folded away).
-LINEAR_TYPES = (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity)
+LINEAR_TYPES = (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity,
+                nn.Dropout)  # Dropout is the identity at inference
 
 
 class RangeRecorder(nn.Module):
