@@ -25,6 +25,7 @@ ARCHS: dict[str, Callable[..., nn.Module] | str] = {
     "mobilenetv2-he": "medhe.models.mobilenet:build_mobilenetv2_extractor",
     "linear-head": "medhe.models.mobilenet:build_linear_head",
     "vq-encoder": "medhe.models.autoencoder:build_encoder",
+    "latent-hecnn": "medhe.models.autoencoder:build_latent_classifier",
 }
 
 
