@@ -1,0 +1,150 @@
+"""``medhe evaluate``: one model, one scheme, one JSON report comparing plain and encrypted inference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medhe import atomic
+from medhe.cli._format import human_bytes, table
+from medhe.errors import DataError, MedheError
+
+SCHEME_CHOICES = ("plain", "ckks", "tfhe", "paillier")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a model in plaintext or under encryption",
+                       description="Evaluate a model on a dataset split; encrypted schemes add encrypted metrics, "
+                                   "agreement with plaintext, latency, sizes and parameters to the same JSON.")
+    p.add_argument("--model", default="pneumoniamnist", help="shipped model name or model directory")
+    p.add_argument("--scheme", choices=SCHEME_CHOICES, default="plain")
+    p.add_argument("--dataset", help="MedMNIST flag or image folder with labels.csv (default: the model's own)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--data-dir", help="folder with dataset files (default: $MEDHE_DATA or ~/.medhe/data)")
+    p.add_argument("--json", dest="json_out", help="write the report to this file")
+    p.add_argument("--fhe", choices=("simulate", "execute"), default="simulate",
+                   help="TFHE only: bit-exact simulation or real encrypted execution")
+    p.add_argument("--key-bits", type=int, default=3072, help="Paillier only: modulus size (>= 2048)")
+    p.add_argument("--debug-layers", action="store_true",
+                   help="CKKS only: decrypt after every layer of the first image and compare with plaintext")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | None,
+                   data_dir: str | None) -> tuple[str, Any]:
+    """The dataset split to evaluate, checked against the model's label layout."""
+    from medhe.data import dataset_info, load_dataset
+
+    card_ds = artifact.card.get("dataset") or {}
+    name = dataset or card_ds.get("name") or card_ds.get("path")
+    if not name:
+        raise DataError(f"model {artifact.name!r} records no dataset: pass --dataset FLAG|FOLDER")
+    info = dataset_info(name, data_dir=data_dir)
+    size = card_ds.get("size") if info.get("kind") == "medmnist" else None
+    ds = load_dataset(name, split=split, size=size, data_dir=data_dir)
+    if list(ds.label_names) != list(artifact.labels) and len(ds.label_names) != len(artifact.labels):
+        raise DataError(f"dataset {name!r} has labels {ds.label_names} but model {artifact.name!r} predicts "
+                        f"{artifact.labels}: evaluate on a dataset with the model's label layout")
+    if limit is not None:
+        if limit < 1:
+            raise DataError("--limit must be at least 1")
+        ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
+    return str(name), ds
+
+
+def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",
+             limit: int | None = None, data_dir: str | None = None, progress: bool = True,
+             fhe: str = "simulate", key_bits: int = 3072, debug_layers: bool = False) -> dict[str, Any]:
+    """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included)."""
+    from medhe.models.artifact import load_artifact
+    from medhe.models.metrics import compute_metrics
+    from medhe.models.predict import model_inputs, predict_logits
+
+    artifact = load_artifact(model)
+    name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
+    inputs = model_inputs(artifact, ds.images)
+    plain_logits = predict_logits(artifact.model, inputs)
+    report: dict[str, Any] = {
+        "dataset": name, "model": artifact.name, "scheme": scheme, "split": split, "n": int(len(ds.labels)),
+        "task": artifact.task, "plain": compute_metrics(artifact.task, ds.labels, plain_logits),
+    }
+    if scheme == "plain":
+        return report
+    if scheme == "tfhe":
+        from medhe.he.tfhe import evaluate_tfhe
+
+        report.update(evaluate_tfhe(artifact, inputs, ds.labels, fhe=fhe, progress=progress))
+        return report
+    from medhe.he.evaluate import evaluate_encrypted
+
+    options: dict[str, Any] = {"key_bits": key_bits} if scheme == "paillier" else {}
+    hook = None
+    if debug_layers:
+        if scheme != "ckks":
+            raise MedheError("--debug-layers works with --scheme ckks only")
+
+        def hook(server: Any) -> None:
+            from medhe.he.ckks import layer_report
+
+            report["debug_layers"] = layer_report(server, inputs[0])
+
+    return evaluate_encrypted(artifact, scheme, inputs, ds.labels, report, plain_logits,
+                              progress=progress, compile_options=options, on_server=hook)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    rows = [["plain", report["plain"].get("acc"), report["plain"].get("auc"), report["plain"].get("f1")]]
+    for key in ("quantized", "simulated", "encrypted"):
+        if isinstance(report.get(key), dict):
+            m = report[key]
+            rows.append([key, m.get("acc"), m.get("auc"), m.get("f1")])
+    print(f"\n{report['model']} on {report['dataset']} ({report['split']}, n={report['n']}), "
+          f"scheme {report['scheme']}")
+    print(table(["", "ACC", "AUC", "F1"], rows))
+    if "agreement" in report:
+        print(f"agreement with plaintext: {report['agreement']:.4f}   "
+              f"max |logit error|: {report.get('max_abs_logit_error', float('nan')):.2e}")
+    lat = report.get("latency_ms") or {}
+    stages = [(k, v) for k, v in lat.items() if isinstance(v, dict)]
+    if stages:
+        print(table(["latency (ms)", "median", "p95"], [[k, v.get("median"), v.get("p95")] for k, v in stages]))
+    if "keygen" in lat:
+        print(f"key generation: {lat['keygen']:.0f} ms")
+    sizes = report.get("bytes") or {}
+    if sizes:
+        print("bytes: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sizes.items() if isinstance(v, (int, float))))
+    for row in report.get("debug_layers") or []:
+        print(f"  layer {row.get('layer')}: max |error| {row.get('max_abs_error', float('nan')):.2e}")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate(args.model, args.scheme, args.dataset, args.split, args.limit, args.data_dir,
+                      progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
+                      debug_layers=args.debug_layers)
+    print_report(report)
+    if args.json_out:
+        atomic.write_json(Path(args.json_out), _jsonable(report))
+        print(f"report written to {args.json_out}")
+    return 0
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def dumps(report: dict[str, Any]) -> str:
+    return json.dumps(_jsonable(report), indent=2)
