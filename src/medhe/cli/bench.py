@@ -1,0 +1,72 @@
+"""``medhe bench``: performance targets measured side by side with the reference tools, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from medhe import atomic
+from medhe.errors import MedheError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark a scheme against its reference tool, or the service under load",
+                       description="Run a benchmark and print/write JSON. --scheme ckks compares with TenSEAL's "
+                                   "Tutorial-4 pipeline, --scheme tfhe with a plain concrete-python FCNN, "
+                                   "--service runs concurrent clients against a real server on loopback.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--scheme", choices=("ckks", "tfhe", "paillier"))
+    what.add_argument("--service", action="store_true", help="load-test the HTTP service")
+    p.add_argument("--model", help="model to benchmark (default: the scheme's shipped default)")
+    p.add_argument("-n", "--images", type=int, default=20, help="images per measured pipeline")
+    p.add_argument("--url", help="--service: an already running server (default: start one on 127.0.0.1)")
+    p.add_argument("--clients", type=int, default=16, help="--service: concurrent clients")
+    p.add_argument("--requests", type=int, default=200, help="--service: requests in all")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
+    p.set_defaults(handler=run)
+
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.images < 1:
+        raise MedheError("--images must be at least 1")
+    started = time.time()
+    if args.service:
+        from medhe.service.loadtest import run_service_benchmark
+
+        result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
+                                       requests=args.requests, data_dir=args.data_dir)
+    elif args.scheme == "ckks":
+        from medhe.he.ckks.bench import run_ckks_benchmark
+
+        result = run_ckks_benchmark(model=args.model or "pneumoniamnist", n_images=args.images,
+                                    data_dir=args.data_dir)
+    elif args.scheme == "tfhe":
+        from medhe.he.tfhe.bench import run_tfhe_benchmark
+
+        result = run_tfhe_benchmark(model=args.model or "pneumoniamnist-qfcnn", n_images=args.images,
+                                    data_dir=args.data_dir)
+    else:
+        from medhe.he.paillier.bench import run_paillier_benchmark
+
+        result = run_paillier_benchmark(model=args.model or "covid-cxr", n_images=args.images,
+                                        data_dir=args.data_dir)
+    result = {"benchmark": "service" if args.service else args.scheme, "machine": _machine(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+              "wall_s": round(time.time() - started, 1), **result}
+    text = json.dumps(result, indent=2, default=float)
+    print(text)
+    if args.json_out:
+        atomic.write_text(Path(args.json_out), text + "\n")
+    return 0
