@@ -1,0 +1,360 @@
+"""Compact, lossless wire format for SEAL ciphertexts and keys.
+
+SEAL stores every RNS coefficient in a 64-bit word although a prime has only 20-60 bits, and the zstd/zlib
+compression that would shrink that is not compiled into seal-python. So we parse SEAL's own (uncompressed)
+serialization, pack each prime's coefficients with exactly ``q.bit_length()`` bits, and keep everything else
+(headers, parms_ids, scales, seeds) as a zlib-compressed "skeleton". Decoding rebuilds SEAL's bytes exactly, so
+SEAL's own loader still does the final validation; before that we check the frame, the parameter fingerprint,
+a CRC, every parms_id against the context and every coefficient against its prime, and raise
+``CiphertextError`` with a one-line reason on any mismatch. Nothing here touches key material semantics: it is
+a re-encoding of bytes SEAL produced.
+
+Wire frame (little-endian)::
+
+    b"MHSC" | format u8 | kind u8 | reserved u16 | fingerprint 16 B | crc32 u32 (of the rest) |
+    skeleton_len u32 | zlib(skeleton) | packed coefficients
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import seal
+
+from medhe.errors import CiphertextError
+
+MAGIC = b"MHSC"
+FORMAT_VERSION = 1
+KIND_CIPHERTEXT, KIND_GALOIS, KIND_RELIN, KIND_PUBLIC = 1, 2, 3, 4
+KIND_NAMES = {KIND_CIPHERTEXT: "ciphertext", KIND_GALOIS: "Galois keys", KIND_RELIN: "relinearization keys",
+              KIND_PUBLIC: "public key"}
+
+_FRAME = struct.Struct("<4sBBH16sII")  # magic, format, kind, reserved, fingerprint, crc32, skeleton_len
+_SEAL_MAGIC = 0xA15E
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header_size, major, minor, compr_mode, reserved, size
+_CT_META = struct.Struct("<32sBQQQdQ")  # parms_id, is_ntt_form, size, poly_degree, coeff_mod_size, scale, corr.
+_U64 = struct.Struct("<Q")
+
+
+def params_fingerprint(context: seal.SEALContext) -> bytes:
+    """16 bytes identifying the encryption parameters (hash of SEAL's key-level ``EncryptionParameters``)."""
+    return hashlib.sha256(context.key_context_data().parms().to_bytes()).digest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bit packing
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Pack non-negative integers ``< 2**bits`` using exactly ``bits`` bits each (LSB first)."""
+    v = np.ascontiguousarray(values, dtype="<u8")
+    if bits >= 64:
+        return v.tobytes()
+    planes = np.unpackbits(v.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` uint64 values from ``ceil(count*bits/8)`` bytes."""
+    if bits >= 64:
+        return np.frombuffer(data, dtype="<u8", count=count).copy()
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits, bitorder="little")
+    full = np.zeros((count, 64), dtype=np.uint8)
+    full[:, :bits] = planes.reshape(count, bits)
+    return np.packbits(full, axis=1, bitorder="little").view("<u8").reshape(count)
+
+
+def _packed_len(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# walking SEAL's serialization: the same walk encodes (splitting data out) and decodes (splicing it back)
+
+
+@dataclass
+class _Array:
+    """One run of RNS coefficients: ``polys`` polynomials, each ``len(moduli)`` primes x ``degree`` coefficients."""
+
+    moduli: list[int]
+    polys: int
+    degree: int
+
+    @property
+    def count(self) -> int:
+        return self.polys * len(self.moduli) * self.degree
+
+    def bit_widths(self) -> list[int]:
+        return [q.bit_length() for q in self.moduli]
+
+    def pack(self, raw: memoryview) -> bytes:
+        data = np.frombuffer(raw, dtype="<u8", count=self.count).reshape(self.polys, len(self.moduli), self.degree)
+        out = []
+        for j, (q, b) in enumerate(zip(self.moduli, self.bit_widths())):
+            block = data[:, j, :]
+            if int(block.max(initial=0)) >= q:
+                raise CiphertextError("SEAL object holds a coefficient outside its prime: it is corrupted; "
+                                      "re-create it with SEAL")
+            out.append(block)
+        # one pack call per prime (all polynomials together): the stream is prime-major
+        return b"".join(pack_bits(out[j], b) for j, b in enumerate(self.bit_widths()))
+
+    def unpack(self, packed: memoryview) -> bytes:
+        data = np.empty((self.polys, len(self.moduli), self.degree), dtype="<u8")
+        pos = 0
+        for j, (q, b) in enumerate(zip(self.moduli, self.bit_widths())):
+            n = _packed_len(self.polys * self.degree, b)
+            block = unpack_bits(packed[pos:pos + n], self.polys * self.degree, b)
+            if int(block.max(initial=0)) >= q:
+                raise CiphertextError("compact HE data holds a coefficient outside its prime: the bytes were "
+                                      "garbled in transit or made for other parameters; send them again")
+            data[:, j, :] = block.reshape(self.polys, self.degree)
+            pos += n
+        return data.tobytes()
+
+    def packed_len_exact(self) -> int:
+        return sum(_packed_len(self.polys * self.degree, b) for b in self.bit_widths())
+
+
+class _Reader:
+    """Cursor over a byte string that raises ``CiphertextError`` instead of reading past the end."""
+
+    def __init__(self, buf: bytes | memoryview, what: str) -> None:
+        self.buf = memoryview(buf)
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise CiphertextError(f"{self.what} is truncated or malformed: send the complete bytes again")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        return st.unpack(self.take(st.size))
+
+
+class _Walker:
+    """Walks SEAL bytes (``encode``: coefficients inline) or a skeleton (``decode``: coefficients from payload).
+
+    ``emit`` collects the output: the skeleton when encoding, SEAL's bytes when decoding.
+    """
+
+    def __init__(self, context: seal.SEALContext, src: _Reader, payload: _Reader | None, what: str) -> None:
+        self.context = context
+        self.src = src
+        self.payload = payload  # None while encoding
+        self.out: list[bytes] = []
+        self.packed: list[bytes] = []
+        self.what = what
+
+    @property
+    def encoding(self) -> bool:
+        return self.payload is None
+
+    def copy(self, n: int) -> memoryview:
+        chunk = self.src.take(n)
+        self.out.append(bytes(chunk))
+        return chunk
+
+    def seal_header(self) -> tuple[int, int]:
+        """Copy one SEAL header; returns (declared total size, version major)."""
+        magic, hsize, major, _minor, compr, _res, size = _SEAL_HEADER.unpack(self.copy(_SEAL_HEADER.size))
+        if magic != _SEAL_MAGIC or hsize != _SEAL_HEADER.size:
+            raise CiphertextError(f"{self.what} is not SEAL data (bad header): send bytes produced by medhe")
+        if compr != 0:
+            raise CiphertextError(f"{self.what} uses SEAL compression mode {compr}; medhe expects none")
+        if major != 4:
+            raise CiphertextError(f"{self.what} comes from SEAL {major}.x; medhe needs SEAL 4.x")
+        return size, major
+
+    def moduli_for(self, parms_id: bytes) -> list[int]:
+        pid = list(struct.unpack("<4Q", parms_id))
+        data = self.context.get_context_data(pid)
+        if data is None:
+            raise CiphertextError(f"{self.what} was made for other encryption parameters: use keys and "
+                                  "ciphertexts created for this model's parameters")
+        return [m.value() for m in data.parms().coeff_modulus()]
+
+    def ciphertext(self) -> bytes:
+        """Ciphertext / PublicKey blob; returns its parms_id."""
+        self.seal_header()
+        parms_id, _ntt, polys, degree, k, _scale, _corr = _CT_META.unpack(self.copy(_CT_META.size))
+        moduli = self.moduli_for(parms_id)
+        if k != len(moduli) or degree != self.context.key_context_data().parms().poly_modulus_degree():
+            raise CiphertextError(f"{self.what} does not match its parameters (ring or modulus count): "
+                                  "re-create it for this model")
+        if not 1 <= polys <= 16:
+            raise CiphertextError(f"{self.what} declares {polys} polynomials: it is corrupted; send it again")
+        self.seal_header()  # DynArray header
+        (count,) = _U64.unpack(self.copy(_U64.size))
+        full, seeded = polys * k * degree, k * degree
+        if count == full:
+            arr = _Array(moduli, polys, degree)
+        elif count == seeded and polys == 2:
+            arr = _Array(moduli, 1, degree)
+        else:
+            raise CiphertextError(f"{self.what} holds {count} coefficients where {full} were expected: "
+                                  "it is corrupted; send it again")
+        self.array(arr)
+        if arr.polys != polys:  # seeded: SEAL's UniformRandomGeneratorInfo follows (own header + members)
+            info_size, _ = self.seal_header()
+            self.copy(info_size - _SEAL_HEADER.size)
+        return parms_id
+
+    def array(self, arr: _Array) -> None:
+        if self.encoding:
+            raw = self.src.take(arr.count * 8)
+            self.packed.append(arr.pack(raw))
+        else:
+            self.out.append(arr.unpack(self.payload.take(arr.packed_len_exact())))
+
+    def kswitch_keys(self) -> None:
+        self.seal_header()
+        parms_id = bytes(self.copy(32))
+        key_pid = struct.pack("<4Q", *self.context.key_context_data().parms_id())
+        if parms_id != key_pid:
+            raise CiphertextError(f"{self.what} was made for other encryption parameters: generate the keys "
+                                  "again for this model")
+        (outer,) = _U64.unpack(self.copy(_U64.size))
+        if outer > 1 << 20:
+            raise CiphertextError(f"{self.what} is corrupted (implausible key count): send it again")
+        for _ in range(outer):
+            (inner,) = _U64.unpack(self.copy(_U64.size))
+            if inner > 64:
+                raise CiphertextError(f"{self.what} is corrupted (implausible decomposition count): send it again")
+            for _ in range(inner):
+                if self.ciphertext() != key_pid:
+                    raise CiphertextError(f"{self.what} holds a key component at the wrong level: it is "
+                                          "corrupted; generate the keys again")
+
+
+def _walk(kind: int, walker: _Walker) -> None:
+    if kind in (KIND_GALOIS, KIND_RELIN):
+        walker.kswitch_keys()
+    else:
+        walker.ciphertext()
+    if walker.src.pos != len(walker.src.buf):
+        raise CiphertextError(f"{walker.what} has {len(walker.src.buf) - walker.src.pos} unexpected trailing "
+                              "bytes: send exactly the bytes medhe produced")
+
+
+def _check_declared_sizes(raw: bytes, what: str) -> None:
+    size = _SEAL_HEADER.unpack_from(raw, 0)[-1] if len(raw) >= _SEAL_HEADER.size else -1
+    if size != len(raw):
+        raise CiphertextError(f"{what} is truncated or malformed: send the complete bytes again")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bytes <-> compact bytes
+
+
+def compact(raw: bytes, kind: int, context: seal.SEALContext) -> bytes:
+    """SEAL's uncompressed serialization of a ``kind`` object -> medhe's compact frame."""
+    what = KIND_NAMES[kind]
+    _check_declared_sizes(raw, what)
+    walker = _Walker(context, _Reader(raw, what), None, what)
+    _walk(kind, walker)
+    skeleton = zlib.compress(b"".join(walker.out), 6)
+    body = skeleton + b"".join(walker.packed)
+    crc = zlib.crc32(body)
+    return _FRAME.pack(MAGIC, FORMAT_VERSION, kind, 0, params_fingerprint(context), crc, len(skeleton)) + body
+
+
+def expand(data: bytes, kind: int, context: seal.SEALContext) -> bytes:
+    """medhe's compact frame -> SEAL's uncompressed serialization, byte-identical to what :func:`compact` got."""
+    what = KIND_NAMES[kind]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CiphertextError(f"{what} must be bytes, got {type(data).__name__}")
+    data = memoryview(data)
+    if len(data) < _FRAME.size:
+        raise CiphertextError(f"{what} is truncated ({len(data)} bytes): send the complete bytes again")
+    magic, version, got_kind, _res, fingerprint, crc, skel_len = _FRAME.unpack(data[:_FRAME.size])
+    if magic != MAGIC:
+        raise CiphertextError(f"{what} is not in medhe's compact HE format: send bytes produced by medhe")
+    if version != FORMAT_VERSION:
+        raise CiphertextError(f"{what} uses compact format v{version}; this medhe reads v{FORMAT_VERSION}: "
+                              "upgrade medhe on both sides")
+    if got_kind != kind:
+        raise CiphertextError(f"expected {what} but got {KIND_NAMES.get(got_kind, f'kind {got_kind}')}: "
+                              "send the right object")
+    if fingerprint != params_fingerprint(context):
+        raise CiphertextError(f"{what} was made for other encryption parameters: use keys and ciphertexts "
+                              "created for this model's parameters")
+    body = data[_FRAME.size:]
+    if zlib.crc32(body) != crc:
+        raise CiphertextError(f"{what} is truncated or garbled (checksum mismatch): send it again")
+    if skel_len > len(body):
+        raise CiphertextError(f"{what} is truncated or malformed: send the complete bytes again")
+    try:
+        skeleton = zlib.decompress(body[:skel_len])
+    except zlib.error:
+        raise CiphertextError(f"{what} is garbled (bad skeleton): send it again") from None
+    payload = _Reader(body[skel_len:], what)
+    walker = _Walker(context, _Reader(skeleton, what), payload, what)
+    _walk(kind, walker)
+    if payload.pos != len(payload.buf):
+        raise CiphertextError(f"{what} has unexpected trailing bytes: send exactly the bytes medhe produced")
+    raw = b"".join(walker.out)
+    _check_declared_sizes(raw, what)
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SEAL objects <-> compact bytes
+
+
+def _load(what: str, fn):
+    try:
+        return fn()
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CiphertextError(f"SEAL rejected the {what} ({exc}): it does not fit these parameters; "
+                              "re-create it for this model") from None
+
+
+def dump_ciphertext(ct: seal.Ciphertext, context: seal.SEALContext) -> bytes:
+    """Compact bytes of a data-level ciphertext."""
+    return compact(ct.to_string(), KIND_CIPHERTEXT, context)
+
+
+def load_ciphertext(data: bytes, context: seal.SEALContext) -> seal.Ciphertext:
+    """Validated ciphertext from :func:`dump_ciphertext` bytes; raises ``CiphertextError`` on any mismatch."""
+    raw = expand(data, KIND_CIPHERTEXT, context)
+    if list(struct.unpack_from("<4Q", raw, _SEAL_HEADER.size)) == list(context.key_context_data().parms_id()):
+        raise CiphertextError("ciphertext is at the key level, not a data level: send a ciphertext made by "
+                              "the client's encryptor")
+    ct = seal.Ciphertext()
+    _load("ciphertext", lambda: ct.load_bytes(context, raw))
+    return ct
+
+
+def dump_galois_keys(keys: seal.GaloisKeys, context: seal.SEALContext) -> bytes:
+    return compact(keys.to_string(), KIND_GALOIS, context)
+
+
+def load_galois_keys(data: bytes, context: seal.SEALContext) -> seal.GaloisKeys:
+    raw = expand(data, KIND_GALOIS, context)
+    return _load("Galois keys", lambda: context.from_galois_str(raw))
+
+
+def dump_relin_keys(keys: seal.RelinKeys, context: seal.SEALContext) -> bytes:
+    return compact(keys.to_string(), KIND_RELIN, context)
+
+
+def load_relin_keys(data: bytes, context: seal.SEALContext) -> seal.RelinKeys:
+    raw = expand(data, KIND_RELIN, context)
+    return _load("relinearization keys", lambda: context.from_relin_str(raw))
+
+
+def dump_public_key(key: seal.PublicKey, context: seal.SEALContext) -> bytes:
+    return compact(key.to_string(), KIND_PUBLIC, context)
+
+
+def load_public_key(data: bytes, context: seal.SEALContext) -> seal.PublicKey:
+    raw = expand(data, KIND_PUBLIC, context)
+    return _load("public key", lambda: context.from_public_str(raw))
