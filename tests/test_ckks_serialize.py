@@ -1,0 +1,151 @@
+"""Compact SEAL serialization: lossless (byte-identical) and strict about what it accepts."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import seal
+
+from medhe.errors import CiphertextError
+from medhe.he.ckks import serialize as S
+
+CHAIN = [35, 28, 28, 28, 28, 28, 43]
+
+
+def _context(n: int, bits: list[int]) -> seal.SEALContext:
+    parms = seal.EncryptionParameters(seal.scheme_type.ckks)
+    parms.set_poly_modulus_degree(n)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(n, bits))
+    return seal.SEALContext(parms, True, seal.sec_level_type.tc128)
+
+
+@pytest.fixture(scope="module")
+def he():
+    ctx = _context(8192, CHAIN)
+    keygen = seal.KeyGenerator(ctx)
+    enc = seal.Encryptor(ctx, keygen.secret_key())
+    encoder = seal.CKKSEncoder(ctx)
+    rng = np.random.default_rng(0)
+    ct = enc.encrypt_symmetric(encoder.encode(rng.uniform(-1, 1, 4096), 2.0 ** 28))
+    galois = seal.GaloisKeys()
+    keygen.create_galois_keys([1, -3], galois)
+    return {"ctx": ctx, "keygen": keygen, "ct": ct, "galois": galois, "relin": keygen.create_relin_keys(),
+            "evaluator": seal.Evaluator(ctx), "encoder": encoder, "decryptor": seal.Decryptor(ctx, keygen.secret_key())}
+
+
+def _raw_ratio(ctx: seal.SEALContext, ct: seal.Ciphertext) -> float:
+    moduli = ctx.get_context_data(ct.parms_id()).parms().coeff_modulus()
+    return sum(m.bit_count() for m in moduli) / (64 * len(moduli))
+
+
+@pytest.mark.parametrize("bits", [1, 7, 28, 35, 43, 60, 61, 64])
+def test_bit_packing_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    values = rng.integers(0, 2 ** bits - 1, size=8192, dtype=np.uint64, endpoint=True)
+    packed = S.pack_bits(values, bits)
+    assert len(packed) == 8192 * bits // 8
+    assert np.array_equal(S.unpack_bits(packed, 8192, bits), values)
+
+
+def test_ciphertext_round_trip_is_byte_identical_at_every_level(he):
+    ctx, ev, ct = he["ctx"], he["evaluator"], seal.Ciphertext(he["ct"])
+    levels = 0
+    while True:
+        raw = ct.to_string()
+        data = S.dump_ciphertext(ct, ctx)
+        assert S.load_ciphertext(data, ctx).to_string() == raw
+        # per-prime packing saves exactly the unused high bits (plus a small frame)
+        assert len(data) <= len(raw) * _raw_ratio(ctx, ct) + 512
+        levels += 1
+        if ctx.get_context_data(ct.parms_id()).chain_index() == 0:
+            break
+        ev.mod_switch_to_next_inplace(ct)
+    assert levels == 6
+
+
+def test_size_three_ciphertext_round_trip_and_decrypts_the_same(he):
+    ctx, ct = he["ctx"], seal.Ciphertext(he["ct"])
+    he["evaluator"].square_inplace(ct)
+    assert ct.size() == 3
+    back = S.load_ciphertext(S.dump_ciphertext(ct, ctx), ctx)
+    assert back.to_string() == ct.to_string()
+    a = he["encoder"].decode(he["decryptor"].decrypt(ct))
+    b = he["encoder"].decode(he["decryptor"].decrypt(back))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_key_round_trips_are_byte_identical_and_about_half_size(he):
+    ctx = he["ctx"]
+    ratio = sum(CHAIN) / (64 * len(CHAIN))  # keys live at the key level: every prime
+    for keys, dump, load in [(he["galois"], S.dump_galois_keys, S.load_galois_keys),
+                             (he["relin"], S.dump_relin_keys, S.load_relin_keys),
+                             (he["keygen"].create_public_key(), S.dump_public_key, S.load_public_key)]:
+        raw = keys.to_string()
+        data = dump(keys, ctx)
+        assert load(data, ctx).to_string() == raw
+        assert len(data) <= len(raw) * ratio + 1024
+
+
+def test_loaded_galois_keys_still_rotate(he):
+    ctx, ev = he["ctx"], he["evaluator"]
+    keys = S.load_galois_keys(S.dump_galois_keys(he["galois"], ctx), ctx)
+    rotated = ev.rotate_vector(he["ct"], 1, keys)
+    before = np.asarray(he["encoder"].decode(he["decryptor"].decrypt(he["ct"])))
+    after = np.asarray(he["encoder"].decode(he["decryptor"].decrypt(rotated)))
+    assert np.allclose(after, np.roll(before, -1), atol=1e-4)
+
+
+def test_n16384_round_trip():
+    ctx = _context(16384, [50] + [40] * 8 + [50])
+    keygen = seal.KeyGenerator(ctx)
+    ct = seal.Encryptor(ctx, keygen.secret_key()).encrypt_symmetric(
+        seal.CKKSEncoder(ctx).encode(np.linspace(-1, 1, 8192), 2.0 ** 40))
+    data = S.dump_ciphertext(ct, ctx)
+    assert S.load_ciphertext(data, ctx).to_string() == ct.to_string()
+    assert len(data) < 0.7 * len(ct.to_string())
+
+
+def test_truncated_input_is_rejected(he):
+    data = S.dump_ciphertext(he["ct"], he["ctx"])
+    for cut in (0, 10, S._FRAME.size + 5, len(data) // 2, len(data) - 1):
+        with pytest.raises(CiphertextError, match="truncated|garbled"):
+            S.load_ciphertext(data[:cut], he["ctx"])
+    with pytest.raises(CiphertextError, match="truncated|garbled"):
+        S.load_galois_keys(S.dump_galois_keys(he["galois"], he["ctx"])[:-100], he["ctx"])
+
+
+def test_garbled_input_is_rejected(he):
+    data = bytearray(S.dump_ciphertext(he["ct"], he["ctx"]))
+    for pos in (0, 5, len(data) // 2, len(data) - 1):
+        bad = bytearray(data)
+        bad[pos] ^= 0x5A
+        with pytest.raises(CiphertextError):
+            S.load_ciphertext(bytes(bad), he["ctx"])
+    with pytest.raises(CiphertextError, match="bytes"):
+        S.load_ciphertext("not bytes", he["ctx"])
+
+
+def test_coefficient_outside_its_prime_is_rejected_even_with_a_valid_checksum(he):
+    data = bytearray(S.dump_ciphertext(he["ct"], he["ctx"]))
+    skel_len = struct.unpack_from("<I", data, S._FRAME.size - 4)[0]
+    start = S._FRAME.size + skel_len
+    data[start:start + 8] = b"\xff" * 8  # the first 35-bit coefficient becomes 2**35 - 1 > q_0
+    struct.pack_into("<I", data, S._FRAME.size - 8, zlib.crc32(bytes(data[S._FRAME.size:])))
+    with pytest.raises(CiphertextError, match="outside its prime"):
+        S.load_ciphertext(bytes(data), he["ctx"])
+
+
+def test_other_parameters_and_wrong_kind_are_rejected(he):
+    other = _context(8192, [40, 30, 30, 30, 40])
+    with pytest.raises(CiphertextError, match="other encryption parameters"):
+        S.load_ciphertext(S.dump_ciphertext(he["ct"], he["ctx"]), other)
+    with pytest.raises(CiphertextError, match="other encryption parameters"):
+        S.dump_ciphertext(he["ct"], other)  # parms_id unknown to that context
+    with pytest.raises(CiphertextError, match="expected Galois keys"):
+        S.load_galois_keys(S.dump_relin_keys(he["relin"], he["ctx"]), he["ctx"])
+    with pytest.raises(CiphertextError, match="key level"):
+        S.load_ciphertext(S.compact(he["keygen"].create_public_key().to_string(), S.KIND_CIPHERTEXT, he["ctx"]),
+                          he["ctx"])
