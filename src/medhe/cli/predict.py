@@ -1,0 +1,42 @@
+"""``medhe predict``: diagnose images on a medhe server under encryption (the secret key stays here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from medhe.service import protocol
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="encrypted diagnosis of PNG/JPEG/DICOM images on a medhe server",
+                       description="Preprocess and encrypt images locally, let the server evaluate the model on the "
+                                   "ciphertexts, decrypt the results here. Only public keys and ciphertexts leave "
+                                   "this machine.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or DICOM files")
+    p.add_argument("--server", required=True, metavar="URL", help="e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", help="served model id (needed when the server offers several)")
+    p.add_argument("--token", help=f"bearer token (default: ${protocol.TOKEN_ENV})")
+    p.add_argument("--cacert", help="CA bundle to verify a self-signed TLS certificate")
+    p.add_argument("--json", action="store_true", help="print one JSON document with every result")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medhe.service.client import Client
+
+    with Client(args.server, token=args.token, verify=args.cacert or True) as client:
+        results = client.diagnose_many(args.images, model=args.model,
+                                       progress=not args.json and len(args.images) > 1 and sys.stderr.isatty())
+        client.forget_keys()
+    if args.json:
+        print(json.dumps({"server": args.server, "results": [r.to_dict() for r in results]}, indent=2))
+        return 0
+    for r in results:
+        if r.task == "multi-label":
+            found = ", ".join(f"{name} {r.probabilities[name]:.3f}" for name in r.positive) or "no finding"
+            print(f"{r.source}: {found}")
+        else:
+            print(f"{r.source}: {r.label} (p={r.probabilities[r.label]:.3f})")
+    return 0

@@ -1,0 +1,89 @@
+"""``medhe serve``: the encrypted diagnosis server (FastAPI on uvicorn) for one or more models."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from medhe.errors import MedheError
+from medhe.service import protocol
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve models for encrypted inference over HTTP",
+                       description="Serve models for encrypted inference. Clients register public evaluation "
+                                   "keys, send ciphertexts and decrypt the results themselves; see docs/service.md.")
+    p.add_argument("--model", action="append", required=True, metavar="NAME|DIR[:SCHEME]",
+                   help="model to serve (repeatable); scheme defaults to the card's default, else ckks")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help=f"require this bearer token (default: ${protocol.TOKEN_ENV} if set)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="inference worker processes (default: one per core, max 4; 0 = threads in this process)")
+    p.add_argument("--max-body", type=_size, default=protocol.DEFAULT_MAX_BODY, metavar="BYTES",
+                   help="largest accepted ciphertext upload, e.g. 256M (default 256M)")
+    p.add_argument("--max-key-bytes", type=_size, default=protocol.DEFAULT_MAX_KEY_BYTES, metavar="BYTES",
+                   help="all clients' evaluation keys together, least recently used evicted first (default 4G)")
+    p.add_argument("--key-ttl", type=float, default=protocol.DEFAULT_KEY_TTL, metavar="SECONDS",
+                   help="forget keys unused for this long (default 3600)")
+    p.add_argument("--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile serves https")
+    p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(handler=run)
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 65536, 64M, 2G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return int(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from medhe.service.catalog import load_catalog
+    from medhe.service.server import create_app
+    from medhe.service.worker import default_processes
+
+    token = args.token if args.token is not None else os.environ.get(protocol.TOKEN_ENV) or None
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise MedheError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    for path in (args.ssl_certfile, args.ssl_keyfile):
+        if path and not os.path.isfile(path):
+            raise MedheError(f"TLS file not found: {path}")
+    if not 0 < args.port < 65536:
+        raise MedheError(f"--port {args.port} is not a valid TCP port")
+    if args.host not in LOOPBACK and not token:
+        print(f"warning: serving on {args.host} without --token: anyone who can reach it may use your models",
+              file=sys.stderr)
+    if args.host not in LOOPBACK and not args.ssl_certfile:
+        print("warning: no TLS: put medhe behind a TLS proxy or pass --ssl-certfile/--ssl-keyfile", file=sys.stderr)
+    models = load_catalog(args.model)
+    workers = default_processes() if args.workers is None else args.workers
+    if workers < 0:
+        raise MedheError("--workers must be 0 (threads) or a positive number of processes")
+    app = create_app(models, token=token, max_body=args.max_body, key_ttl=args.key_ttl,
+                     max_key_bytes=args.max_key_bytes, processes=workers)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"medhe serve: {', '.join(f'{m.id} ({m.ref.scheme})' for m in models)} at "
+          f"{scheme}://{args.host}:{args.port}{protocol.PREFIX}  (compiling, then ready; Ctrl-C stops)",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                            timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise MedheError(f"the server did not start on {args.host}:{args.port} (port in use, or models failed "
+                         "to compile; see the log above)")
+    return 0

@@ -1,0 +1,1 @@
+"""The encrypted diagnosis service: HTTP server (``server``), client SDK (``client``), key store and load test."""

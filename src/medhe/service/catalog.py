@@ -1,0 +1,124 @@
+"""Which models a server offers: ``NAME|DIR[:SCHEME]`` specs resolved to artifacts, and the public description
+a client needs to use one (everything but the private server weights).
+
+The compiled, scheme-specific part (``ServerModel.spec()``) comes from the workers; this module only reads the
+model directory, so the web process stays light and scheme-agnostic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medhe.errors import ArtifactError
+from medhe.he.scheme import SCHEMES
+from medhe.models.artifact import CLIENT_WEIGHTS, load_artifact
+from medhe.service import protocol
+
+_ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a worker needs to compile one served model: picklable, so it can be sent to worker processes."""
+
+    id: str
+    source: str
+    scheme: str
+    options: tuple = ()  # (key, value) pairs passed to compile_model
+
+
+@dataclass
+class ServedModel:
+    """One model as the web process sees it: its reference, card and optional public client-stage weights."""
+
+    ref: ModelRef
+    card: dict[str, Any]
+    client_weights: bytes | None = None
+    spec: dict[str, Any] = field(default_factory=dict)  # filled in from a worker once compiled
+
+    @property
+    def id(self) -> str:
+        return self.ref.id
+
+    def describe(self) -> dict[str, Any]:
+        """The public listing entry: enough to preprocess, encrypt, decrypt and interpret without other files."""
+        card = self.card
+        stage = None
+        if self.client_weights is not None:
+            stage = {
+                "arch": card["client_stage"]["arch"],
+                "arch_kwargs": card["client_stage"].get("arch_kwargs", {}),
+                "weights_url": protocol.client_stage_path(self.id),
+                "weights_sha256": hashlib.sha256(self.client_weights).hexdigest(),
+                "weights_bytes": len(self.client_weights),
+            }
+        return {
+            "id": self.id,
+            "name": card["name"],
+            "scheme": self.ref.scheme,
+            "task": card["task"],
+            "labels": list(card["labels"]),
+            "preprocessing": card["preprocessing"],
+            "client_stage": stage,
+            "metrics": card.get("metrics", {}),
+            "dataset": card.get("dataset"),
+            "arch": card["arch"],
+            "spec": self.spec,
+            "endpoints": {
+                "keys": protocol.keys_path(self.id),
+                "infer": protocol.infer_path(self.id),
+            },
+        }
+
+
+def parse_model_arg(arg: str) -> tuple[str, str | None]:
+    """``NAME|DIR[:SCHEME]`` -> (source, scheme or None); a colon not followed by a scheme name is part of a path."""
+    source, sep, scheme = arg.rpartition(":")
+    if sep and scheme.lower() in SCHEMES:
+        return source, scheme.lower()
+    if sep and not Path(arg).exists() and "/" not in scheme and "\\" not in scheme:
+        raise ArtifactError(f"unknown scheme {scheme!r} in --model {arg!r}: choose one of {', '.join(SCHEMES)}")
+    return arg, None
+
+
+def default_scheme(card: dict[str, Any]) -> str:
+    options = card.get("scheme_options") or {}
+    scheme = options.get("default_scheme") if isinstance(options, dict) else None
+    return str(scheme or "ckks")
+
+
+def load_catalog(args: list[str]) -> list[ServedModel]:
+    """Resolve ``--model`` arguments into served models with unique URL-safe ids.
+
+    A model served under one scheme is addressed by its card name; the same name under several schemes becomes
+    ``name-scheme`` for each, so one server can offer e.g. CKKS and Paillier variants side by side.
+    """
+    if not args:
+        raise ArtifactError("no model to serve: pass --model NAME|DIR[:SCHEME] at least once")
+    loaded = []
+    for arg in args:
+        source, scheme = parse_model_arg(arg)
+        artifact = load_artifact(source)
+        scheme = scheme or default_scheme(artifact.card)
+        if scheme not in SCHEMES:
+            raise ArtifactError(f"{source}: card asks for unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        weights = None
+        if artifact.client_model is not None and artifact.path is not None:
+            weights = (Path(artifact.path) / CLIENT_WEIGHTS).read_bytes()
+        path = str(artifact.path) if artifact.path is not None else source
+        loaded.append((_ID_RE.sub("-", artifact.name).strip("-") or "model", path, scheme, artifact.card, weights))
+    names = Counter(name for name, *_ in loaded)
+    seen: set[str] = set()
+    served = []
+    for name, path, scheme, card, weights in loaded:
+        model_id = name if names[name] == 1 else f"{name}-{scheme}"
+        if model_id in seen:
+            raise ArtifactError(f"model {model_id!r} is given twice with the same scheme; serve it once")
+        seen.add(model_id)
+        served.append(ServedModel(ModelRef(model_id, path, scheme), card, weights))
+    return served

@@ -1,0 +1,255 @@
+"""The hospital-side SDK: preprocess, encrypt, upload, decrypt — the secret key never leaves this process.
+
+``Client(url).diagnose(path)`` fetches the model's public description, runs the recorded preprocessing and the
+public client stage (if any) locally, generates keys once per model (the evaluation keys are registered with the
+server, the secret key stays in memory here), encrypts, sends the ciphertext and decrypts the encrypted logits.
+Decrypted results are never sent anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import httpx
+import numpy as np
+
+from medhe.errors import ArtifactError, MedheError
+from medhe.service import protocol
+from medhe.service.errors import ServiceError
+
+
+@dataclass
+class Diagnosis:
+    """One decrypted result: the top label, every label's probability and the raw logits."""
+
+    model: str
+    task: str
+    label: str
+    probabilities: dict[str, float]
+    logits: list[float]
+    positive: list[str] = field(default_factory=list)  # multi-label: labels at probability >= 0.5
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "model": self.model, "task": self.task, "label": self.label,
+                "positive": self.positive, "probabilities": self.probabilities, "logits": self.logits}
+
+
+def interpret(task: str, labels: Sequence[str], logits: np.ndarray, model: str, source: str | None = None
+              ) -> Diagnosis:
+    """Decrypted logits -> probabilities and labels with the same conventions as training and evaluation."""
+    from medhe.models.metrics import predictions, probabilities
+
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if len(logits) != len(labels):
+        raise MedheError(f"model {model!r} returned {len(logits)} outputs for {len(labels)} labels; "
+                         "the server's model and its card disagree")
+    prob = probabilities(task, logits[None])[0]
+    pred = predictions(task, logits[None])[0]
+    if task == "multi-label":
+        positive = [labels[i] for i in np.flatnonzero(pred)]
+        top = labels[int(prob.argmax())]
+    else:
+        positive = []
+        top = labels[int(pred)]
+    return Diagnosis(model=model, task=task, label=top, positive=positive, source=source,
+                     probabilities={name: float(p) for name, p in zip(labels, prob)},
+                     logits=[float(v) for v in logits])
+
+
+class _ModelSession:
+    """Per-model client state: description, preprocessing, client stage, the HE session and its key id."""
+
+    def __init__(self, info: dict[str, Any], stage_weights: bytes | None):
+        from medhe.data import Preprocess
+        from medhe.he.scheme import client_for
+
+        self.info = info
+        self.id = info["id"]
+        self.preprocess = Preprocess.from_dict(info["preprocessing"])
+        self.stage = _build_stage(info, stage_weights) if stage_weights is not None else None
+        self.he = client_for(info["spec"])
+        self.he.keygen()
+        self._evaluation_keys: bytes | None = None
+        self.key_id: str | None = None
+
+    def evaluation_keys(self) -> bytes:
+        if self._evaluation_keys is None:
+            self._evaluation_keys = self.he.evaluation_keys()
+        return self._evaluation_keys
+
+    def inputs(self, image: np.ndarray) -> np.ndarray:
+        """uint8 image -> float32 input of the server network: exactly what the plaintext model would get."""
+        x = self.preprocess(image)
+        if self.stage is not None:
+            import torch
+
+            with torch.no_grad():
+                x = self.stage(torch.from_numpy(x[None])).float().numpy()[0]
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _build_stage(info: dict[str, Any], weights: bytes):
+    from safetensors.torch import load as load_tensors
+
+    from medhe.models.zoo import build_model
+
+    stage = info["client_stage"]
+    if hashlib.sha256(weights).hexdigest() != stage["weights_sha256"]:
+        raise ArtifactError(f"client-stage weights of {info['id']!r} do not match their announced sha256; "
+                            "the download was corrupted or tampered with")
+    model = build_model(stage["arch"], **stage.get("arch_kwargs", {}))
+    try:
+        model.load_state_dict(load_tensors(weights), strict=True)
+    except Exception as exc:
+        raise ArtifactError(f"client-stage weights of {info['id']!r} do not fit architecture {stage['arch']!r}: "
+                            f"{exc}") from None
+    return model.eval()
+
+
+class Client:
+    """SDK for a medhe server. Thread-safe for reads; give each thread its own ``Client`` for independent keys.
+
+    ``token`` defaults to ``$MEDHE_TOKEN``; ``verify`` is passed to httpx (a CA bundle path for self-signed TLS).
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0, verify: Any = True,
+                 transport: httpx.BaseTransport | None = None):
+        token = token if token is not None else os.environ.get(protocol.TOKEN_ENV) or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify,
+                                  transport=transport)
+        self._sessions: dict[str, _ModelSession] = {}
+        self._models: list[dict[str, Any]] | None = None
+
+    # -- plumbing --------------------------------------------------------------------------------------------------
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise MedheError(f"the server at {self.url} did not answer in time; it may be overloaded") from None
+        except httpx.TransportError as exc:
+            raise MedheError(f"cannot reach the medhe server at {self.url} ({type(exc).__name__}: {exc}); "
+                             "is `medhe serve` running there?") from None
+        if response.status_code >= 400:
+            raise _error_from(response)
+        return response
+
+    # -- public API ------------------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", f"{protocol.PREFIX}/health").json()
+
+    def models(self) -> list[dict[str, Any]]:
+        """Public descriptions of every served model (scheme, parameters, preprocessing, labels, metrics)."""
+        if self._models is None:
+            self._models = self._request("GET", protocol.models_path()).json()["models"]
+        return self._models
+
+    def model_info(self, model: str | None = None) -> dict[str, Any]:
+        models = self.models()
+        if model is None:
+            if len(models) == 1:
+                return models[0]
+            raise MedheError(f"the server offers several models ({', '.join(m['id'] for m in models)}); "
+                             "choose one with --model / model=")
+        for info in models:
+            if model in (info["id"], info["name"]):
+                return info
+        raise MedheError(f"the server has no model {model!r}; it offers {', '.join(m['id'] for m in models)}")
+
+    def session(self, model: str | None = None) -> _ModelSession:
+        """The cached per-model session (keys generated once and registered once per ``Client``)."""
+        info = self.model_info(model)
+        sess = self._sessions.get(info["id"])
+        if sess is None:
+            weights = None
+            if info.get("client_stage"):
+                weights = self._request("GET", info["client_stage"]["weights_url"]).content
+            sess = _ModelSession(info, weights)
+            self._sessions[info["id"]] = sess
+        if sess.key_id is None:
+            self._register(sess)
+        return sess
+
+    def _register(self, sess: _ModelSession) -> None:
+        reply = self._request("POST", sess.info["endpoints"]["keys"], content=sess.evaluation_keys(),
+                              headers={"Content-Type": protocol.OCTET}).json()
+        sess.key_id = reply["key_id"]
+
+    def infer_encrypted(self, sess: _ModelSession, ciphertext: bytes) -> bytes:
+        """POST one ciphertext; re-registers the keys once if the server forgot them (expiry, restart)."""
+        for attempt in (0, 1):
+            try:
+                return self._request("POST", sess.info["endpoints"]["infer"], content=ciphertext,
+                                     headers={"Content-Type": protocol.OCTET, protocol.KEY_HEADER: sess.key_id}
+                                     ).content
+            except ServiceError as exc:
+                if exc.code != "unknown_key" or attempt:
+                    raise
+                self._register(sess)
+        raise AssertionError("unreachable")
+
+    def diagnose(self, image: str | os.PathLike | np.ndarray, model: str | None = None) -> Diagnosis:
+        """Diagnose one image (a PNG/JPEG/DICOM path, or a uint8 array) under encryption."""
+        from medhe.data import read_image
+
+        source = None
+        if not isinstance(image, np.ndarray):
+            source = str(image)
+            image = read_image(Path(image))
+        sess = self.session(model)
+        ciphertext = sess.he.encrypt(sess.inputs(image))
+        logits = sess.he.decrypt(self.infer_encrypted(sess, ciphertext))
+        return interpret(sess.info["task"], sess.info["labels"], logits, sess.id, source)
+
+    def diagnose_many(self, images: Iterable[str | os.PathLike | np.ndarray], model: str | None = None,
+                      progress: bool = True) -> list[Diagnosis]:
+        """Diagnose several images in turn with one key registration, showing a progress bar."""
+        from tqdm import tqdm
+
+        from medhe.data import read_image
+
+        # Read everything first: a bad file fails before any key generation or upload.
+        items = [(img, None) if isinstance(img, np.ndarray) else (read_image(Path(img)), str(img)) for img in images]
+        self.session(model)  # keys first, so the bar measures diagnoses only
+        results = []
+        for img, source in tqdm(items, desc="encrypted diagnosis", unit="img", disable=not progress):
+            result = self.diagnose(img, model)
+            result.source = source
+            results.append(result)
+        return results
+
+    def forget_keys(self) -> None:
+        """Ask the server to drop this client's registered keys (they would also expire on their own)."""
+        for sess in self._sessions.values():
+            if sess.key_id is not None:
+                try:
+                    self._request("DELETE", protocol.key_path(sess.key_id))
+                except ServiceError as exc:
+                    if exc.status != 404:
+                        raise
+                sess.key_id = None
+
+
+def _error_from(response: httpx.Response) -> ServiceError:
+    try:
+        err = response.json()["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except Exception:
+        code, message = "http_error", response.text[:200] or response.reason_phrase
+    return ServiceError(response.status_code, code, f"server refused the request ({response.status_code} {code}): "
+                                                    f"{message}")

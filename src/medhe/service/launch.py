@@ -1,0 +1,98 @@
+"""Start ``medhe serve`` as a child process on a free loopback port and wait until it is ready.
+
+Used by the load test and the service tests: the server runs exactly as an operator would run it (its own
+process, real uvicorn, real sockets), and a failed start surfaces the server's own log instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from medhe.errors import MedheError
+from medhe.service import protocol
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``with ServerProcess(["pneumoniamnist"], workers=1) as srv: srv.url`` — a real server, stopped on exit."""
+
+    def __init__(self, models: list[str], workers: int | None = None, token: str | None = None,
+                 extra_args: list[str] | None = None, host: str = "127.0.0.1", startup_timeout: float = 300.0):
+        self.models = list(models)
+        self.workers = workers
+        self.token = token
+        self.extra_args = list(extra_args or [])
+        self.host = host
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="medhe-serve-", suffix=".log", delete=False)
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self._log.name)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self) -> "ServerProcess":
+        cmd = [sys.executable, "-m", "medhe", "serve", "--host", self.host, "--port", str(self.port),
+               "--log-level", "warning"]
+        for model in self.models:
+            cmd += ["--model", model]
+        if self.workers is not None:
+            cmd += ["--workers", str(self.workers)]
+        cmd += self.extra_args
+        env = dict(os.environ)
+        env.pop(protocol.TOKEN_ENV, None)
+        if self.token:
+            env[protocol.TOKEN_ENV] = self.token
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise MedheError(f"medhe serve exited with status {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}{protocol.PREFIX}/ready", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise MedheError(f"medhe serve was not ready after {self.startup_timeout:.0f} s: {self.log()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully and the workers with it
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        try:
+            os.unlink(self._log.name)
+        except OSError:
+            pass

@@ -1,0 +1,142 @@
+"""Load test of the service: N concurrent clients, each with its own keys, M encrypted inferences in all.
+
+Each client generates and registers its own evaluation keys (as separate hospitals would), encrypts its images
+once, then all clients fire requests together. Latency is the round trip of one inference request (upload,
+server evaluation, download); every result is decrypted and checked against the plaintext prediction when one is
+given, so the figure also proves that concurrent requests did not corrupt each other.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from medhe.errors import MedheError
+from medhe.service.client import Client
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else None
+
+
+def run_load_test(url: str, model: str | None, images: Sequence[np.ndarray], clients: int = 16,
+                  requests: int = 200, expected: Sequence[int] | None = None, token: str | None = None,
+                  images_per_client: int = 2) -> dict[str, Any]:
+    """Run the load and return figures (milliseconds, requests per second) plus failure and mismatch counts."""
+    if clients < 1 or requests < 1:
+        raise MedheError("clients and requests must be at least 1")
+    if not len(images):
+        raise MedheError("the load test needs at least one image")
+    images = list(images)
+    setup: list[dict[str, Any]] = [{} for _ in range(clients)]
+    latencies: list[float] = []
+    server_ms: list[float] = []
+    errors: list[str] = []
+    mismatches = 0
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    ready = threading.Barrier(clients + 1)
+
+    def worker(index: int) -> None:
+        nonlocal mismatches
+        client = Client(url, token=token)
+        try:
+            try:
+                t0 = time.perf_counter()
+                sess = client.session(model)
+                t1 = time.perf_counter()
+                picks = [(index * images_per_client + j) % len(images) for j in range(images_per_client)]
+                cts = [sess.he.encrypt(sess.inputs(images[i])) for i in picks]
+                setup[index] = {"keys_s": t1 - t0, "encrypt_s": (time.perf_counter() - t1) / len(picks),
+                                "key_bytes": len(sess.evaluation_keys()), "ciphertext_bytes": len(cts[0])}
+            except Exception as exc:
+                with lock:
+                    errors.append(f"setup: {exc}")
+                return
+            finally:
+                ready.wait()
+            for n in counter:  # the shared iterator hands out request numbers until all are taken
+                k = n % len(picks)
+                try:
+                    start = time.perf_counter()
+                    response = client._request(
+                        "POST", sess.info["endpoints"]["infer"], content=cts[k],
+                        headers={"Content-Type": "application/octet-stream", "X-Medhe-Key-Id": sess.key_id})
+                    elapsed = (time.perf_counter() - start) * 1000.0
+                    logits = sess.he.decrypt(response.content)
+                    bad = expected is not None and int(np.argmax(logits)) != int(expected[picks[k]])
+                    with lock:
+                        latencies.append(elapsed)
+                        server_ms.append(float(response.headers.get("X-Medhe-Eval-Ms", "nan")))
+                        mismatches += int(bad)
+                except Exception as exc:
+                    with lock:
+                        errors.append(f"request {n}: {exc}")
+        finally:
+            try:
+                client.forget_keys()  # be a good citizen: free the server's key store
+            except MedheError:
+                pass
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    done = [s for s in setup if s]
+    return {
+        "url": url, "model": model, "clients": clients, "requests": requests,
+        "completed": len(latencies), "failures": requests - len(latencies), "errors": errors[:5],
+        "mismatches": mismatches if expected is not None else None,
+        "latency_ms": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95),
+                       "mean": statistics.fmean(latencies) if latencies else None,
+                       "max": max(latencies) if latencies else None},
+        "server_eval_ms_p50": _percentile([v for v in server_ms if v == v], 50),
+        "throughput_rps": len(latencies) / wall if wall > 0 else None,
+        "wall_s": wall,
+        "setup": {"clients_ready": len(done),
+                  "keys_s_p50": _percentile([s["keys_s"] for s in done], 50),
+                  "encrypt_s_p50": _percentile([s["encrypt_s"] for s in done], 50),
+                  "key_bytes": done[0]["key_bytes"] if done else None,
+                  "ciphertext_bytes": done[0]["ciphertext_bytes"] if done else None},
+    }
+
+
+def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist", clients: int = 16,
+                          requests: int = 200, data_dir: str | None = None, workers: int | None = None,
+                          n_images: int = 32) -> dict[str, Any]:
+    """``medhe bench --service``: start a server on 127.0.0.1 (unless ``url`` is given) and load-test it.
+
+    Images are the model's own test split; when this function starts the server it also knows the model, so every
+    decrypted prediction is checked against the plaintext prediction.
+    """
+    from medhe.data import load_dataset
+    from medhe.models.artifact import load_artifact
+    from medhe.models.predict import model_inputs, predict_logits
+    from medhe.service.catalog import parse_model_arg
+    from medhe.service.launch import ServerProcess
+
+    source, _ = parse_model_arg(model)
+    artifact = load_artifact(source)
+    card_ds = artifact.card.get("dataset") or {}
+    name = card_ds.get("name") or card_ds.get("path")
+    if not name:
+        raise MedheError(f"model {artifact.name!r} records no dataset to draw benchmark images from")
+    ds = load_dataset(name, split="test", size=card_ds.get("size"), data_dir=data_dir)
+    images = ds.images[:n_images]
+    expected = predict_logits(artifact.model, model_inputs(artifact, images)).argmax(axis=1)
+    if url is not None:
+        result = run_load_test(url, None if ":" in model else artifact.name, images, clients, requests,
+                               expected=expected)
+        return {"server": "external", **result}
+    with ServerProcess([model], workers=workers) as server:
+        result = run_load_test(server.url, None, images, clients, requests, expected=expected)
+    return {"server": {"host": "127.0.0.1", "workers": workers if workers is not None else "default"}, **result}

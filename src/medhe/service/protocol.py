@@ -1,0 +1,45 @@
+"""The wire protocol shared by the server and the SDK, in one place so the two cannot drift apart.
+
+Everything is under a versioned prefix. Ciphertexts and keys travel as raw ``application/octet-stream`` bodies
+(base64 in JSON would add a third to megabyte payloads); metadata and errors are JSON. See docs/service.md.
+"""
+
+from __future__ import annotations
+
+API_VERSION = "v1"
+PREFIX = f"/{API_VERSION}"
+OCTET = "application/octet-stream"
+#: header naming the registered evaluation keys an inference request uses.
+KEY_HEADER = "X-Medhe-Key-Id"
+#: response header with the server-side evaluation time in milliseconds (for benchmarks, not for trust).
+EVAL_MS_HEADER = "X-Medhe-Eval-Ms"
+TOKEN_ENV = "MEDHE_TOKEN"
+
+MiB = 1 << 20
+DEFAULT_MAX_BODY = 256 * MiB       # one encrypted input
+DEFAULT_MAX_KEY_BYTES = 4096 * MiB  # all clients' evaluation keys together (also caps one upload)
+DEFAULT_KEY_TTL = 3600.0            # seconds a key set may sit unused
+
+
+def models_path() -> str:
+    return f"{PREFIX}/models"
+
+
+def model_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}"
+
+
+def keys_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/keys"
+
+
+def infer_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/infer"
+
+
+def client_stage_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/client-stage"
+
+
+def key_path(key_id: str) -> str:
+    return f"{PREFIX}/keys/{key_id}"

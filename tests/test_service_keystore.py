@@ -1,0 +1,46 @@
+"""Key store: the server's memory for clients' evaluation keys must stay bounded (LRU bytes cap, idle expiry)."""
+
+import pytest
+
+from medhe.service.keystore import KeyStore, KeyTooLarge
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_lru_eviction_keeps_total_under_cap():
+    store = KeyStore(max_bytes=100, ttl=None)
+    a = store.add("m", b"a", 40)
+    b = store.add("m", b"b", 40)
+    assert store.get(a.key_id) is not None  # a is now the most recently used
+    c = store.add("m", b"c", 40)           # evicts b, the least recently used
+    assert b.key_id not in store
+    assert a.key_id in store and c.key_id in store
+    assert store.total_bytes == 80
+
+
+def test_idle_keys_expire_and_use_refreshes():
+    clock = Clock()
+    store = KeyStore(max_bytes=1000, ttl=10, clock=clock)
+    a = store.add("m", b"a", 1)
+    b = store.add("m", b"b", 1)
+    clock.now = 8
+    assert store.get(a.key_id) is not None
+    clock.now = 15  # b idle for 15 s, a for 7 s
+    assert store.get(b.key_id) is None
+    assert store.get(a.key_id) is not None
+    assert store.total_bytes == 1
+
+
+def test_oversize_key_set_is_refused_and_ids_are_unguessable():
+    store = KeyStore(max_bytes=10, ttl=None)
+    with pytest.raises(KeyTooLarge, match="exceed"):
+        store.add("m", b"x", 11)
+    ids = {store.add("m", b"x", 1).key_id for _ in range(20)}
+    assert len(ids) == 20 and all(len(i) >= 20 for i in ids)
+    assert store.remove(next(iter(ids))) in (True, False)
