@@ -78,10 +78,10 @@ class PolyAct(RangeRecorder):
         return (self.a * x + self.b) * x + self.c
 
     def coefficients(self) -> list[float]:
-        return [float(self.c), float(self.b), float(self.a)]
+        return [float(self.c.detach()), float(self.b.detach()), float(self.a.detach())]
 
     def extra_repr(self) -> str:
-        return f"a={float(self.a):.4g}, b={float(self.b):.4g}, c={float(self.c):.4g}"
+        return f"a={float(self.a.detach()):.4g}, b={float(self.b.detach()):.4g}, c={float(self.c.detach()):.4g}"
 
 
 def fit_relu_quadratic(input_range: float, samples: int = 2001) -> tuple[float, float, float]:
@@ -140,7 +140,7 @@ class CubicSigmoid(RangeRecorder):
         return (self.a * x * x + self.b) * x + self.c
 
     def coefficients(self) -> list[float]:
-        return [float(self.c), float(self.b), 0.0, float(self.a)]
+        return [float(self.c.detach()), float(self.b.detach()), 0.0, float(self.a.detach())]
 
     def extra_repr(self) -> str:
         return f"trainable={self.trainable}"
