@@ -1,0 +1,450 @@
+"""P1's cost/accuracy curve: one latent classifier per downsampling factor, plain and under CKKS, in one table.
+
+For each factor f in {2, 4, 8, 16} the client-side VQ encoder turns 256x256 chest X-rays into a (c, 256/f, 256/f)
+latent, the same HE-friendly classifier builder (``latent-hecnn``) is trained on it (multi-label BCE, model selection
+on val macro AUC), and the test split is scored in plaintext and — when the CKKS engine compiles the model —
+encrypted. Pixel-space rows use the same classifier on downsampled images: 64x64 has exactly as many input values
+as the f8 latent (4x32x32), and 256x256 is the full-resolution comparison. The test split has 63 images, so every
+macro AUC carries a bootstrap confidence interval.
+
+``export_latent_model`` writes the shipped ``cxr14-latent`` (server = classifier, client stage = f8 encoder); the f8
+row of the experiment uses exactly that configuration (``DEFAULT_ARCH_KWARGS``, ``DEFAULT_TRAIN``).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from medhe import atomic
+from medhe.errors import ArtifactError, MedheError
+from medhe.models import layers
+from medhe.models.autoencoder import VQAutoencoder, build_latent_classifier
+from medhe.models.metrics import compute_metrics
+
+NIH = "nih_chestxray14_subset"
+DEFAULT_ARCH_KWARGS = {"width": 16, "groups": 1, "se_reduction": 4, "head_size": 4}
+DEFAULT_TRAIN = {"epochs": 60, "lr": 3e-3, "batch_size": 32, "weight_decay": 1e-3, "seed": 0, "flip": True}
+PIXEL_PREPROCESS = {"channels": 1, "crop": "center", "mean": 0.5, "std": 0.5}
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_images(encoder: nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """uint8 (N, 256, 256) chest X-rays -> float32 continuous latents (N, c, 256/f, 256/f), as the client computes."""
+    from medhe.models.train_autoencoder import PREPROCESS
+    from medhe.data import Preprocess
+
+    pre = Preprocess(**PREPROCESS)
+    encoder.eval()
+    out = [encoder(torch.from_numpy(pre.batch(images[i:i + batch_size]))).numpy()
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def pixel_inputs(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 chest X-rays -> float32 (N, 1, size, size), the pixel-space baseline's input."""
+    from medhe.data import Preprocess
+
+    return Preprocess(size=size, **PIXEL_PREPROCESS).batch(images)
+
+
+def load_splits(data_dir: str | None = None) -> dict[str, Any]:
+    """NIH subset train/val/test (patient-grouped split from ``medhe.data``)."""
+    from medhe.data import load_dataset
+
+    return {s: load_dataset(NIH, split=s, size=256, channels=1, data_dir=data_dir) for s in ("train", "val", "test")}
+
+
+# -- metrics --------------------------------------------------------------------------------------------------------
+def macro_auc(labels: np.ndarray, logits: np.ndarray) -> float | None:
+    """Macro AUC over the labels that have both classes present (``compute_metrics``' convention)."""
+    return compute_metrics("multi-label", labels, logits)["auc"]
+
+
+def _rank_auc(y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Per-column ROC AUC by the Mann-Whitney rank formula (ties averaged); NaN where a column has one class."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(z, axis=0)
+    pos = y.sum(0)
+    neg = len(y) - pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * y).sum(0) - pos * (pos + 1) / 2) / (pos * neg)
+    return np.where((pos > 0) & (neg > 0), auc, np.nan)
+
+
+def bootstrap_macro_auc(labels: np.ndarray, logits: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                        alpha: float = 0.05) -> dict[str, Any]:
+    """Macro AUC with a percentile bootstrap CI over images (small test sets make a point estimate misleading).
+
+    Each resample averages the labels that have both classes in it, like ``compute_metrics``.
+    """
+    y = np.asarray(labels).astype(np.int64)
+    z = np.asarray(logits, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        auc = _rank_auc(y[idx], z[idx])
+        if np.isfinite(auc).any():
+            stats.append(float(np.nanmean(auc)))
+    lo, hi = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"auc": macro_auc(y, z), "ci_low": float(lo), "ci_high": float(hi), "ci": 1 - alpha, "n_boot": n_boot,
+            "n": int(len(y))}
+
+
+# -- classifier training ----------------------------------------------------------------------------------------------
+def _logits(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[i:i + batch_size])).numpy()
+                               for i in range(0, len(x), batch_size)]).astype(np.float64)
+
+
+def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                     arch_kwargs: dict[str, Any] | None = None, epochs: int = 60, lr: float = 3e-3,
+                     batch_size: int = 32, weight_decay: float = 1e-3, seed: int = 0, flip: bool = True,
+                     log: Callable[[str], None] | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Multi-label BCE (positives re-weighted by sqrt(neg/pos) so rare labels are not ignored); keep the epoch with
+    the best val macro AUC; re-record activation ranges on train+val in eval mode for the CKKS compiler."""
+    n, c, h, _ = x_train.shape
+    kwargs = {"in_channels": c, "num_outputs": y_train.shape[1], "image_size": h,
+              **DEFAULT_ARCH_KWARGS, **(arch_kwargs or {})}
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_latent_classifier(**kwargs)
+    layers.set_recording(model, False)
+    pos = y_train.sum(0).clip(min=1)
+    pos_weight = torch.tensor(np.sqrt((n - pos) / pos), dtype=torch.float32)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * int(np.ceil(n / batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.float32))
+    best = (-1.0, 0, None)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        order = rng.permutation(n)
+        for s in range(0, n, batch_size):
+            idx = order[s:s + batch_size]
+            xb = xt[idx]
+            if flip:
+                mask = torch.from_numpy(rng.random(len(idx)) < 0.5)
+                xb = torch.where(mask[:, None, None, None], xb.flip(-1), xb)
+            loss = loss_fn(model(xb), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+        val_auc = macro_auc(y_val, _logits(model, x_val)) or 0.0
+        history.append(round(val_auc, 4))
+        if val_auc > best[0]:
+            best = (val_auc, epoch + 1, copy.deepcopy(model.state_dict()))
+        if log and (epoch + 1) % 10 == 0:
+            log(f"epoch {epoch + 1}/{epochs}: val macro AUC {val_auc:.4f}")
+    model.load_state_dict(best[2])
+    layers.reset_ranges(model)
+    layers.set_recording(model, True)
+    _logits(model, np.concatenate([x_train, x_val]))
+    model.eval()
+    record = {"arch": "latent-hecnn", "arch_kwargs": kwargs, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+              "weight_decay": weight_decay, "seed": seed, "flip": flip, "best_epoch": best[1],
+              "best_val_auc": round(best[0], 4), "val_auc_history": history, "n_train": int(n),
+              "loss": "BCEWithLogits, pos_weight sqrt(neg/pos)"}
+    return model, record
+
+
+# -- export ---------------------------------------------------------------------------------------------------------
+def export_latent_model(out_dir: str | Path, ae: VQAutoencoder, model: nn.Sequential, record: dict[str, Any],
+                        metrics: dict[str, Any], labels: list[str], name: str = "cxr14-latent",
+                        command: str = "", extra: dict[str, Any] | None = None) -> Path:
+    """Save the latent model: classifier as the server network, the VQ encoder as the public client stage."""
+    from medhe.models.artifact import save_artifact
+    from medhe.models.train_autoencoder import PREPROCESS
+
+    layers.check_he_friendly(model)
+    card = {
+        "name": name, "arch": "latent-hecnn", "arch_kwargs": record["arch_kwargs"], "task": "multi-label",
+        "labels": list(labels), "dataset": {"name": NIH, "size": 256}, "preprocessing": dict(PREPROCESS),
+        "metrics": metrics, "activation_ranges": layers.activation_ranges(model),
+        "training": {"command": command, **{k: v for k, v in record.items() if k not in ("arch", "arch_kwargs")}},
+        "client_stage": {"arch": "vq-encoder", "arch_kwargs": ae.encoder_kwargs(),
+                         "latent_shape": [ae.latent_channels, 256 // ae.factor, 256 // ae.factor]},
+        "scheme_options": {"default_scheme": "ckks"},
+        **(extra or {}),
+    }
+    return save_artifact(out_dir, model, card, client_model=ae.encoder)
+
+
+def export_pixel_model(out_dir: str | Path, model: nn.Sequential, record: dict[str, Any], metrics: dict[str, Any],
+                       labels: list[str], size: int, name: str) -> Path:
+    from medhe.models.artifact import save_artifact
+
+    card = {"name": name, "arch": "latent-hecnn", "arch_kwargs": record["arch_kwargs"], "task": "multi-label",
+            "labels": list(labels), "dataset": {"name": NIH, "size": 256},
+            "preprocessing": {"size": size, **PIXEL_PREPROCESS}, "metrics": metrics,
+            "activation_ranges": layers.activation_ranges(model),
+            "training": {k: v for k, v in record.items() if k not in ("arch", "arch_kwargs")},
+            "scheme_options": {"default_scheme": "ckks"}}
+    return save_artifact(out_dir, model, card)
+
+
+# -- encrypted ------------------------------------------------------------------------------------------------------
+def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the server network under CKKS image by image: agreement with plaintext, logit error, latency, sizes.
+
+    Raises ``PlanError`` (or another ``MedheError``) when the model does not compile for CKKS; the caller reports it.
+    """
+    from medhe.he import client_for, compile_model
+
+    n = len(x) if limit is None else min(limit, len(x))
+    t0 = time.perf_counter()
+    server = compile_model(artifact, scheme="ckks")
+    compile_s = time.perf_counter() - t0
+    spec = server.spec()
+    client = client_for(spec)
+    client.keygen()
+    ek = client.evaluation_keys()
+    keys = server.load_keys(ek)
+    plain = _logits(artifact.model, x[:n])
+    enc, server_s, client_enc_s, in_bytes, out_bytes = [], [], [], [], []
+    for i in range(n):
+        t = time.perf_counter()
+        ct = client.encrypt(x[i])
+        client_enc_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out = server.infer(keys, ct)
+        server_s.append(time.perf_counter() - t)
+        enc.append(np.asarray(client.decrypt(out), dtype=np.float64).reshape(-1))
+        in_bytes.append(len(ct))
+        out_bytes.append(len(out))
+        if log and (i + 1) % 10 == 0:
+            log(f"encrypted {i + 1}/{n}: median server {statistics.median(server_s):.2f} s")
+    enc = np.stack(enc)
+    agree = float(np.mean((enc > 0) == (plain > 0)))
+    result = {"n": n, "agreement": agree, "max_abs_logit_error": float(np.abs(enc - plain).max()),
+              "server_latency_s": {"median": statistics.median(server_s), "min": min(server_s),
+                                   "max": max(server_s)},
+              "client_encrypt_s_median": statistics.median(client_enc_s),
+              "input_ciphertext_bytes": int(np.median(in_bytes)), "output_ciphertext_bytes": int(np.median(out_bytes)),
+              "evaluation_key_bytes": len(ek), "compile_s": compile_s, "params": _params(spec),
+              "logits": enc.tolist()}
+    result["metrics"] = compute_metrics("multi-label", labels[:n], enc)
+    result["auc_bootstrap"] = bootstrap_macro_auc(labels[:n], enc)
+    return result
+
+
+def _params(spec: dict[str, Any]) -> Any:
+    """The CKKS parameters from a server spec (whatever keys the engine publishes under params / parameters)."""
+    for key in ("params", "parameters", "ckks"):
+        if key in spec:
+            return spec[key]
+    return {k: v for k, v in spec.items() if k in ("poly_modulus_degree", "coeff_modulus", "scale", "N")}
+
+
+# -- the experiment -----------------------------------------------------------------------------------------------
+def _find_autoencoder(factor: int, ae_root: Path) -> Path:
+    from medhe.models.artifact import PRETRAINED_DIR
+
+    for cand in (ae_root / f"vq-f{factor}", PRETRAINED_DIR / f"vq-f{factor}"):
+        if (cand / "autoencoder.json").is_file():
+            return cand
+    raise ArtifactError(f"no f{factor} autoencoder under {ae_root} or the shipped models: "
+                        f"train it with medhe train-autoencoder --factor {factor} --out {ae_root}/vq-f{factor}")
+
+
+def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str | Path = "runs/latent",
+                          out_dir: str | Path = "runs/latent/experiment", data_dir: str | None = None,
+                          encrypted: bool = True, enc_limit: int | None = None, pixel_sizes: tuple[int, ...] = (64, 256),
+                          pixel_epochs: dict[int, int] | None = None, use_shipped_f8: bool = True,
+                          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train/score every row and write ``latent_table.md``, ``latent_table.json`` and ``latent_plot.png``.
+
+    ``enc_limit`` caps the encrypted test images per row (None: the whole test split). With ``use_shipped_f8`` the
+    f8 row scores the shipped ``cxr14-latent`` itself, so that row is the default model's configuration exactly.
+    """
+    from medhe.models.artifact import load_artifact
+    from medhe.models.train_autoencoder import load_autoencoder
+
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    ae_root = Path(ae_root)
+    splits = load_splits(data_dir)
+    labels = splits["train"].label_names
+    y = {s: splits[s].labels for s in splits}
+    rows = []
+    for f in factors:
+        ae_dir = _find_autoencoder(f, ae_root)
+        ae, ae_card = load_autoencoder(ae_dir)
+        log(f"f{f}: encoding with {ae_dir}")
+        x = {s: encode_images(ae.encoder, splits[s].images) for s in splits}
+        shipped = None
+        if f == 8 and use_shipped_f8:
+            try:
+                shipped = load_artifact("cxr14-latent")
+            except ArtifactError:
+                shipped = None
+        if shipped is not None:
+            model_dir, record = shipped.path, shipped.card["training"]
+        else:
+            model, record = train_classifier(x["train"], y["train"], x["val"], y["val"], **_train_args(), log=log)
+            metrics = {s: compute_metrics("multi-label", y[s], _logits(model, x[s])) for s in ("val", "test")}
+            model_dir = export_latent_model(out / f"latent-f{f}", ae, model, record, metrics, labels,
+                                            name=f"latent-f{f}", command="run_latent_experiment")
+        art = load_artifact(model_dir)
+        row = {"row": f"f{f}", "factor": f, "input_shape": list(x["test"].shape[1:]),
+               "input_values": int(np.prod(x["test"].shape[1:])), "model_dir": str(model_dir),
+               "autoencoder_dir": str(ae_dir), "psnr": ae_card["metrics"].get("held_out", {}).get("psnr"),
+               "ssim": ae_card["metrics"].get("held_out", {}).get("ssim"),
+               "best_epoch": record.get("best_epoch")}
+        rows.append(_score(row, art, x["test"], y["test"], encrypted, enc_limit, log))
+    for size in pixel_sizes:
+        x = {s: pixel_inputs(splits[s].images, size) for s in splits}
+        epochs = (pixel_epochs or {}).get(size, DEFAULT_TRAIN["epochs"] if size <= 64 else 20)
+        log(f"pixel {size}x{size}: training {epochs} epochs")
+        model, record = train_classifier(x["train"], y["train"], x["val"], y["val"], **{**_train_args(),
+                                         "epochs": epochs}, log=log)
+        metrics = {s: compute_metrics("multi-label", y[s], _logits(model, x[s])) for s in ("val", "test")}
+        model_dir = export_pixel_model(out / f"pixel-{size}", model, record, metrics, labels, size, f"pixel-{size}")
+        row = {"row": f"pixel {size}", "factor": None, "input_shape": list(x["test"].shape[1:]),
+               "input_values": int(np.prod(x["test"].shape[1:])), "model_dir": str(model_dir), "psnr": None,
+               "ssim": None, "best_epoch": record["best_epoch"]}
+        rows.append(_score(row, load_artifact(model_dir), x["test"], y["test"], encrypted, enc_limit, log))
+    result = {"dataset": NIH, "split": "test", "n_test": int(len(y["test"])), "classifier": "latent-hecnn",
+              "arch_kwargs": DEFAULT_ARCH_KWARGS, "train": DEFAULT_TRAIN, "rows": rows}
+    _ratios(result)
+    write_table(result, out)
+    return result
+
+
+def _train_args() -> dict[str, Any]:
+    return dict(DEFAULT_TRAIN)
+
+
+def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypted: bool, enc_limit: int | None,
+           log: Callable[[str], None]) -> dict[str, Any]:
+    plain = _logits(art.model, x)
+    row["plain"] = {**compute_metrics("multi-label", y, plain), "auc_bootstrap": bootstrap_macro_auc(y, plain)}
+    if encrypted:
+        try:
+            enc = encrypted_eval(art, x, y, limit=enc_limit, log=log)
+            enc.pop("logits")
+            row["encrypted"] = enc
+        except (MedheError, ImportError, AttributeError) as exc:  # engine absent, or the model does not fit
+            row["encrypted"] = {"error": f"{type(exc).__name__}: {exc}"}
+    log(f"{row['row']}: plain macro AUC {row['plain']['auc']:.4f}"
+        + (f", encrypted {row['encrypted'].get('metrics', {}).get('auc')}" if encrypted else ""))
+    return row
+
+
+def _ratios(result: dict[str, Any]) -> None:
+    """Server latency of each row relative to the f8 row (the default)."""
+    lat = {r["row"]: r.get("encrypted", {}).get("server_latency_s", {}).get("median") for r in result["rows"]}
+    base = lat.get("f8")
+    for r in result["rows"]:
+        r["latency_vs_f8"] = (lat[r["row"]] / base) if base and lat[r["row"]] else None
+
+
+# -- table and plot ---------------------------------------------------------------------------------------------
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _param_text(p: Any) -> str:
+    if not isinstance(p, dict):
+        return "—" if p is None else str(p)
+    n = p.get("poly_modulus_degree") or p.get("N") or p.get("n")
+    chain = p.get("coeff_modulus_bits") or p.get("coeff_modulus") or p.get("moduli_bits")
+    scale = p.get("scale_bits") or p.get("log_scale") or p.get("scale")
+    parts = [f"N={n}" if n else "", f"Q={chain}" if chain else "", f"scale=2^{scale}" if scale else ""]
+    text = " ".join(x for x in parts if x)
+    return text or str(p)[:80]
+
+
+def write_table(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Markdown + JSON table and a PNG plot of macro AUC and server latency per row."""
+    out = Path(out_dir)
+    head = ("| row | input shape | PSNR dB | SSIM | plain macro AUC [95% CI] | encrypted macro AUC | agree | "
+            "max abs logit err | server s (median) | vs f8 | input ct bytes | CKKS params |")
+    lines = ["# Latent-space encrypted chest X-ray classification (P1 table)", "",
+             f"NIH ChestX-ray14 subset, test split (n={result['n_test']}), classifier `latent-hecnn` "
+             f"{result['arch_kwargs']}; machine: this 2-core CPU.", "", head, "|" + "---|" * 12]
+    for r in result["rows"]:
+        b = r["plain"]["auc_bootstrap"]
+        e = r.get("encrypted") or {}
+        enc_auc = e.get("metrics", {}).get("auc")
+        enc_text = (f"{_fmt(enc_auc)} (n={e['n']})" if "metrics" in e
+                    else (e.get("error", "—")[:90].replace("|", "/") if e else "—"))
+        lines.append(
+            f"| {r['row']} | {'x'.join(map(str, r['input_shape']))} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'])} | "
+            f"{_fmt(b['auc'])} [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}] | {enc_text} | "
+            f"{_fmt(e.get('agreement'), '.4f')} | {_fmt(e.get('max_abs_logit_error'), '.1e')} | "
+            f"{_fmt(e.get('server_latency_s', {}).get('median'), '.2f')} | {_fmt(r.get('latency_vs_f8'), '.2f')} | "
+            f"{e.get('input_ciphertext_bytes', '—')} | {_param_text(e.get('params')) if 'params' in e else '—'} |")
+    paths = {"md": atomic.write_text(out / "latent_table.md", "\n".join(lines) + "\n"),
+             "json": atomic.write_json(out / "latent_table.json", result)}
+    paths["png"] = draw_plot(result, out / "latent_plot.png")
+    return paths
+
+
+def draw_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Two bar panels drawn with PIL (no plotting dependency): macro AUC (plain, encrypted) and server latency."""
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw
+
+    rows = result["rows"]
+    w, h, pad = 920, 420, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    panel_w = (w - 3 * pad) // 2
+    base_y, top_y = h - pad, pad + 20
+    group = panel_w / max(1, len(rows))
+
+    def axis(x0: int, title: str, ymax: float, ticks: list[float], fmt: str) -> None:
+        d.text((x0, 10), title, fill="black")
+        d.line([(x0, top_y), (x0, base_y), (x0 + panel_w, base_y)], fill="black")
+        for t in ticks:
+            y = base_y - (t / ymax) * (base_y - top_y)
+            d.line([(x0 - 4, y), (x0, y)], fill="black")
+            d.text((x0 - 40, y - 6), format(t, fmt), fill="black")
+
+    x0 = pad
+    axis(x0, "test macro AUC (plain: blue, encrypted: orange; line = 0.5)", 1.0, [0, 0.25, 0.5, 0.75, 1.0], ".2f")
+    y_half = base_y - 0.5 * (base_y - top_y)
+    d.line([(x0, y_half), (x0 + panel_w, y_half)], fill=(180, 180, 180))
+    for i, r in enumerate(rows):
+        gx = x0 + i * group
+        vals = [(r["plain"]["auc"], (31, 119, 180)), ((r.get("encrypted") or {}).get("metrics", {}).get("auc"),
+                                                       (255, 127, 14))]
+        for j, (v, col) in enumerate(vals):
+            if v is None:
+                continue
+            bx = gx + 8 + j * (group - 16) / 2
+            d.rectangle([bx, base_y - v * (base_y - top_y), bx + (group - 16) / 2 - 2, base_y], fill=col)
+        d.text((gx + 6, base_y + 6), r["row"], fill="black")
+    x1 = 2 * pad + panel_w
+    lat = [(r.get("encrypted") or {}).get("server_latency_s", {}).get("median") for r in rows]
+    ymax = max([v for v in lat if v] or [1.0]) * 1.1
+    axis(x1, "CKKS server latency per image, s (median)", ymax, [ymax * k / 4 for k in range(5)], ".2f")
+    for i, (r, v) in enumerate(zip(rows, lat)):
+        gx = x1 + i * group
+        if v:
+            d.rectangle([gx + 10, base_y - v / ymax * (base_y - top_y), gx + group - 10, base_y], fill=(44, 160, 44))
+        else:
+            d.text((gx + 10, base_y - 20), "n/a", fill="black")
+        d.text((gx + 6, base_y + 6), r["row"], fill="black")
+    buf = BytesIO()
+    img.save(buf, format="PNG")
+    return atomic.write_bytes(path, buf.getvalue())
