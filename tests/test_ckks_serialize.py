@@ -194,3 +194,14 @@ def test_seeder_refuses_non_fresh_ciphertexts(he):
     seeder = S.Seeder(he["ctx"], he["keygen"].secret_key())
     with pytest.raises(CiphertextError, match="fresh size-2"):
         S.dump_ciphertext(he["evaluator"].square(he["ct"]), he["ctx"], seeder)
+
+
+def test_raw_size_reports_seal_bytes_without_unpacking(he):
+    ctx = he["ctx"]
+    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    for obj, dump, kind in [(he["ct"], S.dump_ciphertext, S.KIND_CIPHERTEXT),
+                            (he["galois"], S.dump_galois_keys, S.KIND_GALOIS),
+                            (he["relin"], S.dump_relin_keys, S.KIND_RELIN)]:
+        raw = len(obj.to_string())
+        assert S.raw_size(dump(obj, ctx), kind, ctx) == raw
+        assert S.raw_size(dump(obj, ctx, seeder), kind, ctx) == raw  # seeds count as the polynomials they expand to

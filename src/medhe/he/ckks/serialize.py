@@ -178,6 +178,9 @@ class _Walker:
         self.out: list[bytes] = []
         self.packed: list[bytes] = []
         self.what = what
+        self.measure_only = False  # decode: count sizes instead of unpacking (see raw_size)
+        self.skipped = 0  # bytes of coefficients counted but not unpacked
+        self.unseeded_extra = 0  # what expanding every seed back into a polynomial would add
 
     @property
     def encoding(self) -> bool:
@@ -231,6 +234,7 @@ class _Walker:
         if arr.polys != polys:  # seeded: SEAL's UniformRandomGeneratorInfo follows (own header + members)
             info_size, _ = self.seal_header()
             self.copy(info_size - _SEAL_HEADER.size)
+            self.unseeded_extra += arr.count * 8 - info_size
         return parms_id
 
     def array(self, arr: _Array) -> None:
@@ -238,7 +242,11 @@ class _Walker:
             raw = self.src.take(arr.count * 8)
             self.packed.append(arr.pack(raw))
         else:
-            self.out.append(arr.unpack(self.payload.take(arr.packed_len_exact())))
+            packed = self.payload.take(arr.packed_len_exact())
+            if self.measure_only:
+                self.skipped += arr.count * 8
+            else:
+                self.out.append(arr.unpack(packed))
 
     def kswitch_keys(self) -> None:
         self.seal_header()
@@ -294,6 +302,20 @@ def compact(raw: bytes, kind: int, context: seal.SEALContext) -> bytes:
 
 def expand(data: bytes, kind: int, context: seal.SEALContext) -> bytes:
     """medhe's compact frame -> SEAL's uncompressed serialization, byte-identical to what :func:`compact` got."""
+    walker = _decode(data, kind, context, measure_only=False)
+    raw = b"".join(walker.out)
+    _check_declared_sizes(raw, walker.what)
+    return raw
+
+
+def raw_size(data: bytes, kind: int, context: seal.SEALContext) -> int:
+    """Size of SEAL's own uncompressed serialization of the object in a compact frame (seeds expanded), without
+    unpacking it: the "raw" figure that benchmarks put next to ``len(data)``, the bytes as sent."""
+    walker = _decode(data, kind, context, measure_only=True)
+    return sum(len(b) for b in walker.out) + walker.skipped + walker.unseeded_extra
+
+
+def _decode(data: bytes, kind: int, context: seal.SEALContext, measure_only: bool) -> _Walker:
     what = KIND_NAMES[kind]
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CiphertextError(f"{what} must be bytes, got {type(data).__name__}")
@@ -323,12 +345,11 @@ def expand(data: bytes, kind: int, context: seal.SEALContext) -> bytes:
         raise CiphertextError(f"{what} is garbled (bad skeleton): send it again") from None
     payload = _Reader(body[skel_len:], what)
     walker = _Walker(context, _Reader(skeleton, what), payload, what)
+    walker.measure_only = measure_only
     _walk(kind, walker)
     if payload.pos != len(payload.buf):
         raise CiphertextError(f"{what} has unexpected trailing bytes: send exactly the bytes medhe produced")
-    raw = b"".join(walker.out)
-    _check_declared_sizes(raw, what)
-    return raw
+    return walker
 
 
 # ---------------------------------------------------------------------------------------------------------------
