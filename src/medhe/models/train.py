@@ -63,11 +63,11 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     calibration = None
     if calibrate and data.train.task == "binary-class":
         calibration = calibrate_threshold(model, data.x_val, data.val.labels, calibrate)
-    record_ranges(model, data.x_train)
     metrics = {
         "val": compute_metrics(data.val.task, data.val.labels, predict_logits(model, data.x_val)),
         "test": compute_metrics(data.test.task, data.test.labels, predict_logits(model, data.x_test)),
     }
+    record_ranges(model, data.x_train)  # last forward pass: ranges come from the training set only
     training = {
         "command": command or equivalent_command(dataset, arch, epochs, out_dir, seed, batch_size, lr, arch_kwargs,
                                                  size, augment),
@@ -288,7 +288,7 @@ def record_ranges(model: nn.Module, x_train: np.ndarray) -> None:
     layers.reset_ranges(model)
     layers.set_recording(model, True)
     predict_logits(model, x_train)
-    # recording stays on: the layers' default, so later fine-tuning keeps ranges current
+    layers.set_recording(model, False)  # later forward passes (evaluation) must not widen them
 
 
 def equivalent_command(dataset: Any, arch: str, epochs: int, out_dir: Any, seed: int, batch_size: int, lr: float,
