@@ -1,0 +1,203 @@
+"""The small operation set a CKKS plan runs on, and its SEAL implementation.
+
+Plans only ever call these methods, so another library (a GPU CKKS implementation, say) can run the same plan by
+implementing this interface; nothing above this module imports ``seal``. Levels are counted like SEAL's chain
+index: the top data level is ``len(data primes) - 1``, the last is 0.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import seal
+
+from medhe.errors import CiphertextError, SecurityError
+from medhe.he.ckks import serialize
+from medhe.he.ckks.params import CKKSParams, seal_context
+
+
+class Backend(ABC):
+    """CKKS operations on opaque ciphertext/plaintext handles."""
+
+    slots: int
+
+    @abstractmethod
+    def encode(self, values: np.ndarray | float, level: int, scale: float) -> Any: ...
+
+    @abstractmethod
+    def encrypt(self, plain: Any) -> Any:
+        """Secret-key (symmetric) encryption: the client holds the key, and fresh noise is lower than public-key."""
+
+    @abstractmethod
+    def decrypt(self, ct: Any) -> np.ndarray: ...
+
+    @abstractmethod
+    def add(self, a: Any, b: Any) -> Any: ...
+
+    @abstractmethod
+    def add_inplace(self, a: Any, b: Any) -> None: ...
+
+    @abstractmethod
+    def add_plain(self, a: Any, p: Any) -> Any: ...
+
+    @abstractmethod
+    def negate(self, a: Any) -> Any: ...
+
+    @abstractmethod
+    def multiply_plain(self, a: Any, p: Any) -> Any: ...
+
+    @abstractmethod
+    def multiply(self, a: Any, b: Any) -> Any: ...
+
+    @abstractmethod
+    def relinearize(self, a: Any) -> Any: ...
+
+    @abstractmethod
+    def rescale(self, a: Any) -> Any: ...
+
+    @abstractmethod
+    def rotate(self, a: Any, step: int) -> Any: ...
+
+    @abstractmethod
+    def mod_switch(self, a: Any, level: int) -> Any: ...
+
+    @abstractmethod
+    def level(self, ct: Any) -> int: ...
+
+    @abstractmethod
+    def scale(self, ct: Any) -> float: ...
+
+    @abstractmethod
+    def serialize(self, ct: Any) -> bytes: ...
+
+    @abstractmethod
+    def load_ciphertext(self, data: bytes) -> Any: ...
+
+
+class SealBackend(Backend):
+    """SEAL (seal-python) CKKS. Holds whichever keys this side is allowed to have."""
+
+    def __init__(self, params: CKKSParams) -> None:
+        self.params = params
+        self.context = seal_context(params)
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.evaluator = seal.Evaluator(self.context)
+        self.slots = self.encoder.slot_count()
+        self.parms_ids: dict[int, list[int]] = {}
+        data = self.context.first_context_data()
+        while data is not None:
+            self.parms_ids[data.chain_index()] = data.parms_id()
+            data = data.next_context_data()
+        self.top = max(self.parms_ids)
+        self._by_pid = {tuple(p): lvl for lvl, p in self.parms_ids.items()}
+        self.galois_keys: seal.GaloisKeys | None = None
+        self.relin_keys: seal.RelinKeys | None = None
+        self._secret: seal.SecretKey | None = None
+        self._encryptor: seal.Encryptor | None = None
+        self._decryptor: seal.Decryptor | None = None
+
+    # -- keys (client side)
+    def keygen(self, rotation_steps: list[int], relinearization: bool) -> None:
+        gen = seal.KeyGenerator(self.context)
+        self._secret = gen.secret_key()
+        self._encryptor = seal.Encryptor(self.context, self._secret)
+        self._decryptor = seal.Decryptor(self.context, self._secret)
+        self.galois_keys = seal.GaloisKeys()
+        if rotation_steps:
+            gen.create_galois_keys(list(rotation_steps), self.galois_keys)
+        self.relin_keys = gen.create_relin_keys() if relinearization else None
+
+    def evaluation_key_bytes(self) -> tuple[bytes, bytes]:
+        """(Galois keys, relinearization keys) in the compact wire format; no secret key material."""
+        if self.galois_keys is None:
+            raise SecurityError("no keys yet: call keygen() first")
+        gk = serialize.dump_galois_keys(self.galois_keys, self.context)
+        rk = serialize.dump_relin_keys(self.relin_keys, self.context) if self.relin_keys is not None else b""
+        return gk, rk
+
+    def load_evaluation_keys(self, galois: bytes, relin: bytes) -> None:
+        self.galois_keys = serialize.load_galois_keys(galois, self.context)
+        self.relin_keys = serialize.load_relin_keys(relin, self.context) if relin else None
+
+    def galois_element(self, step: int) -> int:
+        return pow(3, step % self.slots, 2 * self.params.poly_degree)
+
+    def has_rotation(self, step: int) -> bool:
+        return self.galois_keys is not None and self.galois_keys.has_key(self.galois_element(step))
+
+    # -- plaintexts and ciphertexts
+    def encode(self, values: np.ndarray | float, level: int, scale: float) -> seal.Plaintext:
+        if np.isscalar(values):
+            plain = self.encoder.encode(float(values), float(scale))
+        else:
+            plain = self.encoder.encode(np.ascontiguousarray(values, dtype=np.float64), float(scale))
+        if level != self.top:
+            self.evaluator.mod_switch_to_inplace(plain, self.parms_ids[level])
+        return plain
+
+    def encrypt(self, plain: seal.Plaintext) -> seal.Ciphertext:
+        if self._encryptor is None:
+            raise SecurityError("this session has no secret key: call keygen() first")
+        return self._encryptor.encrypt_symmetric(plain)
+
+    def decrypt(self, ct: seal.Ciphertext) -> np.ndarray:
+        if self._decryptor is None:
+            raise SecurityError("this session has no secret key: call keygen() first")
+        return np.asarray(self.encoder.decode(self._decryptor.decrypt(ct)), dtype=np.float64)
+
+    # -- arithmetic
+    def add(self, a, b):
+        return self.evaluator.add(a, b)
+
+    def add_inplace(self, a, b) -> None:
+        self.evaluator.add_inplace(a, b)
+
+    def add_plain(self, a, p):
+        return self.evaluator.add_plain(a, p)
+
+    def negate(self, a):
+        return self.evaluator.negate(a)
+
+    def multiply_plain(self, a, p):
+        return self.evaluator.multiply_plain(a, p)
+
+    def multiply(self, a, b):
+        return self.evaluator.multiply(a, b)
+
+    def relinearize(self, a):
+        return self.evaluator.relinearize(a, self.relin_keys)
+
+    def rescale(self, a):
+        return self.evaluator.rescale_to_next(a)
+
+    def rotate(self, a, step: int):
+        return self.evaluator.rotate_vector(a, int(step), self.galois_keys)
+
+    def mod_switch(self, a, level: int):
+        if self.level(a) == level:
+            return a
+        return self.evaluator.mod_switch_to(a, self.parms_ids[level])
+
+    def level(self, ct) -> int:
+        return self._by_pid.get(tuple(ct.parms_id()), -1)
+
+    def scale(self, ct) -> float:
+        return float(ct.scale())
+
+    def serialize(self, ct) -> bytes:
+        return serialize.dump_ciphertext(ct, self.context)
+
+    def load_ciphertext(self, data: bytes) -> seal.Ciphertext:
+        ct = serialize.load_ciphertext(data, self.context)
+        if ct.size() != 2:
+            raise CiphertextError(f"ciphertext has {ct.size()} polynomials, expected 2: send a fresh, "
+                                  "relinearized ciphertext")
+        return ct
+
+    def secret_key_bytes_for_tests(self) -> bytes:
+        """Raw secret key bytes, only so tests can prove evaluation keys never contain them."""
+        if self._secret is None:
+            raise SecurityError("no secret key")
+        return self._secret.to_string()

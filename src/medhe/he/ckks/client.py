@@ -1,0 +1,96 @@
+"""Client side: key generation, input layout + symmetric encryption, decryption, softmax/sigmoid.
+
+Everything the client needs comes from the server's public spec: the parameters, the gather map saying which
+input element goes into which slot of which ciphertext, the rotation steps to make keys for, and the output slots.
+The secret key never leaves this object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from medhe.errors import CiphertextError, DataError, PlanError
+from medhe.he.ckks import wire
+from medhe.he.ckks.backend import SealBackend
+from medhe.he.ckks.params import CKKSParams
+from medhe.he.ckks.plan import decode_gather
+from medhe.he.scheme import ClientSession
+
+
+class CKKSClient(ClientSession):
+    scheme = "ckks"
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        if not isinstance(spec, dict) or spec.get("scheme") != "ckks":
+            raise PlanError("this is not a CKKS spec (scheme != 'ckks'): fetch the spec from a CKKS server")
+        try:
+            self.params = CKKSParams.from_dict(spec["params"])
+            self.plan_id = str(spec["plan_id"])
+            self.input_shape = tuple(int(s) for s in spec["input"]["shape"])
+            self.input_level = int(spec["input"]["level"])
+            self.input_scale = float(spec["input"]["scale"])
+            self.rotation_steps = [int(s) for s in spec["rotation_steps"]]
+            self.relinearization = bool(spec["relinearization"])
+            self.output_slots = np.asarray(spec["output"]["slots"], dtype=np.int64)
+            self.output_level = int(spec["output"]["level"])
+            self.task = str(spec.get("task", "multi-class"))
+            self.labels = list(spec.get("labels") or [])
+            self.backend = SealBackend(self.params)
+            self.gather = decode_gather(spec, self.backend.slots)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"the CKKS spec is incomplete or malformed ({exc}); fetch it again from the server") from None
+        if self.gather.max(initial=-1) >= int(np.prod(self.input_shape)):
+            raise PlanError("the CKKS spec's input layout points outside the input; fetch the spec again")
+        self._keyed = False
+
+    def keygen(self) -> None:
+        self.backend.keygen(self.rotation_steps, self.relinearization)
+        self._keyed = True
+
+    def _need_keys(self) -> None:
+        if not self._keyed:
+            raise PlanError("no keys yet: call keygen() before evaluation_keys(), encrypt() or decrypt()")
+
+    def evaluation_keys(self) -> bytes:
+        self._need_keys()
+        galois, relin = self.backend.evaluation_key_bytes()
+        return wire.pack(wire.KIND_KEYS, self.plan_id, [galois, relin])
+
+    def layout(self, x: np.ndarray) -> np.ndarray:
+        """The slot vectors to encrypt (ciphertexts x slots): the public gather map applied to ``x``."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.size != int(np.prod(self.input_shape)):
+            raise DataError(f"input has shape {x.shape}, this model expects {self.input_shape}: "
+                            "preprocess it as the model card says")
+        if not np.all(np.isfinite(x)):
+            raise DataError("input contains NaN or infinite values: check the image and preprocessing")
+        flat = np.append(x.reshape(-1), 0.0)  # index -1 reads the appended zero
+        return flat[self.gather]
+
+    def encrypt(self, x: np.ndarray) -> bytes:
+        self._need_keys()
+        be = self.backend
+        parts = [be.serialize(be.encrypt(be.encode(vec, self.input_level, self.input_scale)))
+                 for vec in self.layout(x)]
+        return wire.pack(wire.KIND_INPUT, self.plan_id, parts)
+
+    def decrypt(self, data: bytes) -> np.ndarray:
+        self._need_keys()
+        parts = wire.unpack(data, wire.KIND_OUTPUT, self.plan_id)
+        if len(parts) != 1:
+            raise CiphertextError(f"encrypted result must hold 1 ciphertext, got {len(parts)}")
+        ct = self.backend.load_ciphertext(parts[0])
+        if self.backend.level(ct) != self.output_level:
+            raise CiphertextError(f"encrypted result is at level {self.backend.level(ct)}, expected "
+                                  f"{self.output_level}: it was not produced by this server's plan")
+        return self.backend.decrypt(ct)[self.output_slots]
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Sigmoid for multi-label tasks, softmax otherwise (computed here: decryptions stay with the client)."""
+        logits = np.asarray(logits, dtype=np.float64)
+        if self.task == "multi-label":
+            return 1.0 / (1.0 + np.exp(-logits))
+        z = np.exp(logits - logits.max())
+        return z / z.sum()

@@ -1,0 +1,142 @@
+"""CKKS parameter selection: the smallest secure ring that holds the plan's depth and the values' range.
+
+The chain is ``[first, scale x depth, special]``: every multiplication is followed by a rescale that drops one
+``scale``-bit prime, the ``first`` prime is what is left for the output (it needs ``scale`` bits of precision
+plus headroom for the largest magnitude the activation ranges predict), and the ``special`` prime only serves key
+switching (a large one keeps rotation noise low). Everything goes through the 128-bit table before SEAL sees it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import seal
+
+from medhe.errors import PlanError, SecurityError
+from medhe.he.security import MAX_MODULUS_BITS_128, check_rlwe_128
+
+#: ring degree -> (scale bits, special prime bits); 8192 follows the measured [35, 28 x 5, 43] design.
+PRESETS = {8192: (28, 43), 16384: (30, 50), 32768: (32, 60)}
+MIN_HEADROOM_BITS = 7  # the first prime keeps |values| < 2^(headroom-1) after the last rescale
+
+
+@dataclass(frozen=True)
+class CKKSParams:
+    """A concrete CKKS parameter set (JSON-able through :meth:`to_dict`)."""
+
+    poly_degree: int
+    prime_bits: tuple[int, ...]  # data primes, first (kept to the end) first, then the special prime last
+    scale_bits: int
+
+    @property
+    def slots(self) -> int:
+        return self.poly_degree // 2
+
+    @property
+    def depth(self) -> int:
+        """Rescales available: one per data prime after the first."""
+        return len(self.prime_bits) - 2
+
+    @property
+    def scale(self) -> float:
+        return float(2 ** self.scale_bits)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prime_bits"] = list(self.prime_bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CKKSParams":
+        try:
+            params = cls(int(d["poly_degree"]), tuple(int(b) for b in d["prime_bits"]), int(d["scale_bits"]))
+        except (KeyError, TypeError, ValueError):
+            raise PlanError("the CKKS spec has no valid 'params' (poly_degree, prime_bits, scale_bits); "
+                            "fetch the spec again from the server") from None
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        check_rlwe_128(self.poly_degree, self.prime_bits)
+        if len(self.prime_bits) < 3:
+            raise PlanError(f"a CKKS chain needs at least 3 primes (first, one level, special), got {self.prime_bits}")
+        if any(b > 60 or b < 20 for b in self.prime_bits):
+            raise PlanError(f"CKKS primes must have 20 to 60 bits, got {list(self.prime_bits)}")
+
+
+def max_depth(poly_degree: int, headroom_bits: int = MIN_HEADROOM_BITS) -> int:
+    scale_bits, special = PRESETS[poly_degree]
+    return (MAX_MODULUS_BITS_128[poly_degree] - special - (scale_bits + headroom_bits)) // scale_bits
+
+
+def headroom_for(max_abs: float | None) -> int:
+    """Bits above the scale the first prime needs so that ``max_abs`` (with margin) still decodes."""
+    if not max_abs or not math.isfinite(max_abs):
+        return MIN_HEADROOM_BITS
+    return max(MIN_HEADROOM_BITS, math.ceil(math.log2(4 * max_abs)) + 1)
+
+
+def choose_params(depth: int, max_abs: float | None = None, poly_degree: int | None = None,
+                  scale_bits: int | None = None, prime_bits: list[int] | None = None) -> CKKSParams:
+    """Smallest secure parameters for ``depth`` rescales and values up to ``max_abs``; explicit options win.
+
+    Raises ``SecurityError`` for explicit choices below 128 bits and ``PlanError`` (naming the depth needed and the
+    largest depth available) when no secure ring is deep enough.
+    """
+    if prime_bits is not None:
+        if poly_degree is None:
+            raise PlanError("prime_bits needs poly_degree as well (e.g. poly_degree=8192)")
+        sb = scale_bits or PRESETS.get(int(poly_degree), (28, 0))[0]
+        params = CKKSParams(int(poly_degree), tuple(int(b) for b in prime_bits), int(sb))
+        params.validate()
+        if params.depth < depth:
+            raise PlanError(f"the model needs multiplicative depth {depth} but the given chain allows {params.depth}; "
+                            "add primes or let medhe choose the parameters")
+        return params
+    headroom = headroom_for(max_abs)
+    degrees = [int(poly_degree)] if poly_degree else sorted(PRESETS)
+    for n in degrees:
+        if n not in PRESETS:
+            check_rlwe_128(n, [])  # raises for unknown degrees
+            raise SecurityError(f"ring degree {n} is not supported for CKKS; use one of {sorted(PRESETS)}")
+        sb, special = PRESETS[n]
+        if scale_bits:
+            sb = int(scale_bits)
+        first = min(60, sb + headroom)
+        bits = (first,) + (sb,) * depth + (max(special, first),)
+        if sum(bits) <= MAX_MODULUS_BITS_128[n]:
+            params = CKKSParams(n, bits, sb)
+            params.validate()
+            return params
+        if poly_degree:
+            check_rlwe_128(n, bits)  # explicit ring too small: say so in security terms
+    biggest = max(degrees)
+    raise PlanError(f"the model needs multiplicative depth {depth} but the largest secure CKKS parameters "
+                    f"(N={biggest}, 128-bit) allow depth {max_depth(biggest, headroom)}; use fewer activation "
+                    "layers or fold more linear layers together")
+
+
+@lru_cache(maxsize=8)
+def _context(poly_degree: int, prime_bits: tuple[int, ...]) -> seal.SEALContext:
+    parms = seal.EncryptionParameters(seal.scheme_type.ckks)
+    parms.set_poly_modulus_degree(poly_degree)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(poly_degree, list(prime_bits)))
+    ctx = seal.SEALContext(parms, True, seal.sec_level_type.tc128)
+    if not ctx.parameters_set():
+        raise SecurityError(f"SEAL refused N={poly_degree}, primes {list(prime_bits)}: "
+                            f"{ctx.parameter_error_message()}; choose other parameters")
+    return ctx
+
+
+def seal_context(params: CKKSParams) -> seal.SEALContext:
+    """The (cached) SEAL context of ``params``, built with SEAL's own 128-bit check switched on."""
+    params.validate()
+    return _context(params.poly_degree, tuple(params.prime_bits))
+
+
+def data_primes(params: CKKSParams) -> list[int]:
+    """The data primes' values, first prime first (the special prime excluded)."""
+    ctx = seal_context(params)
+    return [m.value() for m in ctx.first_context_data().parms().coeff_modulus()]

@@ -1,0 +1,525 @@
+"""The CKKS compiler: IR -> a straight-line program of SEAL operations with every level and scale decided.
+
+Steps: (1) turn degree-1 activations into linear maps and fold; (2) factor each activation so it costs the fewest
+ciphertext multiplications, pushing its scale factor into the producing linear layer
+(a·x²+b·x = sign(a)·u·(sign(a)·u + b/t) with u = t·x, t = sqrt|a|; cubics as sign·u·((u+t·h)² + k·t²/a3));
+(3) lay every value out in slots and lower each linear node with the cheapest strategy (``packing``); (4) pick the
+smallest secure CKKS parameters for the resulting depth and value range, then lower again with the real primes so
+each plaintext is encoded at the exact scale that keeps every ciphertext at scale 2^scale_bits after a linear layer.
+
+The plan's public part (``Plan.public()``) is what the client needs: parameters, the input gather map, rotation
+steps, output slots. The private part is the plaintext weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from torch import nn
+
+from medhe.errors import PlanError
+from medhe.he.ckks import packing
+from medhe.he.ckks.packing import Layout, Lowered
+from medhe.he.ckks.params import CKKSParams, choose_params, data_primes
+from medhe.he.ckks.trace import Graph, Node, fold_linear, ranges_max_abs, trace
+
+FORMAT = "medhe-ckks-plan/1"
+INPUT_BUDGET_BYTES = 6_000_000  # input ciphertexts as sent (compact), per image; the acceptance limit is 8 MB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# program
+
+
+@dataclass
+class PlainVec:
+    """A plaintext the server encodes once at load time (vector of slot values, or one scalar)."""
+
+    values: np.ndarray | float
+    level: int
+    scale: float
+
+
+@dataclass
+class Instr:
+    """One step of the program; ``op`` in linear | poly2 | poly3 | mul | add."""
+
+    op: str
+    dst: int
+    srcs: tuple[int, ...]
+    name: str = ""
+    babies: list[int] = field(default_factory=list)
+    groups: list[tuple[int, list[tuple[int, int, int]]]] = field(default_factory=list)  # (giant, [(src, baby, pt)])
+    reduce: list[int] = field(default_factory=list)
+    consts: dict[str, int] = field(default_factory=dict)  # name -> plaintext index
+    sign: int = 1
+    node: int = -1  # IR node this instruction computes (for debugging)
+
+
+@dataclass
+class Register:
+    layout: Layout
+    level: int
+    scale: float
+
+
+@dataclass
+class Plan:
+    params: CKKSParams
+    graph: Graph
+    instrs: list[Instr]
+    registers: list[Register]
+    plains: list[PlainVec]
+    gather: np.ndarray  # (input ciphertexts, slots) input element per slot, -1 = zero
+    input_level: int
+    output_register: int
+    output_count: int
+    node_register: dict[int, int]
+    strategies: list[str]
+
+    @property
+    def rotation_steps(self) -> list[int]:
+        steps = set()
+        for ins in self.instrs:
+            if ins.op == "linear":
+                steps.update(ins.babies)
+                steps.update(g for g, _ in ins.groups)
+                steps.update(ins.reduce)
+        slots = self.params.slots
+        signed = {((s + slots // 2) % slots) - slots // 2 for s in steps}
+        signed.discard(0)
+        return sorted(signed, key=lambda s: (abs(s), s))
+
+    @property
+    def needs_relin(self) -> bool:
+        return any(ins.op != "linear" and ins.op != "add" for ins in self.instrs)
+
+    @property
+    def depth(self) -> int:
+        return self.input_level - self.registers[self.output_register].level
+
+    def rotation_count(self) -> int:
+        n = 0
+        for ins in self.instrs:
+            if ins.op == "linear":
+                n += len([b for b in ins.babies if b]) + len([g for g, _ in ins.groups if g]) + len(ins.reduce)
+        return n
+
+    def public(self) -> dict[str, Any]:
+        """JSON-able public plan: everything the client needs, nothing about the weights."""
+        out_reg = self.registers[self.output_register]
+        gather = np.ascontiguousarray(self.gather.astype(np.int32))
+        pub = {
+            "format": FORMAT,
+            "params": self.params.to_dict(),
+            "input": {"shape": list(self.graph.input_shape), "level": self.input_level,
+                      "scale": self.params.scale, "ciphertexts": int(gather.shape[0]),
+                      "gather": base64.b64encode(zlib.compress(gather.tobytes(), 9)).decode("ascii")},
+            "rotation_steps": self.rotation_steps,
+            "relinearization": self.needs_relin,
+            "output": {"slots": [int(s) for s in out_reg.layout.slots[: self.output_count]],
+                       "level": out_reg.level, "count": self.output_count},
+            "depth": self.depth,
+        }
+        pub["plan_id"] = hashlib.sha256(json.dumps(pub, sort_keys=True).encode()).hexdigest()[:32]
+        return pub
+
+    def summary(self) -> dict[str, Any]:
+        return {"poly_degree": self.params.poly_degree, "prime_bits": list(self.params.prime_bits),
+                "scale_bits": self.params.scale_bits, "depth": self.depth,
+                "input_ciphertexts": int(self.gather.shape[0]), "rotations": self.rotation_count(),
+                "rotation_keys": len(self.rotation_steps),
+                "plaintext_multiplications": sum(len(t) for i in self.instrs for _, t in i.groups),
+                "ciphertext_multiplications": sum(1 if i.op in ("poly2", "mul") else 2 if i.op == "poly3" else 0
+                                                  for i in self.instrs),
+                "strategies": self.strategies}
+
+
+def decode_gather(public: dict[str, Any], slots: int) -> np.ndarray:
+    raw = zlib.decompress(base64.b64decode(public["input"]["gather"]))
+    return np.frombuffer(raw, dtype=np.int32).reshape(int(public["input"]["ciphertexts"]), slots)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CKKS-specific IR preparation
+
+
+@dataclass
+class PolyForm:
+    degree: int
+    sign: int
+    consts: dict[str, float]
+
+
+def _diag_linear(src: int, node: Node, scale: float, shift: float, name: str) -> Node:
+    n = node.size
+    return Node("linear", (src,), node.shape, name, matrix=sp.csr_matrix(sp.identity(n) * scale),
+                pattern=sp.csr_matrix(sp.identity(n, dtype=bool)), bias=np.full(n, float(shift)),
+                stride=(1, 1) if len(node.shape) == 3 else None)
+
+
+def linearize_polys(graph: Graph) -> Graph:
+    """Degree <= 1 activations are affine maps: make them linear nodes and fold them into their neighbours."""
+    nodes = []
+    for node in graph.nodes:
+        if node.op == "poly" and len(node.coeffs) <= 2:
+            c = tuple(node.coeffs) + (0.0,) * (2 - len(node.coeffs))
+            nodes.append(_diag_linear(node.inputs[0], node, c[1], c[0], node.name))
+        else:
+            nodes.append(node)
+    return fold_linear(Graph(nodes))
+
+
+def factor_polys(graph: Graph) -> tuple[Graph, dict[int, PolyForm]]:
+    """Put each activation's scale factor t into a linear node that feeds only it; return the factorizations."""
+    nodes: list[Node] = []
+    remap: dict[int, int] = {}
+    forms: dict[int, PolyForm] = {}
+    for i, node in enumerate(graph.nodes):
+        ins = tuple(remap[k] for k in node.inputs)
+        if node.op != "poly":
+            nodes.append(replace(node, inputs=ins))
+            remap[i] = len(nodes) - 1
+            continue
+        coeffs = list(node.coeffs)
+        degree = len(coeffs) - 1
+        if degree > 3:
+            raise PlanError(f"activation {node.name!r} has degree {degree}; CKKS plans support degree 2 and 3")
+        if degree == 2:
+            c, b, a = coeffs
+            t = math.sqrt(abs(a))
+            form = PolyForm(2, 1 if a > 0 else -1, {"beta": b / t, "c": c})
+        else:
+            a0, a1, a2, a3 = coeffs
+            t = abs(a3) ** (1.0 / 3.0)
+            h = a2 / (2 * a3)
+            k = a1 - a2 * a2 / (4 * a3)
+            form = PolyForm(3, 1 if a3 > 0 else -1, {"th": t * h, "kz": k * t * t / a3, "c": a0})
+        src = ins[0]
+        prev = nodes[src]
+        if prev.op == "linear" and graph.consumers(node.inputs[0]) == [i] and prev.inputs:
+            nodes[src] = replace(prev, matrix=sp.csr_matrix(prev.matrix * t), bias=prev.bias * t)
+        else:
+            nodes.append(_diag_linear(src, node, t, 0.0, f"{node.name}.scale"))
+            src = len(nodes) - 1
+        nodes.append(replace(node, inputs=(src,)))
+        remap[i] = len(nodes) - 1
+        forms[remap[i]] = form
+    return Graph(nodes), forms
+
+
+def _layout_requests(graph: Graph) -> dict[int, int]:
+    """linear node -> node whose layout it must produce (the other operand of a later mul/add)."""
+    requests: dict[int, int] = {}
+    for node in graph.nodes:
+        if node.op in ("mul", "add"):
+            a, b = node.inputs
+            p = b
+            while graph.nodes[p].op == "poly":
+                p = graph.nodes[p].inputs[0]
+            if graph.nodes[p].op == "linear" and p > a:
+                requests[p] = a
+    return requests
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lowering
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, forms: dict[int, PolyForm], slots: int, primes: list[int], scale: float,
+                 top: int, max_input_ciphertexts: int) -> None:
+        self.graph, self.forms, self.slots, self.primes, self.scale = graph, forms, slots, primes, scale
+        self.top = top
+        self.max_input_ciphertexts = max_input_ciphertexts
+        self.instrs: list[Instr] = []
+        self.registers: list[Register] = []
+        self.plains: list[PlainVec] = []
+        self.node_reg: dict[int, int] = {}
+        self.strategies: list[str] = []
+        self.requests = _layout_requests(graph)
+        self.gather = np.zeros((0, slots), dtype=np.int64)
+
+    # -- helpers
+    def reg(self, layout: Layout, level: int, scale: float) -> int:
+        if level < 0:
+            raise _TooDeep()
+        self.registers.append(Register(layout, level, scale))
+        return len(self.registers) - 1
+
+    def plain(self, values: np.ndarray | float, level: int, scale: float) -> int:
+        self.plains.append(PlainVec(values, level, scale))
+        return len(self.plains) - 1
+
+    def run(self) -> None:
+        g = self.graph
+        users = g.consumers(0)
+        gather_node = users[0] if len(users) == 1 and g.nodes[users[0]].op == "linear" else None
+        if gather_node is None:
+            self.pack_input()
+        for i, node in enumerate(g.nodes[1:], start=1):
+            if node.op == "linear":
+                if i == gather_node:
+                    self.node_reg[i] = self.lower_gather(node, i)
+                else:
+                    self.node_reg[i] = self.lower_linear(node, i)
+            elif node.op == "poly":
+                self.node_reg[i] = self.lower_poly(node, i)
+            elif node.op == "mul":
+                self.node_reg[i] = self.lower_mul(node, i)
+            elif node.op == "add":
+                self.node_reg[i] = self.lower_add(node, i)
+            else:  # pragma: no cover
+                raise PlanError(f"unknown IR op {node.op!r}")
+
+    def pack_input(self) -> None:
+        """No linear first layer: the client sends the input once, compact and replicated."""
+        shape = self.graph.input_shape
+        size = int(np.prod(shape))
+        period = packing.next_pow2(size)
+        if period > self.slots:
+            raise _TooWide()
+        layout = packing.grid_layout(shape, period, True)
+        gather = np.tile(np.arange(period), self.slots // period)
+        gather[gather >= size] = -1
+        self.gather = gather[None, :]
+        self.node_reg[0] = self.reg(layout, self.top, self.scale)
+
+    def emit_linear(self, node: Node, i: int, srcs: tuple[int, ...], low: Lowered, name: str) -> int:
+        src_reg = self.registers[srcs[0]]
+        level, in_scale = src_reg.level, src_reg.scale
+        if level < 1:
+            raise _TooDeep()
+        pt_scale = self.primes[level] * self.scale / in_scale
+        groups: dict[int, list[tuple[int, int, int]]] = {}
+        babies: set[int] = set()
+        if low.strategy == "gather":
+            groups[0] = [(k, 0, self.plain(vec, level, pt_scale)) for k, vec in low.diags.items() if np.any(vec)]
+        else:
+            g_step, _, _ = low.bsgs(self.slots)
+            for d, vec in sorted(low.diags.items()):
+                if not np.any(vec):
+                    continue
+                b = d % g_step
+                giant = d - b
+                babies.add(b)
+                groups.setdefault(giant, []).append((0, b, self.plain(np.roll(vec, giant), level, pt_scale)))
+        bias = node.bias if node.bias is not None else None
+        layout = low.layout
+        out = self.reg(layout, level - 1, self.scale)
+        consts = {}
+        if bias is not None and np.any(bias):
+            vec = np.zeros(self.slots)
+            copies = self.slots // layout.period if layout.replicated else 1
+            for k in range(copies):
+                vec[layout.slots + k * layout.period] = bias
+            consts["bias"] = self.plain(vec, level - 1, self.scale)
+        if not groups:  # an all-zero map: keep the program well-formed with one zero product
+            groups[0] = [(0, 0, self.plain(np.zeros(self.slots), level, pt_scale))]
+            babies.add(0)
+        self.instrs.append(Instr("linear", out, srcs, name, babies=sorted(babies),
+                                 groups=sorted(groups.items()), reduce=list(low.reduce), consts=consts, node=i))
+        self.strategies.append(f"{name}:{low.strategy}")
+        return out
+
+    # -- linear
+    def lower_gather(self, node: Node, i: int) -> int:
+        if packing.next_pow2(node.size) > self.slots:
+            raise _TooWide()
+        low, gather = packing.lower_gather(node.matrix, node.pattern, node.shape, self.slots,
+                                           self.max_input_ciphertexts)
+        self.gather = gather
+        inputs = tuple(self.reg(packing.grid_layout(self.graph.input_shape, self.slots, False), self.top, self.scale)
+                       for _ in range(gather.shape[0]))
+        self.node_reg[0] = inputs[0]
+        return self.emit_linear(node, i, inputs, low, node.name)
+
+    def lower_linear(self, node: Node, i: int) -> int:
+        src = self.node_reg[node.inputs[0]]
+        inp = self.registers[src].layout
+        if packing.next_pow2(node.size) > self.slots:
+            raise _TooWide()
+        cands: list[Lowered] = []
+        if i in self.requests and self.requests[i] in self.node_reg:
+            want = self.registers[self.node_reg[self.requests[i]]].layout
+            cands.append(packing.lower_direct(node.matrix, inp, want, self.slots))
+        elif len(node.shape) == 3:
+            lay = None
+            if node.stride is not None and len(self.graph.nodes[node.inputs[0]].shape) == 3:
+                lay = packing.strided_layout(inp, node.shape, node.stride)
+            if lay is None:
+                period = max(packing.next_pow2(node.size), inp.period if inp.replicated else 1)
+                lay = packing.grid_layout(node.shape, period if inp.replicated else self.slots, inp.replicated)
+            cands.append(packing.lower_direct(node.matrix, inp, lay, self.slots))
+        else:
+            for cand in (packing.lower_hybrid(node.matrix, inp, self.slots),
+                         packing.lower_box(node.matrix, inp, self.slots)):
+                if cand is not None:
+                    cands.append(cand)
+            period = packing.next_pow2(node.size)
+            rep = inp.replicated and period % inp.period == 0
+            cands.append(packing.lower_direct(node.matrix, inp, packing.grid_layout(
+                node.shape, period if rep else self.slots, rep), self.slots))
+        best = min(cands, key=lambda c: c.cost(self.slots))
+        return self.emit_linear(node, i, (src,), best, node.name)
+
+    def normalize(self, src: int, want: Layout | None, name: str) -> int:
+        """Identity (or re-layout) linear step: brings a value back to the standard scale, one level down."""
+        reg = self.registers[src]
+        n = len(reg.layout.slots)
+        node = Node("linear", (), (n,), name, matrix=sp.csr_matrix(sp.identity(n)), bias=None)
+        low = packing.lower_direct(node.matrix, reg.layout, want or reg.layout, self.slots)
+        return self.emit_linear(node, -1, (src,), low, name)
+
+    # -- non-linear
+    def lower_poly(self, node: Node, i: int) -> int:
+        src = self.node_reg[node.inputs[0]]
+        reg = self.registers[src]
+        form = self.forms[i]
+        l, s = reg.level, reg.scale
+        consts: dict[str, int] = {}
+        if form.degree == 2:
+            consts["beta"] = self.plain(form.consts["beta"], l, s)
+            out_scale = s * s / self.primes[l]
+            out = self.reg(reg.layout, l - 1, out_scale)
+            if form.consts["c"]:
+                consts["c"] = self.plain(form.consts["c"], l - 1, out_scale)
+            self.instrs.append(Instr("poly2", out, (src,), node.name, consts=consts, sign=form.sign, node=i))
+            return out
+        consts["th"] = self.plain(form.consts["th"], l, s)
+        s2 = s * s / self.primes[l]
+        consts["kz"] = self.plain(form.consts["kz"], l - 1, s2)
+        out_scale = s2 * s / self.primes[l - 1]
+        out = self.reg(reg.layout, l - 2, out_scale)
+        if form.consts["c"]:
+            consts["c"] = self.plain(form.consts["c"], l - 2, out_scale)
+        self.instrs.append(Instr("poly3", out, (src,), node.name, consts=consts, sign=form.sign, node=i))
+        return out
+
+    def _match_layouts(self, a: int, b: int, name: str) -> tuple[int, int, Layout]:
+        la, lb = self.registers[a].layout, self.registers[b].layout
+        if not np.array_equal(la.slots, lb.slots):
+            b = self.normalize(b, la, f"{name}.relayout")
+            lb = self.registers[b].layout
+        rep = la.replicated and lb.replicated and la.period == lb.period
+        layout = Layout(la.slots, la.period if rep else self.slots, rep, la.grid, la.box if rep else None)
+        return a, b, layout
+
+    def lower_mul(self, node: Node, i: int) -> int:
+        a, b = (self.node_reg[k] for k in node.inputs)
+        a, b, layout = self._match_layouts(a, b, node.name)
+        ra, rb = self.registers[a], self.registers[b]
+        level = min(ra.level, rb.level)
+        out = self.reg(layout, level - 1, ra.scale * rb.scale / self.primes[level])
+        self.instrs.append(Instr("mul", out, (a, b), node.name, node=i))
+        return out
+
+    def lower_add(self, node: Node, i: int) -> int:
+        a, b = (self.node_reg[k] for k in node.inputs)
+        a, b, layout = self._match_layouts(a, b, node.name)
+        if not math.isclose(self.registers[a].scale, self.registers[b].scale, rel_tol=1e-9):
+            if not math.isclose(self.registers[a].scale, self.scale, rel_tol=1e-9):
+                a = self.normalize(a, None, f"{node.name}.rescale_a")
+            if not math.isclose(self.registers[b].scale, self.scale, rel_tol=1e-9):
+                b = self.normalize(b, None, f"{node.name}.rescale_b")
+        ra, rb = self.registers[a], self.registers[b]
+        if not math.isclose(ra.scale, rb.scale, rel_tol=1e-9):  # pragma: no cover - both normalized above
+            raise PlanError(f"residual {node.name!r}: operand scales cannot be matched")
+        out = self.reg(layout, min(ra.level, rb.level), ra.scale)
+        self.instrs.append(Instr("add", out, (a, b), node.name, node=i))
+        return out
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _TooWide(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def prepare_graph(model: nn.Module, input_shape: tuple[int, ...],
+                  activation_ranges: dict[str, Any] | None = None) -> tuple[Graph, dict[int, PolyForm]]:
+    graph = linearize_polys(trace(model, input_shape, activation_ranges))
+    if len(graph.nodes) < 2:
+        raise PlanError("the model has no layers to evaluate")
+    return factor_polys(graph)
+
+
+def _fake_primes(depth: int, scale_bits: int) -> list[int]:
+    base = 2 ** scale_bits
+    return [2 ** 40] + [base - (2 ** 14) * (k + 1) + 1 for k in range(depth)]
+
+
+def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_ranges: dict[str, Any] | None = None,
+                 *, poly_degree: int | None = None, scale_bits: int | None = None,
+                 prime_bits: list[int] | None = None, max_input_bytes: int = INPUT_BUDGET_BYTES,
+                 output_bound: float | None = None, **unknown: Any) -> Plan:
+    """Compile a torch ``nn.Sequential`` of medhe layers into a CKKS plan for inputs of ``input_shape``.
+
+    Options: ``poly_degree``/``scale_bits``/``prime_bits`` force parameters (still 128-bit checked),
+    ``max_input_bytes`` bounds the input ciphertexts as sent, ``output_bound`` the largest |logit| expected.
+    """
+    if unknown:
+        raise PlanError(f"unknown CKKS option(s) {', '.join(sorted(unknown))}: use poly_degree, scale_bits, "
+                        "prime_bits, max_input_bytes or output_bound")
+    graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
+    max_abs = max([v for v in (ranges_max_abs(graph), output_bound) if v is not None], default=None)
+    from medhe.he.ckks.params import PRESETS, max_depth
+
+    degrees = [int(poly_degree)] if poly_degree else sorted(PRESETS)
+    needed = None
+    for n in degrees:
+        slots = n // 2
+        sb = scale_bits or PRESETS.get(n, (28, 0))[0]
+        probe_depth = 64
+        try:
+            probe = _lower(graph, forms, slots, _fake_primes(probe_depth, sb), float(2 ** sb), probe_depth,
+                           max_input_bytes, n, sum([sb] * 8))
+        except _TooWide:
+            continue
+        needed = probe_depth - min(r.level for r in probe.registers)
+        try:
+            params = choose_params(needed, max_abs, poly_degree=n, scale_bits=scale_bits, prime_bits=prime_bits)
+        except PlanError:
+            if poly_degree or prime_bits:
+                raise
+            continue
+        primes = data_primes(params)
+        top = len(primes) - 1
+        plan_low = _lower(graph, forms, slots, primes, params.scale, top, max_input_bytes, n,
+                          sum(params.prime_bits[:-1]))
+        out_reg = plan_low.node_reg[len(graph.nodes) - 1]
+        return Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
+                    top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies)
+    if needed is None:
+        raise PlanError(f"the model's values (largest {max(n.size for n in graph.nodes)} elements) do not fit the "
+                        f"slots of any secure CKKS ring (at most {max(PRESETS) // 2}); use smaller images")
+    biggest = max(degrees)
+    raise PlanError(f"the model needs multiplicative depth {needed} but the largest secure CKKS parameters "
+                    f"(N={biggest}, 128-bit) allow depth {max_depth(biggest)}; use fewer activation layers "
+                    "or a smaller model")
+
+
+def _lower(graph: Graph, forms: dict[int, PolyForm], slots: int, primes: list[int], scale: float, top: int,
+           max_input_bytes: int, poly_degree: int, chain_bits: int) -> _Lowering:
+    ct_bytes = 2 * poly_degree * chain_bits // 8
+    max_cts = max(1, max_input_bytes // max(1, ct_bytes))
+    low = _Lowering(graph, forms, slots, primes, scale, top, max_cts)
+    try:
+        low.run()
+    except _TooDeep:
+        raise PlanError("internal: the plan ran out of levels while lowering; report this model") from None
+    return low

@@ -1,0 +1,202 @@
+"""Server side: holds the compiled plan and its plaintext weights, evaluates with the client's public keys only.
+
+``run_program`` is the interpreter of a plan on any ``Backend``; the debug helper reuses it with a hook that sees
+every register.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from medhe.errors import CiphertextError, PlanError
+from medhe.he.ckks import wire
+from medhe.he.ckks.backend import Backend, SealBackend
+from medhe.he.ckks.plan import Plan, compile_plan
+from medhe.he.scheme import ServerModel
+
+SCHEME = "ckks"
+SPEC_FORMAT = "medhe-ckks-spec/1"
+
+
+def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
+                hook: Callable[[int, Any], None] | None = None) -> Any:
+    """Evaluate ``plan`` on encrypted ``inputs`` (one per input ciphertext); returns the output ciphertext."""
+    regs: dict[int, Any] = dict(zip(range(len(inputs)), inputs))
+    for ins in plan.instrs:
+        if ins.op == "linear":
+            out = _linear(be, ins, [regs[s] for s in ins.srcs], plains)
+        elif ins.op == "poly2":
+            u = regs[ins.srcs[0]]
+            v = be.add_plain(be.negate(u) if ins.sign < 0 else u, plains[ins.consts["beta"]])
+            out = be.rescale(be.relinearize(be.multiply(u, v)))
+            if "c" in ins.consts:
+                out = be.add_plain(out, plains[ins.consts["c"]])
+        elif ins.op == "poly3":
+            u = regs[ins.srcs[0]]
+            w = be.add_plain(u, plains[ins.consts["th"]])
+            w2 = be.rescale(be.relinearize(be.multiply(w, w)))
+            z = be.add_plain(w2, plains[ins.consts["kz"]])
+            out = be.rescale(be.relinearize(be.multiply(z, be.mod_switch(u, be.level(z)))))
+            if ins.sign < 0:
+                out = be.negate(out)
+            if "c" in ins.consts:
+                out = be.add_plain(out, plains[ins.consts["c"]])
+        elif ins.op in ("mul", "add"):
+            a, b = regs[ins.srcs[0]], regs[ins.srcs[1]]
+            level = min(be.level(a), be.level(b))
+            a, b = be.mod_switch(a, level), be.mod_switch(b, level)
+            out = be.add(a, b) if ins.op == "add" else be.rescale(be.relinearize(be.multiply(a, b)))
+        else:  # pragma: no cover
+            raise PlanError(f"unknown CKKS instruction {ins.op!r}")
+        regs[ins.dst] = out
+        if hook is not None:
+            hook(ins.dst, out)
+    return regs[plan.output_register]
+
+
+def _linear(be: Backend, ins, xs: list[Any], plains: list[Any]) -> Any:
+    rotated = {0: xs[0]}
+    if len(xs) == 1:
+        for b in ins.babies:
+            if b:
+                rotated[b] = be.rotate(xs[0], b)
+    total = None
+    for giant, terms in ins.groups:
+        acc = None
+        for src, baby, pt in terms:
+            prod = be.multiply_plain(xs[src] if len(xs) > 1 else rotated[baby], plains[pt])
+            if acc is None:
+                acc = prod
+            else:
+                be.add_inplace(acc, prod)
+        acc = be.rescale(acc)
+        if giant:
+            acc = be.rotate(acc, giant)
+        if total is None:
+            total = acc
+        else:
+            be.add_inplace(total, acc)
+    for step in ins.reduce:
+        be.add_inplace(total, be.rotate(total, step))
+    if "bias" in ins.consts:
+        total = be.add_plain(total, plains[ins.consts["bias"]])
+    return total
+
+
+@dataclass
+class CKKSKeys:
+    """A client's validated evaluation keys (Galois keys for exactly the plan's steps, relinearization keys)."""
+
+    galois: Any
+    relin: Any
+    nbytes: int
+
+
+class CKKSServerModel(ServerModel):
+    """A compiled CKKS model: plan + encoded weights. Never holds a secret key."""
+
+    scheme = SCHEME
+
+    def __init__(self, plan: Plan, task: str = "multi-class", labels: list[str] | None = None,
+                 name: str = "model") -> None:
+        self.plan = plan
+        self.task = task
+        self.labels = list(labels) if labels else [str(i) for i in range(plan.output_count)]
+        self.name = name
+        self.backend = SealBackend(plan.params)
+        self.plains = [self.backend.encode(p.values, p.level, p.scale) for p in plan.plains]
+        self._public = plan.public()
+        self._lock = threading.Lock()
+
+    @property
+    def plan_id(self) -> str:
+        return self._public["plan_id"]
+
+    def spec(self) -> dict[str, Any]:
+        return {"scheme": SCHEME, "format": SPEC_FORMAT, "model": self.name, "task": self.task,
+                "labels": self.labels, **self._public}
+
+    def load_keys(self, data: bytes) -> CKKSKeys:
+        parts = wire.unpack(data, wire.KIND_KEYS, self.plan_id)
+        if len(parts) != 2:
+            raise CiphertextError(f"evaluation keys must have 2 parts (Galois, relinearization), got {len(parts)}")
+        probe = SealBackend(self.plan.params)
+        probe.load_evaluation_keys(parts[0], parts[1])
+        missing = [s for s in self.plan.rotation_steps if not probe.has_rotation(s)]
+        if missing:
+            raise CiphertextError(f"evaluation keys lack rotations {missing[:5]}: create them with this server's spec")
+        if self.plan.needs_relin and probe.relin_keys is None:
+            raise CiphertextError("evaluation keys lack relinearization keys: create them with this server's spec")
+        return CKKSKeys(probe.galois_keys, probe.relin_keys, len(data))
+
+    def load_inputs(self, ciphertext: bytes) -> list[Any]:
+        parts = wire.unpack(ciphertext, wire.KIND_INPUT, self.plan_id)
+        expected = int(self.plan.gather.shape[0])
+        if len(parts) != expected:
+            raise CiphertextError(f"encrypted input has {len(parts)} ciphertexts, this model expects {expected}: "
+                                  "encrypt with a client built from this server's spec")
+        cts = [self.backend.load_ciphertext(p) for p in parts]
+        for ct in cts:
+            if self.backend.level(ct) != self.plan.input_level:
+                raise CiphertextError(f"input ciphertext is at level {self.backend.level(ct)}, expected "
+                                      f"{self.plan.input_level}: encrypt with this server's spec")
+            if not math.isclose(self.backend.scale(ct), self.plan.params.scale, rel_tol=1e-9):
+                raise CiphertextError(f"input ciphertext has scale 2^{math.log2(self.backend.scale(ct)):.2f}, "
+                                      f"expected 2^{self.plan.params.scale_bits}: encrypt with this server's spec")
+        return cts
+
+    def infer(self, keys: CKKSKeys, ciphertext: bytes) -> bytes:
+        if not isinstance(keys, CKKSKeys):
+            raise CiphertextError("keys must come from load_keys() of this server model")
+        cts = self.load_inputs(ciphertext)
+        out = self.evaluate(keys, cts)
+        return wire.pack(wire.KIND_OUTPUT, self.plan_id, [self.backend.serialize(out)])
+
+    def evaluate(self, keys: CKKSKeys, cts: list[Any], hook: Callable[[int, Any], None] | None = None) -> Any:
+        with self._lock:
+            self.backend.galois_keys, self.backend.relin_keys = keys.galois, keys.relin
+            try:
+                return run_program(self.plan, self.backend, self.plains, cts, hook)
+            except (ValueError, RuntimeError) as exc:
+                raise CiphertextError(f"SEAL refused to evaluate the input ({exc}): encrypt and create keys "
+                                      "with this server's spec") from None
+            finally:
+                self.backend.galois_keys = self.backend.relin_keys = None
+
+
+def input_shape_of(artifact: Any) -> tuple[int, ...]:
+    """The CKKS input shape: the preprocessed image, or the output of the public client network."""
+    pre = artifact.card.get("preprocessing") or {}
+    try:
+        shape = (int(pre.get("channels", 1)), int(pre["size"]), int(pre["size"]))
+    except (KeyError, TypeError, ValueError):
+        raise PlanError("the model card's preprocessing lacks 'size' (and 'channels'); re-export the model") from None
+    if artifact.client_model is not None:
+        with torch.no_grad():
+            shape = tuple(artifact.client_model(torch.zeros(1, *shape)).shape[1:])
+    return shape
+
+
+def compile_ckks(artifact: Any, **options: Any) -> CKKSServerModel:
+    """Compile a loaded ``ModelArtifact`` for CKKS (options: see ``compile_plan``; card scheme_options apply)."""
+    card = artifact.card
+    merged = {**((card.get("scheme_options") or {}).get("ckks") or {}), **options}
+    plan = compile_plan(artifact.model, input_shape_of(artifact), card.get("activation_ranges"), **merged)
+    return CKKSServerModel(plan, task=card.get("task", "multi-class"), labels=card.get("labels"),
+                           name=card.get("name", "model"))
+
+
+def server_from_model(model: torch.nn.Module, input_shape: tuple[int, ...], task: str = "multi-class",
+                      labels: list[str] | None = None, activation_ranges: dict | None = None,
+                      **options: Any) -> CKKSServerModel:
+    """Bring-your-own torch model: compile and wrap in one call."""
+    plan = compile_plan(model, input_shape, activation_ranges, **options)
+    return CKKSServerModel(plan, task=task, labels=labels)
+
+
+__all__ = ["CKKSServerModel", "CKKSKeys", "compile_ckks", "server_from_model", "run_program", "input_shape_of"]

@@ -1,0 +1,66 @@
+"""Framing of everything the CKKS client and server exchange: a small header, then length-prefixed parts.
+
+Header: ``b"MHCK" | version u8 | kind u8 | plan id (16 bytes) | part count u16``, each part ``u32 length | bytes``.
+The plan id ties keys and ciphertexts to one compiled model (its parameters, layout and rotations), so bytes
+made for another model or another parameter set are refused before SEAL parses anything. The parts themselves
+are ``serialize``'s compact, CRC-checked SEAL encodings.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from medhe.errors import CiphertextError
+
+MAGIC = b"MHCK"
+VERSION = 1
+KIND_INPUT, KIND_KEYS, KIND_OUTPUT = 1, 2, 3
+KIND_NAMES = {KIND_INPUT: "encrypted input", KIND_KEYS: "evaluation keys", KIND_OUTPUT: "encrypted result"}
+_HEADER = struct.Struct("<4sBB16sH")
+_LEN = struct.Struct("<I")
+
+
+def plan_id_bytes(plan_id: str) -> bytes:
+    return bytes.fromhex(plan_id)[:16].ljust(16, b"\0")
+
+
+def pack(kind: int, plan_id: str, parts: list[bytes]) -> bytes:
+    out = [_HEADER.pack(MAGIC, VERSION, kind, plan_id_bytes(plan_id), len(parts))]
+    for part in parts:
+        out.append(_LEN.pack(len(part)))
+        out.append(part)
+    return b"".join(out)
+
+
+def unpack(data: bytes, kind: int, plan_id: str) -> list[bytes]:
+    """The parts of a message; ``CiphertextError`` naming the problem when it is not what this plan expects."""
+    what = KIND_NAMES[kind]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CiphertextError(f"{what} must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < _HEADER.size:
+        raise CiphertextError(f"{what} is truncated ({len(data)} bytes): send the complete bytes medhe produced")
+    magic, version, got_kind, pid, count = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise CiphertextError(f"{what} is not a medhe CKKS message (bad magic): send bytes made by medhe's CKKS client")
+    if version != VERSION:
+        raise CiphertextError(f"{what} uses wire format {version}, this medhe reads {VERSION}: upgrade both sides")
+    if got_kind != kind:
+        raise CiphertextError(f"expected {what} but got {KIND_NAMES.get(got_kind, f'kind {got_kind}')}: "
+                              "send the right message")
+    if pid != plan_id_bytes(plan_id):
+        raise CiphertextError(f"{what} was made for another model or parameter set: fetch this server's spec, "
+                              "then create keys and encrypt again")
+    parts, pos = [], _HEADER.size
+    for _ in range(count):
+        if pos + _LEN.size > len(data):
+            raise CiphertextError(f"{what} is truncated: send the complete bytes medhe produced")
+        (n,) = _LEN.unpack_from(data, pos)
+        pos += _LEN.size
+        if pos + n > len(data):
+            raise CiphertextError(f"{what} is truncated: send the complete bytes medhe produced")
+        parts.append(data[pos:pos + n])
+        pos += n
+    if pos != len(data):
+        raise CiphertextError(f"{what} has {len(data) - pos} unexpected trailing bytes: send exactly medhe's bytes")
+    return parts
