@@ -168,8 +168,11 @@ def test_seeded_ciphertext_is_half_size_and_decrypts_identically(he):
     back = S.load_ciphertext(seeded, ctx)
     assert dec.decrypt(back).to_bytes() == dec.decrypt(he["ct"]).to_bytes()
     # the seeded SEAL form itself round-trips byte for byte through the compact frame
-    raw = seeder.seed_blob(he["ct"].to_string())
+    raw = seeder.seed_ciphertext(he["ct"])
     assert S.expand(S.compact(raw, S.KIND_CIPHERTEXT, ctx), S.KIND_CIPHERTEXT, ctx) == raw
+    # the metadata the seeder writes is exactly SEAL's own
+    meta = slice(S._SEAL_HEADER.size, S._SEAL_HEADER.size + S._CT_META.size)
+    assert raw[meta] == he["ct"].to_string()[meta]
     # a fresh seed every time: two seeded encodings of one ciphertext differ
     assert S.dump_ciphertext(he["ct"], ctx, seeder) != seeded
 

@@ -386,12 +386,13 @@ class Seeder:
 
     def __init__(self, context: seal.SEALContext, secret_key: seal.SecretKey) -> None:
         self.context = context
-        self._decryptor = seal.Decryptor(context, secret_key)
-        self._key_pid = struct.pack("<4Q", *context.key_context_data().parms_id())
         self._secret_key = secret_key
-        self._aux: tuple[seal.SEALContext, seal.Decryptor, bytes] | None = None
+        self._data_level = (context, seal.Evaluator(context), seal.Decryptor(context, secret_key))
+        self._key_pid = struct.pack("<4Q", *context.key_context_data().parms_id())
+        self._version = tuple(context.key_context_data().parms().to_bytes()[3:5])  # SEAL major, minor
+        self._aux: tuple[seal.SEALContext, seal.Evaluator, seal.Decryptor, bytes] | None = None
 
-    def _key_level(self) -> tuple[seal.SEALContext, seal.Decryptor, bytes]:
+    def _key_level(self) -> tuple[seal.SEALContext, seal.Evaluator, seal.Decryptor, bytes]:
         """A context whose first data level has exactly our key-level primes, so SEAL decrypts key components.
 
         SEAL's Decryptor refuses the key level; appending one unused prime moves those primes to a data level.
@@ -415,34 +416,29 @@ class Seeder:
             body = (struct.pack("<4Q", *aux.key_context_data().parms_id()) + struct.pack("<Qd", coeff_count + n, scale)
                     + _seal_header(_SEAL_HEADER.size + 8 + len(data), major, minor) + _U64.pack(len(data) // 8) + data)
             sk = aux.from_secret_str(_seal_header(_SEAL_HEADER.size + len(body), major, minor) + body)
-            self._aux = (aux, seal.Decryptor(aux, sk), struct.pack("<4Q", *aux.first_parms_id()))
+            self._aux = (aux, seal.Evaluator(aux), seal.Decryptor(aux, sk), struct.pack("<4Q", *aux.first_parms_id()))
         return self._aux
 
-    def _phase(self, blob: bytes) -> np.ndarray:
-        """c0 + c1·s of one ciphertext blob (NTT form, all primes of its level) as computed by SEAL."""
-        context, decryptor = self.context, self._decryptor
-        if blob[_SEAL_HEADER.size:_SEAL_HEADER.size + 32] == self._key_pid:
-            context, decryptor, pid = self._key_level()
-            blob = blob[:_SEAL_HEADER.size] + pid + blob[_SEAL_HEADER.size + 32:]
-        ct = seal.Ciphertext()
-        ct.load_bytes(context, blob)
-        plain = decryptor.decrypt(ct).to_bytes()
-        return np.frombuffer(plain, dtype="<u8")[-ct.coeff_modulus_size() * ct.poly_modulus_degree():]
+    def _seeded(self, ct: seal.Ciphertext, meta: bytes, load_meta: bytes, level: tuple) -> bytes:
+        """Seeded blob for ``ct``: (0, a) from a fresh seed, then c0 = Dec(ct - (0, a)) = c0' + c1'·s - a·s."""
+        context, evaluator, decryptor = level[:3]
+        _pid, _ntt, _polys, n, k, _scale, _corr = _CT_META.unpack(meta)
+        seed = os.urandom(_SEED_BYTES)
+        zero = seal.Ciphertext()
+        zero.load_bytes(context, _seeded_blob(load_meta, *self._version, bytes(n * k * 8), seed))
+        c0 = decryptor.decrypt(evaluator.sub(ct, zero)).to_bytes()[-n * k * 8:]
+        return _seeded_blob(meta, *self._version, c0, seed)
 
-    def seed_blob(self, blob: bytes) -> bytes:
-        """One fresh size-2 NTT-form ciphertext blob (data or key level) -> its seeded equivalent."""
-        major, minor = blob[3], blob[4]
-        meta = bytes(blob[_SEAL_HEADER.size:_SEAL_HEADER.size + _CT_META.size])
-        parms_id, ntt, polys, n, k, _scale, _corr = _CT_META.unpack(meta)
-        data = self.context.get_context_data(list(struct.unpack("<4Q", parms_id)))
-        if polys != 2 or not ntt or data is None:
+    def seed_ciphertext(self, ct: seal.Ciphertext) -> bytes:
+        """SEAL bytes of a fresh size-2 data-level ciphertext, in seeded form (same plaintext, same noise)."""
+        pid = struct.pack("<4Q", *ct.parms_id())
+        if ct.size() != 2 or not ct.is_ntt_form() or pid == self._key_pid or \
+                self.context.get_context_data(ct.parms_id()) is None:
             raise CiphertextError("only fresh size-2 ciphertexts made with this context can be sent seeded: "
                                   "encrypt anew (or send without a Seeder)")
-        q = np.repeat(np.array([m.value() for m in data.parms().coeff_modulus()], dtype="<u8"), n)
-        seed = os.urandom(_SEED_BYTES)
-        a_s = self._phase(_seeded_blob(meta, major, minor, bytes(n * k * 8), seed))  # (0, a) decrypts to a·s
-        c0 = (self._phase(blob) + (q - a_s)) % q
-        return _seeded_blob(meta, major, minor, c0.astype("<u8").tobytes(), seed)
+        # CKKS ciphertexts always carry correction factor 1 (it is a BGV notion)
+        meta = _CT_META.pack(pid, 1, 2, ct.poly_modulus_degree(), ct.coeff_modulus_size(), ct.scale(), 1)
+        return self._seeded(ct, meta, meta, self._data_level)
 
     def seed_kswitch(self, raw: bytes) -> bytes:
         """Galois/relin keys (SEAL bytes) -> the same keys with every component in seeded form."""
@@ -452,12 +448,20 @@ class Seeder:
         out = [bytes(r.take(32))]
         (outer,) = r.unpack(_U64)
         out.append(_U64.pack(outer))
+        level = self._key_level()
+        aux_pid = level[3]
         for _ in range(outer):
             (inner,) = r.unpack(_U64)
             out.append(_U64.pack(inner))
             for _ in range(inner):
                 size = _SEAL_HEADER.unpack(r.buf[r.pos:r.pos + _SEAL_HEADER.size])[-1]
-                out.append(self.seed_blob(bytes(r.take(size))))
+                blob = bytes(r.take(size))
+                meta = blob[_SEAL_HEADER.size:_SEAL_HEADER.size + _CT_META.size]
+                if meta[:32] != self._key_pid:
+                    raise CiphertextError("keys hold a component at the wrong level: generate them again")
+                ct = seal.Ciphertext()  # the component, relabelled to the helper context's matching data level
+                ct.load_bytes(level[0], blob[:_SEAL_HEADER.size] + aux_pid + blob[_SEAL_HEADER.size + 32:])
+                out.append(self._seeded(ct, meta, aux_pid + meta[32:], level))
         body = b"".join(out)
         return _seal_header(_SEAL_HEADER.size + len(body), major, minor) + body
 
@@ -480,8 +484,8 @@ def dump_ciphertext(ct: seal.Ciphertext, context: seal.SEALContext, seeder: Seed
     Without a seeder the round trip is byte-identical; with one, the loaded ciphertext decrypts to exactly the
     same plaintext polynomial (its uniform half is regenerated from the seed).
     """
-    raw = ct.to_string()
-    return compact(raw if seeder is None else seeder.seed_blob(raw), KIND_CIPHERTEXT, context)
+    raw = ct.to_string() if seeder is None else seeder.seed_ciphertext(ct)
+    return compact(raw, KIND_CIPHERTEXT, context)
 
 
 def load_ciphertext(data: bytes, context: seal.SEALContext) -> seal.Ciphertext:
