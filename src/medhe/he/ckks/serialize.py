@@ -308,6 +308,13 @@ def expand(data: bytes, kind: int, context: seal.SEALContext) -> bytes:
     return raw
 
 
+def frame_kind(data: bytes) -> int:
+    """The object kind (``KIND_*``) a compact frame declares; ``CiphertextError`` if it is not a frame."""
+    if len(data) < _FRAME.size or bytes(data[:4]) != MAGIC:
+        raise CiphertextError("not in medhe's compact HE format: send bytes produced by medhe")
+    return data[5]
+
+
 def raw_size(data: bytes, kind: int, context: seal.SEALContext) -> int:
     """Size of SEAL's own uncompressed serialization of the object in a compact frame (seeds expanded), without
     unpacking it: the "raw" figure that benchmarks put next to ``len(data)``, the bytes as sent."""
