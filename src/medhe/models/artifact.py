@@ -120,11 +120,23 @@ def _load_weights(module: torch.nn.Module, file: Path, where: str) -> None:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{where}: {file.name} is not a readable safetensors file ({exc}); retrain or re-copy it") from None
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise ArtifactError(f"{where}: {file.name} does not match architecture in card.json ({first}); "
+                            "the card and weights disagree") from None
     if result.missing_keys or result.unexpected_keys:
         raise ArtifactError(
             f"{where}: {file.name} does not match architecture in card.json "
             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); the card and weights disagree")
+
+
+def _build(arch: str, kwargs: dict[str, Any], where: str) -> torch.nn.Module:
+    try:
+        return build_model(arch, **kwargs)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{where}: {exc}") from None
 
 
 def load_artifact(name_or_dir: str | Path) -> ModelArtifact:
@@ -142,13 +154,13 @@ def load_artifact(name_or_dir: str | Path) -> ModelArtifact:
         card["preprocessing"] = dict(card["preprocessing"])
     except (TypeError, ValueError):
         raise ArtifactError(f"{where}: preprocessing must be an object") from None
-    model = build_model(card["arch"], **card["arch_kwargs"])
+    model = _build(card["arch"], card["arch_kwargs"], where)
     _load_weights(model, path / WEIGHTS, where)
     model.eval()
     client_model = None
     if card.get("client_stage"):
         stage = card["client_stage"]
-        client_model = build_model(stage["arch"], **stage.get("arch_kwargs", {}))
+        client_model = _build(stage["arch"], stage.get("arch_kwargs", {}), where)
         _load_weights(client_model, path / CLIENT_WEIGHTS, where)
         client_model.eval()
     return ModelArtifact(model=model, card=card, path=path, client_model=client_model)
