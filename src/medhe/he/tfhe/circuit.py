@@ -1,0 +1,132 @@
+"""Lower a frozen ``IntegerFCNN`` to a Concrete circuit, compile it, and report what it costs.
+
+Per hidden layer the circuit is: clear-weight integer matmul + clear bias (leveled, no bootstrap), then
+``round_bit_pattern`` keeping only the accumulator's significant bits, then ONE table lookup per neuron that applies
+scale, ReLU and the next quantizer. The output layer is a leveled matmul whose integers the client dequantizes,
+so the number of programmable bootstraps (PBS) equals the number of hidden neurons.
+
+Every accumulator is hinted to its *worst-case* bit width (over all in-range inputs), not just the widths seen
+in the inputset, so an unusual but valid input can never overflow and wrap around inside the circuit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from medhe.errors import PlanError
+from medhe.models.quant import IntegerFCNN, IntegerLayer
+
+with warnings.catch_warnings():  # concrete's namespace package import warns about pkg_resources
+    warnings.simplefilter("ignore")
+    from concrete import fhe
+    from concrete.fhe.compilation.configuration import SecurityLevel
+
+#: Concrete's default security target; medhe never compiles below it.
+SECURITY_BITS = 128
+EXACTNESS = {"approximate": fhe.Exactness.APPROXIMATE, "exact": fhe.Exactness.EXACT}
+
+
+def _table_fn(layer: IntegerLayer):
+    """The activation table as a function of the rounded accumulator (a multiple of 2**lsbs)."""
+    table, offset, k = layer.table, layer.table_offset, layer.lsbs
+
+    def lookup(v):
+        idx = np.floor_divide(np.asarray(v, dtype=np.int64), 1 << k) - offset
+        return table[np.clip(idx, 0, len(table) - 1)]
+
+    return lookup
+
+
+def build_function(integer: IntegerFCNN, exactness: str):
+    """The Python function Concrete traces: integer input vector -> integer output accumulators."""
+    exact = EXACTNESS[exactness]
+    layers = integer.layers
+
+    def forward(x):
+        h = x
+        for layer in layers:
+            acc = h @ layer.weight.T + layer.bias
+            acc = fhe.hint(acc, bit_width=layer.acc_bits)
+            if layer.table is None:
+                return acc
+            if layer.lsbs:
+                # no overflow protection: acc_bits already covers the largest value rounded up.
+                acc = fhe.round_bit_pattern(acc, lsbs_to_remove=layer.lsbs, overflow_protection=False,
+                                            exactness=exact)
+            h = fhe.univariate(_table_fn(layer))(acc)
+        return h
+
+    return forward
+
+
+def default_inputset(integer: IntegerFCNN, calibration: np.ndarray | None = None, n_random: int = 32,
+                     seed: int = 0) -> list[np.ndarray]:
+    """Quantized calibration images plus random and corner inputs (all-zero, all-max)."""
+    rng = np.random.default_rng(seed)
+    d, top = integer.input_size, integer.input_levels
+    inputs = [np.zeros(d, dtype=np.int64), np.full(d, top, dtype=np.int64)]
+    inputs += [rng.integers(0, top + 1, d) for _ in range(n_random)]
+    if calibration is not None and len(calibration):
+        inputs += list(np.asarray(calibration, dtype=np.int64))
+    return inputs
+
+
+def compile_circuit(integer: IntegerFCNN, *, simulate_only: bool = False, exactness: str = "approximate",
+                    p_error: float | None = None, global_p_error: float | None = None,
+                    calibration: np.ndarray | None = None, **config: Any):
+    """Compile ``integer`` for TFHE (128-bit security). ``simulate_only`` skips building the executable."""
+    if exactness not in EXACTNESS:
+        raise PlanError(f"rounding exactness {exactness!r} is not one of {', '.join(EXACTNESS)}")
+    if int(config.pop("security_level", SECURITY_BITS)) < SECURITY_BITS:
+        raise PlanError(f"TFHE security below {SECURITY_BITS} bits is not allowed; drop the security_level option")
+    compiler = fhe.Compiler(build_function(integer, exactness), {"x": "encrypted"})
+    configuration = fhe.Configuration(
+        p_error=p_error, global_p_error=global_p_error, security_level=SecurityLevel.SECURITY_128_BITS,
+        fhe_simulation=True, fhe_execution=not simulate_only, show_progress=False, show_optimizer=False,
+        show_statistics=False, **config)
+    try:
+        return compiler.compile(default_inputset(integer, calibration), configuration)
+    except (RuntimeError, ValueError) as exc:
+        raise PlanError(f"Concrete could not compile this model ({str(exc).splitlines()[0]}); "
+                        "lower acc_bits, act_bits or the hidden width and retrain") from None
+
+
+def params_report(circuit: Any, integer: IntegerFCNN, exactness: str, requested_p_error: float | None,
+                  executable: bool) -> dict[str, Any]:
+    """Security, error probability, bit widths, bootstrap count and key sizes of a compiled circuit."""
+    hidden = [m for m in integer.meta.get("layers", [])[:-1]]
+    report: dict[str, Any] = {
+        "library": f"concrete-python {fhe.__version__}",
+        "security_bits": SECURITY_BITS,
+        "p_error": float(circuit.p_error),
+        "global_p_error": float(circuit.global_p_error),
+        "requested_p_error": requested_p_error,
+        "rounding": exactness,
+        "input_bits": integer.input_bits,
+        "input_size": integer.input_size,
+        "pool": integer.pool,
+        "accumulator_bits": [layer.acc_bits for layer in integer.layers],
+        "tlu_input_bits": [m.get("tlu_input_bits") for m in hidden],
+        "lsbs_rounded": [layer.lsbs for layer in integer.layers if layer.table is not None],
+        "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
+        "pbs_count": int(circuit.programmable_bootstrap_count),
+        "key_switch_count": int(circuit.key_switch_count),
+        "complexity": float(circuit.complexity),
+    }
+    if executable:
+        report.update({
+            "pbs_parameters": [
+                {"polynomial_size": p.polynomial_size(), "glwe_dimension": p.glwe_dimension(),
+                 "input_lwe_dimension": p.input_lwe_dimension(), "level": p.level(), "base_log": p.base_log(),
+                 "count": int(n)}
+                for p, n in circuit.programmable_bootstrap_count_per_parameter.items()],
+            "bootstrap_key_bytes": int(circuit.size_of_bootstrap_keys),
+            "keyswitch_key_bytes": int(circuit.size_of_keyswitch_keys),
+            "secret_key_bytes": int(circuit.size_of_secret_keys),
+            "input_ciphertext_bytes": int(circuit.size_of_inputs),
+            "output_ciphertext_bytes": int(circuit.size_of_outputs),
+        })
+    return report

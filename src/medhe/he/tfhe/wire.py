@@ -1,0 +1,57 @@
+"""Framing for TFHE bytes (evaluation keys, input and output ciphertexts) between client and server.
+
+Concrete's own serialization says nothing about which circuit a blob belongs to, and a ciphertext made for another
+circuit can crash or silently decrypt to garbage. So every blob carries a header: magic, format version, kind,
+the circuit fingerprint (SHA-256 of the client specs) and the payload length and CRC-32. The CRC catches
+truncation and accidental corruption, not an active attacker (the threat model is a semi-honest server).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+
+from medhe.errors import CiphertextError
+
+MAGIC = b"MHTF"
+VERSION = 1
+KIND_KEYS, KIND_INPUT, KIND_OUTPUT = 1, 2, 3
+KIND_NAMES = {KIND_KEYS: "evaluation keys", KIND_INPUT: "input ciphertext", KIND_OUTPUT: "output ciphertext"}
+_HEADER = struct.Struct("<4sBB16sQI")  # magic, version, kind, fingerprint, payload length, crc32
+
+
+def fingerprint(client_specs: bytes) -> bytes:
+    """16 bytes naming one compiled circuit and its crypto parameters."""
+    return hashlib.sha256(client_specs).digest()[:16]
+
+
+def pack(kind: int, fp: bytes, payload: bytes) -> bytes:
+    return _HEADER.pack(MAGIC, VERSION, kind, fp, len(payload), zlib.crc32(payload)) + payload
+
+
+def unpack(data: bytes, kind: int, fp: bytes) -> bytes:
+    """Check the frame and return the Concrete payload; raises ``CiphertextError`` naming what is wrong."""
+    what = KIND_NAMES[kind]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CiphertextError(f"TFHE {what} must be bytes, got {type(data).__name__}")
+    data = memoryview(data)
+    if len(data) < _HEADER.size:
+        raise CiphertextError(f"TFHE {what} truncated ({len(data)} bytes): resend the complete message")
+    magic, version, got_kind, got_fp, length, crc = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise CiphertextError(f"not a medhe TFHE message (magic {bytes(magic)!r}): send bytes made by a TFHE client")
+    if version != VERSION:
+        raise CiphertextError(f"TFHE message format {version} is not {VERSION}: use the same medhe version on both sides")
+    if got_kind != kind:
+        raise CiphertextError(f"expected TFHE {what} but got {KIND_NAMES.get(got_kind, f'kind {got_kind}')}")
+    if got_fp != fp:
+        raise CiphertextError(f"TFHE {what} was made for another circuit or parameters (fingerprint "
+                              f"{got_fp.hex()[:12]} != {fp.hex()[:12]}): fetch this server's spec and make new keys")
+    payload = data[_HEADER.size:]
+    if len(payload) != length:
+        raise CiphertextError(f"TFHE {what} is {len(payload)} bytes after its header, which says {length}: "
+                              "it was truncated or padded in transit; resend it")
+    if zlib.crc32(payload) != crc:
+        raise CiphertextError(f"TFHE {what} failed its checksum: the bytes were altered in transit; resend them")
+    return bytes(payload)
