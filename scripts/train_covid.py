@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Train and export the shipped ``covid-cxr`` model (public MobileNetV2-style extractor + private linear head).
+
+    MEDHE_DATA=/work/shared/data python scripts/train_covid.py [--out src/medhe/pretrained/covid-cxr]
+
+Data: the COVID-19 Radiography subset (COVID vs Normal) with medhe's deterministic stratified split (seed 0,
+70/15/15). Images are resized to 128 px grayscale (the card records the exact ``Preprocess``). The epoch is
+chosen on the validation split; test metrics are computed once, at the end, for the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medhe.data import Preprocess, load_dataset, resolve_data_dir
+from medhe.models.artifact import PRETRAINED_DIR, save_artifact
+from medhe.models.augment import Augment
+from medhe.models.mobilenet import FEATURE_BOUND
+from medhe.models.train_extractor import predict_logits, train_split_model
+
+DATASET = "covid19_radiography_subset"
+AUGMENTS = {"default": Augment(), "light": Augment(rotate_deg=5, translate=0.05, scale=0.05, brightness=0.05,
+                                                   contrast=0.1)}
+
+
+def metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    from medhe.models.metrics import compute_metrics
+
+    return {k: float(v) for k, v in compute_metrics("binary-class", labels.reshape(-1, 1), logits).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(PRETRAINED_DIR / "covid-cxr"))
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--width-mult", type=float, default=0.5)
+    ap.add_argument("--feature-dim", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated weights (0: off)")
+    ap.add_argument("--augment", choices=sorted(AUGMENTS), default="light")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    folder = resolve_data_dir(args.data_dir) / DATASET
+    pre = Preprocess(channels=1, size=args.size, crop=None, mean=0.5, std=0.5)
+    splits = {s: load_dataset(folder, split=s, channels=1) for s in ("train", "val", "test")}
+    x = {s: pre.batch(d.images) for s, d in splits.items()}
+    y = {s: d.labels.reshape(-1) for s, d in splits.items()}
+    print({s: len(d) for s, d in splits.items()}, flush=True)
+
+    extractor_kwargs = {"in_channels": 1, "image_size": args.size, "width_mult": args.width_mult,
+                        "feature_dim": args.feature_dim, "blocks": "compact"}
+    result = train_split_model(x["train"], y["train"], x["val"], y["val"], extractor_kwargs=extractor_kwargs,
+                               epochs=args.epochs, lr=args.lr, seed=args.seed, augment=AUGMENTS[args.augment],
+                               ema_decay=args.ema or None,
+                               log=lambda m: print(m, flush=True))
+    scores = {s: metrics(y[s], predict_logits(result.extractor, result.head, x[s])) for s in ("val", "test")}
+    print(f"best epoch {result.best_epoch}, {result.seconds:.0f}s; val {scores['val']}; test {scores['test']}")
+
+    card = {
+        "name": "covid-cxr",
+        "arch": "linear-head",
+        "arch_kwargs": {"in_features": args.feature_dim, "num_outputs": 2},
+        "task": splits["train"].task,
+        "labels": list(splits["train"].label_names),
+        "dataset": {"name": DATASET, "split": "medhe deterministic stratified 70/15/15, seed 0",
+                    "sizes": {s: len(d) for s, d in splits.items()}},
+        "preprocessing": pre.to_dict(),
+        "metrics": scores,
+        "activation_ranges": {},
+        "training": {
+            "command": "python scripts/train_covid.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "seed": args.seed, "epochs": args.epochs, "best_epoch": result.best_epoch, "selected_on": "val acc",
+            "lr": args.lr, "optimizer": "AdamW + one-cycle", "augmentation": AUGMENTS[args.augment].to_dict(),
+            "ema_decay": args.ema,
+            "seconds": round(result.seconds, 1), "history": result.history,
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "client_stage": {"arch": "mobilenetv2-he", "arch_kwargs": extractor_kwargs},
+        "scheme_options": {"default_scheme": "paillier", "feature_bound": FEATURE_BOUND},
+    }
+    out = save_artifact(args.out, result.head, card, client_model=result.extractor)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

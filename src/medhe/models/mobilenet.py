@@ -1,0 +1,121 @@
+"""MobileNetV2-style feature extractor (the public client stage) and the linear head (the private server model).
+
+This split is what makes Paillier sound for P4's task: additive HE can evaluate exactly one affine map on
+ciphertexts, so everything non-linear (depthwise convs, BN, ReLU6) runs on the client in plaintext, and only the
+last linear layer — the part worth keeping private — runs on the server. The extractor ends in ReLU6 and a global
+average pool, so every feature lies in [0, 6]: the server uses that bound to size its fixed-point slots.
+
+Written from the MobileNetV2 paper (Sandler et al., 2018), not torchvision: inverted residual blocks
+(1x1 expand -> 3x3 depthwise -> 1x1 linear projection, residual add when the shape allows).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from medhe.errors import ArtifactError
+
+#: (expansion t, channels c, repeats n, first stride s) per stage — a shortened MobileNetV2 schedule that keeps
+#: the full /32 downsampling but about half the blocks, so it trains on two CPU cores in minutes.
+COMPACT_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 2, 2),
+    (6, 64, 2, 2),
+    (6, 96, 1, 1),
+    (6, 160, 1, 2),
+)
+#: The paper's schedule, for users with the compute to train it.
+MOBILENETV2_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+BLOCK_PRESETS = {"compact": COMPACT_BLOCKS, "mobilenetv2": MOBILENETV2_BLOCKS}
+#: Upper bound of every feature the extractor emits (ReLU6 before the average pool).
+FEATURE_BOUND = 6.0
+
+
+def _round_channels(c: float, divisor: int = 8) -> int:
+    """The paper's channel rounding: multiples of 8, never more than 10% below the requested width."""
+    out = max(divisor, int(c + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * c else out
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act:
+        layers.append(nn.ReLU6(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand -> 3x3 depthwise (stride) -> 1x1 linear projection; x + block(x) when shapes match."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(_conv_bn(cin, hidden, 1))
+        layers += [_conv_bn(hidden, hidden, 3, stride=stride, groups=hidden), _conv_bn(hidden, cout, 1, act=False)]
+        self.block = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.use_residual else y
+
+
+def _blocks(blocks: str | Sequence[Sequence[int]]) -> list[tuple[int, int, int, int]]:
+    if isinstance(blocks, str):
+        try:
+            return list(BLOCK_PRESETS[blocks])
+        except KeyError:
+            raise ArtifactError(f"unknown block preset {blocks!r}: use one of {', '.join(BLOCK_PRESETS)}") from None
+    out = [tuple(int(v) for v in b) for b in blocks]
+    if not out or any(len(b) != 4 or min(b) < 1 for b in out):
+        raise ArtifactError("blocks must be a list of [expansion, channels, repeats, stride] with positive integers")
+    return out  # type: ignore[return-value]
+
+
+def build_mobilenetv2_extractor(in_channels: int = 1, image_size: int = 128, width_mult: float = 0.5,
+                                feature_dim: int = 32, blocks: str | Sequence[Sequence[int]] = "compact",
+                                stem_channels: int = 32, num_outputs: int | None = None,
+                                **_: Any) -> nn.Sequential:
+    """Image (N, C, H, W) -> features (N, feature_dim) in [0, 6].
+
+    ``feature_dim`` is the width of the last 1x1 conv: it is the number of values the client encrypts, and each
+    Paillier encryption costs one full-size modular exponentiation, so it is kept small. ``image_size`` and
+    ``num_outputs`` are accepted for the zoo's uniform signature; the network is size-agnostic (global pool).
+    """
+    if in_channels < 1 or feature_dim < 1 or width_mult <= 0:
+        raise ArtifactError("mobilenetv2-he needs in_channels >= 1, feature_dim >= 1 and width_mult > 0")
+    if image_size < 32:
+        raise ArtifactError(f"mobilenetv2-he downsamples by 32: image_size {image_size} is too small (use >= 32)")
+    cin = _round_channels(stem_channels * width_mult)
+    layers: list[nn.Module] = [_conv_bn(in_channels, cin, 3, stride=2)]
+    for t, c, n, s in _blocks(blocks):
+        cout = _round_channels(c * width_mult)
+        for i in range(n):
+            layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+            cin = cout
+    layers += [_conv_bn(cin, feature_dim, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def build_linear_head(in_features: int = 32, num_outputs: int = 2, **_: Any) -> nn.Sequential:
+    """The private server model: one affine map features -> logits (all that additive HE can evaluate)."""
+    if in_features < 1 or num_outputs < 1:
+        raise ArtifactError("linear-head needs in_features >= 1 and num_outputs >= 1")
+    return nn.Sequential(nn.Linear(in_features, num_outputs))

@@ -1,0 +1,180 @@
+"""Paillier backend: the encrypted linear head equals the plain head on real chest X-rays, and every malformed,
+foreign or under-sized input is refused with a medhe error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from phe import paillier
+from torch import nn
+
+from medhe.errors import CiphertextError, DataError, PlanError, SecurityError
+from medhe.he import client_for, compile_model
+from medhe.he.paillier import PaillierClient, affine_map, compile_paillier, encoding, wire
+from medhe.models.artifact import ModelArtifact, load_artifact
+
+DATASET = "covid19_radiography_subset"
+
+
+@pytest.fixture(scope="module")
+def artifact():
+    return load_artifact("covid-cxr")
+
+
+@pytest.fixture(scope="module")
+def features(artifact, data_dir):
+    """Client-stage features of real test-split images (first 2) and the plain torch logits."""
+    from medhe.data import load_dataset
+
+    ds = load_dataset(data_dir / DATASET, split="test", channels=1)
+    x = torch.from_numpy(artifact.preprocess().batch(ds.images[:2]))
+    with torch.no_grad():
+        feats = artifact.client_model(x)
+        logits = artifact.model(feats)
+    return feats.numpy(), logits.double().numpy()
+
+
+@pytest.fixture(scope="module")
+def session(artifact):
+    server = compile_model(artifact, "paillier")  # default 3072-bit keys
+    client = client_for(server.spec())
+    client.keygen()
+    keys = server.load_keys(client.evaluation_keys())
+    return server, client, keys
+
+
+@pytest.fixture(scope="module")
+def small_session(artifact):
+    """2048 bits, the smallest key accepted: used where only the checks matter, to keep the tests fast."""
+    server = compile_model(artifact, "paillier", key_bits=2048)
+    client = client_for(server.spec())
+    client.keygen()
+    return server, client, server.load_keys(client.evaluation_keys())
+
+
+def _reframe(data: bytes, kind: int, mutate) -> bytes:
+    """Re-serialize a message after ``mutate(msg) -> msg`` with a valid checksum (a deliberate, consistent forgery)."""
+    msg = wire.loads(data, kind)
+    width = (len(data) - 36 - 16) // max(len(msg.values), 1)
+    return wire.dumps(mutate(msg), width)
+
+
+@pytest.mark.slow
+def test_encrypted_head_equals_plain_head_on_real_images(session, features):
+    server, client, keys = session
+    feats, plain = features
+    for x, ref in zip(feats, plain):
+        ct = client.encrypt(x)
+        scores = client.decrypt(server.infer(keys, ct))
+        exact = server.plain_scores(x)
+        bound = server.error_bound(x)
+        assert np.all(np.abs(scores - exact) <= bound), (scores, exact, bound)
+        assert np.all(bound <= server.public_error_bound())
+        assert np.allclose(scores, ref, atol=1e-4)  # float32 torch head vs exact fixed point
+        assert scores.argmax() == ref.argmax()
+
+
+def test_spec_keys_and_sizes(session):
+    server, client, keys = session
+    spec = server.spec()
+    assert spec["scheme"] == "paillier" and spec["params"]["key_bits"] == 3072
+    assert spec["input"]["dim"] == server.dim and spec["client_stage"]["arch"] == "mobilenetv2-he"
+    ek = client.evaluation_keys()
+    assert len(ek) == 36 + 384 + 16  # header + n + digest: the public key only
+    assert keys.n.bit_length() == 3072
+
+
+def test_small_keys_are_refused(artifact, session):
+    server, _, _ = session
+    with pytest.raises(SecurityError, match="2048"):
+        compile_paillier(artifact, key_bits=1024)
+    spec = dict(server.spec(), params=dict(server.spec()["params"], key_bits=1024))
+    with pytest.raises(SecurityError):
+        PaillierClient(spec)
+    small, _ = paillier.generate_paillier_keypair(n_length=1024)
+    msg = wire.Message(wire.KIND_PUBLIC_KEY, wire.fingerprint(small.n), [small.n])
+    with pytest.raises(SecurityError, match="below"):
+        server.load_keys(wire.dumps(msg, 128))
+
+
+def test_tampered_and_foreign_ciphertexts_are_refused(small_session):
+    server, client, keys = small_session
+    x = np.full(server.dim, 0.5, dtype=np.float32)
+    ct = client.encrypt(x)
+    flipped = bytearray(ct)
+    flipped[100] ^= 1
+    with pytest.raises(CiphertextError, match="checksum"):
+        server.infer(keys, bytes(flipped))
+    with pytest.raises(CiphertextError, match="truncated"):
+        server.infer(keys, ct[:-50])
+    with pytest.raises(CiphertextError, match="magic"):
+        server.infer(keys, b"XXXX" + ct[4:])
+    n2 = int(keys.n2)
+    for bad in (0, n2 + 5, int(keys.n) * 7):  # out of range, or sharing a factor with n: not a ciphertext
+        forged = _reframe(ct, wire.KIND_FEATURES,
+                          lambda m, b=bad: wire.Message(m.kind, m.fingerprint, [b] + m.values[1:], m.scale))
+        with pytest.raises(CiphertextError, match="not a valid Paillier ciphertext"):
+            server.infer(keys, forged)
+    with pytest.raises(CiphertextError, match="expected Paillier encrypted features"):
+        server.infer(keys, client.evaluation_keys())
+    foreign = _reframe(ct, wire.KIND_FEATURES, lambda m: wire.Message(m.kind, bytes(16), m.values, m.scale))
+    with pytest.raises(CiphertextError, match="different Paillier key"):
+        server.infer(keys, foreign)
+    other = client_for(server.spec())
+    other.keygen()
+    reply = server.infer(keys, ct)
+    with pytest.raises(CiphertextError, match="another Paillier key"):
+        other.decrypt(reply)
+    with pytest.raises(CiphertextError, match="checksum"):
+        client.decrypt(reply[:-1] + bytes([reply[-1] ^ 1]))
+
+
+def test_wrong_vector_length_is_refused(small_session):
+    server, client, keys = small_session
+    with pytest.raises(DataError, match=f"expected one vector of {server.dim} features"):
+        client.encrypt(np.zeros(server.dim - 1, dtype=np.float32))
+    with pytest.raises(DataError, match="outside"):
+        client.encrypt(np.full(server.dim, 7.0))
+    ct = client.encrypt(np.zeros(server.dim, dtype=np.float32))
+    short = _reframe(ct, wire.KIND_FEATURES, lambda m: wire.Message(m.kind, m.fingerprint, m.values[:-1], m.scale))
+    with pytest.raises(CiphertextError, match=f"expected {server.dim} encrypted features, got {server.dim - 1}"):
+        server.infer(keys, short)
+    rescaled = _reframe(ct, wire.KIND_FEATURES, lambda m: wire.Message(m.kind, m.fingerprint, m.values, 16))
+    with pytest.raises(CiphertextError, match="2\\^-16"):
+        server.infer(keys, rescaled)
+
+
+def test_head_must_be_affine_and_batchnorm_folds():
+    head = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Dropout(0.2), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        head[1].running_mean.uniform_(-1, 1)
+        head[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(5, 4)
+    w, b = affine_map(head)
+    assert np.allclose(x.double().numpy() @ w.T + b, head(x).detach().double().numpy(), atol=1e-5)
+    card = {"name": "t", "task": "binary-class", "labels": ["a", "b"], "preprocessing": {},
+            "scheme_options": {"feature_bound": 6.0}}
+    with pytest.raises(PlanError, match="not affine"):
+        compile_paillier(ModelArtifact(nn.Sequential(nn.Linear(4, 2), nn.ReLU()), card))
+    with pytest.raises(PlanError, match="feature_bound"):
+        compile_paillier(ModelArtifact(nn.Sequential(nn.Linear(4, 2)), dict(card, scheme_options={})))
+
+
+def test_fixed_point_bound_and_packing_are_exact_in_integers():
+    """The integer pipeline the server runs on ciphertexts, run in the clear: errors stay inside the bound."""
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(0, 0.5, (3, 40)), rng.normal(0, 1, 3)
+    fx = fw = 12  # coarse scales make the rounding error large enough to see
+    for _ in range(20):
+        x = rng.uniform(0, 6, 40)
+        xi, wi = encoding.encode(x, fx), np.array(encoding.encode(w, fw)).reshape(w.shape)
+        s = [sum(int(a) * c for a, c in zip(row, xi)) + bi for row, bi in zip(wi, encoding.encode(b, fx + fw))]
+        k = encoding.slot_bits_for(wi, encoding.encode(b, fx + fw), 6.0, fx)
+        n = (1 << 2047) + 1
+        m = encoding.from_residue(encoding.to_residue(encoding.pack(s, k), n), n)
+        got = np.array(encoding.unpack(m, 3, k)) / 2.0 ** (fx + fw)
+        err = np.abs(got - (w @ x + b))
+        assert np.all(err <= encoding.error_bound(w, np.abs(x).sum(), fx, fw))
+    with pytest.raises(CiphertextError, match="overflow"):
+        encoding.unpack(1 << 40, 2, 16)
