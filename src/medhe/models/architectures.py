@@ -63,22 +63,26 @@ def build_fcnn(in_channels: int = 1, num_outputs: int = 2, image_size: int = 28,
 
 def build_hecnn(in_channels: int = 1, num_outputs: int = 2, image_size: int = 28, channels: int = 8,
                 hidden: int = 32, kernel: int = 5, stride: int = 2, padding: int | None = None, dropout: float = 0.0,
-                shared_act: bool = False, act_init: str | Sequence[float] = "relu") -> nn.Sequential:
+                shared_act: bool = False, act_init: str | Sequence[float] = "relu", pool: int = 1) -> nn.Sequential:
     """The default CKKS network: one strided conv and one hidden FC layer, each followed by BN and a quadratic.
 
     Two non-linear layers keep the multiplicative depth at 5 (fits N=8192 at 128-bit security, reference.md §6).
+    ``pool`` > 1 average-pools the feature maps before the FC layer: fewer FC weights to fit on small datasets,
+    and ``folding.fold_avgpool`` merges the pool back into the FC layer for the encrypted backends.
     """
     _positive("channels", channels, "hecnn")
     _positive("hidden", hidden, "hecnn")
     _positive("kernel", kernel, "hecnn")
     _positive("stride", stride, "hecnn")
     pad = kernel // 2 if padding is None else int(padding)
-    side = _check_size(conv_out(image_size, kernel, stride, pad), "hecnn", image_size)
+    _positive("pool", pool, "hecnn")
+    side = _check_size(conv_out(image_size, kernel, stride, pad) // pool, "hecnn", image_size)
     act = _act_factory(shared_act, act_init)
     return nn.Sequential(
         nn.Conv2d(in_channels, channels, kernel, stride=stride, padding=pad),
         nn.BatchNorm2d(channels),
         act(),
+        *([nn.AvgPool2d(pool)] if pool > 1 else []),
         nn.Flatten(),
         *_dropout(dropout),
         nn.Linear(channels * side * side, hidden),

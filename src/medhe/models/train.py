@@ -39,12 +39,14 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
                 size: int = 28, augment: bool | Augment = True, command: str | None = None, progress: bool = True,
                 *, weight_decay: float = 1e-4, class_balanced: bool = False, label_smoothing: float = 0.0,
                 calibrate: str | None = None, name: str | None = None, limit: int | None = None,
-                grad_clip: float = 5.0, card_extras: dict[str, Any] | None = None) -> ModelArtifact:
+                grad_clip: float = 5.0, ema: float | None = None,
+                card_extras: dict[str, Any] | None = None) -> ModelArtifact:
     """Train ``arch`` on ``dataset`` and write the artifact to ``out_dir``; returns it reloaded from disk.
 
     ``calibrate``: for binary tasks, move the decision threshold (the last layer's bias) to the point on the
     validation set that maximises balanced accuracy (``"youden"``, robust to a class-prior shift) or accuracy
-    (``"acc"``). ``limit`` keeps the first N images of every split (quick runs and tests). ``card_extras`` is merged
+    (``"acc"``). ``ema``: keep an exponential moving average of the weights with this decay (e.g. 0.99) and
+    select/ship the averaged model, which is steadier on small datasets. ``limit`` keeps the first N images of every split (quick runs and tests). ``card_extras`` is merged
     into the card (e.g. a backend's quantization section).
     """
     _check_args(epochs, batch_size, lr, size, calibrate, limit)
@@ -59,7 +61,7 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     layers.set_recording(model, False)
     loss_fn = _loss(data.train.task, data.train.labels, data.train.num_outputs, class_balanced, label_smoothing)
     aug = augment if isinstance(augment, Augment) else (Augment() if augment else Augment.off())
-    history = _fit(model, data, loss_fn, aug, epochs, batch_size, lr, weight_decay, grad_clip, seed, progress)
+    history = _fit(model, data, loss_fn, aug, epochs, batch_size, lr, weight_decay, grad_clip, seed, progress, ema)
     calibration = None
     if calibrate and data.train.task == "binary-class":
         calibration = calibrate_threshold(model, data.x_val, data.val.labels, calibrate)
@@ -73,7 +75,7 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
                                                  size, augment),
         "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
         "augment": aug.to_dict() if aug.enabled else False, "class_balanced": class_balanced,
-        "label_smoothing": label_smoothing, "best_epoch": history["best_epoch"],
+        "label_smoothing": label_smoothing, "ema": ema, "best_epoch": history["best_epoch"],
         "n_train": len(data.train), "n_val": len(data.val), "elapsed_s": round(time.perf_counter() - started, 1),
     }
     if calibration:
@@ -180,8 +182,11 @@ def _selection_key(metrics: dict[str, Any]) -> tuple[float, float]:
 
 
 def _fit(model: nn.Module, data: _Splits, loss_fn: nn.Module, aug: Augment, epochs: int, batch_size: int, lr: float,
-         weight_decay: float, grad_clip: float, seed: int, progress: bool) -> dict[str, Any]:
+         weight_decay: float, grad_clip: float, seed: int, progress: bool, ema: float | None) -> dict[str, Any]:
     """AdamW with one warm-up epoch then cosine decay; keeps the weights of the best validation epoch."""
+    if ema is not None and not 0 < ema < 1:
+        raise MedheError(f"ema decay must be between 0 and 1 (e.g. 0.99), not {ema}")
+    averaged = copy.deepcopy(model) if ema else None
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(data.x_train)
     y = _targets(data.train.task, data.train.labels)
@@ -221,19 +226,32 @@ def _fit(model: nn.Module, data: _Splits, loss_fn: nn.Module, aug: Augment, epoc
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             sched.step()
+            if averaged is not None:
+                _ema_update(averaged, model, ema)
             running += float(loss.detach()) * len(idx)
             seen += len(idx)
-        val = compute_metrics(data.val.task, data.val.labels, predict_logits(model, data.x_val))
+        scored = averaged if averaged is not None else model
+        val = compute_metrics(data.val.task, data.val.labels, predict_logits(scored, data.x_val))
         key = _selection_key(val)
         if best_key is None or key > best_key:
             best_key, best_epoch = key, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(scored.state_dict())
         bar.set_postfix(loss=f"{running / max(seen, 1):.4f}", val_auc=_fmt(val["auc"]), val_acc=f"{val['acc']:.4f}",
                         best=best_epoch)
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
     return {"best_epoch": best_epoch, "best_val": best_key}
+
+
+def _ema_update(averaged: nn.Module, model: nn.Module, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * model, for parameters and BN statistics alike."""
+    with torch.no_grad():
+        for (name, avg), cur in zip(averaged.state_dict().items(), model.state_dict().values()):
+            if avg.dtype.is_floating_point and "input_m" not in name:  # not the activation range buffers
+                avg.mul_(decay).add_(cur, alpha=1 - decay)
+            else:
+                avg.copy_(cur)
 
 
 def _fmt(v: float | None) -> str:
