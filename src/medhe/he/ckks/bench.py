@@ -294,3 +294,54 @@ def format_summary(report: dict[str, Any]) -> str:
                  f"(target {TARGETS['identical_work']:g}x), default model {r['eval_default_model']}x "
                  f"(target {TARGETS['default_model']:g}x)")
     return "\n".join(lines)
+
+
+def run_serialization_benchmark(chains: dict[int, list[int]] | None = None, repeats: int = 7,
+                                rotation_steps: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
+    """Bytes per object (SEAL raw, compact, compact + seeded) and encode/decode medians, per ring degree.
+
+    Default chains: N=8192 [35, 28 x 5, 43] (the measured design, 218 bits) and N=16384 [38, 30 x 11, 50]
+    (418 bits); both pass SEAL's 128-bit check.
+    """
+    import seal
+
+    from medhe.he.ckks import serialize as S
+
+    chains = chains or {8192: [35, 28, 28, 28, 28, 28, 43], 16384: [38] + [30] * 11 + [50]}
+    report: dict[str, Any] = {"benchmark": "ckks-serialization", "machine": _machine(), "rings": {}}
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(float(np.median(times)) * 1e3, 3)
+
+    for n, bits in chains.items():
+        parms = seal.EncryptionParameters(seal.scheme_type.ckks)
+        parms.set_poly_modulus_degree(n)
+        parms.set_coeff_modulus(seal.CoeffModulus.Create(n, bits))
+        ctx = seal.SEALContext(parms, True, seal.sec_level_type.tc128)
+        keygen = seal.KeyGenerator(ctx)
+        seeder = S.Seeder(ctx, keygen.secret_key())
+        ct = seal.Encryptor(ctx, keygen.secret_key()).encrypt_symmetric(
+            seal.CKKSEncoder(ctx).encode(np.linspace(-1, 1, n // 2), 2.0 ** bits[1]))
+        galois = seal.GaloisKeys()
+        keygen.create_galois_keys(list(rotation_steps), galois)
+        relin = keygen.create_relin_keys()
+        entry: dict[str, Any] = {"coeff_modulus_bits": bits}
+        for name, obj, dump, load in (("input_ciphertext", ct, S.dump_ciphertext, S.load_ciphertext),
+                                      ("galois_keys", galois, S.dump_galois_keys, S.load_galois_keys),
+                                      ("relin_keys", relin, S.dump_relin_keys, S.load_relin_keys)):
+            compact, seeded = dump(obj, ctx), dump(obj, ctx, seeder)
+            entry[name] = {"raw": len(obj.to_string()), "compact": len(compact), "compact_seeded": len(seeded),
+                           "dump_ms": median_ms(lambda: dump(obj, ctx)),
+                           "dump_seeded_ms": median_ms(lambda: dump(obj, ctx, seeder)),
+                           "load_ms": median_ms(lambda: load(compact, ctx)),
+                           "load_seeded_ms": median_ms(lambda: load(seeded, ctx))}
+        per_key = {k: v / len(rotation_steps) for k, v in entry["galois_keys"].items() if k in ("raw", "compact",
+                                                                                             "compact_seeded")}
+        entry["galois_key_per_step"] = {k: int(v) for k, v in per_key.items()}
+        report["rings"][str(n)] = entry
+    return report

@@ -205,6 +205,32 @@ def lower_hybrid(matrix: sp.csr_matrix, inp: Layout, slots: int) -> Lowered | No
     return Lowered("hybrid", diags, reduce, Layout(out_slots, slots, False, box=box))
 
 
+def lower_hybrid_replicated(matrix: sp.csr_matrix, inp: Layout, slots: int) -> Lowered | None:
+    """Hybrid method over all slots: output row j in every slot s = j (mod m2), i.e. replicated with period m2.
+
+    Costs log2(copies) more reduction steps than :func:`lower_hybrid` but leaves the result everywhere, which
+    makes a following channel broadcast (squeeze-excite) nearly free.
+    """
+    m = matrix.shape[0]
+    m2 = next_pow2(m)
+    period = inp.period if inp.replicated else slots
+    if m2 > period:
+        return None
+    copies = slots // period
+    rows, cols, vals = _entries(matrix)
+    si = inp.slots[cols]
+    delta = (si - rows) % m2
+    base = si - delta  # = rows (mod m2), in [si - m2 + 1, si]
+    s = (base[:, None] + np.arange(copies)[None, :] * period).ravel() % slots
+    diags = _group(np.repeat(delta, copies), s, np.repeat(vals / copies, copies), slots)
+    reduce = []
+    step = m2
+    while step < slots:
+        reduce.append(step)
+        step *= 2
+    return Lowered("hybrid-replicated", diags, reduce, Layout(np.arange(m), m2, True))
+
+
 def lower_box(matrix: sp.csr_matrix, inp: Layout, slots: int) -> Lowered | None:
     """Dense map on a box-shaped sparse input: output j gathers its products at a shifted copy of the box."""
     if inp.box is None or inp.replicated or inp.box[0][0] != 1:

@@ -118,6 +118,20 @@ def choose_params(depth: int, max_abs: float | None = None, poly_degree: int | N
                     "layers or fold more linear layers together")
 
 
+def params_for_ring(poly_degree: int, depth: int, max_abs: float | None = None,
+                    scale_bits: int | None = None) -> CKKSParams | None:
+    """The preset chain for ring ``poly_degree`` with ``depth`` levels, or None when it would exceed 128 bits."""
+    sb, special = PRESETS[poly_degree]
+    sb = int(scale_bits or sb)
+    first = min(60, sb + headroom_for(max_abs))
+    bits = (first,) + (sb,) * depth + (max(special, first),)
+    if sum(bits) > MAX_MODULUS_BITS_128[poly_degree]:
+        return None
+    params = CKKSParams(poly_degree, bits, sb)
+    params.validate()
+    return params
+
+
 @lru_cache(maxsize=8)
 def _context(poly_degree: int, prime_bits: tuple[int, ...]) -> seal.SEALContext:
     parms = seal.EncryptionParameters(seal.scheme_type.ckks)

@@ -28,11 +28,12 @@ from torch import nn
 from medhe.errors import PlanError
 from medhe.he.ckks import packing
 from medhe.he.ckks.packing import Layout, Lowered
-from medhe.he.ckks.params import CKKSParams, choose_params, data_primes
+from medhe.he.ckks.params import CKKSParams, choose_params, data_primes, params_for_ring
 from medhe.he.ckks.trace import Graph, Node, fold_linear, ranges_max_abs, trace
 
 FORMAT = "medhe-ckks-plan/1"
 INPUT_BUDGET_BYTES = 6_000_000  # input ciphertexts as sent (compact), per image; the acceptance limit is 8 MB
+KEY_BUDGET_BYTES = 46_000_000  # evaluation keys as sent; beyond it rotations are composed from power-of-two keys
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,8 +86,23 @@ class Plan:
     node_register: dict[int, int]
     strategies: list[str]
 
+    key_paths: dict[int, list[int]] = field(default_factory=dict)  # logical step -> key steps (when decomposed)
+
     @property
     def rotation_steps(self) -> list[int]:
+        """The Galois key steps the client must generate (exactly those the program uses)."""
+        if self.key_paths:
+            return sorted({k for path in self.key_paths.values() for k in path}, key=lambda s: (abs(s), s))
+        return self.logical_steps
+
+    def key_path(self, step: int) -> list[int]:
+        """Key steps whose composition rotates by ``step``."""
+        slots = self.params.slots
+        signed = ((step + slots // 2) % slots) - slots // 2
+        return self.key_paths.get(signed, [signed]) if self.key_paths else [signed]
+
+    @property
+    def logical_steps(self) -> list[int]:
         steps = set()
         for ins in self.instrs:
             if ins.op == "linear":
@@ -110,7 +126,8 @@ class Plan:
         n = 0
         for ins in self.instrs:
             if ins.op == "linear":
-                n += len([b for b in ins.babies if b]) + len([g for g, _ in ins.groups if g]) + len(ins.reduce)
+                for step in [b for b in ins.babies if b] + [g for g, _ in ins.groups if g] + ins.reduce:
+                    n += len(self.key_path(step))
         return n
 
     def public(self) -> dict[str, Any]:
@@ -136,11 +153,33 @@ class Plan:
         return {"poly_degree": self.params.poly_degree, "prime_bits": list(self.params.prime_bits),
                 "scale_bits": self.params.scale_bits, "depth": self.depth,
                 "input_ciphertexts": int(self.gather.shape[0]), "rotations": self.rotation_count(),
-                "rotation_keys": len(self.rotation_steps),
+                "rotation_keys": len(self.rotation_steps), "logical_rotation_steps": len(self.logical_steps),
                 "plaintext_multiplications": sum(len(t) for i in self.instrs for _, t in i.groups),
-                "ciphertext_multiplications": sum(1 if i.op in ("poly2", "mul") else 2 if i.op == "poly3" else 0
+                "ciphertext_multiplications": sum({"poly2": 1, "mul": 1, "poly3": 2, "gate3": 3}.get(i.op, 0)
                                                   for i in self.instrs),
                 "strategies": self.strategies}
+
+
+def naf(step: int) -> list[int]:
+    """Signed powers of two summing to ``step`` (non-adjacent form: fewest terms)."""
+    out, k, n = [], 0, int(step)
+    sign = 1 if n >= 0 else -1
+    n = abs(n)
+    while n:
+        if n & 1:
+            digit = 2 - (n & 3)
+            out.append(sign * digit * (1 << k))
+            n -= digit
+        n >>= 1
+        k += 1
+    return out
+
+
+def choose_key_paths(logical: list[int], key_bytes: int, max_key_bytes: int) -> dict[int, list[int]]:
+    """Use one Galois key per rotation step when they fit ``max_key_bytes``, else power-of-two keys (NAF paths)."""
+    if len(logical) * key_bytes <= max_key_bytes:
+        return {}
+    return {s: naf(s) for s in logical}
 
 
 def decode_gather(public: dict[str, Any], slots: int) -> np.ndarray:
@@ -247,6 +286,7 @@ class _Lowering:
         self.strategies: list[str] = []
         self.requests = _layout_requests(graph)
         self.gather = np.zeros((0, slots), dtype=np.int64)
+        self.deferred_gates: dict[int, int] = {}  # cubic gate node -> register of its (scaled) input
 
     # -- helpers
     def reg(self, layout: Layout, level: int, scale: float) -> int:
@@ -359,6 +399,8 @@ class _Lowering:
                 period = max(packing.next_pow2(node.size), inp.period if inp.replicated else 1)
                 lay = packing.grid_layout(node.shape, period if inp.replicated else self.slots, inp.replicated)
             cands.append(packing.lower_direct(node.matrix, inp, lay, self.slots))
+        elif self.feeds_broadcast(i):
+            cands.append(packing.lower_hybrid_replicated(node.matrix, inp, self.slots))
         else:
             for cand in (packing.lower_hybrid(node.matrix, inp, self.slots),
                          packing.lower_box(node.matrix, inp, self.slots)):
@@ -370,6 +412,18 @@ class _Lowering:
                 node.shape, period if rep else self.slots, rep), self.slots))
         best = min(cands, key=lambda c: c.cost(self.slots))
         return self.emit_linear(node, i, (src,), best, node.name)
+
+    def feeds_broadcast(self, i: int) -> bool:
+        """Does this flat value reach a flat->image linear map (a channel broadcast) through activations only?"""
+        todo = list(self.graph.consumers(i))
+        while todo:
+            k = todo.pop()
+            node = self.graph.nodes[k]
+            if node.op == "poly":
+                todo.extend(self.graph.consumers(k))
+            elif node.op == "linear" and len(node.shape) == 3:
+                return True
+        return False
 
     def normalize(self, src: int, want: Layout | None, name: str) -> int:
         """Identity (or re-layout) linear step: brings a value back to the standard scale, one level down."""
@@ -394,6 +448,10 @@ class _Lowering:
                 consts["c"] = self.plain(form.consts["c"], l - 1, out_scale)
             self.instrs.append(Instr("poly2", out, (src,), node.name, consts=consts, sign=form.sign, node=i))
             return out
+        users = self.graph.consumers(i)
+        if len(users) == 1 and self.graph.nodes[users[0]].op == "mul" and self.graph.nodes[users[0]].inputs[1] == i:
+            self.deferred_gates[i] = src  # evaluated together with its product (gate3): saves one level
+            return -1
         consts["th"] = self.plain(form.consts["th"], l, s)
         s2 = s * s / self.primes[l]
         consts["kz"] = self.plain(form.consts["kz"], l - 1, s2)
@@ -414,12 +472,32 @@ class _Lowering:
         return a, b, layout
 
     def lower_mul(self, node: Node, i: int) -> int:
+        if node.inputs[1] in self.deferred_gates:
+            return self.lower_gate_mul(node, i)
         a, b = (self.node_reg[k] for k in node.inputs)
         a, b, layout = self._match_layouts(a, b, node.name)
         ra, rb = self.registers[a], self.registers[b]
         level = min(ra.level, rb.level)
         out = self.reg(layout, level - 1, ra.scale * rb.scale / self.primes[level])
         self.instrs.append(Instr("mul", out, (a, b), node.name, node=i))
+        return out
+
+    def lower_gate_mul(self, node: Node, i: int) -> int:
+        """x * (a3·u³ + ...) as sign·(x·p)·((p + t·h)² + k·t²/a3) + c·x: the gate costs two levels, not three."""
+        gate = node.inputs[1]
+        form = self.forms[gate]
+        x, u, layout = self._match_layouts(self.node_reg[node.inputs[0]], self.deferred_gates[gate], node.name)
+        rx, ru = self.registers[x], self.registers[u]
+        l, s, sx = min(ru.level, rx.level), ru.scale, rx.scale
+        q = self.primes
+        consts = {"th": self.plain(form.consts["th"], l, s)}
+        s2 = s * s / q[l]
+        consts["kz"] = self.plain(form.consts["kz"], l - 1, s2)
+        out_scale = (sx * s / q[l]) * s2 / q[l - 1]
+        out = self.reg(layout, l - 2, out_scale)
+        if form.consts["c"]:
+            consts["c"] = self.plain(form.consts["c"], l - 1, out_scale * q[l - 1] / sx)
+        self.instrs.append(Instr("gate3", out, (x, u), node.name, consts=consts, sign=form.sign, node=i))
         return out
 
     def lower_add(self, node: Node, i: int) -> int:
@@ -466,7 +544,8 @@ def _fake_primes(depth: int, scale_bits: int) -> list[int]:
 def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_ranges: dict[str, Any] | None = None,
                  *, poly_degree: int | None = None, scale_bits: int | None = None,
                  prime_bits: list[int] | None = None, max_input_bytes: int = INPUT_BUDGET_BYTES,
-                 output_bound: float | None = None, **unknown: Any) -> Plan:
+                 output_bound: float | None = None, max_key_bytes: int = KEY_BUDGET_BYTES,
+                 **unknown: Any) -> Plan:
     """Compile a torch ``nn.Sequential`` of medhe layers into a CKKS plan for inputs of ``input_shape``.
 
     Options: ``poly_degree``/``scale_bits``/``prime_bits`` force parameters (still 128-bit checked),
@@ -474,7 +553,7 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
     """
     if unknown:
         raise PlanError(f"unknown CKKS option(s) {', '.join(sorted(unknown))}: use poly_degree, scale_bits, "
-                        "prime_bits, max_input_bytes or output_bound")
+                        "prime_bits, max_input_bytes, max_key_bytes or output_bound")
     graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
     max_abs = max([v for v in (ranges_max_abs(graph), output_bound) if v is not None], default=None)
     from medhe.he.ckks.params import PRESETS, max_depth
@@ -491,19 +570,22 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         except _TooWide:
             continue
         needed = probe_depth - min(r.level for r in probe.registers)
-        try:
+        if prime_bits is not None or poly_degree is not None:
             params = choose_params(needed, max_abs, poly_degree=n, scale_bits=scale_bits, prime_bits=prime_bits)
-        except PlanError:
-            if poly_degree or prime_bits:
-                raise
-            continue
+        else:
+            params = params_for_ring(n, needed, max_abs, scale_bits)
+            if params is None:
+                continue
         primes = data_primes(params)
         top = len(primes) - 1
         plan_low = _lower(graph, forms, slots, primes, params.scale, top, max_input_bytes, n,
                           sum(params.prime_bits[:-1]))
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
-        return Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
+        plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies)
+        key_bytes = 2 * n * (len(params.prime_bits) - 1) * sum(params.prime_bits) // 8
+        plan.key_paths = choose_key_paths(plan.logical_steps, key_bytes, max_key_bytes - key_bytes)
+        return plan
     if needed is None:
         raise PlanError(f"the model's values (largest {max(n.size for n in graph.nodes)} elements) do not fit the "
                         f"slots of any secure CKKS ring (at most {max(PRESETS) // 2}); use smaller images")

@@ -60,38 +60,43 @@ def params_fingerprint(context: seal.SEALContext) -> bytes:
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Pack non-negative integers ``< 2**bits`` using exactly ``bits`` bits each (LSB first, little-endian).
 
-    numpy's C bit-plane routines (unpackbits/packbits) beat shift-and-or loops here: ~20 ns per coefficient.
+    64 values fill exactly ``bits`` 64-bit words, and where each value lands in its group is the same for every
+    group, so packing is 64 vectorised shift-or passes over all groups at once (about 1 ms per 100k values).
     """
     v = np.ascontiguousarray(values, dtype="<u8").reshape(-1)
+    n = v.size
     if bits >= 64:
         return v.tobytes()
-    planes = np.unpackbits(v.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")[:, :bits]
-    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+    groups = -(-n // 64)
+    if groups * 64 != n:
+        v = np.concatenate([v, np.zeros(groups * 64 - n, dtype="<u8")])
+    cols = np.ascontiguousarray(v.reshape(groups, 64).T)  # cols[i]: the i-th value of every group
+    words = np.zeros((bits, groups), dtype="<u8")
+    for i in range(64):
+        w, shift = divmod(i * bits, 64)
+        words[w] |= cols[i] << np.uint64(shift)
+        if shift + bits > 64:
+            words[w + 1] |= cols[i] >> np.uint64(64 - shift)
+    return np.ascontiguousarray(words.T).tobytes()[:_packed_len(n, bits)]
 
 
 def unpack_bits(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` uint64 values from ``ceil(count*bits/8)`` bytes.
-
-    Works on groups of 8 values (= ``bits`` whole bytes) with 8 vectorised shift/or passes.
-    """
+    """Inverse of :func:`pack_bits`: ``count`` uint64 values from ``ceil(count*bits/8)`` bytes."""
     if bits >= 64:
         return np.frombuffer(data, dtype="<u8", count=count).copy()
-    groups = -(-count // 8)
-    raw = np.frombuffer(data, dtype=np.uint8, count=_packed_len(count, bits))
-    buf = np.zeros((groups, bits + 9), dtype=np.uint8)
-    flat = np.zeros(groups * bits, dtype=np.uint8)
-    flat[:raw.size] = raw
-    buf[:, :bits] = flat.reshape(groups, bits)
-    res = np.empty((groups, 8), dtype="<u8")
+    groups = -(-count // 64)
+    buf = np.zeros(groups * bits * 8, dtype=np.uint8)
+    buf[:_packed_len(count, bits)] = np.frombuffer(data, dtype=np.uint8, count=_packed_len(count, bits))
+    words = np.ascontiguousarray(buf.view("<u8").reshape(groups, bits).T)  # words[w]: word w of every group
+    cols = np.empty((64, groups), dtype="<u8")
     mask = np.uint64((1 << bits) - 1)
-    for i in range(8):
-        byte0, shift = divmod(i * bits, 8)
-        word = np.ascontiguousarray(buf[:, byte0:byte0 + 8]).view("<u8").reshape(groups)
-        val = word >> np.uint64(shift)
-        if shift and bits + shift > 64:
-            val |= buf[:, byte0 + 8].astype("<u8") << np.uint64(64 - shift)
-        res[:, i] = val & mask
-    return res.reshape(-1)[:count]
+    for i in range(64):
+        w, shift = divmod(i * bits, 64)
+        val = words[w] >> np.uint64(shift)
+        if shift + bits > 64:
+            val |= words[w + 1] << np.uint64(64 - shift)
+        np.bitwise_and(val, mask, out=cols[i])
+    return np.ascontiguousarray(cols.T).reshape(-1)[:count]
 
 
 def _packed_len(count: int, bits: int) -> int:

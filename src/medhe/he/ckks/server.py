@@ -29,7 +29,7 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
     regs: dict[int, Any] = dict(zip(range(len(inputs)), inputs))
     for ins in plan.instrs:
         if ins.op == "linear":
-            out = _linear(be, ins, [regs[s] for s in ins.srcs], plains)
+            out = _linear(be, ins, [regs[s] for s in ins.srcs], plains, plan.key_path)
         elif ins.op == "poly2":
             u = regs[ins.srcs[0]]
             v = be.add_plain(be.negate(u) if ins.sign < 0 else u, plains[ins.consts["beta"]])
@@ -46,6 +46,18 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
                 out = be.negate(out)
             if "c" in ins.consts:
                 out = be.add_plain(out, plains[ins.consts["c"]])
+        elif ins.op == "gate3":
+            x, u = regs[ins.srcs[0]], regs[ins.srcs[1]]
+            level = be.level(u)
+            xp = be.rescale(be.relinearize(be.multiply(be.mod_switch(x, level), u)))
+            w = be.add_plain(u, plains[ins.consts["th"]])
+            z = be.add_plain(be.rescale(be.relinearize(be.multiply(w, w))), plains[ins.consts["kz"]])
+            out = be.rescale(be.relinearize(be.multiply(xp, z)))
+            if ins.sign < 0:
+                out = be.negate(out)
+            if "c" in ins.consts:
+                be.add_inplace(out, be.rescale(be.multiply_plain(be.mod_switch(x, level - 1),
+                                                                 plains[ins.consts["c"]])))
         elif ins.op in ("mul", "add"):
             a, b = regs[ins.srcs[0]], regs[ins.srcs[1]]
             level = min(be.level(a), be.level(b))
@@ -59,12 +71,18 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
     return regs[plan.output_register]
 
 
-def _linear(be: Backend, ins, xs: list[Any], plains: list[Any]) -> Any:
+def _rotate(be: Backend, ct: Any, step: int, key_path: Callable[[int], list[int]]) -> Any:
+    for key_step in key_path(step):
+        ct = be.rotate(ct, key_step)
+    return ct
+
+
+def _linear(be: Backend, ins, xs: list[Any], plains: list[Any], key_path: Callable[[int], list[int]]) -> Any:
     rotated = {0: xs[0]}
     if len(xs) == 1:
         for b in ins.babies:
             if b:
-                rotated[b] = be.rotate(xs[0], b)
+                rotated[b] = _rotate(be, xs[0], b, key_path)
     total = None
     for giant, terms in ins.groups:
         acc = None
@@ -76,13 +94,13 @@ def _linear(be: Backend, ins, xs: list[Any], plains: list[Any]) -> Any:
                 be.add_inplace(acc, prod)
         acc = be.rescale(acc)
         if giant:
-            acc = be.rotate(acc, giant)
+            acc = _rotate(be, acc, giant, key_path)
         if total is None:
             total = acc
         else:
             be.add_inplace(total, acc)
     for step in ins.reduce:
-        be.add_inplace(total, be.rotate(total, step))
+        be.add_inplace(total, _rotate(be, total, step, key_path))
     if "bias" in ins.consts:
         total = be.add_plain(total, plains[ins.consts["bias"]])
     return total
