@@ -132,7 +132,7 @@ def test_coefficient_outside_its_prime_is_rejected_even_with_a_valid_checksum(he
     data = bytearray(S.dump_ciphertext(he["ct"], he["ctx"]))
     skel_len = struct.unpack_from("<I", data, S._FRAME.size - 4)[0]
     start = S._FRAME.size + skel_len
-    data[start:start + 8] = b"\xff" * 8  # the first 35-bit coefficient becomes 2**35 - 1 > q_0
+    data[start:start + 8] = b"\xff" * 8  # the first coefficient of the narrowest primes becomes 2**bits - 1 > q
     struct.pack_into("<I", data, S._FRAME.size - 8, zlib.crc32(bytes(data[S._FRAME.size:])))
     with pytest.raises(CiphertextError, match="outside its prime"):
         S.load_ciphertext(bytes(data), he["ctx"])

@@ -119,36 +119,67 @@ class _Array:
     def count(self) -> int:
         return self.polys * len(self.moduli) * self.degree
 
-    def bit_widths(self) -> list[int]:
-        return [q.bit_length() for q in self.moduli]
 
-    def pack(self, raw: memoryview) -> bytes:
-        data = np.frombuffer(raw, dtype="<u8", count=self.count).reshape(self.polys, len(self.moduli), self.degree)
-        out = []
-        for j, (q, b) in enumerate(zip(self.moduli, self.bit_widths())):
-            block = data[:, j, :]
+_CHUNK = 1 << 18  # values per pack call; a multiple of 64, so chunk outputs concatenate byte-exactly
+
+
+def _width_counts(arrays: list[_Array]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for arr in arrays:
+        for q in arr.moduli:
+            counts[q.bit_length()] = counts.get(q.bit_length(), 0) + arr.polys * arr.degree
+    return dict(sorted(counts.items()))
+
+
+def _payload_len(arrays: list[_Array]) -> int:
+    return sum(_packed_len(n, bits) for bits, n in _width_counts(arrays).items())
+
+
+def _pack_payload(blocks: list[tuple[_Array, memoryview]]) -> bytes:
+    """Every coefficient, grouped by prime bit width (ascending), each group one continuous bit stream.
+
+    Grouping makes a few large pack calls instead of one per prime per key component (keys have hundreds).
+    """
+    counts = _width_counts([arr for arr, _ in blocks])
+    streams = {bits: np.empty(n, dtype="<u8") for bits, n in counts.items()}
+    pos = dict.fromkeys(counts, 0)
+    for arr, raw in blocks:
+        data = np.frombuffer(raw, dtype="<u8", count=arr.count).reshape(arr.polys, len(arr.moduli), arr.degree)
+        for j, q in enumerate(arr.moduli):
+            block, bits = data[:, j, :], q.bit_length()
             if int(block.max(initial=0)) >= q:
                 raise CiphertextError("SEAL object holds a coefficient outside its prime: it is corrupted; "
                                       "re-create it with SEAL")
-            out.append(block)
-        # one pack call per prime (all polynomials together): the stream is prime-major
-        return b"".join(pack_bits(out[j], b) for j, b in enumerate(self.bit_widths()))
+            streams[bits][pos[bits]:pos[bits] + block.size] = block.reshape(-1)
+            pos[bits] += block.size
+    return b"".join(pack_bits(stream[i:i + _CHUNK], bits)
+                    for bits, stream in streams.items() for i in range(0, stream.size, _CHUNK))
 
-    def unpack(self, packed: memoryview) -> bytes:
-        data = np.empty((self.polys, len(self.moduli), self.degree), dtype="<u8")
-        pos = 0
-        for j, (q, b) in enumerate(zip(self.moduli, self.bit_widths())):
-            n = _packed_len(self.polys * self.degree, b)
-            block = unpack_bits(packed[pos:pos + n], self.polys * self.degree, b)
+
+def _unpack_payload(arrays: list[_Array], payload: memoryview, what: str) -> list[bytes]:
+    """Inverse of :func:`_pack_payload`: SEAL's raw coefficient bytes per array, each checked against its prime."""
+    streams, offset = {}, 0
+    for bits, n in _width_counts(arrays).items():
+        parts = []
+        for i in range(0, n, _CHUNK):
+            m = min(_CHUNK, n - i)
+            parts.append(unpack_bits(payload[offset:offset + _packed_len(m, bits)], m, bits))
+            offset += _packed_len(m, bits)
+        streams[bits] = np.concatenate(parts) if parts else np.empty(0, dtype="<u8")
+    pos = dict.fromkeys(streams, 0)
+    out = []
+    for arr in arrays:
+        data = np.empty((arr.polys, len(arr.moduli), arr.degree), dtype="<u8")
+        for j, q in enumerate(arr.moduli):
+            bits, size = q.bit_length(), arr.polys * arr.degree
+            block = streams[bits][pos[bits]:pos[bits] + size]
+            pos[bits] += size
             if int(block.max(initial=0)) >= q:
-                raise CiphertextError("compact HE data holds a coefficient outside its prime: the bytes were "
-                                      "garbled in transit or made for other parameters; send them again")
-            data[:, j, :] = block.reshape(self.polys, self.degree)
-            pos += n
-        return data.tobytes()
-
-    def packed_len_exact(self) -> int:
-        return sum(_packed_len(self.polys * self.degree, b) for b in self.bit_widths())
+                raise CiphertextError(f"{what} holds a coefficient outside its prime: the bytes were garbled in "
+                                      "transit or made for other parameters; send them again")
+            data[:, j, :] = block.reshape(arr.polys, arr.degree)
+        out.append(data.tobytes())
+    return out
 
 
 class _Reader:
@@ -176,15 +207,14 @@ class _Walker:
     ``emit`` collects the output: the skeleton when encoding, SEAL's bytes when decoding.
     """
 
-    def __init__(self, context: seal.SEALContext, src: _Reader, payload: _Reader | None, what: str) -> None:
+    def __init__(self, context: seal.SEALContext, src: _Reader, payload: memoryview | None, what: str) -> None:
         self.context = context
         self.src = src
         self.payload = payload  # None while encoding
-        self.out: list[bytes] = []
-        self.packed: list[bytes] = []
+        self.out: list[bytes | None] = []  # decode: None marks where an array's coefficients go
+        self.blocks: list[tuple[_Array, memoryview]] = []  # encode: arrays and their raw bytes
+        self.arrays: list[_Array] = []  # decode: arrays in order
         self.what = what
-        self.measure_only = False  # decode: count sizes instead of unpacking (see raw_size)
-        self.skipped = 0  # bytes of coefficients counted but not unpacked
         self.unseeded_extra = 0  # what expanding every seed back into a polynomial would add
 
     @property
@@ -244,14 +274,10 @@ class _Walker:
 
     def array(self, arr: _Array) -> None:
         if self.encoding:
-            raw = self.src.take(arr.count * 8)
-            self.packed.append(arr.pack(raw))
+            self.blocks.append((arr, self.src.take(arr.count * 8)))
         else:
-            packed = self.payload.take(arr.packed_len_exact())
-            if self.measure_only:
-                self.skipped += arr.count * 8
-            else:
-                self.out.append(arr.unpack(packed))
+            self.arrays.append(arr)
+            self.out.append(None)
 
     def kswitch_keys(self) -> None:
         self.seal_header()
@@ -300,15 +326,16 @@ def compact(raw: bytes, kind: int, context: seal.SEALContext) -> bytes:
     walker = _Walker(context, _Reader(raw, what), None, what)
     _walk(kind, walker)
     skeleton = zlib.compress(b"".join(walker.out), 6)
-    body = skeleton + b"".join(walker.packed)
+    body = skeleton + _pack_payload(walker.blocks)
     crc = zlib.crc32(body)
     return _FRAME.pack(MAGIC, FORMAT_VERSION, kind, 0, params_fingerprint(context), crc, len(skeleton)) + body
 
 
 def expand(data: bytes, kind: int, context: seal.SEALContext) -> bytes:
     """medhe's compact frame -> SEAL's uncompressed serialization, byte-identical to what :func:`compact` got."""
-    walker = _decode(data, kind, context, measure_only=False)
-    raw = b"".join(walker.out)
+    walker, payload = _decode(data, kind, context)
+    coefficients = iter(_unpack_payload(walker.arrays, payload, walker.what))
+    raw = b"".join(next(coefficients) if part is None else part for part in walker.out)
     _check_declared_sizes(raw, walker.what)
     return raw
 
@@ -323,11 +350,13 @@ def frame_kind(data: bytes) -> int:
 def raw_size(data: bytes, kind: int, context: seal.SEALContext) -> int:
     """Size of SEAL's own uncompressed serialization of the object in a compact frame (seeds expanded), without
     unpacking it: the "raw" figure that benchmarks put next to ``len(data)``, the bytes as sent."""
-    walker = _decode(data, kind, context, measure_only=True)
-    return sum(len(b) for b in walker.out) + walker.skipped + walker.unseeded_extra
+    walker, _ = _decode(data, kind, context)
+    return (sum(len(b) for b in walker.out if b is not None) + sum(a.count * 8 for a in walker.arrays)
+            + walker.unseeded_extra)
 
 
-def _decode(data: bytes, kind: int, context: seal.SEALContext, measure_only: bool) -> _Walker:
+def _decode(data: bytes, kind: int, context: seal.SEALContext) -> tuple[_Walker, memoryview]:
+    """Check the frame and walk its skeleton; returns the walker (skeleton parts, arrays) and the payload."""
     what = KIND_NAMES[kind]
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CiphertextError(f"{what} must be bytes, got {type(data).__name__}")
@@ -355,13 +384,15 @@ def _decode(data: bytes, kind: int, context: seal.SEALContext, measure_only: boo
         skeleton = zlib.decompress(body[:skel_len])
     except zlib.error:
         raise CiphertextError(f"{what} is garbled (bad skeleton): send it again") from None
-    payload = _Reader(body[skel_len:], what)
+    payload = body[skel_len:]
     walker = _Walker(context, _Reader(skeleton, what), payload, what)
-    walker.measure_only = measure_only
     _walk(kind, walker)
-    if payload.pos != len(payload.buf):
+    expected = _payload_len(walker.arrays)
+    if len(payload) < expected:
+        raise CiphertextError(f"{what} is truncated: send the complete bytes again")
+    if len(payload) > expected:
         raise CiphertextError(f"{what} has unexpected trailing bytes: send exactly the bytes medhe produced")
-    return walker
+    return walker, payload
 
 
 # ---------------------------------------------------------------------------------------------------------------
