@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated weights (0: off)")
     ap.add_argument("--augment", choices=sorted(AUGMENTS), default="light")
+    ap.add_argument("--low-res", type=int, default=None, help="progressive resizing: early epochs at this size")
+    ap.add_argument("--low-res-epochs", type=int, default=0, help="how many early epochs run at --low-res")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                         "feature_dim": args.feature_dim, "blocks": "compact"}
     result = train_split_model(x["train"], y["train"], x["val"], y["val"], extractor_kwargs=extractor_kwargs,
                                epochs=args.epochs, lr=args.lr, seed=args.seed, augment=AUGMENTS[args.augment],
-                               ema_decay=args.ema or None,
+                               ema_decay=args.ema or None, low_res=args.low_res,
+                               low_res_epochs=args.low_res_epochs,
                                log=lambda m: print(m, flush=True))
     scores = {s: metrics(y[s], predict_logits(result.extractor, result.head, x[s])) for s in ("val", "test")}
     print(f"best epoch {result.best_epoch}, {result.seconds:.0f}s; val {scores['val']}; test {scores['test']}")
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python scripts/train_covid.py " + shlex.join(sys.argv[1:] if argv is None else argv),
             "seed": args.seed, "epochs": args.epochs, "best_epoch": result.best_epoch, "selected_on": "val acc",
             "lr": args.lr, "optimizer": "AdamW + one-cycle", "augmentation": AUGMENTS[args.augment].to_dict(),
-            "ema_decay": args.ema,
+            "ema_decay": args.ema, "low_res": args.low_res, "low_res_epochs": args.low_res_epochs,
             "seconds": round(result.seconds, 1), "history": result.history,
             "date": time.strftime("%Y-%m-%d"),
         },
