@@ -221,11 +221,12 @@ def lower_hybrid_replicated(matrix: sp.csr_matrix, inp: Layout, slots: int) -> L
     si = inp.slots[cols]
     delta = (si - rows) % m2
     base = si - delta  # = rows (mod m2), in [si - m2 + 1, si]
+    # Products sit in every copy, so the partial sums are periodic and one period's window holds a full row sum.
     s = (base[:, None] + np.arange(copies)[None, :] * period).ravel() % slots
-    diags = _group(np.repeat(delta, copies), s, np.repeat(vals / copies, copies), slots)
+    diags = _group(np.repeat(delta, copies), s, np.repeat(vals, copies), slots)
     reduce = []
     step = m2
-    while step < slots:
+    while step < period:
         reduce.append(step)
         step *= 2
     return Lowered("hybrid-replicated", diags, reduce, Layout(np.arange(m), m2, True))

@@ -17,8 +17,10 @@ import seal
 from medhe.errors import PlanError, SecurityError
 from medhe.he.security import MAX_MODULUS_BITS_128, check_rlwe_128
 
-#: ring degree -> (scale bits, special prime bits); 8192 follows the measured [35, 28 x 5, 43] design.
+#: ring degree -> (scale bits, preferred special prime bits, smallest special prime accepted); 8192 follows the
+#: measured [35, 28 x 5, 43] design, giving special-prime bits to the first prime when the output range needs them.
 PRESETS = {8192: (28, 43), 16384: (30, 50), 32768: (32, 60)}
+MIN_SPECIAL = {8192: 40, 16384: 45, 32768: 50}
 MIN_HEADROOM_BITS = 7  # the first prime keeps |values| < 2^(headroom-1) after the last rescale
 
 
@@ -75,7 +77,7 @@ def headroom_for(max_abs: float | None) -> int:
     """Bits above the scale the first prime needs so that ``max_abs`` (with margin) still decodes."""
     if not max_abs or not math.isfinite(max_abs):
         return MIN_HEADROOM_BITS
-    return max(MIN_HEADROOM_BITS, math.ceil(math.log2(4 * max_abs)) + 1)
+    return min(24, max(MIN_HEADROOM_BITS, math.ceil(math.log2(max_abs)) + 1))
 
 
 def choose_params(depth: int, max_abs: float | None = None, poly_degree: int | None = None,
@@ -124,9 +126,11 @@ def params_for_ring(poly_degree: int, depth: int, max_abs: float | None = None,
     sb, special = PRESETS[poly_degree]
     sb = int(scale_bits or sb)
     first = min(60, sb + headroom_for(max_abs))
-    bits = (first,) + (sb,) * depth + (max(special, first),)
-    if sum(bits) > MAX_MODULUS_BITS_128[poly_degree]:
+    room = MAX_MODULUS_BITS_128[poly_degree] - first - sb * depth
+    special = min(max(special, first), room, 60)
+    if special < max(MIN_SPECIAL[poly_degree], first):
         return None
+    bits = (first,) + (sb,) * depth + (special,)
     params = CKKSParams(poly_degree, bits, sb)
     params.validate()
     return params

@@ -29,7 +29,8 @@ from medhe.errors import PlanError
 from medhe.he.ckks import packing
 from medhe.he.ckks.packing import Layout, Lowered
 from medhe.he.ckks.params import CKKSParams, choose_params, data_primes, params_for_ring
-from medhe.he.ckks.trace import Graph, Node, fold_linear, ranges_max_abs, trace
+from medhe.he.ckks.trace import Graph, Node, fold_linear, trace
+from medhe.he.ckks.trace import output_bound as estimate_output_bound
 
 FORMAT = "medhe-ckks-plan/1"
 INPUT_BUDGET_BYTES = 6_000_000  # input ciphertexts as sent (compact), per image; the acceptance limit is 8 MB
@@ -544,18 +545,20 @@ def _fake_primes(depth: int, scale_bits: int) -> list[int]:
 def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_ranges: dict[str, Any] | None = None,
                  *, poly_degree: int | None = None, scale_bits: int | None = None,
                  prime_bits: list[int] | None = None, max_input_bytes: int = INPUT_BUDGET_BYTES,
-                 output_bound: float | None = None, max_key_bytes: int = KEY_BUDGET_BYTES,
+                 output_bound: float | None = None, input_bound: float = 1.0, max_key_bytes: int = KEY_BUDGET_BYTES,
                  **unknown: Any) -> Plan:
     """Compile a torch ``nn.Sequential`` of medhe layers into a CKKS plan for inputs of ``input_shape``.
 
     Options: ``poly_degree``/``scale_bits``/``prime_bits`` force parameters (still 128-bit checked),
-    ``max_input_bytes`` bounds the input ciphertexts as sent, ``output_bound`` the largest |logit| expected.
+    ``max_input_bytes`` bounds the input ciphertexts as sent, ``output_bound`` the largest |logit| expected
+    (default: estimated from the activation ranges), ``input_bound`` the largest |input| (1 for medhe's
+    normalisation), ``max_key_bytes`` the evaluation-key budget.
     """
     if unknown:
         raise PlanError(f"unknown CKKS option(s) {', '.join(sorted(unknown))}: use poly_degree, scale_bits, "
-                        "prime_bits, max_input_bytes, max_key_bytes or output_bound")
+                        "prime_bits, max_input_bytes, max_key_bytes, output_bound or input_bound")
     graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
-    max_abs = max([v for v in (ranges_max_abs(graph), output_bound) if v is not None], default=None)
+    max_abs = output_bound if output_bound is not None else estimate_output_bound(graph, input_bound)
     from medhe.he.ckks.params import PRESETS, max_depth
 
     degrees = [int(poly_degree)] if poly_degree else sorted(PRESETS)

@@ -326,6 +326,34 @@ def value_bound(graph: Graph, index: int) -> float | None:
     return float(max(np.abs(poly_eval(node.coeffs, xs)).max(), np.abs(xs).max()))
 
 
+def output_bound(graph: Graph, input_bound: float = 1.0) -> float:
+    """A bound on |output| from the recorded activation ranges (each activation's image over its range).
+
+    Linear layers use the smaller of the worst case (sum |w|) and a 4-sigma estimate (4 * sqrt(sum w^2), inputs
+    of independent sign): the worst case of a wide layer is far looser than anything a trained network produces.
+    """
+    bounds: list[np.ndarray] = []
+    for node in graph.nodes:
+        if node.op == "input":
+            bounds.append(np.full(node.size, float(input_bound)))
+        elif node.op == "linear":
+            b_in = bounds[node.inputs[0]]
+            a = abs(node.matrix)
+            worst = a @ b_in
+            sigma = np.sqrt(a.multiply(a) @ (b_in ** 2))
+            bounds.append(np.minimum(worst, 4 * sigma) + np.abs(node.bias))
+        elif node.op == "poly":
+            b_in = float(bounds[node.inputs[0]].max())
+            lo, hi = node.input_range if is_finite_range(node.input_range) else (-b_in, b_in)
+            xs = np.linspace(lo, hi, 513)
+            bounds.append(np.full(node.size, float(np.abs(poly_eval(node.coeffs, xs)).max())))
+        elif node.op == "mul":
+            bounds.append(bounds[node.inputs[0]] * bounds[node.inputs[1]])
+        else:
+            bounds.append(bounds[node.inputs[0]] + bounds[node.inputs[1]])
+    return float(bounds[-1].max())
+
+
 def ranges_max_abs(graph: Graph) -> float | None:
     bounds = [b for i in range(len(graph.nodes)) if (b := value_bound(graph, i)) is not None]
     return max(bounds) if bounds else None
