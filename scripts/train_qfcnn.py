@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--l1", type=float, default=0.0,
                     help="penalty on hidden layers' worst-case accumulator range (sparser weights keep more precision)")
+    ap.add_argument("--acc-noise", type=float, default=0.0,
+                    help="training noise (accumulator units) before rounding, for approximate rounding")
     ap.add_argument("--balanced", action="store_true", help="class-balanced cross-entropy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                    "acc_bits": args.acc_bits if len(args.acc_bits) > 1 else args.acc_bits[0],
                    "input_bits": args.input_bits, "pool": args.pool}
     model = build_model("qfcnn", **arch_kwargs)
+    model.train_acc_noise = args.acc_noise
     counts = np.bincount(ys["train"], minlength=n_classes)
     weight = torch.tensor(len(ys["train"]) / (n_classes * counts), dtype=torch.float32) if args.balanced else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": {"command": command, "seed": args.seed, "epochs": args.epochs, "best_epoch": best_epoch + 1,
                      "selection": "best quantized validation accuracy", "lr": args.lr,
                      "batch_size": args.batch_size, "balanced_loss": args.balanced, "shift_augment": args.shift,
-                     "jitter_augment": args.jitter, "range_penalty": args.l1, "weight_decay": args.weight_decay,
+                     "jitter_augment": args.jitter, "range_penalty": args.l1, "acc_noise": args.acc_noise, "weight_decay": args.weight_decay,
                      "minutes": round((time.time() - t0) / 60, 2)},
         "quantization": model.quantization_card(),
         "scheme_options": {"default_scheme": "tfhe"},

@@ -238,6 +238,9 @@ class QFCNN(nn.Module):
             for i in range(len(widths) - 1))
         self.acts = nn.ModuleList(QReLU(b) for b in act_bits)
         self.quantized = True
+        #: std (in accumulator units) of Gaussian noise added before rounding while training: makes the network
+        #: robust to approximate rounding, whose TLU sees the accumulator plus bootstrapping noise.
+        self.train_acc_noise = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
@@ -258,6 +261,8 @@ class QFCNN(nn.Module):
                 return acc * s_acc
             lo_acc, hi_acc = _worst_case(w_int.detach(), bias_int.detach(), h_max)
             k = lsbs_to_remove(lo_acc, hi_acc, fc.acc_bits)
+            if self.training and self.train_acc_noise > 0 and k > 0:
+                acc = acc + self.train_acc_noise * torch.randn_like(acc)
             pre = round_lsbs(acc, k) * (s_acc * 2.0 ** k)
             act = self.acts[i]
             s_h = act.scale()

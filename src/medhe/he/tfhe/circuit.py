@@ -40,8 +40,11 @@ def _table_fn(layer: IntegerLayer):
     return lookup
 
 
-def build_function(integer: IntegerFCNN, exactness: str):
-    """The Python function Concrete traces: integer input vector -> integer output accumulators."""
+def build_function(integer: IntegerFCNN, exactness: str, hints: bool = True):
+    """The Python function Concrete traces: integer input vector -> integer output accumulators.
+
+    ``hints=False`` lets Concrete size accumulators from the inputset alone (the conventional recipe, used by the
+    benchmark's baseline); medhe's circuits hint the worst-case widths."""
     exact = EXACTNESS[exactness]
     layers = integer.layers
 
@@ -49,7 +52,8 @@ def build_function(integer: IntegerFCNN, exactness: str):
         h = x
         for layer in layers:
             acc = h @ layer.weight.T + layer.bias
-            acc = fhe.hint(acc, bit_width=layer.acc_bits)
+            if hints:
+                acc = fhe.hint(acc, bit_width=layer.acc_bits)
             if layer.table is None:
                 return acc
             if layer.lsbs:
@@ -76,19 +80,20 @@ def default_inputset(integer: IntegerFCNN, calibration: np.ndarray | None = None
 
 def compile_circuit(integer: IntegerFCNN, *, simulate_only: bool = False, exactness: str = "approximate",
                     p_error: float | None = None, global_p_error: float | None = None,
-                    calibration: np.ndarray | None = None, **config: Any):
+                    calibration: np.ndarray | None = None, hints: bool = True, **config: Any):
     """Compile ``integer`` for TFHE (128-bit security). ``simulate_only`` skips building the executable."""
     if exactness not in EXACTNESS:
         raise PlanError(f"rounding exactness {exactness!r} is not one of {', '.join(EXACTNESS)}")
     if int(config.pop("security_level", SECURITY_BITS)) < SECURITY_BITS:
         raise PlanError(f"TFHE security below {SECURITY_BITS} bits is not allowed; drop the security_level option")
-    compiler = fhe.Compiler(build_function(integer, exactness), {"x": "encrypted"})
+    compiler = fhe.Compiler(build_function(integer, exactness, hints), {"x": "encrypted"})
     configuration = fhe.Configuration(
         p_error=p_error, global_p_error=global_p_error, security_level=SecurityLevel.SECURITY_128_BITS,
         fhe_simulation=True, fhe_execution=not simulate_only, show_progress=False, show_optimizer=False,
         show_statistics=False, **config)
     try:
-        return compiler.compile(default_inputset(integer, calibration), configuration)
+        inputset = default_inputset(integer, calibration, n_random=32 if hints else 0)
+        return compiler.compile(inputset if hints else inputset[2:], configuration)
     except (RuntimeError, ValueError) as exc:
         raise PlanError(f"Concrete could not compile this model ({str(exc).splitlines()[0]}); "
                         "lower acc_bits, act_bits or the hidden width and retrain") from None

@@ -1,0 +1,85 @@
+"""The TFHE part of the shared evaluation report: every stage from float to encrypted, on the same images.
+
+Four accuracies tell where accuracy goes: the network in plain float (quantizers off), the quantized integer
+program in numpy, Concrete's simulation of the compiled circuit (full set, fast) and real encrypted execution
+(a prefix of the set, because each image costs a second). Execution goes through the same client/server byte
+path as the service (``medhe.he.evaluate.run_encrypted``), so latencies and sizes are what a client would see.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from medhe.errors import DataError
+from medhe.he.evaluate import agreement, run_encrypted
+from medhe.he.tfhe import compile_tfhe
+from medhe.models.metrics import compute_metrics, predictions
+
+
+def float_logits(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
+    """The QAT network with its quantizers switched off (the 'plain float' column)."""
+    was = model.quantized
+    model.quantized = False
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(torch.as_tensor(np.asarray(inputs, dtype=np.float32))).double().numpy()
+    finally:
+        model.quantized = was
+
+
+def evaluate_tfhe(artifact: Any, inputs: np.ndarray, labels: np.ndarray, fhe: str = "simulate",
+                  progress: bool = True, n_execute: int | None = 50, server: Any = None,
+                  **compile_options: Any) -> dict[str, Any]:
+    """Report entries for ``--scheme tfhe``: plain float / quantized / simulated (/ encrypted) metrics and params.
+
+    ``inputs``: preprocessed float images (N, C, H, W). ``fhe="execute"`` also runs the first ``n_execute`` images
+    (None: all) encrypted and checks their predictions against the simulation of the same images.
+    """
+    inputs = np.asarray(inputs, dtype=np.float32)
+    if inputs.ndim != 4 or len(inputs) != len(labels) or not len(inputs):
+        raise DataError(f"evaluate_tfhe needs preprocessed images (N, C, H, W) and N labels, got {inputs.shape} "
+                        f"and {len(labels)} labels")
+    task = artifact.task
+    server = server or compile_tfhe(artifact, fhe=fhe, **compile_options)
+    integer = server.integer
+    q = integer.quantize_input(inputs)
+    ref_int = integer.run(q)
+    t0 = time.perf_counter()
+    sim_int = server.simulate(q)
+    sim_ms = (time.perf_counter() - t0) * 1e3 / len(q)
+    quant_logits, sim_logits = integer.dequantize(ref_int), integer.dequantize(sim_int)
+    report: dict[str, Any] = {
+        "fhe": fhe,
+        "plain_float": compute_metrics(task, labels, float_logits(artifact.model, inputs)),
+        "quantized": compute_metrics(task, labels, quant_logits),
+        "simulated": compute_metrics(task, labels, sim_logits),
+        "simulated_vs_quantized": {"prediction_agreement": agreement(task, quant_logits, sim_logits),
+                                   "bit_exact": float(np.mean(np.all(sim_int == ref_int, axis=1)))},
+        "simulate_ms_per_image": round(sim_ms, 3),
+        "params": server.params,
+    }
+    if fhe != "execute":
+        return report
+    n = len(inputs) if n_execute is None else max(1, min(int(n_execute), len(inputs)))
+    run = run_encrypted(server, inputs[:n], progress=progress, desc="tfhe execute")
+    enc_logits = run["logits"]
+    enc_int = np.rint(enc_logits / integer.output_scale).astype(np.int64)
+    report.update({
+        "n_executed": n,
+        "encrypted": compute_metrics(task, labels[:n], enc_logits),
+        "executed_vs_simulated": {
+            "n": n,
+            "prediction_equal": int(np.sum(predictions(task, enc_logits) == predictions(task, sim_logits[:n]))),
+            "bit_exact": int(np.sum(np.all(enc_int == sim_int[:n], axis=1))),
+        },
+        "agreement": agreement(task, quant_logits[:n], enc_logits),
+        "max_abs_logit_error": float(np.max(np.abs(enc_logits - quant_logits[:n]))),
+        "latency_ms": run["latency_ms"],
+        "bytes": run["bytes"],
+    })
+    return report
