@@ -99,82 +99,106 @@ def _quality(plain: np.ndarray, enc: np.ndarray, labels: np.ndarray | None = Non
     return out
 
 
-def _run_tenseal(model: nn.Sequential, images: np.ndarray, labels: np.ndarray, progress: bool) -> dict[str, Any]:
-    from medhe.he.ckks.tenseal_ref import COEFF_MOD_BIT_SIZES, POLY_MODULUS_DEGREE, TenSEALTutorial4
+class _Runner:
+    """One engine under test: set up once (keys), then one encrypt -> eval -> decrypt per image."""
 
-    ref = TenSEALTutorial4(model)
-    enc_s, eval_s, dec_s, logits = [], [], [], []
-    in_bytes = out_bytes = 0
-    for i, image in enumerate(images):
+    def __init__(self) -> None:
+        self.enc_s: list[float] = []
+        self.eval_s: list[float] = []
+        self.dec_s: list[float] = []
+        self.logits: list[np.ndarray] = []
+
+    def _record(self, t0: float, t1: float, t2: float, t3: float, logits: np.ndarray) -> None:
+        self.enc_s.append(t1 - t0)
+        self.eval_s.append(t2 - t1)
+        self.dec_s.append(t3 - t2)
+        self.logits.append(np.asarray(logits, dtype=np.float64))
+
+    def latency(self) -> dict[str, Any]:
+        return {"encrypt": _stats_ms(self.enc_s), "eval": _stats_ms(self.eval_s), "decrypt": _stats_ms(self.dec_s)}
+
+
+class _TenSEALRunner(_Runner):
+    def __init__(self, model: nn.Sequential) -> None:
+        from medhe.he.ckks.tenseal_ref import TenSEALTutorial4
+
+        super().__init__()
+        self.model = model
+        self.ref = TenSEALTutorial4(model)
+        self.in_bytes = self.out_bytes = 0
+
+    def step(self, image: np.ndarray) -> None:
         t0 = time.perf_counter()
-        enc_x, windows_nb = ref.encrypt(image)
+        enc_x, windows_nb = self.ref.encrypt(image)
         t1 = time.perf_counter()
-        enc_out = ref.forward(enc_x, windows_nb)
+        enc_out = self.ref.forward(enc_x, windows_nb)
         t2 = time.perf_counter()
-        logits.append(ref.decrypt(enc_out))
+        logits = self.ref.decrypt(enc_out)
         t3 = time.perf_counter()
-        enc_s.append(t1 - t0)
-        eval_s.append(t2 - t1)
-        dec_s.append(t3 - t2)
-        in_bytes, out_bytes = len(enc_x.serialize()), len(enc_out.serialize())
-        if progress:
-            print(f"  tenseal tutorial-4 {i + 1}/{len(images)}: eval {eval_s[-1]:.2f} s", flush=True)
-    logits = np.stack(logits)
-    return {
-        "engine": "tenseal", "params": {"poly_modulus_degree": POLY_MODULUS_DEGREE,
-                                        "coeff_mod_bit_sizes": COEFF_MOD_BIT_SIZES, "scale_bits": 26},
-        "latency_ms": {"keygen": round(ref.keygen_s * 1e3, 3), "encrypt": _stats_ms(enc_s),
-                       "eval": _stats_ms(eval_s), "decrypt": _stats_ms(dec_s)},
-        "bytes": {"input_ciphertext": in_bytes, "output_ciphertext": out_bytes,
-                  "evaluation_keys": ref.key_bytes(), "note": "TenSEAL's own serialize() (SEAL's compression)"},
-        "quality": _quality(_plain(model, images.reshape(-1, 1, 28, 28)), logits, labels),
-        "_logits": logits,
-    }
+        self._record(t0, t1, t2, t3, logits)
+        self.in_bytes, self.out_bytes = len(enc_x.serialize()), len(enc_out.serialize())
+
+    def report(self, images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        from medhe.he.ckks.tenseal_ref import BITS_SCALE, COEFF_MOD_BIT_SIZES, POLY_MODULUS_DEGREE
+
+        n = len(self.logits)
+        return {
+            "engine": "tenseal", "n_images": n,
+            "params": {"poly_modulus_degree": POLY_MODULUS_DEGREE, "coeff_mod_bit_sizes": COEFF_MOD_BIT_SIZES,
+                       "scale_bits": BITS_SCALE},
+            "latency_ms": {"keygen": round(self.ref.keygen_s * 1e3, 3), **self.latency()},
+            "bytes": {"input_ciphertext": self.in_bytes, "output_ciphertext": self.out_bytes,
+                      "evaluation_keys": self.ref.key_bytes(),
+                      "note": "TenSEAL's own serialize(); keys = public context (Galois + relin + public key)"},
+            "quality": _quality(_plain(self.model, images[:n].reshape(-1, 1, 28, 28)), np.stack(self.logits),
+                                None if labels is None else labels[:n]),
+        }
 
 
-def _run_medhe(artifact: Any, inputs: np.ndarray, labels: np.ndarray | None, progress: bool,
-               desc: str) -> dict[str, Any]:
-    """Compile, then keygen once and encrypt -> infer -> decrypt per input, through the public interface only."""
-    from tqdm import tqdm
+class _MedheRunner(_Runner):
+    """medhe through the public scheme interface only: compile, keygen, then bytes in, bytes out."""
 
-    from medhe.he.scheme import client_for, compile_model
+    def __init__(self, artifact: Any) -> None:
+        from medhe.he.scheme import client_for, compile_model
 
-    t0 = time.perf_counter()
-    server = compile_model(artifact, "ckks")
-    compile_s = time.perf_counter() - t0
-    client = client_for(server.spec())
-    t0 = time.perf_counter()
-    client.keygen()
-    eval_keys = client.evaluation_keys()
-    keygen_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    keys = server.load_keys(eval_keys)
-    load_keys_s = time.perf_counter() - t0
-    enc_s, eval_s, dec_s, logits = [], [], [], []
-    ct = out = b""
-    for x in tqdm(inputs, desc=desc, unit="img", disable=not progress, leave=False):
+        super().__init__()
+        self.artifact = artifact
         t0 = time.perf_counter()
-        ct = client.encrypt(np.asarray(x, dtype=np.float32))
+        self.server = compile_model(artifact, "ckks")
+        self.compile_s = time.perf_counter() - t0
+        self.client = client_for(self.server.spec())
+        t0 = time.perf_counter()
+        self.client.keygen()
+        self.eval_keys = self.client.evaluation_keys()
+        self.keygen_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.keys = self.server.load_keys(self.eval_keys)
+        self.load_keys_s = time.perf_counter() - t0
+        self.ct = self.out = b""
+
+    def step(self, x: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self.ct = self.client.encrypt(np.asarray(x, dtype=np.float32))
         t1 = time.perf_counter()
-        out = server.infer(keys, ct)
+        self.out = self.server.infer(self.keys, self.ct)
         t2 = time.perf_counter()
-        logits.append(np.asarray(client.decrypt(out), dtype=np.float64))
+        logits = self.client.decrypt(self.out)
         t3 = time.perf_counter()
-        enc_s.append(t1 - t0)
-        eval_s.append(t2 - t1)
-        dec_s.append(t3 - t2)
-    spec = server.spec()
-    return {
-        "engine": "medhe", "model": artifact.name, "params": spec.get("params", {}),
-        "rotation_steps": len(spec.get("rotation_steps", [])),
-        "latency_ms": {"compile": round(compile_s * 1e3, 3), "keygen": round(keygen_s * 1e3, 3),
-                       "load_keys": round(load_keys_s * 1e3, 3), "encrypt": _stats_ms(enc_s),
-                       "eval": _stats_ms(eval_s), "decrypt": _stats_ms(dec_s)},
-        "bytes": {"input_ciphertext": len(ct), "output_ciphertext": len(out), "evaluation_keys": len(eval_keys),
-                  "raw": _raw_sizes(server, {"input_ciphertext": ct, "output_ciphertext": out,
-                                             "evaluation_keys": eval_keys})},
-        "quality": _quality(_plain(artifact.model, inputs), np.stack(logits), labels),
-    }
+        self._record(t0, t1, t2, t3, logits)
+
+    def report(self, inputs: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        spec = self.server.spec()
+        return {
+            "engine": "medhe", "model": self.artifact.name, "n_images": len(self.logits),
+            "params": spec.get("params", {}), "rotation_steps": len(spec.get("rotation_steps", [])),
+            "latency_ms": {"compile": round(self.compile_s * 1e3, 3), "keygen": round(self.keygen_s * 1e3, 3),
+                           "load_keys": round(self.load_keys_s * 1e3, 3), **self.latency()},
+            "bytes": {"input_ciphertext": len(self.ct), "output_ciphertext": len(self.out),
+                      "evaluation_keys": len(self.eval_keys),
+                      "raw": _raw_sizes(self.server, {"input_ciphertext": self.ct, "output_ciphertext": self.out,
+                                                      "evaluation_keys": self.eval_keys})},
+            "quality": _quality(_plain(self.artifact.model, inputs), np.stack(self.logits), labels),
+        }
 
 
 def _raw_sizes(server: Any, messages: dict[str, bytes]) -> dict[str, int]:
@@ -237,20 +261,37 @@ def run_ckks_benchmark(model: str = "pneumoniamnist", n_images: int = 20, data_d
     x_t4 = _normalise(test.images[pick])
 
     t0 = time.perf_counter()
-    t4_model = train_tutorial4(_normalise(train.images), train.labels[:, 0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny net: one thread is ~10x faster than two on a busy 2-core machine
+    try:
+        t4_model = train_tutorial4(_normalise(train.images), train.labels[:, 0])
+    finally:
+        torch.set_num_threads(threads)
     train_s = time.perf_counter() - t0
     if progress:
         print(f"tutorial-4 weights trained in {train_s:.1f} s", flush=True)
 
-    n_ref = len(pick) if n_reference is None else max(1, min(int(n_reference), len(pick)))
-    tenseal = _run_tenseal(t4_model, x_t4[:n_ref], labels[:n_ref] if labels is not None else None, progress)
-    tenseal.pop("_logits")
-    medhe_t4 = _run_medhe(tutorial4_artifact(t4_model, dataset), x_t4.reshape(-1, 1, 28, 28), labels, progress,
-                          "medhe tutorial-4")
     pre = artifact.preprocess()
     x_default = pre.batch(load_dataset(dataset, split="test", size=pre.size, data_dir=data_dir,
                                        channels=pre.channels).images[pick])
-    medhe_default = _run_medhe(artifact, x_default, labels, progress, f"medhe {artifact.name}")
+    n_ref = len(pick) if n_reference is None else max(1, min(int(n_reference), len(pick)))
+    # set up all three, then run them back to back per image: the machine's load drifts, the ratio should not
+    tenseal = _TenSEALRunner(t4_model)
+    medhe_t4 = _MedheRunner(tutorial4_artifact(t4_model, dataset))
+    medhe_default = _MedheRunner(artifact)
+    for i in range(len(pick)):
+        if i < n_ref:
+            tenseal.step(x_t4[i])
+        medhe_t4.step(x_t4[i].reshape(1, 28, 28))
+        medhe_default.step(x_default[i])
+        if progress:
+            ts_ms = f"{tenseal.eval_s[-1] * 1e3:8.1f}" if i < n_ref else "       -"
+            print(f"  image {i + 1}/{len(pick)}: eval ms  tenseal {ts_ms}  medhe same-net "
+                  f"{medhe_t4.eval_s[-1] * 1e3:7.1f}  medhe {artifact.name} {medhe_default.eval_s[-1] * 1e3:7.1f}",
+                  flush=True)
+    tenseal = tenseal.report(x_t4, labels)
+    medhe_t4 = medhe_t4.report(x_t4.reshape(-1, 1, 28, 28), labels)
+    medhe_default = medhe_default.report(x_default, labels)
 
     def total(r: dict[str, Any]) -> float:
         lat = r["latency_ms"]

@@ -21,7 +21,8 @@ from medhe.he.security import MAX_MODULUS_BITS_128, check_rlwe_128
 #: measured [35, 28 x 5, 43] design, giving special-prime bits to the first prime when the output range needs them.
 PRESETS = {8192: (28, 43), 16384: (30, 50), 32768: (32, 60)}
 MIN_SPECIAL = {8192: 40, 16384: 45, 32768: 50}
-MIN_HEADROOM_BITS = 7  # the first prime keeps |values| < 2^(headroom-1) after the last rescale
+MIN_HEADROOM_BITS = 7  # the first prime is at least scale + 7 bits
+MIN_OUTPUT_SCALE_BITS = 20  # the output keeps >= 20 fractional bits (absolute precision ~1e-6)
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,26 @@ def max_depth(poly_degree: int, headroom_bits: int = MIN_HEADROOM_BITS) -> int:
     return (MAX_MODULUS_BITS_128[poly_degree] - special - (scale_bits + headroom_bits)) // scale_bits
 
 
-def headroom_for(max_abs: float | None) -> int:
-    """Bits above the scale the first prime needs so that ``max_abs`` (with margin) still decodes."""
-    if not max_abs or not math.isfinite(max_abs):
-        return MIN_HEADROOM_BITS
-    return min(24, max(MIN_HEADROOM_BITS, math.ceil(math.log2(max_abs)) + 1))
+def magnitude_bits(max_abs: float | None) -> int:
+    """Integer bits (sign included) that values up to ``max_abs`` need."""
+    if not max_abs or not math.isfinite(max_abs) or max_abs < 1:
+        return 1
+    return math.ceil(math.log2(max_abs)) + 1
+
+
+def headroom_for(max_abs: float | None, scale_bits: int = 28) -> int:
+    """Bits above the scale the first prime needs so that outputs up to ``max_abs`` decode.
+
+    The last linear layer encodes its output at a smaller scale when the output range needs it (see
+    :func:`output_scale_bits`), so the first prime only grows when even that would cost too much precision.
+    """
+    need = MIN_OUTPUT_SCALE_BITS + magnitude_bits(max_abs) + 1
+    return min(60 - scale_bits, max(MIN_HEADROOM_BITS, need - scale_bits))
+
+
+def output_scale_bits(params: "CKKSParams", max_abs: float | None) -> int:
+    """Scale of the final output: the standard scale, lowered so ``max_abs`` fits the first prime with a bit spare."""
+    return min(params.scale_bits, params.prime_bits[0] - 1 - magnitude_bits(max_abs))
 
 
 def choose_params(depth: int, max_abs: float | None = None, poly_degree: int | None = None,
@@ -97,7 +113,6 @@ def choose_params(depth: int, max_abs: float | None = None, poly_degree: int | N
             raise PlanError(f"the model needs multiplicative depth {depth} but the given chain allows {params.depth}; "
                             "add primes or let medhe choose the parameters")
         return params
-    headroom = headroom_for(max_abs)
     degrees = [int(poly_degree)] if poly_degree else sorted(PRESETS)
     for n in degrees:
         if n not in PRESETS:
@@ -106,7 +121,7 @@ def choose_params(depth: int, max_abs: float | None = None, poly_degree: int | N
         sb, special = PRESETS[n]
         if scale_bits:
             sb = int(scale_bits)
-        first = min(60, sb + headroom)
+        first = min(60, sb + headroom_for(max_abs, sb))
         bits = (first,) + (sb,) * depth + (max(special, first),)
         if sum(bits) <= MAX_MODULUS_BITS_128[n]:
             params = CKKSParams(n, bits, sb)
@@ -116,7 +131,7 @@ def choose_params(depth: int, max_abs: float | None = None, poly_degree: int | N
             check_rlwe_128(n, bits)  # explicit ring too small: say so in security terms
     biggest = max(degrees)
     raise PlanError(f"the model needs multiplicative depth {depth} but the largest secure CKKS parameters "
-                    f"(N={biggest}, 128-bit) allow depth {max_depth(biggest, headroom)}; use fewer activation "
+                    f"(N={biggest}, 128-bit) allow depth {max_depth(biggest)}; use fewer activation "
                     "layers or fold more linear layers together")
 
 
@@ -125,7 +140,7 @@ def params_for_ring(poly_degree: int, depth: int, max_abs: float | None = None,
     """The preset chain for ring ``poly_degree`` with ``depth`` levels, or None when it would exceed 128 bits."""
     sb, special = PRESETS[poly_degree]
     sb = int(scale_bits or sb)
-    first = min(60, sb + headroom_for(max_abs))
+    first = min(60, sb + headroom_for(max_abs, sb))
     room = MAX_MODULUS_BITS_128[poly_degree] - first - sb * depth
     special = min(max(special, first), room, 60)
     if special < max(MIN_SPECIAL[poly_degree], first):

@@ -28,7 +28,7 @@ from torch import nn
 from medhe.errors import PlanError
 from medhe.he.ckks import packing
 from medhe.he.ckks.packing import Layout, Lowered
-from medhe.he.ckks.params import CKKSParams, choose_params, data_primes, params_for_ring
+from medhe.he.ckks.params import CKKSParams, choose_params, data_primes, output_scale_bits, params_for_ring
 from medhe.he.ckks.trace import Graph, Node, fold_linear, trace
 from medhe.he.ckks.trace import output_bound as estimate_output_bound
 
@@ -90,6 +90,10 @@ class Plan:
     key_paths: dict[int, list[int]] = field(default_factory=dict)  # logical step -> key steps (when decomposed)
 
     @property
+    def input_scale(self) -> float:
+        return self.registers[0].scale
+
+    @property
     def rotation_steps(self) -> list[int]:
         """The Galois key steps the client must generate (exactly those the program uses)."""
         if self.key_paths:
@@ -139,7 +143,7 @@ class Plan:
             "format": FORMAT,
             "params": self.params.to_dict(),
             "input": {"shape": list(self.graph.input_shape), "level": self.input_level,
-                      "scale": self.params.scale, "ciphertexts": int(gather.shape[0]),
+                      "scale": self.input_scale, "ciphertexts": int(gather.shape[0]),
                       "gather": base64.b64encode(zlib.compress(gather.tobytes(), 9)).decode("ascii")},
             "rotation_steps": self.rotation_steps,
             "relinearization": self.needs_relin,
@@ -250,7 +254,10 @@ def factor_polys(graph: Graph) -> tuple[Graph, dict[int, PolyForm]]:
         else:
             nodes.append(_diag_linear(src, node, t, 0.0, f"{node.name}.scale"))
             src = len(nodes) - 1
-        nodes.append(replace(node, inputs=(src,)))
+        # The node now reads u = t*x: rewrite it as p(u / t) so the prepared graph still computes the model.
+        nodes.append(replace(node, inputs=(src,), coeffs=tuple(c / t ** k for k, c in enumerate(coeffs)),
+                             input_range=None if node.input_range is None else
+                             (node.input_range[0] * t, node.input_range[1] * t)))
         remap[i] = len(nodes) - 1
         forms[remap[i]] = form
     return Graph(nodes), forms
@@ -286,6 +293,10 @@ class _Lowering:
         self.node_reg: dict[int, int] = {}
         self.strategies: list[str] = []
         self.requests = _layout_requests(graph)
+        self.output_scale = scale
+        # Inputs are encrypted 2 bits above the scale: fresh noise shrinks 4x relative to the data, and the
+        # first layer's weights (encoded at q * scale / input_scale) keep 26 bits. The top modulus has room.
+        self.input_scale = scale * 4
         self.gather = np.zeros((0, slots), dtype=np.int64)
         self.deferred_gates: dict[int, int] = {}  # cubic gate node -> register of its (scaled) input
 
@@ -332,14 +343,15 @@ class _Lowering:
         gather = np.tile(np.arange(period), self.slots // period)
         gather[gather >= size] = -1
         self.gather = gather[None, :]
-        self.node_reg[0] = self.reg(layout, self.top, self.scale)
+        self.node_reg[0] = self.reg(layout, self.top, self.input_scale)
 
     def emit_linear(self, node: Node, i: int, srcs: tuple[int, ...], low: Lowered, name: str) -> int:
         src_reg = self.registers[srcs[0]]
         level, in_scale = src_reg.level, src_reg.scale
         if level < 1:
             raise _TooDeep()
-        pt_scale = self.primes[level] * self.scale / in_scale
+        target = self.output_scale if i == len(self.graph.nodes) - 1 else self.scale
+        pt_scale = self.primes[level] * target / in_scale
         groups: dict[int, list[tuple[int, int, int]]] = {}
         babies: set[int] = set()
         if low.strategy == "gather":
@@ -355,14 +367,14 @@ class _Lowering:
                 groups.setdefault(giant, []).append((0, b, self.plain(np.roll(vec, giant), level, pt_scale)))
         bias = node.bias if node.bias is not None else None
         layout = low.layout
-        out = self.reg(layout, level - 1, self.scale)
+        out = self.reg(layout, level - 1, target)
         consts = {}
         if bias is not None and np.any(bias):
             vec = np.zeros(self.slots)
             copies = self.slots // layout.period if layout.replicated else 1
             for k in range(copies):
                 vec[layout.slots + k * layout.period] = bias
-            consts["bias"] = self.plain(vec, level - 1, self.scale)
+            consts["bias"] = self.plain(vec, level - 1, target)
         if not groups:  # an all-zero map: keep the program well-formed with one zero product
             groups[0] = [(0, 0, self.plain(np.zeros(self.slots), level, pt_scale))]
             babies.add(0)
@@ -378,7 +390,8 @@ class _Lowering:
         low, gather = packing.lower_gather(node.matrix, node.pattern, node.shape, self.slots,
                                            self.max_input_ciphertexts)
         self.gather = gather
-        inputs = tuple(self.reg(packing.grid_layout(self.graph.input_shape, self.slots, False), self.top, self.scale)
+        inputs = tuple(self.reg(packing.grid_layout(self.graph.input_shape, self.slots, False), self.top,
+                                self.input_scale)
                        for _ in range(gather.shape[0]))
         self.node_reg[0] = inputs[0]
         return self.emit_linear(node, i, inputs, low, node.name)
@@ -582,7 +595,7 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         primes = data_primes(params)
         top = len(primes) - 1
         plan_low = _lower(graph, forms, slots, primes, params.scale, top, max_input_bytes, n,
-                          sum(params.prime_bits[:-1]))
+                          sum(params.prime_bits[:-1]), float(2 ** output_scale_bits(params, max_abs)))
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
         plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies)
@@ -599,10 +612,11 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
 
 
 def _lower(graph: Graph, forms: dict[int, PolyForm], slots: int, primes: list[int], scale: float, top: int,
-           max_input_bytes: int, poly_degree: int, chain_bits: int) -> _Lowering:
+           max_input_bytes: int, poly_degree: int, chain_bits: int, output_scale: float | None = None) -> _Lowering:
     ct_bytes = 2 * poly_degree * chain_bits // 8
     max_cts = max(1, max_input_bytes // max(1, ct_bytes))
     low = _Lowering(graph, forms, slots, primes, scale, top, max_cts)
+    low.output_scale = output_scale or scale
     try:
         low.run()
     except _TooDeep:

@@ -163,9 +163,10 @@ class CKKSServerModel(ServerModel):
             if self.backend.level(ct) != self.plan.input_level:
                 raise CiphertextError(f"input ciphertext is at level {self.backend.level(ct)}, expected "
                                       f"{self.plan.input_level}: encrypt with this server's spec")
-            if not math.isclose(self.backend.scale(ct), self.plan.params.scale, rel_tol=1e-9):
+            if not math.isclose(self.backend.scale(ct), self.plan.input_scale, rel_tol=1e-9):
                 raise CiphertextError(f"input ciphertext has scale 2^{math.log2(self.backend.scale(ct)):.2f}, "
-                                      f"expected 2^{self.plan.params.scale_bits}: encrypt with this server's spec")
+                                      f"expected 2^{math.log2(self.plan.input_scale):.2f}: encrypt with this "
+                                      "server's spec")
         return cts
 
     def infer(self, keys: CKKSKeys, ciphertext: bytes) -> bytes:

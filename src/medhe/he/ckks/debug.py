@@ -1,0 +1,36 @@
+"""Per-layer debugging: decrypt every intermediate value of one encrypted run and compare it with plaintext.
+
+Needs the secret key, so it is a local tool (client and server in one process), never part of a deployment.
+It answers "which layer loses the precision?" when a model's encrypted logits drift from the plaintext ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from medhe.he.ckks.client import CKKSClient
+from medhe.he.ckks.server import CKKSServerModel
+from medhe.he.ckks.trace import run_plain
+
+
+def layer_errors(server: CKKSServerModel, client: CKKSClient, x: np.ndarray, keys: Any = None) -> list[dict]:
+    """One row per evaluated IR node: name, op, level, max |decrypted - plaintext| and max |plaintext|."""
+    plan = server.plan
+    keys = keys if keys is not None else server.load_keys(client.evaluation_keys())
+    captured: dict[int, Any] = {}
+    server.evaluate(keys, server.load_inputs(client.encrypt(x)), hook=captured.__setitem__)
+    reference = run_plain(plan.graph, np.asarray(x, dtype=np.float64))
+    rows = []
+    for node_index, reg in sorted(plan.node_register.items()):
+        if reg not in captured:
+            continue  # input ciphertexts, or a gate evaluated together with its product
+        slots = plan.registers[reg].layout.slots
+        got = client.backend.decrypt(captured[reg])[slots]
+        want = reference[node_index]
+        node = plan.graph.nodes[node_index]
+        rows.append({"node": node_index, "name": node.name, "op": node.op, "shape": list(node.shape),
+                     "level": plan.registers[reg].level, "max_abs_error": float(np.abs(got - want).max()),
+                     "max_abs_value": float(np.abs(want).max())})
+    return rows
