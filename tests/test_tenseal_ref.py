@@ -36,3 +36,24 @@ def test_reference_matches_torch_logits_on_real_images():
     assert np.max(np.abs(out["logits"] - expected)) < 2e-2
     assert out["input_bytes"] > 0 and out["key_bytes"] > out["input_bytes"]
     assert len(out["eval_s"]) == 2 and min(out["eval_s"]) > 0
+
+
+@pytest.mark.slow
+def test_ckks_benchmark_runs_all_three_side_by_side_and_is_json():
+    import json
+
+    from medhe.he.ckks.bench import format_summary, run_ckks_benchmark
+
+    report = run_ckks_benchmark(n_images=1, n_reference=1, progress=False)
+    json.dumps(report)  # JSON-able as is
+    for key in ("tenseal_tutorial4", "medhe_tutorial4", "medhe_default"):
+        assert report[key]["latency_ms"]["eval"]["median"] > 0
+        assert report[key]["quality"]["argmax_agreement"] == 1.0
+    # trained weights stay inside TenSEAL's output range, so its logits are checked too
+    assert report["tenseal_tutorial4"]["quality"]["plain_max_abs_logit"] < 16
+    assert report["tenseal_tutorial4"]["quality"]["max_abs_logit_error"] < 0.5
+    raw = report["medhe_default"]["bytes"]["raw"]
+    assert raw["input_ciphertext"] > report["medhe_default"]["bytes"]["input_ciphertext"]
+    assert raw["evaluation_keys"] > report["medhe_default"]["bytes"]["evaluation_keys"]
+    assert report["ratios"]["eval_identical_work"] > 1
+    assert "TenSEAL / medhe" in format_summary(report)
