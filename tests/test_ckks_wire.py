@@ -1,0 +1,140 @@
+"""Bytes between CKKS client and server: compact, validated, and never carrying the secret key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medhe.errors import CiphertextError, DataError
+from medhe.he.ckks import CKKSClient, compile_plan, wire
+from medhe.he.ckks import serialize
+from medhe.he.ckks.server import CKKSServerModel
+from medhe.models.layers import PolyAct
+
+
+def small_model(seed: int, hidden: int = 3) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, 2, 1), nn.BatchNorm2d(2).eval(), PolyAct((0.1, 0.5, 0.1)),
+                         nn.Flatten(), nn.Linear(72, hidden)).eval()
+
+
+def session(seed: int = 0, hidden: int = 3):
+    model = small_model(seed, hidden)
+    server = CKKSServerModel(compile_plan(model, (1, 12, 12)))
+    client = CKKSClient(server.spec())
+    client.keygen()
+    return model, server, client
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model, server, client = session()
+    keys = server.load_keys(client.evaluation_keys())
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 12, 12)).astype(np.float32)
+    return model, server, client, keys, x
+
+
+@pytest.fixture(scope="module")
+def other():
+    return session(seed=5, hidden=4)
+
+
+def test_round_trip_matches_plaintext(pair):
+    model, server, client, keys, x = pair
+    got = client.decrypt(server.infer(keys, client.encrypt(x)))
+    want = model(torch.from_numpy(x[None])).detach().double().numpy()[0]
+    assert np.abs(got - want).max() < 1e-2
+
+
+def test_evaluation_keys_hold_only_galois_and_relin_keys(pair):
+    _, server, client, _, _ = pair
+    data = client.evaluation_keys()
+    parts = wire.unpack(data, wire.KIND_KEYS, server.plan_id)
+    assert len(parts) == 2
+    ctx = server.backend.context
+    galois = serialize.load_galois_keys(parts[0], ctx)
+    serialize.load_relin_keys(parts[1], ctx)
+    assert galois.size() == len(server.plan.rotation_steps)
+    secret = client.backend.secret_key_bytes_for_tests()
+    body = secret[len(secret) // 2: len(secret) // 2 + 64]  # a stretch of secret coefficients
+    assert body not in data
+    with pytest.raises(CiphertextError):
+        serialize.load_public_key(parts[0], ctx)  # nothing in there parses as other key material
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty", "trailing"])
+def test_damaged_ciphertexts_are_rejected(pair, damage):
+    _, server, client, keys, x = pair
+    ct = bytearray(client.encrypt(x))
+    if damage == "truncate":
+        ct = ct[: len(ct) // 2]
+    elif damage == "flip":
+        ct[len(ct) // 2] ^= 0x40
+    elif damage == "garbage":
+        ct = bytearray(np.random.default_rng(0).bytes(5000))
+    elif damage == "empty":
+        ct = bytearray()
+    else:
+        ct += b"\0\0"
+    with pytest.raises(CiphertextError) as err:
+        server.infer(keys, bytes(ct))
+    assert "\n" not in str(err.value)
+
+
+def test_ciphertexts_and_keys_of_another_model_are_rejected(pair, other):
+    _, server, client, keys, x = pair
+    _, other_server, other_client = other
+    with pytest.raises(CiphertextError, match="another model"):
+        server.infer(keys, other_client.encrypt(x))
+    with pytest.raises(CiphertextError, match="another model"):
+        server.load_keys(other_client.evaluation_keys())
+    with pytest.raises(CiphertextError, match="another model"):
+        other_client.decrypt(server.infer(keys, client.encrypt(x)))
+
+
+def test_messages_of_the_wrong_kind_are_rejected(pair):
+    _, server, client, keys, x = pair
+    with pytest.raises(CiphertextError, match="expected encrypted input"):
+        server.infer(keys, client.evaluation_keys())
+    with pytest.raises(CiphertextError, match="expected evaluation keys"):
+        server.load_keys(client.encrypt(x))
+    with pytest.raises(CiphertextError, match="from load_keys"):
+        server.infer(b"not keys", client.encrypt(x))
+
+
+def test_wrong_ciphertext_count_level_and_missing_keys_are_rejected(pair):
+    _, server, client, keys, x = pair
+    parts = wire.unpack(client.encrypt(x), wire.KIND_INPUT, server.plan_id)
+    with pytest.raises(CiphertextError, match="expects"):
+        server.infer(keys, wire.pack(wire.KIND_INPUT, server.plan_id, parts + parts[:1]))
+    low = CKKSClient(server.spec())
+    low.keygen()
+    low.input_level -= 1
+    with pytest.raises(CiphertextError, match="level"):
+        server.infer(keys, low.encrypt(x))
+    spec = server.spec()
+    spec["rotation_steps"] = spec["rotation_steps"][1:]
+    partial = CKKSClient(spec)
+    partial.keygen()
+    with pytest.raises(CiphertextError, match="lack rotations"):
+        server.load_keys(partial.evaluation_keys())
+
+
+def test_keys_from_foreign_parameters_are_rejected(pair):
+    _, server, _, _, _ = pair
+    spec = server.spec()
+    foreign = CKKSClient({**spec, "params": {"poly_degree": 8192, "prime_bits": [40, 30, 30, 30, 50],
+                                             "scale_bits": 30}})
+    foreign.keygen()
+    with pytest.raises(CiphertextError):
+        server.load_keys(foreign.evaluation_keys())
+
+
+def test_client_input_is_validated(pair):
+    _, _, client, _, _ = pair
+    with pytest.raises(DataError, match="expects"):
+        client.encrypt(np.zeros((1, 10, 10)))
+    with pytest.raises(DataError, match="NaN"):
+        client.encrypt(np.full((1, 12, 12), np.nan))
