@@ -208,3 +208,12 @@ def test_raw_size_reports_seal_bytes_without_unpacking(he):
         raw = len(obj.to_string())
         assert S.raw_size(dump(obj, ctx), kind, ctx) == raw
         assert S.raw_size(dump(obj, ctx, seeder), kind, ctx) == raw  # seeds count as the polynomials they expand to
+
+
+def test_oversized_skeleton_is_refused_without_inflating_it(he):
+    skeleton = zlib.compress(b"\0" * (S._MAX_SKELETON + 1024), 9)
+    body = skeleton
+    frame = S._FRAME.pack(S.MAGIC, S.FORMAT_VERSION, S.KIND_GALOIS, 0, S.params_fingerprint(he["ctx"]),
+                          zlib.crc32(body), len(skeleton)) + body
+    with pytest.raises(CiphertextError, match="garbled"):
+        S.load_galois_keys(frame, he["ctx"])

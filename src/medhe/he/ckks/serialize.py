@@ -19,7 +19,7 @@ The server needs nothing extra: SEAL's loader expands seeds.
 Wire frame (little-endian)::
 
     b"MHSC" | format u8 | kind u8 | reserved u16 | fingerprint 16 B | crc32 u32 (of the rest) |
-    skeleton_len u32 | zlib(skeleton) | packed coefficients
+    skeleton_len u32 | zlib(skeleton) | packed coefficients (one bit stream per prime bit width, narrowest first)
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ _SEAL_MAGIC = 0xA15E
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header_size, major, minor, compr_mode, reserved, size
 _CT_META = struct.Struct("<32sBQQQdQ")  # parms_id, is_ntt_form, size, poly_degree, coeff_mod_size, scale, corr.
 _U64 = struct.Struct("<Q")
+_MAX_SKELETON = 16 << 20  # a real skeleton is a few KB (64 KB for all-steps Galois keys): refuse zlib bombs
 
 
 def params_fingerprint(context: seal.SEALContext) -> bytes:
@@ -202,9 +203,10 @@ class _Reader:
 
 
 class _Walker:
-    """Walks SEAL bytes (``encode``: coefficients inline) or a skeleton (``decode``: coefficients from payload).
+    """Walks SEAL bytes (encoding: coefficients inline) or a skeleton (decoding: coefficients in the payload).
 
-    ``emit`` collects the output: the skeleton when encoding, SEAL's bytes when decoding.
+    The same walk does both, so the two directions cannot disagree about the layout. ``out`` collects everything
+    except coefficients: the skeleton when encoding, SEAL's bytes (with holes for the arrays) when decoding.
     """
 
     def __init__(self, context: seal.SEALContext, src: _Reader, payload: memoryview | None, what: str) -> None:
@@ -381,7 +383,10 @@ def _decode(data: bytes, kind: int, context: seal.SEALContext) -> tuple[_Walker,
     if skel_len > len(body):
         raise CiphertextError(f"{what} is truncated or malformed: send the complete bytes again")
     try:
-        skeleton = zlib.decompress(body[:skel_len])
+        inflater = zlib.decompressobj()
+        skeleton = inflater.decompress(body[:skel_len], _MAX_SKELETON)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise zlib.error
     except zlib.error:
         raise CiphertextError(f"{what} is garbled (bad skeleton): send it again") from None
     payload = body[skel_len:]
