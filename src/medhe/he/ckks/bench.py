@@ -326,14 +326,18 @@ def format_summary(report: dict[str, Any]) -> str:
                        ("medhe_default", f"medhe, {report['medhe_default'].get('model', 'default')}")):
         r = report[key]
         lat, q, b = r["latency_ms"], r["quality"], r["bytes"]
-        lines.append(f"{title:28s} eval {lat['eval']['median']:9.1f} ms (p95 {lat['eval']['p95']:.1f})  "
-                     f"enc {lat['encrypt']['median']:7.1f} ms  dec {lat['decrypt']['median']:6.1f} ms  "
-                     f"in {b['input_ciphertext'] / 1e6:6.2f} MB  keys {b['evaluation_keys'] / 1e6:6.1f} MB  "
-                     f"max|err| {q['max_abs_logit_error']:.2g}  agree {q['argmax_agreement']:.2f}")
+        raw = b.get("raw") or {}
+        sizes = (f"in {b['input_ciphertext'] / 1e6:5.2f} MB, keys {b['evaluation_keys'] / 1e6:5.1f} MB"
+                 + (f" (SEAL raw {raw['input_ciphertext'] / 1e6:.2f} / {raw['evaluation_keys'] / 1e6:.1f} MB)"
+                    if raw else ""))
+        lines.append(f"{title:26s} eval {lat['eval']['median']:8.1f} ms (p95 {lat['eval']['p95']:.1f}), "
+                     f"enc {lat['encrypt']['median']:6.1f} ms, dec {lat['decrypt']['median']:5.1f} ms, {sizes}, "
+                     f"max|logit err| {q['max_abs_logit_error']:.2g}, argmax agreement {q['argmax_agreement']:.2f}")
     r = report["ratios"]
-    lines.append(f"TenSEAL / medhe (server eval): identical work {r['eval_identical_work']}x "
+    lines.append(f"TenSEAL / medhe, median server eval: identical work {r['eval_identical_work']}x "
                  f"(target {TARGETS['identical_work']:g}x), default model {r['eval_default_model']}x "
-                 f"(target {TARGETS['default_model']:g}x)")
+                 f"(target {TARGETS['default_model']:g}x); end to end {r['end_to_end_identical_work']}x / "
+                 f"{r['end_to_end_default_model']}x")
     return "\n".join(lines)
 
 
