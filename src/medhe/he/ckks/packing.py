@@ -254,8 +254,8 @@ def lower_box(matrix: sp.csr_matrix, inp: Layout, slots: int) -> Lowered | None:
     return Lowered("box", diags, reduce, Layout(out_slots, slots, False))
 
 
-def lower_gather(matrix: sp.csr_matrix, pattern: sp.csr_matrix, out_shape: tuple[int, ...], slots: int,
-                 max_ciphertexts: int) -> tuple[Lowered, np.ndarray]:
+def lower_gather(matrix: sp.csr_matrix, pattern: sp.csr_matrix, out_shape: tuple[int, ...],
+                 slots: int) -> tuple[Lowered, np.ndarray]:
     """First layer, im2col by the client: returns the lowering and the public gather map (ciphertexts x slots).
 
     ``gather_map[k, s]`` is the input element the client puts in slot s of ciphertext k (-1: zero). Several taps
@@ -268,9 +268,9 @@ def lower_gather(matrix: sp.csr_matrix, pattern: sp.csr_matrix, out_shape: tuple
     pattern = sp.csr_matrix(pattern)
     counts = np.diff(pattern.indptr)
     taps = int(counts.max()) if m else 0
-    share = 1
-    while share < blocks and -(-taps // share) > max_ciphertexts:
-        share *= 2
+    # Fewest ciphertexts: each one costs the client an encryption and the wire ~N*log(Q)/4 bytes, while sharing
+    # blocks costs the server only log2(share) rotations.
+    share = min(blocks, next_pow2(max(1, taps)))
     n_ct = max(1, -(-taps // share))
     out = grid_layout(out_shape, block, True)
     gather = np.full((n_ct, slots), -1, dtype=np.int64)

@@ -33,7 +33,6 @@ from medhe.he.ckks.trace import Graph, Node, fold_linear, trace
 from medhe.he.ckks.trace import output_bound as estimate_output_bound
 
 FORMAT = "medhe-ckks-plan/1"
-INPUT_BUDGET_BYTES = 6_000_000  # input ciphertexts as sent (compact), per image; the acceptance limit is 8 MB
 KEY_BUDGET_BYTES = 46_000_000  # evaluation keys as sent; beyond it rotations are composed from power-of-two keys
 
 
@@ -127,6 +126,27 @@ class Plan:
     def depth(self) -> int:
         return self.input_level - self.registers[self.output_register].level
 
+    def rotation_usage(self) -> dict[int, float]:
+        """Signed rotation step -> number of uses weighted by the primes at the level it runs on."""
+        slots = self.params.slots
+        usage: dict[int, float] = {}
+
+        def add(step: int, level: int) -> None:
+            signed = ((step + slots // 2) % slots) - slots // 2
+            if signed:
+                usage[signed] = usage.get(signed, 0.0) + level + 1
+
+        for ins in self.instrs:
+            if ins.op == "linear":
+                level = self.registers[ins.dst].level
+                for b in ins.babies:
+                    add(b, level + 1)
+                for g, _ in ins.groups:
+                    add(g, level)
+                for r in ins.reduce:
+                    add(r, level)
+        return usage
+
     def rotation_count(self) -> int:
         n = 0
         for ins in self.instrs:
@@ -180,11 +200,41 @@ def naf(step: int) -> list[int]:
     return out
 
 
-def choose_key_paths(logical: list[int], key_bytes: int, max_key_bytes: int) -> dict[int, list[int]]:
-    """Use one Galois key per rotation step when they fit ``max_key_bytes``, else power-of-two keys (NAF paths)."""
-    if len(logical) * key_bytes <= max_key_bytes:
+def choose_key_paths(usage: dict[int, float], slots: int, key_bytes: int,
+                     max_key_bytes: int) -> dict[int, list[int]]:
+    """Fewer Galois keys when one per step would exceed ``max_key_bytes``.
+
+    Greedily drops the least-used step that is the sum of two kept steps (it then costs two rotations), and
+    falls back to power-of-two keys (NAF paths) if that is not enough. ``usage``: step -> rotations weighted by
+    their cost (primes at their level). Returns {} when every step keeps its own key.
+    """
+    def norm(step: int) -> int:
+        return ((step + slots // 2) % slots) - slots // 2
+
+    keys = set(usage)
+    if len(keys) * key_bytes <= max_key_bytes:
         return {}
-    return {s: naf(s) for s in logical}
+    split: dict[int, tuple[int, int]] = {}
+    while len(keys) * key_bytes > max_key_bytes:
+        best = None
+        for step in keys:
+            for a in keys:
+                b = norm(step - a)
+                if a != step and b != step and b in keys and (best is None or usage[step] < best[0]):
+                    best = (usage[step], step, a, b)
+        if best is None:
+            return {s: naf(s) for s in usage}
+        _, step, a, b = best
+        keys.discard(step)
+        split[step] = (a, b)
+
+    def path(step: int) -> list[int]:
+        if step in keys:
+            return [step]
+        a, b = split[step]
+        return path(a) + path(b)
+
+    return {s: path(s) for s in usage}
 
 
 def decode_gather(public: dict[str, Any], slots: int) -> np.ndarray:
@@ -283,10 +333,9 @@ def _layout_requests(graph: Graph) -> dict[int, int]:
 
 class _Lowering:
     def __init__(self, graph: Graph, forms: dict[int, PolyForm], slots: int, primes: list[int], scale: float,
-                 top: int, max_input_ciphertexts: int) -> None:
+                 top: int) -> None:
         self.graph, self.forms, self.slots, self.primes, self.scale = graph, forms, slots, primes, scale
         self.top = top
-        self.max_input_ciphertexts = max_input_ciphertexts
         self.instrs: list[Instr] = []
         self.registers: list[Register] = []
         self.plains: list[PlainVec] = []
@@ -387,8 +436,7 @@ class _Lowering:
     def lower_gather(self, node: Node, i: int) -> int:
         if packing.next_pow2(node.size) > self.slots:
             raise _TooWide()
-        low, gather = packing.lower_gather(node.matrix, node.pattern, node.shape, self.slots,
-                                           self.max_input_ciphertexts)
+        low, gather = packing.lower_gather(node.matrix, node.pattern, node.shape, self.slots)
         self.gather = gather
         inputs = tuple(self.reg(packing.grid_layout(self.graph.input_shape, self.slots, False), self.top,
                                 self.input_scale)
@@ -557,19 +605,19 @@ def _fake_primes(depth: int, scale_bits: int) -> list[int]:
 
 def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_ranges: dict[str, Any] | None = None,
                  *, poly_degree: int | None = None, scale_bits: int | None = None,
-                 prime_bits: list[int] | None = None, max_input_bytes: int = INPUT_BUDGET_BYTES,
+                 prime_bits: list[int] | None = None,
                  output_bound: float | None = None, input_bound: float = 1.0, max_key_bytes: int = KEY_BUDGET_BYTES,
                  **unknown: Any) -> Plan:
     """Compile a torch ``nn.Sequential`` of medhe layers into a CKKS plan for inputs of ``input_shape``.
 
     Options: ``poly_degree``/``scale_bits``/``prime_bits`` force parameters (still 128-bit checked),
-    ``max_input_bytes`` bounds the input ciphertexts as sent, ``output_bound`` the largest |logit| expected
+    ``output_bound`` the largest |logit| expected
     (default: estimated from the activation ranges), ``input_bound`` the largest |input| (1 for medhe's
     normalisation), ``max_key_bytes`` the evaluation-key budget.
     """
     if unknown:
         raise PlanError(f"unknown CKKS option(s) {', '.join(sorted(unknown))}: use poly_degree, scale_bits, "
-                        "prime_bits, max_input_bytes, max_key_bytes, output_bound or input_bound")
+                        "prime_bits, max_key_bytes, output_bound or input_bound")
     graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
     max_abs = output_bound if output_bound is not None else estimate_output_bound(graph, input_bound)
     from medhe.he.ckks.params import PRESETS, max_depth
@@ -582,7 +630,7 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         probe_depth = 64
         try:
             probe = _lower(graph, forms, slots, _fake_primes(probe_depth, sb), float(2 ** sb), probe_depth,
-                           max_input_bytes, n, sum([sb] * 8))
+                           None)
         except _TooWide:
             continue
         needed = probe_depth - min(r.level for r in probe.registers)
@@ -594,13 +642,13 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
                 continue
         primes = data_primes(params)
         top = len(primes) - 1
-        plan_low = _lower(graph, forms, slots, primes, params.scale, top, max_input_bytes, n,
-                          sum(params.prime_bits[:-1]), float(2 ** output_scale_bits(params, max_abs)))
+        plan_low = _lower(graph, forms, slots, primes, params.scale, top,
+                          float(2 ** output_scale_bits(params, max_abs)))
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
         plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies)
         key_bytes = 2 * n * (len(params.prime_bits) - 1) * sum(params.prime_bits) // 8
-        plan.key_paths = choose_key_paths(plan.logical_steps, key_bytes, max_key_bytes - key_bytes)
+        plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, key_bytes, max_key_bytes - key_bytes)
         return plan
     if needed is None:
         raise PlanError(f"the model's values (largest {max(n.size for n in graph.nodes)} elements) do not fit the "
@@ -612,10 +660,8 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
 
 
 def _lower(graph: Graph, forms: dict[int, PolyForm], slots: int, primes: list[int], scale: float, top: int,
-           max_input_bytes: int, poly_degree: int, chain_bits: int, output_scale: float | None = None) -> _Lowering:
-    ct_bytes = 2 * poly_degree * chain_bits // 8
-    max_cts = max(1, max_input_bytes // max(1, ct_bytes))
-    low = _Lowering(graph, forms, slots, primes, scale, top, max_cts)
+           output_scale: float | None) -> _Lowering:
+    low = _Lowering(graph, forms, slots, primes, scale, top)
     low.output_scale = output_scale or scale
     try:
         low.run()
