@@ -30,7 +30,7 @@ from medhe.models.autoencoder import VQAutoencoder, build_latent_classifier
 from medhe.models.metrics import compute_metrics
 
 NIH = "nih_chestxray14_subset"
-DEFAULT_ARCH_KWARGS = {"width": 16, "groups": 1, "se_reduction": 4, "head_size": 4}
+DEFAULT_ARCH_KWARGS = {"width": 8, "groups": 1, "se_reduction": 4, "head_size": 4}
 DEFAULT_TRAIN = {"epochs": 60, "lr": 3e-3, "batch_size": 32, "weight_decay": 1e-3, "seed": 0, "flip": True}
 PIXEL_PREPROCESS = {"channels": 1, "crop": "center", "mean": 0.5, "std": 0.5}
 
@@ -167,7 +167,7 @@ def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
 # -- export ---------------------------------------------------------------------------------------------------------
 def export_latent_model(out_dir: str | Path, ae: VQAutoencoder, model: nn.Sequential, record: dict[str, Any],
                         metrics: dict[str, Any], labels: list[str], name: str = "cxr14-latent",
-                        command: str = "", extra: dict[str, Any] | None = None) -> Path:
+                        command: str = "", extra: dict[str, Any] | None = None, image_size: int = 256) -> Path:
     """Save the latent model: classifier as the server network, the VQ encoder as the public client stage."""
     from medhe.models.artifact import save_artifact
     from medhe.models.train_autoencoder import PREPROCESS
@@ -175,11 +175,12 @@ def export_latent_model(out_dir: str | Path, ae: VQAutoencoder, model: nn.Sequen
     layers.check_he_friendly(model)
     card = {
         "name": name, "arch": "latent-hecnn", "arch_kwargs": record["arch_kwargs"], "task": "multi-label",
-        "labels": list(labels), "dataset": {"name": NIH, "size": 256}, "preprocessing": dict(PREPROCESS),
+        "labels": list(labels), "dataset": {"name": NIH, "size": 256},
+        "preprocessing": {**PREPROCESS, "size": image_size},
         "metrics": metrics, "activation_ranges": layers.activation_ranges(model),
         "training": {"command": command, **{k: v for k, v in record.items() if k not in ("arch", "arch_kwargs")}},
         "client_stage": {"arch": "vq-encoder", "arch_kwargs": ae.encoder_kwargs(),
-                         "latent_shape": [ae.latent_channels, 256 // ae.factor, 256 // ae.factor]},
+                         "latent_shape": [ae.latent_channels, image_size // ae.factor, image_size // ae.factor]},
         "scheme_options": {"default_scheme": "ckks"},
         **(extra or {}),
     }
@@ -274,7 +275,7 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
     ``enc_limit`` caps the encrypted test images per row (None: the whole test split). With ``use_shipped_f8`` the
     f8 row scores the shipped ``cxr14-latent`` itself, so that row is the default model's configuration exactly.
     """
-    from medhe.models.artifact import load_artifact
+    from medhe.models.artifact import PRETRAINED_DIR, load_artifact
     from medhe.models.train_autoencoder import load_autoencoder
 
     torch.set_num_threads(1)
@@ -285,20 +286,18 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
     y = {s: splits[s].labels for s in splits}
     rows = []
     for f in factors:
-        ae_dir = _find_autoencoder(f, ae_root)
+        shipped_f8 = f == 8 and use_shipped_f8 and (PRETRAINED_DIR / "cxr14-latent" / "card.json").is_file()
+        ae_dir = PRETRAINED_DIR / "vq-f8" if shipped_f8 else _find_autoencoder(f, ae_root)
         ae, ae_card = load_autoencoder(ae_dir)
         log(f"f{f}: encoding with {ae_dir}")
         x = {s: encode_images(ae.encoder, splits[s].images) for s in splits}
-        shipped = None
-        if f == 8 and use_shipped_f8:
-            try:
-                shipped = load_artifact("cxr14-latent")
-            except ArtifactError:
-                shipped = None
+        shipped = load_artifact("cxr14-latent") if shipped_f8 else None
         if shipped is not None:
             model_dir, record = shipped.path, shipped.card["training"]
         else:
-            model, record = train_classifier(x["train"], y["train"], x["val"], y["val"], **_train_args(), log=log)
+            model, record = train_classifier(x["train"], y["train"], x["val"], y["val"],
+                                             arch_kwargs=row_arch_kwargs(x["train"].shape[1:]), **_train_args(),
+                                             log=log)
             metrics = {s: compute_metrics("multi-label", y[s], _logits(model, x[s])) for s in ("val", "test")}
             model_dir = export_latent_model(out / f"latent-f{f}", ae, model, record, metrics, labels,
                                             name=f"latent-f{f}", command="run_latent_experiment")
@@ -307,19 +306,21 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
                "input_values": int(np.prod(x["test"].shape[1:])), "model_dir": str(model_dir),
                "autoencoder_dir": str(ae_dir), "psnr": ae_card["metrics"].get("held_out", {}).get("psnr"),
                "ssim": ae_card["metrics"].get("held_out", {}).get("ssim"),
-               "best_epoch": record.get("best_epoch")}
+               "best_epoch": record.get("best_epoch"), "width": art.card["arch_kwargs"].get("width")}
         rows.append(_score(row, art, x["test"], y["test"], encrypted, enc_limit, log))
     for size in pixel_sizes:
         x = {s: pixel_inputs(splits[s].images, size) for s in splits}
-        epochs = (pixel_epochs or {}).get(size, DEFAULT_TRAIN["epochs"] if size <= 64 else 20)
+        epochs = (pixel_epochs or {}).get(size, DEFAULT_TRAIN["epochs"] if size <= 64 else 30)
         log(f"pixel {size}x{size}: training {epochs} epochs")
-        model, record = train_classifier(x["train"], y["train"], x["val"], y["val"], **{**_train_args(),
-                                         "epochs": epochs}, log=log)
+        model, record = train_classifier(x["train"], y["train"], x["val"], y["val"],
+                                         arch_kwargs=row_arch_kwargs(x["train"].shape[1:]),
+                                         **{**_train_args(), "epochs": epochs}, log=log)
         metrics = {s: compute_metrics("multi-label", y[s], _logits(model, x[s])) for s in ("val", "test")}
         model_dir = export_pixel_model(out / f"pixel-{size}", model, record, metrics, labels, size, f"pixel-{size}")
         row = {"row": f"pixel {size}", "factor": None, "input_shape": list(x["test"].shape[1:]),
                "input_values": int(np.prod(x["test"].shape[1:])), "model_dir": str(model_dir), "psnr": None,
-               "ssim": None, "best_epoch": record["best_epoch"]}
+               "ssim": None, "best_epoch": record["best_epoch"],
+               "width": record["arch_kwargs"]["width"]}
         rows.append(_score(row, load_artifact(model_dir), x["test"], y["test"], encrypted, enc_limit, log))
     result = {"dataset": NIH, "split": "test", "n_test": int(len(y["test"])), "classifier": "latent-hecnn",
               "arch_kwargs": DEFAULT_ARCH_KWARGS, "train": DEFAULT_TRAIN, "rows": rows}
@@ -330,6 +331,24 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
 
 def _train_args() -> dict[str, Any]:
     return dict(DEFAULT_TRAIN)
+
+
+#: slots of one ciphertext at the largest secure ring medhe's CKKS engine uses (N=32768); its plans keep every
+#: intermediate tensor in one ciphertext, so a row's classifier is narrowed until its largest tensor fits.
+MAX_SLOTS = 16384
+
+
+def row_arch_kwargs(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
+    """The default classifier, narrowed (width 8 -> 4) for inputs whose first conv output would not fit a ciphertext.
+
+    Inputs too large even at width 4 (f2's 2x128x128, 256x256 pixels) keep width 4 and are scored in plaintext;
+    their encrypted column then carries the engine's reason.
+    """
+    _, h, w = input_shape
+    width = DEFAULT_ARCH_KWARGS["width"]
+    while width > 4 and width * h * w > MAX_SLOTS:
+        width //= 2
+    return {**DEFAULT_ARCH_KWARGS, "width": width}
 
 
 def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypted: bool, enc_limit: int | None,
@@ -375,11 +394,11 @@ def _param_text(p: Any) -> str:
 def write_table(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Markdown + JSON table and a PNG plot of macro AUC and server latency per row."""
     out = Path(out_dir)
-    head = ("| row | input shape | PSNR dB | SSIM | plain macro AUC [95% CI] | encrypted macro AUC | agree | "
+    head = ("| row | input shape | width | PSNR dB | SSIM | plain macro AUC [95% CI] | encrypted macro AUC | agree | "
             "max abs logit err | server s (median) | vs f8 | input ct bytes | CKKS params |")
     lines = ["# Latent-space encrypted chest X-ray classification (P1 table)", "",
              f"NIH ChestX-ray14 subset, test split (n={result['n_test']}), classifier `latent-hecnn` "
-             f"{result['arch_kwargs']}; machine: this 2-core CPU.", "", head, "|" + "---|" * 12]
+             f"{result['arch_kwargs']}; machine: this 2-core CPU.", "", head, "|" + "---|" * 13]
     for r in result["rows"]:
         b = r["plain"]["auc_bootstrap"]
         e = r.get("encrypted") or {}
@@ -387,7 +406,7 @@ def write_table(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
         enc_text = (f"{_fmt(enc_auc)} (n={e['n']})" if "metrics" in e
                     else (e.get("error", "—")[:90].replace("|", "/") if e else "—"))
         lines.append(
-            f"| {r['row']} | {'x'.join(map(str, r['input_shape']))} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'])} | "
+            f"| {r['row']} | {'x'.join(map(str, r['input_shape']))} | {r.get('width', '—')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'])} | "
             f"{_fmt(b['auc'])} [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}] | {enc_text} | "
             f"{_fmt(e.get('agreement'), '.4f')} | {_fmt(e.get('max_abs_logit_error'), '.1e')} | "
             f"{_fmt(e.get('server_latency_s', {}).get('median'), '.2f')} | {_fmt(r.get('latency_vs_f8'), '.2f')} | "
@@ -448,3 +467,73 @@ def draw_plot(result: dict[str, Any], path: str | Path) -> Path:
     buf = BytesIO()
     img.save(buf, format="PNG")
     return atomic.write_bytes(path, buf.getvalue())
+
+
+# -- the shipped default --------------------------------------------------------------------------------------------
+def train_default_model(ae_dir: str | Path = "vq-f8", out_dir: str | Path = "runs/latent/cxr14-latent",
+                        data_dir: str | None = None, name: str = "cxr14-latent", command: str = "",
+                        arch_kwargs: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+                        log: Callable[[str], None] = print) -> Path:
+    """Train ``cxr14-latent``: the default classifier configuration on the f8 encoder's latents, then export it
+    with val/test metrics and the test macro AUC's bootstrap CI in the card."""
+    from medhe.models.train_autoencoder import load_autoencoder
+
+    torch.set_num_threads(1)
+    ae, ae_card = load_autoencoder(ae_dir)
+    splits = load_splits(data_dir)
+    x = {s: encode_images(ae.encoder, splits[s].images) for s in splits}
+    y = {s: splits[s].labels for s in splits}
+    t0 = time.perf_counter()
+    model, record = train_classifier(x["train"], y["train"], x["val"], y["val"], arch_kwargs=arch_kwargs,
+                                     **{**_train_args(), **(train or {})}, log=log)
+    record["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    record["autoencoder"] = {"dir": str(ae_dir), "factor": ae.factor, "metrics": ae_card.get("metrics")}
+    metrics = {s: compute_metrics("multi-label", y[s], _logits(model, x[s])) for s in ("val", "test")}
+    metrics["test"]["auc_bootstrap"] = bootstrap_macro_auc(y["test"], _logits(model, x["test"]))
+    log(f"{name}: val {metrics['val']}, test {metrics['test']}")
+    return export_latent_model(out_dir, ae, model, record, metrics, splits["train"].label_names, name=name,
+                               command=command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medhe.experiments.latent export|table``: the steps of scripts/train_latent.sh."""
+    import argparse
+    import shlex
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m medhe.experiments.latent")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="train and export the default latent model (cxr14-latent)")
+    e.add_argument("--autoencoder", default="vq-f8")
+    e.add_argument("--out", default="runs/latent/cxr14-latent")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--arch-kwargs", default="{}", help="JSON overriding DEFAULT_ARCH_KWARGS")
+    e.add_argument("--epochs", type=int, default=DEFAULT_TRAIN["epochs"])
+    t = sub.add_parser("table", help="run the per-factor experiment and write the P1 table")
+    t.add_argument("--autoencoders", default="runs/latent", help="folder holding vq-f2 .. vq-f16")
+    t.add_argument("--out", default="runs/latent/experiment")
+    t.add_argument("--data-dir", default=None)
+    t.add_argument("--factors", default="2,4,8,16")
+    t.add_argument("--pixel-sizes", default="64,256")
+    t.add_argument("--enc-limit", type=int, default=None)
+    t.add_argument("--no-encrypted", action="store_true")
+    args = p.parse_args(argv)
+    cmd = shlex.join(["python", "-m", "medhe.experiments.latent", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        if args.cmd == "export":
+            import json
+
+            train_default_model(args.autoencoder, args.out, args.data_dir, command=cmd,
+                                arch_kwargs=json.loads(args.arch_kwargs), train={"epochs": args.epochs})
+        else:
+            run_latent_experiment(tuple(int(f) for f in args.factors.split(",") if f), args.autoencoders, args.out,
+                                  args.data_dir, encrypted=not args.no_encrypted, enc_limit=args.enc_limit,
+                                  pixel_sizes=tuple(int(s) for s in args.pixel_sizes.split(",") if s))
+    except MedheError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
