@@ -217,3 +217,13 @@ def test_oversized_skeleton_is_refused_without_inflating_it(he):
                           zlib.crc32(body), len(skeleton)) + body
     with pytest.raises(CiphertextError, match="garbled"):
         S.load_galois_keys(frame, he["ctx"])
+
+
+def test_serialization_benchmark_reports_sizes_and_times():
+    from medhe.he.ckks.bench import run_serialization_benchmark
+
+    report = run_serialization_benchmark(chains={8192: CHAIN}, repeats=1, rotation_steps=(1,))
+    ct = report["rings"]["8192"]["input_ciphertext"]
+    assert ct["raw"] > 2 * ct["compact"] > 3.9 * ct["compact_seeded"]
+    assert report["rings"]["8192"]["galois_key_per_step"]["compact_seeded"] < 0.26 * \
+        report["rings"]["8192"]["galois_key_per_step"]["raw"]

@@ -119,12 +119,12 @@ class _Runner:
 
 
 class _TenSEALRunner(_Runner):
-    def __init__(self, model: nn.Sequential) -> None:
+    def __init__(self, model: nn.Sequential, n_threads: int | None = None) -> None:
         from medhe.he.ckks.tenseal_ref import TenSEALTutorial4
 
         super().__init__()
         self.model = model
-        self.ref = TenSEALTutorial4(model)
+        self.ref = TenSEALTutorial4(model, n_threads=n_threads)
         self.in_bytes = self.out_bytes = 0
 
     def step(self, image: np.ndarray) -> None:
@@ -143,7 +143,7 @@ class _TenSEALRunner(_Runner):
 
         n = len(self.logits)
         return {
-            "engine": "tenseal", "n_images": n,
+            "engine": "tenseal", "n_images": n, "n_threads": self.ref.n_threads or os.cpu_count(),
             "params": {"poly_modulus_degree": POLY_MODULUS_DEGREE, "coeff_mod_bit_sizes": COEFF_MOD_BIT_SIZES,
                        "scale_bits": BITS_SCALE},
             "latency_ms": {"keygen": round(self.ref.keygen_s * 1e3, 3), **self.latency()},
@@ -236,11 +236,13 @@ def _machine() -> dict[str, Any]:
 
 
 def run_ckks_benchmark(model: str = "pneumoniamnist", n_images: int = 20, data_dir: str | os.PathLike | None = None,
-                       progress: bool = True, n_reference: int | None = None) -> dict[str, Any]:
+                       progress: bool = True, n_reference: int | None = None,
+                       tenseal_threads: int | None = None) -> dict[str, Any]:
     """Time (a) TenSEAL Tutorial 4, (b) the same net through medhe, (c) ``model`` through medhe; JSON-able dict.
 
-    ``n_reference`` limits the TenSEAL images (seconds each; default: ``n_images``). Ratios are medians of
-    TenSEAL over medhe for server evaluation and for the whole encrypt + eval + decrypt path.
+    ``n_reference`` limits the TenSEAL images (seconds each; default: ``n_images``); ``tenseal_threads`` is
+    TenSEAL's thread count (default: all cores, as the tutorial runs; medhe's SEAL calls use one thread).
+    Ratios are medians of TenSEAL over medhe for server evaluation and for encrypt + eval + decrypt.
     """
     from medhe.data import load_dataset
     from medhe.models.artifact import load_artifact
@@ -276,7 +278,7 @@ def run_ckks_benchmark(model: str = "pneumoniamnist", n_images: int = 20, data_d
                                        channels=pre.channels).images[pick])
     n_ref = len(pick) if n_reference is None else max(1, min(int(n_reference), len(pick)))
     # set up all three, then run them back to back per image: the machine's load drifts, the ratio should not
-    tenseal = _TenSEALRunner(t4_model)
+    tenseal = _TenSEALRunner(t4_model, tenseal_threads)
     medhe_t4 = _MedheRunner(tutorial4_artifact(t4_model, dataset))
     medhe_default = _MedheRunner(artifact)
     for i in range(len(pick)):
