@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from medhe.errors import CiphertextError, DataError
-from medhe.he.ckks import CKKSClient, compile_plan, wire
+from medhe.errors import CiphertextError, DataError, PlanError
+from medhe.he.ckks import CKKSClient, compile_plan, dump_server, load_server, wire
 from medhe.he.ckks import serialize
 from medhe.he.ckks.server import CKKSServerModel
 from medhe.models.layers import PolyAct
@@ -138,3 +138,27 @@ def test_client_input_is_validated(pair):
         client.encrypt(np.zeros((1, 10, 10)))
     with pytest.raises(DataError, match="NaN"):
         client.encrypt(np.full((1, 12, 12), np.nan))
+
+
+def test_compiled_model_round_trips_through_bytes(pair):
+    model, server, client, _, x = pair
+    data = dump_server(server)
+    loaded = load_server(data)
+    assert loaded.spec() == server.spec()
+    keys = loaded.load_keys(client.evaluation_keys())
+    got = client.decrypt(loaded.infer(keys, client.encrypt(x)))
+    want = model(torch.from_numpy(x[None])).detach().double().numpy()[0]
+    assert np.abs(got - want).max() < 1e-2
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "magic"])
+def test_damaged_compiled_model_is_refused(pair, damage):
+    data = bytearray(dump_server(pair[1]))
+    if damage == "flip":
+        data[len(data) // 3] ^= 0x10
+    elif damage == "truncate":
+        data = data[:-100]
+    else:
+        data[:4] = b"XXXX"
+    with pytest.raises(PlanError, match="compile the model again"):
+        load_server(bytes(data))

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from medhe.errors import PlanError
 from medhe.he.ckks.client import CKKSClient
 from medhe.he.ckks.server import CKKSServerModel
 from medhe.he.ckks.trace import run_plain
@@ -18,6 +19,9 @@ from medhe.he.ckks.trace import run_plain
 def layer_errors(server: CKKSServerModel, client: CKKSClient, x: np.ndarray, keys: Any = None) -> list[dict]:
     """One row per evaluated IR node: name, op, level, max |decrypted - plaintext| and max |plaintext|."""
     plan = server.plan
+    if plan.graph is None:
+        raise PlanError("per-layer debugging needs a plan compiled from the model in this process, not one "
+                        "loaded from bytes; compile the model again")
     keys = keys if keys is not None else server.load_keys(client.evaluation_keys())
     captured: dict[int, Any] = {}
     server.evaluate(keys, server.load_inputs(client.encrypt(x)), hook=captured.__setitem__)

@@ -75,7 +75,7 @@ class Register:
 @dataclass
 class Plan:
     params: CKKSParams
-    graph: Graph
+    graph: Graph | None  # None for plans loaded from bytes (the IR is only needed for debugging)
     instrs: list[Instr]
     registers: list[Register]
     plains: list[PlainVec]
@@ -85,7 +85,7 @@ class Plan:
     output_count: int
     node_register: dict[int, int]
     strategies: list[str]
-
+    input_shape: tuple[int, ...] = ()
     key_paths: dict[int, list[int]] = field(default_factory=dict)  # logical step -> key steps (when decomposed)
 
     @property
@@ -162,7 +162,7 @@ class Plan:
         pub = {
             "format": FORMAT,
             "params": self.params.to_dict(),
-            "input": {"shape": list(self.graph.input_shape), "level": self.input_level,
+            "input": {"shape": list(self.input_shape), "level": self.input_level,
                       "scale": self.input_scale, "ciphertexts": int(gather.shape[0]),
                       "gather": base64.b64encode(zlib.compress(gather.tobytes(), 9)).decode("ascii")},
             "rotation_steps": self.rotation_steps,
@@ -646,7 +646,8 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
                           float(2 ** output_scale_bits(params, max_abs)))
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
         plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
-                    top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies)
+                    top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies,
+                    tuple(graph.input_shape))
         key_bytes = 2 * n * (len(params.prime_bits) - 1) * sum(params.prime_bits) // 8
         plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, key_bytes, max_key_bytes - key_bytes)
         return plan

@@ -1,0 +1,135 @@
+"""A compiled CKKS server model as bytes: compile once (seconds), load at server start (milliseconds).
+
+Layout: ``b"MHCKPLAN" | version u8 | crc32 u32 | json length u32 | JSON | npz``. The JSON holds the program
+(instructions, register levels/scales, plaintext levels/scales, key paths, task, labels); the npz holds the
+numeric arrays (plaintext weight vectors, register layouts, the gather map), loaded without pickle. Loading checks
+the CRC, the 128-bit floor, every index the program uses, and that the public plan still hashes to its id.
+The IR graph is not stored: a loaded model evaluates, but per-layer debugging needs a fresh compile.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from dataclasses import asdict
+
+import numpy as np
+
+from medhe.errors import PlanError, SecurityError
+from medhe.he.ckks.packing import Layout
+from medhe.he.ckks.params import CKKSParams
+from medhe.he.ckks.plan import Instr, Plan, PlainVec, Register
+from medhe.he.ckks.server import CKKSServerModel
+
+MAGIC = b"MHCKPLAN"
+VERSION = 1
+_HEAD = struct.Struct("<8sBII")
+
+__all__ = ["dump_server", "load_server"]
+
+
+def dump_server(server: CKKSServerModel) -> bytes:
+    plan = server.plan
+    arrays: dict[str, np.ndarray] = {"gather": plan.gather.astype(np.int32)}
+    plains = []
+    vectors = []
+    for p in plan.plains:
+        if np.isscalar(p.values):
+            plains.append({"level": p.level, "scale": p.scale, "scalar": float(p.values)})
+        else:
+            plains.append({"level": p.level, "scale": p.scale, "vector": len(vectors)})
+            vectors.append(np.asarray(p.values, dtype=np.float64))
+    arrays["vectors"] = np.stack(vectors) if vectors else np.zeros((0, plan.params.slots))
+    registers = []
+    for i, r in enumerate(plan.registers):
+        arrays[f"slots{i}"] = np.asarray(r.layout.slots, dtype=np.int64)
+        registers.append({"level": r.level, "scale": r.scale, "period": r.layout.period,
+                          "replicated": r.layout.replicated})
+    meta = {"format": VERSION, "params": plan.params.to_dict(), "input_shape": list(plan.input_shape),
+            "input_level": plan.input_level, "output_register": plan.output_register,
+            "output_count": plan.output_count, "node_register": {str(k): v for k, v in plan.node_register.items()},
+            "strategies": plan.strategies, "key_paths": {str(k): v for k, v in plan.key_paths.items()},
+            "instrs": [asdict(ins) for ins in plan.instrs], "registers": registers, "plains": plains,
+            "task": server.task, "labels": server.labels, "name": server.name, "plan_id": server.plan_id}
+    text = json.dumps(meta).encode()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    body = struct.pack("<I", len(text)) + text + buf.getvalue()
+    return MAGIC + struct.pack("<BI", VERSION, zlib.crc32(body)) + body
+
+
+def _bad(reason: str) -> PlanError:
+    return PlanError(f"compiled CKKS model is unusable ({reason}); compile the model again")
+
+
+def load_server(data: bytes) -> CKKSServerModel:
+    """A server model from :func:`dump_server` bytes; ``PlanError`` (or ``SecurityError``) when they do not check out."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < 17 or data[:8] != MAGIC:
+        raise _bad("not a medhe CKKS plan file")
+    version, crc = struct.unpack_from("<BI", data, 8)
+    if version != VERSION:
+        raise _bad(f"format {version}, this medhe reads {VERSION}")
+    body = bytes(data[13:])
+    if zlib.crc32(body) != crc:
+        raise _bad("checksum mismatch: the file is truncated or corrupted")
+    try:
+        (n,) = struct.unpack_from("<I", body)
+        meta = json.loads(body[4:4 + n])
+        with np.load(io.BytesIO(body[4 + n:]), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        params = CKKSParams.from_dict(meta["params"])
+    except SecurityError:
+        raise
+    except (ValueError, KeyError, TypeError, struct.error, OSError, zlib.error) as exc:
+        raise _bad(f"unreadable contents: {exc}") from None
+    try:
+        plan = _rebuild(meta, arrays, params)
+        server = CKKSServerModel(plan, task=meta["task"], labels=meta["labels"], name=meta["name"])
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise _bad(f"inconsistent contents: {exc}") from None
+    if server.plan_id != meta["plan_id"]:
+        raise _bad("its public plan does not match its id")
+    return server
+
+
+def _rebuild(meta: dict, arrays: dict[str, np.ndarray], params: CKKSParams) -> Plan:
+    slots = params.slots
+    vectors = arrays["vectors"]
+    if vectors.ndim != 2 or (len(vectors) and vectors.shape[1] != slots):
+        raise ValueError("weight vectors have the wrong shape")
+    plains = []
+    for p in meta["plains"]:
+        values = float(p["scalar"]) if "scalar" in p else vectors[int(p["vector"])]
+        plains.append(PlainVec(values, int(p["level"]), float(p["scale"])))
+    registers = []
+    for i, r in enumerate(meta["registers"]):
+        s = arrays[f"slots{i}"]
+        if s.size and (s.min() < 0 or s.max() >= slots):
+            raise ValueError(f"register {i} has slots outside the ring")
+        registers.append(Register(Layout(s, int(r["period"]), bool(r["replicated"])), int(r["level"]),
+                                  float(r["scale"])))
+    instrs = []
+    for d in meta["instrs"]:
+        ins = Instr(op=d["op"], dst=int(d["dst"]), srcs=tuple(int(x) for x in d["srcs"]), name=d["name"],
+                    babies=[int(b) for b in d["babies"]],
+                    groups=[(int(g), [(int(a), int(b), int(c)) for a, b, c in terms]) for g, terms in d["groups"]],
+                    reduce=[int(x) for x in d["reduce"]], consts={k: int(v) for k, v in d["consts"].items()},
+                    sign=int(d["sign"]), node=int(d["node"]))
+        refs = [pt for _, terms in ins.groups for _, _, pt in terms] + list(ins.consts.values())
+        if any(not 0 <= x < len(plains) for x in refs) or any(not 0 <= x < len(registers) for x in ins.srcs + (ins.dst,)):
+            raise ValueError(f"instruction {ins.name!r} refers to missing data")
+        if ins.op not in ("linear", "poly2", "poly3", "gate3", "mul", "add"):
+            raise ValueError(f"unknown instruction {ins.op!r}")
+        instrs.append(ins)
+    gather = arrays["gather"].astype(np.int64)
+    if gather.ndim != 2 or gather.shape[1] != slots:
+        raise ValueError("input gather map has the wrong shape")
+    out = int(meta["output_register"])
+    if not 0 <= out < len(registers):
+        raise ValueError("output register out of range")
+    return Plan(params, None, instrs, registers, plains, gather, int(meta["input_level"]), out,
+                int(meta["output_count"]), {int(k): int(v) for k, v in meta["node_register"].items()},
+                list(meta["strategies"]), tuple(int(s) for s in meta["input_shape"]),
+                {int(k): [int(x) for x in v] for k, v in meta["key_paths"].items()})
