@@ -106,6 +106,41 @@ def _linear(be: Backend, ins, xs: list[Any], plains: list[Any], key_path: Callab
     return total
 
 
+PLAINTEXT_CACHE_BYTES = 1 << 30  # encoded weights kept in memory; beyond this they are encoded on use
+
+
+class EncodedPlains:
+    """The plan's plaintexts, encoded once while they fit the memory budget, otherwise encoded on each use.
+
+    Deep multi-channel models can have thousands of diagonals (a GB or more encoded): a shared server must not
+    be pushed out of memory by one model, at the price of slower evaluation for such models.
+    """
+
+    def __init__(self, backend: SealBackend, plan: Plan, budget_bytes: int) -> None:
+        self.backend = backend
+        self.specs = plan.plains
+        n = plan.params.poly_degree
+        self.cache: dict[int, Any] = {}
+        used = 0
+        for i, p in enumerate(self.specs):
+            size = (p.level + 1) * n * 8
+            if used + size > budget_bytes:
+                break
+            self.cache[i] = backend.encode(p.values, p.level, p.scale)
+            used += size
+        self.cached_bytes = used
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, index: int) -> Any:
+        hit = self.cache.get(index)
+        if hit is not None:
+            return hit
+        p = self.specs[index]
+        return self.backend.encode(p.values, p.level, p.scale)
+
+
 @dataclass
 class CKKSKeys:
     """A client's validated evaluation keys (Galois keys for exactly the plan's steps, relinearization keys)."""
@@ -127,7 +162,7 @@ class CKKSServerModel(ServerModel):
         self.labels = list(labels) if labels else [str(i) for i in range(plan.output_count)]
         self.name = name
         self.backend = SealBackend(plan.params)
-        self.plains = [self.backend.encode(p.values, p.level, p.scale) for p in plan.plains]
+        self.plains = EncodedPlains(self.backend, plan, PLAINTEXT_CACHE_BYTES)
         self._public = plan.public()
         self._lock = threading.Lock()
 
