@@ -403,10 +403,11 @@ def _decode(data: bytes, kind: int, context: seal.SEALContext) -> tuple[_Walker,
 # ---------------------------------------------------------------------------------------------------------------
 # seeded form: the second polynomial ``a`` of a fresh symmetric encryption (ciphertexts from the client, every key
 # component) is uniform, so SEAL can ship the 64-byte PRNG seed that generates it instead (SEAL's ``Serializable``).
-# seal-python does not expose that, so the secret-key holder rebuilds the same form from SEAL operations: draw a
-# fresh seed, let SEAL's own loader expand it to ``a``, and set ``c0 = (c0' + c1'·s) - a·s`` with both products
-# computed by SEAL's Decryptor (exact in RNS, no rounding). The result is SEAL's seeded symmetric encryption
-# (m + e - a·s, a) with the original noise e; the receiving side needs nothing new: SEAL's loader expands the seed.
+# seal-python does not expose that, so the secret-key holder rebuilds the same form from SEAL operations only:
+# re-randomise with a fresh SEAL encryption of zero, draw a fresh seed, let SEAL's own loader expand it to ``a``,
+# and set ``c0 = (c0' + c1'·s) - a·s`` computed by SEAL's Decryptor (exact in RNS, no rounding). The result is
+# SEAL's seeded symmetric encryption (m + e - a·s, a) with fresh noise e; the receiver needs nothing new, since
+# SEAL's loader expands the seed.
 
 _INFO_TYPE_BLAKE2XB = 1  # SEAL's prng_type::blake2xb
 _SEED_BYTES = 64
@@ -426,21 +427,27 @@ def _seeded_blob(meta: bytes, major: int, minor: int, c0: bytes, seed: bytes) ->
 
 
 class Seeder:
-    """Client-side helper (holds the secret key) that re-encodes fresh ciphertexts and keys in SEAL's seeded form.
+    """Client-side helper (holds the secret key) that re-encodes ciphertexts and keys in SEAL's seeded form.
 
-    Roughly halves what is sent. Use it only on objects this client just produced (fresh symmetric encryptions,
-    its own Galois/relin keys): it needs c0 + c1·s, which only the secret-key holder can compute.
+    Roughly halves what is sent. Only the secret-key holder can do it (it needs c0 + c1·s), so it serves the
+    client's uploads: its input ciphertexts and its Galois/relin keys. Each encoding adds a fresh encryption of
+    zero, so sending one object several times (seeded or not) never reveals the key.
     """
 
     def __init__(self, context: seal.SEALContext, secret_key: seal.SecretKey) -> None:
         self.context = context
         self._secret_key = secret_key
-        self._data_level = (context, seal.Evaluator(context), seal.Decryptor(context, secret_key))
+        self._data_level = self._tools(context, secret_key)
         self._key_pid = struct.pack("<4Q", *context.key_context_data().parms_id())
         self._version = tuple(context.key_context_data().parms().to_bytes()[3:5])  # SEAL major, minor
-        self._aux: tuple[seal.SEALContext, seal.Evaluator, seal.Decryptor, bytes] | None = None
+        self._aux: tuple | None = None
 
-    def _key_level(self) -> tuple[seal.SEALContext, seal.Evaluator, seal.Decryptor, bytes]:
+    @staticmethod
+    def _tools(context: seal.SEALContext, secret_key: seal.SecretKey) -> tuple:
+        return (context, seal.Evaluator(context), seal.Decryptor(context, secret_key),
+                seal.Encryptor(context, secret_key), seal.CKKSEncoder(context))
+
+    def _key_level(self) -> tuple:
         """A context whose first data level has exactly our key-level primes, so SEAL decrypts key components.
 
         SEAL's Decryptor refuses the key level; appending one unused prime moves those primes to a data level.
@@ -464,21 +471,30 @@ class Seeder:
             body = (struct.pack("<4Q", *aux.key_context_data().parms_id()) + struct.pack("<Qd", coeff_count + n, scale)
                     + _seal_header(_SEAL_HEADER.size + 8 + len(data), major, minor) + _U64.pack(len(data) // 8) + data)
             sk = aux.from_secret_str(_seal_header(_SEAL_HEADER.size + len(body), major, minor) + body)
-            self._aux = (aux, seal.Evaluator(aux), seal.Decryptor(aux, sk), struct.pack("<4Q", *aux.first_parms_id()))
+            self._aux = self._tools(aux, sk) + (struct.pack("<4Q", *aux.first_parms_id()),)
         return self._aux
 
     def _seeded(self, ct: seal.Ciphertext, meta: bytes, load_meta: bytes, level: tuple) -> bytes:
-        """Seeded blob for ``ct``: (0, a) from a fresh seed, then c0 = Dec(ct - (0, a)) = c0' + c1'·s - a·s."""
-        context, evaluator, decryptor = level[:3]
+        """Seeded blob for ``ct``: (0, a) from a fresh seed, then c0 = Dec(ct + Enc(0) - (0, a)).
+
+        The added fresh encryption of zero matters: without it, two encodings of one ciphertext (two seeds, or
+        seeded and plain) would differ by an exact multiple of s, with no noise, and give the secret key away.
+        With it, every encoding carries independent fresh noise (std grows by sqrt(2), far below the scale).
+        """
+        context, evaluator, decryptor, encryptor, encoder = level[:5]
         _pid, _ntt, _polys, n, k, _scale, _corr = _CT_META.unpack(meta)
+        zero_plain = encoder.encode(0.0, ct.scale())
+        if list(zero_plain.parms_id()) != list(ct.parms_id()):
+            evaluator.mod_switch_to_inplace(zero_plain, ct.parms_id())
+        fresh = evaluator.add(ct, encryptor.encrypt_symmetric(zero_plain))
         seed = os.urandom(_SEED_BYTES)
-        zero = seal.Ciphertext()
-        zero.load_bytes(context, _seeded_blob(load_meta, *self._version, bytes(n * k * 8), seed))
-        c0 = decryptor.decrypt(evaluator.sub(ct, zero)).to_bytes()[-n * k * 8:]
+        a = seal.Ciphertext()
+        a.load_bytes(context, _seeded_blob(load_meta, *self._version, bytes(n * k * 8), seed))
+        c0 = decryptor.decrypt(evaluator.sub(fresh, a)).to_bytes()[-n * k * 8:]
         return _seeded_blob(meta, *self._version, c0, seed)
 
     def seed_ciphertext(self, ct: seal.Ciphertext) -> bytes:
-        """SEAL bytes of a fresh size-2 data-level ciphertext, in seeded form (same plaintext, same noise)."""
+        """SEAL bytes of a size-2 data-level ciphertext in seeded form: same message, plus fresh noise."""
         pid = struct.pack("<4Q", *ct.parms_id())
         if ct.size() != 2 or not ct.is_ntt_form() or pid == self._key_pid or \
                 self.context.get_context_data(ct.parms_id()) is None:
@@ -497,7 +513,7 @@ class Seeder:
         (outer,) = r.unpack(_U64)
         out.append(_U64.pack(outer))
         level = self._key_level()
-        aux_pid = level[3]
+        aux_pid = level[5]
         for _ in range(outer):
             (inner,) = r.unpack(_U64)
             out.append(_U64.pack(inner))
