@@ -43,4 +43,19 @@ def test_oversize_key_set_is_refused_and_ids_are_unguessable():
         store.add("m", b"x", 11)
     ids = {store.add("m", b"x", 1).key_id for _ in range(20)}
     assert len(ids) == 20 and all(len(i) >= 20 for i in ids)
-    assert store.remove(next(iter(ids))) in (True, False)
+
+
+def test_evicted_and_expired_entries_are_reported_removed_ones_not():
+    clock, dropped = Clock(), []
+    store = KeyStore(max_bytes=10, ttl=5, clock=clock, on_evict=dropped.append)
+    a = store.add("m", 0, 6)
+    b = store.add("m", 1, 6)          # evicts a (cap)
+    assert [e.key_id for e in dropped] == [a.key_id]
+    assert store.remove(b.key_id).value == 1 and store.remove(b.key_id) is None
+    c = store.add("m", 2, 1)
+    clock.now = 6
+    assert c.key_id not in store      # expired
+    assert [e.key_id for e in dropped] == [a.key_id, c.key_id]
+    d = store.add("other", 3, 1)
+    assert [e.key_id for e in store.remove_where(lambda e: e.model == "other")] == [d.key_id]
+    assert store.total_bytes == 0 and len(store) == 0

@@ -34,9 +34,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"server": args.server, "results": [r.to_dict() for r in results]}, indent=2))
         return 0
     for r in results:
-        if r.task == "multi-label":
-            found = ", ".join(f"{name} {r.probabilities[name]:.3f}" for name in r.positive) or "no finding"
-            print(f"{r.source}: {found}")
-        else:
-            print(f"{r.source}: {r.label} (p={r.probabilities[r.label]:.3f})")
+        print(format_result(r))
     return 0
+
+
+def format_result(r) -> str:
+    """One line per image: the top label and its probability, or every positive label for multi-label tasks."""
+    if r.task == "multi-label":
+        found = ", ".join(f"{name} {r.probabilities[name]:.3f}" for name in r.positive) or "no finding"
+        return f"{r.source}: {found}"
+    return f"{r.source}: {r.label} (p={r.probabilities[r.label]:.3f})"

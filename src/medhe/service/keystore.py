@@ -40,12 +40,14 @@ class KeyStore:
     which keys are alive).
     """
 
-    def __init__(self, max_bytes: int, ttl: float | None = 3600.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_bytes: int, ttl: float | None = 3600.0, clock: Callable[[], float] = time.monotonic,
+                 on_evict: Callable[[KeyEntry], None] | None = None):
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         self.max_bytes = int(max_bytes)
         self.ttl = ttl
         self._clock = clock
+        self._on_evict = on_evict  # told about every entry dropped by the LRU cap or expiry (not by remove())
         self._entries: OrderedDict[str, KeyEntry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -60,40 +62,52 @@ class KeyStore:
         now = self._clock()
         entry = KeyEntry(key_id or secrets.token_urlsafe(18), model, value, int(size), now, now)
         with self._lock:
-            self._expire(now)
+            dropped = self._expire(now)
             old = self._entries.pop(entry.key_id, None)
             if old is not None:
                 self._bytes -= old.size
             while self._entries and self._bytes + entry.size > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.size
+                dropped.append(evicted)
             self._entries[entry.key_id] = entry
             self._bytes += entry.size
+        self._notify(dropped)
         return entry
 
     def get(self, key_id: str) -> KeyEntry | None:
         """The entry for ``key_id`` (marking it recently used), or ``None`` if unknown, evicted or expired."""
         now = self._clock()
         with self._lock:
-            self._expire(now)
+            dropped = self._expire(now)
             entry = self._entries.get(key_id)
-            if entry is None:
-                return None
-            entry.last_used = now
-            self._entries.move_to_end(key_id)
-            return entry
+            if entry is not None:
+                entry.last_used = now
+                self._entries.move_to_end(key_id)
+        self._notify(dropped)
+        return entry
 
-    def remove(self, key_id: str) -> bool:
+    def remove(self, key_id: str) -> KeyEntry | None:
+        """Drop ``key_id``; returns the removed entry (``None`` if it was not there)."""
         with self._lock:
             entry = self._entries.pop(key_id, None)
-            if entry is None:
-                return False
-            self._bytes -= entry.size
-            return True
+            if entry is not None:
+                self._bytes -= entry.size
+            return entry
 
-    def _expire(self, now: float) -> None:
+    def remove_where(self, predicate: Callable[[KeyEntry], bool]) -> list[KeyEntry]:
+        """Drop every entry matching ``predicate`` (e.g. keys held by a worker that died)."""
+        with self._lock:
+            gone = [e for e in self._entries.values() if predicate(e)]
+            for e in gone:
+                del self._entries[e.key_id]
+                self._bytes -= e.size
+            return gone
+
+    def _expire(self, now: float) -> list[KeyEntry]:
+        dropped: list[KeyEntry] = []
         if self.ttl is None:
-            return
+            return dropped
         # Entries are in LRU order, so the idle ones sit at the front.
         while self._entries:
             key_id, entry = next(iter(self._entries.items()))
@@ -101,6 +115,13 @@ class KeyStore:
                 break
             del self._entries[key_id]
             self._bytes -= entry.size
+            dropped.append(entry)
+        return dropped
+
+    def _notify(self, dropped: list[KeyEntry]) -> None:
+        if self._on_evict is not None:
+            for entry in dropped:
+                self._on_evict(entry)
 
     # -- introspection ---------------------------------------------------------------------------------------------
     @property
@@ -109,10 +130,14 @@ class KeyStore:
 
     def __len__(self) -> int:
         with self._lock:
-            self._expire(self._clock())
-            return len(self._entries)
+            dropped = self._expire(self._clock())
+            n = len(self._entries)
+        self._notify(dropped)
+        return n
 
     def __contains__(self, key_id: object) -> bool:
         with self._lock:
-            self._expire(self._clock())
-            return key_id in self._entries
+            dropped = self._expire(self._clock())
+            found = key_id in self._entries
+        self._notify(dropped)
+        return found

@@ -41,8 +41,14 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     ``max_body`` caps one ciphertext upload; ``max_key_bytes`` caps all stored keys together (and so one upload).
     """
     catalog = {m.id: m for m in models}
-    keys = KeyStore(max_key_bytes, ttl=key_ttl)
     pool = WorkerPool([m.ref for m in models], processes=processes, threads=threads, key_cache_bytes=max_key_bytes)
+
+    def release(entry) -> None:  # keys evicted (LRU cap) or expired: free them in their worker too
+        slot, generation = entry.value
+        pool.drop_keys(slot, generation, entry.key_id, entry.size)
+
+    # The web process keeps only metadata: key id -> (worker slot, worker generation), model, size.
+    keys = KeyStore(max_key_bytes, ttl=key_ttl, on_evict=release)
     state: dict[str, Any] = {"ready": False}
 
     @asynccontextmanager
@@ -192,10 +198,11 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         model = served(model_id)
         data = await read_body(request, keys.max_bytes, "evaluation keys")
         key_id = _new_key_id()
-        await pool.load_keys(model.id, key_id, data)  # validates: CiphertextError -> 422
+        placement = await pool.load_keys(model.id, key_id, data)  # validates: CiphertextError -> 422
         try:
-            keys.add(model.id, data, len(data), key_id=key_id)
+            keys.add(model.id, placement, len(data), key_id=key_id)  # may evict least recently used keys
         except KeyTooLarge as exc:
+            pool.drop_keys(*placement, key_id, len(data))
             raise ServiceError(413, "keys_too_large", str(exc)) from None
         return {"key_id": key_id, "model": model.id, "bytes": len(data), "expires_after_idle_s": keys.ttl}
 
@@ -203,9 +210,10 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
                 summary="Forget registered keys (they also expire after the idle TTL).", responses={404: _ERROR})
     async def delete_keys(key_id: str, request: Request) -> Response:
         authorize(request)
-        if not keys.remove(key_id):
+        entry = keys.remove(key_id)
+        if entry is None:
             raise ServiceError(404, "unknown_key", "no such key id (already deleted or expired)")
-        pool.forget_keys(key_id)
+        release(entry)
         return Response(status_code=204)
 
     @app.post(protocol.infer_path("{model_id}"), tags=["inference"], openapi_extra=_BINARY_BODY,
@@ -223,13 +231,21 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
             raise ServiceError(400, "missing_key_id", f"send the key id from key registration in the "
                                                       f"{protocol.KEY_HEADER} header")
         entry = keys.get(key_id)
+        if entry is not None and entry.value[1] != pool.generation[entry.value[0]]:
+            keys.remove(key_id)  # its worker was replaced after a crash: the keys died with it
+            entry = None
         if entry is None:
             raise ServiceError(404, "unknown_key", "unknown or expired key id; register your evaluation keys again")
         if entry.model != model.id:
             raise ServiceError(422, "key_model_mismatch", f"key id was registered for model {entry.model!r}, "
                                                           f"not {model.id!r}; register keys for this model")
         ciphertext = await read_body(request, max_body, "ciphertext")
-        out, eval_ms = await pool.infer(model.id, key_id, ciphertext, entry.value)
+        try:
+            out, eval_ms = await pool.infer(entry.value[0], model.id, key_id, ciphertext)
+        except ServiceError as exc:
+            if exc.code == "unknown_key":
+                keys.remove(key_id)
+            raise
         return Response(out, media_type=protocol.OCTET, headers={protocol.EVAL_MS_HEADER: f"{eval_ms:.1f}"})
 
     return app

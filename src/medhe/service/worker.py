@@ -2,8 +2,8 @@
 
 seal-python (and other native backends) hold the GIL for the whole of each call, so evaluating on the web
 process's threads stalls health checks and gives no parallelism. ``WorkerPool`` therefore runs ``WorkerState``
-in worker *processes* (one single-process executor per slot, so each slot keeps its own key cache), or in a
-thread pool when ``processes=0`` (cheaper to start; fine for tests and single users). A worker that dies — a
+in worker *processes* (one single-process executor per slot, so each slot keeps its own keys), or in a thread
+pool when ``processes=0`` (cheaper to start; fine for tests and single users). A worker that dies — a
 native crash on hostile input — is replaced and the request that killed it gets an error, the server stays up.
 """
 
@@ -27,7 +27,7 @@ from medhe.service.keystore import KeyStore
 
 
 class KeysNotLoaded(MedheError):
-    """The worker does not hold these keys (evicted, or a fresh worker): send the serialized keys along."""
+    """The worker does not hold these keys (a replaced worker, or its own safety cap evicted them)."""
 
 
 class WorkerState:
@@ -47,13 +47,11 @@ class WorkerState:
         keys = self.models[model_id].load_keys(data)
         self.keys.add(model_id, keys, len(data), key_id=key_id)
 
-    def infer(self, model_id: str, key_id: str, ciphertext: bytes, key_data: bytes | None) -> tuple[bytes, float]:
+    def infer(self, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
+        """Evaluate with the cached keys; returns the encrypted result and the evaluation time in ms."""
         entry = self.keys.get(key_id)
-        if entry is None:
-            if key_data is None:
-                raise KeysNotLoaded(key_id)
-            self.load_keys(model_id, key_id, key_data)
-            entry = self.keys.get(key_id)
+        if entry is None or entry.model != model_id:
+            raise KeysNotLoaded(key_id)
         start = time.perf_counter()
         out = self.models[model_id].infer(entry.value, ciphertext)
         return out, (time.perf_counter() - start) * 1000.0
@@ -83,7 +81,13 @@ def _call(method: str, *args: Any) -> Any:
 
 
 class WorkerPool:
-    """Dispatches calls to worker slots, least busy first, preferring a slot that already holds the client's keys."""
+    """Worker slots with key affinity: a client's keys are deserialized in one slot and its requests go there.
+
+    Deserializing evaluation keys costs several inferences' worth of time and their in-memory form is larger than
+    the upload, so each key set lives in exactly one worker (chosen at registration: the one holding the fewest
+    key bytes, then the least busy). The web process keeps only metadata (``KeyStore`` entries whose value is the
+    slot), so memory is bounded by ``--max-key-bytes`` once, not once per worker.
+    """
 
     def __init__(self, refs: list[ModelRef], processes: int = 0, threads: int = 2,
                  key_cache_bytes: int = 1 << 32):
@@ -93,7 +97,8 @@ class WorkerPool:
         self.key_cache_bytes = key_cache_bytes
         self._slots: list[Executor] = []
         self._busy: list[int] = []
-        self._has_keys: list[set[str]] = []
+        self._key_bytes: list[int] = []
+        self.generation: list[int] = []  # bumped when a slot's process is replaced (its keys are gone)
         self._local: WorkerState | None = None
         self._lock = threading.Lock()
         self.restarts = 0
@@ -112,7 +117,8 @@ class WorkerPool:
         """Compile every model in every worker (blocking) and return the specs; all workers must agree."""
         if self.processes:
             self._slots = [self._new_process_slot() for _ in range(self.processes)]
-            specs = [slot.submit(_call, "specs").result() for slot in self._slots]
+            futures = [slot.submit(_call, "specs") for slot in self._slots]  # compile in parallel
+            specs = [f.result() for f in futures]
             if any(s != specs[0] for s in specs[1:]):
                 raise MedheError("workers compiled different parameters for the same model; compilation must be "
                                  "deterministic (report this as a bug)")
@@ -121,8 +127,8 @@ class WorkerPool:
             self._local = WorkerState(self.refs, self.key_cache_bytes)
             self._slots = [ThreadPoolExecutor(self.threads, thread_name_prefix="medhe-infer")]
             spec = self._local.specs()
-        self._busy = [0] * len(self._slots)
-        self._has_keys = [set() for _ in self._slots]
+        n = len(self._slots)
+        self._busy, self._key_bytes, self.generation = [0] * n, [0] * n, [0] * n
         return spec
 
     def close(self) -> None:
@@ -131,67 +137,65 @@ class WorkerPool:
         self._slots = []
 
     # -- dispatch --------------------------------------------------------------------------------------------------
-    def _pick(self, key_id: str) -> int:
-        with self._lock:
-            best = min(range(len(self._slots)), key=lambda i: (self._busy[i], key_id not in self._has_keys[i]))
-            self._busy[best] += 1
-            return best
-
     async def _run(self, slot: int, method: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
+        with self._lock:
+            self._busy[slot] += 1
+            executor, generation = self._slots[slot], self.generation[slot]
         try:
             if self._local is not None:
-                fn = getattr(self._local, method)
-                return await loop.run_in_executor(self._slots[slot], fn, *args)
-            return await asyncio.wrap_future(self._slots[slot].submit(_call, method, *args))
+                return await loop.run_in_executor(executor, getattr(self._local, method), *args)
+            return await asyncio.wrap_future(executor.submit(_call, method, *args))
         except BrokenProcessPool:
-            self._replace(slot)
+            self._replace(slot, generation)
             raise ServiceError(500, "worker_crashed",
-                               "the inference worker crashed on this request and was restarted; "
-                               "check the ciphertext and keys were made for this model") from None
+                               "the inference worker crashed on this request and was restarted; register "
+                               "your keys again and check the ciphertext was made for this model") from None
+        finally:
+            with self._lock:
+                self._busy[slot] -= 1
 
-    def _replace(self, slot: int) -> None:
+    def _replace(self, slot: int, generation: int) -> None:
         with self._lock:
-            old = self._slots[slot]
-            if getattr(old, "_broken", False):
-                old.shutdown(wait=False, cancel_futures=True)
-                self._slots[slot] = self._new_process_slot()
-                self._has_keys[slot] = set()
-                self.restarts += 1
+            if self.generation[slot] != generation:
+                return  # another request already replaced it
+            self._slots[slot].shutdown(wait=False, cancel_futures=True)
+            self._slots[slot] = self._new_process_slot()
+            self.generation[slot] += 1
+            self._key_bytes[slot] = 0
+            self.restarts += 1
 
-    async def load_keys(self, model_id: str, key_id: str, data: bytes) -> None:
-        slot = self._pick(key_id)
+    async def load_keys(self, model_id: str, key_id: str, data: bytes) -> tuple[int, int]:
+        """Validate and deserialize keys in the slot with the least key bytes; returns (slot, generation)."""
+        with self._lock:
+            slot = min(range(len(self._slots)), key=lambda i: (self._key_bytes[i], self._busy[i]))
+            generation = self.generation[slot]
+        await self._run(slot, "load_keys", model_id, key_id, data)
+        with self._lock:
+            self._key_bytes[slot] += len(data)
+        return slot, generation
+
+    async def infer(self, slot: int, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
         try:
-            await self._run(slot, "load_keys", model_id, key_id, data)
-            self._has_keys[slot].add(key_id)
-        finally:
-            self._busy[slot] -= 1
+            return await self._run(slot, "infer", model_id, key_id, ciphertext)
+        except KeysNotLoaded:
+            raise ServiceError(404, "unknown_key", "the server no longer holds these keys (worker restarted "
+                                                   "or memory cap reached); register your keys again") from None
 
-    async def infer(self, model_id: str, key_id: str, ciphertext: bytes, key_data: bytes) -> tuple[bytes, float]:
-        """Evaluate; the serialized keys travel to the worker only when it does not hold them yet."""
-        slot = self._pick(key_id)
+    def drop_keys(self, slot: int, generation: int, key_id: str, size: int) -> None:
+        """Free keys in their worker now (fire and forget); a replaced worker has lost them already."""
+        with self._lock:
+            if self.generation[slot] != generation:
+                return
+            self._key_bytes[slot] -= size
+            executor = self._slots[slot]
+        if self._local is not None:
+            self._local.drop_keys(key_id)
+            return
         try:
-            try:
-                result = await self._run(slot, "infer", model_id, key_id, ciphertext, None)
-            except KeysNotLoaded:
-                result = await self._run(slot, "infer", model_id, key_id, ciphertext, key_data)
-            self._has_keys[slot].add(key_id)
-            return result
-        finally:
-            self._busy[slot] -= 1
-
-    def forget_keys(self, key_id: str) -> None:
-        """Best effort: ask workers to drop deleted keys now instead of waiting for their LRU to push them out."""
-        for slot, held in enumerate(self._has_keys):
-            if key_id in held:
-                held.discard(key_id)
-                if self._local is not None:
-                    self._local.drop_keys(key_id)
-                else:
-                    try:
-                        self._slots[slot].submit(_call, "drop_keys", key_id)
-                    except (BrokenProcessPool, RuntimeError):
-                        pass
+            executor.submit(_call, "drop_keys", key_id)
+        except (BrokenProcessPool, RuntimeError):
+            pass
 
 
 def default_processes() -> int:
