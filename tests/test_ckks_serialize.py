@@ -237,3 +237,15 @@ def test_serialization_benchmark_reports_sizes_and_times():
     assert ct["raw"] > 2 * ct["compact"] > 3.9 * ct["compact_seeded"]
     assert report["rings"]["8192"]["galois_key_per_step"]["compact_seeded"] < 0.26 * \
         report["rings"]["8192"]["galois_key_per_step"]["raw"]
+
+
+def test_seal_level_problems_become_ciphertext_errors(he):
+    ctx = he["ctx"]
+    seeded = bytearray(S.Seeder(ctx, he["keygen"].secret_key()).seed_ciphertext(he["ct"]))
+    seeded[-65] = 7  # the PRNG type byte of the seed: no such generator
+    with pytest.raises(CiphertextError, match="SEAL rejected"):
+        S.load_ciphertext(S.compact(bytes(seeded), S.KIND_CIPHERTEXT, ctx), ctx)
+    coeff_form = bytearray(he["ct"].to_string())
+    coeff_form[S._SEAL_HEADER.size + 32] = 0  # is_ntt_form = false
+    with pytest.raises(CiphertextError, match="NTT form"):
+        S.load_ciphertext(S.compact(bytes(coeff_form), S.KIND_CIPHERTEXT, ctx), ctx)

@@ -537,7 +537,7 @@ class Seeder:
 def _load(what: str, fn):
     try:
         return fn()
-    except (ValueError, RuntimeError, TypeError) as exc:
+    except (ValueError, RuntimeError, TypeError, IndexError, OverflowError) as exc:
         raise CiphertextError(f"SEAL rejected the {what} ({exc}): it does not fit these parameters; "
                               "re-create it for this model") from None
 
@@ -560,6 +560,9 @@ def load_ciphertext(data: bytes, context: seal.SEALContext) -> seal.Ciphertext:
                               "the client's encryptor")
     ct = seal.Ciphertext()
     _load("ciphertext", lambda: ct.load_bytes(context, raw))
+    if not ct.is_ntt_form():  # SEAL loads it, but every CKKS operation assumes NTT form
+        raise CiphertextError("ciphertext is not in NTT form, so it is not a CKKS ciphertext: send one made by "
+                              "the client's encryptor")
     return ct
 
 
