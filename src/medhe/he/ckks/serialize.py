@@ -451,8 +451,9 @@ class Seeder:
         """A context whose first data level has exactly our key-level primes, so SEAL decrypts key components.
 
         SEAL's Decryptor refuses the key level; appending one unused prime moves those primes to a data level.
-        This context only evaluates c0 + c1·s in the client's memory and never encrypts anything, so its (unused)
-        security level does not matter; the NTT form of s per prime is the same in both contexts.
+        SEAL's 128-bit check would refuse the longer modulus, but nothing here ever lives modulo it: the client
+        only decrypts key components and encrypts zeros at that data level, i.e. modulo the original key-level
+        modulus, with the same secret s (its NTT residues per prime are identical in both contexts).
         """
         if self._aux is None:
             kparms = self.context.key_context_data().parms()
@@ -498,8 +499,8 @@ class Seeder:
         pid = struct.pack("<4Q", *ct.parms_id())
         if ct.size() != 2 or not ct.is_ntt_form() or pid == self._key_pid or \
                 self.context.get_context_data(ct.parms_id()) is None:
-            raise CiphertextError("only fresh size-2 ciphertexts made with this context can be sent seeded: "
-                                  "encrypt anew (or send without a Seeder)")
+            raise CiphertextError("only size-2 ciphertexts made with this context can be sent seeded: "
+                                  "relinearize it, or send it without a Seeder")
         # CKKS ciphertexts always carry correction factor 1 (it is a BGV notion)
         meta = _CT_META.pack(pid, 1, 2, ct.poly_modulus_degree(), ct.coeff_modulus_size(), ct.scale(), 1)
         return self._seeded(ct, meta, meta, self._data_level)
@@ -543,10 +544,10 @@ def _load(what: str, fn):
 
 
 def dump_ciphertext(ct: seal.Ciphertext, context: seal.SEALContext, seeder: Seeder | None = None) -> bytes:
-    """Compact bytes of a data-level ciphertext; with the client's ``seeder`` (fresh ciphertexts) about half again.
+    """Compact bytes of a data-level ciphertext; with the client's ``seeder``, about half again.
 
-    Without a seeder the round trip is byte-identical; with one, the loaded ciphertext decrypts to exactly the
-    same plaintext polynomial (its uniform half is regenerated from the seed).
+    Without a seeder the round trip is byte-identical; with one, the loaded ciphertext holds the same message
+    with fresh noise added (its uniform half is regenerated from the seed on load).
     """
     raw = ct.to_string() if seeder is None else seeder.seed_ciphertext(ct)
     return compact(raw, KIND_CIPHERTEXT, context)
