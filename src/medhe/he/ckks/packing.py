@@ -65,6 +65,24 @@ def grid_slots(offsets: tuple[int, ...], rs: int, cs: int, h: int, w: int) -> np
     return np.concatenate([off + base for off in offsets])
 
 
+def _channel_offset_candidates(offs: tuple[int, ...], c: int, rs: int, cs: int,
+                               stride: tuple[int, int]) -> list[tuple[int, ...]]:
+    """Regular channel placements to try, best first: keep the input's offsets (extended with the same channel
+    stride), then multiplex channels into the gaps a stride leaves (few distinct channel shifts = few diagonals)."""
+    out = []
+    if c <= len(offs):
+        out.append(tuple(offs[:c]))
+    step = offs[1] - offs[0] if len(offs) > 1 else None
+    if step:
+        out.append(tuple(offs[0] + k * step for k in range(c)))
+    sub = [dy * rs + dx * cs for dy in range(stride[0]) for dx in range(stride[1])]
+    if len(sub) > 1:
+        per = len(sub)
+        block = step or 0
+        out.append(tuple(offs[0] + sub[k % per] + (k // per) * block for k in range(c)))
+    return out
+
+
 def strided_layout(inp: Layout, shape: tuple[int, int, int], stride: tuple[int, int]) -> Layout | None:
     """Output grid of a conv/pool on ``inp``'s grid: same origin, steps multiplied by the stride (no repacking).
 
@@ -78,10 +96,9 @@ def strided_layout(inp: Layout, shape: tuple[int, int, int], stride: tuple[int, 
     rs2, cs2 = rs * stride[0], cs * stride[1]
     base = np.add.outer(np.arange(h) * rs2, np.arange(w) * cs2).ravel()
     extent = int(base.max()) + 1
-    if c <= len(offs):
-        cand = tuple(offs[:c])
+    for cand in _channel_offset_candidates(offs, c, rs, cs, stride):
         slots = grid_slots(cand, rs2, cs2, h, w)
-        if slots.max() < inp.period and len(np.unique(slots)) == len(slots):
+        if slots.min() >= 0 and slots.max() < inp.period and len(np.unique(slots)) == len(slots):
             return Layout(slots, inp.period, inp.replicated, grid=(cand, rs2, cs2))
     used = np.zeros(inp.period, dtype=bool)
     chosen: list[int] = []
