@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["compile_ckks", "compile_plan", "CKKSClient", "CKKSServerModel", "layer_errors", "dump_server",
-           "load_server", "server_from_model"]
+__all__ = ["compile_ckks", "compile_plan", "CKKSClient", "CKKSServerModel", "layer_errors", "layer_report",
+           "dump_server", "load_server", "server_from_model"]
 
 _LAZY = {
     "compile_ckks": "medhe.he.ckks.server",
@@ -17,6 +17,7 @@ _LAZY = {
     "compile_plan": "medhe.he.ckks.plan",
     "CKKSClient": "medhe.he.ckks.client",
     "layer_errors": "medhe.he.ckks.debug",
+    "layer_report": "medhe.he.ckks.debug",
     "server_from_model": "medhe.he.ckks.server",
     "dump_server": "medhe.he.ckks.planfile",
     "load_server": "medhe.he.ckks.planfile",

@@ -38,3 +38,13 @@ def layer_errors(server: CKKSServerModel, client: CKKSClient, x: np.ndarray, key
                      "level": plan.registers[reg].level, "max_abs_error": float(np.abs(got - want).max()),
                      "max_abs_value": float(np.abs(want).max())})
     return rows
+
+
+def layer_report(server: CKKSServerModel, x: np.ndarray) -> list[dict]:
+    """``layer_errors`` with a throwaway client (fresh keys), rows labelled for the ``evaluate --debug-layers`` table."""
+    client = CKKSClient(server.spec())
+    client.keygen()
+    rows = layer_errors(server, client, x)
+    for row in rows:
+        row["layer"] = f"{row['op']} {row['name']} {tuple(row['shape'])}"
+    return rows
