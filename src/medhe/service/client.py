@@ -74,13 +74,12 @@ class _ModelSession:
         self.stage = _build_stage(info, stage_weights) if stage_weights is not None else None
         self.he = client_for(info["spec"])
         self.he.keygen()
-        self._evaluation_keys: bytes | None = None
         self.key_id: str | None = None
+        self.key_bytes = 0  # size of the registered evaluation keys
 
     def evaluation_keys(self) -> bytes:
-        if self._evaluation_keys is None:
-            self._evaluation_keys = self.he.evaluation_keys()
-        return self._evaluation_keys
+        """Serialized on demand, not kept: they can be ~100 MB and are needed again only to re-register."""
+        return self.he.evaluation_keys()
 
     def inputs(self, image: np.ndarray) -> np.ndarray:
         """uint8 image -> float32 input of the server network: exactly what the plaintext model would get."""
@@ -188,7 +187,7 @@ class Client:
     def _register(self, sess: _ModelSession) -> None:
         reply = self._request("POST", sess.info["endpoints"]["keys"], content=sess.evaluation_keys(),
                               headers={"Content-Type": protocol.OCTET}).json()
-        sess.key_id = reply["key_id"]
+        sess.key_id, sess.key_bytes = reply["key_id"], int(reply["bytes"])
 
     def infer_encrypted(self, sess: _ModelSession, ciphertext: bytes) -> bytes:
         """POST one ciphertext; re-registers the keys once if the server forgot them (expiry, restart)."""

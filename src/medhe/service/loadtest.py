@@ -52,7 +52,7 @@ def run_load_test(url: str, model: str | None, images: Sequence[np.ndarray], cli
                 picks = [(index * images_per_client + j) % len(images) for j in range(images_per_client)]
                 cts = [sess.he.encrypt(sess.inputs(images[i])) for i in picks]
                 setup[index] = {"keys_s": t1 - t0, "encrypt_s": (time.perf_counter() - t1) / len(picks),
-                                "key_bytes": len(sess.evaluation_keys()), "ciphertext_bytes": len(cts[0])}
+                                "key_bytes": sess.key_bytes, "ciphertext_bytes": len(cts[0])}
             except Exception as exc:
                 with lock:
                     errors.append(f"setup: {exc}")
