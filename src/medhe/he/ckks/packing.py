@@ -292,16 +292,17 @@ def lower_gather(matrix: sp.csr_matrix, pattern: sp.csr_matrix, out_shape: tuple
     out = grid_layout(out_shape, block, True)
     gather = np.full((n_ct, slots), -1, dtype=np.int64)
     weights = np.zeros((n_ct, slots))
-    dense_rows = sp.csr_matrix(matrix)
-    for o in range(m):
-        cols = pattern.indices[pattern.indptr[o]:pattern.indptr[o + 1]]
-        row = dense_rows[o]
-        vals = dict(zip(row.indices.tolist(), row.data.tolist()))
-        for t, col in enumerate(np.sort(cols)):
-            ct, group = divmod(t, share)
-            where = np.arange(group, blocks, share) * block + out.slots[o]
-            gather[ct, where] = col
-            weights[ct, where] = vals.get(int(col), 0.0)
+    pattern.sort_indices()
+    rows = np.repeat(np.arange(m), counts)
+    cols = pattern.indices.astype(np.int64)
+    taps_of = np.arange(len(cols)) - pattern.indptr[rows]  # rank of each tap within its output row
+    vals = np.asarray(sp.csr_matrix(matrix)[rows, cols]).ravel()
+    ct, group = np.divmod(taps_of, share)
+    base = out.slots[rows]
+    for j in range(blocks // share):
+        where = (group + j * share) * block + base
+        gather[ct, where] = cols
+        weights[ct, where] = vals
     reduce = []
     step = block
     while step < block * share:
