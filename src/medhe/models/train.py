@@ -46,14 +46,14 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     ``calibrate``: for binary tasks, move the decision threshold (the last layer's bias) to the point on the
     validation set that maximises balanced accuracy (``"youden"``, robust to a class-prior shift) or accuracy
     (``"acc"``). ``ema``: keep an exponential moving average of the weights with this decay (e.g. 0.99) and
-    select/ship the averaged model, which is steadier on small datasets. ``limit`` keeps the first N images of every split (quick runs and tests). ``card_extras`` is merged
+    select/ship the averaged model, which is steadier on small datasets. ``limit`` keeps N images of every split (seeded random subset) (quick runs and tests). ``card_extras`` is merged
     into the card (e.g. a backend's quantization section).
     """
     _check_args(epochs, batch_size, lr, size, calibrate, limit)
     if out_dir is None:
         raise MedheError("no output folder given: pass --out DIR")
     started = time.perf_counter()
-    data = _load_splits(dataset, size, data_dir, limit, (arch_kwargs or {}).get("in_channels"))
+    data = _load_splits(dataset, size, data_dir, limit, (arch_kwargs or {}).get("in_channels"), seed)
     kwargs = {"in_channels": data.preprocess.channels, "num_outputs": data.train.num_outputs,
               "image_size": size, **(arch_kwargs or {})}
     torch.manual_seed(seed)
@@ -125,8 +125,16 @@ class _Splits:
         self.x_test = preprocess.batch(test.images)
 
 
+def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """The images a ``limit`` keeps: a seeded random subset in the original order (folders are sorted by class,
+    so the first N images would often hold one class only)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 def _load_splits(dataset: str | os.PathLike, size: int, data_dir: Any, limit: int | None,
-                 in_channels: int | None) -> _Splits:
+                 in_channels: int | None, seed: int) -> _Splits:
     from medhe.data import Preprocess, dataset_info, load_dataset, resolve_data_dir
 
     info = dataset_info(dataset, data_dir=data_dir)
@@ -134,7 +142,8 @@ def _load_splits(dataset: str | os.PathLike, size: int, data_dir: Any, limit: in
     for split in ("train", "val", "test"):
         ds = load_dataset(dataset, split=split, size=size, data_dir=data_dir)
         if limit is not None:
-            ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
+            keep = subset_indices(len(ds), limit, seed)
+            ds.images, ds.labels = ds.images[keep], ds.labels[keep]
         if len(ds) == 0:
             raise DataError(f"dataset {dataset} has no {split} images: add images or use a larger dataset")
         splits.append(ds)
