@@ -79,3 +79,11 @@ def test_power_of_two_key_paths_still_compute_the_same():
 @pytest.mark.parametrize("step", [1, 3, 7, 12, -16, 1000, -2047])
 def test_naf_sums_to_the_step(step):
     assert sum(naf(step)) == step
+
+
+def test_residual_whose_branches_end_in_activations():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), _bn(4), PolyAct((0.1, 0.5, 0.1)),
+                          Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), PolyAct((0.2, 0.4, 0.0)))),
+                          HESqueezeExcite(4, reduction=4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    _check(model, (2, 6, 6))
