@@ -87,3 +87,12 @@ def test_residual_whose_branches_end_in_activations():
                           Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), PolyAct((0.2, 0.4, 0.0)))),
                           HESqueezeExcite(4, reduction=4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     _check(model, (2, 6, 6))
+
+
+def test_input_over_budget_is_sent_once_and_convolved_with_rotations():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), _bn(4), PolyAct((0.1, 0.5, 0.0)), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3))
+    plan = compile_plan(model.eval(), (2, 8, 8), max_input_bytes=1)
+    assert plan.gather.shape[0] == 1 and plan.strategies[0].endswith(":direct")
+    _check(model, (2, 8, 8), max_input_bytes=1)

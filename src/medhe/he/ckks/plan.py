@@ -33,6 +33,7 @@ from medhe.he.ckks.trace import Graph, Node, fold_linear, trace
 from medhe.he.ckks.trace import output_bound as estimate_output_bound
 
 FORMAT = "medhe-ckks-plan/1"
+INPUT_BUDGET_BYTES = 8_000_000  # encrypted input as sent, per image
 KEY_BUDGET_BYTES = 46_000_000  # evaluation keys as sent; beyond it rotations are composed from power-of-two keys
 
 
@@ -343,6 +344,7 @@ class _Lowering:
         self.strategies: list[str] = []
         self.requests = _layout_requests(graph)
         self.output_scale = scale
+        self.pack_only = False
         # Inputs are encrypted 2 bits above the scale: fresh noise shrinks 4x relative to the data, and the
         # first layer's weights (encoded at q * scale / input_scale) keep 26 bits. The top modulus has room.
         self.input_scale = scale * 4
@@ -364,6 +366,8 @@ class _Lowering:
         g = self.graph
         users = g.consumers(0)
         gather_node = users[0] if len(users) == 1 and g.nodes[users[0]].op == "linear" else None
+        if self.pack_only:
+            gather_node = None
         if gather_node is None:
             self.pack_input()
         for i, node in enumerate(g.nodes[1:], start=1):
@@ -607,17 +611,18 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
                  *, poly_degree: int | None = None, scale_bits: int | None = None,
                  prime_bits: list[int] | None = None,
                  output_bound: float | None = None, input_bound: float = 1.0, max_key_bytes: int = KEY_BUDGET_BYTES,
-                 **unknown: Any) -> Plan:
+                 max_input_bytes: int = INPUT_BUDGET_BYTES, **unknown: Any) -> Plan:
     """Compile a torch ``nn.Sequential`` of medhe layers into a CKKS plan for inputs of ``input_shape``.
 
     Options: ``poly_degree``/``scale_bits``/``prime_bits`` force parameters (still 128-bit checked),
     ``output_bound`` the largest |logit| expected
     (default: estimated from the activation ranges), ``input_bound`` the largest |input| (1 for medhe's
-    normalisation), ``max_key_bytes`` the evaluation-key budget.
+    normalisation), ``max_key_bytes`` the evaluation-key budget, ``max_input_bytes`` the encrypted-input budget
+    (beyond it the first layer is not laid out by the client).
     """
     if unknown:
         raise PlanError(f"unknown CKKS option(s) {', '.join(sorted(unknown))}: use poly_degree, scale_bits, "
-                        "prime_bits, max_key_bytes, output_bound or input_bound")
+                        "prime_bits, max_key_bytes, max_input_bytes, output_bound or input_bound")
     graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
     max_abs = output_bound if output_bound is not None else estimate_output_bound(graph, input_bound)
     from medhe.he.ckks.params import PRESETS, max_depth
@@ -642,8 +647,12 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
                 continue
         primes = data_primes(params)
         top = len(primes) - 1
+        # im2col inputs cost one ciphertext per group of taps; past the byte budget the client sends the input
+        # once instead and the first layer is evaluated with rotations like any other (same depth either way).
+        ct_bytes = 2 * n * sum(params.prime_bits[:-1]) // 8
+        pack = probe.gather.shape[0] * ct_bytes > max_input_bytes and probe.gather.shape[0] > 1
         plan_low = _lower(graph, forms, slots, primes, params.scale, top,
-                          float(2 ** output_scale_bits(params, max_abs)))
+                          float(2 ** output_scale_bits(params, max_abs)), pack)
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
         plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies,
@@ -661,9 +670,10 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
 
 
 def _lower(graph: Graph, forms: dict[int, PolyForm], slots: int, primes: list[int], scale: float, top: int,
-           output_scale: float | None) -> _Lowering:
+           output_scale: float | None, pack_input: bool = False) -> _Lowering:
     low = _Lowering(graph, forms, slots, primes, scale, top)
     low.output_scale = output_scale or scale
+    low.pack_only = pack_input
     try:
         low.run()
     except _TooDeep:
