@@ -225,7 +225,8 @@ def _machine() -> dict[str, Any]:
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "seal_python": getattr(seal, "__version__", "?")}
+            "seal_python": getattr(seal, "__version__", "?"),
+            "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     try:
         import tenseal
 
@@ -249,6 +250,7 @@ def run_ckks_benchmark(model: str = "pneumoniamnist", n_images: int = 20, data_d
 
     if n_images < 1:
         raise DataError(f"n_images must be at least 1, not {n_images}")
+    load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # shared machines drift
     artifact = load_artifact(model)
     ds_card = artifact.card.get("dataset")
     if not (isinstance(ds_card, dict) and ds_card.get("name")):
@@ -306,9 +308,11 @@ def run_ckks_benchmark(model: str = "pneumoniamnist", n_images: int = 20, data_d
         "end_to_end_identical_work": _ratio(total(tenseal), total(medhe_t4)),
         "end_to_end_default_model": _ratio(total(tenseal), total(medhe_default)),
     }
+    machine = _machine()
+    machine["load_average_1m_start"] = load_start
     return {
         "benchmark": "ckks-vs-tenseal-tutorial4",
-        "machine": _machine(),
+        "machine": machine,
         "dataset": dataset, "n_images": int(len(pick)), "n_reference_images": int(n_ref),
         "tutorial4_training_s": round(train_s, 3),
         "tenseal_tutorial4": tenseal,
