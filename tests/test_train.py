@@ -152,3 +152,18 @@ def test_augmentation_keeps_shape_is_seeded_and_can_be_off():
     assert torch.equal(Augment.off()(x), x)
     rgb = torch.randn(2, 3, 16, 16)
     assert Augment(hflip=True)(rgb).shape == rgb.shape
+
+
+def test_a_network_that_is_not_a_classifier_is_refused(tmp_path, data_dir):
+    from torch import nn
+
+    from medhe.models.zoo import ARCHS, register_arch
+
+    register_arch("test-features", lambda in_channels=1, num_outputs=2, image_size=28: nn.Sequential(
+        nn.Flatten(), nn.Linear(in_channels * image_size * image_size, 5)))
+    try:
+        with pytest.raises(MedheError, match=r"outputs of shape \(5,\), not one logit per class \(2\)"):
+            train_model("pneumoniamnist", arch="test-features", out_dir=tmp_path / "m", data_dir=data_dir,
+                        epochs=1, limit=16, progress=False)
+    finally:
+        ARCHS.pop("test-features")

@@ -59,6 +59,7 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     torch.manual_seed(seed)
     model = build_model(arch, **kwargs)
     layers.set_recording(model, False)
+    _check_outputs(model, arch, kwargs)
     loss_fn = _loss(data.train.task, data.train.labels, data.train.num_outputs, class_balanced, label_smoothing)
     aug = augment if isinstance(augment, Augment) else (Augment() if augment else Augment.off())
     history = _fit(model, data, loss_fn, aug, epochs, batch_size, lr, weight_decay, grad_clip, seed, progress, ema)
@@ -162,6 +163,19 @@ def _load_splits(dataset: str | os.PathLike, size: int, data_dir: Any, limit: in
         raise MedheError(f"in_channels must be 1 or 3 (grayscale or RGB), not {channels}")
     preprocess = Preprocess(channels=channels, size=size, crop=None, mean=0.5, std=0.5)
     return _Splits(*splits, preprocess, entry)
+
+
+def _check_outputs(model: nn.Module, arch: str, kwargs: dict[str, Any]) -> None:
+    """One logit per class/label, or the loss and metrics would silently score the wrong thing."""
+    probe = torch.zeros(2, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+    model.eval()
+    with torch.no_grad():
+        out = model(probe)
+    model.train()
+    if out.dim() != 2 or out.shape[1] != kwargs["num_outputs"]:
+        raise MedheError(f"architecture {arch!r} gives outputs of shape {tuple(out.shape[1:])}, not one logit per "
+                         f"class ({kwargs['num_outputs']}): it is not a classifier (train feature extractors with "
+                         "their own command) or its arch arguments are wrong")
 
 
 def _loss(task: str, labels: np.ndarray, num_outputs: int, balanced: bool, smoothing: float) -> nn.Module:
