@@ -18,26 +18,19 @@ import time
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from medhe.data import Preprocess, load_dataset
 from medhe.models.artifact import save_artifact
+from medhe.models.metrics import compute_metrics
 from medhe.models.zoo import build_model
 
 
-def metrics(model: nn.Module, x: torch.Tensor, y: np.ndarray) -> dict[str, float]:
+def metrics(model: nn.Module, x: torch.Tensor, y: np.ndarray, task: str) -> dict[str, float | None]:
     model.eval()
     with torch.no_grad():
-        logits = model(x).double()
-    prob = torch.softmax(logits, 1).numpy()
-    pred = prob.argmax(1)
-    out = {"acc": float((pred == y).mean())}
-    if prob.shape[1] == 2:
-        out["auc"] = float(roc_auc_score(y, prob[:, 1]))
-    else:
-        out["auc"] = float(roc_auc_score(y, prob, multi_class="ovr"))
-    return out
+        logits = model(x).double().numpy()
+    return compute_metrics(task, y, logits)
 
 
 def shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -60,15 +53,6 @@ def jitter(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor
     return torch.clamp(x * c + b, -1.0, 1.0)
 
 
-def range_penalty(model: nn.Module) -> torch.Tensor:
-    """Mean share of the worst case each hidden accumulator uses: the rounding step scales with it."""
-    terms = []
-    for fc in list(model.fcs)[:-1]:
-        w = fc.weight
-        terms.append((w.abs().sum(1) / (w.abs().max().detach() * w.shape[1])).mean())
-    return torch.stack(terms).sum()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="pneumoniamnist")
@@ -86,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift", type=int, default=2)
     ap.add_argument("--jitter", type=float, default=0.0, help="random contrast/brightness amount")
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--l1", type=float, default=0.0,
+    ap.add_argument("--l1", type=float, default=1.0,
                     help="penalty on hidden layers' worst-case accumulator range (sparser weights keep more precision)")
     ap.add_argument("--acc-noise", type=float, default=0.0,
                     help="training noise (accumulator units) before rounding, for approximate rounding")
@@ -103,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     xs = {s: torch.from_numpy(pre.batch(d.images)) for s, d in splits.items()}
     ys = {s: d.labels[:, 0].astype(np.int64) for s, d in splits.items()}
     n_classes = len(splits["train"].label_names)
+    task = splits["train"].task
     arch_kwargs = {"in_channels": 1, "num_outputs": n_classes, "image_size": 28, "hidden": args.hidden,
                    "quant_bits": args.quant_bits if len(args.quant_bits) > 1 else args.quant_bits[0],
                    "act_bits": args.act_bits if len(args.act_bits) > 1 else args.act_bits[0],
                    "acc_bits": args.acc_bits if len(args.acc_bits) > 1 else args.acc_bits[0],
-                   "input_bits": args.input_bits, "pool": args.pool}
+                   "input_bits": args.input_bits, "pool": args.pool, "range_penalty": args.l1}
     model = build_model("qfcnn", **arch_kwargs)
     model.train_acc_noise = args.acc_noise
     counts = np.bincount(ys["train"], minlength=n_classes)
@@ -126,22 +111,20 @@ def main(argv: list[str] | None = None) -> int:
             idx = perm[i:i + args.batch_size]
             xb = jitter(shift(xs["train"][idx], args.shift, gen), args.jitter, gen)
             loss = loss_fn(model(xb), ytr[idx])
-            if args.l1:
-                loss = loss + args.l1 * range_penalty(model)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-        val = metrics(model, xs["val"], ys["val"])
+        val = metrics(model, xs["val"], ys["val"], task)
         if val["acc"] >= best:
             best, best_state, best_epoch = val["acc"], copy.deepcopy(model.state_dict()), epoch
         print(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.4f} val acc {val['acc']:.4f} auc {val['auc']:.4f}",
               flush=True)
     model.load_state_dict(best_state)
     model.eval()
-    result = {s: metrics(model, xs[s], ys[s]) for s in ("val", "test")}
+    result = {s: metrics(model, xs[s], ys[s], task) for s in ("val", "test")}
     model.quantized = False
-    result_float = {s: metrics(model, xs[s], ys[s]) for s in ("val", "test")}
+    result_float = {s: metrics(model, xs[s], ys[s], task) for s in ("val", "test")}
     model.quantized = True
     integer = model.export_integer()
     q_test = integer.predict_logits(xs["test"].numpy()).argmax(1)
@@ -156,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "labels": list(splits["train"].label_names),
         "dataset": {"name": args.dataset, "size": 28},
         "preprocessing": pre.to_dict(),
-        "metrics": {**result, "float": result_float},
+        "metrics": {**result, "float_unquantized": result_float},
         "activation_ranges": {},
         "training": {"command": command, "seed": args.seed, "epochs": args.epochs, "best_epoch": best_epoch + 1,
                      "selection": "best quantized validation accuracy", "lr": args.lr,

@@ -114,12 +114,26 @@ class QLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, weight_bits: int,
-                 acc_bits: int | None = None) -> None:
+                 acc_bits: int | None = None, range_penalty: float = 0.0) -> None:
         super().__init__(in_features, out_features)
         if not 2 <= int(weight_bits) <= 8:
             raise ArtifactError(f"weight bits must be between 2 and 8, not {weight_bits}")
         self.weight_bits = int(weight_bits)
         self.acc_bits = None if acc_bits is None else int(acc_bits)
+        self.range_penalty = float(range_penalty)
+        if self.range_penalty:
+            self.weight.register_hook(self._penalty_grad)
+
+    def _penalty_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Add the gradient of ``range_penalty * mean_j(sum_i |w_ji|) / (max|w| * in_features)``.
+
+        That is the share of its worst case an accumulator can use: the rounding step before the table lookup is
+        proportional to the worst case, so sparser rows keep more precision. As a gradient hook it works under
+        any trainer (``medhe train`` included) without a custom loss.
+        """
+        w = self.weight.detach()
+        scale = self.range_penalty / (w.abs().max().clamp_min(1e-8) * w.shape[0] * w.shape[1])
+        return grad + scale * torch.sign(w)
 
     @property
     def qmax(self) -> int:
@@ -224,7 +238,7 @@ class QFCNN(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, num_outputs: int, hidden: Sequence[int],
                  weight_bits: Sequence[int], act_bits: Sequence[int], acc_bits: Sequence[int | None],
-                 input_bits: int, pool: int, input_range: tuple[float, float]) -> None:
+                 input_bits: int, pool: int, input_range: tuple[float, float], range_penalty: float = 0.0) -> None:
         super().__init__()
         self.in_shape = (int(in_channels), int(image_size), int(image_size))
         self.pool = nn.AvgPool2d(pool) if pool > 1 else nn.Identity()
@@ -234,7 +248,8 @@ class QFCNN(nn.Module):
         side = image_size // pool
         widths = [in_channels * side * side, *hidden, num_outputs]
         self.fcs = nn.ModuleList(
-            QLinear(widths[i], widths[i + 1], weight_bits[i], acc_bits[i] if i < len(hidden) else None)
+            QLinear(widths[i], widths[i + 1], weight_bits[i], acc_bits[i] if i < len(hidden) else None,
+                    range_penalty if i < len(hidden) else 0.0)
             for i in range(len(widths) - 1))
         self.acts = nn.ModuleList(QReLU(b) for b in act_bits)
         self.quantized = True
@@ -335,12 +350,13 @@ def _per_layer(value: int | Sequence[int | None] | None, n: int, what: str) -> l
 def build_qfcnn(in_channels: int = 1, num_outputs: int = 2, image_size: int = 28, hidden: int | Sequence[int] = 16,
                 quant_bits: int | Sequence[int] = 3, input_bits: int = 3, act_bits: int | Sequence[int] = 3,
                 acc_bits: int | Sequence[int | None] | None = 5, pool: int = 2,
-                input_range: Sequence[float] = (-1.0, 1.0), **kw: Any) -> QFCNN:
+                input_range: Sequence[float] = (-1.0, 1.0), range_penalty: float = 1.0, **kw: Any) -> QFCNN:
     """Build a QAT FCNN.
 
     ``quant_bits``: weight bits (one value, or one per linear layer); ``act_bits``: hidden activation bits (one per
     hidden layer); ``acc_bits``: significant bits kept in each hidden accumulator before its table lookup (None:
-    no rounding); ``input_bits``: bits of the encrypted input; ``pool``: public average pooling factor.
+    no rounding); ``input_bits``: bits of the encrypted input; ``pool``: public average pooling factor;
+    ``range_penalty``: training pressure towards small worst-case accumulators (see ``QLinear._penalty_grad``).
     """
     if kw:
         raise ArtifactError(f"qfcnn does not take {', '.join(sorted(kw))}; see build_qfcnn's arguments")
@@ -353,7 +369,7 @@ def build_qfcnn(in_channels: int = 1, num_outputs: int = 2, image_size: int = 28
     lo, hi = (float(v) for v in input_range)
     return QFCNN(in_channels, image_size, num_outputs, hidden, _per_layer(quant_bits, n + 1, "quant_bits"),
                  _per_layer(act_bits, n, "act_bits"), _per_layer(acc_bits, n, "acc_bits"), int(input_bits),
-                 int(pool), (lo, hi))
+                 int(pool), (lo, hi), float(range_penalty))
 
 
 __all__ = ["IntegerFCNN", "accumulator_plan", "IntegerLayer", "QFCNN", "build_qfcnn", "lsbs_to_remove", "round_lsbs", "signed_bits",
