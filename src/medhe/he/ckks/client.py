@@ -48,6 +48,7 @@ class CKKSClient(ClientSession):
     def keygen(self) -> None:
         self.backend.keygen(self.rotation_steps, self.relinearization)
         self._keyed = True
+        self._eval_keys: bytes | None = None
 
     def _need_keys(self) -> None:
         if not self._keyed:
@@ -55,8 +56,10 @@ class CKKSClient(ClientSession):
 
     def evaluation_keys(self) -> bytes:
         self._need_keys()
-        galois, relin = self.backend.evaluation_key_bytes()
-        return wire.pack(wire.KIND_KEYS, self.plan_id, [galois, relin])
+        if self._eval_keys is None:  # tens of MB to compact: do it once per key generation
+            galois, relin = self.backend.evaluation_key_bytes()
+            self._eval_keys = wire.pack(wire.KIND_KEYS, self.plan_id, [galois, relin])
+        return self._eval_keys
 
     def layout(self, x: np.ndarray) -> np.ndarray:
         """The slot vectors to encrypt (ciphertexts x slots): the public gather map applied to ``x``."""
