@@ -249,3 +249,15 @@ def test_seal_level_problems_become_ciphertext_errors(he):
     coeff_form[S._SEAL_HEADER.size + 32] = 0  # is_ntt_form = false
     with pytest.raises(CiphertextError, match="NTT form"):
         S.load_ciphertext(S.compact(bytes(coeff_form), S.KIND_CIPHERTEXT, ctx), ctx)
+
+
+def test_seeder_encrypt_goes_straight_to_seeded_bytes(he):
+    ctx, enc, dec = he["ctx"], he["encoder"], he["decryptor"]
+    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    values = np.linspace(-1, 1, 4096)
+    plain = enc.encode(values, 2.0 ** 28)
+    data = seeder.encrypt(plain)
+    assert len(data) < 0.51 * len(S.dump_ciphertext(he["ct"], ctx))
+    ct = S.load_ciphertext(data, ctx)
+    assert np.allclose(np.asarray(enc.decode(dec.decrypt(ct))), values, atol=1e-5)
+    assert seeder.encrypt(plain) != data  # fresh randomness every time

@@ -475,26 +475,31 @@ class Seeder:
             self._aux = self._tools(aux, sk) + (struct.pack("<4Q", *aux.first_parms_id()),)
         return self._aux
 
-    def _seeded(self, ct: seal.Ciphertext, meta: bytes, load_meta: bytes, level: tuple) -> bytes:
+    def _seeded(self, ct: seal.Ciphertext, meta: bytes, load_meta: bytes, level: tuple,
+                private: bool = False) -> bytes:
         """Seeded blob for ``ct``: (0, a) from a fresh seed, then c0 = Dec(ct + Enc(0) - (0, a)).
 
         The added fresh encryption of zero matters: without it, two encodings of one ciphertext (two seeds, or
         seeded and plain) would differ by an exact multiple of s, with no noise, and give the secret key away.
         With it, every encoding carries independent fresh noise (std grows by sqrt(2), far below the scale).
+        ``private``: ``ct`` is a fresh encryption that nobody else ever sees (see :meth:`encrypt`), so its own
+        noise suffices.
         """
         context, evaluator, decryptor, encryptor, encoder = level[:5]
         _pid, _ntt, _polys, n, k, _scale, _corr = _CT_META.unpack(meta)
-        zero_plain = encoder.encode(0.0, ct.scale())
-        if list(zero_plain.parms_id()) != list(ct.parms_id()):
-            evaluator.mod_switch_to_inplace(zero_plain, ct.parms_id())
-        fresh = evaluator.add(ct, encryptor.encrypt_symmetric(zero_plain))
+        fresh = ct
+        if not private:
+            zero_plain = encoder.encode(0.0, ct.scale())
+            if list(zero_plain.parms_id()) != list(ct.parms_id()):
+                evaluator.mod_switch_to_inplace(zero_plain, ct.parms_id())
+            fresh = evaluator.add(ct, encryptor.encrypt_symmetric(zero_plain))
         seed = os.urandom(_SEED_BYTES)
         a = seal.Ciphertext()
         a.load_bytes(context, _seeded_blob(load_meta, *self._version, bytes(n * k * 8), seed))
         c0 = decryptor.decrypt(evaluator.sub(fresh, a)).to_bytes()[-n * k * 8:]
         return _seeded_blob(meta, *self._version, c0, seed)
 
-    def seed_ciphertext(self, ct: seal.Ciphertext) -> bytes:
+    def seed_ciphertext(self, ct: seal.Ciphertext, private: bool = False) -> bytes:
         """SEAL bytes of a size-2 data-level ciphertext in seeded form: same message, plus fresh noise."""
         pid = struct.pack("<4Q", *ct.parms_id())
         if ct.size() != 2 or not ct.is_ntt_form() or pid == self._key_pid or \
@@ -503,7 +508,15 @@ class Seeder:
                                   "relinearize it, or send it without a Seeder")
         # CKKS ciphertexts always carry correction factor 1 (it is a BGV notion)
         meta = _CT_META.pack(pid, 1, 2, ct.poly_modulus_degree(), ct.coeff_modulus_size(), ct.scale(), 1)
-        return self._seeded(ct, meta, meta, self._data_level)
+        return self._seeded(ct, meta, meta, self._data_level, private)
+
+    def encrypt(self, plain: seal.Plaintext) -> bytes:
+        """Encrypt ``plain`` (secret key, SEAL) straight to compact seeded bytes: the cheapest way to upload.
+
+        The intermediate ciphertext never leaves this call, so no re-randomisation is needed.
+        """
+        ct = self._data_level[3].encrypt_symmetric(plain)
+        return compact(self.seed_ciphertext(ct, private=True), KIND_CIPHERTEXT, self.context)
 
     def seed_kswitch(self, raw: bytes) -> bytes:
         """Galois/relin keys (SEAL bytes) -> the same keys with every component in seeded form."""
