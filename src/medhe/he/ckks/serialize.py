@@ -13,7 +13,8 @@ key components are sent in SEAL's seeded form, where the uniform polynomial is r
 The server needs nothing extra: SEAL's loader expands seeds.
 
     seeder = Seeder(context, keygen.secret_key())          # client only
-    data = dump_ciphertext(ct, context, seeder)            # ~0.23x SEAL's raw bytes at N=8192
+    data = seeder.encrypt(plain)                           # ~0.23x SEAL's raw ciphertext bytes at N=8192
+    gk = dump_galois_keys(galois_keys, context, seeder)    # ~0.24x SEAL's raw key bytes
     ct = load_ciphertext(data, context)                    # server; CiphertextError on anything wrong
 
 Wire frame (little-endian)::
