@@ -39,8 +39,9 @@ def tutorial4_model(num_outputs: int = 10, seed: int = 0) -> nn.Sequential:
     """The tutorial's ConvNet as a medhe model (arch ``tenseal-tutorial4``), deterministically initialised."""
     from medhe.models.zoo import build_model
 
-    torch.manual_seed(seed)
-    return build_model("tenseal-tutorial4", in_channels=1, num_outputs=num_outputs, image_size=28).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        return build_model("tenseal-tutorial4", in_channels=1, num_outputs=num_outputs, image_size=28).eval()
 
 
 def _layers(model: nn.Sequential) -> tuple[nn.Conv2d, nn.Linear, nn.Linear]:
