@@ -147,3 +147,17 @@ def test_non_qat_model_is_refused():
         integer_model(ModelArtifact(model=net, card=dict(CARD, arch_kwargs={})))
     with pytest.raises(PlanError, match="--fhe"):
         compile_tfhe(ModelArtifact(model=net, card=dict(CARD, arch_kwargs={})), fhe="gpu")
+
+
+def test_evaluate_tfhe_fills_report_in_simulation(tiny_artifact, server):
+    from medhe.he.tfhe import evaluate_tfhe
+
+    images = _images(12, seed=4)
+    labels = np.arange(12).reshape(-1, 1) % 2
+    report = evaluate_tfhe(tiny_artifact, images, labels, fhe="simulate", server=server)
+    for key in ("plain_float", "quantized", "simulated"):
+        assert set(report[key]) >= {"acc", "auc", "f1"}
+    assert report["simulated_vs_quantized"]["bit_exact"] == 1.0  # exact rounding: simulation is bit-exact
+    assert report["params"]["security_bits"] >= 128 and "p_error" in report["params"]
+    with pytest.raises(DataError, match="labels"):
+        evaluate_tfhe(tiny_artifact, images, labels[:5], fhe="simulate", server=server)
