@@ -1,7 +1,22 @@
 """CKKS encrypted inference on Microsoft SEAL: compiler (trace + fold + parameters + packing), client and server.
 
-Public entry points are imported lazily so that sibling modules (serialization, benchmarks) can import the
-package without pulling in the whole compiler.
+Public API::
+
+    server = compile_ckks(artifact, **options)   # CKKSServerModel (a medhe.he.scheme.ServerModel), no secret key
+    server = compile_plan(model, (C, H, W))      # ... or from a bare torch nn.Sequential: Plan; wrap with
+    server = server_from_model(model, (C, H, W)) #     CKKSServerModel(plan) or use this helper
+    spec = server.spec()                         # JSON-able public plan: params, input gather map, rotation steps
+    client = CKKSClient(spec); client.keygen()   # medhe.he.scheme.ClientSession; secret key stays here
+    keys = server.load_keys(client.evaluation_keys())
+    logits = client.decrypt(server.infer(keys, client.encrypt(x)))
+    layer_errors(server, client, x)              # per-layer max |decrypted - plaintext| (local debugging)
+    dump_server(server) / load_server(data)      # compiled model <-> checked bytes
+
+Modules: ``trace`` (scheme-independent IR + folding), ``params`` (128-bit parameter choice), ``packing`` (slot
+layouts and linear lowerings), ``plan`` (the compiler), ``backend`` (operation interface + SEAL), ``server`` /
+``client`` / ``wire`` (the split and its bytes), ``planfile``, ``debug``, ``simulate`` (plaintext slot simulator
+for compiler tests), ``measure`` (JSON timings). Public entry points are imported lazily so that sibling modules
+(serialization, benchmarks) can import the package without pulling in the whole compiler.
 """
 
 from __future__ import annotations
