@@ -48,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
                                        requests=args.requests, data_dir=args.data_dir)
     elif args.scheme == "ckks":
-        from medhe.he.ckks.bench import run_ckks_benchmark
+        from medhe.he.ckks.bench import format_summary, run_ckks_benchmark
 
         result = run_ckks_benchmark(model=args.model or "pneumoniamnist", n_images=args.images,
                                     data_dir=args.data_dir)
+        print(format_summary(result))
     elif args.scheme == "tfhe":
         from medhe.he.tfhe.bench import run_tfhe_benchmark
 
