@@ -83,14 +83,17 @@ def _channel_offset_candidates(offs: tuple[int, ...], c: int, rs: int, cs: int,
     return out
 
 
-def strided_layout(inp: Layout, shape: tuple[int, int, int], stride: tuple[int, int]) -> Layout | None:
+def strided_layout(inp: Layout, shape: tuple[int, int, int], stride: tuple[int, int],
+                   slots_total: int | None = None) -> Layout | None:
     """Output grid of a conv/pool on ``inp``'s grid: same origin, steps multiplied by the stride (no repacking).
 
-    Channels keep their input offsets when they fit; otherwise they are packed greedily into free slots of the
-    period (e.g. into the gaps a stride leaves). None when the grid cannot hold the output.
+    Channels keep a regular stride when they fit (a replicated input lets more output channels spill into the
+    next copies: the output period grows to a power of two, still replicated); otherwise they are packed greedily
+    into free slots of the period (e.g. into the gaps a stride leaves). None when the grid cannot hold the output.
     """
     if inp.grid is None:
         return None
+    limit = slots_total if (inp.replicated and slots_total) else inp.period
     offs, rs, cs = inp.grid
     c, h, w = shape
     rs2, cs2 = rs * stride[0], cs * stride[1]
@@ -98,8 +101,9 @@ def strided_layout(inp: Layout, shape: tuple[int, int, int], stride: tuple[int, 
     extent = int(base.max()) + 1
     for cand in _channel_offset_candidates(offs, c, rs, cs, stride):
         slots = grid_slots(cand, rs2, cs2, h, w)
-        if slots.min() >= 0 and slots.max() < inp.period and len(np.unique(slots)) == len(slots):
-            return Layout(slots, inp.period, inp.replicated, grid=(cand, rs2, cs2))
+        if slots.min() >= 0 and slots.max() < limit and len(np.unique(slots)) == len(slots):
+            period = max(inp.period, next_pow2(int(slots.max()) + 1)) if inp.replicated else inp.period
+            return Layout(slots, period, inp.replicated, grid=(cand, rs2, cs2))
     used = np.zeros(inp.period, dtype=bool)
     chosen: list[int] = []
     start = 0

@@ -460,7 +460,7 @@ class _Lowering:
         elif len(node.shape) == 3:
             lay = None
             if node.stride is not None and len(self.graph.nodes[node.inputs[0]].shape) == 3:
-                lay = packing.strided_layout(inp, node.shape, node.stride)
+                lay = packing.strided_layout(inp, node.shape, node.stride, self.slots)
             if lay is None:
                 period = max(packing.next_pow2(node.size), inp.period if inp.replicated else 1)
                 lay = packing.grid_layout(node.shape, period if inp.replicated else self.slots, inp.replicated)
