@@ -167,3 +167,9 @@ def test_a_network_that_is_not_a_classifier_is_refused(tmp_path, data_dir):
                         epochs=1, limit=16, progress=False)
     finally:
         ARCHS.pop("test-features")
+
+
+def test_threshold_calibration_is_refused_for_multi_label(tmp_path, data_dir):
+    with pytest.raises(MedheError, match="binary tasks only"):
+        train_model("nih_chestxray14_subset", out_dir=tmp_path / "m", data_dir=data_dir, epochs=1, limit=16,
+                    progress=False, calibrate="youden")

@@ -9,6 +9,7 @@ choice use the validation split only; the test split is scored once, at the end,
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shlex
@@ -46,14 +47,18 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     ``calibrate``: for binary tasks, move the decision threshold (the last layer's bias) to the point on the
     validation set that maximises balanced accuracy (``"youden"``, robust to a class-prior shift) or accuracy
     (``"acc"``). ``ema``: keep an exponential moving average of the weights with this decay (e.g. 0.99) and
-    select/ship the averaged model, which is steadier on small datasets. ``limit`` keeps N images of every split (seeded random subset) (quick runs and tests). ``card_extras`` is merged
-    into the card (e.g. a backend's quantization section).
+    select/ship the averaged model, which is steadier on small datasets. ``limit`` keeps N images of every split
+    (a seeded random subset; quick runs and tests). ``card_extras`` is merged into the card (e.g. a backend's
+    quantization section).
     """
     _check_args(epochs, batch_size, lr, size, calibrate, limit)
     if out_dir is None:
         raise MedheError("no output folder given: pass --out DIR")
     started = time.perf_counter()
     data = _load_splits(dataset, size, data_dir, limit, (arch_kwargs or {}).get("in_channels"), seed)
+    if calibrate and data.train.task != "binary-class":
+        raise MedheError(f"threshold calibration applies to binary tasks only, and {dataset} is {data.train.task}: "
+                         "drop --calibrate")
     kwargs = {"in_channels": data.preprocess.channels, "num_outputs": data.train.num_outputs,
               "image_size": size, **(arch_kwargs or {})}
     torch.manual_seed(seed)
@@ -64,7 +69,7 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     aug = augment if isinstance(augment, Augment) else (Augment() if augment else Augment.off())
     history = _fit(model, data, loss_fn, aug, epochs, batch_size, lr, weight_decay, grad_clip, seed, progress, ema)
     calibration = None
-    if calibrate and data.train.task == "binary-class":
+    if calibrate:
         calibration = calibrate_threshold(model, data.x_val, data.val.labels, calibrate)
     metrics = {
         "val": compute_metrics(data.val.task, data.val.labels, predict_logits(model, data.x_val)),
@@ -72,8 +77,10 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     }
     record_ranges(model, data.x_train)  # last forward pass: ranges come from the training set only
     training = {
-        "command": command or equivalent_command(dataset, arch, epochs, out_dir, seed, batch_size, lr, arch_kwargs,
-                                                 size, augment),
+        "command": command or equivalent_command(
+            dataset, arch, out_dir, arch_kwargs, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, size=size, label_smoothing=label_smoothing, ema=ema, calibrate=calibrate,
+            name=name, limit=limit, class_balanced=class_balanced, no_augment=not aug.enabled),
         "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
         "augment": aug.to_dict() if aug.enabled else False, "class_balanced": class_balanced,
         "label_smoothing": label_smoothing, "ema": ema, "best_epoch": history["best_epoch"],
@@ -332,13 +339,19 @@ def record_ranges(model: nn.Module, x_train: np.ndarray) -> None:
     layers.set_recording(model, False)  # later forward passes (evaluation) must not widen them
 
 
-def equivalent_command(dataset: Any, arch: str, epochs: int, out_dir: Any, seed: int, batch_size: int, lr: float,
-                       arch_kwargs: dict[str, Any] | None, size: int, augment: Any) -> str:
-    """The ``medhe train`` line that reproduces a call made from Python (recorded when no CLI line is given)."""
-    parts = ["medhe", "train", "--dataset", str(dataset), "--arch", arch, "--epochs", str(epochs), "--out",
-             str(out_dir), "--seed", str(seed), "--batch-size", str(batch_size), "--lr", str(lr), "--size", str(size)]
+def equivalent_command(dataset: Any, arch: str, out_dir: Any, arch_kwargs: dict[str, Any] | None,
+                       **options: Any) -> str:
+    """The ``medhe train`` line that reproduces a call made from Python (recorded when no CLI line is given).
+
+    Options that are None or False are left out; True becomes a bare flag. A custom ``Augment`` has no CLI
+    spelling: the card's ``training.augment`` records its strengths.
+    """
+    parts = ["medhe", "train", "--dataset", str(dataset), "--arch", arch, "--out", str(out_dir)]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
     for key, value in (arch_kwargs or {}).items():
-        parts += ["--arch-arg", f"{key}={value}"]
-    if augment is False:
-        parts.append("--no-augment")
+        parts += ["--arch-arg", f"{key}={json.dumps(value)}"]
     return shlex.join(parts)
