@@ -96,3 +96,14 @@ def test_input_over_budget_is_sent_once_and_convolved_with_rotations():
     plan = compile_plan(model.eval(), (2, 8, 8), max_input_bytes=1)
     assert plan.gather.shape[0] == 1 and plan.strategies[0].endswith(":direct")
     _check(model, (2, 8, 8), max_input_bytes=1)
+
+
+def test_negative_and_negligible_quadratic_terms():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), PolyAct((-0.2, 0.7, 0.1)), nn.Linear(8, 3))
+    _check(model, (1, 4, 4))
+    tiny = PolyAct((1e-14, 0.9, 0.0))
+    tiny.input_min.fill_(-3.0)
+    tiny.input_max.fill_(3.0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), tiny, nn.Linear(8, 3)).eval()
+    assert compile_plan(model, (1, 4, 4)).depth == 1  # the 1e-14 x^2 term is dropped, not divided by

@@ -261,10 +261,30 @@ def _diag_linear(src: int, node: Node, scale: float, shift: float, name: str) ->
                 stride=(1, 1) if len(node.shape) == 3 else None)
 
 
+NEGLIGIBLE = 1e-9  # a top coefficient whose term stays below this fraction of the rest over the range is dropped
+
+
+def _trim_negligible(coeffs: tuple[float, ...], input_range: tuple[float, float] | None) -> tuple[float, ...]:
+    """Drop leading terms that cannot matter over the recorded range (a ~ 0 would make the factorization
+    a·x·(x + b/a) divide by almost zero and amplify noise)."""
+    if input_range is None:
+        return coeffs
+    r = max(1.0, abs(input_range[0]), abs(input_range[1]))
+    while len(coeffs) > 2:
+        top = abs(coeffs[-1]) * r ** (len(coeffs) - 1)
+        rest = sum(abs(c) * r ** k for k, c in enumerate(coeffs[:-1]))
+        if top > NEGLIGIBLE * max(rest, 1e-300):
+            break
+        coeffs = coeffs[:-1]
+    return coeffs
+
+
 def linearize_polys(graph: Graph) -> Graph:
     """Degree <= 1 activations are affine maps: make them linear nodes and fold them into their neighbours."""
     nodes = []
     for node in graph.nodes:
+        if node.op == "poly":
+            node = replace(node, coeffs=_trim_negligible(tuple(node.coeffs), node.input_range))
         if node.op == "poly" and len(node.coeffs) <= 2:
             c = tuple(node.coeffs) + (0.0,) * (2 - len(node.coeffs))
             nodes.append(_diag_linear(node.inputs[0], node, c[1], c[0], node.name))
