@@ -40,7 +40,8 @@ def test_short_training_run_writes_a_complete_card(trained):
     assert list(ranges) == ["2", "6"] and all(lo < hi for lo, hi in ranges.values())
     training = card["training"]
     assert training["seed"] == 3 and training["epochs"] == 1 and training["n_train"] == 256
-    assert training["command"].startswith("medhe train --dataset pneumoniamnist --arch hecnn --epochs 1")
+    assert training["command"].startswith("medhe train --dataset pneumoniamnist --arch hecnn --out ")
+    assert "--epochs 1 --seed 3 " in training["command"] and "--calibrate youden" in training["command"]
     assert training["calibration"]["method"] == "youden on val"
 
 
