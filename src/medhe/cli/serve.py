@@ -48,6 +48,23 @@ def _size(text: str) -> int:
     return int(value)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise MedheError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise MedheError(f"cannot listen on {host}:{port} ({exc.strerror}): is another server running there? "
+                             "choose another --port") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -68,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.host not in LOOPBACK and not args.ssl_certfile:
         print("warning: no TLS: put medhe behind a TLS proxy or pass --ssl-certfile/--ssl-keyfile", file=sys.stderr)
+    _check_port_free(args.host, args.port)  # fail now, not after minutes of compiling
     models = load_catalog(args.model)
     workers = default_processes() if args.workers is None else args.workers
     if workers < 0:
@@ -75,8 +93,14 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(models, token=token, max_body=args.max_body, key_ttl=args.key_ttl,
                      max_key_bytes=args.max_key_bytes, processes=workers)
     scheme = "https" if args.ssl_certfile else "http"
-    print(f"medhe serve: {', '.join(f'{m.id} ({m.ref.scheme})' for m in models)} at "
-          f"{scheme}://{args.host}:{args.port}{protocol.PREFIX}  (compiling, then ready; Ctrl-C stops)",
+    print(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme})' for m in models)} "
+          f"in {workers or 'in-process'} worker(s) ...", file=sys.stderr, flush=True)
+    try:
+        app.state.start()  # compile errors are one-line MedheErrors here, before the port is bound
+    except BaseException:
+        app.state.pool.close()
+        raise
+    print(f"medhe serve: ready at {scheme}://{args.host}:{args.port}{protocol.PREFIX}  (Ctrl-C stops)",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,

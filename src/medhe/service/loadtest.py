@@ -2,8 +2,9 @@
 
 Each client generates and registers its own evaluation keys (as separate hospitals would), encrypts its images
 once, then all clients fire requests together. Latency is the round trip of one inference request (upload,
-server evaluation, download); every result is decrypted and checked against the plaintext prediction when one is
-given, so the figure also proves that concurrent requests did not corrupt each other.
+queueing, server evaluation, download; client-side encryption is reported separately in ``setup``); every result
+is decrypted and checked against the plaintext prediction when one is given, so the figure also proves that
+concurrent requests did not corrupt each other. A probe polls ``/v1/health`` meanwhile: liveness under load.
 """
 
 from __future__ import annotations
@@ -83,14 +84,34 @@ def run_load_test(url: str, model: str | None, images: Sequence[np.ndarray], cli
                 pass
             client.close()
 
+    health_ms: list[float] = []
+    finished = threading.Event()
+
+    def probe() -> None:
+        """Liveness under load: the web process must keep answering while workers evaluate."""
+        import httpx
+
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while not finished.wait(0.25):
+                start = time.perf_counter()
+                try:
+                    http.get("/v1/health").raise_for_status()
+                    health_ms.append((time.perf_counter() - start) * 1000.0)
+                except httpx.HTTPError as exc:
+                    errors.append(f"health: {exc}")
+
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     ready.wait()
     started = time.perf_counter()
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    finished.set()
+    prober.join()
     done = [s for s in setup if s]
     return {
         "url": url, "model": model, "clients": clients, "requests": requests,
@@ -100,6 +121,8 @@ def run_load_test(url: str, model: str | None, images: Sequence[np.ndarray], cli
                        "mean": statistics.fmean(latencies) if latencies else None,
                        "max": max(latencies) if latencies else None},
         "server_eval_ms_p50": _percentile([v for v in server_ms if v == v], 50),
+        "health_ms": {"p50": _percentile(health_ms, 50), "p95": _percentile(health_ms, 95),
+                      "max": max(health_ms) if health_ms else None, "probes": len(health_ms)},
         "throughput_rps": len(latencies) / wall if wall > 0 else None,
         "wall_s": wall,
         "setup": {"clients_ready": len(done),

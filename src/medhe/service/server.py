@@ -34,7 +34,7 @@ _ERROR = {"description": "JSON error: {\"error\": {\"code\", \"message\"}}"}
 
 def create_app(models: list[ServedModel], token: str | None = None, max_body: int = protocol.DEFAULT_MAX_BODY,
                key_ttl: float = protocol.DEFAULT_KEY_TTL, max_key_bytes: int = protocol.DEFAULT_MAX_KEY_BYTES,
-               processes: int = 0, threads: int = 2) -> FastAPI:
+               processes: int = 0, threads: int = 1) -> FastAPI:
     """Build the app. Workers compile the models when the app starts (lifespan), so /v1/ready turns true then.
 
     ``processes``: worker processes for inference (0 = a thread pool of ``threads`` in this process).
@@ -51,15 +51,22 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     keys = KeyStore(max_key_bytes, ttl=key_ttl, on_evict=release)
     state: dict[str, Any] = {"ready": False}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        import asyncio
-
-        specs = await asyncio.get_running_loop().run_in_executor(None, pool.start)
+    def start_workers() -> None:
+        """Compile every model in the workers (blocking, idempotent). ``medhe serve`` calls it before binding the
+        port so a model that does not compile is a one-line error, not a half-started server."""
+        if state["ready"]:
+            return
+        specs = pool.start()
         for model_id, spec in specs.items():
             catalog[model_id].spec = spec
         state["ready"] = True
         log.info("medhe serve: %d model(s) ready on %d worker slot(s)", len(catalog), pool.size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, start_workers)
         try:
             yield
         finally:
@@ -73,6 +80,7 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     )
     app.state.keys = keys
     app.state.pool = pool
+    app.state.start = start_workers
     app.state.catalog = catalog
 
     # -- errors: every refusal is JSON ---------------------------------------------------------------------------

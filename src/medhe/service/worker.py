@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -62,21 +63,25 @@ class WorkerState:
 
 # -- process-side entry points (module level so they pickle by name) ---------------------------------------------
 _STATE: WorkerState | None = None
+_INIT: tuple | None = None
 
 
 def _init_process(refs: list[ModelRef], key_cache_bytes: int, threads: int) -> None:
-    global _STATE
-    try:
-        import torch
+    """Runs in each fresh worker. Compilation is deferred to the first call so its errors reach the parent as
+    exceptions (a failing initializer only yields an opaque BrokenProcessPool and a traceback on stderr)."""
+    global _INIT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole process group: the parent shuts us down
+    import torch
 
-        torch.set_num_threads(max(1, threads))
-    except Exception:  # pragma: no cover - torch is a hard dependency, this is belt and braces
-        pass
-    _STATE = WorkerState(refs, key_cache_bytes)
+    torch.set_num_threads(max(1, threads))
+    _INIT = (refs, key_cache_bytes)
 
 
 def _call(method: str, *args: Any) -> Any:
-    assert _STATE is not None, "worker process not initialised"
+    global _STATE
+    if _STATE is None:
+        assert _INIT is not None, "worker process not initialised"
+        _STATE = WorkerState(*_INIT)
     return getattr(_STATE, method)(*args)
 
 
@@ -89,7 +94,7 @@ class WorkerPool:
     slot), so memory is bounded by ``--max-key-bytes`` once, not once per worker.
     """
 
-    def __init__(self, refs: list[ModelRef], processes: int = 0, threads: int = 2,
+    def __init__(self, refs: list[ModelRef], processes: int = 0, threads: int = 1,
                  key_cache_bytes: int = 1 << 32):
         self.refs = list(refs)
         self.processes = max(0, int(processes))
@@ -118,7 +123,15 @@ class WorkerPool:
         if self.processes:
             self._slots = [self._new_process_slot() for _ in range(self.processes)]
             futures = [slot.submit(_call, "specs") for slot in self._slots]  # compile in parallel
-            specs = [f.result() for f in futures]
+            try:
+                specs = [f.result() for f in futures]
+            except BrokenProcessPool:
+                self.close()
+                raise MedheError("a worker process died while compiling the models (out of memory?); try "
+                                 "fewer --workers") from None
+            except BaseException:
+                self.close()
+                raise
             if any(s != specs[0] for s in specs[1:]):
                 raise MedheError("workers compiled different parameters for the same model; compilation must be "
                                  "deterministic (report this as a bug)")
