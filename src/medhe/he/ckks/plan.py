@@ -485,8 +485,8 @@ class _Lowering:
                 period = max(packing.next_pow2(node.size), inp.period if inp.replicated else 1)
                 lay = packing.grid_layout(node.shape, period if inp.replicated else self.slots, inp.replicated)
             cands.append(packing.lower_direct(node.matrix, inp, lay, self.slots))
-        elif self.feeds_broadcast(i):
-            cands.append(packing.lower_hybrid_replicated(node.matrix, inp, self.slots))
+        elif self.feeds_broadcast(i) and (rep := packing.lower_hybrid_replicated(node.matrix, inp, self.slots)):
+            cands.append(rep)
         else:
             for cand in (packing.lower_hybrid(node.matrix, inp, self.slots),
                          packing.lower_box(node.matrix, inp, self.slots)):

@@ -317,15 +317,6 @@ def run_plain(graph: Graph, x: np.ndarray) -> list[np.ndarray]:
     return values
 
 
-def value_bound(graph: Graph, index: int) -> float | None:
-    """Largest |value| a poly node's recorded range implies for its output (for parameter headroom)."""
-    node = graph.nodes[index]
-    if node.op != "poly" or node.input_range is None:
-        return None
-    xs = np.linspace(node.input_range[0], node.input_range[1], 257)
-    return float(max(np.abs(poly_eval(node.coeffs, xs)).max(), np.abs(xs).max()))
-
-
 def output_bound(graph: Graph, input_bound: float = 1.0) -> float:
     """A bound on |output| from the recorded activation ranges (each activation's image over its range).
 
@@ -352,11 +343,6 @@ def output_bound(graph: Graph, input_bound: float = 1.0) -> float:
         else:
             bounds.append(bounds[node.inputs[0]] + bounds[node.inputs[1]])
     return float(bounds[-1].max())
-
-
-def ranges_max_abs(graph: Graph) -> float | None:
-    bounds = [b for i in range(len(graph.nodes)) if (b := value_bound(graph, i)) is not None]
-    return max(bounds) if bounds else None
 
 
 def is_finite_range(r: tuple[float, float] | None) -> bool:
