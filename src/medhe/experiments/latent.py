@@ -31,7 +31,8 @@ from medhe.models.metrics import compute_metrics
 
 NIH = "nih_chestxray14_subset"
 DEFAULT_ARCH_KWARGS = {"width": 8, "groups": 1, "se_reduction": 4, "head_size": 4}
-DEFAULT_TRAIN = {"epochs": 60, "lr": 3e-3, "batch_size": 32, "weight_decay": 1e-3, "seed": 0, "flip": True}
+DEFAULT_TRAIN = {"epochs": 60, "lr": 3e-3, "batch_size": 32, "weight_decay": 1e-3, "seed": 0, "flip": False,
+                 "pos_weight": "full"}
 PIXEL_PREPROCESS = {"channels": 1, "crop": "center", "mean": 0.5, "std": 0.5}
 
 
@@ -112,8 +113,9 @@ def _logits(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray
 def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                      arch_kwargs: dict[str, Any] | None = None, epochs: int = 60, lr: float = 3e-3,
                      batch_size: int = 32, weight_decay: float = 1e-3, seed: int = 0, flip: bool = True,
-                     log: Callable[[str], None] | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Multi-label BCE (positives re-weighted by sqrt(neg/pos) so rare labels are not ignored); keep the epoch with
+                     pos_weight: str | None = "sqrt", log: Callable[[str], None] | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Multi-label BCE (positives re-weighted by neg/pos, its sqrt, or not: ``pos_weight`` "full" | "sqrt" | None, so
+    rare labels are not ignored at threshold 0.5); keep the epoch with
     the best val macro AUC; re-record activation ranges on train+val in eval mode for the CKKS compiler."""
     n, c, h, _ = x_train.shape
     kwargs = {"in_channels": c, "num_outputs": y_train.shape[1], "image_size": h,
@@ -123,8 +125,9 @@ def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
     model = build_latent_classifier(**kwargs)
     layers.set_recording(model, False)
     pos = y_train.sum(0).clip(min=1)
-    pos_weight = torch.tensor(np.sqrt((n - pos) / pos), dtype=torch.float32)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    ratio = (n - pos) / pos
+    weights = {"full": ratio, "sqrt": np.sqrt(ratio), None: np.ones_like(ratio)}[pos_weight]
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(weights, dtype=torch.float32))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * int(np.ceil(n / batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -160,7 +163,7 @@ def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
     record = {"arch": "latent-hecnn", "arch_kwargs": kwargs, "epochs": epochs, "lr": lr, "batch_size": batch_size,
               "weight_decay": weight_decay, "seed": seed, "flip": flip, "best_epoch": best[1],
               "best_val_auc": round(best[0], 4), "val_auc_history": history, "n_train": int(n),
-              "loss": "BCEWithLogits, pos_weight sqrt(neg/pos)"}
+              "loss": "BCEWithLogits", "pos_weight": pos_weight}
     return model, record
 
 
