@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true", help="train without random affine / intensity jitter")
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="select and ship an exponential moving average of the weights (e.g. 0.98)")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup regularisation strength (e.g. 0.2; default 0 = off)")
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
     p.add_argument("--calibrate", choices=("none", "youden", "acc"), default="none",
                    help="binary tasks: choose the decision threshold on the validation set (recorded in the card)")
@@ -89,6 +91,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--no-augment")
     if args.ema is not None:
         parts += ["--ema", str(args.ema)]
+    if args.mixup:
+        parts += ["--mixup", str(args.mixup)]
     if args.class_balanced:
         parts.append("--class-balanced")
     if args.calibrate != "none":
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         args.dataset, arch=arch, epochs=args.epochs, out_dir=args.out, seed=args.seed, batch_size=args.batch_size,
         lr=args.lr, arch_kwargs=arch_kwargs, data_dir=args.data_dir, size=args.size, augment=not args.no_augment,
         command=command_line(args), progress=not args.no_progress, weight_decay=args.weight_decay,
-        class_balanced=args.class_balanced, label_smoothing=args.label_smoothing, ema=args.ema,
+        class_balanced=args.class_balanced, label_smoothing=args.label_smoothing, ema=args.ema, mixup=args.mixup,
         calibrate=None if args.calibrate == "none" else args.calibrate, name=args.name, limit=args.limit)
     print_summary(artifact)
     return 0

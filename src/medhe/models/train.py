@@ -40,7 +40,7 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
                 size: int = 28, augment: bool | Augment = True, command: str | None = None, progress: bool = True,
                 *, weight_decay: float = 1e-4, class_balanced: bool = False, label_smoothing: float = 0.0,
                 calibrate: str | None = None, name: str | None = None, limit: int | None = None,
-                grad_clip: float = 5.0, ema: float | None = None,
+                grad_clip: float = 5.0, ema: float | None = None, mixup: float = 0.0,
                 card_extras: dict[str, Any] | None = None) -> ModelArtifact:
     """Train ``arch`` on ``dataset`` and write the artifact to ``out_dir``; returns it reloaded from disk.
 
@@ -49,9 +49,9 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     (``"acc"``). ``ema``: keep an exponential moving average of the weights with this decay (e.g. 0.99) and
     select/ship the averaged model, which is steadier on small datasets. ``limit`` keeps N images of every split
     (a seeded random subset; quick runs and tests). ``card_extras`` is merged into the card (e.g. a backend's
-    quantization section).
+    quantization section). ``mixup``: Beta(alpha, alpha) mixup strength (0 = off), a regulariser for small sets.
     """
-    _check_args(epochs, batch_size, lr, size, calibrate, limit)
+    _check_args(epochs, batch_size, lr, size, calibrate, limit, mixup)
     if out_dir is None:
         raise MedheError("no output folder given: pass --out DIR")
     started = time.perf_counter()
@@ -67,7 +67,8 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     _check_outputs(model, arch, kwargs)
     loss_fn = _loss(data.train.task, data.train.labels, data.train.num_outputs, class_balanced, label_smoothing)
     aug = augment if isinstance(augment, Augment) else (Augment() if augment else Augment.off())
-    history = _fit(model, data, loss_fn, aug, epochs, batch_size, lr, weight_decay, grad_clip, seed, progress, ema)
+    history = _fit(model, data, loss_fn, aug, epochs, batch_size, lr, weight_decay, grad_clip, seed, progress, ema,
+                   mixup)
     calibration = None
     if calibrate:
         calibration = calibrate_threshold(model, data.x_val, data.val.labels, calibrate)
@@ -79,11 +80,12 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     training = {
         "command": command or equivalent_command(
             dataset, arch, out_dir, arch_kwargs, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
-            weight_decay=weight_decay, size=size, label_smoothing=label_smoothing, ema=ema, calibrate=calibrate,
+            weight_decay=weight_decay, size=size, label_smoothing=label_smoothing, ema=ema, mixup=mixup or None,
+            calibrate=calibrate,
             name=name, limit=limit, class_balanced=class_balanced, no_augment=not aug.enabled),
         "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
         "augment": aug.to_dict() if aug.enabled else False, "class_balanced": class_balanced,
-        "label_smoothing": label_smoothing, "ema": ema, "best_epoch": history["best_epoch"],
+        "label_smoothing": label_smoothing, "ema": ema, "mixup": mixup, "best_epoch": history["best_epoch"],
         "n_train": len(data.train), "n_val": len(data.val), "elapsed_s": round(time.perf_counter() - started, 1),
     }
     if calibration:
@@ -106,7 +108,7 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
 
 
 def _check_args(epochs: int, batch_size: int, lr: float, size: int, calibrate: str | None,
-                limit: int | None) -> None:
+                limit: int | None, mixup: float) -> None:
     if epochs < 1:
         raise MedheError(f"epochs must be at least 1, not {epochs}")
     if batch_size < 2:
@@ -117,6 +119,8 @@ def _check_args(epochs: int, batch_size: int, lr: float, size: int, calibrate: s
         raise MedheError(f"image size must be at least 8 pixels, not {size}")
     if calibrate not in CALIBRATIONS:
         raise MedheError(f"calibration {calibrate!r} is unknown: use none, youden or acc")
+    if mixup < 0:
+        raise MedheError(f"mixup strength must be >= 0 (0 turns it off), not {mixup}")
     if limit is not None and limit < 4:
         raise MedheError(f"limit must be at least 4 images, not {limit}")
 
@@ -212,12 +216,14 @@ def _selection_key(metrics: dict[str, Any]) -> tuple[float, float]:
 
 
 def _fit(model: nn.Module, data: _Splits, loss_fn: nn.Module, aug: Augment, epochs: int, batch_size: int, lr: float,
-         weight_decay: float, grad_clip: float, seed: int, progress: bool, ema: float | None) -> dict[str, Any]:
+         weight_decay: float, grad_clip: float, seed: int, progress: bool, ema: float | None,
+         mixup: float) -> dict[str, Any]:
     """AdamW with one warm-up epoch then cosine decay; keeps the weights of the best validation epoch."""
     if ema is not None and not 0 < ema < 1:
         raise MedheError(f"ema decay must be between 0 and 1 (e.g. 0.99), not {ema}")
     averaged = copy.deepcopy(model) if ema else None
     gen = torch.Generator().manual_seed(seed)
+    mix_rng = np.random.default_rng(seed)
     x = torch.from_numpy(data.x_train)
     y = _targets(data.train.task, data.train.labels)
     n = len(x)
@@ -245,8 +251,11 @@ def _fit(model: nn.Module, data: _Splits, loss_fn: nn.Module, aug: Augment, epoc
         running, seen = 0.0, 0
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size] if n >= batch_size else order
-            xb = aug(x[idx], gen)
-            loss = loss_fn(model(xb), y[idx])
+            xb, yb = aug(x[idx], gen), y[idx]
+            if mixup:
+                loss = _mixup_loss(model, loss_fn, xb, yb, mixup, mix_rng, gen)
+            else:
+                loss = loss_fn(model(xb), yb)
             if not torch.isfinite(loss):
                 raise MedheError(f"training diverged at epoch {epoch} (loss {float(loss)}): lower --lr "
                                  "or use BatchNorm before every activation")
@@ -272,6 +281,15 @@ def _fit(model: nn.Module, data: _Splits, loss_fn: nn.Module, aug: Augment, epoc
     model.load_state_dict(best_state)
     model.eval()
     return {"best_epoch": best_epoch, "best_val": best_key}
+
+
+def _mixup_loss(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float,
+                rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+    """Mixup (Zhang et al. 2018): train on convex combinations of image pairs and of their losses."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.randperm(len(x), generator=gen)
+    out = model(lam * x + (1 - lam) * x[perm])
+    return lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y[perm])
 
 
 def _ema_update(averaged: nn.Module, model: nn.Module, decay: float) -> None:
