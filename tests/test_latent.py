@@ -124,3 +124,23 @@ def test_tiny_encrypted_se_model_on_a_latent(nih):
         out = client.decrypt(server.infer(keys, client.encrypt(x_va[0])))
         assert np.abs(out - plain).max() < 1e-2
         assert np.array_equal(out > 0, plain > 0)
+
+
+def test_shipped_cxr14_latent(nih):
+    """The default model: HE-friendly server network on the 4x32x32 latent of the shipped f8 encoder, CKKS by
+    default, and its recorded test macro AUC is what the shipped weights give on the test split."""
+    from medhe.models.artifact import load_artifact
+    from medhe.models.predict import model_inputs
+
+    art = load_artifact("cxr14-latent")
+    check_he_friendly(art.model)
+    assert any(isinstance(m, HESqueezeExcite) for m in art.model.modules())
+    assert art.card["scheme_options"]["default_scheme"] == "ckks" and art.task == "multi-label"
+    assert art.card["client_stage"]["arch"] == "vq-encoder" and art.card["client_stage"]["arch_kwargs"]["factor"] == 8
+    test = nih["test"]
+    x = model_inputs(art, test.images)
+    assert x.shape == (len(test), 4, 32, 32)
+    auc = compute_metrics("multi-label", test.labels, lt._logits(art.model, x))["auc"]
+    assert auc == pytest.approx(art.card["metrics"]["test"]["auc"], abs=1e-6)
+    boot = art.card["metrics"]["test"]["auc_bootstrap"]
+    assert boot["ci_low"] <= auc <= boot["ci_high"]
