@@ -14,7 +14,6 @@ both the plain integer reference and the Concrete circuit execute.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 

@@ -8,6 +8,7 @@ ratio holds even on a shared, noisy machine (absolute times do not: report media
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from typing import Any
@@ -20,6 +21,8 @@ from medhe.he.tfhe import compile_tfhe
 from medhe.he.tfhe.server import TFHEServerModel
 from medhe.models.metrics import predictions
 from medhe.models.quant import build_qfcnn
+
+log = logging.getLogger(__name__)
 
 BASELINE = {"hidden": 64, "quant_bits": 4, "input_bits": 4, "act_bits": 4, "acc_bits": None, "pool": 1}
 
@@ -37,6 +40,7 @@ def baseline_server(calibration_images: np.ndarray, seed: int = 0) -> TFHEServer
 
 def _measure(server: TFHEServerModel, images: np.ndarray) -> dict[str, Any]:
     t0 = time.perf_counter()
+    log.info("running %d images encrypted (%s)", len(images), server.card.get("name"))
     run = run_encrypted(server, images, progress=False, desc="tfhe bench")
     wall = time.perf_counter() - t0
     p = server.params
@@ -73,6 +77,7 @@ def run_tfhe_benchmark(model: str = "pneumoniamnist-qfcnn", n_images: int = 10, 
     labels = test.labels[:n_images]
 
     t0 = time.perf_counter()
+    log.info("compiling %s", artifact.name)
     server = compile_tfhe(artifact, fhe="execute")
     compile_s = time.perf_counter() - t0
     ours = _measure(server, images)
@@ -88,6 +93,7 @@ def run_tfhe_benchmark(model: str = "pneumoniamnist-qfcnn", n_images: int = 10, 
     })
 
     t0 = time.perf_counter()
+    log.info("compiling the baseline")
     base_server = baseline_server(pre.batch(train.images[:200]), seed=seed)
     base_compile = time.perf_counter() - t0
     base = _measure(base_server, images[:baseline_images])
