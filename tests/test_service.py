@@ -1,7 +1,9 @@
-"""End to end: a real ``medhe serve`` on 127.0.0.1, the SDK and ``medhe predict`` against it, real CKKS.
+"""End to end: a real ``medhe serve`` on 127.0.0.1, the SDK and ``medhe predict`` against it, real encryption.
 
-One server (its own process, one worker process, bearer token) serves the shipped pneumoniamnist model and a
-tiny second model trained here, so "keys/ciphertexts for another model" are genuinely another model's bytes.
+One server (its own process, one worker process, bearer token) serves the shipped pneumoniamnist model (CKKS),
+a tiny second CKKS model trained here, so "keys/ciphertexts for another model" are genuinely another model's
+bytes, and the shipped covid-cxr model under Paillier, whose public feature extractor runs on the client: the
+same endpoints serve every scheme.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def tiny_dir(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    with ServerProcess(["pneumoniamnist:ckks", str(tiny_dir)], workers=1, token=TOKEN,
+    with ServerProcess(["pneumoniamnist:ckks", str(tiny_dir), "covid-cxr:paillier"], workers=1, token=TOKEN,
                        extra_args=["--max-body", str(MAX_BODY)]) as srv:
         yield srv
 
@@ -107,12 +109,17 @@ def test_health_ready_and_model_listing(server):
     assert http(server, "GET", "/v1/health", token=None).json()["status"] == "ok"
     assert http(server, "GET", "/v1/ready", token=None).json()["ready"] is True
     models = {m["id"]: m for m in http(server, "GET", "/v1/models").json()["models"]}
-    assert set(models) == {"pneumoniamnist", "tiny"}
+    assert set(models) == {"pneumoniamnist", "tiny", "covid-cxr"}
     m = models["pneumoniamnist"]
     assert m["scheme"] == "ckks" and m["spec"]["scheme"] == "ckks"
     assert m["task"] == "binary-class" and m["labels"] == ["normal", "pneumonia"]
     assert m["preprocessing"]["size"] == 28 and m["metrics"]["test"]["acc"] > 0.8
     assert m["endpoints"]["infer"] == "/v1/models/pneumoniamnist/infer"
+    stage = models["covid-cxr"]["client_stage"]
+    assert models["covid-cxr"]["scheme"] == "paillier" and stage["arch"] == "mobilenetv2-he"
+    weights = http(server, "GET", stage["weights_url"])
+    assert weights.headers["content-type"] == protocol.OCTET and len(weights.content) == stage["weights_bytes"]
+    assert_error(http(server, "GET", protocol.client_stage_path("pneumoniamnist")), 404, "no_client_stage")
     openapi = http(server, "GET", "/openapi.json", token=None).json()
     infer = openapi["paths"]["/v1/models/{model_id}/infer"]["post"]
     assert protocol.OCTET in infer["requestBody"]["content"]
@@ -125,6 +132,14 @@ def test_sdk_predictions_equal_plaintext(client, images):
     assert [r.label for r in results] == plain_labels(images[:6])
     for r in results:
         assert abs(sum(r.probabilities.values()) - 1) < 1e-9 and r.task == "binary-class"
+
+
+def test_paillier_model_with_client_stage(client, data_dir):
+    """Another scheme through the same endpoints: the SDK downloads the public extractor, runs it, encrypts."""
+    paths = sorted((data_dir / "covid19_radiography_subset").rglob("*.png"))[::97][:2]
+    results = client.diagnose_many(paths, model="covid-cxr", progress=False)
+    assert [r.label for r in results] == plain_labels([read_image(p) for p in paths], "covid-cxr")
+    assert client.session("covid-cxr").stage is not None
 
 
 def _write_dicom(path, pixels):
@@ -192,12 +207,27 @@ def _objects(root, depth=3):
 
 
 def secret_key_material(session) -> list[bytes]:
-    """The client's secret key serialized by SEAL itself: raw 64-bit words and per-prime bit-packed form."""
+    """The client's secret key, serialized by the backend library itself (SEAL or phe)."""
+    from phe import PaillierPrivateKey
+
+    objs = list(_objects(session))
+    private = [o for o in objs if isinstance(o, PaillierPrivateKey)]
+    if private:
+        forms = []
+        for key in private:
+            for value in (key.p, key.q, key.hp, key.hq, key.p_inverse):
+                n = (value.bit_length() + 7) // 8
+                forms += [value.to_bytes(n, "big"), value.to_bytes(n, "little"), str(value).encode()]
+        return forms
+    return _seal_secret_material(objs)
+
+
+def _seal_secret_material(objs) -> list[bytes]:
+    """SEAL's secret key: its raw 64-bit RNS words and the per-prime bit-packed form of the compact wire format."""
     import seal
 
     from medhe.he.ckks.serialize import pack_bits
 
-    objs = list(_objects(session))
     keys = [o for o in objs if isinstance(o, seal.SecretKey)]
     contexts = [o for o in objs if isinstance(o, seal.SEALContext)]
     assert keys and contexts, "could not find the SEAL secret key in the client session"
@@ -215,31 +245,36 @@ def secret_key_material(session) -> list[bytes]:
     return forms
 
 
-def occurs_anywhere(secret: bytes, haystack: bytes, window: int = 32) -> bool:
-    """True if any ``window``-byte slice of ``secret`` (at any offset) occurs in ``haystack`` (at any offset). Exact.
+def occurs_anywhere(secrets: list[bytes], haystack: bytes, window: int = 32) -> bool:
+    """True if a ``window``-byte slice of any of ``secrets`` (at any offset) occurs in ``haystack`` (at any offset).
 
-    Such an occurrence covers a haystack position q that is a multiple of 16 with q + 8 inside the match, so the
-    8-byte word at q is the secret's word at some offset. Index the secret's words at every offset, look up the
-    haystack's words at multiples of 16 (a bitmap prefilter, then exact membership), and extend each hit byte by
-    byte to see whether the match reaches ``window`` bytes. Linear in the haystack, little memory.
+    Exact and one pass: such an occurrence covers a haystack position q that is a multiple of 16 with q + 8 inside
+    the match, so the 8-byte word at q is a secret's word at some offset. Index the secrets' words at every
+    offset, look up the haystack's words at multiples of 16 (a bitmap prefilter, then exact membership), and
+    extend each hit byte by byte to see whether the match reaches ``window`` bytes.
     """
     assert window >= 24, "a window must cover a whole word at a multiple of 16"
     hay = bytes(haystack)
-    sec_vals = np.concatenate([np.frombuffer(secret, dtype="<u8", count=(len(secret) - o) // 8, offset=o)
-                               for o in range(8) if len(secret) - o >= 8])
-    sec_offs = np.concatenate([np.arange((len(secret) - o) // 8, dtype=np.int64) * 8 + o
-                               for o in range(8) if len(secret) - o >= 8])
-    order = np.argsort(sec_vals, kind="stable")
-    sec_vals, sec_offs = sec_vals[order], sec_offs[order]
+    vals, where = [], []
+    for k, secret in enumerate(secrets):
+        for o in range(8):
+            count = (len(secret) - o) // 8
+            if count > 0:
+                vals.append(np.frombuffer(secret, dtype="<u8", count=count, offset=o))
+                where.append(np.stack([np.full(count, k), np.arange(count, dtype=np.int64) * 8 + o], axis=1))
+    vals, where = np.concatenate(vals), np.concatenate(where)
+    order = np.argsort(vals, kind="stable")
+    vals, where = vals[order], where[order]
     table = np.zeros(1 << 24, dtype=bool)
-    table[(sec_vals & 0xFFFFFF).astype(np.intp)] = True
+    table[(vals & 0xFFFFFF).astype(np.intp)] = True
     words = np.frombuffer(hay, dtype="<u8", count=len(hay) // 8)[::2]
     pos = np.flatnonzero(table[(words & 0xFFFFFF).astype(np.intp)])
-    pos = pos[np.isin(words[pos], sec_vals)]
+    pos = pos[np.isin(words[pos], vals)]
     for q in (pos * 16).tolist():
         w = np.frombuffer(hay, dtype="<u8", count=1, offset=q)[0]
-        lo, hi = np.searchsorted(sec_vals, w, "left"), np.searchsorted(sec_vals, w, "right")
-        for p in sec_offs[lo:hi].tolist():
+        lo, hi = np.searchsorted(vals, w, "left"), np.searchsorted(vals, w, "right")
+        for k, p in where[lo:hi].tolist():
+            secret = secrets[k]
             left = 0
             while left < window and q - left > 0 and p - left > 0 and hay[q - left - 1] == secret[p - left - 1]:
                 left += 1
@@ -405,15 +440,16 @@ def test_health_answers_while_inference_runs(server, client, good):
 # -- last: everything the module client sent ------------------------------------------------------------------
 def test_secret_key_never_leaves_the_client(client, capture, images):
     """Runs last: the module client has by now registered keys, diagnosed, sent bad input and deleted keys."""
-    results = [client.diagnose(img, model="pneumoniamnist") for img in images[:2]]
-    sess = client.session("pneumoniamnist")
-    secrets = secret_key_material(sess.he)
+    results = [client.diagnose(images[0], model="pneumoniamnist")]
+    sessions = [client.session(m) for m in ("pneumoniamnist", "tiny", "covid-cxr")]
+    secrets = [form for sess in sessions for form in secret_key_material(sess.he)]
     client.forget_keys()
     sent = bytes(capture.sent)
-    assert len(sent) > sess.key_bytes > 0  # we really captured the uploads
-    for form in secrets:
-        assert occurs_anywhere(form, form[:100] + form + b"x")  # the detector works ...
-        assert not occurs_anywhere(form, sent)                    # ... and finds nothing in the traffic
+    assert len(sent) > sum(sess.key_bytes for sess in sessions) > 0  # we really captured the uploads
+    assert min(len(form) for form in secrets) >= 32
+    for form in secrets:  # the detector works, at any offset ...
+        assert occurs_anywhere(secrets, b"\x01" * 7 + form[len(form) // 3:][:32] + b"x")
+    assert not occurs_anywhere(secrets, sent)  # ... and finds nothing in the traffic
     # decrypted results are never sent back: neither the logits' text nor their float64 bytes appear
     for r in results:
         for v in r.logits:
