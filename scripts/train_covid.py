@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--width-mult", type=float, default=0.5)
     ap.add_argument("--feature-dim", type=int, default=32)
+    ap.add_argument("--head-channels", type=int, default=None, help="width of the last conv before the pool")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     extractor_kwargs = {"in_channels": 1, "image_size": args.size, "width_mult": args.width_mult,
                         "feature_dim": args.feature_dim, "blocks": "compact"}
+    if args.head_channels:
+        extractor_kwargs["head_channels"] = args.head_channels
     result = train_split_model(x["train"], y["train"], x["val"], y["val"], extractor_kwargs=extractor_kwargs,
                                epochs=args.epochs, lr=args.lr, seed=args.seed, augment=AUGMENTS[args.augment],
                                ema_decay=args.ema or None, low_res=args.low_res,

@@ -24,7 +24,7 @@ def _p4_args(p: argparse.ArgumentParser) -> None:
                         "not depend on it, and one encryption per pixel at 3072 bits would take ~30 hours)")
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated randomness modes: fresh (per pixel, correct Paillier), image, global")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first N images of each split (smoke runs)")
     p.add_argument("--out", default="reports/p4", help="folder for p4_report.json / .md and example images")

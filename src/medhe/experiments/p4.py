@@ -32,6 +32,7 @@ from phe import paillier
 
 from medhe import atomic
 from medhe.data import Preprocess, load_dataset, resolve_data_dir
+from medhe.data.images import resize
 from medhe.errors import DataError, SecurityError
 from medhe.models.metrics import compute_metrics
 from medhe.models.train_extractor import predict_logits, train_split_model
@@ -144,8 +145,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "## Explanation", "", report["explanation"], ""])
 
 
-def run_p4_experiment(data_dir: str | Path | None = None, *, size: int = 64, key_bits: int = 512,
-                      modes: tuple[str, ...] = MODES, epochs: int = 20, width_mult: float = 0.5,
+def run_p4_experiment(data_dir: str | Path | None = None, *, size: int = 64, key_bits: int = 256,
+                      modes: tuple[str, ...] = MODES, epochs: int = 15, width_mult: float = 0.5,
                       feature_dim: int = 32, seed: int = 0, limit: int | None = None,
                       out_dir: str | Path | None = "reports/p4", command: str = "medhe experiment p4",
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -160,11 +161,13 @@ def run_p4_experiment(data_dir: str | Path | None = None, *, size: int = 64, key
     torch.set_num_threads(1)
     say = log or (lambda _m: None)
     folder = resolve_data_dir(data_dir) / DATASET
-    splits = {s: load_dataset(folder, split=s, size=size, channels=1) for s in ("train", "val", "test")}
-    if limit is not None:  # evenly spaced rows: splits are sorted by path, so both classes stay represented
-        for ds in splits.values():
+    # native size first (decoded once per process and shared with every other user of the folder), then shrink
+    splits = {s: load_dataset(folder, split=s, channels=1) for s in ("train", "val", "test")}
+    for ds in splits.values():
+        if limit is not None:  # evenly spaced rows: splits are sorted by path, so both classes stay represented
             keep = np.unique(np.linspace(0, len(ds) - 1, min(limit, len(ds))).astype(int))
             ds.images, ds.labels = ds.images[keep], ds.labels[keep]
+        ds.images = np.stack([resize(img, size) for img in ds.images])
     x = {s: d.images for s, d in splits.items()}
     y = {s: d.labels.reshape(-1) for s, d in splits.items()}
     pre = Preprocess(channels=1, size=size, crop=None, mean=0.5, std=0.5)

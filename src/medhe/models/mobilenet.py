@@ -91,12 +91,14 @@ def _blocks(blocks: str | Sequence[Sequence[int]]) -> list[tuple[int, int, int, 
 
 def build_mobilenetv2_extractor(in_channels: int = 1, image_size: int = 128, width_mult: float = 0.5,
                                 feature_dim: int = 32, blocks: str | Sequence[Sequence[int]] = "compact",
-                                stem_channels: int = 32, num_outputs: int | None = None,
-                                **_: Any) -> nn.Sequential:
+                                stem_channels: int = 32, head_channels: int | None = None,
+                                num_outputs: int | None = None, **_: Any) -> nn.Sequential:
     """Image (N, C, H, W) -> features (N, feature_dim) in [0, 6].
 
-    ``feature_dim`` is the width of the last 1x1 conv: it is the number of values the client encrypts, and each
-    Paillier encryption costs one full-size modular exponentiation, so it is kept small. ``image_size`` and
+    ``feature_dim`` is the number of values the client encrypts, and each Paillier encryption costs one full-size
+    modular exponentiation, so it is kept small. Without ``head_channels`` it is the width of the last 1x1 conv;
+    with it, the last conv is ``head_channels`` wide (MobileNetV2's wide final layer, cheap at 4x4 pixels) and a
+    Linear + BN + ReLU6 after the pool compresses to ``feature_dim`` (still bounded by 6). ``image_size`` and
     ``num_outputs`` are accepted for the zoo's uniform signature; the network is size-agnostic (global pool).
     """
     if in_channels < 1 or feature_dim < 1 or width_mult <= 0:
@@ -110,7 +112,11 @@ def build_mobilenetv2_extractor(in_channels: int = 1, image_size: int = 128, wid
         for i in range(n):
             layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
             cin = cout
-    layers += [_conv_bn(cin, feature_dim, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if head_channels:
+        layers += [_conv_bn(cin, head_channels, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                   nn.Linear(head_channels, feature_dim, bias=False), nn.BatchNorm1d(feature_dim), nn.ReLU6()]
+    else:
+        layers += [_conv_bn(cin, feature_dim, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
 
 
