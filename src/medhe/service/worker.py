@@ -104,6 +104,8 @@ class WorkerPool:
         self._busy: list[int] = []
         self._key_bytes: list[int] = []
         self.generation: list[int] = []  # bumped when a slot's process is replaced (its keys are gone)
+        self._specs: dict[str, dict] = {}
+        self._verified: list[bool] = []  # a replacement process must compile exactly what clients were told
         self._local: WorkerState | None = None
         self._lock = threading.Lock()
         self.restarts = 0
@@ -142,6 +144,8 @@ class WorkerPool:
             spec = self._local.specs()
         n = len(self._slots)
         self._busy, self._key_bytes, self.generation = [0] * n, [0] * n, [0] * n
+        self._verified = [True] * n
+        self._specs = spec
         return spec
 
     def close(self) -> None:
@@ -158,6 +162,8 @@ class WorkerPool:
         try:
             if self._local is not None:
                 return await loop.run_in_executor(executor, getattr(self._local, method), *args)
+            if not self._verified[slot]:
+                await self._verify(slot, executor)
             return await asyncio.wrap_future(executor.submit(_call, method, *args))
         except BrokenProcessPool:
             self._replace(slot, generation)
@@ -168,6 +174,16 @@ class WorkerPool:
             with self._lock:
                 self._busy[slot] -= 1
 
+    async def _verify(self, slot: int, executor: Executor) -> None:
+        """A replacement worker compiles on first use; refuse it if that gives other parameters than announced
+        (e.g. medhe was upgraded on disk under a running server): clients' keys would not fit."""
+        specs = await asyncio.wrap_future(executor.submit(_call, "specs"))
+        if specs != self._specs:
+            raise ServiceError(503, "worker_mismatch",
+                               "a restarted inference worker compiled different parameters than this server "
+                               "announced (was medhe changed on disk?); the operator must restart medhe serve")
+        self._verified[slot] = True
+
     def _replace(self, slot: int, generation: int) -> None:
         with self._lock:
             if self.generation[slot] != generation:
@@ -176,6 +192,7 @@ class WorkerPool:
             self._slots[slot] = self._new_process_slot()
             self.generation[slot] += 1
             self._key_bytes[slot] = 0
+            self._verified[slot] = False
             self.restarts += 1
 
     async def load_keys(self, model_id: str, key_id: str, data: bytes) -> tuple[int, int]:
