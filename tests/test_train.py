@@ -71,7 +71,10 @@ def test_ranges_cover_every_training_input_of_the_final_model(trained, data_dir)
     train = load_dataset("pneumoniamnist", split="train", data_dir=data_dir)
     model = trained.model
     layers.reset_ranges(model)
-    predict_logits(model, model_inputs(trained, train.images[subset_indices(len(train), 256, seed=3)]))
+    x = model_inputs(trained, train.images[subset_indices(len(train), 256, seed=3)])
+    predict_logits(model, x)
+    assert all(r is None for r in layers.activation_ranges(model).values())  # plain prediction does not record
+    predict_logits(model, x, record=True)
     recorded, carded = layers.activation_ranges(model), trained.card["activation_ranges"]
     assert recorded.keys() == carded.keys()
     assert all(np.allclose(recorded[k], carded[k], rtol=1e-6) for k in carded)

@@ -13,13 +13,22 @@ import torch
 from torch import nn
 
 from medhe.errors import DataError
+from medhe.models.layers import activation_sites
 
 
-def _forward(model: nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Eval-mode outputs in batches, full output shape kept; restores the model's train/eval mode afterwards."""
+def _forward(model: nn.Module, x: np.ndarray, batch_size: int, record: bool = False) -> np.ndarray:
+    """Eval-mode outputs in batches, full output shape kept.
+
+    Activation range recording is paused unless ``record``: evaluating on val/test images must not widen the
+    ranges the encrypted backends size their parameters from. Train/eval mode and recording flags are restored.
+    """
     x = np.asarray(x, dtype=np.float32)
     was_training = model.training
+    sites = activation_sites(model).values()
+    was_recording = [site.recording for site in sites]
     model.eval()
+    for site in sites:
+        site.recording = record
     outs = []
     try:
         with torch.no_grad():
@@ -27,15 +36,21 @@ def _forward(model: nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
                 outs.append(model(torch.from_numpy(x[start:start + batch_size])).numpy())
     finally:
         model.train(was_training)
+        for site, flag in zip(sites, was_recording):
+            site.recording = flag
     return np.concatenate(outs) if outs else np.zeros((0,), dtype=np.float32)
 
 
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Eval-mode logits of ``model`` on a float (N, C, H, W) array, as float64 (N, K)."""
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256, record: bool = False) -> np.ndarray:
+    """Eval-mode logits of ``model`` on a float (N, C, H, W) array, as float64 (N, K).
+
+    ``record=True`` lets the activations record their input ranges (used once, over the training set)."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim < 2:
         raise DataError(f"expected a batch of inputs (N, ...), got shape {x.shape}")
-    out = _forward(model, x, batch_size).astype(np.float64)
+    if len(x) == 0:
+        raise DataError("no images to predict: the split or limit selected nothing")
+    out = _forward(model, x, batch_size, record).astype(np.float64)
     return out.reshape(len(x), -1)
 
 

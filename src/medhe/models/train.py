@@ -352,9 +352,7 @@ def calibrate_threshold(model: nn.Module, x_val: np.ndarray, val_labels: np.ndar
 def record_ranges(model: nn.Module, x_train: np.ndarray) -> None:
     """Reset and re-record every activation's input range over the training set, in eval mode (final weights)."""
     layers.reset_ranges(model)
-    layers.set_recording(model, True)
-    predict_logits(model, x_train)
-    layers.set_recording(model, False)  # later forward passes (evaluation) must not widen them
+    predict_logits(model, x_train, record=True)
 
 
 def equivalent_command(dataset: Any, arch: str, out_dir: Any, arch_kwargs: dict[str, Any] | None,
