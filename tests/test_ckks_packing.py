@@ -91,11 +91,21 @@ def test_residual_whose_branches_end_in_activations():
 
 def test_input_over_budget_is_sent_once_and_convolved_with_rotations():
     torch.manual_seed(9)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), _bn(4), PolyAct((0.1, 0.5, 0.0)), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), _bn(4), PolyAct((0.1, 0.5, 0.0)), nn.Flatten(),
                           nn.Linear(4 * 8 * 8, 3))
-    plan = compile_plan(model.eval(), (2, 8, 8), max_input_bytes=1)
-    assert plan.gather.shape[0] == 1 and plan.strategies[0].endswith(":direct")
-    _check(model, (2, 8, 8), max_input_bytes=1)
+    assert compile_plan(model.eval(), (3, 8, 8)).input_ciphertexts == 3  # 75 taps, 2 x 16 per ciphertext
+    plan = compile_plan(model.eval(), (3, 8, 8), max_input_bytes=1)
+    assert plan.input_ciphertexts == 1 and plan.strategies[0].endswith(":direct")
+    _check(model, (3, 8, 8), max_input_bytes=1)
+
+
+def test_complex_packing_halves_the_input_ciphertexts():
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(1, 8, 5, 2, 2), _bn(8), PolyAct((0.1, 0.5, 0.2)), nn.Flatten(),
+                          nn.Linear(1568, 4))
+    plan = compile_plan(model.eval(), (1, 28, 28))
+    assert plan.input_complex and plan.input_ciphertexts == 7 and 0 in plan.rotation_steps
+    _check(model, (1, 28, 28))
 
 
 def test_negative_and_negligible_quadratic_terms():

@@ -61,6 +61,10 @@ class Backend(ABC):
     def rotate(self, a: Any, step: int) -> Any: ...
 
     @abstractmethod
+    def conjugate(self, a: Any) -> Any:
+        """Complex conjugation of every slot (a Galois automorphism: needs the step-0 Galois key)."""
+
+    @abstractmethod
     def mod_switch(self, a: Any, level: int) -> Any: ...
 
     @abstractmethod
@@ -122,6 +126,8 @@ class SealBackend(Backend):
         self.relin_keys = serialize.load_relin_keys(relin, self.context) if relin else None
 
     def galois_element(self, step: int) -> int:
+        if step == 0:  # SEAL's convention: step 0 is complex conjugation
+            return 2 * self.params.poly_degree - 1
         return pow(3, step % self.slots, 2 * self.params.poly_degree)
 
     def has_rotation(self, step: int) -> bool:
@@ -131,6 +137,8 @@ class SealBackend(Backend):
     def encode(self, values: np.ndarray | float, level: int, scale: float) -> seal.Plaintext:
         if np.isscalar(values):
             plain = self.encoder.encode(float(values), float(scale))
+        elif np.iscomplexobj(values):
+            plain = self.encoder.encode_complex(np.ascontiguousarray(values, dtype=np.complex128), float(scale))
         else:
             plain = self.encoder.encode(np.ascontiguousarray(values, dtype=np.float64), float(scale))
         if level != self.top:
@@ -174,6 +182,9 @@ class SealBackend(Backend):
 
     def rotate(self, a, step: int):
         return self.evaluator.rotate_vector(a, int(step), self.galois_keys)
+
+    def conjugate(self, a):
+        return self.evaluator.complex_conjugate(a, self.galois_keys)
 
     def mod_switch(self, a, level: int):
         if self.level(a) == level:

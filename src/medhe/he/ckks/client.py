@@ -39,6 +39,7 @@ class CKKSClient(ClientSession):
             self.labels = list(spec.get("labels") or [])
             self.backend = SealBackend(self.params)
             self.gather = decode_gather(spec, self.backend.slots)
+            self.input_complex = bool(spec["input"].get("complex", False))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"the CKKS spec is incomplete or malformed ({exc}); fetch it again from the server") from None
         if self.gather.max(initial=-1) >= int(np.prod(self.input_shape)):
@@ -70,7 +71,10 @@ class CKKSClient(ClientSession):
         if not np.all(np.isfinite(x)):
             raise DataError("input contains NaN or infinite values: check the image and preprocessing")
         flat = np.append(x.reshape(-1), 0.0)  # index -1 reads the appended zero
-        return flat[self.gather]
+        rows = flat[self.gather]
+        if self.input_complex:  # two taps per slot: rows 2k (real part) and 2k+1 (imaginary part)
+            return rows[0::2] + 1j * rows[1::2]
+        return rows
 
     def encrypt(self, x: np.ndarray) -> bytes:
         self._need_keys()

@@ -138,8 +138,8 @@ class Lowered:
         return split_bsgs(list(self.diags), slots)
 
     def rotations(self, slots: int) -> int:
-        if self.strategy == "gather":
-            return len(self.reduce)
+        if self.strategy.startswith("gather"):
+            return len(self.reduce) + (self.strategy == "gather-complex")
         g, babies, giants = self.bsgs(slots)
         return len([b for b in babies if b]) + len([x for x in giants if x]) + len(self.reduce)
 
@@ -276,12 +276,15 @@ def lower_box(matrix: sp.csr_matrix, inp: Layout, slots: int) -> Lowered | None:
 
 
 def lower_gather(matrix: sp.csr_matrix, pattern: sp.csr_matrix, out_shape: tuple[int, ...],
-                 slots: int) -> tuple[Lowered, np.ndarray]:
-    """First layer, im2col by the client: returns the lowering and the public gather map (ciphertexts x slots).
+                 slots: int, complex_pairs: bool = False) -> tuple[Lowered, np.ndarray]:
+    """First layer, im2col by the client: returns the lowering and the public gather map.
 
     ``gather_map[k, s]`` is the input element the client puts in slot s of ciphertext k (-1: zero). Several taps
     share one ciphertext in different blocks; ``reduce`` then folds the blocks, leaving the output replicated in
-    every block.
+    every block. With ``complex_pairs`` each slot carries two taps, one in the real and one in the imaginary
+    part (rows 2k and 2k+1 of the map describe ciphertext k): weights a - i*b make Re(w*z) = a*x_re + b*x_im,
+    so half the ciphertexts go over the wire and one conjugation (``strategy == "gather-complex"``) drops the
+    imaginary garbage. Weights carry the 1/2 of Re(y) = (y + conj(y)) / 2.
     """
     m = matrix.shape[0]
     block = next_pow2(m)
@@ -292,25 +295,31 @@ def lower_gather(matrix: sp.csr_matrix, pattern: sp.csr_matrix, out_shape: tuple
     # Fewest ciphertexts: each one costs the client an encryption and the wire ~N*log(Q)/4 bytes, while sharing
     # blocks costs the server only log2(share) rotations.
     share = min(blocks, next_pow2(max(1, taps)))
-    n_ct = max(1, -(-taps // share))
+    complex_pairs = complex_pairs and taps > share  # one ciphertext suffices anyway: no conjugation needed
+    per_ct = share * (2 if complex_pairs else 1)
+    n_ct = max(1, -(-taps // per_ct))
     out = grid_layout(out_shape, block, True)
-    gather = np.full((n_ct, slots), -1, dtype=np.int64)
-    weights = np.zeros((n_ct, slots))
+    rows_per_ct = 2 if complex_pairs else 1
+    gather = np.full((n_ct * rows_per_ct, slots), -1, dtype=np.int64)
+    weights = np.zeros((n_ct, slots), dtype=np.complex128 if complex_pairs else np.float64)
     pattern.sort_indices()
     rows = np.repeat(np.arange(m), counts)
     cols = pattern.indices.astype(np.int64)
     taps_of = np.arange(len(cols)) - pattern.indptr[rows]  # rank of each tap within its output row
     vals = np.asarray(sp.csr_matrix(matrix)[rows, cols]).ravel()
-    ct, group = np.divmod(taps_of, share)
+    ct, rest = np.divmod(taps_of, per_ct)
+    part, group = np.divmod(rest, share)  # part 0: real, 1: imaginary
     base = out.slots[rows]
+    coef = vals if not complex_pairs else np.where(part == 0, vals, -1j * vals) / 2
     for j in range(blocks // share):
         where = (group + j * share) * block + base
-        gather[ct, where] = cols
-        weights[ct, where] = vals
+        gather[ct * rows_per_ct + part, where] = cols
+        np.add.at(weights, (ct, where), coef)  # real and imaginary taps of one slot share its weight a - i*b
     reduce = []
     step = block
     while step < block * share:
         reduce.append(step)
         step *= 2
     diags = {k: weights[k] for k in range(n_ct)}
-    return Lowered("gather", diags, reduce, out, {k: k for k in range(n_ct)}), gather
+    strategy = "gather-complex" if complex_pairs else "gather"
+    return Lowered(strategy, diags, reduce, out, {k: k for k in range(n_ct)}), gather

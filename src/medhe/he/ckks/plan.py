@@ -64,6 +64,7 @@ class Instr:
     consts: dict[str, int] = field(default_factory=dict)  # name -> plaintext index
     sign: int = 1
     node: int = -1  # IR node this instruction computes (for debugging)
+    conjugate: bool = False  # linear: add the complex conjugate after the reduction (complex-packed input)
 
 
 @dataclass
@@ -94,11 +95,21 @@ class Plan:
         return self.registers[0].scale
 
     @property
+    def input_complex(self) -> bool:
+        """Input ciphertexts carry two taps per slot (real and imaginary part)."""
+        return any(ins.conjugate for ins in self.instrs)
+
+    @property
+    def input_ciphertexts(self) -> int:
+        return int(self.gather.shape[0]) // (2 if self.input_complex else 1)
+
+    @property
     def rotation_steps(self) -> list[int]:
-        """The Galois key steps the client must generate (exactly those the program uses)."""
+        """The Galois key steps the client must generate (exactly those the program uses; 0 = conjugation)."""
+        conj = [0] if self.input_complex else []
         if self.key_paths:
-            return sorted({k for path in self.key_paths.values() for k in path}, key=lambda s: (abs(s), s))
-        return self.logical_steps
+            return conj + sorted({k for path in self.key_paths.values() for k in path}, key=lambda s: (abs(s), s))
+        return conj + self.logical_steps
 
     def key_path(self, step: int) -> list[int]:
         """Key steps whose composition rotates by ``step``."""
@@ -164,7 +175,8 @@ class Plan:
             "format": FORMAT,
             "params": self.params.to_dict(),
             "input": {"shape": list(self.input_shape), "level": self.input_level,
-                      "scale": self.input_scale, "ciphertexts": int(gather.shape[0]),
+                      "scale": self.input_scale, "ciphertexts": self.input_ciphertexts,
+                      "complex": self.input_complex,
                       "gather": base64.b64encode(zlib.compress(gather.tobytes(), 9)).decode("ascii")},
             "rotation_steps": self.rotation_steps,
             "relinearization": self.needs_relin,
@@ -178,7 +190,7 @@ class Plan:
     def summary(self) -> dict[str, Any]:
         return {"poly_degree": self.params.poly_degree, "prime_bits": list(self.params.prime_bits),
                 "scale_bits": self.params.scale_bits, "depth": self.depth,
-                "input_ciphertexts": int(self.gather.shape[0]), "rotations": self.rotation_count(),
+                "input_ciphertexts": self.input_ciphertexts, "rotations": self.rotation_count(),
                 "rotation_keys": len(self.rotation_steps), "logical_rotation_steps": len(self.logical_steps),
                 "plaintext_multiplications": sum(len(t) for i in self.instrs for _, t in i.groups),
                 "ciphertext_multiplications": sum({"poly2": 1, "mul": 1, "poly3": 2, "gate3": 3}.get(i.op, 0)
@@ -240,7 +252,8 @@ def choose_key_paths(usage: dict[int, float], slots: int, key_bytes: int,
 
 def decode_gather(public: dict[str, Any], slots: int) -> np.ndarray:
     raw = zlib.decompress(base64.b64decode(public["input"]["gather"]))
-    return np.frombuffer(raw, dtype=np.int32).reshape(int(public["input"]["ciphertexts"]), slots)
+    rows = int(public["input"]["ciphertexts"]) * (2 if public["input"].get("complex") else 1)
+    return np.frombuffer(raw, dtype=np.int32).reshape(rows, slots)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,7 +440,7 @@ class _Lowering:
         pt_scale = self.primes[level] * target / in_scale
         groups: dict[int, list[tuple[int, int, int]]] = {}
         babies: set[int] = set()
-        if low.strategy == "gather":
+        if low.strategy.startswith("gather"):
             groups[0] = [(k, 0, self.plain(vec, level, pt_scale)) for k, vec in low.diags.items() if np.any(vec)]
         else:
             g_step, _, _ = low.bsgs(self.slots)
@@ -452,7 +465,8 @@ class _Lowering:
             groups[0] = [(0, 0, self.plain(np.zeros(self.slots), level, pt_scale))]
             babies.add(0)
         self.instrs.append(Instr("linear", out, srcs, name, babies=sorted(babies),
-                                 groups=sorted(groups.items()), reduce=list(low.reduce), consts=consts, node=i))
+                                 groups=sorted(groups.items()), reduce=list(low.reduce), consts=consts, node=i,
+                                 conjugate=low.strategy == "gather-complex"))
         self.strategies.append(f"{name}:{low.strategy}")
         return out
 
@@ -460,11 +474,11 @@ class _Lowering:
     def lower_gather(self, node: Node, i: int) -> int:
         if packing.next_pow2(node.size) > self.slots:
             raise _TooWide()
-        low, gather = packing.lower_gather(node.matrix, node.pattern, node.shape, self.slots)
+        low, gather = packing.lower_gather(node.matrix, node.pattern, node.shape, self.slots, complex_pairs=True)
         self.gather = gather
         inputs = tuple(self.reg(packing.grid_layout(self.graph.input_shape, self.slots, False), self.top,
                                 self.input_scale)
-                       for _ in range(gather.shape[0]))
+                       for _ in range(len(low.diags)))
         self.node_reg[0] = inputs[0]
         return self.emit_linear(node, i, inputs, low, node.name)
 
@@ -670,7 +684,8 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         # im2col inputs cost one ciphertext per group of taps; past the byte budget the client sends the input
         # once instead and the first layer is evaluated with rotations like any other (same depth either way).
         ct_bytes = 2 * n * sum(params.prime_bits[:-1]) // 8
-        pack = probe.gather.shape[0] * ct_bytes > max_input_bytes and probe.gather.shape[0] > 1
+        n_ct = len([r for r in probe.registers if r.level == probe_depth])
+        pack = n_ct * ct_bytes > max_input_bytes and n_ct > 1
         plan_low = _lower(graph, forms, slots, primes, params.scale, top,
                           float(2 ** output_scale_bits(params, max_abs)), pack)
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
@@ -678,7 +693,8 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies,
                     tuple(graph.input_shape))
         key_bytes = 2 * n * (len(params.prime_bits) - 1) * sum(params.prime_bits) // 8
-        plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, key_bytes, max_key_bytes - key_bytes)
+        fixed = key_bytes * (1 + plan.input_complex)  # relinearization (+ conjugation) keys
+        plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, key_bytes, max_key_bytes - fixed)
         return plan
     if needed is None:
         raise PlanError(f"the model's values (largest {max(n.size for n in graph.nodes)} elements) do not fit the "

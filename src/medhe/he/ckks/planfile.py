@@ -34,14 +34,19 @@ def dump_server(server: CKKSServerModel) -> bytes:
     plan = server.plan
     arrays: dict[str, np.ndarray] = {"gather": plan.gather.astype(np.int32)}
     plains = []
-    vectors = []
+    vectors: list[np.ndarray] = []
+    cvectors: list[np.ndarray] = []
     for p in plan.plains:
         if np.isscalar(p.values):
             plains.append({"level": p.level, "scale": p.scale, "scalar": float(p.values)})
+        elif np.iscomplexobj(p.values):  # first-layer weights of a complex-packed input
+            plains.append({"level": p.level, "scale": p.scale, "cvector": len(cvectors)})
+            cvectors.append(np.asarray(p.values, dtype=np.complex128))
         else:
             plains.append({"level": p.level, "scale": p.scale, "vector": len(vectors)})
             vectors.append(np.asarray(p.values, dtype=np.float64))
     arrays["vectors"] = np.stack(vectors) if vectors else np.zeros((0, plan.params.slots))
+    arrays["cvectors"] = np.stack(cvectors) if cvectors else np.zeros((0, plan.params.slots), dtype=np.complex128)
     registers = []
     for i, r in enumerate(plan.registers):
         arrays[f"slots{i}"] = np.asarray(r.layout.slots, dtype=np.int64)
@@ -96,12 +101,18 @@ def load_server(data: bytes) -> CKKSServerModel:
 
 def _rebuild(meta: dict, arrays: dict[str, np.ndarray], params: CKKSParams) -> Plan:
     slots = params.slots
-    vectors = arrays["vectors"]
-    if vectors.ndim != 2 or (len(vectors) and vectors.shape[1] != slots):
-        raise ValueError("weight vectors have the wrong shape")
+    vectors, cvectors = arrays["vectors"], arrays["cvectors"]
+    for v in (vectors, cvectors):
+        if v.ndim != 2 or (len(v) and v.shape[1] != slots):
+            raise ValueError("weight vectors have the wrong shape")
     plains = []
     for p in meta["plains"]:
-        values = float(p["scalar"]) if "scalar" in p else vectors[int(p["vector"])]
+        if "scalar" in p:
+            values = float(p["scalar"])
+        elif "cvector" in p:
+            values = cvectors[int(p["cvector"])]
+        else:
+            values = vectors[int(p["vector"])]
         plains.append(PlainVec(values, int(p["level"]), float(p["scale"])))
     registers = []
     for i, r in enumerate(meta["registers"]):
@@ -116,7 +127,7 @@ def _rebuild(meta: dict, arrays: dict[str, np.ndarray], params: CKKSParams) -> P
                     babies=[int(b) for b in d["babies"]],
                     groups=[(int(g), [(int(a), int(b), int(c)) for a, b, c in terms]) for g, terms in d["groups"]],
                     reduce=[int(x) for x in d["reduce"]], consts={k: int(v) for k, v in d["consts"].items()},
-                    sign=int(d["sign"]), node=int(d["node"]))
+                    sign=int(d["sign"]), node=int(d["node"]), conjugate=bool(d.get("conjugate", False)))
         refs = [pt for _, terms in ins.groups for _, _, pt in terms] + list(ins.consts.values())
         if any(not 0 <= x < len(plains) for x in refs) or any(not 0 <= x < len(registers) for x in ins.srcs + (ins.dst,)):
             raise ValueError(f"instruction {ins.name!r} refers to missing data")

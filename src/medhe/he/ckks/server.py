@@ -101,6 +101,8 @@ def _linear(be: Backend, ins, xs: list[Any], plains: list[Any], key_path: Callab
             be.add_inplace(total, acc)
     for step in ins.reduce:
         be.add_inplace(total, _rotate(be, total, step, key_path))
+    if ins.conjugate:  # real part of a complex-packed product (the weights carry the 1/2)
+        be.add_inplace(total, be.conjugate(total))
     if "bias" in ins.consts:
         total = be.add_plain(total, plains[ins.consts["bias"]])
     return total
@@ -189,7 +191,7 @@ class CKKSServerModel(ServerModel):
 
     def load_inputs(self, ciphertext: bytes) -> list[Any]:
         parts = wire.unpack(ciphertext, wire.KIND_INPUT, self.plan_id)
-        expected = int(self.plan.gather.shape[0])
+        expected = self.plan.input_ciphertexts
         if len(parts) != expected:
             raise CiphertextError(f"encrypted input has {len(parts)} ciphertexts, this model expects {expected}: "
                                   "encrypt with a client built from this server's spec")

@@ -36,7 +36,10 @@ class SlotSimulator(Backend):
             raise PlanError(f"simulated program mixes levels {a.level} and {b.level}")
 
     def encode(self, values, level: int, scale: float) -> SimText:
-        vec = np.full(self.slots, float(values)) if np.isscalar(values) else np.asarray(values, dtype=np.float64)
+        if np.isscalar(values):
+            vec = np.full(self.slots, float(values))
+        else:
+            vec = np.asarray(values, dtype=np.complex128 if np.iscomplexobj(values) else np.float64)
         return SimText(vec.copy(), level, float(scale), 1)
 
     def encrypt(self, plain: SimText) -> SimText:
@@ -82,6 +85,9 @@ class SlotSimulator(Backend):
             raise PlanError("simulated program rotates an unrelinearized ciphertext")
         return SimText(np.roll(a.values, -int(step)), a.level, a.scale, a.size)
 
+    def conjugate(self, a: SimText) -> SimText:
+        return SimText(np.conj(a.values), a.level, a.scale, a.size)
+
     def mod_switch(self, a: SimText, level: int) -> SimText:
         if level > a.level:
             raise PlanError("simulated program mod-switches upwards")
@@ -107,7 +113,10 @@ def simulate(plan, x: np.ndarray) -> np.ndarray:
 
     sim = SlotSimulator(plan.params.slots, plan.input_level, data_primes(plan.params))
     flat = np.append(np.asarray(x, dtype=np.float64).reshape(-1), 0.0)
-    inputs = [sim.encrypt(sim.encode(flat[row], plan.input_level, plan.input_scale)) for row in plan.gather]
+    rows = flat[plan.gather]
+    if plan.input_complex:
+        rows = rows[0::2] + 1j * rows[1::2]
+    inputs = [sim.encrypt(sim.encode(row, plan.input_level, plan.input_scale)) for row in rows]
     plains = [sim.encode(p.values, p.level, p.scale) for p in plan.plains]
     out = run_program(plan, sim, plains, inputs)
-    return out.values[plan.registers[plan.output_register].layout.slots[: plan.output_count]]
+    return np.real(out.values[plan.registers[plan.output_register].layout.slots[: plan.output_count]])
