@@ -406,8 +406,8 @@ def test_oversize_bodies_are_413_without_buffering(server, good):
 # -- concurrency -----------------------------------------------------------------------------------------------------
 def test_concurrent_clients_do_not_corrupt_each_other(server, images):
     expected = [0 if lab == "normal" else 1 for lab in plain_labels(images[:8])]
-    result = run_load_test(server.url, "pneumoniamnist", images[:8], clients=2, requests=6, expected=expected,
-                           token=TOKEN)
+    result = run_load_test(server.url, "pneumoniamnist", clients=2, requests=6, images=images[:8],
+                           expected=expected, token=TOKEN)
     assert result["failures"] == 0, result["errors"]
     assert result["mismatches"] == 0
     assert result["latency_ms"]["p50"] > 0 and result["throughput_rps"] > 0

@@ -118,6 +118,8 @@ class Client:
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0, verify: Any = True,
                  transport: httpx.BaseTransport | None = None):
+        if not str(url).startswith(("http://", "https://")):
+            raise MedheError(f"server URL {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000)")
         token = token if token is not None else os.environ.get(protocol.TOKEN_ENV) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
@@ -149,13 +151,22 @@ class Client:
         return response
 
     # -- public API ------------------------------------------------------------------------------------------------
+    def _json(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> Any:
+        response = self._request(method, path, **kwargs)
+        try:
+            body = response.json()
+            return body if key is None else body[key]
+        except (ValueError, KeyError, TypeError):
+            raise MedheError(f"{self.url}{path} did not answer like a medhe server (protocol "
+                             f"{protocol.API_VERSION}); check the URL and that both sides run compatible medhe") from None
+
     def health(self) -> dict[str, Any]:
-        return self._request("GET", f"{protocol.PREFIX}/health").json()
+        return self._json("GET", f"{protocol.PREFIX}/health")
 
     def models(self) -> list[dict[str, Any]]:
         """Public descriptions of every served model (scheme, parameters, preprocessing, labels, metrics)."""
         if self._models is None:
-            self._models = self._request("GET", protocol.models_path()).json()["models"]
+            self._models = self._json("GET", protocol.models_path(), "models")
         return self._models
 
     def model_info(self, model: str | None = None) -> dict[str, Any]:
@@ -185,8 +196,8 @@ class Client:
         return sess
 
     def _register(self, sess: _ModelSession) -> None:
-        reply = self._request("POST", sess.info["endpoints"]["keys"], content=sess.evaluation_keys(),
-                              headers={"Content-Type": protocol.OCTET}).json()
+        reply = self._json("POST", sess.info["endpoints"]["keys"], content=sess.evaluation_keys(),
+                           headers={"Content-Type": protocol.OCTET})
         sess.key_id, sess.key_bytes = reply["key_id"], int(reply["bytes"])
 
     def infer_encrypted(self, sess: _ModelSession, ciphertext: bytes) -> bytes:

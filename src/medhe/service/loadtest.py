@@ -24,12 +24,19 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else None
 
 
-def run_load_test(url: str, model: str | None, images: Sequence[np.ndarray], clients: int = 16,
-                  requests: int = 200, expected: Sequence[int] | None = None, token: str | None = None,
-                  images_per_client: int = 2) -> dict[str, Any]:
-    """Run the load and return figures (milliseconds, requests per second) plus failure and mismatch counts."""
+def run_load_test(url: str, model: str | None = None, clients: int = 16, requests: int = 200,
+                  images: Sequence[np.ndarray] | None = None, expected: Sequence[int] | None = None,
+                  token: str | None = None, images_per_client: int = 2, data_dir: str | None = None
+                  ) -> dict[str, Any]:
+    """Run the load and return figures (milliseconds, requests per second) plus failure and mismatch counts.
+
+    ``images``: uint8 images to send (default: the first 32 test images of the dataset the served model's card
+    names). ``expected``: the plaintext class index per image, to check every decrypted result.
+    """
     if clients < 1 or requests < 1:
         raise MedheError("clients and requests must be at least 1")
+    if images is None:
+        images = _dataset_images(url, model, token, data_dir)
     if not len(images):
         raise MedheError("the load test needs at least one image")
     images = list(images)
@@ -133,6 +140,19 @@ def run_load_test(url: str, model: str | None, images: Sequence[np.ndarray], cli
     }
 
 
+def _dataset_images(url: str, model: str | None, token: str | None, data_dir: str | None,
+                    n: int = 32) -> np.ndarray:
+    from medhe.data import load_dataset
+
+    with Client(url, token=token) as client:
+        info = client.model_info(model)
+    ds = info.get("dataset") or {}
+    name = ds.get("name") or ds.get("path")
+    if not name:
+        raise MedheError(f"model {info['id']!r} names no dataset: pass images= to the load test")
+    return load_dataset(name, split="test", size=ds.get("size"), data_dir=data_dir).images[:n]
+
+
 def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist", clients: int = 16,
                           requests: int = 200, data_dir: str | None = None, workers: int | None = None,
                           n_images: int = 32) -> dict[str, Any]:
@@ -157,9 +177,9 @@ def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist",
     images = ds.images[:n_images]
     expected = predict_logits(artifact.model, model_inputs(artifact, images)).argmax(axis=1)
     if url is not None:
-        result = run_load_test(url, None if ":" in model else artifact.name, images, clients, requests,
+        result = run_load_test(url, None if ":" in model else artifact.name, clients, requests, images=images,
                                expected=expected)
         return {"server": "external", **result}
     with ServerProcess([model], workers=workers) as server:
-        result = run_load_test(server.url, None, images, clients, requests, expected=expected)
+        result = run_load_test(server.url, None, clients, requests, images=images, expected=expected)
     return {"server": {"host": "127.0.0.1", "workers": workers if workers is not None else "default"}, **result}
