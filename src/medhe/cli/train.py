@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class-balanced", action="store_true", help="weight the loss by inverse class frequency")
     p.add_argument("--calibrate", choices=("none", "youden", "acc"), default="none",
                    help="binary tasks: choose the decision threshold on the validation set (recorded in the card)")
-    p.add_argument("--limit", type=int, help="use only the first N images of each split (quick runs)")
+    p.add_argument("--limit", type=int, help="use a seeded random subset of N images of each split (quick runs)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
