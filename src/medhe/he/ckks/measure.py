@@ -3,7 +3,8 @@
 Returns a JSON-able dict, so benchmarks and reports read the same figures. Server time is split into input
 deserialization (``load_ms``) and evaluation proper (``eval_ms``); client time is encryption (layout, encode,
 encrypt, compact serialization) plus decryption. Timings are medians (and minima) over all images, because the
-machines we share are noisy.
+machines we share are noisy; ``*_cpu_ms`` are this process's CPU seconds (what the work costs without waiting for
+a core on a busy machine).
 
     python -m medhe.he.ckks.measure pneumoniamnist --limit 50 --out report.json
 """
@@ -37,21 +38,22 @@ def measure(server: CKKSServerModel, images: np.ndarray, reference_logits: np.nd
     keygen_s = time.perf_counter() - t
     key_bytes = client.evaluation_keys()
     keys = server.load_keys(key_bytes)
-    timings: dict[str, list[float]] = {"encrypt_ms": [], "load_ms": [], "eval_ms": [], "decrypt_ms": []}
+    timings: dict[str, list[float]] = {"encrypt_ms": [], "load_ms": [], "eval_ms": [], "decrypt_ms": [],
+                                       "eval_cpu_ms": [], "encrypt_cpu_ms": []}
     errors, agree, sizes = [], [], {}
     for i, (x, want) in enumerate(zip(images, reference_logits)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ct = client.encrypt(x)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         cts = server.load_inputs(ct)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         out_ct = server.evaluate(keys, cts)
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         out = wire.pack(wire.KIND_OUTPUT, server.plan_id, [server.backend.serialize(out_ct)])
         t4 = time.perf_counter()
         got = client.decrypt(out)
         t5 = time.perf_counter()
-        for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t5 - t4)):
+        for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, c3 - c2, c1 - c0)):
             timings[key].append(1e3 * dt)
         errors.append(float(np.abs(got - want).max()))
         agree.append(bool(np.argmax(got) == np.argmax(want)) if len(want) > 1 else bool((got > 0) == (want > 0)))
