@@ -48,7 +48,7 @@ def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | 
     info = dataset_info(name, data_dir=data_dir)
     size = card_ds.get("size") if info.get("kind") == "medmnist" else None
     ds = load_dataset(name, split=split, size=size, data_dir=data_dir)
-    if list(ds.label_names) != list(artifact.labels) and len(ds.label_names) != len(artifact.labels):
+    if [str(n).lower() for n in ds.label_names] != [str(n).lower() for n in artifact.labels]:
         raise DataError(f"dataset {name!r} has labels {ds.label_names} but model {artifact.name!r} predicts "
                         f"{artifact.labels}: evaluate on a dataset with the model's label layout")
     if limit is not None:

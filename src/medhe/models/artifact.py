@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 
 from medhe import atomic
 from medhe.errors import ArtifactError
+from medhe.models.layers import set_recording
 from medhe.models.zoo import build_model
 
 FORMAT = "medhe-model/1"
@@ -157,6 +158,7 @@ def load_artifact(name_or_dir: str | Path) -> ModelArtifact:
     model = _build(card["arch"], card["arch_kwargs"], where)
     _load_weights(model, path / WEIGHTS, where)
     model.eval()
+    set_recording(model, False)  # the card's ranges are the training set's; inference must not widen them
     client_model = None
     if card.get("client_stage"):
         stage = card["client_stage"]

@@ -53,5 +53,5 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
     builder = get_builder(arch)
     try:
         return builder(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ArtifactError(f"architecture {arch!r} rejected its arguments {kwargs}: {exc}") from None
