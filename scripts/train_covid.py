@@ -36,6 +36,68 @@ def metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     return {k: float(v) for k, v in compute_metrics("binary-class", labels.reshape(-1, 1), logits).items()}
 
 
+def _splits(data_dir: str | None):
+    folder = resolve_data_dir(data_dir) / DATASET
+    return {s: load_dataset(folder, split=s, channels=1) for s in ("train", "val", "test")}
+
+
+def ensemble(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Combine trained members: features concatenated, head = mean of the members' heads or a logistic-regression
+    refit on the training features, whichever has the better validation accuracy (test is only reported)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from medhe.models.artifact import load_artifact
+    from medhe.models.mobilenet import build_linear_head, build_mobilenetv2_extractor
+
+    members = [load_artifact(d) for d in args.ensemble]
+    size = max(m.card["preprocessing"]["size"] for m in members)
+    pre = Preprocess(channels=1, size=size, crop=None, mean=0.5, std=0.5)
+    kwargs = {"in_channels": 1, "image_size": size, "members": [m.card["client_stage"]["arch_kwargs"] for m in members]}
+    extractor = build_mobilenetv2_extractor(**kwargs).eval()
+    for slot, m in zip(extractor[0].members, members):
+        slot.load_state_dict(m.client_model.state_dict())
+    splits = _splits(args.data_dir)
+    y = {s: d.labels.reshape(-1) for s, d in splits.items()}
+    with torch.no_grad():
+        feats = {s: torch.cat([extractor(torch.from_numpy(pre.batch(d.images[i:i + 64])))
+                               for i in range(0, len(d), 64)]).double().numpy() for s, d in splits.items()}
+    dims = [m.model[0].in_features for m in members]
+    w_mean = np.concatenate([m.model[0].weight.detach().double().numpy() for m in members], 1) / len(members)
+    b_mean = np.mean([m.model[0].bias.detach().double().numpy() for m in members], 0)
+    candidates = {"mean": (w_mean, b_mean)}
+    for c in (0.01, 0.1, 1.0):
+        lr = LogisticRegression(C=c, max_iter=10000).fit(feats["train"], y["train"])
+        w = np.stack([-lr.coef_[0] / 2, lr.coef_[0] / 2])  # two logits whose softmax is the fitted model
+        b = np.array([-lr.intercept_[0] / 2, lr.intercept_[0] / 2])
+        candidates[f"refit C={c}"] = (w, b)
+    val_acc = {k: float(((feats["val"] @ w.T + b).argmax(1) == y["val"]).mean()) for k, (w, b) in candidates.items()}
+    choice = max(val_acc, key=lambda k: (val_acc[k], k == "mean"))
+    print(f"validation accuracy per head: {val_acc}; chosen: {choice}")
+    head = build_linear_head(sum(dims), 2).eval()
+    with torch.no_grad():
+        head[0].weight.copy_(torch.from_numpy(candidates[choice][0]).float())
+        head[0].bias.copy_(torch.from_numpy(candidates[choice][1]).float())
+        logits = {s: head(torch.from_numpy(f).float()).double().numpy() for s, f in feats.items()}
+    scores = {s: metrics(y[s], logits[s]) for s in ("val", "test")}
+    print(f"val {scores['val']}; test {scores['test']}")
+    card = dict(members[0].card)
+    card.update({
+        "arch_kwargs": {"in_features": sum(dims), "num_outputs": 2},
+        "preprocessing": pre.to_dict(),
+        "metrics": scores,
+        "training": {
+            "command": "python scripts/train_covid.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "ensemble_of": [m.card["training"] for m in members], "head": choice, "val_acc_per_head": val_acc,
+            "selected_on": "val acc", "date": time.strftime("%Y-%m-%d"),
+        },
+        "client_stage": {"arch": "mobilenetv2-he", "arch_kwargs": kwargs},
+    })
+    card.pop("format", None)
+    out = save_artifact(args.out, head, card, client_model=extractor)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(PRETRAINED_DIR / "covid-cxr"))
@@ -52,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment", choices=sorted(AUGMENTS), default="light")
     ap.add_argument("--low-res", type=int, default=None, help="progressive resizing: early epochs at this size")
     ap.add_argument("--low-res-epochs", type=int, default=0, help="how many early epochs run at --low-res")
+    ap.add_argument("--ensemble", nargs="+", metavar="DIR",
+                    help="instead of training: combine trained covid-cxr directories into one ensemble model")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.ensemble:
+        return ensemble(args, argv)
 
-    folder = resolve_data_dir(args.data_dir) / DATASET
     pre = Preprocess(channels=1, size=args.size, crop=None, mean=0.5, std=0.5)
-    splits = {s: load_dataset(folder, split=s, channels=1) for s in ("train", "val", "test")}
+    splits = _splits(args.data_dir)
     x = {s: pre.batch(d.images) for s, d in splits.items()}
     y = {s: d.labels.reshape(-1) for s, d in splits.items()}
     print({s: len(d) for s, d in splits.items()}, flush=True)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from medhe.errors import ArtifactError
 
@@ -92,7 +93,8 @@ def _blocks(blocks: str | Sequence[Sequence[int]]) -> list[tuple[int, int, int, 
 def build_mobilenetv2_extractor(in_channels: int = 1, image_size: int = 128, width_mult: float = 0.5,
                                 feature_dim: int = 32, blocks: str | Sequence[Sequence[int]] = "compact",
                                 stem_channels: int = 32, head_channels: int | None = None,
-                                num_outputs: int | None = None, **_: Any) -> nn.Sequential:
+                                num_outputs: int | None = None, members: Sequence[dict[str, Any]] | None = None,
+                                **_: Any) -> nn.Sequential:
     """Image (N, C, H, W) -> features (N, feature_dim) in [0, 6].
 
     ``feature_dim`` is the number of values the client encrypts, and each Paillier encryption costs one full-size
@@ -100,7 +102,10 @@ def build_mobilenetv2_extractor(in_channels: int = 1, image_size: int = 128, wid
     with it, the last conv is ``head_channels`` wide (MobileNetV2's wide final layer, cheap at 4x4 pixels) and a
     Linear + BN + ReLU6 after the pool compresses to ``feature_dim`` (still bounded by 6). ``image_size`` and
     ``num_outputs`` are accepted for the zoo's uniform signature; the network is size-agnostic (global pool).
+    ``members``: a list of kwargs dicts builds an ensemble instead (``build_mobilenetv2_ensemble``).
     """
+    if members is not None:
+        return build_mobilenetv2_ensemble(members, in_channels=in_channels, image_size=image_size)
     if in_channels < 1 or feature_dim < 1 or width_mult <= 0:
         raise ArtifactError("mobilenetv2-he needs in_channels >= 1, feature_dim >= 1 and width_mult > 0")
     if image_size < 32:
@@ -118,6 +123,39 @@ def build_mobilenetv2_extractor(in_channels: int = 1, image_size: int = 128, wid
     else:
         layers += [_conv_bn(cin, feature_dim, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
+
+
+class ConcatFeatures(nn.Module):
+    """Several extractors side by side, features concatenated: an ensemble whose logits stay one affine map.
+
+    Each member sees the input resized (bilinear, antialiased) to the size it was trained at, if that differs.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.sizes = [int(s) for s in sizes]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for member, size in zip(self.members, self.sizes):
+            xi = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                               align_corners=False)
+            feats.append(member(xi))
+        return torch.cat(feats, dim=1)
+
+
+def build_mobilenetv2_ensemble(members: Sequence[dict[str, Any]], **common: Any) -> nn.Sequential:
+    """Extractors built from each member's kwargs (over ``common``); features = their concatenation.
+
+    Averaging the members' logits is a linear head over the concatenated features, so an ensemble still runs as
+    one Paillier evaluation; it costs the client one extractor pass and ``feature_dim`` encryptions per member.
+    """
+    if not members:
+        raise ArtifactError("an extractor ensemble needs at least one member")
+    specs = [{**common, **m} for m in members]
+    return nn.Sequential(ConcatFeatures([build_mobilenetv2_extractor(**k) for k in specs],
+                                        [k.get("image_size", 128) for k in specs]))
 
 
 def build_linear_head(in_features: int = 32, num_outputs: int = 2, **_: Any) -> nn.Sequential:
