@@ -42,6 +42,8 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
     images = list(images)
     setup: list[dict[str, Any]] = [{} for _ in range(clients)]
     latencies: list[float] = []
+    timeline: list[tuple[float, float, int]] = []  # (start s since load began, latency ms, client)
+    t_start = [0.0]
     server_ms: list[float] = []
     errors: list[str] = []
     mismatches = 0
@@ -78,6 +80,7 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
                     logits = sess.he.decrypt(response.content)
                     bad = expected is not None and int(np.argmax(logits)) != int(expected[picks[k]])
                     with lock:
+                        timeline.append((start - t_start[0], elapsed, index))
                         latencies.append(elapsed)
                         server_ms.append(float(response.headers.get("X-Medhe-Eval-Ms", "nan")))
                         mismatches += int(bad)
@@ -92,6 +95,7 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
             client.close()
 
     health_ms: list[float] = []
+    health_at: list[float] = []
     finished = threading.Event()
 
     def probe() -> None:
@@ -104,6 +108,7 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
                 try:
                     http.get("/v1/health").raise_for_status()
                     health_ms.append((time.perf_counter() - start) * 1000.0)
+                    health_at.append(start - t_start[0])
                 except httpx.HTTPError as exc:
                     errors.append(f"health: {exc}")
 
@@ -111,7 +116,7 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
     for t in threads:
         t.start()
     ready.wait()
-    started = time.perf_counter()
+    started = t_start[0] = time.perf_counter()
     prober = threading.Thread(target=probe, daemon=True)
     prober.start()
     for t in threads:
@@ -129,7 +134,10 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
                        "max": max(latencies) if latencies else None},
         "server_eval_ms_p50": _percentile([v for v in server_ms if v == v], 50),
         "health_ms": {"p50": _percentile(health_ms, 50), "p95": _percentile(health_ms, 95),
-                      "max": max(health_ms) if health_ms else None, "probes": len(health_ms)},
+                      "max": max(health_ms) if health_ms else None, "probes": len(health_ms),
+                      "max_at_s": health_at[int(np.argmax(health_ms))] if health_ms else None},
+        "slowest": [{"at_s": round(at, 2), "latency_ms": round(ms, 1), "client": c}
+                    for at, ms, c in sorted(timeline, key=lambda t: -t[1])[:5]],
         "throughput_rps": len(latencies) / wall if wall > 0 else None,
         "wall_s": wall,
         "setup": {"clients_ready": len(done),
