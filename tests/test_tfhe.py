@@ -67,13 +67,15 @@ def test_simulation_is_bit_exact_with_integer_reference(server):
 
 
 def test_simulate_only_mode(tiny_artifact):
-    sim = compile_tfhe(tiny_artifact, fhe="simulate", exactness="exact")
+    sim = compile_model(tiny_artifact, "tfhe", fhe="simulate", exactness="exact")  # through the generic registry
+    assert isinstance(sim, TFHEServerModel)
     q = sim.integer.quantize_input(_images(10, seed=1))
     assert np.array_equal(sim.simulate(q), sim.reference(q))
     with pytest.raises(PlanError, match="fhe='execute'"):
         sim.spec()
 
 
+@pytest.mark.slow
 def test_execute_matches_simulation(server, session):
     client, keys, raw = session
     images = _images(4, seed=2)
@@ -91,7 +93,6 @@ def test_generic_interface_and_json_spec(tiny_artifact, server):
     spec = json.loads(json.dumps(server.spec()))
     assert spec["scheme"] == "tfhe" and spec["params"]["security_bits"] >= 128
     assert isinstance(client_for(spec), TFHEClient)
-    assert isinstance(compile_model(tiny_artifact, "tfhe", fhe="simulate"), TFHEServerModel)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -101,12 +102,13 @@ def test_generic_interface_and_json_spec(tiny_artifact, server):
     (np.full((1, 8, 8), -3.0, np.float32), "quantized for"),
     (np.full((1, 8, 8), np.nan, np.float32), "NaN"),
 ])
-def test_client_rejects_bad_inputs(session, bad, match):
-    client = session[0]
+def test_client_rejects_bad_inputs(server, bad, match):
+    client = TFHEClient(server.spec())  # inputs are checked before any key is needed
     with pytest.raises(DataError, match=match):
         client.encrypt(bad)
 
 
+@pytest.mark.slow
 def test_server_rejects_malformed_bytes(server, session):
     client, keys, raw = session
     ct = client.encrypt(_images(1)[0])
