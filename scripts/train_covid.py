@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment", choices=sorted(AUGMENTS), default="light")
     ap.add_argument("--low-res", type=int, default=None, help="progressive resizing: early epochs at this size")
     ap.add_argument("--low-res-epochs", type=int, default=0, help="how many early epochs run at --low-res")
+    ap.add_argument("--init", metavar="DIR", help="continue from a trained covid-cxr directory (same architecture)")
     ap.add_argument("--ensemble", nargs="+", metavar="DIR",
                     help="instead of training: combine trained covid-cxr directories into one ensemble model")
     args = ap.parse_args(argv)
@@ -131,10 +132,18 @@ def main(argv: list[str] | None = None) -> int:
                         "feature_dim": args.feature_dim, "blocks": "compact"}
     if args.head_channels:
         extractor_kwargs["head_channels"] = args.head_channels
+    init, previous = None, None
+    if args.init:
+        from medhe.models.artifact import load_artifact
+
+        start = load_artifact(args.init)
+        extractor_kwargs = dict(start.card["client_stage"]["arch_kwargs"])
+        init = (start.client_model.state_dict(), start.model.state_dict())
+        previous = start.card["training"]
     result = train_split_model(x["train"], y["train"], x["val"], y["val"], extractor_kwargs=extractor_kwargs,
                                epochs=args.epochs, lr=args.lr, seed=args.seed, augment=AUGMENTS[args.augment],
                                ema_decay=args.ema or None, low_res=args.low_res,
-                               low_res_epochs=args.low_res_epochs,
+                               low_res_epochs=args.low_res_epochs, init=init,
                                log=lambda m: print(m, flush=True))
     scores = {s: metrics(y[s], predict_logits(result.extractor, result.head, x[s])) for s in ("val", "test")}
     print(f"best epoch {result.best_epoch}, {result.seconds:.0f}s; val {scores['val']}; test {scores['test']}")
@@ -155,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed, "epochs": args.epochs, "best_epoch": result.best_epoch, "selected_on": "val acc",
             "lr": args.lr, "optimizer": "AdamW + one-cycle", "augmentation": AUGMENTS[args.augment].to_dict(),
             "ema_decay": args.ema, "low_res": args.low_res, "low_res_epochs": args.low_res_epochs,
+            "continued_from": previous,
             "seconds": round(result.seconds, 1), "history": result.history,
             "date": time.strftime("%Y-%m-%d"),
         },

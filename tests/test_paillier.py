@@ -178,3 +178,18 @@ def test_fixed_point_bound_and_packing_are_exact_in_integers():
         assert np.all(err <= encoding.error_bound(w, np.abs(x).sum(), fx, fw))
     with pytest.raises(CiphertextError, match="overflow"):
         encoding.unpack(1 << 40, 2, 16)
+
+
+def test_extractor_features_respect_the_bound_the_server_plans_for():
+    """Slot sizing relies on every feature lying in [0, FEATURE_BOUND]; ensembles concatenate their members."""
+    from medhe.models.mobilenet import FEATURE_BOUND, build_mobilenetv2_extractor
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 64, 64) * 50  # far outside the normalised range
+    for kwargs in ({"feature_dim": 8}, {"feature_dim": 8, "head_channels": 32},
+                   {"members": [{"feature_dim": 8}, {"feature_dim": 4, "image_size": 48}]}):
+        net = build_mobilenetv2_extractor(in_channels=1, image_size=64, width_mult=0.25, **kwargs).eval()
+        with torch.no_grad():
+            f = net(x)
+        assert f.shape == (3, 12 if "members" in kwargs else 8)
+        assert float(f.min()) >= 0.0 and float(f.max()) <= FEATURE_BOUND

@@ -62,19 +62,23 @@ def train_split_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarra
                       batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
                       augment: Augment | None = None,
                       ema_decay: float | None = None, low_res: int | None = None, low_res_epochs: int = 0,
-                      seed: int = 0, log: Any = None) -> SplitTrainResult:
+                      init: tuple[dict, dict] | None = None, seed: int = 0, log: Any = None) -> SplitTrainResult:
     """Train extractor + head on float32 (N, C, H, W) inputs and int labels (N,); returns the best-on-val epoch.
 
     With ``ema_decay`` the evaluated (and returned) weights are an exponential moving average of the trained
     ones: on a few hundred images, per-step weights swing enough to move validation accuracy by 10 points.
     ``low_res``/``low_res_epochs``: progressive resizing — the first epochs see images downscaled to ``low_res``
     (4x cheaper at half size; the network is size-agnostic thanks to the global pool), the rest full size.
+    ``init``: (extractor, head) state dicts to continue from (a warm restart with a fresh learning-rate cycle).
     """
     torch.manual_seed(seed)
     augment = Augment() if augment is None else augment
     gen = torch.Generator().manual_seed(seed)
     extractor = build_mobilenetv2_extractor(**extractor_kwargs)
     head = build_linear_head(extractor_kwargs.get("feature_dim", 32), num_outputs)
+    if init is not None:
+        extractor.load_state_dict(init[0])
+        head.load_state_dict(init[1])
     net = nn.Sequential(extractor, head)
     params = list(net.parameters())
     shadow = copy.deepcopy(net) if ema_decay else net
