@@ -144,6 +144,9 @@ class Client:
         except httpx.TimeoutException:
             raise MedheError(f"the server at {self.url} did not answer in time; it may be overloaded") from None
         except httpx.TransportError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise MedheError(f"the TLS certificate of {self.url} is not trusted ({exc}); pass the server's "
+                                 "certificate or CA bundle with --cacert FILE (SDK: Client(url, verify=FILE))") from None
             raise MedheError(f"cannot reach the medhe server at {self.url} ({type(exc).__name__}: {exc}); "
                              "is `medhe serve` running there?") from None
         if response.status_code >= 400:
