@@ -115,7 +115,7 @@ def test_tiny_encrypted_se_model_on_a_latent(nih):
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         art = load_artifact(lt.export_latent_model(tmp, ae, model, record, {}, tr.label_names, name="tiny-se",
-                                                         image_size=128))
+                                                         image_size=128, ckks_options={}))
         server = compile_model(art, scheme="ckks")
         client = client_for(server.spec())
         client.keygen()

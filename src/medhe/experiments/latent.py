@@ -34,6 +34,9 @@ DEFAULT_ARCH_KWARGS = {"width": 8, "groups": 1, "se_reduction": 4, "head_size": 
 DEFAULT_TRAIN = {"epochs": 60, "lr": 3e-3, "batch_size": 32, "weight_decay": 1e-3, "seed": 0, "flip": False,
                  "pos_weight": "full"}
 PIXEL_PREPROCESS = {"channels": 1, "crop": "center", "mean": 0.5, "std": 0.5}
+#: CKKS compile options of the shipped model: the engine's default for its depth (N=16384, 2^30 scale) left logit
+#: errors up to 0.15 on cxr14-latent; N=32768 with a 2^36 scale brings them under 1e-2 (docs/latent.md).
+DEFAULT_CKKS_OPTIONS = {"poly_degree": 32768, "scale_bits": 36}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
@@ -170,7 +173,8 @@ def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
 # -- export ---------------------------------------------------------------------------------------------------------
 def export_latent_model(out_dir: str | Path, ae: VQAutoencoder, model: nn.Sequential, record: dict[str, Any],
                         metrics: dict[str, Any], labels: list[str], name: str = "cxr14-latent",
-                        command: str = "", extra: dict[str, Any] | None = None, image_size: int = 256) -> Path:
+                        command: str = "", extra: dict[str, Any] | None = None, image_size: int = 256,
+                        ckks_options: dict[str, Any] | None = None) -> Path:
     """Save the latent model: classifier as the server network, the VQ encoder as the public client stage."""
     from medhe.models.artifact import save_artifact
     from medhe.models.train_autoencoder import PREPROCESS
@@ -184,7 +188,8 @@ def export_latent_model(out_dir: str | Path, ae: VQAutoencoder, model: nn.Sequen
         "training": {"command": command, **{k: v for k, v in record.items() if k not in ("arch", "arch_kwargs")}},
         "client_stage": {"arch": "vq-encoder", "arch_kwargs": ae.encoder_kwargs(),
                          "latent_shape": [ae.latent_channels, image_size // ae.factor, image_size // ae.factor]},
-        "scheme_options": {"default_scheme": "ckks"},
+        "scheme_options": {"default_scheme": "ckks",
+                           "ckks": dict(DEFAULT_CKKS_OPTIONS if ckks_options is None else ckks_options)},
         **(extra or {}),
     }
     return save_artifact(out_dir, model, card, client_model=ae.encoder)
@@ -205,7 +210,7 @@ def export_pixel_model(out_dir: str | Path, model: nn.Sequential, record: dict[s
 
 # -- encrypted ------------------------------------------------------------------------------------------------------
 def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the server network under CKKS image by image: agreement with plaintext, logit error, latency, sizes.
 
     Raises ``PlanError`` (or another ``MedheError``) when the model does not compile for CKKS; the caller reports it.
@@ -214,7 +219,7 @@ def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int 
 
     n = len(x) if limit is None else min(limit, len(x))
     t0 = time.perf_counter()
-    server = compile_model(artifact, scheme="ckks")
+    server = compile_model(artifact, scheme="ckks", **(options or {}))
     compile_s = time.perf_counter() - t0
     spec = server.spec()
     client = client_for(spec)
@@ -275,11 +280,17 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
                           out_dir: str | Path = "runs/latent/experiment", data_dir: str | None = None,
                           encrypted: bool = True, enc_limit: int | None = None, pixel_sizes: tuple[int, ...] = (64, 256),
                           pixel_epochs: dict[int, int] | None = None, use_shipped_f8: bool = True,
+                          reuse: bool = False, f8_encrypted: str | Path | None = None,
+                          ckks_options: dict[str, Any] | None = DEFAULT_CKKS_OPTIONS,
                           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train/score every row and write ``latent_table.md``, ``latent_table.json`` and ``latent_plot.png``.
 
     ``enc_limit`` caps the encrypted test images per row (None: the whole test split). With ``use_shipped_f8`` the
     f8 row scores the shipped ``cxr14-latent`` itself, so that row is the default model's configuration exactly.
+    ``reuse`` scores row models already exported under ``out_dir`` instead of retraining them (resuming a run).
+    ``f8_encrypted``: a JSON report of ``encrypted_eval`` on the shipped model (e.g. the whole test split) used for
+    the f8 row instead of running it again. ``ckks_options`` compile every row with the same CKKS parameters
+    (default: the shipped model's), so the latency column compares like for like.
     """
     from medhe.models.artifact import PRETRAINED_DIR, load_artifact
     from medhe.models.train_autoencoder import load_autoencoder
@@ -300,6 +311,9 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
         shipped = load_artifact("cxr14-latent") if shipped_f8 else None
         if shipped is not None:
             model_dir, record = shipped.path, shipped.card["training"]
+        elif reuse and (out / f"latent-f{f}" / "card.json").is_file():
+            model_dir = out / f"latent-f{f}"
+            record = load_artifact(model_dir).card["training"]
         else:
             model, record = train_classifier(x["train"], y["train"], x["val"], y["val"],
                                              arch_kwargs=row_arch_kwargs(x["train"].shape[1:]), **_train_args(),
@@ -313,22 +327,38 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
                "autoencoder_dir": str(ae_dir), "psnr": ae_card["metrics"].get("held_out", {}).get("psnr"),
                "ssim": ae_card["metrics"].get("held_out", {}).get("ssim"),
                "best_epoch": record.get("best_epoch"), "width": art.card["arch_kwargs"].get("width")}
-        rows.append(_score(row, art, x["test"], y["test"], encrypted, enc_limit, log))
+        if f == 8 and f8_encrypted:
+            import json
+
+            row = _score(row, art, x["test"], y["test"], False, None, log)
+            report = json.loads(Path(f8_encrypted).read_text())
+            report.pop("logits", None)
+            row["encrypted"] = {**report, "source": str(f8_encrypted)}
+            rows.append(row)
+            continue
+        rows.append(_score(row, art, x["test"], y["test"], encrypted, enc_limit, log, ckks_options))
     for size in pixel_sizes:
         x = {s: pixel_inputs(splits[s].images, size) for s in splits}
         epochs = (pixel_epochs or {}).get(size, DEFAULT_TRAIN["epochs"] if size <= 64 else 30)
-        log(f"pixel {size}x{size}: training {epochs} epochs")
-        model, record = train_classifier(x["train"], y["train"], x["val"], y["val"],
-                                         arch_kwargs=row_arch_kwargs(x["train"].shape[1:]),
-                                         **{**_train_args(), "epochs": epochs}, log=log)
-        metrics = {s: compute_metrics("multi-label", y[s], _logits(model, x[s])) for s in ("val", "test")}
-        model_dir = export_pixel_model(out / f"pixel-{size}", model, record, metrics, labels, size, f"pixel-{size}")
+        model_dir = out / f"pixel-{size}"
+        if reuse and (model_dir / "card.json").is_file():
+            record = load_artifact(model_dir).card["training"]
+            record["arch_kwargs"] = load_artifact(model_dir).card["arch_kwargs"]
+        else:
+            log(f"pixel {size}x{size}: training {epochs} epochs")
+            model, record = train_classifier(x["train"], y["train"], x["val"], y["val"],
+                                             arch_kwargs=row_arch_kwargs(x["train"].shape[1:]),
+                                             **{**_train_args(), "epochs": epochs}, log=log)
+            metrics = {s: compute_metrics("multi-label", y[s], _logits(model, x[s])) for s in ("val", "test")}
+            export_pixel_model(model_dir, model, record, metrics, labels, size, f"pixel-{size}")
         row = {"row": f"pixel {size}", "factor": None, "input_shape": list(x["test"].shape[1:]),
                "input_values": int(np.prod(x["test"].shape[1:])), "model_dir": str(model_dir), "psnr": None,
                "ssim": None, "best_epoch": record["best_epoch"],
                "width": record["arch_kwargs"]["width"]}
-        rows.append(_score(row, load_artifact(model_dir), x["test"], y["test"], encrypted, enc_limit, log))
+        rows.append(_score(row, load_artifact(model_dir), x["test"], y["test"], encrypted, enc_limit, log,
+                           ckks_options))
     result = {"dataset": NIH, "split": "test", "n_test": int(len(y["test"])), "classifier": "latent-hecnn",
+              "ckks_options": ckks_options, "enc_limit": enc_limit,
               "arch_kwargs": DEFAULT_ARCH_KWARGS, "train": DEFAULT_TRAIN, "rows": rows}
     _ratios(result)
     write_table(result, out)
@@ -358,12 +388,12 @@ def row_arch_kwargs(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
 
 
 def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypted: bool, enc_limit: int | None,
-           log: Callable[[str], None]) -> dict[str, Any]:
+           log: Callable[[str], None], ckks_options: dict[str, Any] | None = None) -> dict[str, Any]:
     plain = _logits(art.model, x)
     row["plain"] = {**compute_metrics("multi-label", y, plain), "auc_bootstrap": bootstrap_macro_auc(y, plain)}
     if encrypted:
         try:
-            enc = encrypted_eval(art, x, y, limit=enc_limit, log=log)
+            enc = encrypted_eval(art, x, y, limit=enc_limit, log=log, options=ckks_options)
             enc.pop("logits")
             row["encrypted"] = enc
         except (MedheError, ImportError, AttributeError) as exc:  # engine absent, or the model does not fit
@@ -527,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--pixel-sizes", default="64,256")
     t.add_argument("--enc-limit", type=int, default=None)
     t.add_argument("--no-encrypted", action="store_true")
+    t.add_argument("--reuse", action="store_true", help="score row models already under --out instead of retraining")
+    t.add_argument("--pixel-epochs", type=int, default=None, help="epochs for pixel rows larger than 64")
+    t.add_argument("--f8-encrypted", default=None, help="JSON report of an encrypted run of the shipped model")
     args = p.parse_args(argv)
     cmd = shlex.join(["python", "-m", "medhe.experiments.latent", *(sys.argv[1:] if argv is None else argv)])
     try:
@@ -538,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_latent_experiment(tuple(int(f) for f in args.factors.split(",") if f), args.autoencoders, args.out,
                                   args.data_dir, encrypted=not args.no_encrypted, enc_limit=args.enc_limit,
-                                  pixel_sizes=tuple(int(s) for s in args.pixel_sizes.split(",") if s))
+                                  pixel_sizes=tuple(int(s) for s in args.pixel_sizes.split(",") if s),
+                                  reuse=args.reuse, f8_encrypted=args.f8_encrypted, pixel_epochs=({256: args.pixel_epochs} if args.pixel_epochs
+                                                                  else None))
     except MedheError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
