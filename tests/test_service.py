@@ -245,46 +245,51 @@ def _seal_secret_material(objs) -> list[bytes]:
     return forms
 
 
-def occurs_anywhere(secrets: list[bytes], haystack: bytes, window: int = 32) -> bool:
-    """True if a ``window``-byte slice of any of ``secrets`` (at any offset) occurs in ``haystack`` (at any offset).
+class SecretIndex:
+    """Finds any ``window``-byte slice of any of ``secrets`` (at any offset) in a haystack (at any offset). Exact.
 
-    Exact and one pass: such an occurrence covers a haystack position q that is a multiple of 16 with q + 8 inside
-    the match, so the 8-byte word at q is a secret's word at some offset. Index the secrets' words at every
-    offset, look up the haystack's words at multiples of 16 (a bitmap prefilter, then exact membership), and
-    extend each hit byte by byte to see whether the match reaches ``window`` bytes.
+    Such an occurrence covers a haystack position q that is a multiple of 16 with q + 8 inside the match, so the
+    8-byte word at q is a secret's word at some offset. The index holds the secrets' words at every offset; a
+    search looks up the haystack's words at multiples of 16 (a bitmap prefilter, then exact membership) and
+    extends each hit byte by byte to see whether the match reaches ``window`` bytes. Linear in the haystack.
     """
-    assert window >= 24, "a window must cover a whole word at a multiple of 16"
-    hay = bytes(haystack)
-    vals, where = [], []
-    for k, secret in enumerate(secrets):
-        for o in range(8):
-            count = (len(secret) - o) // 8
-            if count > 0:
-                vals.append(np.frombuffer(secret, dtype="<u8", count=count, offset=o))
-                where.append(np.stack([np.full(count, k), np.arange(count, dtype=np.int64) * 8 + o], axis=1))
-    vals, where = np.concatenate(vals), np.concatenate(where)
-    order = np.argsort(vals, kind="stable")
-    vals, where = vals[order], where[order]
-    table = np.zeros(1 << 24, dtype=bool)
-    table[(vals & 0xFFFFFF).astype(np.intp)] = True
-    words = np.frombuffer(hay, dtype="<u8", count=len(hay) // 8)[::2]
-    pos = np.flatnonzero(table[(words & 0xFFFFFF).astype(np.intp)])
-    pos = pos[np.isin(words[pos], vals)]
-    for q in (pos * 16).tolist():
-        w = np.frombuffer(hay, dtype="<u8", count=1, offset=q)[0]
-        lo, hi = np.searchsorted(vals, w, "left"), np.searchsorted(vals, w, "right")
-        for k, p in where[lo:hi].tolist():
-            secret = secrets[k]
-            left = 0
-            while left < window and q - left > 0 and p - left > 0 and hay[q - left - 1] == secret[p - left - 1]:
-                left += 1
-            right = 8
-            while right < window and q + right < len(hay) and p + right < len(secret) \
-                    and hay[q + right] == secret[p + right]:
-                right += 1
-            if left + right >= window:
-                return True
-    return False
+
+    def __init__(self, secrets: list[bytes], window: int = 32):
+        assert window >= 24, "a window must cover a whole word at a multiple of 16"
+        self.secrets, self.window = secrets, window
+        vals, where = [], []
+        for k, secret in enumerate(secrets):
+            for o in range(8):
+                count = (len(secret) - o) // 8
+                if count > 0:
+                    vals.append(np.frombuffer(secret, dtype="<u8", count=count, offset=o))
+                    where.append(np.stack([np.full(count, k), np.arange(count, dtype=np.int64) * 8 + o], axis=1))
+        vals, where = np.concatenate(vals), np.concatenate(where)
+        order = np.argsort(vals, kind="stable")
+        self.vals, self.where = vals[order], where[order]
+        self.table = np.zeros(1 << 24, dtype=bool)
+        self.table[(self.vals & 0xFFFFFF).astype(np.intp)] = True
+
+    def found_in(self, haystack: bytes) -> bool:
+        hay, window = bytes(haystack), self.window
+        words = np.frombuffer(hay, dtype="<u8", count=len(hay) // 8)[::2]
+        pos = np.flatnonzero(self.table[(words & 0xFFFFFF).astype(np.intp)])
+        pos = pos[np.isin(words[pos], self.vals)]
+        for q in (pos * 16).tolist():
+            w = np.frombuffer(hay, dtype="<u8", count=1, offset=q)[0]
+            lo, hi = np.searchsorted(self.vals, w, "left"), np.searchsorted(self.vals, w, "right")
+            for k, p in self.where[lo:hi].tolist():
+                secret = self.secrets[k]
+                left = 0
+                while left < window and q - left > 0 and p - left > 0 and hay[q - left - 1] == secret[p - left - 1]:
+                    left += 1
+                right = 8
+                while right < window and q + right < len(hay) and p + right < len(secret) \
+                        and hay[q + right] == secret[p + right]:
+                    right += 1
+                if left + right >= window:
+                    return True
+        return False
 
 
 def test_bearer_token_required(server):
@@ -447,9 +452,10 @@ def test_secret_key_never_leaves_the_client(client, capture, images):
     sent = bytes(capture.sent)
     assert len(sent) > sum(sess.key_bytes for sess in sessions) > 0  # we really captured the uploads
     assert min(len(form) for form in secrets) >= 32
+    index = SecretIndex(secrets)
     for form in secrets:  # the detector works, at any offset ...
-        assert occurs_anywhere(secrets, b"\x01" * 7 + form[len(form) // 3:][:32] + b"x")
-    assert not occurs_anywhere(secrets, sent)  # ... and finds nothing in the traffic
+        assert index.found_in(b"\x01" * 7 + form[len(form) // 3:][:32] + b"x")
+    assert not index.found_in(sent)  # ... and finds nothing in the traffic
     # decrypted results are never sent back: neither the logits' text nor their float64 bytes appear
     for r in results:
         for v in r.logits:

@@ -100,7 +100,7 @@ def _build_stage(info: dict[str, Any], weights: bytes):
     stage = info["client_stage"]
     if hashlib.sha256(weights).hexdigest() != stage["weights_sha256"]:
         raise ArtifactError(f"client-stage weights of {info['id']!r} do not match their announced sha256; "
-                            "the download was corrupted or tampered with")
+                            "the download was corrupted; try again")
     model = build_model(stage["arch"], **stage.get("arch_kwargs", {}))
     try:
         model.load_state_dict(load_tensors(weights), strict=True)
