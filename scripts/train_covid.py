@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated weights (0: off)")
-    ap.add_argument("--augment", choices=sorted(AUGMENTS), default="light")
+    ap.add_argument("--augment", choices=sorted(AUGMENTS), default="default")
     ap.add_argument("--low-res", type=int, default=None, help="progressive resizing: early epochs at this size")
     ap.add_argument("--low-res-epochs", type=int, default=0, help="how many early epochs run at --low-res")
     ap.add_argument("--init", metavar="DIR", help="continue from a trained covid-cxr directory (same architecture)")
