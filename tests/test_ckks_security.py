@@ -8,7 +8,7 @@ from torch import nn
 
 from medhe.errors import PlanError, SecurityError
 from medhe.he.ckks import CKKSClient, compile_plan
-from medhe.he.ckks.params import CKKSParams, choose_params
+from medhe.he.ckks.params import CKKSParams, choose_params, max_depth
 from medhe.he.ckks.server import CKKSServerModel
 from medhe.he.security import check_rlwe_128
 from medhe.models.layers import PolyAct
@@ -55,7 +55,8 @@ def test_too_deep_model_names_depth_needed_and_limit():
     with pytest.raises(PlanError) as err:
         compile_plan(model, (1, 2, 2))
     msg = str(err.value)
-    assert "depth 27" in msg and "allow depth 24" in msg and "\n" not in msg
+    assert "depth 27" in msg and f"allow depth {max_depth(32768)}" in msg and "\n" not in msg
+    assert max_depth(32768) < 27
 
 
 def test_unsupported_activation_degree_and_unknown_option_are_plan_errors():

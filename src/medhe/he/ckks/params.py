@@ -22,6 +22,8 @@ from medhe.he.security import MAX_MODULUS_BITS_128, check_rlwe_128
 PRESETS = {8192: (28, 43), 16384: (30, 50), 32768: (32, 60)}
 MIN_SPECIAL = {8192: 40, 16384: 45, 32768: 50}
 MIN_HEADROOM_BITS = 7  # the first prime is at least scale + 7 bits
+MAX_SCALE_BITS = 50  # beyond this SEAL's 60-bit primes leave too little headroom
+SCALE_SLACK = 1  # the scale may drop this many bits below the preset when that buys output headroom
 MIN_OUTPUT_SCALE_BITS = 20  # the output keeps >= 20 fractional bits (absolute precision ~1e-6)
 
 
@@ -70,8 +72,10 @@ class CKKSParams:
 
 
 def max_depth(poly_degree: int, headroom_bits: int = MIN_HEADROOM_BITS) -> int:
-    scale_bits, special = PRESETS[poly_degree]
-    return (MAX_MODULUS_BITS_128[poly_degree] - special - (scale_bits + headroom_bits)) // scale_bits
+    """Deepest chain the ring allows at 128 bits (smallest scale medhe uses, minimal first prime)."""
+    scale_bits = PRESETS[poly_degree][0] - SCALE_SLACK
+    first = scale_bits + headroom_bits
+    return (MAX_MODULUS_BITS_128[poly_degree] - max(MIN_SPECIAL[poly_degree], first) - first) // scale_bits
 
 
 def magnitude_bits(max_abs: float | None) -> int:
@@ -137,18 +141,30 @@ def choose_params(depth: int, max_abs: float | None = None, poly_degree: int | N
 
 def params_for_ring(poly_degree: int, depth: int, max_abs: float | None = None,
                     scale_bits: int | None = None) -> CKKSParams | None:
-    """The preset chain for ring ``poly_degree`` with ``depth`` levels, or None when it would exceed 128 bits."""
-    sb, special = PRESETS[poly_degree]
-    sb = int(scale_bits or sb)
-    first = min(60, sb + headroom_for(max_abs, sb))
-    room = MAX_MODULUS_BITS_128[poly_degree] - first - sb * depth
-    special = min(max(special, first), room, 60)
-    if special < max(MIN_SPECIAL[poly_degree], first):
+    """The chain for ring ``poly_degree`` with ``depth`` levels, or None when it would exceed 128 bits.
+
+    Spare modulus bits buy precision (CKKS noise is absolute): among the scales up to 50 bits, and with the first
+    prime either wide enough for the whole output range or at its minimum (the output layer then uses a lower
+    scale), the chain whose *worst* precision (min of the scale and the output scale) is largest wins. Key
+    switching noise is absolute too, so a low output scale is as bad as a low scale everywhere.
+    """
+    preset, special0 = PRESETS[poly_degree]
+    best: tuple[int, int, CKKSParams] | None = None
+    for sb in ([int(scale_bits)] if scale_bits else range(max(preset, MAX_SCALE_BITS), preset - SCALE_SLACK - 1, -1)):
+        for first in (sb + max(MIN_HEADROOM_BITS, magnitude_bits(max_abs) + 1), sb + headroom_for(max_abs, sb)):
+            first = min(60, first)
+            room = MAX_MODULUS_BITS_128[poly_degree] - first - sb * depth
+            special = min(max(special0, first), room, 60)
+            if special < max(MIN_SPECIAL[poly_degree], first) or sb < 20:
+                continue
+            params = CKKSParams(poly_degree, (first,) + (sb,) * depth + (special,), sb)
+            worst = min(sb, output_scale_bits(params, max_abs))
+            if best is None or (worst, sb) > best[:2]:
+                best = (worst, sb, params)
+    if best is None:
         return None
-    bits = (first,) + (sb,) * depth + (special,)
-    params = CKKSParams(poly_degree, bits, sb)
-    params.validate()
-    return params
+    best[2].validate()
+    return best[2]
 
 
 @lru_cache(maxsize=8)
