@@ -62,7 +62,7 @@ def _measure(server: TFHEServerModel, images: np.ndarray) -> dict[str, Any]:
 
 
 def run_tfhe_benchmark(model: str = "pneumoniamnist-qfcnn", n_images: int = 10, data_dir: Any = None,
-                       baseline_images: int = 3, seed: int = 0) -> dict[str, Any]:
+                       baseline_images: int = 2, seed: int = 0) -> dict[str, Any]:
     """Encrypted latency of ``model`` and of the baseline on the first test images; JSON-able dict."""
     from medhe.data import load_dataset
     from medhe.models.artifact import load_artifact
