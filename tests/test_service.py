@@ -36,13 +36,26 @@ MAX_BODY = 8 << 20
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, data_dir):
-    """A second, different model (other input size, other plan) for the wrong-model cases."""
-    from medhe.models.train import train_model
+    """A second, different model (other architecture, other plan) for the wrong-model cases; untrained on purpose:
+    only its bytes being another model's matter."""
+    import torch
 
-    out = tmp_path_factory.mktemp("tiny")
-    train_model("pneumoniamnist", arch="fcnn", epochs=1, out_dir=out, arch_kwargs={"hidden": 8},
-                augment=False, progress=False, limit=256, name="tiny", data_dir=data_dir)
-    return out
+    from medhe.data import Preprocess
+    from medhe.models import layers
+    from medhe.models.artifact import save_artifact
+    from medhe.models.train import record_ranges
+    from medhe.models.zoo import build_model
+
+    torch.manual_seed(0)
+    kwargs = {"in_channels": 1, "num_outputs": 2, "image_size": 28, "hidden": 8}
+    model = build_model("fcnn", **kwargs)
+    pre = Preprocess(channels=1, size=28)
+    record_ranges(model, pre.batch(load_dataset("pneumoniamnist", split="val", size=28,
+                                                data_dir=data_dir).images[:64]))
+    card = {"name": "tiny", "arch": "fcnn", "arch_kwargs": kwargs, "task": "binary-class",
+            "labels": ["normal", "pneumonia"], "dataset": {"name": "pneumoniamnist", "size": 28},
+            "preprocessing": pre.to_dict(), "activation_ranges": layers.activation_ranges(model)}
+    return save_artifact(tmp_path_factory.mktemp("tiny"), model.eval(), card)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ model directory, so the web process stays light and scheme-agnostic.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 from medhe.errors import ArtifactError
 from medhe.he.scheme import SCHEMES
-from medhe.models.artifact import CLIENT_WEIGHTS, load_artifact
+from medhe.models.artifact import CARD, CLIENT_WEIGHTS, WEIGHTS, resolve_model_dir, validate_card
 from medhe.service import protocol
 
 _ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -92,6 +93,28 @@ def default_scheme(card: dict[str, Any]) -> str:
     return str(scheme or "ckks")
 
 
+def read_model_dir(source: str) -> tuple[Path, dict[str, Any], bytes | None]:
+    """Card and public client-stage weights of a model directory, without building any network: the web
+    process never needs the networks, and the workers load and check the weights when they compile."""
+    path = resolve_model_dir(source)
+    try:
+        card = json.loads((path / CARD).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: card.json is missing; this is not a medhe model directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: card.json is not valid JSON ({exc}); restore it or retrain") from None
+    validate_card(card, str(path))
+    if not (path / WEIGHTS).is_file():
+        raise ArtifactError(f"{path}: {WEIGHTS} is missing; copy the whole model directory or retrain")
+    weights = None
+    if card.get("client_stage"):
+        try:
+            weights = (path / CLIENT_WEIGHTS).read_bytes()
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: the card has a client stage but {CLIENT_WEIGHTS} is missing") from None
+    return path, card, weights
+
+
 def load_catalog(args: list[str]) -> list[ServedModel]:
     """Resolve ``--model`` arguments into served models with unique URL-safe ids.
 
@@ -103,15 +126,11 @@ def load_catalog(args: list[str]) -> list[ServedModel]:
     loaded = []
     for arg in args:
         source, scheme = parse_model_arg(arg)
-        artifact = load_artifact(source)
-        scheme = scheme or default_scheme(artifact.card)
+        path, card, weights = read_model_dir(source)
+        scheme = scheme or default_scheme(card)
         if scheme not in SCHEMES:
             raise ArtifactError(f"{source}: card asks for unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-        weights = None
-        if artifact.client_model is not None and artifact.path is not None:
-            weights = (Path(artifact.path) / CLIENT_WEIGHTS).read_bytes()
-        path = str(artifact.path) if artifact.path is not None else source
-        loaded.append((_ID_RE.sub("-", artifact.name).strip("-") or "model", path, scheme, artifact.card, weights))
+        loaded.append((_ID_RE.sub("-", str(card["name"])).strip("-") or "model", str(path), scheme, card, weights))
     names = Counter(name for name, *_ in loaded)
     seen: set[str] = set()
     served = []
