@@ -177,8 +177,8 @@ class PaillierServerModel(ServerModel):
             raise CiphertextError(f"expected {self.dim} encrypted features, got {len(msg.values)}: run the model's "
                                   "client stage (feature extractor) before encrypting")
         if msg.scale != self.feature_bits:
-            raise CiphertextError(f"features were encoded at 2^-{msg.scale}, this model expects 2^-{self.feature_bits}: "
-                                  "use the spec of this server")
+            raise CiphertextError(f"features were encoded at 2^-{msg.scale}, this model expects "
+                                  f"2^-{self.feature_bits}: use the spec of this server")
         n, n2 = keys.n, keys.n2
         cts = [gmpy2.mpz(c) for c in msg.values]
         for i, c in enumerate(cts):
