@@ -4,7 +4,8 @@ The server holds W (K x d) and b (K) as fixed-point integers and only the client
 request it computes, on ciphertexts only,
 
     A_j = prod_i Enc(X_i)**W_ji            (negative weights: one modular inverse of the negative part per output)
-    C   = Enc(sum_j S_j 2**(jK)) = ((A_{K-1})**(2**K) ... ) * A_0 * (1 + B n)  (all outputs packed in one ciphertext)
+    C   = Enc(sum_j S_j 2**(j s)) = (...(A_last**(2**s)) * ...) * A_0 * (1 + B n)   (all outputs in one ciphertext,
+                                                                                  slot width s bits)
     C'  = C * Enc_pk(0)                     (fresh randomness, so the reply says nothing about W beyond the scores)
 
 and returns C'. Re-randomisation matters: without it, a client who knows its own encryption randomness could
