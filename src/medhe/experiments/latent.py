@@ -210,9 +210,11 @@ def export_pixel_model(out_dir: str | Path, model: nn.Sequential, record: dict[s
 
 # -- encrypted ------------------------------------------------------------------------------------------------------
 def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int | None = None,
-                   log: Callable[[str], None] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None, options: dict[str, Any] | None = None,
+                   checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the server network under CKKS image by image: agreement with plaintext, logit error, latency, sizes.
 
+    ``checkpoint`` receives the summary so far after every image (long runs on a shared machine get cut short).
     Raises ``PlanError`` (or another ``MedheError``) when the model does not compile for CKKS; the caller reports it.
     """
     from medhe.he import client_for, compile_model
@@ -227,33 +229,39 @@ def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int 
     ek = client.evaluation_keys()
     keys = server.load_keys(ek)
     plain = _logits(artifact.model, x[:n])
-    enc, server_s, server_cpu, client_enc_s, in_bytes, out_bytes = [], [], [], [], [], []
+    runs: dict[str, list] = {"enc": [], "server_s": [], "server_cpu": [], "client_s": [], "in": [], "out": []}
+    static = {"evaluation_key_bytes": len(ek), "compile_s": compile_s, "params": _params(spec)}
     for i in range(n):
         t = time.perf_counter()
         ct = client.encrypt(x[i])
-        client_enc_s.append(time.perf_counter() - t)
+        runs["client_s"].append(time.perf_counter() - t)
         t, c = time.perf_counter(), time.process_time()
         out = server.infer(keys, ct)
-        server_s.append(time.perf_counter() - t)
-        server_cpu.append(time.process_time() - c)
-        enc.append(np.asarray(client.decrypt(out), dtype=np.float64).reshape(-1))
-        in_bytes.append(len(ct))
-        out_bytes.append(len(out))
-        if log and (i + 1) % 10 == 0:
-            log(f"encrypted {i + 1}/{n}: median server {statistics.median(server_s):.2f} s")
-    enc = np.stack(enc)
-    agree = float(np.mean((enc > 0) == (plain > 0)))
-    result = {"n": n, "agreement": agree, "max_abs_logit_error": float(np.abs(enc - plain).max()),
-              "server_latency_s": {"median": statistics.median(server_s), "min": min(server_s),
-                                   "max": max(server_s)},
+        runs["server_s"].append(time.perf_counter() - t)
+        runs["server_cpu"].append(time.process_time() - c)
+        runs["enc"].append(np.asarray(client.decrypt(out), dtype=np.float64).reshape(-1))
+        runs["in"].append(len(ct))
+        runs["out"].append(len(out))
+        if log:
+            log(f"encrypted {i + 1}/{n}: server {runs['server_s'][-1]:.2f} s wall, {runs['server_cpu'][-1]:.2f} s CPU")
+        if checkpoint:
+            checkpoint(_summary(runs, plain[:i + 1], labels[:i + 1], static))
+    return _summary(runs, plain, labels[:n], static)
+
+
+def _summary(runs: dict[str, list], plain: np.ndarray, labels: np.ndarray, static: dict[str, Any]) -> dict[str, Any]:
+    enc = np.stack(runs["enc"])
+    s = runs["server_s"]
+    result = {"n": len(enc), "agreement": float(np.mean((enc > 0) == (plain > 0))),
+              "max_abs_logit_error": float(np.abs(enc - plain).max()),
+              "server_latency_s": {"median": statistics.median(s), "min": min(s), "max": max(s)},
               # CPU seconds of the server process: robust to other jobs on a shared machine, unlike wall time
-              "server_cpu_s_median": statistics.median(server_cpu),
-              "client_encrypt_s_median": statistics.median(client_enc_s),
-              "input_ciphertext_bytes": int(np.median(in_bytes)), "output_ciphertext_bytes": int(np.median(out_bytes)),
-              "evaluation_key_bytes": len(ek), "compile_s": compile_s, "params": _params(spec),
-              "logits": enc.tolist()}
-    result["metrics"] = compute_metrics("multi-label", labels[:n], enc)
-    result["auc_bootstrap"] = bootstrap_macro_auc(labels[:n], enc)
+              "server_cpu_s_median": statistics.median(runs["server_cpu"]),
+              "client_encrypt_s_median": statistics.median(runs["client_s"]),
+              "input_ciphertext_bytes": int(np.median(runs["in"])),
+              "output_ciphertext_bytes": int(np.median(runs["out"])), **static, "logits": enc.tolist()}
+    result["metrics"] = compute_metrics("multi-label", labels, enc) if len(enc) > 1 else None
+    result["auc_bootstrap"] = bootstrap_macro_auc(labels, enc) if len(enc) > 1 else None
     return result
 
 
@@ -278,14 +286,15 @@ def _find_autoencoder(factor: int, ae_root: Path) -> Path:
 
 def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str | Path = "runs/latent",
                           out_dir: str | Path = "runs/latent/experiment", data_dir: str | None = None,
-                          encrypted: bool = True, enc_limit: int | None = None, pixel_sizes: tuple[int, ...] = (64, 256),
+                          encrypted: bool | str = True, enc_limit: int | None = None, pixel_sizes: tuple[int, ...] = (64, 256),
                           pixel_epochs: dict[int, int] | None = None, use_shipped_f8: bool = True,
                           reuse: bool = False, f8_encrypted: str | Path | None = None,
                           ckks_options: dict[str, Any] | None = DEFAULT_CKKS_OPTIONS,
                           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train/score every row and write ``latent_table.md``, ``latent_table.json`` and ``latent_plot.png``.
 
-    ``enc_limit`` caps the encrypted test images per row (None: the whole test split). With ``use_shipped_f8`` the
+    ``enc_limit`` caps the encrypted test images per row (None: the whole test split); ``encrypted="plan"`` only
+    compiles each row (parameters and operation counts, no keys), for machines without the time for full runs. With ``use_shipped_f8`` the
     f8 row scores the shipped ``cxr14-latent`` itself, so that row is the default model's configuration exactly.
     ``reuse`` scores row models already exported under ``out_dir`` instead of retraining them (resuming a run).
     ``f8_encrypted``: a JSON report of ``encrypted_eval`` on the shipped model (e.g. the whole test split) used for
@@ -391,16 +400,31 @@ def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypte
            log: Callable[[str], None], ckks_options: dict[str, Any] | None = None) -> dict[str, Any]:
     plain = _logits(art.model, x)
     row["plain"] = {**compute_metrics("multi-label", y, plain), "auc_bootstrap": bootstrap_macro_auc(y, plain)}
-    if encrypted:
-        try:
+    try:
+        if encrypted == "plan":
+            row["encrypted"] = plan_stats(art, ckks_options)
+        elif encrypted:
             enc = encrypted_eval(art, x, y, limit=enc_limit, log=log, options=ckks_options)
             enc.pop("logits")
             row["encrypted"] = enc
-        except (MedheError, ImportError, AttributeError) as exc:  # engine absent, or the model does not fit
-            row["encrypted"] = {"error": f"{type(exc).__name__}: {exc}"}
+    except (MedheError, ImportError, AttributeError) as exc:  # engine absent, or the model does not fit
+        row["encrypted"] = {"error": f"{type(exc).__name__}: {exc}"}
     log(f"{row['row']}: plain macro AUC {row['plain']['auc']:.4f}"
-        + (f", encrypted {row['encrypted'].get('metrics', {}).get('auc')}" if encrypted else ""))
+        + (f", encrypted {(row['encrypted'].get('metrics') or {}).get('auc')}" if encrypted else ""))
     return row
+
+
+def plan_stats(artifact: Any, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile only (no keys, no ciphertexts): the CKKS parameters and operation counts a row would run with."""
+    from medhe.he.ckks import compile_plan
+    from medhe.he.ckks.server import input_shape_of
+
+    t0 = time.perf_counter()
+    plan = compile_plan(artifact.model, input_shape_of(artifact), artifact.card.get("activation_ranges"),
+                        **(options or {}))
+    summary = plan.summary()
+    return {"plan": summary, "compile_s": time.perf_counter() - t0,
+            "params": {k: summary[k] for k in ("poly_degree", "prime_bits", "scale_bits") if k in summary}}
 
 
 def _ratios(result: dict[str, Any]) -> None:
@@ -438,13 +462,18 @@ def write_table(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     for r in result["rows"]:
         b = r["plain"]["auc_bootstrap"]
         e = r.get("encrypted") or {}
-        enc_auc = e.get("metrics", {}).get("auc")
-        enc_text = (f"{_fmt(enc_auc)} (n={e['n']})" if "metrics" in e
+        enc_auc = (e.get("metrics") or {}).get("auc")
+        enc_text = (f"{_fmt(enc_auc)} (n={e['n']})" if e.get("metrics")
                     else (e.get("error", "—")[:90].replace("|", "/") if e else "—"))
         shape = "x".join(map(str, r["input_shape"]))
         wall = e.get("server_latency_s", {}).get("median")
         cpu = e.get("server_cpu_s_median")
         params = _param_text(e.get("params")) if "params" in e else "—"
+        if "plan" in e:
+            pl = e["plan"]
+            params += (f"; depth {pl.get('depth')}, {pl.get('input_ciphertexts')} input cts, "
+                       f"{pl.get('rotations')} rot, {pl.get('plaintext_multiplications')} pt-mul")
+            enc_text = enc_text if e.get("metrics") else "compiled, not run"
         lines.append(
             f"| {r['row']} | {shape} | {r.get('width', '—')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'])} | "
             f"{_fmt(b['auc'])} [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}] | {enc_text} | "
@@ -485,7 +514,7 @@ def draw_plot(result: dict[str, Any], path: str | Path) -> Path:
     d.line([(x0, y_half), (x0 + panel_w, y_half)], fill=(180, 180, 180))
     for i, r in enumerate(rows):
         gx = x0 + i * group
-        vals = [(r["plain"]["auc"], (31, 119, 180)), ((r.get("encrypted") or {}).get("metrics", {}).get("auc"),
+        vals = [(r["plain"]["auc"], (31, 119, 180)), (((r.get("encrypted") or {}).get("metrics") or {}).get("auc"),
                                                        (255, 127, 14))]
         for j, (v, col) in enumerate(vals):
             if v is None:
@@ -557,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--pixel-sizes", default="64,256")
     t.add_argument("--enc-limit", type=int, default=None)
     t.add_argument("--no-encrypted", action="store_true")
+    t.add_argument("--plan-only", action="store_true", help="compile each row for CKKS but do not run it")
     t.add_argument("--reuse", action="store_true", help="score row models already under --out instead of retraining")
     t.add_argument("--pixel-epochs", type=int, default=None, help="epochs for pixel rows larger than 64")
     t.add_argument("--f8-encrypted", default=None, help="JSON report of an encrypted run of the shipped model")
@@ -570,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                                 arch_kwargs=json.loads(args.arch_kwargs), train={"epochs": args.epochs})
         else:
             run_latent_experiment(tuple(int(f) for f in args.factors.split(",") if f), args.autoencoders, args.out,
-                                  args.data_dir, encrypted=not args.no_encrypted, enc_limit=args.enc_limit,
+                                  args.data_dir, encrypted="plan" if args.plan_only else not args.no_encrypted, enc_limit=args.enc_limit,
                                   pixel_sizes=tuple(int(s) for s in args.pixel_sizes.split(",") if s),
                                   reuse=args.reuse, f8_encrypted=args.f8_encrypted, pixel_epochs=({256: args.pixel_epochs} if args.pixel_epochs
                                                                   else None))
