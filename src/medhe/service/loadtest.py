@@ -139,7 +139,7 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
         "slowest": [{"at_s": round(at, 2), "latency_ms": round(ms, 1), "client": c}
                     for at, ms, c in sorted(timeline, key=lambda t: -t[1])[:5]],
         "throughput_rps": len(latencies) / wall if wall > 0 else None,
-        "wall_s": wall,
+        "load_wall_s": wall,
         "setup": {"clients_ready": len(done),
                   "keys_s_p50": _percentile([s["keys_s"] for s in done], 50),
                   "encrypt_s_p50": _percentile([s["encrypt_s"] for s in done], 50),
