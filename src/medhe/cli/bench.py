@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="--service: an already running server (default: start one on 127.0.0.1)")
     p.add_argument("--clients", type=int, default=16, help="--service: concurrent clients")
     p.add_argument("--requests", type=int, default=200, help="--service: requests in all")
+    p.add_argument("--workers", type=int, help="--service: server worker processes (0: one thread)")
     p.add_argument("--data-dir")
     p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
     p.set_defaults(handler=run)
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         from medhe.service.loadtest import run_service_benchmark
 
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
-                                       requests=args.requests, data_dir=args.data_dir)
+                                       requests=args.requests, data_dir=args.data_dir, workers=args.workers)
     elif args.scheme == "ckks":
         from medhe.he.ckks.bench import format_summary, run_ckks_benchmark
 
