@@ -103,6 +103,9 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
         "training": training,
         **(card_extras or {}),
     }
+    if hasattr(model, "quantization_card"):  # QAT models: the TFHE compiler reads the integer program from here
+        card["quantization"] = model.quantization_card()
+        card.setdefault("scheme_options", {"default_scheme": "tfhe"})
     save_artifact(out_dir, model, card)
     return load_artifact(out_dir)
 
