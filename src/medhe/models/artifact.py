@@ -140,9 +140,8 @@ def _build(arch: str, kwargs: dict[str, Any], where: str) -> torch.nn.Module:
         raise ArtifactError(f"{where}: {exc}") from None
 
 
-def load_artifact(name_or_dir: str | Path) -> ModelArtifact:
-    """Load and validate a model directory (or a shipped model by name)."""
-    path = resolve_model_dir(name_or_dir)
+def read_card(path: Path) -> dict[str, Any]:
+    """The validated ``card.json`` of a model directory, without building any network."""
     where = str(path)
     try:
         card = json.loads((path / CARD).read_text())
@@ -151,6 +150,14 @@ def load_artifact(name_or_dir: str | Path) -> ModelArtifact:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{where}: card.json is not valid JSON ({exc}); restore it or retrain") from None
     validate_card(card, where)
+    return card
+
+
+def load_artifact(name_or_dir: str | Path) -> ModelArtifact:
+    """Load and validate a model directory (or a shipped model by name)."""
+    path = resolve_model_dir(name_or_dir)
+    where = str(path)
+    card = read_card(path)
     try:
         card["preprocessing"] = dict(card["preprocessing"])
     except (TypeError, ValueError):

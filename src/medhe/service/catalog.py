@@ -8,7 +8,6 @@ model directory, so the web process stays light and scheme-agnostic.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 from medhe.errors import ArtifactError
 from medhe.he.scheme import SCHEMES
-from medhe.models.artifact import CARD, CLIENT_WEIGHTS, WEIGHTS, resolve_model_dir, validate_card
+from medhe.models.artifact import CLIENT_WEIGHTS, WEIGHTS, read_card, resolve_model_dir
 from medhe.service import protocol
 
 _ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -97,13 +96,7 @@ def read_model_dir(source: str) -> tuple[Path, dict[str, Any], bytes | None]:
     """Card and public client-stage weights of a model directory, without building any network: the web
     process never needs the networks, and the workers load and check the weights when they compile."""
     path = resolve_model_dir(source)
-    try:
-        card = json.loads((path / CARD).read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: card.json is missing; this is not a medhe model directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: card.json is not valid JSON ({exc}); restore it or retrain") from None
-    validate_card(card, str(path))
+    card = read_card(path)
     if not (path / WEIGHTS).is_file():
         raise ArtifactError(f"{path}: {WEIGHTS} is missing; copy the whole model directory or retrain")
     weights = None
