@@ -49,10 +49,39 @@ def _p4_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latent_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--autoencoders", default="runs/latent",
+                   help="folder holding vq-f2 .. vq-f16 (train them with medhe train-autoencoder --factor F)")
+    p.add_argument("--out", default="runs/latent/experiment", help="folder for latent_table.md/.json and the plot")
+    p.add_argument("--data-dir", help="folder holding nih_chestxray14_subset (default: $MEDHE_DATA)")
+    p.add_argument("--factors", default="2,4,8,16")
+    p.add_argument("--pixel-sizes", default="64,256", help="pixel-space baselines to add as rows")
+    p.add_argument("--enc-limit", type=int, help="encrypt only the first N test images per row")
+    p.add_argument("--no-encrypted", action="store_true", help="plain metrics only")
+    p.add_argument("--plan-only", action="store_true", help="compile each row for CKKS but do not run it")
+    p.add_argument("--reuse", action="store_true", help="score row models already under --out instead of retraining")
+    p.add_argument("--pixel-epochs", type=int, help="epochs for pixel rows larger than 64")
+    p.add_argument("--f8-encrypted", help="JSON report of an encrypted run of the shipped cxr14-latent")
+
+
+def _latent_run(args: argparse.Namespace) -> int:
+    from medhe.experiments.latent import run_latent_experiment
+
+    run_latent_experiment(
+        tuple(int(f) for f in args.factors.split(",") if f), args.autoencoders, args.out, args.data_dir,
+        encrypted="plan" if args.plan_only else not args.no_encrypted, enc_limit=args.enc_limit,
+        pixel_sizes=tuple(int(s) for s in args.pixel_sizes.split(",") if s), reuse=args.reuse,
+        f8_encrypted=args.f8_encrypted, pixel_epochs={256: args.pixel_epochs} if args.pixel_epochs else None)
+    print(f"wrote the P1 table to {args.out}/latent_table.md (and .json, latent_plot.png)")
+    return 0
+
+
 #: name -> (help, add arguments, run)
 EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                              Callable[[argparse.Namespace], int]]] = {
     "p4": ("replicate P4: train a CNN on Paillier-encrypted, 8-bit re-saved chest X-rays", _p4_args, _p4_run),
+    "latent": ("reproduce P1's table: one row per VQ downsampling factor (and pixel space), plain and CKKS",
+               _latent_args, _latent_run),
 }
 
 
