@@ -64,6 +64,24 @@ def test_evaluation_keys_hold_only_galois_and_relin_keys(pair):
         serialize.load_public_key(parts[0], ctx)  # nothing in there parses as other key material
 
 
+def test_client_uploads_are_seeded_and_about_half_the_size(pair):
+    """Inputs and keys travel in SEAL's seeded form: the server loads them unchanged, at about half the bytes."""
+    model, server, client, keys, x = pair
+    be = client.backend
+    data = client.encrypt(x)
+    parts = wire.unpack(data, wire.KIND_INPUT, server.plan_id)
+    unseeded = [be.serialize(be.encrypt(be.encode(v, client.input_level, client.input_scale)))
+                for v in client.layout(x)]
+    assert sum(map(len, parts)) < 0.6 * sum(map(len, unseeded))
+    galois, relin = wire.unpack(client.evaluation_keys(), wire.KIND_KEYS, server.plan_id)
+    plain_galois = serialize.dump_galois_keys(be.galois_keys, be.context)
+    assert len(galois) < 0.6 * len(plain_galois)
+    assert client.encrypt(x) != data  # fresh seed and noise every time
+    got = client.decrypt(server.infer(keys, data))
+    want = model(torch.from_numpy(x[None])).detach().double().numpy()[0]
+    assert np.abs(got - want).max() < 1e-2
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty", "trailing"])
 def test_damaged_ciphertexts_are_rejected(pair, damage):
     _, server, client, keys, x = pair

@@ -30,6 +30,10 @@ class Backend(ABC):
     def encrypt(self, plain: Any) -> Any:
         """Secret-key (symmetric) encryption: the client holds the key, and fresh noise is lower than public-key."""
 
+    def encrypt_bytes(self, plain: Any) -> bytes:
+        """Encrypt and serialize for upload; backends with a cheaper fresh-ciphertext encoding override it."""
+        return self.serialize(self.encrypt(plain))
+
     @abstractmethod
     def decrypt(self, ct: Any) -> np.ndarray: ...
 
@@ -101,6 +105,7 @@ class SealBackend(Backend):
         self._secret: seal.SecretKey | None = None
         self._encryptor: seal.Encryptor | None = None
         self._decryptor: seal.Decryptor | None = None
+        self._seeder: serialize.Seeder | None = None
 
     # -- keys (client side)
     def keygen(self, rotation_steps: list[int], relinearization: bool) -> None:
@@ -108,17 +113,23 @@ class SealBackend(Backend):
         self._secret = gen.secret_key()
         self._encryptor = seal.Encryptor(self.context, self._secret)
         self._decryptor = seal.Decryptor(self.context, self._secret)
+        self._seeder = serialize.Seeder(self.context, self._secret)
         self.galois_keys = seal.GaloisKeys()
         if rotation_steps:
             gen.create_galois_keys(list(rotation_steps), self.galois_keys)
         self.relin_keys = gen.create_relin_keys() if relinearization else None
 
     def evaluation_key_bytes(self) -> tuple[bytes, bytes]:
-        """(Galois keys, relinearization keys) in the compact wire format; no secret key material."""
+        """(Galois keys, relinearization keys) in the compact wire format; no secret key material.
+
+        The key holder sends them seeded (each uniform half replaced by its PRNG seed): half the bytes, and the
+        server's SEAL loader expands them with no extra step.
+        """
         if self.galois_keys is None:
             raise SecurityError("no keys yet: call keygen() first")
-        gk = serialize.dump_galois_keys(self.galois_keys, self.context)
-        rk = serialize.dump_relin_keys(self.relin_keys, self.context) if self.relin_keys is not None else b""
+        gk = serialize.dump_galois_keys(self.galois_keys, self.context, self._seeder)
+        rk = (serialize.dump_relin_keys(self.relin_keys, self.context, self._seeder)
+              if self.relin_keys is not None else b"")
         return gk, rk
 
     def load_evaluation_keys(self, galois: bytes, relin: bytes) -> None:
@@ -149,6 +160,12 @@ class SealBackend(Backend):
         if self._encryptor is None:
             raise SecurityError("this session has no secret key: call keygen() first")
         return self._encryptor.encrypt_symmetric(plain)
+
+    def encrypt_bytes(self, plain: seal.Plaintext) -> bytes:
+        """Encrypt straight to seeded compact bytes (the client's upload: about half of :meth:`serialize`)."""
+        if self._seeder is None:
+            raise SecurityError("this session has no secret key: call keygen() first")
+        return self._seeder.encrypt(plain)
 
     def decrypt(self, ct: seal.Ciphertext) -> np.ndarray:
         if self._decryptor is None:

@@ -79,8 +79,7 @@ class CKKSClient(ClientSession):
     def encrypt(self, x: np.ndarray) -> bytes:
         self._need_keys()
         be = self.backend
-        parts = [be.serialize(be.encrypt(be.encode(vec, self.input_level, self.input_scale)))
-                 for vec in self.layout(x)]
+        parts = [be.encrypt_bytes(be.encode(vec, self.input_level, self.input_scale)) for vec in self.layout(x)]
         return wire.pack(wire.KIND_INPUT, self.plan_id, parts)
 
     def decrypt(self, data: bytes) -> np.ndarray:
