@@ -76,6 +76,10 @@ def test_client_uploads_are_seeded_and_about_half_the_size(pair):
     galois, relin = wire.unpack(client.evaluation_keys(), wire.KIND_KEYS, server.plan_id)
     plain_galois = serialize.dump_galois_keys(be.galois_keys, be.context)
     assert len(galois) < 0.6 * len(plain_galois)
+    from medhe.he.ckks.plan import key_bytes_as_sent  # the planner's key budget uses this estimate
+    per_key = key_bytes_as_sent(server.plan.params)
+    n_keys = len(server.plan.rotation_steps) + 1
+    assert 0.9 * n_keys * per_key < len(galois) + len(relin) < 1.1 * n_keys * per_key
     assert client.encrypt(x) != data  # fresh seed and noise every time
     got = client.decrypt(server.infer(keys, data))
     want = model(torch.from_numpy(x[None])).detach().double().numpy()[0]

@@ -213,6 +213,13 @@ def naf(step: int) -> list[int]:
     return out
 
 
+def key_bytes_as_sent(params: Any) -> int:
+    """One seeded Galois/relinearization key on the wire: (primes - 1) components, each a single bit-packed
+    polynomial over all primes (the other half is a 64-byte seed)."""
+    n, bits = params.poly_degree, list(params.prime_bits)
+    return n * (len(bits) - 1) * sum(bits) // 8
+
+
 def choose_key_paths(usage: dict[int, float], slots: int, key_bytes: int,
                      max_key_bytes: int) -> dict[int, list[int]]:
     """Fewer Galois keys when one per step would exceed ``max_key_bytes``.
@@ -683,7 +690,7 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         top = len(primes) - 1
         # im2col inputs cost one ciphertext per group of taps; past the byte budget the client sends the input
         # once instead and the first layer is evaluated with rotations like any other (same depth either way).
-        ct_bytes = 2 * n * sum(params.prime_bits[:-1]) // 8
+        ct_bytes = n * sum(params.prime_bits[:-1]) // 8  # as sent: seeded, so one packed polynomial
         n_ct = len([r for r in probe.registers if r.level == probe_depth])
         pack = n_ct * ct_bytes > max_input_bytes and n_ct > 1
         plan_low = _lower(graph, forms, slots, primes, params.scale, top,
@@ -692,7 +699,7 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies,
                     tuple(graph.input_shape))
-        key_bytes = 2 * n * (len(params.prime_bits) - 1) * sum(params.prime_bits) // 8
+        key_bytes = key_bytes_as_sent(params)
         fixed = key_bytes * (1 + plan.input_complex)  # relinearization (+ conjugation) keys
         plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, key_bytes, max_key_bytes - fixed)
         return plan
