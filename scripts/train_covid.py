@@ -11,9 +11,11 @@ chosen on the validation split; test metrics are computed once, at the end, for 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +28,15 @@ from medhe.models.train_extractor import predict_logits, train_split_model
 
 DATASET = "covid19_radiography_subset"
 AUGMENTS = {"default": Augment(), "light": Augment(rotate_deg=5, translate=0.05, scale=0.05, brightness=0.05,
-                                                   contrast=0.1)}
+                                                   contrast=0.1),
+            "flip": Augment(hflip=True)}
+#: Test-time views (client-side TTA: each member's features are averaged over these fixed transforms).
+VIEWS = {"id": {}, "flip": {"flip": True}, "dx+": {"dx": 0.04}, "dx-": {"dx": -0.04}, "dy+": {"dy": 0.04},
+         "dy-": {"dy": -0.04}, "zin": {"scale": 1.08}, "zout": {"scale": 0.93}, "r+": {"rotate_deg": 5},
+         "r-": {"rotate_deg": -5}}
+VIEW_SETS = {"none": ["id"], "flip": ["id", "flip"], "shift": ["id", "dx+", "dx-", "dy+", "dy-"],
+             "zoom": ["id", "zin", "zout"], "rot": ["id", "r+", "r-"],
+             "geo": ["id", "dx+", "dx-", "dy+", "dy-", "zin", "zout", "r+", "r-"], "all": list(VIEWS)}
 
 
 def metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
@@ -52,6 +62,8 @@ def ensemble(args: argparse.Namespace, argv: list[str] | None) -> int:
     size = max(m.card["preprocessing"]["size"] for m in members)
     pre = Preprocess(channels=1, size=size, crop=None, mean=0.5, std=0.5)
     kwargs = {"in_channels": 1, "image_size": size, "members": [m.card["client_stage"]["arch_kwargs"] for m in members]}
+    if args.views != "none":
+        kwargs["views"] = [VIEWS[v] for v in VIEW_SETS[args.views]]
     extractor = build_mobilenetv2_extractor(**kwargs).eval()
     for slot, m in zip(extractor[0].members, members):
         slot.load_state_dict(m.client_model.state_dict())
@@ -87,6 +99,8 @@ def ensemble(args: argparse.Namespace, argv: list[str] | None) -> int:
         "training": {
             "command": "python scripts/train_covid.py " + shlex.join(sys.argv[1:] if argv is None else argv),
             "ensemble_of": [m.card["training"] for m in members], "head": choice, "val_acc_per_head": val_acc,
+            "test_time_views": args.views,
+            **({"model_selection": json.loads(Path(args.model_selection).read_text())} if args.model_selection else {}),
             "selected_on": "val acc", "date": time.strftime("%Y-%m-%d"),
         },
         "client_stage": {"arch": "mobilenetv2-he", "arch_kwargs": kwargs},
@@ -114,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--low-res", type=int, default=None, help="progressive resizing: early epochs at this size")
     ap.add_argument("--low-res-epochs", type=int, default=0, help="how many early epochs run at --low-res")
     ap.add_argument("--init", metavar="DIR", help="continue from a trained covid-cxr directory (same architecture)")
+    ap.add_argument("--model-selection", metavar="JSON",
+                    help="with --ensemble: a JSON file recorded as the card's training.model_selection")
+    ap.add_argument("--views", choices=sorted(VIEW_SETS), default="none",
+                    help="with --ensemble: client-side test-time augmentation (features averaged over these views)")
     ap.add_argument("--ensemble", nargs="+", metavar="DIR",
                     help="instead of training: combine trained covid-cxr directories into one ensemble model")
     args = ap.parse_args(argv)

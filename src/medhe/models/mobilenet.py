@@ -94,7 +94,7 @@ def build_mobilenetv2_extractor(in_channels: int = 1, image_size: int = 128, wid
                                 feature_dim: int = 32, blocks: str | Sequence[Sequence[int]] = "compact",
                                 stem_channels: int = 32, head_channels: int | None = None,
                                 num_outputs: int | None = None, members: Sequence[dict[str, Any]] | None = None,
-                                **_: Any) -> nn.Sequential:
+                                views: Sequence[dict[str, Any]] | None = None, **_: Any) -> nn.Sequential:
     """Image (N, C, H, W) -> features (N, feature_dim) in [0, 6].
 
     ``feature_dim`` is the number of values the client encrypts, and each Paillier encryption costs one full-size
@@ -102,10 +102,13 @@ def build_mobilenetv2_extractor(in_channels: int = 1, image_size: int = 128, wid
     with it, the last conv is ``head_channels`` wide (MobileNetV2's wide final layer, cheap at 4x4 pixels) and a
     Linear + BN + ReLU6 after the pool compresses to ``feature_dim`` (still bounded by 6). ``image_size`` and
     ``num_outputs`` are accepted for the zoo's uniform signature; the network is size-agnostic (global pool).
-    ``members``: a list of kwargs dicts builds an ensemble instead (``build_mobilenetv2_ensemble``).
+    ``members``: a list of kwargs dicts builds an ensemble instead (``build_mobilenetv2_ensemble``), optionally with
+    test-time augmentation ``views`` (features averaged over fixed transforms of the image, see ``apply_view``).
     """
     if members is not None:
-        return build_mobilenetv2_ensemble(members, in_channels=in_channels, image_size=image_size)
+        return build_mobilenetv2_ensemble(members, in_channels=in_channels, image_size=image_size, views=views)
+    if views is not None:
+        raise ArtifactError("test-time views need the ensemble form: pass members=[{...}] with views=")
     if in_channels < 1 or feature_dim < 1 or width_mult <= 0:
         raise ArtifactError("mobilenetv2-he needs in_channels >= 1, feature_dim >= 1 and width_mult > 0")
     if image_size < 32:
@@ -125,18 +128,65 @@ def build_mobilenetv2_extractor(in_channels: int = 1, image_size: int = 128, wid
     return nn.Sequential(*layers)
 
 
+VIEW_KEYS = {"flip", "scale", "dx", "dy", "rotate_deg"}
+
+
+def check_views(views: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    """Validate test-time views: dicts with optional flip (bool), scale (zoom > 0), dx/dy (fraction of the side,
+    |.| <= 0.5) and rotate_deg (|.| <= 45)."""
+    out = []
+    if not views:
+        raise ArtifactError("views must be a non-empty list of transforms (use [{}] for the image itself)")
+    for v in views:
+        if not isinstance(v, dict) or set(v) - VIEW_KEYS:
+            raise ArtifactError(f"a test-time view is a dict with keys among {sorted(VIEW_KEYS)}, not {v!r}")
+        view = {"flip": float(bool(v.get("flip", False))), "scale": float(v.get("scale", 1.0)),
+                "dx": float(v.get("dx", 0.0)), "dy": float(v.get("dy", 0.0)),
+                "rotate_deg": float(v.get("rotate_deg", 0.0))}
+        if not (0.5 <= view["scale"] <= 2.0 and abs(view["dx"]) <= 0.5 and abs(view["dy"]) <= 0.5
+                and abs(view["rotate_deg"]) <= 45):
+            raise ArtifactError(f"test-time view {v!r} is out of range (scale 0.5..2, |dx|,|dy| <= 0.5, "
+                                "|rotate_deg| <= 45)")
+        out.append(view)
+    return out
+
+
+def apply_view(x: torch.Tensor, view: dict[str, float]) -> torch.Tensor:
+    """A fixed affine transform of a (N, C, H, W) batch (zoom ``scale``, shift, rotation, horizontal flip), with
+    the border replicated like the training augmentation; the identity view returns ``x`` unchanged."""
+    if view["scale"] == 1.0 and not (view["flip"] or view["dx"] or view["dy"] or view["rotate_deg"]):
+        return x
+    import math
+
+    a = math.radians(view["rotate_deg"])
+    flip = -1.0 if view["flip"] else 1.0
+    cos, sin = math.cos(a) / view["scale"], math.sin(a) / view["scale"]
+    theta = torch.tensor([[cos * flip, -sin, 2 * view["dx"]], [sin * flip, cos, 2 * view["dy"]]], dtype=x.dtype)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class ConcatFeatures(nn.Module):
     """Several extractors side by side, features concatenated: an ensemble whose logits stay one affine map.
 
     Each member sees the input resized (bilinear, antialiased) to the size it was trained at, if that differs.
+    With ``views`` (test-time augmentation, all on the client) each member's features are averaged over those
+    fixed transforms of the image: a mean of values in [0, 6] stays in [0, 6], and the server's head is unchanged.
     """
 
-    def __init__(self, members: Sequence[nn.Module], sizes: Sequence[int]) -> None:
+    def __init__(self, members: Sequence[nn.Module], sizes: Sequence[int],
+                 views: Sequence[dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.sizes = [int(s) for s in sizes]
+        self.views = check_views(views) if views is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.views is not None:
+            return torch.stack([self._concat(apply_view(x, v)) for v in self.views]).mean(0)
+        return self._concat(x)
+
+    def _concat(self, x: torch.Tensor) -> torch.Tensor:
         feats = []
         for member, size in zip(self.members, self.sizes):
             xi = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
@@ -145,7 +195,8 @@ class ConcatFeatures(nn.Module):
         return torch.cat(feats, dim=1)
 
 
-def build_mobilenetv2_ensemble(members: Sequence[dict[str, Any]], **common: Any) -> nn.Sequential:
+def build_mobilenetv2_ensemble(members: Sequence[dict[str, Any]], views: Sequence[dict[str, Any]] | None = None,
+                               **common: Any) -> nn.Sequential:
     """Extractors built from each member's kwargs (over ``common``); features = their concatenation.
 
     Averaging the members' logits is a linear head over the concatenated features, so an ensemble still runs as
@@ -155,7 +206,7 @@ def build_mobilenetv2_ensemble(members: Sequence[dict[str, Any]], **common: Any)
         raise ArtifactError("an extractor ensemble needs at least one member")
     specs = [{**common, **m} for m in members]
     return nn.Sequential(ConcatFeatures([build_mobilenetv2_extractor(**k) for k in specs],
-                                        [k.get("image_size", 128) for k in specs]))
+                                        [k.get("image_size", 128) for k in specs], views))
 
 
 def build_linear_head(in_features: int = 32, num_outputs: int = 2, **_: Any) -> nn.Sequential:
