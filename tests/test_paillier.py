@@ -193,3 +193,106 @@ def test_extractor_features_respect_the_bound_the_server_plans_for():
             f = net(x)
         assert f.shape == (3, 12 if "members" in kwargs else 8)
         assert float(f.min()) >= 0.0 and float(f.max()) <= FEATURE_BOUND
+
+
+def test_rerandomisation_pool_hands_out_each_factor_once(small_session):
+    """Pooled Enc(0) factors are removed when taken (never reused), are valid encryptions of zero, and an empty
+    pool falls back to computing one inline with the same decrypted result."""
+    import copy
+    import pickle
+
+    from medhe.he.paillier.pool import RerandomizerPool
+
+    server, client, keys = small_session
+    pool = RerandomizerPool(keys.public_key, capacity=3, background=False)
+    assert pool.fill() == 3 and len(pool) == 3 and pool.fill() == 0
+    pooled = list(pool._items)
+    taken = [pool.take() for _ in range(3)]
+    assert taken == pooled and len(pool) == 0 and pool.hits == 3
+    inline = pool.take()  # empty: computed now
+    assert pool.misses == 1 and len(pool) == 0
+    factors = taken + [inline]
+    assert len({int(f) for f in factors}) == 4  # fresh randomness each time
+    for f in factors:
+        assert client._secret.raw_decrypt(int(f)) == 0  # each is an encryption of zero
+    pool.fill()
+    assert len(copy.copy(pool)) == 0 and len(pickle.loads(pickle.dumps(pool))) == 0  # copies never carry factors
+
+
+def test_replies_are_rerandomised_from_the_pool_and_without_it(artifact, small_session):
+    server, client, keys = small_session
+    x = np.linspace(0, 6, server.dim)
+    ct = client.encrypt(x)
+    keys.pool.fill()
+    before = len(keys.pool)
+    assert before > 0
+    warm = [server.infer(keys, ct) for _ in range(2)]
+    assert keys.pool.hits >= 2
+    cold_server = compile_paillier(artifact, key_bits=2048, pool_size=0)
+    cold_keys = cold_server.load_keys(client.evaluation_keys())
+    cold = [cold_server.infer(cold_keys, ct) for _ in range(2)]
+    assert cold_keys.pool.misses == 2 and len(cold_keys.pool) == 0
+    replies = warm + cold
+    assert len(set(replies)) == 4  # same request, four different ciphertexts
+    scores = [client.decrypt(r) for r in replies]
+    for s in scores[1:]:
+        assert np.array_equal(s, scores[0])  # decryption is exact: pool and inline paths agree bit for bit
+    with pytest.raises(PlanError, match="pool_size"):
+        compile_paillier(artifact, key_bits=2048, pool_size=-1)
+
+
+def test_background_refill_tops_up_the_pool(small_session):
+    import time
+
+    from medhe.he.paillier.pool import RerandomizerPool
+
+    _, client, keys = small_session
+    pool = RerandomizerPool(keys.public_key, capacity=2)  # background refill on
+    deadline = time.monotonic() + 60
+    while len(pool) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(pool) == 2
+    first = pool.take()
+    while len(pool) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(pool) == 2 and first not in list(pool._items)
+
+
+def test_test_time_views_keep_features_bounded_and_identity_is_exact():
+    from medhe.errors import ArtifactError
+    from medhe.models.mobilenet import FEATURE_BOUND, build_mobilenetv2_extractor
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 64, 64)
+    member = {"feature_dim": 8, "width_mult": 0.25}
+    plain = build_mobilenetv2_extractor(in_channels=1, image_size=64, members=[member]).eval()
+    tta = build_mobilenetv2_extractor(in_channels=1, image_size=64, members=[member],
+                                      views=[{}, {"flip": True}, {"dx": 0.04, "scale": 1.08}]).eval()
+    ident = build_mobilenetv2_extractor(in_channels=1, image_size=64, members=[member], views=[{}]).eval()
+    tta.load_state_dict(plain.state_dict())
+    ident.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert torch.equal(ident(x), plain(x))
+        f = tta(x)
+    assert f.shape == (2, 8) and float(f.min()) >= 0 and float(f.max()) <= FEATURE_BOUND
+    with pytest.raises(ArtifactError, match="view"):
+        build_mobilenetv2_extractor(members=[member], views=[{"shear": 1}])
+
+
+def test_client_encryption_is_phes_and_round_trips(small_session):
+    """The CRT shortcut computes exactly phe's raw_encrypt(m, r); fresh r per encryption; decryption round-trips."""
+    _, client, _ = small_session
+    pk, sk = client._keys()
+    rng = np.random.default_rng(1)
+    for m in [0, 1, pk.n - 1, pk.n // 2] + [int(v) for v in rng.integers(0, 2**62, 4)]:
+        r = pk.get_random_lt_n()
+        assert client._encrypt_residue(m, r) == pk.raw_encrypt(m, r_value=r)
+        a, b = client._encrypt_residue(m), client._encrypt_residue(m)
+        assert a != b  # fresh randomness
+        assert sk.raw_decrypt(a) == sk.raw_decrypt(b) == m
+    x = np.linspace(0, 6, client.dim)
+    c1, c2 = client.encrypt(x), client.encrypt(x)
+    v1, v2 = wire.loads(c1, wire.KIND_FEATURES).values, wire.loads(c2, wire.KIND_FEATURES).values
+    assert all(u != v for u, v in zip(v1, v2))
+    got = [encoding.from_residue(sk.raw_decrypt(c), pk.n) for c in v1]
+    assert got == encoding.encode(x, client.feature_bits)

@@ -1,14 +1,18 @@
 """Client side of Paillier inference: owns the key pair, encrypts the extractor's features, decrypts the scores.
 
-Key generation and encryption are phe's (``generate_paillier_keypair``, ``raw_encrypt`` with fresh randomness
-from ``random.SystemRandom``); medhe only encodes numbers and frames bytes. The secret key never leaves this
-object: ``evaluation_keys()`` carries n only.
+Key generation, randomness and decryption are phe's (``generate_paillier_keypair``, ``get_random_lt_n`` =
+``random.SystemRandom``, ``raw_decrypt``); medhe encodes numbers and frames bytes. Encryption computes exactly
+phe's ``raw_encrypt(m, r) = (1 + m n) r^n mod n^2`` with r from phe, but evaluates r^n mod n^2 by the Chinese
+remainder theorem over p^2 and q^2 — legitimate because this object holds the secret key, and ~1.4x faster
+(two exponentiations at half the modulus size; the tests check equality with phe's ``raw_encrypt``). The secret
+key never leaves this object: ``evaluation_keys()`` carries n only.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import gmpy2
 import numpy as np
 from phe import paillier
 
@@ -51,6 +55,16 @@ class PaillierClient(ClientSession):
     def keygen(self) -> None:
         self._public, self._secret = paillier.generate_paillier_keypair(n_length=self.key_bits)
         self._fingerprint = wire.fingerprint(self._public.n)
+        self._crt = _CrtPower(self._public, self._secret)
+
+    def _encrypt_residue(self, m: int, r: int | None = None) -> int:
+        """phe's raw_encrypt(m, r): (1 + m n) r^n mod n^2, with r from phe's CSPRNG unless given (tests)."""
+        pk, _ = self._keys()
+        while r is None:
+            r = pk.get_random_lt_n()  # random.SystemRandom().randrange(1, n)
+            if gmpy2.gcd(r, self._crt.n) != 1:  # probability ~2^-1535; r^n mod p^2 needs r coprime to n
+                r = None
+        return int((1 + gmpy2.mpz(m) * self._crt.n) % self._crt.n2 * self._crt.power_n(r) % self._crt.n2)
 
     def _keys(self) -> tuple[paillier.PaillierPublicKey, paillier.PaillierPrivateKey]:
         if self._public is None or self._secret is None:
@@ -82,7 +96,7 @@ class PaillierClient(ClientSession):
             i = int(np.abs(arr).argmax())
             raise DataError(f"feature {i} = {arr[i]:.4g} is outside [-{self.bound:g}, {self.bound:g}], the range the "
                             "server sized its slots for: use this model's own client stage")
-        values = [pk.raw_encrypt(encoding.to_residue(v, pk.n)) for v in encoding.encode(arr, self.feature_bits)]
+        values = [self._encrypt_residue(encoding.to_residue(v, pk.n)) for v in encoding.encode(arr, self.feature_bits)]
         msg = wire.Message(wire.KIND_FEATURES, self._fingerprint, values, scale=self.feature_bits)
         return wire.dumps(msg, self.width)
 
@@ -106,3 +120,21 @@ class PaillierClient(ClientSession):
         slots = encoding.unpack(signed, self.num_outputs, self.slot_bits)
         return np.array([s / (1 << scale) for s in slots], dtype=np.float64)  # int/int: correctly rounded
 
+
+
+class _CrtPower:
+    """r -> r^n mod n^2 from the secret factors: r^n mod p^2 and mod q^2 (exponents reduced mod phi(p^2) = p(p-1),
+    valid for r coprime to n), recombined by the CRT. Plain modular arithmetic on phe's key values."""
+
+    def __init__(self, pk: paillier.PaillierPublicKey, sk: paillier.PaillierPrivateKey) -> None:
+        p, q = gmpy2.mpz(sk.p), gmpy2.mpz(sk.q)
+        self.n, self.n2 = gmpy2.mpz(pk.n), gmpy2.mpz(pk.nsquare)
+        self.p2, self.q2 = p * p, q * q
+        self.ep, self.eq = self.n % (p * (p - 1)), self.n % (q * (q - 1))
+        self.q2_inv = gmpy2.invert(self.q2, self.p2)
+
+    def power_n(self, r: int) -> gmpy2.mpz:
+        r = gmpy2.mpz(r)
+        xp = gmpy2.powmod(r % self.p2, self.ep, self.p2)
+        xq = gmpy2.powmod(r % self.q2, self.eq, self.q2)
+        return xq + self.q2 * ((xp - xq) * self.q2_inv % self.p2)

@@ -9,8 +9,10 @@ request it computes, on ciphertexts only,
     C'  = C * Enc_pk(0)                     (fresh randomness, so the reply says nothing about W beyond the scores)
 
 and returns C'. Re-randomisation matters: without it, a client who knows its own encryption randomness could
-read W off the reply's randomness. Cost: one phe encryption of zero per request plus ~(bits + set bits) modular
-multiplications per output (``multiexp``).
+read W off the reply's randomness. The Enc_pk(0) factors come from a per-key pool filled ahead of need while the
+server is idle (``pool.py``; each factor is handed out once, an empty pool computes one inline). Cost per
+request: ~(bits + set bits) modular multiplications per output (``multiexp``), plus one phe encryption of zero
+when the pool is empty.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from medhe.errors import CiphertextError, PlanError, SecurityError
 from medhe.he.paillier import encoding, wire
+from medhe.he.paillier import pool as rerand
 from medhe.he.paillier.multiexp import bit_schedule, multi_pow
 from medhe.he.scheme import ServerModel
 
@@ -89,6 +92,7 @@ class PaillierKeys:
     fingerprint: bytes
     bias_factor: gmpy2.mpz  # (1 + B n) mod n^2 = the unrandomised encryption of the packed biases
     width: int  # bytes per ciphertext
+    pool: rerand.RerandomizerPool  # fresh Enc_pk(0) factors for re-randomising replies, each used once
 
 
 class PaillierServerModel(ServerModel):
@@ -98,7 +102,12 @@ class PaillierServerModel(ServerModel):
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, *, name: str, task: str, labels: list[str],
                  feature_bound: float, key_bits: int = DEFAULT_KEY_BITS, feature_bits: int = DEFAULT_FEATURE_BITS,
-                 weight_bits: int = DEFAULT_WEIGHT_BITS, extra_spec: dict[str, Any] | None = None) -> None:
+                 weight_bits: int = DEFAULT_WEIGHT_BITS, extra_spec: dict[str, Any] | None = None,
+                 pool_size: int = rerand.DEFAULT_POOL_SIZE, pool_background: bool = True) -> None:
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or not 0 <= pool_size <= rerand.MAX_POOLED:
+            raise PlanError(f"pool_size must be an integer in 0..{rerand.MAX_POOLED} (default "
+                            f"{rerand.DEFAULT_POOL_SIZE}; 0 computes every re-randomisation inline), not {pool_size!r}")
+        self.pool_size, self.pool_background = pool_size, bool(pool_background)
         self.key_bits = check_key_bits(key_bits, "compile_paillier")
         for label, bits in (("feature_bits", feature_bits), ("weight_bits", weight_bits)):
             if not isinstance(bits, int) or not 8 <= bits <= 64:
@@ -165,9 +174,14 @@ class PaillierServerModel(ServerModel):
         n_m = gmpy2.mpz(n)
         n2 = n_m * n_m
         bias_factor = (1 + encoding.to_residue(self._packed_bias, n) * n_m) % n2
-        return PaillierKeys(pk, n_m, n2, msg.fingerprint, bias_factor, (2 * n.bit_length() + 7) // 8)
+        pool = rerand.RerandomizerPool(pk, self.pool_size, background=self.pool_background)
+        return PaillierKeys(pk, n_m, n2, msg.fingerprint, bias_factor, (2 * n.bit_length() + 7) // 8, pool)
 
     def infer(self, keys: PaillierKeys, ciphertext: bytes) -> bytes:
+        with rerand.busy():  # keeps the background refill of re-randomisation factors off the CPU meanwhile
+            return self._infer(keys, ciphertext)
+
+    def _infer(self, keys: PaillierKeys, ciphertext: bytes) -> bytes:
         if not isinstance(keys, PaillierKeys):
             raise CiphertextError("infer() needs the object returned by load_keys(): load the client's key first")
         msg = wire.loads(ciphertext, wire.KIND_FEATURES)
@@ -194,7 +208,7 @@ class PaillierServerModel(ServerModel):
             packed = a if packed is None else gmpy2.powmod(packed, 1 << self.slot_bits, n2) * a % n2
         assert packed is not None
         packed = packed * keys.bias_factor % n2
-        fresh = keys.public_key.raw_encrypt(0)  # Enc(0) with new randomness from phe (SystemRandom)
+        fresh = keys.pool.take()  # Enc(0) = r^n from phe (SystemRandom), removed from the pool: never reused
         out = packed * fresh % n2
         reply = wire.Message(wire.KIND_SCORES, keys.fingerprint, [int(out)], scale=self.feature_bits + self.weight_bits,
                              slot_bits=self.slot_bits, slots=self.num_outputs)
@@ -223,11 +237,11 @@ class PaillierServerModel(ServerModel):
 
 def compile_paillier(artifact: Any, key_bits: int | None = None, feature_bits: int = DEFAULT_FEATURE_BITS,
                      weight_bits: int = DEFAULT_WEIGHT_BITS, feature_bound: float | None = None,
-                     **opts: Any) -> PaillierServerModel:
+                     pool_size: int = rerand.DEFAULT_POOL_SIZE, **opts: Any) -> PaillierServerModel:
     """Plan a loaded ``ModelArtifact`` whose server model is a linear head over the client stage's features."""
     if opts:
         raise PlanError(f"unknown Paillier option(s) {', '.join(sorted(opts))}: use key_bits, feature_bits, "
-                        "weight_bits or feature_bound")
+                        "weight_bits, feature_bound or pool_size")
     card = artifact.card
     scheme_opts = card.get("scheme_options") or {}
     key_bits = DEFAULT_KEY_BITS if key_bits is None else key_bits
@@ -242,4 +256,4 @@ def compile_paillier(artifact: Any, key_bits: int | None = None, feature_bits: i
     extra = {"preprocessing": card.get("preprocessing"), "client_stage": stage}
     return PaillierServerModel(weight, bias, name=artifact.name, task=artifact.task, labels=artifact.labels,
                                feature_bound=float(feature_bound), key_bits=key_bits, feature_bits=feature_bits,
-                               weight_bits=weight_bits, extra_spec=extra)
+                               weight_bits=weight_bits, extra_spec=extra, pool_size=pool_size)

@@ -1,0 +1,109 @@
+"""Per-stage Paillier latency with and without pooled re-randomisation factors, on real chest X-ray features.
+
+    MEDHE_DATA=/work/shared/data python -m medhe.he.paillier.bench [--model covid-cxr] [--images 10] [--json out.json]
+
+For each test-split image: the client encrypts its feature vector; the server evaluates the head twice on the same
+ciphertexts — once with a warm pool (a pooled Enc(0) factor is ready: the request path is the head's
+multi-exponentiation and one multiplication) and once with the pool disabled (pool_size=0: the factor is computed
+inline, as an empty pool does); the client decrypts both and they must agree exactly. The background refill is
+off here so that it cannot overlap the timed calls; the pool is topped up synchronously between requests and the
+time per factor is reported separately. Reports medians, p95 and the 1-minute load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _stats(ms: list[float]) -> dict[str, float]:
+    s = sorted(ms)
+    return {"median": round(statistics.median(s), 2), "p95": round(s[min(len(s) - 1, int(0.95 * len(s)))], 2),
+            "min": round(s[0], 2), "n": len(s)}
+
+
+def run(model: str = "covid-cxr", images: int = 10, key_bits: int | None = None, data_dir: str | None = None) -> dict:
+    import torch
+
+    from medhe.data import load_dataset, resolve_data_dir
+    from medhe.he import client_for
+    from medhe.he.paillier import compile_paillier
+    from medhe.models.artifact import load_artifact
+
+    art = load_artifact(model)
+    ds = load_dataset(resolve_data_dir(data_dir) / art.card["dataset"]["name"], split="test", channels=1)
+    with torch.no_grad():
+        feats = art.client_model(torch.from_numpy(art.preprocess().batch(ds.images[:images]))).double().numpy()
+    load = [os.getloadavg()[0]]
+    warm_server = compile_paillier(art, key_bits=key_bits)
+    warm_server.pool_background = False  # filled synchronously below, never during a timed call
+    cold_server = compile_paillier(art, key_bits=key_bits, pool_size=0)
+    client = client_for(warm_server.spec())
+    t0 = time.perf_counter()
+    client.keygen()
+    keygen_ms = (time.perf_counter() - t0) * 1e3
+    ek = client.evaluation_keys()
+    warm_keys, cold_keys = warm_server.load_keys(ek), cold_server.load_keys(ek)
+    enc, warm, cold, dec, fill = [], [], [], [], []
+    for x in feats:
+        t0 = time.perf_counter()
+        ct = client.encrypt(x)
+        enc.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        added = warm_keys.pool.fill(1)
+        if added:
+            fill.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        r_warm = warm_server.infer(warm_keys, ct)
+        warm.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        r_cold = cold_server.infer(cold_keys, ct)
+        cold.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        s_warm = client.decrypt(r_warm)
+        dec.append((time.perf_counter() - t0) * 1e3)
+        s_cold = client.decrypt(r_cold)
+        if r_warm == r_cold or not np.array_equal(s_warm, s_cold):
+            raise AssertionError("pooled and inline re-randomisation must give different ciphertexts, equal scores")
+        load.append(os.getloadavg()[0])
+    assert warm_keys.pool.misses == 0 and cold_keys.pool.hits == 0
+    return {
+        "model": model, "images": len(feats), "key_bits": warm_keys.n.bit_length(), "features": int(feats.shape[1]),
+        "keygen_ms": round(keygen_ms, 1),
+        "client_encrypt_ms": _stats(enc),
+        "server_eval_ms_warm_pool": _stats(warm),
+        "server_eval_ms_empty_pool": _stats(cold),
+        "pool_factor_ms": _stats(fill) if fill else None,
+        "client_decrypt_ms": _stats(dec),
+        "load_average_1min": {"min": round(min(load), 2), "max": round(max(load), 2)},
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="covid-cxr")
+    ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--key-bits", type=int, default=None)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--json", default=None, help="also write the result here")
+    args = ap.parse_args(argv)
+    result = run(args.model, args.images, args.key_bits, args.data_dir)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        from medhe import atomic
+
+        atomic.write_text(args.json, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
