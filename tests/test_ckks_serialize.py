@@ -144,7 +144,7 @@ def test_other_parameters_and_wrong_kind_are_rejected(he):
         S.load_ciphertext(S.dump_ciphertext(he["ct"], he["ctx"]), other)
     with pytest.raises(CiphertextError, match="other encryption parameters"):
         S.dump_ciphertext(he["ct"], other)  # parms_id unknown to that context
-    with pytest.raises(CiphertextError, match="expected Galois keys"):
+    with pytest.raises(CiphertextError, match="expected CKKS Galois keys"):
         S.load_galois_keys(S.dump_relin_keys(he["relin"], he["ctx"]), he["ctx"])
     with pytest.raises(CiphertextError, match="key level"):
         S.load_ciphertext(S.compact(he["keygen"].create_public_key().to_string(), S.KIND_CIPHERTEXT, he["ctx"]),

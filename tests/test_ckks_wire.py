@@ -118,9 +118,9 @@ def test_ciphertexts_and_keys_of_another_model_are_rejected(pair, other):
 
 def test_messages_of_the_wrong_kind_are_rejected(pair):
     _, server, client, keys, x = pair
-    with pytest.raises(CiphertextError, match="expected encrypted input"):
+    with pytest.raises(CiphertextError, match="expected CKKS encrypted input"):
         server.infer(keys, client.evaluation_keys())
-    with pytest.raises(CiphertextError, match="expected evaluation keys"):
+    with pytest.raises(CiphertextError, match="expected CKKS evaluation keys"):
         server.load_keys(client.encrypt(x))
     with pytest.raises(CiphertextError, match="from load_keys"):
         server.infer(b"not keys", client.encrypt(x))

@@ -35,6 +35,7 @@ import numpy as np
 import seal
 
 from medhe.errors import CiphertextError
+from medhe.he.framing import Framing
 
 MAGIC = b"MHSC"
 FORMAT_VERSION = 1
@@ -47,6 +48,7 @@ _SEAL_MAGIC = 0xA15E
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header_size, major, minor, compr_mode, reserved, size
 _CT_META = struct.Struct("<32sBQQQdQ")  # parms_id, is_ntt_form, size, poly_degree, coeff_mod_size, scale, corr.
 _U64 = struct.Struct("<Q")
+FRAMING = Framing("CKKS", MAGIC, FORMAT_VERSION, KIND_NAMES)
 _MAX_SKELETON = 16 << 20  # a real skeleton is a few KB (64 KB for all-steps Galois keys): refuse zlib bombs
 
 
@@ -361,20 +363,7 @@ def raw_size(data: bytes, kind: int, context: seal.SEALContext) -> int:
 def _decode(data: bytes, kind: int, context: seal.SEALContext) -> tuple[_Walker, memoryview]:
     """Check the frame and walk its skeleton; returns the walker (skeleton parts, arrays) and the payload."""
     what = KIND_NAMES[kind]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CiphertextError(f"{what} must be bytes, got {type(data).__name__}")
-    data = memoryview(data)
-    if len(data) < _FRAME.size:
-        raise CiphertextError(f"{what} is truncated ({len(data)} bytes): send the complete bytes again")
-    magic, version, got_kind, _res, fingerprint, crc, skel_len = _FRAME.unpack(data[:_FRAME.size])
-    if magic != MAGIC:
-        raise CiphertextError(f"{what} is not in medhe's compact HE format: send bytes produced by medhe")
-    if version != FORMAT_VERSION:
-        raise CiphertextError(f"{what} uses compact format v{version}; this medhe reads v{FORMAT_VERSION}: "
-                              "upgrade medhe on both sides")
-    if got_kind != kind:
-        raise CiphertextError(f"expected {what} but got {KIND_NAMES.get(got_kind, f'kind {got_kind}')}: "
-                              "send the right object")
+    data, (_magic, _version, _kind, _res, fingerprint, crc, skel_len) = FRAMING.open(data, kind, _FRAME)
     if fingerprint != params_fingerprint(context):
         raise CiphertextError(f"{what} was made for other encryption parameters: use keys and ciphertexts "
                               "created for this model's parameters")

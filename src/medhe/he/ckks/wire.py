@@ -11,12 +11,14 @@ from __future__ import annotations
 import struct
 
 from medhe.errors import CiphertextError
+from medhe.he.framing import Framing
 
 MAGIC = b"MHCK"
 VERSION = 1
 KIND_INPUT, KIND_KEYS, KIND_OUTPUT = 1, 2, 3
 KIND_NAMES = {KIND_INPUT: "encrypted input", KIND_KEYS: "evaluation keys", KIND_OUTPUT: "encrypted result"}
 _HEADER = struct.Struct("<4sBB16sH")
+FRAMING = Framing("CKKS", MAGIC, VERSION, KIND_NAMES)
 _LEN = struct.Struct("<I")
 
 
@@ -34,23 +36,12 @@ def pack(kind: int, plan_id: str, parts: list[bytes]) -> bytes:
 
 def unpack(data: bytes, kind: int, plan_id: str) -> list[bytes]:
     """The parts of a message; ``CiphertextError`` naming the problem when it is not what this plan expects."""
-    what = KIND_NAMES[kind]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CiphertextError(f"{what} must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) < _HEADER.size:
-        raise CiphertextError(f"{what} is truncated ({len(data)} bytes): send the complete bytes medhe produced")
-    magic, version, got_kind, pid, count = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise CiphertextError(f"{what} is not a medhe CKKS message (bad magic): send bytes made by medhe's CKKS client")
-    if version != VERSION:
-        raise CiphertextError(f"{what} uses wire format {version}, this medhe reads {VERSION}: upgrade both sides")
-    if got_kind != kind:
-        raise CiphertextError(f"expected {what} but got {KIND_NAMES.get(got_kind, f'kind {got_kind}')}: "
-                              "send the right message")
+    what = FRAMING.what(kind)
+    view, (_magic, _version, _kind, pid, count) = FRAMING.open(data, kind, _HEADER)
     if pid != plan_id_bytes(plan_id):
         raise CiphertextError(f"{what} was made for another model or parameter set: fetch this server's spec, "
                               "then create keys and encrypt again")
+    data = bytes(view)
     parts, pos = [], _HEADER.size
     for _ in range(count):
         if pos + _LEN.size > len(data):

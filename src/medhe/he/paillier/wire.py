@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from medhe.errors import CiphertextError
+from medhe.he.framing import Framing
 
 MAGIC = b"MHPL"
 VERSION = 1
@@ -24,6 +25,7 @@ KIND_PUBLIC_KEY, KIND_FEATURES, KIND_SCORES = 1, 2, 3
 KIND_NAMES = {KIND_PUBLIC_KEY: "public key", KIND_FEATURES: "encrypted features", KIND_SCORES: "encrypted scores"}
 _HEADER = struct.Struct(">4sBB16sIHHHI")  # magic, version, kind, fingerprint, count, scale, slot_bits, slots, width
 _DIGEST = 16
+FRAMING = Framing("Paillier", MAGIC, VERSION, KIND_NAMES)
 MAX_COUNT = 1 << 16  # far above any feature vector medhe ships; bounds the memory a hostile header can claim
 
 
@@ -52,30 +54,21 @@ def dumps(msg: Message, width: int) -> bytes:
 
 def loads(data: bytes, kind: int) -> Message:
     """Parse and check framing; raises ``CiphertextError`` naming what is wrong."""
-    what = KIND_NAMES[kind]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CiphertextError(f"Paillier {what} must be bytes, got {type(data).__name__}")
-    data = bytes(data)
+    what = FRAMING.what(kind)
+    view, (_magic, _version, got_kind, fp, count, scale, slot_bits, slots, width) = FRAMING.open(data, kind, _HEADER)
+    data = bytes(view)
     if len(data) < _HEADER.size + _DIGEST:
-        raise CiphertextError(f"Paillier {what} truncated ({len(data)} bytes): resend the complete message")
-    magic, version, got_kind, fp, count, scale, slot_bits, slots, width = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise CiphertextError(f"not a medhe Paillier message (magic {magic!r}): send bytes made by a Paillier client")
-    if version != VERSION:
-        raise CiphertextError(f"Paillier message format {version} is not {VERSION}: use the same medhe version on "
-                              "both sides")
-    if got_kind != kind:
-        raise CiphertextError(f"expected Paillier {what} but got {KIND_NAMES.get(got_kind, f'kind {got_kind}')}")
+        raise CiphertextError(f"{what} truncated ({len(data)} bytes): resend the complete message")
     if count > MAX_COUNT or width == 0 or width > 4096:
-        raise CiphertextError(f"Paillier {what} header is implausible (count {count}, width {width}): "
+        raise CiphertextError(f"{what} header is implausible (count {count}, width {width}): "
                               "the message is corrupted")
     expected = _HEADER.size + count * width + _DIGEST
     if len(data) != expected:
-        raise CiphertextError(f"Paillier {what} is {len(data)} bytes, its header says {expected}: the message was "
+        raise CiphertextError(f"{what} is {len(data)} bytes, its header says {expected}: the message was "
                               "truncated or padded in transit; resend it")
     body_end = expected - _DIGEST
     if hashlib.sha256(data[:body_end]).digest()[:_DIGEST] != data[body_end:]:
-        raise CiphertextError(f"Paillier {what} failed its checksum: the bytes were altered in transit; resend them")
+        raise CiphertextError(f"{what} failed its checksum: the bytes were altered in transit; resend them")
     values = [int.from_bytes(data[_HEADER.size + i * width:_HEADER.size + (i + 1) * width], "big")
               for i in range(count)]
     return Message(got_kind, fp, values, scale, slot_bits, slots)

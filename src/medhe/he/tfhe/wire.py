@@ -13,12 +13,14 @@ import struct
 import zlib
 
 from medhe.errors import CiphertextError
+from medhe.he.framing import Framing
 
 MAGIC = b"MHTF"
 VERSION = 1
 KIND_KEYS, KIND_INPUT, KIND_OUTPUT = 1, 2, 3
 KIND_NAMES = {KIND_KEYS: "evaluation keys", KIND_INPUT: "input ciphertext", KIND_OUTPUT: "output ciphertext"}
 _HEADER = struct.Struct("<4sBB16sQI")  # magic, version, kind, fingerprint, payload length, crc32
+FRAMING = Framing("TFHE", MAGIC, VERSION, KIND_NAMES)
 
 
 def fingerprint(client_specs: bytes) -> bytes:
@@ -32,26 +34,15 @@ def pack(kind: int, fp: bytes, payload: bytes) -> bytes:
 
 def unpack(data: bytes, kind: int, fp: bytes) -> bytes:
     """Check the frame and return the Concrete payload; raises ``CiphertextError`` naming what is wrong."""
-    what = KIND_NAMES[kind]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CiphertextError(f"TFHE {what} must be bytes, got {type(data).__name__}")
-    data = memoryview(data)
-    if len(data) < _HEADER.size:
-        raise CiphertextError(f"TFHE {what} truncated ({len(data)} bytes): resend the complete message")
-    magic, version, got_kind, got_fp, length, crc = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise CiphertextError(f"not a medhe TFHE message (magic {bytes(magic)!r}): send bytes made by a TFHE client")
-    if version != VERSION:
-        raise CiphertextError(f"TFHE message format {version} is not {VERSION}: use the same medhe version on both sides")
-    if got_kind != kind:
-        raise CiphertextError(f"expected TFHE {what} but got {KIND_NAMES.get(got_kind, f'kind {got_kind}')}")
+    what = FRAMING.what(kind)
+    data, (_magic, _version, _kind, got_fp, length, crc) = FRAMING.open(data, kind, _HEADER)
     if got_fp != fp:
-        raise CiphertextError(f"TFHE {what} was made for another circuit or parameters (fingerprint "
+        raise CiphertextError(f"{what} was made for another circuit or parameters (fingerprint "
                               f"{got_fp.hex()[:12]} != {fp.hex()[:12]}): fetch this server's spec and make new keys")
     payload = data[_HEADER.size:]
     if len(payload) != length:
-        raise CiphertextError(f"TFHE {what} is {len(payload)} bytes after its header, which says {length}: "
+        raise CiphertextError(f"{what} is {len(payload)} bytes after its header, which says {length}: "
                               "it was truncated or padded in transit; resend it")
     if zlib.crc32(payload) != crc:
-        raise CiphertextError(f"TFHE {what} failed its checksum: the bytes were altered in transit; resend them")
+        raise CiphertextError(f"{what} failed its checksum: the bytes were altered in transit; resend them")
     return bytes(payload)
