@@ -82,7 +82,7 @@ def ensemble(args: argparse.Namespace, argv: list[str] | None) -> int:
         b = np.array([-lr.intercept_[0] / 2, lr.intercept_[0] / 2])
         candidates[f"refit C={c}"] = (w, b)
     val_acc = {k: float(((feats["val"] @ w.T + b).argmax(1) == y["val"]).mean()) for k, (w, b) in candidates.items()}
-    choice = max(val_acc, key=lambda k: (val_acc[k], k == "mean"))
+    choice = "mean" if args.head == "mean" else max(val_acc, key=lambda k: (val_acc[k], k == "mean"))
     print(f"validation accuracy per head: {val_acc}; chosen: {choice}")
     head = build_linear_head(sum(dims), 2).eval()
     with torch.no_grad():
@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment", choices=sorted(AUGMENTS), default="default")
     ap.add_argument("--low-res", type=int, default=None, help="progressive resizing: early epochs at this size")
     ap.add_argument("--low-res-epochs", type=int, default=0, help="how many early epochs run at --low-res")
+    ap.add_argument("--fit-on", choices=("train", "train+val"), default="train",
+                    help="train+val: final fit of a recipe fixed on val; keeps the last epoch, val metrics are not "
+                         "held out")
     ap.add_argument("--init", metavar="DIR", help="continue from a trained covid-cxr directory (same architecture)")
+    ap.add_argument("--head", choices=("auto", "mean"), default="auto",
+                    help="with --ensemble: auto = the head with the best val accuracy (mean of the members' heads or a "
+                         "logistic-regression refit); mean = fixed beforehand (members fitted on train+val)")
     ap.add_argument("--model-selection", metavar="JSON",
                     help="with --ensemble: a JSON file recorded as the card's training.model_selection")
     ap.add_argument("--views", choices=sorted(VIEW_SETS), default="none",
@@ -157,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         extractor_kwargs = dict(start.card["client_stage"]["arch_kwargs"])
         init = (start.client_model.state_dict(), start.model.state_dict())
         previous = start.card["training"]
-    result = train_split_model(x["train"], y["train"], x["val"], y["val"], extractor_kwargs=extractor_kwargs,
+    fit_x, fit_y = x["train"], y["train"]
+    if args.fit_on == "train+val":  # final fit of a recipe fixed on val: val is training data, last epoch is kept
+        fit_x, fit_y = np.concatenate([x["train"], x["val"]]), np.concatenate([y["train"], y["val"]])
+    result = train_split_model(fit_x, fit_y, x["val"], y["val"], extractor_kwargs=extractor_kwargs,
                                epochs=args.epochs, lr=args.lr, seed=args.seed, augment=AUGMENTS[args.augment],
                                ema_decay=args.ema or None, low_res=args.low_res,
                                low_res_epochs=args.low_res_epochs, init=init,
+                               select="last" if args.fit_on == "train+val" else "best-val",
                                log=lambda m: print(m, flush=True))
     scores = {s: metrics(y[s], predict_logits(result.extractor, result.head, x[s])) for s in ("val", "test")}
     print(f"best epoch {result.best_epoch}, {result.seconds:.0f}s; val {scores['val']}; test {scores['test']}")
@@ -178,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         "activation_ranges": {},
         "training": {
             "command": "python scripts/train_covid.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "seed": args.seed, "epochs": args.epochs, "best_epoch": result.best_epoch, "selected_on": "val acc",
+            "seed": args.seed, "epochs": args.epochs, "best_epoch": result.best_epoch,
+            "selected_on": "val acc" if args.fit_on == "train" else "none: last epoch (val is training data)",
+            "fit_on": args.fit_on,
             "lr": args.lr, "optimizer": "AdamW + one-cycle", "augmentation": AUGMENTS[args.augment].to_dict(),
             "ema_decay": args.ema, "low_res": args.low_res, "low_res_epochs": args.low_res_epochs,
             "continued_from": previous,

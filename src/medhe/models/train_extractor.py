@@ -62,7 +62,8 @@ def train_split_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarra
                       batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
                       augment: Augment | None = None,
                       ema_decay: float | None = None, low_res: int | None = None, low_res_epochs: int = 0,
-                      init: tuple[dict, dict] | None = None, seed: int = 0, log: Any = None) -> SplitTrainResult:
+                      init: tuple[dict, dict] | None = None, seed: int = 0, log: Any = None,
+                      select: str = "best-val") -> SplitTrainResult:
     """Train extractor + head on float32 (N, C, H, W) inputs and int labels (N,); returns the best-on-val epoch.
 
     With ``ema_decay`` the evaluated (and returned) weights are an exponential moving average of the trained
@@ -70,7 +71,11 @@ def train_split_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarra
     ``low_res``/``low_res_epochs``: progressive resizing — the first epochs see images downscaled to ``low_res``
     (4x cheaper at half size; the network is size-agnostic thanks to the global pool), the rest full size.
     ``init``: (extractor, head) state dicts to continue from (a warm restart with a fresh learning-rate cycle).
+    ``select="last"`` returns the last epoch instead of the best on validation — for a final fit whose training
+    set includes the validation images (the epoch count must then be fixed beforehand).
     """
+    if select not in ("best-val", "last"):
+        raise ValueError(f"select must be 'best-val' or 'last', not {select!r}")
     torch.manual_seed(seed)
     augment = Augment() if augment is None else augment
     gen = torch.Generator().manual_seed(seed)
@@ -119,7 +124,7 @@ def train_split_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarra
         if log:
             log(f"epoch {epoch + 1}/{epochs} train_loss {row['train_loss']:.4f} val_acc {val_acc:.4f} "
                 f"val_loss {val_loss:.4f} ({time.perf_counter() - start:.0f}s)")
-        if (val_acc, -val_loss) > (best[0], -best[1]):
+        if select == "last" or (val_acc, -val_loss) > (best[0], -best[1]):
             best = (val_acc, val_loss)
             best_state = (copy.deepcopy(shadow[0].state_dict()), copy.deepcopy(shadow[1].state_dict()))
             result.best_epoch = epoch + 1
