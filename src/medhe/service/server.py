@@ -137,8 +137,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         if not state["ready"]:
             raise ServiceError(503, "not_ready", "the server is still compiling its models; retry shortly")
 
-    async def read_body(request: Request, limit: int, what: str) -> bytes:
-        """The raw binary body, refused with 413 as soon as it passes ``limit`` (never buffered past it)."""
+    def check_upload(request: Request, limit: int, what: str) -> None:
+        """Refuse a body of the wrong type, or one whose declared length is over ``limit``, before reading it."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != protocol.OCTET:
             raise ServiceError(415, "unsupported_media_type",
@@ -151,6 +151,10 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
                                        f"{what} of {int(declared)} bytes exceeds this server's limit of {limit} bytes")
             except ValueError:
                 raise ServiceError(400, "bad_request", "Content-Length is not a number") from None
+
+    async def read_body(request: Request, limit: int, what: str) -> bytes:
+        """The raw binary body, refused with 413 as soon as it passes ``limit`` (never buffered past it)."""
+        check_upload(request, limit, what)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -159,6 +163,34 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         if not body:
             raise ServiceError(400, "empty_body", f"the request has no body; send the {what} as the body")
         return bytes(body)
+
+    async def spool_body(request: Request, limit: int, what: str) -> tuple[str, int]:
+        """Like ``read_body`` but streamed to a private temporary file: (path, size). The caller deletes it.
+
+        Evaluation keys reach hundreds of MB (cxr14-latent at N=32768: 0.56 GB). Held in this process they would
+        cost the body, its ``bytes`` copy and the pickled copy sent to a worker, on top of the worker's own;
+        spooled, this process holds one chunk and the worker reads the file once.
+        """
+        import os
+        import tempfile
+
+        check_upload(request, limit, what)
+        fd, path = tempfile.mkstemp(prefix="medhe-keys-", suffix=".bin")  # 0600: only this server reads it
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ServiceError(413, "body_too_large",
+                                           f"{what} exceeds this server's limit of {limit} bytes")
+                    fh.write(chunk)
+            if not size:
+                raise ServiceError(400, "empty_body", f"the request has no body; send the {what} as the body")
+        except BaseException:
+            _unlink(path)
+            raise
+        return path, size
 
     # -- endpoints -----------------------------------------------------------------------------------------------
     @app.get(f"{protocol.PREFIX}/health", tags=["ops"], summary="Liveness: the web process answers.")
@@ -204,15 +236,18 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         authorize(request)
         require_ready()
         model = served(model_id)
-        data = await read_body(request, keys.max_bytes, "evaluation keys")
+        path, size = await spool_body(request, keys.max_bytes, "evaluation keys")
         key_id = _new_key_id()
-        placement = await pool.load_keys(model.id, key_id, data)  # validates: CiphertextError -> 422
         try:
-            keys.add(model.id, placement, len(data), key_id=key_id)  # may evict least recently used keys
+            placement = await pool.load_keys(model.id, key_id, path, size)  # validates: CiphertextError -> 422
+        finally:
+            _unlink(path)
+        try:
+            keys.add(model.id, placement, size, key_id=key_id)  # may evict least recently used keys
         except KeyTooLarge as exc:
-            pool.drop_keys(*placement, key_id, len(data))
+            pool.drop_keys(*placement, key_id, size)
             raise ServiceError(413, "keys_too_large", str(exc)) from None
-        return {"key_id": key_id, "model": model.id, "bytes": len(data), "expires_after_idle_s": keys.ttl}
+        return {"key_id": key_id, "model": model.id, "bytes": size, "expires_after_idle_s": keys.ttl}
 
     @app.delete(protocol.key_path("{key_id}"), tags=["keys"], status_code=204, response_class=Response,
                 summary="Forget registered keys (they also expire after the idle TTL).", responses={404: _ERROR})
@@ -257,6 +292,15 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         return Response(out, media_type=protocol.OCTET, headers={protocol.EVAL_MS_HEADER: f"{eval_ms:.1f}"})
 
     return app
+
+
+def _unlink(path: str) -> None:
+    import os
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _new_key_id() -> str:

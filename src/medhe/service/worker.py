@@ -43,10 +43,18 @@ class WorkerState:
     def specs(self) -> dict[str, dict]:
         return {model_id: model.spec() for model_id, model in self.models.items()}
 
-    def load_keys(self, model_id: str, key_id: str, data: bytes) -> None:
-        """Deserialize and validate keys (``CiphertextError`` if they do not fit the model) and cache them."""
+    def load_keys(self, model_id: str, key_id: str, path: str, size: int) -> None:
+        """Deserialize and validate keys spooled to ``path`` by the web process (``CiphertextError`` if they do not
+        fit the model) and cache them. A path, not bytes: 0.5 GB of keys pickled through the worker pipe would be
+        two more copies; here the serialized form lives only until the backend has loaded it."""
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if len(data) != size:
+            raise MedheError(f"spooled evaluation keys are {len(data)} bytes, expected {size} (temporary folder "
+                             "full or cleaned?); register the keys again")
         keys = self.models[model_id].load_keys(data)
-        self.keys.add(model_id, keys, len(data), key_id=key_id)
+        del data
+        self.keys.add(model_id, keys, size, key_id=key_id)
 
     def infer(self, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
         """Evaluate with the cached keys; returns the encrypted result and the evaluation time in ms."""
@@ -195,14 +203,15 @@ class WorkerPool:
             self._verified[slot] = False
             self.restarts += 1
 
-    async def load_keys(self, model_id: str, key_id: str, data: bytes) -> tuple[int, int]:
-        """Validate and deserialize keys in the slot with the least key bytes; returns (slot, generation)."""
+    async def load_keys(self, model_id: str, key_id: str, path: str, size: int) -> tuple[int, int]:
+        """Validate and deserialize the keys in file ``path`` (``size`` bytes) in the slot with the least key bytes;
+        returns (slot, generation). The caller deletes the file afterwards."""
         with self._lock:
             slot = min(range(len(self._slots)), key=lambda i: (self._key_bytes[i], self._busy[i]))
             generation = self.generation[slot]
-        await self._run(slot, "load_keys", model_id, key_id, data)
+        await self._run(slot, "load_keys", model_id, key_id, path, size)
         with self._lock:
-            self._key_bytes[slot] += len(data)
+            self._key_bytes[slot] += size
         return slot, generation
 
     async def infer(self, slot: int, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
