@@ -83,11 +83,15 @@ def test_table_and_plot_are_written(tmp_path):
     row = {"row": "f8", "factor": 8, "width": 8, "input_shape": [4, 32, 32], "psnr": 30.0, "ssim": 0.8,
            "plain": {"auc": 1.0, "auc_bootstrap": lt.bootstrap_macro_auc(y, z, n_boot=20)},
            "encrypted": {"error": "PlanError: does not fit"}}
-    result = {"n_test": 4, "arch_kwargs": {}, "rows": [row]}
+    few = {**row, "row": "f4", "encrypted": {"n": 3, "agreement": 1.0, "agreeing_decisions": 6, "decisions": 6,
+                                            "metrics": {"auc": 0.9}, "server_latency_s": {"median": 2.0}}}
+    result = {"n_test": 4, "arch_kwargs": {}, "rows": [row, few], "enc_limit": 3}
     lt._ratios(result)
     paths = lt.write_table(result, tmp_path)
     text = paths["md"].read_text()
     assert "| f8 | 4x32x32 | 8 | 30.00 |" in text and "does not fit" in text
+    # an AUC over 3 images is not reported as one; the agreement is, with its counts
+    assert "n=3, too few for AUC" in text and "0.900" not in text and "1.0000 (6/6)" in text
     from PIL import Image
     assert Image.open(paths["png"]).size[0] > 0
 
@@ -144,3 +148,4 @@ def test_shipped_cxr14_latent(nih):
     assert auc == pytest.approx(art.card["metrics"]["test"]["auc"], abs=1e-6)
     boot = art.card["metrics"]["test"]["auc_bootstrap"]
     assert boot["ci_low"] <= auc <= boot["ci_high"]
+

@@ -253,7 +253,9 @@ def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int 
 def _summary(runs: dict[str, list], plain: np.ndarray, labels: np.ndarray, static: dict[str, Any]) -> dict[str, Any]:
     enc = np.stack(runs["enc"])
     s = runs["server_s"]
-    result = {"n": len(enc), "agreement": float(np.mean((enc > 0) == (plain > 0))),
+    same = (enc > 0) == (plain > 0)
+    result = {"n": len(enc), "agreement": float(np.mean(same)),
+              "agreeing_decisions": int(same.sum()), "decisions": int(same.size),
               "max_abs_logit_error": float(np.abs(enc - plain).max()),
               "server_latency_s": {"median": statistics.median(s), "min": min(s), "max": max(s)},
               # CPU seconds of the server process: robust to other jobs on a shared machine, unlike wall time
@@ -306,6 +308,7 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
     from medhe.models.train_autoencoder import load_autoencoder
 
     torch.set_num_threads(1)
+    load_start = _machine()
     out = Path(out_dir)
     ae_root = Path(ae_root)
     splits = load_splits(data_dir)
@@ -342,7 +345,10 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
 
             row = _score(row, art, x["test"], y["test"], False, None, log)
             report = json.loads(Path(f8_encrypted).read_text())
-            report.pop("logits", None)
+            enc = np.asarray(report.pop("logits", None) or [], dtype=np.float64)
+            if enc.size and "decisions" not in report:  # older reports: count the agreeing decisions again
+                same = (enc > 0) == (_logits(art.model, x["test"][:len(enc)]) > 0)
+                report.update(agreeing_decisions=int(same.sum()), decisions=int(same.size))
             row["encrypted"] = {**report, "source": str(f8_encrypted)}
             rows.append(row)
             continue
@@ -369,7 +375,9 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
                            ckks_options))
     result = {"dataset": NIH, "split": "test", "n_test": int(len(y["test"])), "classifier": "latent-hecnn",
               "ckks_options": ckks_options, "enc_limit": enc_limit,
-              "arch_kwargs": DEFAULT_ARCH_KWARGS, "train": DEFAULT_TRAIN, "rows": rows}
+              "arch_kwargs": DEFAULT_ARCH_KWARGS, "train": DEFAULT_TRAIN, "rows": rows,
+              "machine": {"cpus": load_start["cpus"], "load_start": load_start["load_average_1m"],
+                          "load_end": _machine()["load_average_1m"]}}
     _ratios(result)
     write_table(result, out)
     return result
@@ -407,6 +415,8 @@ def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypte
         elif encrypted:
             enc = encrypted_eval(art, x, y, limit=enc_limit, log=log, options=ckks_options)
             enc.pop("logits")
+            # the encrypted AUC covers only the first n images: compare it with plain on those same images
+            enc["plain_auc_same_images"] = macro_auc(y[:enc["n"]], plain[:enc["n"]]) if enc["n"] > 1 else None
             row["encrypted"] = enc
     except (MedheError, ImportError, AttributeError) as exc:  # engine absent, or the model does not fit
         row["encrypted"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -437,6 +447,23 @@ def _ratios(result: dict[str, Any]) -> None:
 
 
 # -- table and plot ---------------------------------------------------------------------------------------------
+#: an encrypted macro AUC over fewer test images than this is not reported (14 labels, most with 0-2 positives).
+MIN_AUC_N = 10
+
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    return {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def _machine_text(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "this 2-core CPU"
+    loads = ", ".join(f"{v:.1f}" for v in (m.get("load_start"), m.get("load_end")) if v is not None)
+    return f"{m.get('cpus')}-core CPU shared with other jobs, load average {loads} (start, end)"
+
+
 def _fmt(v: Any, spec: str = ".3f") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -461,13 +488,27 @@ def write_table(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
             "max abs logit err | server s median: wall (CPU) | vs f8 | input ct bytes | CKKS params |")
     lines = ["# Latent-space encrypted chest X-ray classification (P1 table)", "",
              f"NIH ChestX-ray14 subset, test split (n={result['n_test']}), classifier `latent-hecnn` "
-             f"{result['arch_kwargs']}; machine: this 2-core CPU.", "", head, "|" + "---|" * 13]
+             f"{result['arch_kwargs']}; machine: {_machine_text(result.get('machine'))}. Encrypted columns: "
+             + (f"the first {result['enc_limit']} test images per row" if result.get("enc_limit") else "all test images")
+             + f" unless the row says otherwise (n); macro AUC only from n >= {MIN_AUC_N}.", "", head, "|" + "---|" * 13]
     for r in result["rows"]:
         b = r["plain"]["auc_bootstrap"]
         e = r.get("encrypted") or {}
         enc_auc = (e.get("metrics") or {}).get("auc")
-        enc_text = (f"{_fmt(enc_auc)} (n={e['n']})" if e.get("metrics")
-                    else (e.get("error", "—")[:90].replace("|", "/") if e else "—"))
+        if e.get("metrics") and e["n"] >= MIN_AUC_N:
+            enc_text = f"{_fmt(enc_auc)} (n={e['n']}"
+            if e.get("plain_auc_same_images") is not None and e["n"] < result["n_test"]:
+                enc_text += f"; plain on these {e['n']}: {_fmt(e['plain_auc_same_images'])}"
+            enc_text += ")"
+        elif e.get("n"):  # a handful of images: an AUC would be noise; the agreement column is the result
+            enc_text = f"— (n={e['n']}, too few for AUC; see agree)"
+        elif e.get("error"):
+            enc_text = "does not fit: " + e["error"].removeprefix("PlanError: ")[:150].replace("|", "/")
+        else:
+            enc_text = "—"
+        agree = _fmt(e.get("agreement"), ".4f")
+        if e.get("decisions"):
+            agree += f" ({e['agreeing_decisions']}/{e['decisions']})"
         shape = "x".join(map(str, r["input_shape"]))
         wall = e.get("server_latency_s", {}).get("median")
         cpu = e.get("server_cpu_s_median")
@@ -480,7 +521,7 @@ def write_table(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
         lines.append(
             f"| {r['row']} | {shape} | {r.get('width', '—')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'])} | "
             f"{_fmt(b['auc'])} [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}] | {enc_text} | "
-            f"{_fmt(e.get('agreement'), '.4f')} | {_fmt(e.get('max_abs_logit_error'), '.1e')} | "
+            f"{agree} | {_fmt(e.get('max_abs_logit_error'), '.1e')} | "
             f"{_fmt(wall, '.2f')} ({_fmt(cpu, '.2f')}) | {_fmt(r.get('latency_vs_f8'), '.2f')} | "
             f"{e.get('input_ciphertext_bytes', '—')} | {params} |")
     paths = {"md": atomic.write_text(out / "latent_table.md", "\n".join(lines) + "\n"),
