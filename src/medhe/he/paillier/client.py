@@ -3,7 +3,7 @@
 Key generation, randomness and decryption are phe's (``generate_paillier_keypair``, ``get_random_lt_n`` =
 ``random.SystemRandom``, ``raw_decrypt``); medhe encodes numbers and frames bytes. Encryption computes exactly
 phe's ``raw_encrypt(m, r) = (1 + m n) r^n mod n^2`` with r from phe, but evaluates r^n mod n^2 by the Chinese
-remainder theorem over p^2 and q^2 — legitimate because this object holds the secret key, and ~1.4x faster
+remainder theorem over p^2 and q^2 — legitimate because this object holds the secret key, and 1.4-2x faster
 (two exponentiations at half the modulus size; the tests check equality with phe's ``raw_encrypt``). The secret
 key never leaves this object: ``evaluation_keys()`` carries n only.
 """
