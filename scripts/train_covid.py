@@ -91,6 +91,8 @@ def ensemble(args: argparse.Namespace, argv: list[str] | None) -> int:
         logits = {s: head(torch.from_numpy(f).float()).double().numpy() for s, f in feats.items()}
     scores = {s: metrics(y[s], logits[s]) for s in ("val", "test")}
     print(f"val {scores['val']}; test {scores['test']}")
+    if any(m.card["training"].get("fit_on") == "train+val" for m in members):
+        scores["val_not_held_out"] = scores.pop("val")  # the members were trained on these images
     card = dict(members[0].card)
     card.update({
         "arch_kwargs": {"in_features": sum(dims), "num_outputs": 2},
