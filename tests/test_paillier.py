@@ -296,3 +296,20 @@ def test_client_encryption_is_phes_and_round_trips(small_session):
     assert all(u != v for u, v in zip(v1, v2))
     got = [encoding.from_residue(sk.raw_decrypt(c), pk.n) for c in v1]
     assert got == encoding.encode(x, client.feature_bits)
+
+
+def test_forked_child_never_inherits_pooled_factors(small_session):
+    """A fork copies memory: the child must drop the parent's factors, or both could hand out the same one."""
+    import os
+
+    from medhe.he.paillier.pool import RerandomizerPool
+
+    _, _, keys = small_session
+    pool = RerandomizerPool(keys.public_key, capacity=2, background=False)
+    pool.fill()
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status only
+        os._exit(0 if len(pool) == 0 and pool.take() is not None and pool.misses == 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(pool) == 2  # the parent keeps its own
