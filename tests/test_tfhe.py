@@ -163,3 +163,19 @@ def test_evaluate_tfhe_fills_report_in_simulation(tiny_artifact, server):
     assert report["params"]["security_bits"] >= 128 and "p_error" in report["params"]
     with pytest.raises(DataError, match="labels"):
         evaluate_tfhe(tiny_artifact, images, labels[:5], fhe="simulate", server=server)
+
+
+def test_bench_baseline_is_the_literal_unrounded_fcnn():
+    """medhe bench --scheme tfhe races the issue's baseline: 784-64-2, 4-bit, no accumulator rounding at all."""
+    from medhe.he.tfhe.bench import BASELINE, baseline_server
+
+    calibration = ((np.random.default_rng(0).integers(0, 256, (20, 1, 28, 28)) / 255 - 0.5) / 0.5).astype(np.float32)
+    server = baseline_server(calibration)
+    p = server.params
+    assert BASELINE["acc_bits"] is None and p["lsbs_rounded"] == [0]
+    assert p["input_bits"] == 4 and p["input_size"] == 784 and p["pool"] == 1
+    assert p["pbs_count"] == 64  # one lookup per hidden neuron, none spent on rounding
+    assert p["max_bit_width"] >= 10  # whole accumulators (widths from the calibration images) go into the lookups
+    w = server.integer.layers
+    assert [layer.weight.shape for layer in w] == [(64, 784), (2, 64)]
+    assert max(int(np.abs(layer.weight).max()) for layer in w) <= 7 and int(w[0].table.max()) <= 15

@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--service", action="store_true", help="load-test the HTTP service")
     p.add_argument("--model", help="model to benchmark (default: the scheme's shipped default)")
     p.add_argument("-n", "--images", type=int, default=20, help="images per measured pipeline")
+    p.add_argument("--baseline-images", type=int, default=1,
+                   help="--scheme tfhe: images through the unrounded concrete-python baseline (minutes each)")
+    p.add_argument("--rounded-baseline", action="store_true",
+                   help="--scheme tfhe: add an extra row with the baseline's accumulators rounded to 6 bits")
     p.add_argument("--url", help="--service: an already running server (default: start one on 127.0.0.1)")
     p.add_argument("--clients", type=int, default=16, help="--service: concurrent clients")
     p.add_argument("--requests", type=int, default=200, help="--service: requests in all")
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         from medhe.he.tfhe.bench import run_tfhe_benchmark
 
         result = run_tfhe_benchmark(model=args.model or "pneumoniamnist-qfcnn", n_images=args.images,
-                                    data_dir=args.data_dir)
+                                    data_dir=args.data_dir, baseline_images=args.baseline_images,
+                                    rounded_extra=args.rounded_baseline)
     else:
         from medhe.cli.evaluate import evaluate
 
