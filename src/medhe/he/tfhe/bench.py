@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import threading
 import time
 from typing import Any
 
@@ -68,6 +69,28 @@ def baseline_server(calibration_images: np.ndarray, seed: int = 0, rounded: bool
                            calibration=integer.quantize_input(calibration_images))
 
 
+class _Heartbeat:
+    """Says every ``every`` seconds that a long stage is still running (the unrounded baseline takes minutes)."""
+
+    def __init__(self, progress: bool, what: str, every: float = 60.0) -> None:
+        self.progress, self.what, self.every = progress, what, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.wait(self.every):
+            _say(self.progress, f"{self.what}: still running, {time.perf_counter() - t0:.0f} s so far")
+
+    def __enter__(self) -> "_Heartbeat":
+        if self.progress:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+
+
 def _timed(fn, *args):
     w, c = time.perf_counter(), time.process_time()
     out = fn(*args)
@@ -83,7 +106,8 @@ def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.
                    f"{(p['bootstrap_key_bytes'] + p['keyswitch_key_bytes']) / 1e6:.1f} MB; generating keys")
     load_keygen = _load()
     client = TFHEClient(server.spec())
-    _, keygen_ms, keygen_cpu = _timed(client.keygen)
+    with _Heartbeat(progress, f"{label}: key generation"):
+        _, keygen_ms, keygen_cpu = _timed(client.keygen)
     raw_keys, ser_ms, _ = _timed(client.evaluation_keys)
     keys, load_ms, _ = _timed(server.load_keys, raw_keys)
     _say(progress, f"{label}: keys generated in {keygen_ms / 1e3:.1f} s (serialized {ser_ms / 1e3:.1f} s, "
@@ -94,7 +118,8 @@ def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.
         _say(progress, f"{label}: image {i + 1}/{len(images)}: encrypting, then server eval")
         ct, enc_ms, _ = _timed(client.encrypt, np.asarray(x, dtype=np.float32))
         loads.append(_load())
-        out, eval_ms, eval_cpu = _timed(server.infer, keys, ct)
+        with _Heartbeat(progress, f"{label}: image {i + 1}/{len(images)}: server eval"):
+            out, eval_ms, eval_cpu = _timed(server.infer, keys, ct)
         raw, dec_ms, _ = _timed(client.decrypt_raw, out)
         stages["encrypt"].append(enc_ms)
         stages["eval"].append(eval_ms)
