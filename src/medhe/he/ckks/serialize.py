@@ -85,22 +85,25 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_bits(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` uint64 values from ``ceil(count*bits/8)`` bytes."""
+    """Inverse of :func:`pack_bits`: ``count`` uint64 values from ``ceil(count*bits/8)`` bytes.
+
+    The bytes are one LSB-first bit stream, so value ``i`` starts at bit ``i*bits``: every value is gathered at
+    once from the two 64-bit words it can straddle (a handful of whole-array operations; this is on the server's
+    request path, once per input coefficient).
+    """
     if bits >= 64:
         return np.frombuffer(data, dtype="<u8", count=count).copy()
-    groups = -(-count // 64)
-    buf = np.zeros(groups * bits * 8, dtype=np.uint8)
-    buf[:_packed_len(count, bits)] = np.frombuffer(data, dtype=np.uint8, count=_packed_len(count, bits))
-    words = np.ascontiguousarray(buf.view("<u8").reshape(groups, bits).T)  # words[w]: word w of every group
-    cols = np.empty((64, groups), dtype="<u8")
-    mask = np.uint64((1 << bits) - 1)
-    for i in range(64):
-        w, shift = divmod(i * bits, 64)
-        val = words[w] >> np.uint64(shift)
-        if shift + bits > 64:
-            val |= words[w + 1] << np.uint64(64 - shift)
-        np.bitwise_and(val, mask, out=cols[i])
-    return np.ascontiguousarray(cols.T).reshape(-1)[:count]
+    nbytes = _packed_len(count, bits)
+    words = np.zeros(-(-count * bits // 64) + 1, dtype="<u8")  # one spare word: the last value's "next" word
+    words.view(np.uint8)[:nbytes] = np.frombuffer(data, dtype=np.uint8, count=nbytes)
+    start = np.arange(count, dtype=np.uint64) * np.uint64(bits)
+    index = (start >> np.uint64(6)).astype(np.intp)
+    shift = start & np.uint64(63)
+    out = words[index] >> shift
+    # (w << 1) << (63 - shift) == w << (64 - shift), and is 0 when shift == 0 (a shift by 64 is undefined)
+    out |= (words[index + 1] << np.uint64(1)) << (np.uint64(63) - shift)
+    out &= np.uint64((1 << bits) - 1)
+    return out
 
 
 def _packed_len(count: int, bits: int) -> int:
