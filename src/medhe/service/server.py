@@ -7,8 +7,12 @@ its own evaluation keys and gets a key id, so concurrent clients never share key
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import os
+import secrets
+import tempfile
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -64,8 +68,6 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        import asyncio
-
         await asyncio.get_running_loop().run_in_executor(None, start_workers)
         try:
             yield
@@ -171,9 +173,6 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         cost the body, its ``bytes`` copy and the pickled copy sent to a worker, on top of the worker's own;
         spooled, this process holds one chunk and the worker reads the file once.
         """
-        import os
-        import tempfile
-
         check_upload(request, limit, what)
         fd, path = tempfile.mkstemp(prefix="medhe-keys-", suffix=".bin")  # 0600: only this server reads it
         size = 0
@@ -295,8 +294,6 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
 
 
 def _unlink(path: str) -> None:
-    import os
-
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -304,6 +301,4 @@ def _unlink(path: str) -> None:
 
 
 def _new_key_id() -> str:
-    import secrets
-
     return secrets.token_urlsafe(18)
