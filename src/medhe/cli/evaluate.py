@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="folder with dataset files (default: $MEDHE_DATA or ~/.medhe/data)")
     p.add_argument("--json", dest="json_out", help="write the report to this file")
     p.add_argument("--fhe", choices=("simulate", "execute"), default="simulate",
-                   help="TFHE only: bit-exact simulation or real encrypted execution")
+                   help="TFHE only: Concrete's simulation (fast; its approximate roundings are drawn independently of "
+                        "an execution's) or real encrypted execution")
     p.add_argument("--key-bits", type=int, default=3072, help="Paillier only: modulus size (>= 2048)")
     p.add_argument("--debug-layers", action="store_true",
                    help="CKKS only: decrypt after every layer of the first image and compare with plaintext")
