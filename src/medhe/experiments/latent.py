@@ -454,7 +454,9 @@ MIN_AUC_N = 10
 def _machine() -> dict[str, Any]:
     import os
 
-    return {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)}
+    from medhe.machine import load_average
+
+    return {"cpus": os.cpu_count(), "load_average_1m": load_average()}
 
 
 def _machine_text(m: dict[str, Any] | None) -> str:

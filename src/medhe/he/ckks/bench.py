@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from medhe.errors import DataError
+from medhe.machine import load_average
 
 TARGETS = {"identical_work": 30.0, "default_model": 7.0}  # x faster than TenSEAL (CKKS issue acceptance)
 TUTORIAL4_OUTPUTS = 10
@@ -226,7 +227,7 @@ def _machine() -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "seal_python": getattr(seal, "__version__", "?"),
-            "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+            "load_average_1m": load_average()}
     try:
         import tenseal
 
@@ -250,7 +251,7 @@ def run_ckks_benchmark(model: str = "pneumoniamnist", n_images: int = 20, data_d
 
     if n_images < 1:
         raise DataError(f"n_images must be at least 1, not {n_images}")
-    load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # shared machines drift
+    load_start = load_average()  # shared machines drift
     artifact = load_artifact(model)
     ds_card = artifact.card.get("dataset")
     if not (isinstance(ds_card, dict) and ds_card.get("name")):

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from medhe.machine import load_average
+
 
 def _stats(ms: list[float]) -> dict[str, float]:
     s = sorted(ms)
@@ -40,7 +42,7 @@ def run(model: str = "covid-cxr", images: int = 10, key_bits: int | None = None,
     ds = load_dataset(resolve_data_dir(data_dir) / art.card["dataset"]["name"], split="test", channels=1)
     with torch.no_grad():
         feats = art.client_model(torch.from_numpy(art.preprocess().batch(ds.images[:images]))).double().numpy()
-    load = [os.getloadavg()[0]]
+    load = [load_average()]
     warm_server = compile_paillier(art, key_bits=key_bits)
     warm_server.pool_background = False  # filled synchronously below, never during a timed call
     cold_server = compile_paillier(art, key_bits=key_bits, pool_size=0)
@@ -77,7 +79,7 @@ def run(model: str = "covid-cxr", images: int = 10, key_bits: int | None = None,
         s_cold = client.decrypt(r_cold)
         if r_warm == r_cold or not np.array_equal(s_warm, s_cold):
             raise AssertionError("pooled and inline re-randomisation must give different ciphertexts, equal scores")
-        load.append(os.getloadavg()[0])
+        load.append(load_average())
     assert warm_keys.pool.misses == 0 and cold_keys.pool.hits == 0
     return {
         "model": model, "images": len(feats), "key_bits": warm_keys.n.bit_length(), "features": int(feats.shape[1]),

@@ -33,6 +33,7 @@ from medhe.he.evaluate import _stats
 from medhe.he.tfhe import compile_tfhe
 from medhe.he.tfhe.client import TFHEClient
 from medhe.he.tfhe.server import TFHEServerModel
+from medhe.machine import load_average
 from medhe.models.metrics import predictions
 from medhe.models.quant import build_qfcnn
 
@@ -45,13 +46,9 @@ BASELINE_NAME = "concrete-python FCNN 784-64-2, 4-bit inputs/weights/activations
 ROUNDED_NAME = "EXTRA (not the baseline): the same FCNN with exact rounding of accumulators to 6 bits"
 
 
-def _load() -> float | None:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
 def _say(progress: bool, msg: str) -> None:
     if progress:
-        print(f"[tfhe bench {time.strftime('%H:%M:%S')} load {_load()}] {msg}", file=sys.stderr, flush=True)
+        print(f"[tfhe bench {time.strftime('%H:%M:%S')} load {load_average()}] {msg}", file=sys.stderr, flush=True)
 
 
 def baseline_server(calibration_images: np.ndarray, seed: int = 0, rounded: bool = False) -> TFHEServerModel:
@@ -104,7 +101,7 @@ def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.
     _say(progress, f"{label}: compiled in {compile_s:.1f} s: {p['pbs_count']} PBS, accumulators "
                    f"{p['accumulator_bits']} bits, max width {p['max_bit_width']}, evaluation keys "
                    f"{(p['bootstrap_key_bytes'] + p['keyswitch_key_bytes']) / 1e6:.1f} MB; generating keys")
-    load_keygen = _load()
+    load_keygen = load_average()
     client = TFHEClient(server.spec())
     with _Heartbeat(progress, f"{label}: key generation"):
         _, keygen_ms, keygen_cpu = _timed(client.keygen)
@@ -117,7 +114,7 @@ def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.
     for i, x in enumerate(images):
         _say(progress, f"{label}: image {i + 1}/{len(images)}: encrypting, then server eval")
         ct, enc_ms, _ = _timed(client.encrypt, np.asarray(x, dtype=np.float32))
-        loads.append(_load())
+        loads.append(load_average())
         with _Heartbeat(progress, f"{label}: image {i + 1}/{len(images)}: server eval"):
             out, eval_ms, eval_cpu = _timed(server.infer, keys, ct)
         raw, dec_ms, _ = _timed(client.decrypt_raw, out)
@@ -172,7 +169,7 @@ def run_tfhe_benchmark(model: str = "pneumoniamnist-qfcnn", n_images: int = 10, 
     if n_images < 1 or baseline_images < 1:
         raise DataError(f"the TFHE benchmark needs at least one image per row (got {n_images} and "
                         f"{baseline_images}); pass -n 1 or more")
-    load_start = _load()
+    load_start = load_average()
     torch.set_num_threads(1)
     artifact = load_artifact(model)
     flag = (artifact.card.get("dataset") or {}).get("name", "pneumoniamnist")
@@ -217,7 +214,7 @@ def run_tfhe_benchmark(model: str = "pneumoniamnist-qfcnn", n_images: int = 10, 
         extra.pop("_logits"), extra.pop("_sim")
         extra["model"] = ROUNDED_NAME
         result["extra_rounded_not_baseline"] = extra
-    result["load_average_end"] = _load()
+    result["load_average_end"] = load_average()
     result["note"] = ("server eval = TFHEServerModel.infer (deserialize, Concrete server run, serialize), median over "
                       "images; speedup = baseline / medhe median server eval, same run, same images; shared machine: "
                       "compare rows of one run, and read wall times next to the load averages")
