@@ -220,6 +220,11 @@ def key_bytes_as_sent(params: Any) -> int:
     return n * (len(bits) - 1) * sum(bits) // 8
 
 
+def ciphertext_bytes_as_sent(params: Any) -> int:
+    """One fresh seeded input ciphertext on the wire: a single bit-packed polynomial over the data primes."""
+    return params.poly_degree * sum(params.prime_bits[:-1]) // 8
+
+
 def choose_key_paths(usage: dict[int, float], slots: int, key_bytes: int,
                      max_key_bytes: int) -> dict[int, list[int]]:
     """Fewer Galois keys when one per step would exceed ``max_key_bytes``.
@@ -690,9 +695,8 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         top = len(primes) - 1
         # im2col inputs cost one ciphertext per group of taps; past the byte budget the client sends the input
         # once instead and the first layer is evaluated with rotations like any other (same depth either way).
-        ct_bytes = n * sum(params.prime_bits[:-1]) // 8  # as sent: seeded, so one packed polynomial
         n_ct = len([r for r in probe.registers if r.level == probe_depth])
-        pack = n_ct * ct_bytes > max_input_bytes and n_ct > 1
+        pack = n_ct * ciphertext_bytes_as_sent(params) > max_input_bytes and n_ct > 1
         plan_low = _lower(graph, forms, slots, primes, params.scale, top,
                           float(2 ** output_scale_bits(params, max_abs)), pack)
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
