@@ -14,6 +14,20 @@ import torch
 import torch.nn.functional as F
 
 
+def affine_warp(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, flip: torch.Tensor,
+                shift_x: torch.Tensor, shift_y: torch.Tensor) -> torch.Tensor:
+    """Rotate by ``angle`` (radians), zoom, mirror where ``flip`` is -1 and shift (in grid units, the side is 2)
+    each image of a (N, C, H, W) batch; per-image (N,) parameters, computed in their own dtype. The border is
+    replicated so a warp never invents a black frame. Shared by training augmentation and test-time views."""
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.zeros(x.shape[0], 2, 3, dtype=angle.dtype)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+    theta[:, 0, 2], theta[:, 1, 2] = shift_x, shift_y
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 @dataclass
 class Augment:
     """Augmentation strengths; ``Augment.off()`` is the identity."""
@@ -51,13 +65,7 @@ class Augment:
             flip = torch.ones(n)
             if self.hflip:
                 flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-            cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-            theta = torch.zeros(n, 2, 3)
-            theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
-            theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
-            theta[:, 0, 2], theta[:, 1, 2] = uniform(2 * self.translate), uniform(2 * self.translate)
-            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            x = affine_warp(x, angle, zoom, flip, uniform(2 * self.translate), uniform(2 * self.translate))
         if self.contrast or self.brightness:
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             gain = (1 + uniform(self.contrast)).view(n, 1, 1, 1)

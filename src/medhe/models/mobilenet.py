@@ -158,12 +158,13 @@ def apply_view(x: torch.Tensor, view: dict[str, float]) -> torch.Tensor:
         return x
     import math
 
-    a = math.radians(view["rotate_deg"])
-    flip = -1.0 if view["flip"] else 1.0
-    cos, sin = math.cos(a) / view["scale"], math.sin(a) / view["scale"]
-    theta = torch.tensor([[cos * flip, -sin, 2 * view["dx"]], [sin * flip, cos, 2 * view["dy"]]], dtype=x.dtype)
-    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    from medhe.models.augment import affine_warp
+
+    def each(v: float) -> torch.Tensor:  # float64, as the view's numbers are: one value for every image
+        return torch.full((x.shape[0],), v, dtype=torch.float64)
+
+    return affine_warp(x, each(math.radians(view["rotate_deg"])), each(view["scale"]),
+                       each(-1.0 if view["flip"] else 1.0), each(2 * view["dx"]), each(2 * view["dy"]))
 
 
 class ConcatFeatures(nn.Module):
