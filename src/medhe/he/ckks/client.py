@@ -49,18 +49,17 @@ class CKKSClient(ClientSession):
     def keygen(self) -> None:
         self.backend.keygen(self.rotation_steps, self.relinearization)
         self._keyed = True
-        self._eval_keys: bytes | None = None
 
     def _need_keys(self) -> None:
         if not self._keyed:
             raise PlanError("no keys yet: call keygen() before evaluation_keys(), encrypt() or decrypt()")
 
     def evaluation_keys(self) -> bytes:
+        """Serialized on each call and not kept: callers send them once (up to ~0.5 GB for latent models), and the
+        service SDK and ``run_encrypted`` drop them as soon as the server holds them. Each call draws fresh seeds."""
         self._need_keys()
-        if self._eval_keys is None:  # tens of MB to compact: do it once per key generation
-            galois, relin = self.backend.evaluation_key_bytes()
-            self._eval_keys = wire.pack(wire.KIND_KEYS, self.plan_id, [galois, relin])
-        return self._eval_keys
+        galois, relin = self.backend.evaluation_key_bytes()
+        return wire.pack(wire.KIND_KEYS, self.plan_id, [galois, relin])
 
     def layout(self, x: np.ndarray) -> np.ndarray:
         """The slot vectors to encrypt (ciphertexts x slots): the public gather map applied to ``x``."""
