@@ -269,7 +269,7 @@ def _fit(model: nn.Module, data: _Splits, loss_fn: nn.Module, aug: Augment, epoc
             opt.step()
             sched.step()
             if averaged is not None:
-                _ema_update(averaged, model, ema)
+                ema_update(averaged, model, ema)
             running += float(loss.detach()) * len(idx)
             seen += len(idx)
         scored = averaged if averaged is not None else model
@@ -295,7 +295,7 @@ def _mixup_loss(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.
     return lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y[perm])
 
 
-def _ema_update(averaged: nn.Module, model: nn.Module, decay: float) -> None:
+def ema_update(averaged: nn.Module, model: nn.Module, decay: float) -> None:
     """averaged <- decay * averaged + (1 - decay) * model, for parameters and BN statistics alike."""
     with torch.no_grad():
         for (name, avg), cur in zip(averaged.state_dict().items(), model.state_dict().values()):

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from medhe.models.augment import Augment
 from medhe.models.mobilenet import build_linear_head, build_mobilenetv2_extractor
+from medhe.models.train import ema_update
 
 
 @dataclass
@@ -39,16 +40,6 @@ def predict_logits(extractor: nn.Module, head: nn.Module, x: np.ndarray, batch: 
     head.eval()
     out = [head(extractor(torch.from_numpy(x[i:i + batch]))).double().numpy() for i in range(0, len(x), batch)]
     return np.concatenate(out) if out else np.zeros((0, 0))
-
-
-@torch.no_grad()
-def _ema_update(shadow: nn.Module, net: nn.Module, decay: float) -> None:
-    """shadow <- decay * shadow + (1 - decay) * net, for parameters and BN running statistics alike."""
-    for s, p in zip(list(shadow.parameters()) + list(shadow.buffers()), list(net.parameters()) + list(net.buffers())):
-        if s.dtype.is_floating_point:
-            s.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        else:
-            s.copy_(p)
 
 
 def _val_stats(extractor, head, x, y) -> tuple[float, float]:
@@ -116,7 +107,7 @@ def train_split_model(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarra
             opt.step()
             sched.step()
             if ema_decay:
-                _ema_update(shadow, net, ema_decay)
+                ema_update(shadow, net, ema_decay)
             total += float(loss.detach()) * len(idx)
         val_acc, val_loss = _val_stats(shadow[0], shadow[1], val_x, vy)
         row = {"epoch": epoch + 1, "train_loss": total / len(tx), "val_acc": val_acc, "val_loss": val_loss}
