@@ -37,7 +37,7 @@ def tiny_artifact() -> ModelArtifact:
 
 @pytest.fixture(scope="session")
 def server(tiny_artifact) -> TFHEServerModel:
-    return compile_tfhe(tiny_artifact, fhe="execute", exactness="exact")
+    return compile_tfhe(tiny_artifact, fhe="execute")  # default: exact rounding, compressed keys and inputs
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +57,19 @@ def test_compile_reports_params(server):
     assert p["accumulator_bits"][0] >= p["tlu_input_bits"][0]
     assert p["bootstrap_key_bytes"] > 0 and p["keyswitch_key_bytes"] > 0
     assert p["input_size"] == 16
+
+
+def test_default_rounding_is_exact_and_uploads_are_compressed(tiny_artifact, server, session):
+    client, _keys, raw = session
+    assert server.params["rounding"] == "exact"
+    plain = compile_tfhe(tiny_artifact, fhe="execute", compress_evaluation_keys=False,
+                         compress_input_ciphertexts=False)
+    plain_client = TFHEClient(plain.spec())
+    plain_client.keygen()
+    x = _images(1)[0]
+    assert len(client.encrypt(x)) * 10 < len(plain_client.encrypt(x))  # seeded LWE inputs
+    assert np.array_equal(plain.simulate(plain.integer.quantize_input(_images(8))),
+                          server.simulate(server.integer.quantize_input(_images(8))))
 
 
 def test_simulation_is_bit_exact_with_integer_reference(server):

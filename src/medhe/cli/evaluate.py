@@ -28,8 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="folder with dataset files (default: $MEDHE_DATA or ~/.medhe/data)")
     p.add_argument("--json", dest="json_out", help="write the report to this file")
     p.add_argument("--fhe", choices=("simulate", "execute"), default="simulate",
-                   help="TFHE only: Concrete's simulation (fast; its approximate roundings are drawn independently of "
-                        "an execution's) or real encrypted execution")
+                   help="TFHE only: Concrete's simulation (fast, and with medhe's exact rounding bit for bit what "
+                        "execution computes) or real encrypted execution")
+    p.add_argument("--n-execute", type=int, default=50,
+                   help="TFHE --fhe execute only: how many of the images (the first ones) run encrypted; the "
+                        "simulation always covers them all (default 50)")
     p.add_argument("--key-bits", type=int, default=3072, help="Paillier only: modulus size (>= 2048)")
     p.add_argument("--debug-layers", action="store_true",
                    help="CKKS only: decrypt after every layer of the first image and compare with plaintext")
@@ -61,12 +64,15 @@ def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | 
 
 def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",
              limit: int | None = None, data_dir: str | None = None, progress: bool = True,
-             fhe: str = "simulate", key_bits: int = 3072, debug_layers: bool = False) -> dict[str, Any]:
+             fhe: str = "simulate", key_bits: int = 3072, debug_layers: bool = False,
+             n_execute: int = 50) -> dict[str, Any]:
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included)."""
     from medhe.models.artifact import load_artifact
     from medhe.models.metrics import compute_metrics
     from medhe.models.predict import model_inputs, predict_logits
 
+    if n_execute < 1:
+        raise MedheError(f"--n-execute must be at least 1, not {n_execute}")
     artifact = load_artifact(model)
     name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
     inputs = model_inputs(artifact, ds.images)
@@ -80,7 +86,8 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
     if scheme == "tfhe":
         from medhe.he.tfhe import evaluate_tfhe
 
-        report.update(evaluate_tfhe(artifact, inputs, ds.labels, fhe=fhe, progress=progress))
+        report.update(evaluate_tfhe(artifact, inputs, ds.labels, fhe=fhe, progress=progress,
+                                    n_execute=n_execute))
         return report
     from medhe.he.evaluate import evaluate_encrypted
 
@@ -127,7 +134,7 @@ def print_report(report: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     report = evaluate(args.model, args.scheme, args.dataset, args.split, args.limit, args.data_dir,
                       progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
-                      debug_layers=args.debug_layers)
+                      debug_layers=args.debug_layers, n_execute=args.n_execute)
     print_report(report)
     if args.json_out:
         atomic.write_json(Path(args.json_out), _jsonable(report))

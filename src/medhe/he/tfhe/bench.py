@@ -8,8 +8,8 @@ training). Stages are timed separately because they differ by orders of magnitud
 generation (~1 GB of keys, tens of seconds) and per-image execution (minutes on 2 cores), so a slow baseline is
 reported as such instead of looking like a hang; progress lines go to stderr.
 
-Optionally (``rounded_extra``) an extra row, clearly labelled, times the same network with Concrete's exact
-rounding to 6 bits before each lookup (the recipe behind reference.md's 576-PBS figure). It is not the baseline.
+Optionally (``rounded_extra``) an extra row, clearly labelled, times the same network with exact rounding (medhe's
+circuit form) to 6 bits before each lookup (the recipe behind reference.md's 576-PBS figure). It is not the baseline.
 
 Both circuits go through the same client/server byte path (``TFHEClient`` / ``TFHEServerModel``) on the same
 images, one after the other, so the ratio holds on a shared machine better than absolute times do; the load
@@ -62,8 +62,10 @@ def baseline_server(calibration_images: np.ndarray, seed: int = 0, rounded: bool
     integer = model.export_integer()
     name = "baseline-fcnn-784-64-2-4bit" + ("-rounded6" if rounded else "")
     card = {"name": name, "task": "binary-class", "labels": ["0", "1"]}
+    # Concrete's default (uncompressed) keys and inputs: the plain recipe, as a concrete-python user starts
     return TFHEServerModel(integer, card, mode="execute", exactness="exact", hints=rounded,
-                           calibration=integer.quantize_input(calibration_images))
+                           calibration=integer.quantize_input(calibration_images),
+                           compress_evaluation_keys=False, compress_input_ciphertexts=False)
 
 
 class _Heartbeat:

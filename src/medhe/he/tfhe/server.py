@@ -14,7 +14,7 @@ import numpy as np
 from medhe.errors import CiphertextError, PlanError
 from medhe.he.scheme import ServerModel
 from medhe.he.tfhe import wire
-from medhe.he.tfhe.circuit import compile_circuit, fhe, params_report
+from medhe.he.tfhe.circuit import DEFAULT_EXACTNESS, compile_circuit, fhe, params_report
 from medhe.models.quant import IntegerFCNN
 
 SPEC_FORMAT = "medhe-tfhe/1"
@@ -27,7 +27,7 @@ class TFHEServerModel(ServerModel):
     scheme = "tfhe"
 
     def __init__(self, integer: IntegerFCNN, card: dict[str, Any], mode: str = "execute",
-                 exactness: str = "approximate", p_error: float | None = None,
+                 exactness: str = DEFAULT_EXACTNESS, p_error: float | None = None,
                  calibration: np.ndarray | None = None, **config: Any) -> None:
         if mode not in MODES:
             raise PlanError(f"fhe mode {mode!r} is not one of {', '.join(MODES)}")
