@@ -107,6 +107,10 @@ class TenSEALTutorial4:
         enc_x = enc_x.mm(self.fc2_weight) + self.fc2_bias
         return enc_x
 
+    def load(self, data: bytes) -> Any:
+        """A serialized CKKSVector back into this context (what a TenSEAL server does with a request)."""
+        return _tenseal().ckks_vector_from(self.context, data)
+
     def decrypt(self, enc_out: Any) -> np.ndarray:
         return np.asarray(enc_out.decrypt(), dtype=np.float64)
 
@@ -116,23 +120,29 @@ class TenSEALTutorial4:
         return len(self.context.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True,
                                           save_relin_keys=True))
 
+    def one(self, image: np.ndarray) -> tuple[tuple[float, float, float], np.ndarray, int, int]:
+        """One image, bytes in and bytes out like a server (and like medhe's ``server.infer``): the client encrypts
+        and serializes, the server deserializes, evaluates and serializes, the client deserializes and decrypts.
+        Returns (encrypt, eval, decrypt) seconds, logits, input bytes, output bytes."""
+        t0 = time.perf_counter()
+        enc_x, windows_nb = self.encrypt(image)
+        sent = enc_x.serialize()
+        t1 = time.perf_counter()
+        answer = self.forward(self.load(sent), windows_nb).serialize()
+        t2 = time.perf_counter()
+        logits = self.decrypt(self.load(answer))
+        t3 = time.perf_counter()
+        return (t1 - t0, t2 - t1, t3 - t2), logits, len(sent), len(answer)
+
     def run(self, images: np.ndarray) -> dict[str, Any]:
         """Encrypt, evaluate and decrypt each image; per-stage seconds, logits and sizes."""
-        enc_s, eval_s, dec_s, logits = [], [], [], []
+        stages, logits = [], []
         in_bytes = out_bytes = 0
         for image in images:
-            t0 = time.perf_counter()
-            enc_x, windows_nb = self.encrypt(image)
-            t1 = time.perf_counter()
-            enc_out = self.forward(enc_x, windows_nb)
-            t2 = time.perf_counter()
-            out = self.decrypt(enc_out)
-            t3 = time.perf_counter()
-            enc_s.append(t1 - t0)
-            eval_s.append(t2 - t1)
-            dec_s.append(t3 - t2)
+            times, out, in_bytes, out_bytes = self.one(image)
+            stages.append(times)
             logits.append(out)
-            in_bytes, out_bytes = len(enc_x.serialize()), len(enc_out.serialize())
+        enc_s, eval_s, dec_s = (list(col) for col in zip(*stages))
         return {"encrypt_s": enc_s, "eval_s": eval_s, "decrypt_s": dec_s, "logits": np.stack(logits),
                 "input_bytes": in_bytes, "output_bytes": out_bytes, "key_bytes": self.key_bytes(),
                 "keygen_s": self.keygen_s, "n_threads": self.n_threads or os.cpu_count()}
