@@ -103,7 +103,6 @@ def test_tiny_encrypted_se_model_on_a_latent(nih):
     The f16 encoder on 128x128 crops gives an 8x8x8 latent: the smallest real latent, so the test stays cheap.
     """
     pytest.importorskip("medhe.he.ckks.server", reason="the CKKS engine has not landed in this checkout")
-    from medhe.he import client_for, compile_model
     from medhe.models.artifact import load_artifact
     from medhe.models.train_autoencoder import to_tensor
 
@@ -120,14 +119,14 @@ def test_tiny_encrypted_se_model_on_a_latent(nih):
     with tempfile.TemporaryDirectory() as tmp:
         art = load_artifact(lt.export_latent_model(tmp, ae, model, record, {}, tr.label_names, name="tiny-se",
                                                          image_size=128, ckks_options={}))
-        server = compile_model(art, scheme="ckks")
-        client = client_for(server.spec())
-        client.keygen()
-        keys = server.load_keys(client.evaluation_keys())
-        plain = lt._logits(art.model, x_va[:1])[0]
-        out = client.decrypt(server.infer(keys, client.encrypt(x_va[0])))
-        assert np.abs(out - plain).max() < 1e-2
-        assert np.array_equal(out > 0, plain > 0)
+        checkpoints: list[dict] = []
+        result = lt.encrypted_eval(art, x_va[:2], va.labels[:2], checkpoint=checkpoints.append)
+    assert [c["n"] for c in checkpoints] == [1, 2]  # a summary after every image, keys already counted
+    assert checkpoints[0]["evaluation_key_bytes"] == result["evaluation_key_bytes"] > 0
+    plain = lt._logits(art.model, x_va[:2])
+    assert result["max_abs_logit_error"] < 1e-2
+    assert np.array_equal(np.asarray(result["logits"]) > 0, plain > 0) and result["agreement"] == 1.0
+    assert result["server_cpu_s_median"] > 0 and result["input_ciphertext_bytes"] > 0
 
 
 def test_shipped_cxr14_latent(nih):

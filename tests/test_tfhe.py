@@ -192,3 +192,33 @@ def test_bench_baseline_is_the_literal_unrounded_fcnn():
     w = server.integer.layers
     assert [layer.weight.shape for layer in w] == [(64, 784), (2, 64)]
     assert max(int(np.abs(layer.weight).max()) for layer in w) <= 7 and int(w[0].table.max()) <= 15
+
+
+@pytest.mark.slow
+def test_encrypted_loop_hooks_and_bench_pipeline(server):
+    """The one encrypt -> infer -> decrypt loop (run_encrypted) drives reports and benchmarks through its hooks."""
+    from contextlib import contextmanager
+
+    from medhe.he.evaluate import run_encrypted
+    from medhe.he.tfhe.bench import _pipeline
+
+    images = _images(3, seed=5)
+    seen, stages, keys = [], [], []
+
+    @contextmanager
+    def stage(name):
+        stages.append(name)
+        yield
+
+    run = run_encrypted(server, images, progress=False, on_image=seen.append, stage=stage, on_keys=keys.append)
+    assert [r.index for r in seen] == [0, 1, 2] and run["images"] == seen
+    assert stages == ["key generation"] + [f"image {i}/3: server eval" for i in (1, 2, 3)]
+    assert len(keys) == 1 and keys[0]["evaluation_keys"] == run["bytes"]["evaluation_keys"] > 0
+    assert all(r.eval_ms > 0 and r.eval_cpu_ms > 0 and r.input_bytes > 0 for r in seen)
+    expected = server.simulate(server.integer.quantize_input(images)) * server.integer.output_scale
+    assert np.allclose(run["logits"], expected)
+
+    report = _pipeline("tiny", server, 0.0, images, progress=False)
+    assert report["executed_equals_simulated_bits"] == 3 and report["n_images"] == 3
+    assert len(report["load_average_per_image"]) == 3 and report["keygen_s"] > 0
+    assert set(report["latency_ms"]) == {"encrypt", "eval", "eval_cpu", "decrypt"}

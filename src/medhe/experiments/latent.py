@@ -217,36 +217,32 @@ def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int 
     ``checkpoint`` receives the summary so far after every image (long runs on a shared machine get cut short).
     Raises ``PlanError`` (or another ``MedheError``) when the model does not compile for CKKS; the caller reports it.
     """
-    from medhe.he import client_for, compile_model
+    from medhe.he import compile_model
+    from medhe.he.evaluate import ImageRun, run_encrypted
 
     n = len(x) if limit is None else min(limit, len(x))
     t0 = time.perf_counter()
     server = compile_model(artifact, scheme="ckks", **(options or {}))
     compile_s = time.perf_counter() - t0
-    spec = server.spec()
-    client = client_for(spec)
-    client.keygen()
-    ek = client.evaluation_keys()
-    keys = server.load_keys(ek)
-    static = {"evaluation_key_bytes": len(ek), "compile_s": compile_s, "params": _params(spec)}
-    del ek  # the serialized keys are ~1 GB at N=32768; the server holds its loaded copy
     plain = _logits(artifact.model, x[:n])
+    static = {"compile_s": compile_s, "params": _params(server.spec())}
     runs: dict[str, list] = {"enc": [], "server_s": [], "server_cpu": [], "client_s": [], "in": [], "out": []}
-    for i in range(n):
-        t = time.perf_counter()
-        ct = client.encrypt(x[i])
-        runs["client_s"].append(time.perf_counter() - t)
-        t, c = time.perf_counter(), time.process_time()
-        out = server.infer(keys, ct)
-        runs["server_s"].append(time.perf_counter() - t)
-        runs["server_cpu"].append(time.process_time() - c)
-        runs["enc"].append(np.asarray(client.decrypt(out), dtype=np.float64).reshape(-1))
-        runs["in"].append(len(ct))
-        runs["out"].append(len(out))
+
+    def on_image(run: ImageRun) -> None:
+        for key, value in (("enc", run.logits.reshape(-1)), ("server_s", run.eval_ms / 1e3),
+                           ("server_cpu", run.eval_cpu_ms / 1e3), ("client_s", run.encrypt_ms / 1e3),
+                           ("in", run.input_bytes), ("out", run.output_bytes)):
+            runs[key].append(value)
         if log:
-            log(f"encrypted {i + 1}/{n}: server {runs['server_s'][-1]:.2f} s wall, {runs['server_cpu'][-1]:.2f} s CPU")
+            log(f"encrypted {run.index + 1}/{n}: server {run.eval_ms / 1e3:.2f} s wall, "
+                f"{run.eval_cpu_ms / 1e3:.2f} s CPU")
         if checkpoint:
-            checkpoint(_summary(runs, plain[:i + 1], labels[:i + 1], static))
+            checkpoint(_summary(runs, plain[:run.index + 1], labels[:run.index + 1], static))
+
+    def on_keys(info: dict[str, Any]) -> None:
+        static["evaluation_key_bytes"] = info["evaluation_keys"]
+
+    run_encrypted(server, x[:n], progress=False, on_image=on_image, on_keys=on_keys)
     return _summary(runs, plain, labels[:n], static)
 
 

@@ -8,7 +8,9 @@ it reports (latency per stage, bytes on the wire) is measured on those bytes.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 from tqdm import tqdm
@@ -28,37 +30,71 @@ def agreement(task: str, plain_logits: np.ndarray, enc_logits: np.ndarray) -> fl
     return float(np.mean(predictions(task, plain_logits) == predictions(task, enc_logits)))
 
 
-def run_encrypted(server: Any, inputs: np.ndarray, progress: bool = True,
-                  desc: str = "encrypted inference") -> dict[str, Any]:
-    """Key generation once, then encrypt -> infer -> decrypt per input; returns logits, timings and sizes."""
+@dataclass
+class ImageRun:
+    """One image through encrypt -> server -> decrypt: what a per-image hook sees (times in ms)."""
+
+    index: int
+    logits: np.ndarray
+    encrypt_ms: float
+    eval_ms: float
+    eval_cpu_ms: float  # this process's CPU time during the server call (all threads): robust to other jobs
+    decrypt_ms: float
+    input_bytes: int
+    output_bytes: int
+
+
+def run_encrypted(server: Any, inputs: np.ndarray, progress: bool = True, desc: str = "encrypted inference",
+                  on_image: Callable[[ImageRun], None] | None = None,
+                  stage: Callable[[str], ContextManager[Any]] | None = None,
+                  on_keys: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Key generation once, then encrypt -> infer -> decrypt per input; returns logits, timings and sizes.
+
+    The one loop every report uses (evaluation, benchmarks, experiments). ``on_image`` sees each image's
+    ``ImageRun`` as soon as it is done (logs, checkpoints of long runs); ``stage(name)`` wraps the slow stages
+    ("key generation", "image i/n: server eval"), e.g. to print heartbeats. ``keys`` in the result splits the key
+    stage into generation, serialization and the server's load (``on_keys`` gets it before the first image);
+    ``images`` holds every ``ImageRun``.
+    """
+    stage = stage or (lambda name: nullcontext())
     client = client_for(server.spec())
-    t0 = time.perf_counter()
-    client.keygen()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with stage("key generation"):
+        client.keygen()
+    t1, c1 = time.perf_counter(), time.process_time()
     eval_keys = client.evaluation_keys()
-    keygen_ms = (time.perf_counter() - t0) * 1e3
+    t2 = time.perf_counter()
     keys = server.load_keys(eval_keys)
-    key_bytes = len(eval_keys)
+    t3 = time.perf_counter()
+    key_info = {"evaluation_keys": len(eval_keys), "generate_ms": (t1 - t0) * 1e3, "generate_cpu_ms": (c1 - c0) * 1e3,
+                "serialize_ms": (t2 - t1) * 1e3, "server_load_ms": (t3 - t2) * 1e3}
     del eval_keys  # up to a GB serialized (latent models): the loaded keys are all the loop needs
-    enc_ms, eval_ms, dec_ms, in_bytes, out_bytes, logits = [], [], [], [], [], []
-    for x in tqdm(inputs, desc=desc, unit="img", disable=not progress, leave=False):
-        t0 = time.perf_counter()
+    if on_keys is not None:
+        on_keys(key_info)
+    runs: list[ImageRun] = []
+    for i, x in enumerate(tqdm(inputs, desc=desc, unit="img", disable=not progress, leave=False)):
+        t_enc = time.perf_counter()
         ct = client.encrypt(np.asarray(x, dtype=np.float32))
-        t1 = time.perf_counter()
-        out = server.infer(keys, ct)
-        t2 = time.perf_counter()
-        logits.append(np.asarray(client.decrypt(out), dtype=np.float64))
-        t3 = time.perf_counter()
-        enc_ms.append((t1 - t0) * 1e3)
-        eval_ms.append((t2 - t1) * 1e3)
-        dec_ms.append((t3 - t2) * 1e3)
-        in_bytes.append(len(ct))
-        out_bytes.append(len(out))
+        t_eval, c_eval = time.perf_counter(), time.process_time()
+        with stage(f"image {i + 1}/{len(inputs)}: server eval"):
+            out = server.infer(keys, ct)
+        t_dec, c_dec = time.perf_counter(), time.process_time()
+        logits = np.asarray(client.decrypt(out), dtype=np.float64)
+        t_end = time.perf_counter()
+        run = ImageRun(i, logits, (t_eval - t_enc) * 1e3, (t_dec - t_eval) * 1e3, (c_dec - c_eval) * 1e3,
+                       (t_end - t_dec) * 1e3, len(ct), len(out))
+        runs.append(run)
+        if on_image is not None:
+            on_image(run)
     return {
-        "logits": np.stack(logits),
-        "latency_ms": {"keygen": round(keygen_ms, 3), "encrypt": _stats(enc_ms), "eval": _stats(eval_ms),
-                       "decrypt": _stats(dec_ms)},
-        "bytes": {"input_ciphertext": int(np.median(in_bytes)), "output_ciphertext": int(np.median(out_bytes)),
-                  "evaluation_keys": key_bytes},
+        "logits": np.stack([r.logits for r in runs]),
+        "latency_ms": {"keygen": round((t2 - t0) * 1e3, 3), "encrypt": _stats([r.encrypt_ms for r in runs]),
+                       "eval": _stats([r.eval_ms for r in runs]), "decrypt": _stats([r.decrypt_ms for r in runs])},
+        "bytes": {"input_ciphertext": int(np.median([r.input_bytes for r in runs])),
+                  "output_ciphertext": int(np.median([r.output_bytes for r in runs])),
+                  "evaluation_keys": key_info["evaluation_keys"]},
+        "keys": key_info,
+        "images": runs,
     }
 
 

@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from medhe.errors import DataError
-from medhe.he.evaluate import _stats
+from medhe.he.evaluate import ImageRun, _stats, run_encrypted
 from medhe.he.tfhe import compile_tfhe
-from medhe.he.tfhe.client import TFHEClient
 from medhe.he.tfhe.server import TFHEServerModel
 from medhe.machine import load_average
 from medhe.models.metrics import predictions
@@ -98,54 +97,50 @@ def _timed(fn, *args):
 
 def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.ndarray,
               progress: bool) -> dict[str, Any]:
-    """Key generation once, then encrypt -> server eval -> decrypt per image, each stage timed (wall and CPU)."""
+    """Key generation once, then encrypt -> server eval -> decrypt per image (``run_encrypted``, the loop every
+    report uses), each stage timed (wall and CPU), with heartbeats on the slow stages."""
     p = server.params
     _say(progress, f"{label}: compiled in {compile_s:.1f} s: {p['pbs_count']} PBS, accumulators "
                    f"{p['accumulator_bits']} bits, max width {p['max_bit_width']}, evaluation keys "
                    f"{(p['bootstrap_key_bytes'] + p['keyswitch_key_bytes']) / 1e6:.1f} MB; generating keys")
     load_keygen = load_average()
-    client = TFHEClient(server.spec())
-    with _Heartbeat(progress, f"{label}: key generation"):
-        _, keygen_ms, keygen_cpu = _timed(client.keygen)
-    raw_keys, ser_ms, _ = _timed(client.evaluation_keys)
-    keys, load_ms, _ = _timed(server.load_keys, raw_keys)
-    _say(progress, f"{label}: keys generated in {keygen_ms / 1e3:.1f} s (serialized {ser_ms / 1e3:.1f} s, "
-                   f"loaded by the server {load_ms / 1e3:.1f} s)")
-    stages = {k: [] for k in ("encrypt", "eval", "decrypt", "eval_cpu")}
-    loads, logits, raw_out, in_bytes, out_bytes = [], [], [], 0, 0
-    for i, x in enumerate(images):
-        _say(progress, f"{label}: image {i + 1}/{len(images)}: encrypting, then server eval")
-        ct, enc_ms, _ = _timed(client.encrypt, np.asarray(x, dtype=np.float32))
-        loads.append(load_average())
-        with _Heartbeat(progress, f"{label}: image {i + 1}/{len(images)}: server eval"):
-            out, eval_ms, eval_cpu = _timed(server.infer, keys, ct)
-        raw, dec_ms, _ = _timed(client.decrypt_raw, out)
-        stages["encrypt"].append(enc_ms)
-        stages["eval"].append(eval_ms)
-        stages["eval_cpu"].append(eval_cpu)
-        stages["decrypt"].append(dec_ms)
-        raw_out.append(raw)
-        logits.append(raw.astype(np.float64) * client.output_scale)
-        in_bytes, out_bytes = len(ct), len(out)
-        _say(progress, f"{label}: image {i + 1}/{len(images)}: server eval {eval_ms / 1e3:.3f} s "
-                       f"(CPU {eval_cpu / 1e3:.3f} s), encrypt {enc_ms / 1e3:.3f} s, decrypt {dec_ms / 1e3:.3f} s")
-    raw_out = np.stack(raw_out)
+    loads: list[Any] = []
+
+    def stage(name: str) -> _Heartbeat:
+        if name != "key generation":
+            _say(progress, f"{label}: {name}")
+            loads.append(load_average())
+        return _Heartbeat(progress, f"{label}: {name}")
+
+    def on_keys(info: dict[str, Any]) -> None:
+        _say(progress, f"{label}: keys generated in {info['generate_ms'] / 1e3:.1f} s (serialized "
+                       f"{info['serialize_ms'] / 1e3:.1f} s, loaded by the server {info['server_load_ms'] / 1e3:.1f} s)")
+
+    def on_image(r: ImageRun) -> None:
+        _say(progress, f"{label}: image {r.index + 1}/{len(images)}: server eval {r.eval_ms / 1e3:.3f} s "
+                       f"(CPU {r.eval_cpu_ms / 1e3:.3f} s), encrypt {r.encrypt_ms / 1e3:.3f} s, "
+                       f"decrypt {r.decrypt_ms / 1e3:.3f} s")
+
+    run = run_encrypted(server, images, progress=False, on_image=on_image, stage=stage, on_keys=on_keys)
+    keys, runs, logits = run["keys"], run["images"], run["logits"]
+    raw_out = np.rint(logits / server.integer.output_scale).astype(np.int64)  # the output accumulators
     sim = server.simulate(server.integer.quantize_input(images))
+    eval_ms = [r.eval_ms for r in runs]
     return {
         "model": label,
         "n_images": int(len(images)),
         "compile_s": round(compile_s, 2),
-        "keygen_s": round(keygen_ms / 1e3, 2),
-        "keygen_cpu_s": round(keygen_cpu / 1e3, 2),
-        "keys_serialize_s": round(ser_ms / 1e3, 2),
-        "keys_load_s": round(load_ms / 1e3, 2),
+        "keygen_s": round(keys["generate_ms"] / 1e3, 2),
+        "keygen_cpu_s": round(keys["generate_cpu_ms"] / 1e3, 2),
+        "keys_serialize_s": round(keys["serialize_ms"] / 1e3, 2),
+        "keys_load_s": round(keys["server_load_ms"] / 1e3, 2),
         "load_average_at_keygen": load_keygen,
-        "latency_ms": {"encrypt": _stats(stages["encrypt"]), "eval": _stats(stages["eval"]),
-                       "eval_cpu": _stats(stages["eval_cpu"]), "decrypt": _stats(stages["decrypt"])},
-        "eval_ms_median": round(float(np.median(stages["eval"])), 3),
-        "eval_ms_each": [round(v, 1) for v in stages["eval"]],
+        "latency_ms": {"encrypt": run["latency_ms"]["encrypt"], "eval": run["latency_ms"]["eval"],
+                       "eval_cpu": _stats([r.eval_cpu_ms for r in runs]), "decrypt": run["latency_ms"]["decrypt"]},
+        "eval_ms_median": round(float(np.median(eval_ms)), 3),
+        "eval_ms_each": [round(v, 1) for v in eval_ms],
         "load_average_per_image": loads,
-        "bytes": {"input_ciphertext": in_bytes, "output_ciphertext": out_bytes, "evaluation_keys": len(raw_keys)},
+        "bytes": run["bytes"],
         "pbs_count": p["pbs_count"],
         "accumulator_bits": p["accumulator_bits"],
         "tlu_input_bits": p.get("tlu_input_bits"),
@@ -155,7 +150,7 @@ def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.
         "security_bits": p["security_bits"],
         "params": p,
         "executed_equals_simulated_bits": int(np.sum(np.all(raw_out == sim, axis=1))),
-        "_logits": np.stack(logits),
+        "_logits": logits,
         "_sim": sim,
     }
 
