@@ -313,3 +313,15 @@ def test_forked_child_never_inherits_pooled_factors(small_session):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert len(pool) == 2  # the parent keeps its own
+
+
+@pytest.mark.slow
+def test_paillier_benchmark_reports_warm_and_empty_pool(data_dir):
+    """medhe bench --scheme paillier: both pool states on the same ciphertexts, equal scores, sizes recorded."""
+    from medhe.he.paillier.bench import run_paillier_benchmark
+
+    report = run_paillier_benchmark("covid-cxr", images=2, key_bits=2048, data_dir=str(data_dir))
+    assert report["images"] == 2 and report["key_bits"] == 2048
+    for key in ("client_encrypt_ms", "server_eval_ms_warm_pool", "server_eval_ms_empty_pool", "client_decrypt_ms"):
+        assert report[key]["n"] == 2 and report[key]["median"] > 0
+    assert report["bytes"]["input_ciphertext"] > 0 and report["bytes"]["evaluation_keys"] > 0

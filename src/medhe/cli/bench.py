@@ -65,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
                                     data_dir=args.data_dir, baseline_images=args.baseline_images,
                                     rounded_extra=args.rounded_baseline)
     else:
-        from medhe.cli.evaluate import evaluate
+        from medhe.he.paillier.bench import run_paillier_benchmark
 
-        # No reference tool to race for Paillier: report the per-stage latencies and sizes of the real pipeline.
-        result = evaluate(args.model or "covid-cxr", "paillier", limit=args.images, data_dir=args.data_dir)
+        # No reference tool to race for Paillier: per-stage latencies and sizes, warm vs empty re-randomisation pool
+        result = run_paillier_benchmark(args.model or "covid-cxr", images=args.images, data_dir=args.data_dir)
     result = {"benchmark": "service" if args.service else args.scheme, "machine": _machine(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "wall_s": round(time.time() - started, 1), **result}

@@ -1,6 +1,7 @@
-"""Per-stage Paillier latency with and without pooled re-randomisation factors, on real chest X-ray features.
+"""``medhe bench --scheme paillier``: per-stage latency with and without pooled re-randomisation factors, on real
+chest X-ray features.
 
-    MEDHE_DATA=/work/shared/data python -m medhe.he.paillier.bench [--model covid-cxr] [--images 10] [--json out.json]
+    MEDHE_DATA=/work/shared/data medhe bench --scheme paillier [--model covid-cxr] [-n 10] [--json out.json]
 
 For each test-split image: the client encrypts its feature vector; the server encrypts it again with phe's raw_encrypt for comparison (no CRT); the server evaluates the head twice on the same
 ciphertexts — once with a warm pool (a pooled Enc(0) factor is ready: the request path is the head's
@@ -12,11 +13,8 @@ time per factor is reported separately. Reports medians, p95 and the 1-minute lo
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -30,7 +28,8 @@ def _stats(ms: list[float]) -> dict[str, float]:
             "min": round(s[0], 2), "n": len(s)}
 
 
-def run(model: str = "covid-cxr", images: int = 10, key_bits: int | None = None, data_dir: str | None = None) -> dict:
+def run_paillier_benchmark(model: str = "covid-cxr", images: int = 10, key_bits: int | None = None,
+                           data_dir: str | None = None) -> dict:
     import torch
 
     from medhe.data import load_dataset, resolve_data_dir
@@ -90,29 +89,8 @@ def run(model: str = "covid-cxr", images: int = 10, key_bits: int | None = None,
         "server_eval_ms_empty_pool": _stats(cold),
         "pool_factor_ms": _stats(fill) if fill else None,
         "client_decrypt_ms": _stats(dec),
+        "bytes": {"input_ciphertext": len(ct), "output_ciphertext": len(r_warm), "evaluation_keys": len(ek)},
         "load_average_1min": {"min": round(min(load), 2), "max": round(max(load), 2)},
         "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="covid-cxr")
-    ap.add_argument("--images", type=int, default=10)
-    ap.add_argument("--key-bits", type=int, default=None)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--json", default=None, help="also write the result here")
-    args = ap.parse_args(argv)
-    result = run(args.model, args.images, args.key_bits, args.data_dir)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        from medhe import atomic
-
-        atomic.write_text(args.json, text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
