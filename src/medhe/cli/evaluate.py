@@ -111,10 +111,20 @@ def print_report(report: dict[str, Any]) -> None:
     for key in ("quantized", "simulated", "encrypted"):
         if isinstance(report.get(key), dict):
             m = report[key]
-            rows.append([key, m.get("acc"), m.get("auc"), m.get("f1")])
+            label = key
+            if key == "encrypted" and report.get("n_executed", report["n"]) < report["n"]:
+                label = f"encrypted (first {report['n_executed']})"  # TFHE executes a prefix, simulates them all
+            rows.append([label, m.get("acc"), m.get("auc"), m.get("f1")])
     print(f"\n{report['model']} on {report['dataset']} ({report['split']}, n={report['n']}), "
           f"scheme {report['scheme']}")
     print(table(["", "ACC", "AUC", "F1"], rows))
+    sim = report.get("simulated_vs_quantized")
+    if isinstance(sim, dict):
+        print(f"simulated vs quantized program: bit-exact on {sim.get('bit_exact', 0):.1%} of {report['n']} images")
+    ex = report.get("executed_vs_simulated")
+    if isinstance(ex, dict):
+        print(f"executed vs simulated: {ex.get('prediction_equal')}/{ex.get('n')} equal predictions, "
+              f"{ex.get('bit_exact')}/{ex.get('n')} bit-exact outputs")
     if "agreement" in report:
         print(f"agreement with plaintext: {report['agreement']:.4f}   "
               f"max |logit error|: {report.get('max_abs_logit_error', float('nan')):.2e}")
