@@ -114,7 +114,8 @@ def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.
 
     def on_keys(info: dict[str, Any]) -> None:
         _say(progress, f"{label}: keys generated in {info['generate_ms'] / 1e3:.1f} s (serialized "
-                       f"{info['serialize_ms'] / 1e3:.1f} s, loaded by the server {info['server_load_ms'] / 1e3:.1f} s)")
+                       f"{info['serialize_ms'] / 1e3:.1f} s, loaded by the server "
+                       f"{info['server_load_ms'] / 1e3:.1f} s)")
 
     def on_image(r: ImageRun) -> None:
         _say(progress, f"{label}: image {r.index + 1}/{len(images)}: server eval {r.eval_ms / 1e3:.3f} s "
