@@ -101,6 +101,25 @@ def test_sizes_as_sent_stay_within_budget(hecnn_session, data_dir):
     assert len(client.evaluation_keys()) <= 48_000_000
 
 
+def test_results_outside_the_plans_range_are_refused(hecnn_session, data_dir):
+    """The spec publishes the |output| the chain was sized for; beyond it a CKKS result may have wrapped around
+    modulo the first prime, so the client refuses to report it (OutOfRangeError) instead of a wrong diagnosis."""
+    from medhe.errors import OutOfRangeError
+
+    _, server, client, keys = hecnn_session
+    spec = json.loads(json.dumps(server.spec()))
+    bound = spec["output"]["bound"]
+    out = server.infer(keys, client.encrypt(pneumonia_images(data_dir, 1)[0]))
+    got = client.decrypt(out)
+    assert np.abs(got).max() < bound  # a real image is well inside
+    spec["output"]["bound"] = float(np.abs(got).max()) / 2  # the same result, judged against a smaller range
+    strict = client_for(spec)
+    strict.backend = client.backend  # same keys
+    strict._keyed = True
+    with pytest.raises(OutOfRangeError, match="no diagnosis is given"):
+        strict.decrypt(out)
+
+
 def test_layer_errors_report_every_layer(hecnn_session, data_dir):
     _, server, client, keys = hecnn_session
     rows = layer_errors(server, client, pneumonia_images(data_dir, 1)[0], keys)

@@ -197,6 +197,17 @@ def test_cli_predict_png_jpeg_dicom(server, images, tmp_path, capsys, monkeypatc
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+def test_cli_predict_refuses_a_result_outside_the_plans_range(server, tmp_path, capsys, monkeypatch):
+    """A checkerboard is no radiograph: its logits (~800) leave the range the CKKS plan is sized for (~281), where
+    an encrypted result could have wrapped around. The client says so, naming the file, instead of a diagnosis."""
+    path = tmp_path / "checkerboard.png"
+    Image.fromarray((np.indices((28, 28)).sum(0) % 2 * 255).astype(np.uint8)).save(path)
+    monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    assert medhe_main(["predict", "--server", server.url, "--model", "pneumoniamnist", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: the decrypted scores reach") and "no diagnosis is given" in err
+
+
 # -- security --------------------------------------------------------------------------------------------------------
 def _objects(root, depth=3):
     """Every object reachable from ``root`` through attributes, lists and dicts (bounded depth)."""

@@ -27,3 +27,8 @@ class PlanError(MedheError):
 
 class CiphertextError(MedheError):
     """Ciphertexts or keys are malformed, truncated, or belong to other parameters."""
+
+
+class OutOfRangeError(DataError):
+    """An encrypted result lies outside the range its plan was sized for: the input is far from the training data
+    and the approximate (CKKS) arithmetic may have wrapped around, so the result must not be used."""

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import httpx
 import numpy as np
 
-from medhe.errors import ArtifactError, MedheError
+from medhe.errors import ArtifactError, MedheError, OutOfRangeError
 from medhe.service import protocol
 from medhe.service.errors import ServiceError
 
@@ -216,17 +216,20 @@ class Client:
                 self._register(sess)
         raise AssertionError("unreachable")
 
-    def diagnose(self, image: str | os.PathLike | np.ndarray, model: str | None = None) -> Diagnosis:
-        """Diagnose one image (a PNG/JPEG/DICOM path, or a uint8 array) under encryption."""
+    def diagnose(self, image: str | os.PathLike | np.ndarray, model: str | None = None,
+                 source: str | None = None) -> Diagnosis:
+        """Diagnose one image (a PNG/JPEG/DICOM path, or a uint8 array named ``source``) under encryption."""
         from medhe.data import read_image
 
-        source = None
         if not isinstance(image, np.ndarray):
             source = str(image)
             image = read_image(Path(image))
         sess = self.session(model)
         ciphertext = sess.he.encrypt(sess.inputs(image))
-        logits = sess.he.decrypt(self.infer_encrypted(sess, ciphertext))
+        try:
+            logits = sess.he.decrypt(self.infer_encrypted(sess, ciphertext))
+        except OutOfRangeError as exc:
+            raise OutOfRangeError(f"{source or 'image'}: {exc}") from None
         return interpret(sess.info["task"], sess.info["labels"], logits, sess.id, source)
 
     def diagnose_many(self, images: Iterable[str | os.PathLike | np.ndarray], model: str | None = None,
@@ -240,8 +243,8 @@ class Client:
         items = [(img, None) if isinstance(img, np.ndarray) else (read_image(Path(img)), str(img)) for img in images]
         self.session(model)  # keys first, so the bar measures diagnoses only
         results = []
-        for img, source in tqdm(items, desc="encrypted diagnosis", unit="img", disable=not progress):
-            result = self.diagnose(img, model)
+        for i, (img, source) in enumerate(tqdm(items, desc="encrypted diagnosis", unit="img", disable=not progress)):
+            result = self.diagnose(img, model, source=source or f"image {i + 1}")  # errors name the image
             result.source = source
             results.append(result)
         return results

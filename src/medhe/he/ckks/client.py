@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from medhe.errors import CiphertextError, DataError, PlanError
+from medhe.errors import CiphertextError, DataError, OutOfRangeError, PlanError
 from medhe.he.ckks import wire
 from medhe.he.ckks.backend import SealBackend
 from medhe.he.ckks.params import CKKSParams
@@ -35,6 +35,8 @@ class CKKSClient(ClientSession):
             self.relinearization = bool(spec["relinearization"])
             self.output_slots = np.asarray(spec["output"]["slots"], dtype=np.int64)
             self.output_level = int(spec["output"]["level"])
+            bound = spec["output"].get("bound")
+            self.output_bound = None if bound is None else float(bound)
             self.task = str(spec.get("task", "multi-class"))
             self.labels = list(spec.get("labels") or [])
             self.backend = SealBackend(self.params)
@@ -90,7 +92,17 @@ class CKKSClient(ClientSession):
         if self.backend.level(ct) != self.output_level:
             raise CiphertextError(f"encrypted result is at level {self.backend.level(ct)}, expected "
                                   f"{self.output_level}: it was not produced by this server's plan")
-        return self.backend.decrypt(ct)[self.output_slots]
+        out = self.backend.decrypt(ct)[self.output_slots]
+        peak = float(np.max(np.abs(out))) if out.size else 0.0
+        if self.output_bound is not None and not peak <= self.output_bound:
+            # CKKS results live modulo the first prime: far outside the range the plan was sized for, a result may
+            # have wrapped around and look like an ordinary one. Real images stay well inside (the bound is a
+            # 4-sigma estimate from the training data's activation ranges); say so rather than report garbage.
+            raise OutOfRangeError(f"the decrypted scores reach |{peak:.4g}|, beyond the ±{self.output_bound:.4g} "
+                                  "this model's encrypted plan is sized for: the input is far from what the model "
+                                  "was trained on (not a radiograph of the expected kind, or crafted), so the "
+                                  "encrypted result may have wrapped around; no diagnosis is given")
+        return out
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Sigmoid for multi-label tasks, softmax otherwise (computed here: decryptions stay with the client)."""

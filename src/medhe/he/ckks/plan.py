@@ -89,6 +89,7 @@ class Plan:
     strategies: list[str]
     input_shape: tuple[int, ...] = ()
     key_paths: dict[int, list[int]] = field(default_factory=dict)  # logical step -> key steps (when decomposed)
+    output_bound: float | None = None  # the largest |output| the chain was sized for (published for the client)
 
     @property
     def input_scale(self) -> float:
@@ -184,6 +185,8 @@ class Plan:
                        "level": out_reg.level, "count": self.output_count},
             "depth": self.depth,
         }
+        if self.output_bound is not None:
+            pub["output"]["bound"] = float(self.output_bound)
         pub["plan_id"] = hashlib.sha256(json.dumps(pub, sort_keys=True).encode()).hexdigest()[:32]
         return pub
 
@@ -706,6 +709,7 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         key_bytes = key_bytes_as_sent(params)
         fixed = key_bytes * (1 + plan.input_complex)  # relinearization (+ conjugation) keys
         plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, key_bytes, max_key_bytes - fixed)
+        plan.output_bound = float(max_abs)
         return plan
     if needed is None:
         raise PlanError(f"the model's values (largest {max(n.size for n in graph.nodes)} elements) do not fit the "

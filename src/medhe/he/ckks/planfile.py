@@ -56,6 +56,7 @@ def dump_server(server: CKKSServerModel) -> bytes:
             "input_level": plan.input_level, "output_register": plan.output_register,
             "output_count": plan.output_count, "node_register": {str(k): v for k, v in plan.node_register.items()},
             "strategies": plan.strategies, "key_paths": {str(k): v for k, v in plan.key_paths.items()},
+            "output_bound": plan.output_bound,
             "instrs": [asdict(ins) for ins in plan.instrs], "registers": registers, "plains": plains,
             "task": server.task, "labels": server.labels, "name": server.name, "plan_id": server.plan_id}
     text = json.dumps(meta).encode()
@@ -143,4 +144,5 @@ def _rebuild(meta: dict, arrays: dict[str, np.ndarray], params: CKKSParams) -> P
     return Plan(params, None, instrs, registers, plains, gather, int(meta["input_level"]), out,
                 int(meta["output_count"]), {int(k): int(v) for k, v in meta["node_register"].items()},
                 list(meta["strategies"]), tuple(int(s) for s in meta["input_shape"]),
-                {int(k): [int(x) for x in v] for k, v in meta["key_paths"].items()})
+                {int(k): [int(x) for x in v] for k, v in meta["key_paths"].items()},
+                None if meta.get("output_bound") is None else float(meta["output_bound"]))  # absent in old files
