@@ -226,39 +226,38 @@ def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int 
     compile_s = time.perf_counter() - t0
     plain = _logits(artifact.model, x[:n])
     static = {"compile_s": compile_s, "params": _params(server.spec())}
-    runs: dict[str, list] = {"enc": [], "server_s": [], "server_cpu": [], "client_s": [], "in": [], "out": []}
+    done: list[ImageRun] = []
 
     def on_image(run: ImageRun) -> None:
-        for key, value in (("enc", run.logits.reshape(-1)), ("server_s", run.eval_ms / 1e3),
-                           ("server_cpu", run.eval_cpu_ms / 1e3), ("client_s", run.encrypt_ms / 1e3),
-                           ("in", run.input_bytes), ("out", run.output_bytes)):
-            runs[key].append(value)
+        done.append(run)
         if log:
             log(f"encrypted {run.index + 1}/{n}: server {run.eval_ms / 1e3:.2f} s wall, "
                 f"{run.eval_cpu_ms / 1e3:.2f} s CPU")
         if checkpoint:
-            checkpoint(_summary(runs, plain[:run.index + 1], labels[:run.index + 1], static))
+            checkpoint(_summary(done, plain[:run.index + 1], labels[:run.index + 1], static))
 
     def on_keys(info: dict[str, Any]) -> None:
         static["evaluation_key_bytes"] = info["evaluation_keys"]
 
     run_encrypted(server, x[:n], progress=False, on_image=on_image, on_keys=on_keys)
-    return _summary(runs, plain, labels[:n], static)
+    return _summary(done, plain, labels[:n], static)
 
 
-def _summary(runs: dict[str, list], plain: np.ndarray, labels: np.ndarray, static: dict[str, Any]) -> dict[str, Any]:
-    enc = np.stack(runs["enc"])
-    s = runs["server_s"]
+def _summary(runs: list[Any], plain: np.ndarray, labels: np.ndarray, static: dict[str, Any]) -> dict[str, Any]:
+    """The report so far from the images' ``ImageRun`` records (times in the report are seconds)."""
+    enc = np.stack([r.logits.reshape(-1) for r in runs])
+    s = [r.eval_ms / 1e3 for r in runs]
     same = (enc > 0) == (plain > 0)
     result = {"n": len(enc), "agreement": float(np.mean(same)),
               "agreeing_decisions": int(same.sum()), "decisions": int(same.size),
               "max_abs_logit_error": float(np.abs(enc - plain).max()),
               "server_latency_s": {"median": statistics.median(s), "min": min(s), "max": max(s)},
               # CPU seconds of the server process: robust to other jobs on a shared machine, unlike wall time
-              "server_cpu_s_median": statistics.median(runs["server_cpu"]),
-              "client_encrypt_s_median": statistics.median(runs["client_s"]),
-              "input_ciphertext_bytes": int(np.median(runs["in"])),
-              "output_ciphertext_bytes": int(np.median(runs["out"])), **static, "logits": enc.tolist()}
+              "server_cpu_s_median": statistics.median(r.eval_cpu_ms / 1e3 for r in runs),
+              "client_encrypt_s_median": statistics.median(r.encrypt_ms / 1e3 for r in runs),
+              "input_ciphertext_bytes": int(np.median([r.input_bytes for r in runs])),
+              "output_ciphertext_bytes": int(np.median([r.output_bytes for r in runs])), **static,
+              "logits": enc.tolist()}
     result["metrics"] = compute_metrics("multi-label", labels, enc) if len(enc) > 1 else None
     result["auc_bootstrap"] = bootstrap_macro_auc(labels, enc) if len(enc) > 1 else None
     return result
