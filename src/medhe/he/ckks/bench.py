@@ -110,10 +110,10 @@ class _Runner:
         self.dec_s: list[float] = []
         self.logits: list[np.ndarray] = []
 
-    def _record(self, t0: float, t1: float, t2: float, t3: float, logits: np.ndarray) -> None:
-        self.enc_s.append(t1 - t0)
-        self.eval_s.append(t2 - t1)
-        self.dec_s.append(t3 - t2)
+    def _record(self, enc_s: float, eval_s: float, dec_s: float, logits: np.ndarray) -> None:
+        self.enc_s.append(enc_s)
+        self.eval_s.append(eval_s)
+        self.dec_s.append(dec_s)
         self.logits.append(np.asarray(logits, dtype=np.float64))
 
     def latency(self) -> dict[str, Any]:
@@ -130,8 +130,8 @@ class _TenSEALRunner(_Runner):
         self.in_bytes = self.out_bytes = 0
 
     def step(self, image: np.ndarray) -> None:
-        (enc_s, eval_s, dec_s), logits, self.in_bytes, self.out_bytes = self.ref.one(image)  # bytes in, bytes out
-        self._record(0.0, enc_s, enc_s + eval_s, enc_s + eval_s + dec_s, logits)
+        times, logits, self.in_bytes, self.out_bytes = self.ref.one(image)  # bytes in, bytes out
+        self._record(*times, logits)
 
     def report(self, images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
         from medhe.he.ckks.tenseal_ref import BITS_SCALE, COEFF_MOD_BIT_SIZES, POLY_MODULUS_DEGREE
@@ -179,7 +179,7 @@ class _MedheRunner(_Runner):
         t2 = time.perf_counter()
         logits = self.client.decrypt(self.out)
         t3 = time.perf_counter()
-        self._record(t0, t1, t2, t3, logits)
+        self._record(t1 - t0, t2 - t1, t3 - t2, logits)
 
     def report(self, inputs: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
         spec = self.server.spec()
