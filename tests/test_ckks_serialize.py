@@ -261,3 +261,44 @@ def test_seeder_encrypt_goes_straight_to_seeded_bytes(he):
     ct = S.load_ciphertext(data, ctx)
     assert np.allclose(np.asarray(enc.decode(dec.decrypt(ct))), values, atol=1e-5)
     assert seeder.encrypt(plain) != data  # fresh randomness every time
+
+
+def test_level_trimmed_keys_give_bit_identical_results_where_the_plan_uses_them(he):
+    """Keys sent without the digits and primes above their level switch exactly like whole keys at or below it."""
+    ctx, ev = he["ctx"], he["evaluator"]
+    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    raw_g, raw_r = seeder.seed_kswitch(he["galois"].to_string()), seeder.seed_kswitch(he["relin"].to_string())
+    i1 = S.galois_key_index(3)  # step 1
+    im3 = S.galois_key_index(pow(3, 4096 - 3, 2 * 8192))  # step -3
+    keep = {i1: 2, im3: 0}
+    whole_g = S.load_galois_keys(S.compact(raw_g, S.KIND_GALOIS, ctx), ctx)
+    trimmed = S.compact(raw_g, S.KIND_GALOIS, ctx, keep)
+    assert len(trimmed) < 0.3 * len(S.compact(raw_g, S.KIND_GALOIS, ctx))
+    part_g = S.load_galois_keys(trimmed, ctx, need=keep)
+    whole_r = S.load_relin_keys(S.compact(raw_r, S.KIND_RELIN, ctx), ctx)
+    part_r = S.load_relin_keys(S.compact(raw_r, S.KIND_RELIN, ctx, {S.RELIN_KEY_INDEX: 1}), ctx,
+                               need={S.RELIN_KEY_INDEX: 1})
+    ct = seal.Ciphertext(he["ct"])
+    for level in range(5, -1, -1):
+        if level <= 2:
+            assert ev.rotate_vector(ct, 1, part_g).to_string() == ev.rotate_vector(ct, 1, whole_g).to_string()
+        if level == 0:
+            assert ev.rotate_vector(ct, -3, part_g).to_string() == ev.rotate_vector(ct, -3, whole_g).to_string()
+        if level == 1:
+            sq = ev.square(ct)
+            assert ev.relinearize(sq, part_r).to_string() == ev.relinearize(sq, whole_r).to_string()
+        if level:
+            ev.mod_switch_to_next_inplace(ct)
+
+
+def test_keys_trimmed_below_the_plans_needs_are_refused(he):
+    ctx = he["ctx"]
+    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    i1 = S.galois_key_index(3)
+    data = S.dump_galois_keys(he["galois"], ctx, seeder, keep={i1: 1})
+    with pytest.raises(CiphertextError, match="trimmed below what this model needs"):
+        S.load_galois_keys(data, ctx, need={i1: 3})
+    S.load_galois_keys(data, ctx, need={i1: 1})
+    ct = S.dump_ciphertext(he["ct"], ctx)
+    with pytest.raises(CiphertextError, match="unknown flags"):  # trimming applies to keys only
+        S.load_ciphertext(ct[:6] + b"\x01\x00" + ct[8:], ctx)

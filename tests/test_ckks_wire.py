@@ -77,9 +77,12 @@ def test_client_uploads_are_seeded_and_about_half_the_size(pair):
     plain_galois = serialize.dump_galois_keys(be.galois_keys, be.context)
     assert len(galois) < 0.6 * len(plain_galois)
     from medhe.he.ckks.plan import key_bytes_as_sent  # the planner's key budget uses this estimate
-    per_key = key_bytes_as_sent(server.plan.params)
-    n_keys = len(server.plan.rotation_steps) + 1
-    assert 0.9 * n_keys * per_key < len(galois) + len(relin) < 1.1 * n_keys * per_key
+    levels = server.spec()["key_levels"]  # each key is sent trimmed to the highest level the plan uses it at
+    expected = sum(key_bytes_as_sent(server.plan.params, lv) for lv in levels["galois"].values())
+    expected += key_bytes_as_sent(server.plan.params, levels["relin"])
+    assert 0.9 * expected < len(galois) + len(relin) < 1.1 * expected
+    whole = len(serialize.dump_galois_keys(be.galois_keys, be.context, be._seeder))
+    assert len(galois) < whole if min(levels["galois"].values()) < server.plan.input_level else len(galois) <= whole
     assert client.encrypt(x) != data  # fresh seed and noise every time
     got = client.decrypt(server.infer(keys, data))
     want = model(torch.from_numpy(x[None])).detach().double().numpy()[0]
@@ -142,6 +145,20 @@ def test_wrong_ciphertext_count_level_and_missing_keys_are_rejected(pair):
     partial.keygen()
     with pytest.raises(CiphertextError, match="lack rotations"):
         server.load_keys(partial.evaluation_keys())
+
+
+def test_keys_trimmed_below_the_plan_are_rejected(pair):
+    """A client that trims its keys lower than the plan uses them gets a clear refusal, not a wrong diagnosis."""
+    _, server, _, _, _ = pair
+    spec = server.spec()
+    levels = spec["key_levels"]
+    step = max(levels["galois"], key=lambda s: levels["galois"][s])
+    assert levels["galois"][step] > 0
+    low = {**levels, "galois": {**levels["galois"], step: 0}}
+    client = CKKSClient({**spec, "key_levels": low})
+    client.keygen()
+    with pytest.raises(CiphertextError, match="trimmed below what this model needs"):
+        server.load_keys(client.evaluation_keys())
 
 
 def test_keys_from_foreign_parameters_are_rejected(pair):

@@ -119,22 +119,33 @@ class SealBackend(Backend):
             gen.create_galois_keys(list(rotation_steps), self.galois_keys)
         self.relin_keys = gen.create_relin_keys() if relinearization else None
 
-    def evaluation_key_bytes(self) -> tuple[bytes, bytes]:
+    def evaluation_key_bytes(self, levels: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
         """(Galois keys, relinearization keys) in the compact wire format; no secret key material.
 
         The key holder sends them seeded (each uniform half replaced by its PRNG seed): half the bytes, and the
-        server's SEAL loader expands them with no extra step.
+        server's SEAL loader expands them with no extra step. With the plan's ``levels`` (``Plan.key_levels``)
+        each key is trimmed to the levels it is used at.
         """
         if self.galois_keys is None:
             raise SecurityError("no keys yet: call keygen() first")
-        gk = serialize.dump_galois_keys(self.galois_keys, self.context, self._seeder)
-        rk = (serialize.dump_relin_keys(self.relin_keys, self.context, self._seeder)
+        keep_g, keep_r = self.key_indices(levels) if levels else (None, None)
+        gk = serialize.dump_galois_keys(self.galois_keys, self.context, self._seeder, keep_g)
+        rk = (serialize.dump_relin_keys(self.relin_keys, self.context, self._seeder, keep_r)
               if self.relin_keys is not None else b"")
         return gk, rk
 
-    def load_evaluation_keys(self, galois: bytes, relin: bytes) -> None:
-        self.galois_keys = serialize.load_galois_keys(galois, self.context)
-        self.relin_keys = serialize.load_relin_keys(relin, self.context) if relin else None
+    def key_indices(self, levels: dict[str, Any]) -> tuple[dict[int, int], dict[int, int] | None]:
+        """``Plan.key_levels`` as SEAL key index -> level maps (Galois keys, relinearization keys)."""
+        galois = {serialize.galois_key_index(self.galois_element(int(step))): int(level)
+                  for step, level in levels["galois"].items()}
+        relin = int(levels["relin"])
+        return galois, ({serialize.RELIN_KEY_INDEX: relin} if relin >= 0 else None)
+
+    def load_evaluation_keys(self, galois: bytes, relin: bytes, levels: dict[str, Any] | None = None) -> None:
+        """Load the client's keys; with the plan's ``levels``, keys trimmed below them are refused."""
+        need_g, need_r = self.key_indices(levels) if levels else (None, None)
+        self.galois_keys = serialize.load_galois_keys(galois, self.context, need_g)
+        self.relin_keys = serialize.load_relin_keys(relin, self.context, need_r) if relin else None
 
     def galois_element(self, step: int) -> int:
         if step == 0:  # SEAL's convention: step 0 is complex conjugation

@@ -19,6 +19,17 @@ from medhe.he.ckks.plan import decode_gather
 from medhe.he.scheme import ClientSession
 
 
+def _key_levels(levels: Any, steps: list[int], top: int) -> dict[str, Any] | None:
+    """The spec's per-key levels, checked (absent in older specs: the keys are then sent whole)."""
+    if levels is None:
+        return None
+    galois = {int(step): int(level) for step, level in levels["galois"].items()}
+    relin = int(levels["relin"])
+    if not all(0 <= lv <= top for lv in galois.values()) or not -1 <= relin <= top:
+        raise ValueError("key_levels lie outside the modulus chain")
+    return {"galois": {s: lv for s, lv in galois.items() if s in steps}, "relin": relin}  # others: sent whole
+
+
 class CKKSClient(ClientSession):
     scheme = "ckks"
 
@@ -33,6 +44,7 @@ class CKKSClient(ClientSession):
             self.input_scale = float(spec["input"]["scale"])
             self.rotation_steps = [int(s) for s in spec["rotation_steps"]]
             self.relinearization = bool(spec["relinearization"])
+            self.key_levels = _key_levels(spec.get("key_levels"), self.rotation_steps, self.input_level)
             self.output_slots = np.asarray(spec["output"]["slots"], dtype=np.int64)
             self.output_level = int(spec["output"]["level"])
             bound = spec["output"].get("bound")
@@ -60,7 +72,7 @@ class CKKSClient(ClientSession):
         """Serialized on each call and not kept: callers send them once (up to ~0.5 GB for latent models), and the
         service SDK and ``run_encrypted`` drop them as soon as the server holds them. Each call draws fresh seeds."""
         self._need_keys()
-        galois, relin = self.backend.evaluation_key_bytes()
+        galois, relin = self.backend.evaluation_key_bytes(self.key_levels)
         return wire.pack(wire.KIND_KEYS, self.plan_id, [galois, relin])
 
     def layout(self, x: np.ndarray) -> np.ndarray:

@@ -184,11 +184,21 @@ class Plan:
             "output": {"slots": [int(s) for s in out_reg.layout.slots[: self.output_count]],
                        "level": out_reg.level, "count": self.output_count},
             "depth": self.depth,
+            "key_levels": self.key_levels(),
         }
         if self.output_bound is not None:
             pub["output"]["bound"] = float(self.output_bound)
         pub["plan_id"] = hashlib.sha256(json.dumps(pub, sort_keys=True).encode()).hexdigest()[:32]
         return pub
+
+    def key_levels(self) -> dict[str, Any]:
+        """Highest level each evaluation key is used at (the client sends the keys trimmed to it, see
+        ``serialize``): {"galois": {key step: level}, "relin": level, or -1 without relinearization}."""
+        from medhe.he.ckks.simulate import key_levels
+
+        galois, relin = key_levels(self)
+        return {"galois": {str(s): int(galois.get(s, self.input_level)) for s in self.rotation_steps},
+                "relin": int(relin) if self.needs_relin else -1}
 
     def summary(self) -> dict[str, Any]:
         return {"poly_degree": self.params.poly_degree, "prime_bits": list(self.params.prime_bits),
@@ -216,11 +226,14 @@ def naf(step: int) -> list[int]:
     return out
 
 
-def key_bytes_as_sent(params: Any) -> int:
-    """One seeded Galois/relinearization key on the wire: (primes - 1) components, each a single bit-packed
-    polynomial over all primes (the other half is a 64-byte seed)."""
+def key_bytes_as_sent(params: Any, level: int | None = None) -> int:
+    """One seeded Galois/relinearization key on the wire, trimmed to ``level`` (None: whole): level + 1
+    components, each a single bit-packed polynomial over primes 0..level and the special prime (the other half is
+    a 64-byte seed)."""
     n, bits = params.poly_degree, list(params.prime_bits)
-    return n * (len(bits) - 1) * sum(bits) // 8
+    top = len(bits) - 2
+    lv = top if level is None else min(max(int(level), 0), top)
+    return n * (lv + 1) * (sum(bits[: lv + 1]) + bits[-1]) // 8
 
 
 def ciphertext_bytes_as_sent(params: Any) -> int:
@@ -228,22 +241,25 @@ def ciphertext_bytes_as_sent(params: Any) -> int:
     return params.poly_degree * sum(params.prime_bits[:-1]) // 8
 
 
-def choose_key_paths(usage: dict[int, float], slots: int, key_bytes: int,
+def choose_key_paths(usage: dict[int, float], slots: int, key_bytes: dict[int, int] | int,
                      max_key_bytes: int) -> dict[int, list[int]]:
     """Fewer Galois keys when one per step would exceed ``max_key_bytes``.
 
     Greedily drops the least-used step that is the sum of two kept steps (it then costs two rotations), and
     falls back to power-of-two keys (NAF paths) if that is not enough. ``usage``: step -> rotations weighted by
-    their cost (primes at their level). Returns {} when every step keeps its own key.
+    their cost (primes at their level); ``key_bytes``: step -> bytes of its key (or one size for all).
+    Returns {} when every step keeps its own key.
     """
+    size = (lambda s: key_bytes) if isinstance(key_bytes, int) else (lambda s: key_bytes[s])
+
     def norm(step: int) -> int:
         return ((step + slots // 2) % slots) - slots // 2
 
     keys = set(usage)
-    if len(keys) * key_bytes <= max_key_bytes:
+    if sum(map(size, keys)) <= max_key_bytes:
         return {}
     split: dict[int, tuple[int, int]] = {}
-    while len(keys) * key_bytes > max_key_bytes:
+    while sum(map(size, keys)) > max_key_bytes:
         best = None
         for step in keys:
             for a in keys:
@@ -706,9 +722,10 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies,
                     tuple(graph.input_shape))
-        key_bytes = key_bytes_as_sent(params)
-        fixed = key_bytes * (1 + plan.input_complex)  # relinearization (+ conjugation) keys
-        plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, key_bytes, max_key_bytes - fixed)
+        levels = plan.key_levels()  # with one key per step; keys are sent trimmed to these levels
+        per_key = {int(s): key_bytes_as_sent(params, lv) for s, lv in levels["galois"].items()}
+        fixed = per_key.pop(0, 0) + (key_bytes_as_sent(params, levels["relin"]) if levels["relin"] >= 0 else 0)
+        plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, per_key, max_key_bytes - fixed)
         plan.output_bound = float(max_abs)
         return plan
     if needed is None:

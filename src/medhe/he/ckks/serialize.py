@@ -12,6 +12,13 @@ The client can halve its uploads again with a :class:`Seeder` (it holds the secr
 key components are sent in SEAL's seeded form, where the uniform polynomial is replaced by its 64-byte PRNG seed.
 The server needs nothing extra: SEAL's loader expands seeds.
 
+Keys can also be *level-trimmed* (``keep``: SEAL key index -> highest level the plan uses that key at). SEAL's key
+switching at level l reads only decomposition digits 0..l and, in each, primes 0..l and the special prime; a key
+that a plan only uses low in the chain is sent without the rest, which the receiver refills with zeros. That is
+not lossless for the SEAL object, but exact for every operation the plan performs (the output ciphertexts are
+bit-identical), and the server refuses keys trimmed below what its plan needs (``need``). The frame's reserved
+field is 1 for trimmed keys, whose skeleton carries one kept-level byte per key.
+
     seeder = Seeder(context, keygen.secret_key())          # client only
     data = seeder.encrypt(plain)                           # ~0.23x SEAL's raw ciphertext bytes at N=8192
     gk = dump_galois_keys(galois_keys, context, seeder)    # ~0.24x SEAL's raw key bytes
@@ -50,6 +57,8 @@ _CT_META = struct.Struct("<32sBQQQdQ")  # parms_id, is_ntt_form, size, poly_degr
 _U64 = struct.Struct("<Q")
 FRAMING = Framing("CKKS", MAGIC, FORMAT_VERSION, KIND_NAMES)
 _MAX_SKELETON = 16 << 20  # a real skeleton is a few KB (64 KB for all-steps Galois keys): refuse zlib bombs
+_TRIMMED = 1  # frame reserved field: kswitch keys carry one kept-level byte per key
+_FULL = 255  # kept-level byte of an untrimmed key
 
 
 def params_fingerprint(context: seal.SEALContext) -> bytes:
@@ -224,6 +233,21 @@ class _Walker:
         self.arrays: list[_Array] = []  # decode: arrays in order
         self.what = what
         self.unseeded_extra = 0  # what expanding every seed back into a polynomial would add
+        self.keep: dict[int, int] | None = None  # trimmed keys: key index -> kept level (encode: given; decode: read)
+
+    def skeleton_byte(self, value: int | None) -> int:
+        """A byte only the skeleton has (not part of SEAL's bytes): written while encoding, read while decoding."""
+        if self.encoding:
+            self.out.append(bytes([value]))
+            return int(value)
+        return self.src.take(1)[0]
+
+    def skip(self, n: int) -> None:
+        """Coefficients a trimmed key does not send: dropped while encoding, zeros while decoding."""
+        if self.encoding:
+            self.src.take(n)
+        else:
+            self.out.append(bytes(n))
 
     @property
     def encoding(self) -> bool:
@@ -253,8 +277,8 @@ class _Walker:
                                   "ciphertexts created for this model's parameters")
         return [m.value() for m in data.parms().coeff_modulus()]
 
-    def ciphertext(self) -> bytes:
-        """Ciphertext / PublicKey blob; returns its parms_id."""
+    def ciphertext(self, primes: set[int] | None = None) -> bytes:
+        """Ciphertext / PublicKey blob (only ``primes``' coefficients, by index, when given); returns its parms_id."""
         self.seal_header()
         parms_id, _ntt, polys, degree, k, _scale, _corr = _CT_META.unpack(self.copy(_CT_META.size))
         moduli = self.moduli_for(parms_id)
@@ -273,7 +297,15 @@ class _Walker:
         else:
             raise CiphertextError(f"{self.what} holds {count} coefficients where {full} were expected: "
                                   "it is corrupted; send it again")
-        self.array(arr)
+        if primes is None:
+            self.array(arr)
+        else:
+            for _ in range(arr.polys):
+                for j, q in enumerate(moduli):
+                    if j in primes:
+                        self.array(_Array([q], 1, degree))
+                    else:
+                        self.skip(degree * 8)
         if arr.polys != polys:  # seeded: SEAL's UniformRandomGeneratorInfo follows (own header + members)
             info_size, _ = self.seal_header()
             self.copy(info_size - _SEAL_HEADER.size)
@@ -297,12 +329,23 @@ class _Walker:
         (outer,) = _U64.unpack(self.copy(_U64.size))
         if outer > 1 << 20:
             raise CiphertextError(f"{self.what} is corrupted (implausible key count): send it again")
-        for _ in range(outer):
+        special = len(self.moduli_for(key_pid)) - 1
+        for index in range(outer):
             (inner,) = _U64.unpack(self.copy(_U64.size))
             if inner > 64:
                 raise CiphertextError(f"{self.what} is corrupted (implausible decomposition count): send it again")
-            for _ in range(inner):
-                if self.ciphertext() != key_pid:
+            level = None
+            if self.keep is not None and inner:
+                level = self.skeleton_byte(self.keep.get(index, _FULL) if self.encoding else None)
+                if level == _FULL:
+                    level = None
+                elif level >= inner:
+                    raise CiphertextError(f"{self.what} is corrupted (kept level {level} of {inner}): send it again")
+                if not self.encoding:
+                    self.keep[index] = _FULL if level is None else level
+            for digit in range(inner):
+                primes = None if level is None else (set(range(level + 1)) | {special} if digit <= level else set())
+                if self.ciphertext(primes) != key_pid:
                     raise CiphertextError(f"{self.what} holds a key component at the wrong level: it is "
                                           "corrupted; generate the keys again")
 
@@ -327,21 +370,39 @@ def _check_declared_sizes(raw: bytes, what: str) -> None:
 # bytes <-> compact bytes
 
 
-def compact(raw: bytes, kind: int, context: seal.SEALContext) -> bytes:
-    """SEAL's uncompressed serialization of a ``kind`` object -> medhe's compact frame."""
+def compact(raw: bytes, kind: int, context: seal.SEALContext, keep: dict[int, int] | None = None) -> bytes:
+    """SEAL's uncompressed serialization of a ``kind`` object -> medhe's compact frame.
+
+    ``keep`` (keys only): SEAL key index -> highest level that key is used at; other keys are sent whole.
+    """
     what = KIND_NAMES[kind]
     _check_declared_sizes(raw, what)
+    if keep is not None and kind not in (KIND_GALOIS, KIND_RELIN):
+        raise ValueError("only Galois and relinearization keys can be level-trimmed")
     walker = _Walker(context, _Reader(raw, what), None, what)
+    walker.keep = keep
     _walk(kind, walker)
     skeleton = zlib.compress(b"".join(walker.out), 6)
     body = skeleton + _pack_payload(walker.blocks)
     crc = zlib.crc32(body)
-    return _FRAME.pack(MAGIC, FORMAT_VERSION, kind, 0, params_fingerprint(context), crc, len(skeleton)) + body
+    flags = 0 if keep is None else _TRIMMED
+    return _FRAME.pack(MAGIC, FORMAT_VERSION, kind, flags, params_fingerprint(context), crc, len(skeleton)) + body
 
 
-def expand(data: bytes, kind: int, context: seal.SEALContext) -> bytes:
-    """medhe's compact frame -> SEAL's uncompressed serialization, byte-identical to what :func:`compact` got."""
+def expand(data: bytes, kind: int, context: seal.SEALContext, need: dict[int, int] | None = None) -> bytes:
+    """medhe's compact frame -> SEAL's uncompressed serialization, byte-identical to what :func:`compact` got
+    (for trimmed keys: with zeros where nothing was sent).
+
+    ``need`` (keys): SEAL key index -> level the receiver will use that key at; a key trimmed below it is refused.
+    """
     walker, payload = _decode(data, kind, context)
+    if need and walker.keep is not None:
+        short = {i: walker.keep.get(i, -1) for i, level in need.items()
+                 if walker.keep.get(i, _FULL) != _FULL and walker.keep[i] < level}
+        if short:
+            i, kept = next(iter(short.items()))
+            raise CiphertextError(f"{walker.what} were trimmed below what this model needs (key {i} kept to level "
+                                  f"{kept}, used at level {need[i]}): create the keys with this server's spec")
     coefficients = iter(_unpack_payload(walker.arrays, payload, walker.what))
     raw = b"".join(next(coefficients) if part is None else part for part in walker.out)
     _check_declared_sizes(raw, walker.what)
@@ -366,7 +427,9 @@ def raw_size(data: bytes, kind: int, context: seal.SEALContext) -> int:
 def _decode(data: bytes, kind: int, context: seal.SEALContext) -> tuple[_Walker, memoryview]:
     """Check the frame and walk its skeleton; returns the walker (skeleton parts, arrays) and the payload."""
     what = KIND_NAMES[kind]
-    data, (_magic, _version, _kind, _res, fingerprint, crc, skel_len) = FRAMING.open(data, kind, _FRAME)
+    data, (_magic, _version, _kind, flags, fingerprint, crc, skel_len) = FRAMING.open(data, kind, _FRAME)
+    if flags not in (0, _TRIMMED) or (flags == _TRIMMED and kind not in (KIND_GALOIS, KIND_RELIN)):
+        raise CiphertextError(f"{what} has unknown flags {flags}: use the same medhe version on both sides")
     if fingerprint != params_fingerprint(context):
         raise CiphertextError(f"{what} was made for other encryption parameters: use keys and ciphertexts "
                               "created for this model's parameters")
@@ -384,6 +447,7 @@ def _decode(data: bytes, kind: int, context: seal.SEALContext) -> tuple[_Walker,
         raise CiphertextError(f"{what} is garbled (bad skeleton): send it again") from None
     payload = body[skel_len:]
     walker = _Walker(context, _Reader(skeleton, what), payload, what)
+    walker.keep = {} if flags == _TRIMMED else None
     _walk(kind, walker)
     expected = _payload_len(walker.arrays)
     if len(payload) < expected:
@@ -573,25 +637,36 @@ def load_ciphertext(data: bytes, context: seal.SEALContext) -> seal.Ciphertext:
     return ct
 
 
-def dump_galois_keys(keys: seal.GaloisKeys, context: seal.SEALContext, seeder: Seeder | None = None) -> bytes:
-    """Compact bytes of the client's keys; a ``seeder`` (same client's secret key) halves them again."""
+def galois_key_index(galois_element: int) -> int:
+    """Where SEAL's GaloisKeys store the key of ``galois_element`` (its ``get_index``)."""
+    return (int(galois_element) - 1) >> 1
+
+
+RELIN_KEY_INDEX = 0  # SEAL's RelinKeys hold the key for s^2 at index 0
+
+
+def dump_galois_keys(keys: seal.GaloisKeys, context: seal.SEALContext, seeder: Seeder | None = None,
+                     keep: dict[int, int] | None = None) -> bytes:
+    """Compact bytes of the client's keys; a ``seeder`` (same client's secret key) halves them again, ``keep``
+    (key index -> highest level used) trims what the plan never reads."""
     raw = keys.to_string()
-    return compact(raw if seeder is None else seeder.seed_kswitch(raw), KIND_GALOIS, context)
+    return compact(raw if seeder is None else seeder.seed_kswitch(raw), KIND_GALOIS, context, keep)
 
 
-def load_galois_keys(data: bytes, context: seal.SEALContext) -> seal.GaloisKeys:
-    raw = expand(data, KIND_GALOIS, context)
+def load_galois_keys(data: bytes, context: seal.SEALContext, need: dict[int, int] | None = None) -> seal.GaloisKeys:
+    raw = expand(data, KIND_GALOIS, context, need)
     return _load("Galois keys", lambda: context.from_galois_str(raw))
 
 
-def dump_relin_keys(keys: seal.RelinKeys, context: seal.SEALContext, seeder: Seeder | None = None) -> bytes:
+def dump_relin_keys(keys: seal.RelinKeys, context: seal.SEALContext, seeder: Seeder | None = None,
+                    keep: dict[int, int] | None = None) -> bytes:
     """Compact bytes of the client's keys; a ``seeder`` (same client's secret key) halves them again."""
     raw = keys.to_string()
-    return compact(raw if seeder is None else seeder.seed_kswitch(raw), KIND_RELIN, context)
+    return compact(raw if seeder is None else seeder.seed_kswitch(raw), KIND_RELIN, context, keep)
 
 
-def load_relin_keys(data: bytes, context: seal.SEALContext) -> seal.RelinKeys:
-    raw = expand(data, KIND_RELIN, context)
+def load_relin_keys(data: bytes, context: seal.SEALContext, need: dict[int, int] | None = None) -> seal.RelinKeys:
+    raw = expand(data, KIND_RELIN, context, need)
     return _load("relinearization keys", lambda: context.from_relin_str(raw))
 
 

@@ -181,7 +181,7 @@ class CKKSServerModel(ServerModel):
         if len(parts) != 2:
             raise CiphertextError(f"evaluation keys must have 2 parts (Galois, relinearization), got {len(parts)}")
         probe = SealBackend(self.plan.params)
-        probe.load_evaluation_keys(parts[0], parts[1])
+        probe.load_evaluation_keys(parts[0], parts[1], self._public["key_levels"])
         missing = [s for s in self.plan.rotation_steps if not probe.has_rotation(s)]
         if missing:
             raise CiphertextError(f"evaluation keys lack rotations {missing[:5]}: create them with this server's spec")
