@@ -161,6 +161,13 @@ def test_keys_trimmed_below_the_plan_are_rejected(pair):
         server.load_keys(client.evaluation_keys())
 
 
+@pytest.mark.parametrize("levels", [[1, 2], {"galois": {"1": 99}, "relin": 0}, {"galois": {}, "relin": "x"}])
+def test_malformed_key_levels_in_a_spec_are_a_clear_error(pair, levels):
+    _, server, _, _, _ = pair
+    with pytest.raises(PlanError, match="malformed"):
+        CKKSClient({**server.spec(), "key_levels": levels})
+
+
 def test_keys_from_foreign_parameters_are_rejected(pair):
     _, server, _, _, _ = pair
     spec = server.spec()

@@ -23,6 +23,8 @@ def _key_levels(levels: Any, steps: list[int], top: int) -> dict[str, Any] | Non
     """The spec's per-key levels, checked (absent in older specs: the keys are then sent whole)."""
     if levels is None:
         return None
+    if not isinstance(levels, dict) or not isinstance(levels.get("galois"), dict):
+        raise ValueError("key_levels must be an object with a 'galois' object")
     galois = {int(step): int(level) for step, level in levels["galois"].items()}
     relin = int(levels["relin"])
     if not all(0 <= lv <= top for lv in galois.values()) or not -1 <= relin <= top:

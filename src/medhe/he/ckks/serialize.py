@@ -397,12 +397,13 @@ def expand(data: bytes, kind: int, context: seal.SEALContext, need: dict[int, in
     """
     walker, payload = _decode(data, kind, context)
     if need and walker.keep is not None:
-        short = {i: walker.keep.get(i, -1) for i, level in need.items()
-                 if walker.keep.get(i, _FULL) != _FULL and walker.keep[i] < level}
+        short = [(walker.keep[i], level) for i, level in need.items()
+                 if walker.keep.get(i, _FULL) != _FULL and walker.keep[i] < level]
         if short:
-            i, kept = next(iter(short.items()))
-            raise CiphertextError(f"{walker.what} were trimmed below what this model needs (key {i} kept to level "
-                                  f"{kept}, used at level {need[i]}): create the keys with this server's spec")
+            kept, used = short[0]
+            raise CiphertextError(f"{walker.what} were trimmed below what this model needs ({len(short)} key(s); one "
+                                  f"is kept to level {kept} but used at level {used}): create the keys with this "
+                                  "server's spec")
     coefficients = iter(_unpack_payload(walker.arrays, payload, walker.what))
     raw = b"".join(next(coefficients) if part is None else part for part in walker.out)
     _check_declared_sizes(raw, walker.what)
