@@ -228,6 +228,10 @@ class IntegerFCNN:
     def dequantize(self, acc: np.ndarray) -> np.ndarray:
         return np.asarray(acc, dtype=np.float64) * self.output_scale
 
+    def accumulators(self, logits: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`dequantize`: the integer output accumulators that decrypted logits stand for."""
+        return np.rint(np.asarray(logits, dtype=np.float64) / self.output_scale).astype(np.int64)
+
     def predict_logits(self, x: np.ndarray) -> np.ndarray:
         return self.dequantize(self.run(self.quantize_input(x)))
 

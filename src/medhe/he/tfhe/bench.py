@@ -124,7 +124,7 @@ def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.
 
     run = run_encrypted(server, images, progress=False, on_image=on_image, stage=stage, on_keys=on_keys)
     keys, runs, logits = run["keys"], run["images"], run["logits"]
-    raw_out = np.rint(logits / server.integer.output_scale).astype(np.int64)  # the output accumulators
+    raw_out = server.integer.accumulators(logits)
     sim = server.simulate(server.integer.quantize_input(images))
     eval_ms = [r.eval_ms for r in runs]
     return {

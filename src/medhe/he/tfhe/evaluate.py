@@ -68,7 +68,7 @@ def evaluate_tfhe(artifact: Any, inputs: np.ndarray, labels: np.ndarray, fhe: st
     n = len(inputs) if n_execute is None else max(1, min(int(n_execute), len(inputs)))
     run = run_encrypted(server, inputs[:n], progress=progress, desc="tfhe execute")
     enc_logits = run["logits"]
-    enc_int = np.rint(enc_logits / integer.output_scale).astype(np.int64)
+    enc_int = integer.accumulators(enc_logits)
     report.update({
         "n_executed": n,
         "encrypted": compute_metrics(task, labels[:n], enc_logits),
