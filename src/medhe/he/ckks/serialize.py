@@ -576,8 +576,12 @@ class Seeder:
         ct = self._data_level[3].encrypt_symmetric(plain)
         return compact(self.seed_ciphertext(ct, private=True), KIND_CIPHERTEXT, self.context)
 
-    def seed_kswitch(self, raw: bytes) -> bytes:
-        """Galois/relin keys (SEAL bytes) -> the same keys with every component in seeded form."""
+    def seed_kswitch(self, raw: bytes, keep: dict[int, int] | None = None) -> bytes:
+        """Galois/relin keys (SEAL bytes) -> the same keys with every component in seeded form.
+
+        ``keep`` (as for :func:`compact`): digits above a key's kept level are dropped on the wire anyway, so they
+        are not re-encrypted; they get a zero first polynomial and a fresh seed, only to keep SEAL's layout.
+        """
         r = _Reader(raw, "keys")
         major, minor = raw[3], raw[4]
         r.take(_SEAL_HEADER.size)
@@ -586,15 +590,20 @@ class Seeder:
         out.append(_U64.pack(outer))
         level = self._key_level()
         aux_pid = level[5]
-        for _ in range(outer):
+        for index in range(outer):
             (inner,) = r.unpack(_U64)
             out.append(_U64.pack(inner))
-            for _ in range(inner):
+            kept = inner if keep is None else keep.get(index, inner)
+            for digit in range(inner):
                 size = _SEAL_HEADER.unpack(r.buf[r.pos:r.pos + _SEAL_HEADER.size])[-1]
                 blob = bytes(r.take(size))
                 meta = blob[_SEAL_HEADER.size:_SEAL_HEADER.size + _CT_META.size]
                 if meta[:32] != self._key_pid:
                     raise CiphertextError("keys hold a component at the wrong level: generate them again")
+                if digit > kept:
+                    n, k = _CT_META.unpack(meta)[3:5]
+                    out.append(_seeded_blob(meta, *self._version, bytes(n * k * 8), os.urandom(_SEED_BYTES)))
+                    continue
                 ct = seal.Ciphertext()  # the component, relabelled to the helper context's matching data level
                 ct.load_bytes(level[0], blob[:_SEAL_HEADER.size] + aux_pid + blob[_SEAL_HEADER.size + 32:])
                 out.append(self._seeded(ct, meta, aux_pid + meta[32:], level))
@@ -651,7 +660,7 @@ def dump_galois_keys(keys: seal.GaloisKeys, context: seal.SEALContext, seeder: S
     """Compact bytes of the client's keys; a ``seeder`` (same client's secret key) halves them again, ``keep``
     (key index -> highest level used) trims what the plan never reads."""
     raw = keys.to_string()
-    return compact(raw if seeder is None else seeder.seed_kswitch(raw), KIND_GALOIS, context, keep)
+    return compact(raw if seeder is None else seeder.seed_kswitch(raw, keep), KIND_GALOIS, context, keep)
 
 
 def load_galois_keys(data: bytes, context: seal.SEALContext, need: dict[int, int] | None = None) -> seal.GaloisKeys:
@@ -663,7 +672,7 @@ def dump_relin_keys(keys: seal.RelinKeys, context: seal.SEALContext, seeder: See
                     keep: dict[int, int] | None = None) -> bytes:
     """Compact bytes of the client's keys; a ``seeder`` (same client's secret key) halves them again."""
     raw = keys.to_string()
-    return compact(raw if seeder is None else seeder.seed_kswitch(raw), KIND_RELIN, context, keep)
+    return compact(raw if seeder is None else seeder.seed_kswitch(raw, keep), KIND_RELIN, context, keep)
 
 
 def load_relin_keys(data: bytes, context: seal.SEALContext, need: dict[int, int] | None = None) -> seal.RelinKeys:
