@@ -3,6 +3,7 @@
 
     MEDHE_DATA=/work/shared/data python scripts/cv_covid.py --fold 0 --out runs/covid-cv   # one fold (~2 min)
     MEDHE_DATA=/work/shared/data python scripts/cv_covid.py --summarize --out runs/covid-cv
+    python scripts/cv_covid.py --summarize --out runs/ens --members runs/seed0 runs/seed1   # mean-head ensemble
 
 Why: the test split has 122 images, so one image moves test accuracy by 0.8 points and the 0.94 bar sits inside
 the noise of a single split. Refitting the shipped recipe (``scripts/train_covid.py``: 128 px, width 0.5, 30
@@ -32,7 +33,7 @@ from medhe.data import Preprocess  # noqa: E402
 from medhe.models.mobilenet import build_mobilenetv2_extractor  # noqa: E402
 from medhe.models.train_extractor import train_split_model  # noqa: E402
 
-LR, SEED, VIEW_SET = 3e-3, 0, "rot"
+LR, VIEW_SET = 3e-3, "rot"
 
 
 def extractor_kwargs(size: int, width_mult: float) -> dict:
@@ -59,7 +60,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def run_fold(fold: int, k: int, out: Path, data_dir: str | None, size: int = 128, epochs: int = 30,
-             width_mult: float = 0.5) -> None:
+             width_mult: float = 0.5, seed: int = 0) -> None:
     """Train the recipe on the other folds of train+val, score this fold (features averaged over the views)."""
     extractor = extractor_kwargs(size, width_mult)
     pre = Preprocess(channels=1, size=size, crop=None, mean=0.5, std=0.5)
@@ -69,7 +70,7 @@ def run_fold(fold: int, k: int, out: Path, data_dir: str | None, size: int = 128
     held = folds(y, k)[fold]
     fit = np.setdiff1d(np.arange(len(y)), held)
     result = train_split_model(x[fit], y[fit], x[held], y[held], extractor_kwargs=extractor, epochs=epochs, lr=LR,
-                               seed=SEED, augment=AUGMENTS["default"], select="last",
+                               seed=seed, augment=AUGMENTS["default"], select="last",
                                log=lambda m: print(f"fold {fold}: {m}", flush=True))
     views = build_mobilenetv2_extractor(in_channels=1, image_size=size, members=[extractor],
                                         views=[VIEWS[v] for v in VIEW_SETS[VIEW_SET]]).eval()
@@ -80,7 +81,7 @@ def run_fold(fold: int, k: int, out: Path, data_dir: str | None, size: int = 128
     _write_json(out / f"fold{fold}.json", {
         "fold": fold, "k": k, "held_out": held.tolist(), "labels": y[held].tolist(), "logits": logits.tolist(),
         "metrics": metrics(y[held], logits), "seconds": round(result.seconds, 1), "date": time.strftime("%Y-%m-%d"),
-        "recipe": {"size": size, "epochs": epochs, "lr": LR, "seed": SEED, "views": VIEW_SET, "select": "last",
+        "recipe": {"size": size, "epochs": epochs, "lr": LR, "seed": seed, "views": VIEW_SET, "select": "last",
                    "extractor": extractor}})
     print(f"fold {fold}: {metrics(y[held], logits)} ({result.seconds:.0f}s)")
 
@@ -92,8 +93,34 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def summarize(k: int, out: Path) -> int:
-    rows = [json.loads((out / f"fold{f}.json").read_text()) for f in range(k)]
+def _fold_rows(k: int, out: Path) -> list[dict]:
+    missing = [f for f in range(k) if not (out / f"fold{f}.json").exists()]
+    if missing:
+        raise SystemExit(f"{out}: folds {missing} have not been run (--fold N --out {out})")
+    return [json.loads((out / f"fold{f}.json").read_text()) for f in range(k)]
+
+
+def _mean_of_members(k: int, members: list[Path]) -> list[dict]:
+    """Fold rows whose logits are the mean of the members' logits: the ensemble with the mean head.
+
+    ``train_covid.py --ensemble --head mean`` concatenates the members' (view-averaged) features and uses the
+    members' heads side by side divided by their count, so its logits are exactly the mean of the members' logits.
+    """
+    per_member = [_fold_rows(k, m) for m in members]
+    rows = []
+    for fold_rows in zip(*per_member):
+        first = fold_rows[0]
+        if any(r["held_out"] != first["held_out"] or r["labels"] != first["labels"] for r in fold_rows):
+            raise SystemExit(f"fold {first['fold']}: the members were scored on different images")
+        logits = np.mean([np.asarray(r["logits"]) for r in fold_rows], axis=0)
+        rows.append({**first, "logits": logits.tolist(), "metrics": metrics(np.asarray(first["labels"]), logits),
+                     "seconds": sum(r["seconds"] for r in fold_rows),
+                     "recipe": {"ensemble_mean_of": [r["recipe"] for r in fold_rows]}})
+    return rows
+
+
+def summarize(k: int, out: Path, members: list[Path] | None = None) -> int:
+    rows = _mean_of_members(k, members) if members else _fold_rows(k, out)
     labels = np.concatenate([r["labels"] for r in rows])
     logits = np.concatenate([r["logits"] for r in rows])
     correct = int(np.sum(logits.argmax(1) == labels))
@@ -113,20 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--fold", type=int, help="run this fold (0..k-1)")
     ap.add_argument("--summarize", action="store_true", help="pool the folds' out-of-fold predictions")
+    ap.add_argument("--members", nargs="+", metavar="DIR",
+                    help="with --summarize: score the mean-head ensemble of these CV runs (same folds), written to --out")
     ap.add_argument("--out", default="runs/covid-cv")
     ap.add_argument("--size", type=int, default=128, help="image side in pixels (shipped: 128)")
     ap.add_argument("--epochs", type=int, default=30, help="training epochs, last one kept (shipped: 30)")
     ap.add_argument("--width-mult", type=float, default=0.5, help="MobileNetV2 width (shipped: 0.5)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (shipped: 0)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.summarize:
-        return summarize(args.k, out)
+        return summarize(args.k, out, [Path(m) for m in args.members] if args.members else None)
     if args.fold is None or not 0 <= args.fold < args.k:
         ap.error(f"--fold must be 0..{args.k - 1} (or use --summarize)")
-    run_fold(args.fold, args.k, out, args.data_dir, args.size, args.epochs, args.width_mult)
+    run_fold(args.fold, args.k, out, args.data_dir, args.size, args.epochs, args.width_mult, args.seed)
     return 0
 
 
