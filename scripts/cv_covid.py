@@ -7,9 +7,9 @@
 
 Why: the test split has 122 images, so one image moves test accuracy by 0.8 points and the 0.94 bar sits inside
 the noise of a single split. Refitting a recipe (``scripts/train_covid.py``: 128 px, width 0.5, 30 epochs in
-round 1 and 60 since round 2, last epoch kept, seed 0; features averaged over the image and its ±5° rotations) on K-1 folds of the 688
-train+val images and scoring the held-out fold gives 688 out-of-fold predictions: an accuracy estimate for the
-recipe with a confidence interval, from images the test split never saw. Folds are stratified and seeded.
+round 1 and 60 since round 2, last epoch kept, seed 0; features averaged over the image and its ±5° rotations)
+on K-1 folds of the 688 train+val images and scoring the held-out fold gives 688 out-of-fold predictions: an
+accuracy estimate for the recipe with a confidence interval, from images the test split never saw. Folds are stratified and seeded.
 """
 
 from __future__ import annotations
@@ -141,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fold", type=int, help="run this fold (0..k-1)")
     ap.add_argument("--summarize", action="store_true", help="pool the folds' out-of-fold predictions")
     ap.add_argument("--members", nargs="+", metavar="DIR",
-                    help="with --summarize: score the mean-head ensemble of these CV runs (same folds), written to --out")
+                    help="with --summarize: score the mean-head ensemble of these CV runs (same folds), "
+                         "written to --out")
     ap.add_argument("--out", default="runs/covid-cv")
     ap.add_argument("--size", type=int, default=128, help="image side in pixels (shipped: 128)")
-    ap.add_argument("--epochs", type=int, default=30, help="training epochs, last one kept (round 1: 30; shipped since round 2: 60)")
+    ap.add_argument("--epochs", type=int, default=30,
+                    help="training epochs, last one kept (round 1: 30; shipped since round 2: 60)")
     ap.add_argument("--width-mult", type=float, default=0.5, help="MobileNetV2 width (shipped: 0.5)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (shipped: 0)")
     ap.add_argument("--data-dir", default=None)
