@@ -9,7 +9,8 @@ Why: the test split has 122 images, so one image moves test accuracy by 0.8 poin
 the noise of a single split. Refitting a recipe (``scripts/train_covid.py``: 128 px, width 0.5, 30 epochs in
 round 1 and 60 since round 2, last epoch kept, seed 0; features averaged over the image and its ±5° rotations)
 on K-1 folds of the 688 train+val images and scoring the held-out fold gives 688 out-of-fold predictions: an
-accuracy estimate for the recipe with a confidence interval, from images the test split never saw. Folds are stratified and seeded.
+accuracy estimate for the recipe with a confidence interval, from images the test split never saw. Folds are
+stratified and seeded.
 """
 
 from __future__ import annotations
