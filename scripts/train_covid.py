@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train+val: final fit of a recipe fixed on val; keeps the last epoch, val metrics are not "
                          "held out")
     ap.add_argument("--init", metavar="DIR", help="continue from a trained covid-cxr directory (same architecture)")
+    ap.add_argument("--hold-test", action="store_true",
+                    help="neither score nor print the test split: for members of a pre-registered selection, whose "
+                         "final model is scored once (with --ensemble)")
     ap.add_argument("--head", choices=("auto", "mean"), default="auto",
                     help="with --ensemble: auto = the head with the best val accuracy (mean of the members' heads or a "
                          "logistic-regression refit); mean = fixed beforehand (members fitted on train+val)")
@@ -174,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                                low_res_epochs=args.low_res_epochs, init=init,
                                select="last" if args.fit_on == "train+val" else "best-val",
                                log=lambda m: print(m, flush=True))
-    scores = {s: metrics(y[s], predict_logits(result.extractor, result.head, x[s])) for s in ("val", "test")}
-    print(f"best epoch {result.best_epoch}, {result.seconds:.0f}s; val {scores['val']}; test {scores['test']}")
+    scored = ("val",) if args.hold_test else ("val", "test")
+    scores = {s: metrics(y[s], predict_logits(result.extractor, result.head, x[s])) for s in scored}
+    print(f"best epoch {result.best_epoch}, {result.seconds:.0f}s; "
+          + "; ".join(f"{s} {scores[s]}" for s in scored) + ("; test held back" if args.hold_test else ""))
 
     card = {
         "name": "covid-cxr",
