@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_covid import AUGMENTS, VIEW_SETS, VIEWS, _splits, metrics  # noqa: E402  (the shipped recipe's pieces)
 
+from medhe.atomic import write_json  # noqa: E402
 from medhe.data import Preprocess  # noqa: E402
 from medhe.models.mobilenet import build_mobilenetv2_extractor  # noqa: E402
 from medhe.models.train_extractor import train_split_model  # noqa: E402
@@ -52,14 +51,6 @@ def folds(labels: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
     return [np.sort(np.asarray(f)) for f in out]
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def run_fold(fold: int, k: int, out: Path, data_dir: str | None, size: int = 128, epochs: int = 30,
              width_mult: float = 0.5, seed: int = 0) -> None:
     """Train the recipe on the other folds of train+val, score this fold (features averaged over the views)."""
@@ -79,7 +70,7 @@ def run_fold(fold: int, k: int, out: Path, data_dir: str | None, size: int = 128
     with torch.no_grad():
         feats = torch.cat([views(torch.from_numpy(x[held][i:i + 64])) for i in range(0, len(held), 64)])
         logits = result.head(feats).double().numpy()
-    _write_json(out / f"fold{fold}.json", {
+    write_json(out / f"fold{fold}.json", {
         "fold": fold, "k": k, "held_out": held.tolist(), "labels": y[held].tolist(), "logits": logits.tolist(),
         "metrics": metrics(y[held], logits), "seconds": round(result.seconds, 1), "date": time.strftime("%Y-%m-%d"),
         "recipe": {"size": size, "epochs": epochs, "lr": LR, "seed": seed, "views": VIEW_SET, "select": "last",
@@ -131,7 +122,7 @@ def summarize(k: int, out: Path, members: list[Path] | None = None) -> int:
                "per_fold_acc": [round(r["metrics"]["acc"], 4) for r in rows],
                "per_fold_auc": [round(r["metrics"]["auc"], 4) for r in rows], "recipe": rows[0]["recipe"],
                "train_seconds": sum(r["seconds"] for r in rows)}
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     print(json.dumps(summary, indent=1))
     return 0
 
