@@ -96,13 +96,31 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 def unpack_bits(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``count`` uint64 values from ``ceil(count*bits/8)`` bytes.
 
-    The bytes are one LSB-first bit stream, so value ``i`` starts at bit ``i*bits``: every value is gathered at
-    once from the two 64-bit words it can straddle (a handful of whole-array operations; this is on the server's
-    request path, once per input coefficient).
+    This runs on the server's request path, once per input coefficient, so it is kept to a few passes over the
+    data. 8 values take exactly ``bits`` bytes, and the k-th value of every such group starts at the same bit of
+    its group: for widths up to 57 (shift + width <= 64), one unaligned little-endian 64-bit read with a byte stride
+    of ``bits`` gathers the k-th value of all groups at once, so 8 shift-and-mask passes unpack everything.
     """
     if bits >= 64:
         return np.frombuffer(data, dtype="<u8", count=count).copy()
     nbytes = _packed_len(count, bits)
+    if bits > 57:
+        return _unpack_wide(data, count, bits, nbytes)
+    groups = -(-count // 8)
+    buf = np.zeros(groups * bits + 8, dtype=np.uint8)  # 8 spare bytes: the last group's reads run past its end
+    buf[:nbytes] = np.frombuffer(data, dtype=np.uint8, count=nbytes)
+    out = np.empty((groups, 8), dtype="<u8")
+    mask = np.uint64((1 << bits) - 1)
+    for k in range(8):
+        byte, shift = divmod(k * bits, 8)
+        column = np.ndarray((groups,), dtype="<u8", buffer=buf, offset=byte, strides=(bits,))
+        np.bitwise_and(column >> np.uint64(shift), mask, out=out[:, k])
+    return out.reshape(-1)[:count]
+
+
+def _unpack_wide(data: bytes | memoryview, count: int, bits: int, nbytes: int) -> np.ndarray:
+    """:func:`unpack_bits` for widths 58..63, where a value can straddle 9 bytes: value ``i`` starts at bit
+    ``i*bits`` and is gathered from the two 64-bit words it can straddle."""
     words = np.zeros(-(-count * bits // 64) + 1, dtype="<u8")  # one spare word: the last value's "next" word
     words.view(np.uint8)[:nbytes] = np.frombuffer(data, dtype=np.uint8, count=nbytes)
     start = np.arange(count, dtype=np.uint64) * np.uint64(bits)
