@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             np.maximum(corr, _unit_rows(small) @ reference.T, out=corr)
         best = corr.argmax(axis=1)
         for i, path in enumerate(ds.paths):
-            rows.append({"path": path, "split": split, "group": _group(path), "best_corr": round(float(corr[i, best[i]]), 4),
-                         "pneumoniamnist_index": int(best[i]), "pneumoniamnist_split": str(source[best[i]])})
+            rows.append({"path": path, "split": split, "group": _group(path),
+                         "best_corr": round(float(corr[i, best[i]]), 4), "pneumoniamnist_index": int(best[i]),
+                         "pneumoniamnist_split": str(source[best[i]])})
 
     summary = {}
     for group in sorted({r["group"] for r in rows}):
