@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_covid import AUGMENTS, VIEW_SETS, VIEWS, _splits, metrics  # noqa: E402  (the shipped recipe's pieces)
@@ -52,9 +53,13 @@ def folds(labels: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def run_fold(fold: int, k: int, out: Path, data_dir: str | None, size: int = 128, epochs: int = 30,
-             width_mult: float = 0.5, seed: int = 0) -> None:
-    """Train the recipe on the other folds of train+val, score this fold (features averaged over the views)."""
+             width_mult: float = 0.5, seed: int = 0, init_extractor: Path | None = None) -> None:
+    """Train the recipe on the other folds of train+val, score this fold (features averaged over the views).
+
+    ``init_extractor``: pretrained extractor weights (safetensors) to start from; the head starts as without.
+    """
     extractor = extractor_kwargs(size, width_mult)
+    init = load_file(str(init_extractor)) if init_extractor else None
     pre = Preprocess(channels=1, size=size, crop=None, mean=0.5, std=0.5)
     splits = _splits(data_dir)
     x = np.concatenate([pre.batch(splits[s].images) for s in ("train", "val")])
@@ -62,7 +67,7 @@ def run_fold(fold: int, k: int, out: Path, data_dir: str | None, size: int = 128
     held = folds(y, k)[fold]
     fit = np.setdiff1d(np.arange(len(y)), held)
     result = train_split_model(x[fit], y[fit], x[held], y[held], extractor_kwargs=extractor, epochs=epochs, lr=LR,
-                               seed=seed, augment=AUGMENTS["default"], select="last",
+                               seed=seed, augment=AUGMENTS["default"], select="last", init_extractor=init,
                                log=lambda m: print(f"fold {fold}: {m}", flush=True))
     views = build_mobilenetv2_extractor(in_channels=1, image_size=size, members=[extractor],
                                         views=[VIEWS[v] for v in VIEW_SETS[VIEW_SET]]).eval()
@@ -74,7 +79,7 @@ def run_fold(fold: int, k: int, out: Path, data_dir: str | None, size: int = 128
         "fold": fold, "k": k, "held_out": held.tolist(), "labels": y[held].tolist(), "logits": logits.tolist(),
         "metrics": metrics(y[held], logits), "seconds": round(result.seconds, 1), "date": time.strftime("%Y-%m-%d"),
         "recipe": {"size": size, "epochs": epochs, "lr": LR, "seed": seed, "views": VIEW_SET, "select": "last",
-                   "extractor": extractor}})
+                   "extractor": extractor, "init_extractor": str(init_extractor) if init_extractor else None}})
     print(f"fold {fold}: {metrics(y[held], logits)} ({result.seconds:.0f}s)")
 
 
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="training epochs, last one kept (round 1: 30; shipped since round 2: 60)")
     ap.add_argument("--width-mult", type=float, default=0.5, help="MobileNetV2 width (shipped: 0.5)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (shipped: 0)")
+    ap.add_argument("--init-extractor", metavar="SAFETENSORS",
+                    help="start the extractor from these pretrained weights (scripts/pretrain_nih.py)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -152,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return summarize(args.k, out, [Path(m) for m in args.members] if args.members else None)
     if args.fold is None or not 0 <= args.fold < args.k:
         ap.error(f"--fold must be 0..{args.k - 1} (or use --summarize)")
-    run_fold(args.fold, args.k, out, args.data_dir, args.size, args.epochs, args.width_mult, args.seed)
+    init = Path(args.init_extractor) if args.init_extractor else None
+    if init is not None and not init.is_file():
+        ap.error(f"--init-extractor {init}: no such file (run scripts/pretrain_nih.py first)")
+    run_fold(args.fold, args.k, out, args.data_dir, args.size, args.epochs, args.width_mult, args.seed, init)
     return 0
 
 

@@ -177,3 +177,31 @@ def test_threshold_calibration_is_refused_for_multi_label(tmp_path, data_dir):
     with pytest.raises(MedheError, match="binary tasks only"):
         train_model("nih_chestxray14_subset", out_dir=tmp_path / "m", data_dir=data_dir, epochs=1, limit=16,
                     progress=False, calibrate="youden")
+
+
+def test_split_model_pretrains_multi_label_and_transfers_only_the_extractor(data_dir):
+    """The extractor/head trainer on real NIH images (14 findings, BCE), then its extractor as a starting point."""
+    from medhe.data import Preprocess, load_dataset
+    from medhe.models.mobilenet import build_mobilenetv2_extractor
+    from medhe.models.train_extractor import train_split_model
+
+    kwargs = {"in_channels": 1, "image_size": 32, "width_mult": 0.25, "feature_dim": 8, "blocks": "compact"}
+    nih = load_dataset(data_dir / "nih_chestxray14_subset", split="all", channels=1)
+    x = Preprocess(channels=1, size=32, crop=None, mean=0.5, std=0.5).batch(nih.images[:24])
+    y = nih.labels[:24]
+    with pytest.raises(ValueError, match="select='last'"):
+        train_split_model(x, y, x[:0], y[:0], extractor_kwargs=kwargs, num_outputs=14, epochs=1, multi_label=True)
+    pre = train_split_model(x, y, x[:0], y[:0], extractor_kwargs=kwargs, num_outputs=14, epochs=1,
+                            multi_label=True, select="last")
+    assert pre.head[-1].out_features == 14 and np.isfinite(pre.history[0]["train_loss"])
+    assert "val_acc" not in pre.history[0]
+    state = copy.deepcopy(pre.extractor.state_dict())
+    # learning rate 0: the weights that come back are exactly the starting point
+    fine = train_split_model(x[:8], np.array([0, 1] * 4), x[:4], np.array([0, 1, 0, 1]), extractor_kwargs=kwargs,
+                             epochs=1, lr=0.0, init_extractor=state, select="last")
+    assert all(torch.equal(state[k], v) for k, v in fine.extractor.named_parameters())
+    assert fine.head[-1].out_features == 2
+    fresh = build_mobilenetv2_extractor(**kwargs)
+    with pytest.raises(ValueError, match="not both"):
+        train_split_model(x[:8], np.zeros(8), x[:4], np.zeros(4), extractor_kwargs=kwargs, epochs=1,
+                          init=(fresh.state_dict(), {}), init_extractor=state)
