@@ -33,7 +33,8 @@ CROP_WIDTHS = (1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6)  # fraction of the width kep
 KERMANY_NORMALS = 1341  # Normal-1 .. Normal-1341 of the database come from Kermany et al. (its first release)
 
 
-def _unit_rows(images: np.ndarray) -> np.ndarray:
+def unit_rows(images: np.ndarray) -> np.ndarray:
+    """Each image as a zero-mean unit vector, so a dot product is the Pearson correlation of the pixels."""
     flat = images.reshape(len(images), -1).astype(np.float64)
     flat -= flat.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(flat, axis=1, keepdims=True)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     pneumonia = [load_dataset("pneumoniamnist", split=s, data_dir=args.data_dir) for s in ("train", "val", "test")]
-    reference = _unit_rows(np.concatenate([d.images for d in pneumonia]))
+    reference = unit_rows(np.concatenate([d.images for d in pneumonia]))
     source = np.concatenate([[d.split] * len(d) for d in pneumonia])
     folder = resolve_data_dir(args.data_dir) / DATASET
     rows = []
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             keep = max(1, round(side * frac))
             left = (side - keep) // 2
             small = np.stack([resize(np.ascontiguousarray(img[:, left:left + keep]), 28) for img in ds.images])
-            np.maximum(corr, _unit_rows(small) @ reference.T, out=corr)
+            np.maximum(corr, unit_rows(small) @ reference.T, out=corr)
         best = corr.argmax(axis=1)
         for i, path in enumerate(ds.paths):
             rows.append({"path": path, "split": split, "group": _group(path),

@@ -26,6 +26,7 @@ from safetensors.torch import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cv_covid import extractor_kwargs  # noqa: E402  (the shipped extractor's shape)
+from overlap_covid_pneumonia import unit_rows  # noqa: E402
 from train_covid import AUGMENTS, DATASET  # noqa: E402
 
 from medhe.atomic import write_bytes, write_json  # noqa: E402
@@ -36,16 +37,13 @@ from medhe.models.train_extractor import train_split_model  # noqa: E402
 NIH = "nih_chestxray14_subset"
 
 
-def _unit_rows(images: np.ndarray, side: int) -> np.ndarray:
-    flat = np.stack([resize(img, side) for img in images]).reshape(len(images), -1).astype(np.float64)
-    flat -= flat.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(flat, axis=1, keepdims=True)
-    return flat / np.where(norms == 0, 1.0, norms)
+def _small(images: np.ndarray, side: int = 64) -> np.ndarray:
+    return np.stack([resize(img, side) for img in images])
 
 
 def shared_images(nih, covid, threshold: float) -> list[tuple[int, float, str]]:
     """NIH images that are (resized) copies of a COVID-subset image: (NIH index, correlation, subset path)."""
-    corr = _unit_rows(nih.images, 64) @ _unit_rows(covid.images, 64).T
+    corr = unit_rows(_small(nih.images)) @ unit_rows(_small(covid.images)).T
     best, match = corr.max(axis=1), corr.argmax(axis=1)
     return [(int(i), float(best[i]), covid.paths[match[i]]) for i in np.flatnonzero(best >= threshold)]
 
