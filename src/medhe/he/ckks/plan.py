@@ -409,6 +409,7 @@ class _Lowering:
         self.requests = _layout_requests(graph)
         self.output_scale = scale
         self.pack_only = False
+        self.clean_output = True
         # Inputs are encrypted 2 bits above the scale: fresh noise shrinks 4x relative to the data, and the
         # first layer's weights (encoded at q * scale / input_scale) keep 26 bits. The top modulus has room.
         self.input_scale = scale * 4
@@ -519,6 +520,14 @@ class _Lowering:
         if packing.next_pow2(node.size) > self.slots:
             raise _TooWide()
         cands: list[Lowered] = []
+        final = i == len(self.graph.nodes) - 1 and len(node.shape) == 1
+        if final and self.clean_output and (rep := packing.lower_hybrid_replicated(node.matrix, inp, self.slots)):
+            # The client decrypts every slot of the result. A rotate-and-sum leaves partial sums of the last
+            # layer's products (weight x hidden activation) in the slots around the logits, which would tell the
+            # client far more about the private weights than the logits do. Summing over the whole period
+            # instead leaves a copy of a logit (or an exact zero) in every slot, for a few more rotations at
+            # the lowest level.
+            return self.emit_linear(node, i, (src,), rep, node.name)
         if i in self.requests and self.requests[i] in self.node_reg:
             want = self.registers[self.node_reg[self.requests[i]]].layout
             cands.append(packing.lower_direct(node.matrix, inp, want, self.slots))
@@ -676,18 +685,19 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
                  *, poly_degree: int | None = None, scale_bits: int | None = None,
                  prime_bits: list[int] | None = None,
                  output_bound: float | None = None, input_bound: float = 1.0, max_key_bytes: int = KEY_BUDGET_BYTES,
-                 max_input_bytes: int = INPUT_BUDGET_BYTES, **unknown: Any) -> Plan:
+                 max_input_bytes: int = INPUT_BUDGET_BYTES, clean_output: bool = True, **unknown: Any) -> Plan:
     """Compile a torch ``nn.Sequential`` of medhe layers into a CKKS plan for inputs of ``input_shape``.
 
     Options: ``poly_degree``/``scale_bits``/``prime_bits`` force parameters (still 128-bit checked),
     ``output_bound`` the largest |logit| expected
     (default: estimated from the activation ranges), ``input_bound`` the largest |input| (1 for medhe's
     normalisation), ``max_key_bytes`` the evaluation-key budget, ``max_input_bytes`` the encrypted-input budget
-    (beyond it the first layer is not laid out by the client).
+    (beyond it the first layer is not laid out by the client), ``clean_output`` (default on) a final linear layer
+    whose result holds nothing but copies of the logits in every slot (see ``_Lowering.lower_linear``).
     """
     if unknown:
         raise PlanError(f"unknown CKKS option(s) {', '.join(sorted(unknown))}: use poly_degree, scale_bits, "
-                        "prime_bits, max_key_bytes, max_input_bytes, output_bound or input_bound")
+                        "prime_bits, max_key_bytes, max_input_bytes, output_bound, input_bound or clean_output")
     graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
     max_abs = output_bound if output_bound is not None else estimate_output_bound(graph, input_bound)
     from medhe.he.ckks.params import PRESETS, max_depth
@@ -700,7 +710,7 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         probe_depth = 64
         try:
             probe = _lower(graph, forms, slots, _fake_primes(probe_depth, sb), float(2 ** sb), probe_depth,
-                           None)
+                           None, clean_output=clean_output)
         except _TooWide:
             continue
         needed = probe_depth - min(r.level for r in probe.registers)
@@ -717,7 +727,7 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         n_ct = len([r for r in probe.registers if r.level == probe_depth])
         pack = n_ct * ciphertext_bytes_as_sent(params) > max_input_bytes and n_ct > 1
         plan_low = _lower(graph, forms, slots, primes, params.scale, top,
-                          float(2 ** output_scale_bits(params, max_abs)), pack)
+                          float(2 ** output_scale_bits(params, max_abs)), pack, clean_output)
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
         plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies,
@@ -738,10 +748,11 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
 
 
 def _lower(graph: Graph, forms: dict[int, PolyForm], slots: int, primes: list[int], scale: float, top: int,
-           output_scale: float | None, pack_input: bool = False) -> _Lowering:
+           output_scale: float | None, pack_input: bool = False, clean_output: bool = True) -> _Lowering:
     low = _Lowering(graph, forms, slots, primes, scale, top)
     low.output_scale = output_scale or scale
     low.pack_only = pack_input
+    low.clean_output = clean_output
     try:
         low.run()
     except _TooDeep:
