@@ -392,6 +392,14 @@ def _layout_requests(graph: Graph) -> dict[int, int]:
     return requests
 
 
+def _output_linear(graph: Graph) -> int | None:
+    """The linear node the output comes from, through trailing activations only (None if it ends otherwise)."""
+    i = len(graph.nodes) - 1
+    while i > 0 and graph.nodes[i].op == "poly":
+        i = graph.nodes[i].inputs[0]
+    return i if graph.nodes[i].op == "linear" else None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # lowering
 
@@ -407,6 +415,7 @@ class _Lowering:
         self.node_reg: dict[int, int] = {}
         self.strategies: list[str] = []
         self.requests = _layout_requests(graph)
+        self.output_linear = _output_linear(graph)
         self.output_scale = scale
         self.pack_only = False
         self.clean_output = True
@@ -520,13 +529,13 @@ class _Lowering:
         if packing.next_pow2(node.size) > self.slots:
             raise _TooWide()
         cands: list[Lowered] = []
-        final = i == len(self.graph.nodes) - 1 and len(node.shape) == 1
+        final = i == self.output_linear and len(node.shape) == 1
         if final and self.clean_output and (rep := packing.lower_hybrid_replicated(node.matrix, inp, self.slots)):
             # The client decrypts every slot of the result. A rotate-and-sum leaves partial sums of the last
             # layer's products (weight x hidden activation) in the slots around the logits, which would tell the
             # client far more about the private weights than the logits do. Summing over the whole period
             # instead leaves a copy of a logit (or an exact zero) in every slot, for a few more rotations at
-            # the lowest level.
+            # the lowest level. Trailing activations then hold p(logit) and the constant p(0).
             return self.emit_linear(node, i, (src,), rep, node.name)
         if i in self.requests and self.requests[i] in self.node_reg:
             want = self.registers[self.node_reg[self.requests[i]]].layout
