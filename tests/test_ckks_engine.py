@@ -177,3 +177,25 @@ def test_the_decrypted_result_holds_nothing_but_the_logits(data_dir, outputs, tr
     leaked = slot_values[False]
     near_known = np.isclose(leaked[:, None], np.r_[want, zero][None, :], atol=1e-2).any(axis=1)
     assert (~near_known).sum() > 10
+
+
+def test_clean_output_when_the_last_input_repeats_more_often_than_the_output():
+    """4 hidden values replicated every 4 slots, 40 outputs (period 64): read from the first copy, still clean."""
+    from medhe.he.ckks import wire
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), PolyAct((0.1, 0.5, 0.0)), nn.Linear(4, 40)).eval()
+    x = np.random.default_rng(3).uniform(-1, 1, (1, 4, 4)).astype(np.float32)
+    plan = compile_plan(model, x.shape, output_bound=64.0)
+    assert plan.strategies[-1].endswith("hybrid-replicated")
+    server = CKKSServerModel(plan)
+    client = CKKSClient(json.loads(json.dumps(server.spec())))
+    client.keygen()
+    out = server.infer(server.load_keys(client.evaluation_keys()), client.encrypt(x))
+    with torch.no_grad():
+        want = model(torch.from_numpy(x[None])).double().numpy()[0]
+    assert np.abs(client.decrypt(out) - want).max() < 1e-2
+    slots = client.backend.decrypt(client.backend.load_ciphertext(wire.unpack(out, wire.KIND_OUTPUT,
+                                                                               server.plan_id)[0]))
+    rows = np.arange(slots.size) % 64
+    assert np.abs(slots - np.where(rows < 40, want[np.minimum(rows, 39)], 0.0)).max() < 1e-2

@@ -529,13 +529,15 @@ class _Lowering:
         if packing.next_pow2(node.size) > self.slots:
             raise _TooWide()
         cands: list[Lowered] = []
-        final = i == self.output_linear and len(node.shape) == 1
-        if final and self.clean_output and (rep := packing.lower_hybrid_replicated(node.matrix, inp, self.slots)):
+        if self.clean_output and i == self.output_linear and len(node.shape) == 1:
             # The client decrypts every slot of the result. A rotate-and-sum leaves partial sums of the last
             # layer's products (weight x hidden activation) in the slots around the logits, which would tell the
             # client far more about the private weights than the logits do. Summing over the whole period
             # instead leaves a copy of a logit (or an exact zero) in every slot, for a few more rotations at
-            # the lowest level. Trailing activations then hold p(logit) and the constant p(0).
+            # the lowest level. Trailing activations then hold p(logit) and the constant p(0). An input whose
+            # copies repeat more often than the output needs is read from its first copy only.
+            rep = (packing.lower_hybrid_replicated(node.matrix, inp, self.slots)
+                   or packing.lower_hybrid_replicated(node.matrix, Layout(inp.slots, self.slots), self.slots))
             return self.emit_linear(node, i, (src,), rep, node.name)
         if i in self.requests and self.requests[i] in self.node_reg:
             want = self.registers[self.node_reg[self.requests[i]]].layout
