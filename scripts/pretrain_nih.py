@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cv_covid import extractor_kwargs  # noqa: E402  (the shipped extractor's shape)
+from cv_covid import LR, extractor_kwargs  # noqa: E402  (the shipped extractor's shape and rate)
 from overlap_covid_pneumonia import unit_rows  # noqa: E402
 from train_covid import AUGMENTS, DATASET  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     x, y = pre.batch(nih.images[keep]), nih.labels[keep]
     print(f"pretraining on {len(keep)} of {len(nih)} NIH images, {y.shape[1]} findings", flush=True)
     result = train_split_model(x, y, x[:0], y[:0], extractor_kwargs=extractor_kwargs(size, width),
-                               num_outputs=y.shape[1], epochs=args.epochs, lr=3e-3, seed=args.seed,
+                               num_outputs=y.shape[1], epochs=args.epochs, lr=LR, seed=args.seed,
                                augment=AUGMENTS["default"], select="last", multi_label=True,
                                log=lambda m: print(m, flush=True))
     out = Path(args.out)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "dropped_as_shared_with_covid_subset": [{"nih": nih.paths[i], "correlation": round(c, 4), "covid": p}
                                                for i, c, p in shared],
         "labels": nih.label_names, "extractor": extractor_kwargs(size, width), "epochs": args.epochs,
-        "seed": args.seed, "lr": 3e-3, "seconds": round(result.seconds, 1), "history": result.history})
+        "seed": args.seed, "lr": LR, "seconds": round(result.seconds, 1), "history": result.history})
     print(json.dumps({"out": str(out), "seconds": round(result.seconds, 1),
                       "final_train_loss": result.history[-1]["train_loss"]}))
     return 0

@@ -142,13 +142,23 @@ def test_multilabel_client_uses_sigmoid():
     assert np.allclose(client.probabilities(logits), 1 / (1 + np.exp(-logits)))
 
 
+def _logits_and_every_slot(plan, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``plan`` encrypted on ``x``; the client's logits and every slot of the decrypted result."""
+    from medhe.he.ckks import wire
+
+    server = CKKSServerModel(plan)
+    client = CKKSClient(json.loads(json.dumps(server.spec())))
+    client.keygen()
+    out = server.infer(server.load_keys(client.evaluation_keys()), client.encrypt(x))
+    part = wire.unpack(out, wire.KIND_OUTPUT, server.plan_id)[0]
+    return client.decrypt(out), client.backend.decrypt(client.backend.load_ciphertext(part))
+
+
 @pytest.mark.parametrize("outputs,trailing", [(2, False), (5, False), (5, True)])
 def test_the_decrypted_result_holds_nothing_but_the_logits(data_dir, outputs, trailing):
     """The client decrypts every slot: each must be a copy of a logit or zero (p(0) after a trailing activation),
     never a partial sum of the private last layer's products (which is what a rotate-and-sum leaves there when
     ``clean_output`` is off)."""
-    from medhe.he.ckks import wire
-
     model = hecnn_like()
     torch.manual_seed(1)
     model[-1] = nn.Linear(32, outputs).eval()
@@ -161,13 +171,9 @@ def test_the_decrypted_result_holds_nothing_but_the_logits(data_dir, outputs, tr
     slot_values = {}
     for clean in (True, False):
         # (ranges recorded on one image are too tight to size the output from: give the bound)
-        server = CKKSServerModel(compile_plan(model, x.shape, clean_output=clean, output_bound=64.0))
-        client = CKKSClient(json.loads(json.dumps(server.spec())))
-        client.keygen()
-        out = server.infer(server.load_keys(client.evaluation_keys()), client.encrypt(x))
-        part = wire.unpack(out, wire.KIND_OUTPUT, server.plan_id)[0]
-        slot_values[clean] = client.backend.decrypt(client.backend.load_ciphertext(part))
-        assert np.abs(client.decrypt(out) - want).max() < 1e-2
+        logits, slot_values[clean] = _logits_and_every_slot(
+            compile_plan(model, x.shape, clean_output=clean, output_bound=64.0), x)
+        assert np.abs(logits - want).max() < 1e-2
     period = 1 << (outputs - 1).bit_length()
     rows = np.arange(slot_values[True].size) % period
     zero = act.coefficients()[0] if trailing else 0.0  # p(0) = c
@@ -181,21 +187,14 @@ def test_the_decrypted_result_holds_nothing_but_the_logits(data_dir, outputs, tr
 
 def test_clean_output_when_the_last_input_repeats_more_often_than_the_output():
     """4 hidden values replicated every 4 slots, 40 outputs (period 64): read from the first copy, still clean."""
-    from medhe.he.ckks import wire
-
     torch.manual_seed(3)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), PolyAct((0.1, 0.5, 0.0)), nn.Linear(4, 40)).eval()
     x = np.random.default_rng(3).uniform(-1, 1, (1, 4, 4)).astype(np.float32)
     plan = compile_plan(model, x.shape, output_bound=64.0)
     assert plan.strategies[-1].endswith("hybrid-replicated")
-    server = CKKSServerModel(plan)
-    client = CKKSClient(json.loads(json.dumps(server.spec())))
-    client.keygen()
-    out = server.infer(server.load_keys(client.evaluation_keys()), client.encrypt(x))
+    logits, slots = _logits_and_every_slot(plan, x)
     with torch.no_grad():
         want = model(torch.from_numpy(x[None])).double().numpy()[0]
-    assert np.abs(client.decrypt(out) - want).max() < 1e-2
-    slots = client.backend.decrypt(client.backend.load_ciphertext(wire.unpack(out, wire.KIND_OUTPUT,
-                                                                               server.plan_id)[0]))
+    assert np.abs(logits - want).max() < 1e-2
     rows = np.arange(slots.size) % 64
     assert np.abs(slots - np.where(rows < 40, want[np.minimum(rows, 39)], 0.0)).max() < 1e-2
