@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast install clean
 
-$(STAMP): pyproject.toml
+NATIVE_SRC := $(wildcard src/medhe/he/ckks/csrc/*/*.cpp src/medhe/he/ckks/csrc/*/*.h)
+
+$(STAMP): pyproject.toml setup.py $(NATIVE_SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip "setuptools<81" wheel
 	$(BIN)/pip install --quiet -e ".[test]"
@@ -25,3 +27,4 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	find src -name '*.so' -delete
