@@ -150,6 +150,7 @@ class CKKSKeys:
     galois: Any
     relin: Any
     nbytes: int
+    native: Any = None  # the same keys in the native runtime (``_runtime.Keys``) when it evaluates
 
 
 class CKKSServerModel(ServerModel):
@@ -158,13 +159,17 @@ class CKKSServerModel(ServerModel):
     scheme = SCHEME
 
     def __init__(self, plan: Plan, task: str = "multi-class", labels: list[str] | None = None,
-                 name: str = "model") -> None:
+                 name: str = "model", backend: str | None = None) -> None:
+        from medhe.he.ckks.backends.native import NativeProgram, choose_backend
+
         self.plan = plan
         self.task = task
         self.labels = list(labels) if labels else [str(i) for i in range(plan.output_count)]
         self.name = name
-        self.backend = SealBackend(plan.params)
-        self.plains = EncodedPlains(self.backend, plan, PLAINTEXT_CACHE_BYTES)
+        self.backend_name = choose_backend(backend)
+        self.native = NativeProgram(plan) if self.backend_name == "native" else None
+        self.backend = self.native.backend if self.native else SealBackend(plan.params)
+        self.plains = self.native.plains if self.native else EncodedPlains(self.backend, plan, PLAINTEXT_CACHE_BYTES)
         self._public = plan.public()
         self._lock = threading.Lock()
 
@@ -187,7 +192,8 @@ class CKKSServerModel(ServerModel):
             raise CiphertextError(f"evaluation keys lack rotations {missing[:5]}: create them with this server's spec")
         if self.plan.needs_relin and probe.relin_keys is None:
             raise CiphertextError("evaluation keys lack relinearization keys: create them with this server's spec")
-        return CKKSKeys(probe.galois_keys, probe.relin_keys, len(data))
+        native = self.native.load_keys(probe) if self.native else None
+        return CKKSKeys(probe.galois_keys, probe.relin_keys, len(data), native)
 
     def load_inputs(self, ciphertext: bytes) -> list[Any]:
         parts = wire.unpack(ciphertext, wire.KIND_INPUT, self.plan_id)
@@ -214,6 +220,8 @@ class CKKSServerModel(ServerModel):
         return wire.pack(wire.KIND_OUTPUT, self.plan_id, [self.backend.serialize(out)])
 
     def evaluate(self, keys: CKKSKeys, cts: list[Any], hook: Callable[[int, Any], None] | None = None) -> Any:
+        if self.native is not None:
+            return self.native.evaluate(keys.native, cts, hook)
         with self._lock:
             self.backend.galois_keys, self.backend.relin_keys = keys.galois, keys.relin
             try:

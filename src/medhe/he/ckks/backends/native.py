@@ -215,3 +215,73 @@ class NativeBackend(Backend):
         if self.keys is None:
             raise CiphertextError("no evaluation keys loaded: send the keys created for this server's spec")
         return self.keys
+
+
+_said_seal = False
+
+
+def choose_backend(name: str | None = None) -> str:
+    """``native`` | ``seal`` | ``auto`` (default; env ``MEDHE_CKKS_BACKEND``): auto is native when it is built.
+
+    Falling back to seal is said once per process (stderr), so a slow server is never a mystery.
+    """
+    import os
+    import sys
+
+    global _said_seal
+    name = (name or os.environ.get("MEDHE_CKKS_BACKEND") or "auto").lower()
+    if name not in ("auto", "native", "seal"):
+        raise ValueError(f"unknown CKKS backend {name!r}: use auto, native or seal")
+    if name == "seal":
+        return "seal"
+    if available():
+        return "native"
+    if name == "native":
+        runtime()  # raises ImportError with the reason
+    if not _said_seal:
+        _said_seal = True
+        print("medhe: native CKKS runtime not built; evaluating with seal-python", file=sys.stderr)
+    return "seal"
+
+
+class NativeProgram:
+    """A plan ready to run natively: weights encoded once (SEAL's encoder), the op list lowered once.
+
+    ``evaluate`` runs the whole plan in one call with the GIL released; with a ``hook`` (debugging) it runs the
+    interpreter op by op on :class:`NativeBackend` instead, so every register can be inspected.
+    """
+
+    def __init__(self, plan, hoist: bool | None = None) -> None:
+        import os
+
+        from medhe.he.ckks.backends.native_program import compile_program
+
+        if hoist is None:
+            hoist = os.environ.get("MEDHE_NATIVE_HOIST", "1") != "0"
+        self.plan = plan
+        self.backend = NativeBackend(plan.params)
+        self.plains = [self.backend.encode(p.values, p.level, p.scale) for p in plan.plains]
+        self.program, self.lowered = compile_program(self.backend, plan, self.plains, hoist)
+        self.hoist = hoist
+
+    def load_keys(self, probe: SealBackend):
+        """The runtime's copy of keys SEAL has already validated (``probe`` holds them)."""
+        return self.backend._keys_from_seal(probe.galois_keys, probe.relin_keys)
+
+    def evaluate(self, keys, cts: list[Any], hook=None):
+        if keys is None:
+            raise CiphertextError("keys must come from load_keys() of this server model")
+        if hook is not None:
+            from medhe.he.ckks.server import run_program
+
+            be = NativeBackend.__new__(NativeBackend)
+            be.__dict__.update(self.backend.__dict__)
+            be.keys = keys
+            return run_program(self.plan, be, self.plains, cts, hook)
+        try:
+            return self.program.run(list(cts), keys)
+        except ValueError as exc:
+            if isinstance(exc, runtime().InputError):
+                raise CiphertextError(f"the native runtime refused the input ({exc}): encrypt and create keys "
+                                      "with this server's spec") from None
+            raise
