@@ -14,7 +14,8 @@ import numpy as np
 import seal
 
 from medhe.errors import CiphertextError, SecurityError
-from medhe.he.ckks import serialize
+from medhe.he.ckks.wire import serialize
+from medhe.he.ckks.wire.seeder import Seeder
 from medhe.he.ckks.params import CKKSParams, seal_context
 
 
@@ -105,7 +106,7 @@ class SealBackend(Backend):
         self._secret: seal.SecretKey | None = None
         self._encryptor: seal.Encryptor | None = None
         self._decryptor: seal.Decryptor | None = None
-        self._seeder: serialize.Seeder | None = None
+        self._seeder: Seeder | None = None
 
     # -- keys (client side)
     def keygen(self, rotation_steps: list[int], relinearization: bool) -> None:
@@ -113,7 +114,7 @@ class SealBackend(Backend):
         self._secret = gen.secret_key()
         self._encryptor = seal.Encryptor(self.context, self._secret)
         self._decryptor = seal.Decryptor(self.context, self._secret)
-        self._seeder = serialize.Seeder(self.context, self._secret)
+        self._seeder = Seeder(self.context, self._secret)
         self.galois_keys = seal.GaloisKeys()
         if rotation_steps:
             gen.create_galois_keys(list(rotation_steps), self.galois_keys)

@@ -198,14 +198,14 @@ class _MedheRunner(_Runner):
 
 def _raw_sizes(server: Any, messages: dict[str, bytes]) -> dict[str, int]:
     """SEAL's own uncompressed size of each message's ciphertexts/keys (the "raw" next to the bytes as sent)."""
-    from medhe.he.ckks import serialize, wire
+    from medhe.he.ckks.wire import envelope, serialize
 
     context = server.backend.context
-    kinds = {"input_ciphertext": wire.KIND_INPUT, "output_ciphertext": wire.KIND_OUTPUT,
-             "evaluation_keys": wire.KIND_KEYS}
+    kinds = {"input_ciphertext": envelope.KIND_INPUT, "output_ciphertext": envelope.KIND_OUTPUT,
+             "evaluation_keys": envelope.KIND_KEYS}
     out = {}
     for name, data in messages.items():
-        parts = wire.unpack(data, kinds[name], server.plan_id)
+        parts = envelope.unpack(data, kinds[name], server.plan_id)
         out[name] = sum(serialize.raw_size(p, serialize.frame_kind(p), context) for p in parts if p)
         out[f"{name}_parts"] = len(parts)
     return out
@@ -351,7 +351,8 @@ def run_serialization_benchmark(chains: dict[int, list[int]] | None = None, repe
     """
     import seal
 
-    from medhe.he.ckks import serialize as S
+    from medhe.he.ckks.wire import serialize as S
+    from medhe.he.ckks.wire.seeder import Seeder
 
     chains = chains or {8192: [35, 28, 28, 28, 28, 28, 43], 16384: [38] + [30] * 11 + [50]}
     report: dict[str, Any] = {"benchmark": "ckks-serialization", "machine": _machine(), "rings": {}}
@@ -370,7 +371,7 @@ def run_serialization_benchmark(chains: dict[int, list[int]] | None = None, repe
         parms.set_coeff_modulus(seal.CoeffModulus.Create(n, bits))
         ctx = seal.SEALContext(parms, True, seal.sec_level_type.tc128)
         keygen = seal.KeyGenerator(ctx)
-        seeder = S.Seeder(ctx, keygen.secret_key())
+        seeder = Seeder(ctx, keygen.secret_key())
         ct = seal.Encryptor(ctx, keygen.secret_key()).encrypt_symmetric(
             seal.CKKSEncoder(ctx).encode(np.linspace(-1, 1, n // 2), 2.0 ** bits[1]))
         galois = seal.GaloisKeys()

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from medhe.errors import CiphertextError, PlanError
-from medhe.he.ckks import wire
+from medhe.he.ckks.wire import envelope
 from medhe.he.ckks.backend import Backend, SealBackend
 from medhe.he.ckks.plan import Plan, compile_plan
 from medhe.he.scheme import ServerModel
@@ -177,7 +177,7 @@ class CKKSServerModel(ServerModel):
                 "labels": self.labels, **self._public}
 
     def load_keys(self, data: bytes) -> CKKSKeys:
-        parts = wire.unpack(data, wire.KIND_KEYS, self.plan_id)
+        parts = envelope.unpack(data, envelope.KIND_KEYS, self.plan_id)
         if len(parts) != 2:
             raise CiphertextError(f"evaluation keys must have 2 parts (Galois, relinearization), got {len(parts)}")
         probe = SealBackend(self.plan.params)
@@ -190,7 +190,7 @@ class CKKSServerModel(ServerModel):
         return CKKSKeys(probe.galois_keys, probe.relin_keys, len(data))
 
     def load_inputs(self, ciphertext: bytes) -> list[Any]:
-        parts = wire.unpack(ciphertext, wire.KIND_INPUT, self.plan_id)
+        parts = envelope.unpack(ciphertext, envelope.KIND_INPUT, self.plan_id)
         expected = self.plan.input_ciphertexts
         if len(parts) != expected:
             raise CiphertextError(f"encrypted input has {len(parts)} ciphertexts, this model expects {expected}: "
@@ -211,7 +211,7 @@ class CKKSServerModel(ServerModel):
             raise CiphertextError("keys must come from load_keys() of this server model")
         cts = self.load_inputs(ciphertext)
         out = self.evaluate(keys, cts)
-        return wire.pack(wire.KIND_OUTPUT, self.plan_id, [self.backend.serialize(out)])
+        return envelope.pack(envelope.KIND_OUTPUT, self.plan_id, [self.backend.serialize(out)])
 
     def evaluate(self, keys: CKKSKeys, cts: list[Any], hook: Callable[[int, Any], None] | None = None) -> Any:
         with self._lock:
