@@ -53,7 +53,7 @@ def test_evaluation_keys_hold_only_galois_and_relin_keys(pair):
     data = client.evaluation_keys()
     parts = envelope.unpack(data, envelope.KIND_KEYS, server.plan_id)
     assert len(parts) == 2
-    ctx = server.backend.context
+    ctx = client.backend.context
     galois = serialize.load_galois_keys(parts[0], ctx)
     serialize.load_relin_keys(parts[1], ctx)
     assert galois.size() == len(server.plan.rotation_steps)

@@ -198,9 +198,10 @@ class _MedheRunner(_Runner):
 
 def _raw_sizes(server: Any, messages: dict[str, bytes]) -> dict[str, int]:
     """SEAL's own uncompressed size of each message's ciphertexts/keys (the "raw" next to the bytes as sent)."""
+    from medhe.he.ckks.backends.seal import seal_context
     from medhe.he.ckks.wire import envelope, serialize
 
-    context = server.backend.context
+    context = seal_context(server.plan.params)  # sizes are SEAL's, whichever backend evaluated
     kinds = {"input_ciphertext": envelope.KIND_INPUT, "output_ciphertext": envelope.KIND_OUTPUT,
              "evaluation_keys": envelope.KIND_KEYS}
     out = {}

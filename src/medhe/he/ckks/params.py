@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-
-import seal
 
 from medhe.errors import PlanError, SecurityError
 from medhe.he.security import MAX_MODULUS_BITS_128, check_rlwe_128
@@ -167,25 +164,9 @@ def params_for_ring(poly_degree: int, depth: int, max_abs: float | None = None,
     return best[2]
 
 
-@lru_cache(maxsize=8)
-def _context(poly_degree: int, prime_bits: tuple[int, ...]) -> seal.SEALContext:
-    parms = seal.EncryptionParameters(seal.scheme_type.ckks)
-    parms.set_poly_modulus_degree(poly_degree)
-    parms.set_coeff_modulus(seal.CoeffModulus.Create(poly_degree, list(prime_bits)))
-    ctx = seal.SEALContext(parms, True, seal.sec_level_type.tc128)
-    if not ctx.parameters_set():
-        raise SecurityError(f"SEAL refused N={poly_degree}, primes {list(prime_bits)}: "
-                            f"{ctx.parameter_error_message()}; choose other parameters")
-    return ctx
-
-
-def seal_context(params: CKKSParams) -> seal.SEALContext:
-    """The (cached) SEAL context of ``params``, built with SEAL's own 128-bit check switched on."""
-    params.validate()
-    return _context(params.poly_degree, tuple(params.prime_bits))
-
-
 def data_primes(params: CKKSParams) -> list[int]:
     """The data primes' values, first prime first (the special prime excluded)."""
+    from medhe.he.ckks.backends.seal import seal_context
+
     ctx = seal_context(params)
     return [m.value() for m in ctx.first_context_data().parms().coeff_modulus()]

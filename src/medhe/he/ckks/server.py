@@ -15,7 +15,8 @@ import torch
 
 from medhe.errors import CiphertextError, PlanError
 from medhe.he.ckks.wire import envelope
-from medhe.he.ckks.backend import Backend, SealBackend
+from medhe.he.ckks.backends.base import Backend
+from medhe.he.ckks.backends.seal import SealBackend
 from medhe.he.ckks.plan import Plan, compile_plan
 from medhe.he.scheme import ServerModel
 
@@ -118,7 +119,7 @@ class EncodedPlains:
     be pushed out of memory by one model, at the price of slower evaluation for such models.
     """
 
-    def __init__(self, backend: SealBackend, plan: Plan, budget_bytes: int) -> None:
+    def __init__(self, backend: Backend, plan: Plan, budget_bytes: int) -> None:
         self.backend = backend
         self.specs = plan.plains
         n = plan.params.poly_degree
@@ -180,12 +181,12 @@ class CKKSServerModel(ServerModel):
         parts = envelope.unpack(data, envelope.KIND_KEYS, self.plan_id)
         if len(parts) != 2:
             raise CiphertextError(f"evaluation keys must have 2 parts (Galois, relinearization), got {len(parts)}")
-        probe = SealBackend(self.plan.params)
+        probe = self.backend.fresh()
         probe.load_evaluation_keys(parts[0], parts[1], self._public["key_levels"])
         missing = [s for s in self.plan.rotation_steps if not probe.has_rotation(s)]
         if missing:
             raise CiphertextError(f"evaluation keys lack rotations {missing[:5]}: create them with this server's spec")
-        if self.plan.needs_relin and probe.relin_keys is None:
+        if self.plan.needs_relin and not probe.has_relinearization():
             raise CiphertextError("evaluation keys lack relinearization keys: create them with this server's spec")
         return CKKSKeys(probe.galois_keys, probe.relin_keys, len(data))
 

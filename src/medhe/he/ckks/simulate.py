@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medhe.errors import PlanError
-from medhe.he.ckks.backend import Backend
+from medhe.he.ckks.backends.base import Backend
 
 
 @dataclass
@@ -28,12 +28,25 @@ class SimText:
 
 
 class SlotSimulator(Backend):
+    """Runs a program on plaintext slot vectors, checking levels and scales as SEAL would (needs no keys)."""
+
+    name = "simulator"
+
     def __init__(self, slots: int, top: int, primes: list[int]) -> None:
         self.slots, self.top, self.primes = slots, top, primes
 
     def _check(self, a: SimText, b: SimText) -> None:
         if a.level != b.level:
             raise PlanError(f"simulated program mixes levels {a.level} and {b.level}")
+
+    def fresh(self) -> "SlotSimulator":
+        return SlotSimulator(self.slots, self.top, self.primes)
+
+    def load_evaluation_keys(self, galois: bytes, relin: bytes, levels=None) -> None:
+        raise PlanError("the slot simulator computes on plaintext slots and takes no keys")
+
+    def has_rotation(self, step: int) -> bool:
+        return True
 
     def encode(self, values, level: int, scale: float) -> SimText:
         if np.isscalar(values):
