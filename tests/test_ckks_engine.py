@@ -16,7 +16,7 @@ from torch import nn
 from medhe.he import client_for, compile_model
 from medhe.he.ckks import CKKSClient, compile_plan, layer_errors
 from medhe.he.ckks.server import CKKSServerModel
-from medhe.he.ckks.trace import run_plain, trace
+from medhe.he.ckks.compiler.trace import run_plain, trace
 from medhe.models.artifact import ModelArtifact
 from medhe.models.layers import PolyAct
 

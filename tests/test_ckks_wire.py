@@ -76,7 +76,7 @@ def test_client_uploads_are_seeded_and_about_half_the_size(pair):
     galois, relin = envelope.unpack(client.evaluation_keys(), envelope.KIND_KEYS, server.plan_id)
     plain_galois = serialize.dump_galois_keys(be.galois_keys, be.context)
     assert len(galois) < 0.6 * len(plain_galois)
-    from medhe.he.ckks.plan import key_bytes_as_sent  # the planner's key budget uses this estimate
+    from medhe.he.ckks.compiler.keybudget import key_bytes_as_sent  # the planner's key budget uses this estimate
     levels = server.spec()["key_levels"]  # each key is sent trimmed to the highest level the plan uses it at
     expected = sum(key_bytes_as_sent(server.plan.params, lv) for lv in levels["galois"].values())
     expected += key_bytes_as_sent(server.plan.params, levels["relin"])

@@ -29,7 +29,7 @@ __all__ = ["compile_ckks", "compile_plan", "CKKSClient", "CKKSServerModel", "lay
 _LAZY = {
     "compile_ckks": "medhe.he.ckks.server",
     "CKKSServerModel": "medhe.he.ckks.server",
-    "compile_plan": "medhe.he.ckks.plan",
+    "compile_plan": "medhe.he.ckks.compiler.lower",
     "CKKSClient": "medhe.he.ckks.client",
     "layer_errors": "medhe.he.ckks.debug",
     "layer_report": "medhe.he.ckks.debug",

@@ -14,8 +14,8 @@ import numpy as np
 from medhe.errors import CiphertextError, DataError, OutOfRangeError, PlanError
 from medhe.he.ckks.wire import envelope
 from medhe.he.ckks.backends.seal import SealBackend
-from medhe.he.ckks.params import CKKSParams
-from medhe.he.ckks.plan import decode_gather
+from medhe.he.ckks.compiler.params import CKKSParams
+from medhe.he.ckks.compiler.program import decode_gather
 from medhe.he.scheme import ClientSession
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from medhe.errors import PlanError
 
 if TYPE_CHECKING:
     from medhe.he.ckks.backends.base import Backend
-    from medhe.he.ckks.params import CKKSParams
+    from medhe.he.ckks.compiler.params import CKKSParams
 
 #: registry name -> (module, class)
 BACKENDS = {"seal": ("medhe.he.ckks.backends.seal", "SealBackend"),

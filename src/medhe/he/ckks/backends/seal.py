@@ -13,7 +13,7 @@ import seal
 
 from medhe.errors import CiphertextError, SecurityError
 from medhe.he.ckks.backends.base import Backend
-from medhe.he.ckks.params import CKKSParams
+from medhe.he.ckks.compiler.params import CKKSParams
 from medhe.he.ckks.wire import serialize
 from medhe.he.ckks.wire.seeder import Seeder
 

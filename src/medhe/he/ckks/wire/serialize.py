@@ -37,7 +37,6 @@ import struct
 import zlib
 from typing import TYPE_CHECKING
 
-import numpy as np
 import seal
 
 from medhe.errors import CiphertextError
