@@ -56,8 +56,12 @@ class CKKSClient(ClientSession):
             self.backend = SealBackend(self.params)
             self.gather = decode_gather(spec, self.backend.slots)
             self.input_complex = bool(spec["input"].get("complex", False))
+            self.batch = int(spec["input"].get("batch", 1))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"the CKKS spec is incomplete or malformed ({exc}); fetch it again from the server") from None
+        if self.batch != 1:
+            raise PlanError(f"the CKKS spec packs {self.batch} images per ciphertext; this client encrypts one "
+                            "image at a time: update medhe")
         if self.gather.max(initial=-1) >= int(np.prod(self.input_shape)):
             raise PlanError("the CKKS spec's input layout points outside the input; fetch the spec again")
         self._keyed = False

@@ -21,6 +21,7 @@ from medhe.he.ckks.compiler.program import Plan
 from medhe.he.ckks.runtime import PLAINTEXT_CACHE_BYTES, EncodedPlains, run_program
 from medhe.he.ckks.wire import envelope
 from medhe.he.scheme import ServerModel
+from medhe.he.security import security_bits
 
 SCHEME = "ckks"
 SPEC_FORMAT = "medhe-ckks-spec/1"
@@ -54,6 +55,10 @@ class CKKSServerModel(ServerModel):
     @property
     def plan_id(self) -> str:
         return self._public["plan_id"]
+
+    def report_params(self) -> dict[str, Any]:
+        params = self.plan.params
+        return {"backend": self.backend.name, "security_bits": security_bits(params.poly_degree, params.prime_bits)}
 
     def spec(self) -> dict[str, Any]:
         return {"scheme": SCHEME, "format": SPEC_FORMAT, "model": self.name, "task": self.task,
@@ -102,8 +107,8 @@ class CKKSServerModel(ServerModel):
             try:
                 return run_program(self.plan, self.backend, self.plains, cts, hook)
             except (ValueError, RuntimeError) as exc:
-                raise CiphertextError(f"the {self.backend.name} backend refused to evaluate the input ({exc}): encrypt and create keys "
-                                      "with this server's spec") from None
+                raise CiphertextError(f"the {self.backend.name} backend refused to evaluate the input ({exc}): "
+                                      "encrypt and create keys with this server's spec") from None
             finally:
                 self.backend.galois_keys = self.backend.relin_keys = None
 

@@ -2,14 +2,14 @@
 
 ``seal`` goes through seal-python; ``native`` is medhe's own runtime (module ``backends.native``, class
 ``NativeBackend``), which raises ``ImportError`` at import when its C++ extension is not built. ``auto`` takes
-``native`` when it imports and otherwise ``seal``, saying once that the native runtime is not built. Modules are
-imported by name on first use, so a missing extension never breaks ``import medhe``.
+``native`` when it imports and otherwise ``seal``, saying once (a ``logging`` warning) that the native runtime is
+not built. Modules are imported by name on first use, so a missing extension never breaks ``import medhe``.
 """
 
 from __future__ import annotations
 
 import importlib
-import warnings
+import logging
 from typing import TYPE_CHECKING
 
 from medhe.errors import PlanError
@@ -23,6 +23,7 @@ BACKENDS = {"seal": ("medhe.he.ckks.backends.seal", "SealBackend"),
             "native": ("medhe.he.ckks.backends.native", "NativeBackend")}
 AUTO_ORDER = ("native", "seal")
 _said_fallback = False
+log = logging.getLogger(__name__)
 
 
 def backend_class(name: str) -> type:
@@ -45,9 +46,8 @@ def resolve(name: str = "auto") -> str:
         except ImportError as exc:
             if not _said_fallback:
                 _said_fallback = True
-                warnings.warn(f"the native CKKS runtime is not built ({exc}); using the {AUTO_ORDER[-1]!r} "
-                              "backend (reinstall with a C++ compiler: pip install -e .)", RuntimeWarning,
-                              stacklevel=3)
+                log.warning("medhe: the native CKKS runtime is not built (%s); using the %r backend "
+                            "(reinstall with a C++ compiler: pip install -e .)", exc, AUTO_ORDER[-1])
             continue
         return candidate
     raise ImportError("no CKKS backend imports")  # pragma: no cover - seal is a hard dependency
