@@ -16,28 +16,13 @@ from typing import Any
 import numpy as np
 
 from medhe.errors import CiphertextError, SecurityError
-from medhe.he.ckks import serialize
-from medhe.he.ckks.backend import Backend, SealBackend
-from medhe.he.ckks.params import CKKSParams
-
-try:
-    from medhe.he.ckks import _runtime
-except ImportError:  # pragma: no cover - built without a compiler
-    _runtime = None
+from medhe.he.ckks import _runtime  # ImportError when the extension is not built: the registry falls back to seal
+from medhe.he.ckks.backends.base import Backend
+from medhe.he.ckks.backends.seal import SealBackend
+from medhe.he.ckks.compiler.params import CKKSParams
+from medhe.he.ckks.wire import serialize
 
 _PLAIN_DATA = 16 + 32 + 8 + 8 + 16 + 8  # SEAL Plaintext bytes: header, parms_id, count, scale, array header, count
-
-
-def available() -> bool:
-    """Whether the C++ runtime was built (``pip install -e .`` / ``setup.py build_ext``)."""
-    return _runtime is not None
-
-
-def runtime():
-    if _runtime is None:
-        raise ImportError("medhe's native CKKS runtime is not built (no C++ compiler at install time); "
-                          "reinstall with a compiler, or use the seal backend")
-    return _runtime
 
 
 def _native_errors(fn):
@@ -45,7 +30,7 @@ def _native_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ValueError as exc:  # _runtime.InputError is a ValueError
-            if _runtime is not None and isinstance(exc, _runtime.InputError):
+            if isinstance(exc, _runtime.InputError):
                 raise CiphertextError(f"{exc}: encrypt and create keys with this server's spec") from None
             raise
     wrapped.__name__ = fn.__name__
@@ -55,7 +40,7 @@ def _native_errors(fn):
 
 def native_context(seal_backend: SealBackend):
     """The runtime's context for ``seal_backend``'s chain (same primes, SEAL's parms_ids for the byte boundary)."""
-    rt = runtime()
+    rt = _runtime
     ctx = seal_backend.context
     key_parms = ctx.key_context_data().parms()
     primes = [m.value() for m in key_parms.coeff_modulus()]
@@ -79,7 +64,24 @@ class NativeBackend(Backend):
         self.slots = self.seal.slots
         self.top = self.seal.top
         self.n = params.poly_degree
-        self.keys = None  # _runtime.Keys
+        self.galois_keys = None  # _runtime.Keys (Galois and relinearization keys together)
+        self.relin_keys = None  # the same object when it holds relinearization keys (Backend's has_relinearization)
+
+    def fresh(self) -> "NativeBackend":
+        out = NativeBackend.__new__(NativeBackend)
+        out.__dict__.update(self.__dict__)
+        out.seal = self.seal.fresh()
+        out.galois_keys = out.relin_keys = None
+        return out
+
+    @property
+    def keys(self):
+        return self.galois_keys
+
+    @keys.setter
+    def keys(self, value) -> None:
+        self.galois_keys = value
+        self.relin_keys = value if value is not None and value.has_relin else None
 
     # -- keys
     def keygen(self, rotation_steps: list[int], relinearization: bool) -> None:
@@ -95,7 +97,7 @@ class NativeBackend(Backend):
 
     def load_evaluation_keys(self, galois: bytes, relin: bytes, levels: dict[str, Any] | None = None) -> None:
         """Client's compact key bytes (SEAL validates and expands the seeds), then into the runtime."""
-        probe = SealBackend(self.params)
+        probe = self.seal.fresh()
         probe.load_evaluation_keys(galois, relin, levels)
         self.keys = self._keys_from_seal(probe.galois_keys, probe.relin_keys)
 
@@ -211,37 +213,15 @@ class NativeBackend(Backend):
                                   "relinearized ciphertext")
         return ct
 
+    def compile(self, plan, plains, hoist: bool | None = None) -> "NativeProgram":
+        """The whole plan as one native call (see :class:`NativeProgram`); ``plains``: its encoded weights."""
+        return NativeProgram(self, plan, plains, hoist)
+
     def _keys(self):
         if self.keys is None:
             raise CiphertextError("no evaluation keys loaded: send the keys created for this server's spec")
         return self.keys
 
-
-_said_seal = False
-
-
-def choose_backend(name: str | None = None) -> str:
-    """``native`` | ``seal`` | ``auto`` (default; env ``MEDHE_CKKS_BACKEND``): auto is native when it is built.
-
-    Falling back to seal is said once per process (stderr), so a slow server is never a mystery.
-    """
-    import os
-    import sys
-
-    global _said_seal
-    name = (name or os.environ.get("MEDHE_CKKS_BACKEND") or "auto").lower()
-    if name not in ("auto", "native", "seal"):
-        raise ValueError(f"unknown CKKS backend {name!r}: use auto, native or seal")
-    if name == "seal":
-        return "seal"
-    if available():
-        return "native"
-    if name == "native":
-        runtime()  # raises ImportError with the reason
-    if not _said_seal:
-        _said_seal = True
-        print("medhe: native CKKS runtime not built; evaluating with seal-python", file=sys.stderr)
-    return "seal"
 
 
 class NativeProgram:
@@ -251,7 +231,7 @@ class NativeProgram:
     interpreter op by op on :class:`NativeBackend` instead, so every register can be inspected.
     """
 
-    def __init__(self, plan, hoist: bool | None = None) -> None:
+    def __init__(self, backend: NativeBackend, plan, plains, hoist: bool | None = None) -> None:
         import os
 
         from medhe.he.ckks.backends.native_program import compile_program
@@ -259,29 +239,24 @@ class NativeProgram:
         if hoist is None:
             hoist = os.environ.get("MEDHE_NATIVE_HOIST", "1") != "0"
         self.plan = plan
-        self.backend = NativeBackend(plan.params)
-        self.plains = [self.backend.encode(p.values, p.level, p.scale) for p in plan.plains]
+        self.backend = backend
+        self.plains = [plains[i] for i in range(len(plains))]
         self.program, self.lowered = compile_program(self.backend, plan, self.plains, hoist)
         self.hoist = hoist
-
-    def load_keys(self, probe: SealBackend):
-        """The runtime's copy of keys SEAL has already validated (``probe`` holds them)."""
-        return self.backend._keys_from_seal(probe.galois_keys, probe.relin_keys)
 
     def evaluate(self, keys, cts: list[Any], hook=None):
         if keys is None:
             raise CiphertextError("keys must come from load_keys() of this server model")
         if hook is not None:
-            from medhe.he.ckks.server import run_program
+            from medhe.he.ckks.runtime import run_program
 
-            be = NativeBackend.__new__(NativeBackend)
-            be.__dict__.update(self.backend.__dict__)
+            be = self.backend.fresh()
             be.keys = keys
             return run_program(self.plan, be, self.plains, cts, hook)
         try:
             return self.program.run(list(cts), keys)
         except ValueError as exc:
-            if isinstance(exc, runtime().InputError):
+            if isinstance(exc, _runtime.InputError):
                 raise CiphertextError(f"the native runtime refused the input ({exc}): encrypt and create keys "
                                       "with this server's spec") from None
             raise

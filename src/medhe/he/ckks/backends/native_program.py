@@ -263,7 +263,7 @@ class Lowered:
 
 def lower(plan, primes: list[int], galois_element, hoist: bool = True) -> Lowered:
     """The plan's op stream for the native runtime (registers 0..inputs-1 are the input ciphertexts)."""
-    from medhe.he.ckks.server import run_program
+    from medhe.he.ckks.runtime import run_program
 
     rec = Recorder(primes, galois_element)
     inputs = [rec.new(plan.input_level, plan.input_scale) for _ in range(plan.input_ciphertexts)]
