@@ -116,6 +116,8 @@ class NativeBackend(Backend):
     def plain_from_seal(self, plain, level: int):
         raw = plain.to_bytes()
         count = (level + 1) * self.n
+        if len(raw) != _PLAIN_DATA + 8 * count or raw[16:48] != struct.pack("<4Q", *self.seal.parms_ids[level]):
+            raise CiphertextError(f"plaintext is not at level {level}: encode it for the level it is used at")
         data = np.frombuffer(raw, dtype="<u8", count=count, offset=_PLAIN_DATA).reshape(level + 1, self.n)
         return self.ctx.plaintext(data, level, float(plain.scale()))
 

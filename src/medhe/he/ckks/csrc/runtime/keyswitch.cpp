@@ -11,7 +11,7 @@
 
 namespace medhe {
 
-void decompose(const Context& ctx, const u64* poly, int level, Decomposed& out) {
+void decompose(const Context& ctx, const u64* poly, int level, Decomposed& out, bool centered) {
     const std::size_t n = ctx.n, digits = std::size_t(level) + 1, targets = digits + 1;
     out.level = level;
     out.n = n;
@@ -31,7 +31,17 @@ void decompose(const Context& ctx, const u64* poly, int level, Decomposed& out) 
         }
         const NTTTables& tab = t < digits ? ctx.tables[t] : ctx.special();
         const u64* c = coeff.data() + j * n;
-        if (ctx.primes[j] > tab.mod.q) {
+        if (centered) {  // digit in (-q_j/2, q_j/2]: commutes with the automorphism's sign changes
+            const u64 qj = ctx.primes[j], half = qj >> 1;
+            for (std::size_t i = 0; i < n; ++i) {
+                if (c[i] <= half) {
+                    dst[i] = tab.mod.reduce64(c[i]);
+                } else {
+                    u64 r = tab.mod.reduce64(qj - c[i]);
+                    dst[i] = r ? tab.mod.q - r : 0;
+                }
+            }
+        } else if (ctx.primes[j] > tab.mod.q) {
             for (std::size_t i = 0; i < n; ++i) dst[i] = tab.mod.reduce64(c[i]);
         } else {
             std::memcpy(dst, c, n * 8);
@@ -144,7 +154,7 @@ Ciphertext relinearize(const Context& ctx, const Ciphertext& a, const KeySet& ke
     if (a.size != 3) throw InputError("relinearize: expects a ciphertext with 3 polynomials");
     if (!keys.has_relin()) throw InputError("relinearization keys are missing: create them with this server's spec");
     Decomposed d;
-    decompose(ctx, a.poly(2), a.level, d);
+    decompose(ctx, a.poly(2), a.level, d, false);
     Extended acc;
     key_product(ctx, d, *keys.relin, nullptr, acc, false);
     Ciphertext out;
@@ -170,7 +180,7 @@ Ciphertext rotate_galois(const Context& ctx, const Ciphertext& a, uint32_t elt, 
     apply_galois(ctx, a.poly(1), rotated.data(), a.limbs(), elt);
     std::memset(out.poly(1), 0, std::size_t(a.limbs()) * a.n * 8);
     Decomposed d;
-    decompose(ctx, rotated.data(), a.level, d);
+    decompose(ctx, rotated.data(), a.level, d, false);
     Extended acc;
     key_product(ctx, d, key, nullptr, acc, false);
     mod_down_add(ctx, acc, out);
@@ -182,7 +192,7 @@ std::vector<Ciphertext> rotate_hoisted(const Context& ctx, const Ciphertext& a, 
     check_two(a, "rotate");
     for (uint32_t e : elts) keys.galois_key(e);  // fail before any work
     Decomposed d;
-    decompose(ctx, a.poly(1), a.level, d);
+    decompose(ctx, a.poly(1), a.level, d, true);
     std::vector<Ciphertext> outs(elts.size());
     Extended acc;
     for (std::size_t g = 0; g < elts.size(); ++g) {
@@ -224,7 +234,7 @@ Ciphertext rotate_sum(const Context& ctx, const std::vector<const Ciphertext*>& 
         for (std::size_t i = 0; i < limbs; ++i)
             poly_add(out.limb(0, int(i)), out.limb(0, int(i)), tmp.data() + i * n, n, ctx.primes[i]);
         apply_galois(ctx, c.poly(1), tmp.data(), int(limbs), elts[g]);
-        decompose(ctx, tmp.data(), c.level, d);
+        decompose(ctx, tmp.data(), c.level, d, true);
         key_product(ctx, d, keys.galois_key(elts[g]), nullptr, acc, have_acc);
         have_acc = true;
     }

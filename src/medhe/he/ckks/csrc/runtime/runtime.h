@@ -182,7 +182,8 @@ struct Extended {
         return data.data() + (std::size_t(k) * (level + 2) + target) * n;
     }
 };
-void decompose(const Context& ctx, const u64* poly, int level, Decomposed& out);
+// centered: lift digits to (-q_j/2, q_j/2] (hoisting) instead of SEAL's [0, q_j) (exact)
+void decompose(const Context& ctx, const u64* poly, int level, Decomposed& out, bool centered);
 // acc (+)= sum_j perm(D[j]) * key[j]; perm = nullptr for none
 void key_product(const Context& ctx, const Decomposed& d, const SwitchKey& key, const uint32_t* perm,
                  Extended& acc, bool accumulate);
