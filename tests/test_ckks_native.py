@@ -116,7 +116,6 @@ def _pneumonia(n: int, data_dir):
     return ((images.astype(np.float32) / 255.0 - 0.5) / 0.5)[:, None]
 
 
-@pytest.mark.slow
 def test_whole_plan_native_agrees_with_seal_on_50_images(data_dir):
     from medhe.he import client_for
     from medhe.he.ckks.server import compile_ckks

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=16, help="--service: concurrent clients")
     p.add_argument("--requests", type=int, default=200, help="--service: requests in all")
     p.add_argument("--workers", type=int, help="--service: server worker processes (0: one thread)")
+    p.add_argument("--ops", action="store_true",
+                   help="--scheme ckks: per-operation costs, native runtime vs seal-python, idle and other core busy")
     p.add_argument("--data-dir")
     p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
     p.set_defaults(handler=run)
@@ -52,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
                                        requests=args.requests, data_dir=args.data_dir, workers=args.workers)
+    elif args.scheme == "ckks" and args.ops:
+        from medhe.he.ckks.opcost import run_op_costs
+
+        result = {"op_costs_ms": run_op_costs()}
     elif args.scheme == "ckks":
         from medhe.he.ckks.bench import format_summary, run_ckks_benchmark
 

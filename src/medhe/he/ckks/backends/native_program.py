@@ -269,8 +269,11 @@ def lower(plan, primes: list[int], galois_element, hoist: bool = True) -> Lowere
     inputs = [rec.new(plan.input_level, plan.input_scale) for _ in range(plan.input_ciphertexts)]
     out = run_program(plan, rec, _PlainRefs(plan), inputs)
     ops = _fuse_sums(rec.ops, MUL_PLAIN, 2)
-    if hoist:
+    import os
+    mode = os.environ.get("MEDHE_NATIVE_HOIST_MODE", "all")
+    if hoist and mode in ("all", "sum"):
         ops = _fuse_sums(ops, ROTATE, 2)
+    if hoist and mode in ("all", "many"):
         ops = _hoist_rotations(ops)
     last: dict[int, int] = {}
     for i, op in enumerate(ops):

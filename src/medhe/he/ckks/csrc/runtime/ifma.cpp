@@ -60,6 +60,72 @@ MEDHE_IFMA inline __m512i sub_if_ge(__m512i x, __m512i bound) {
     return _mm512_min_epu64(x, _mm512_sub_epi64(x, bound));  // x - bound wraps above x when x < bound
 }
 
+// Stages whose butterfly partners are 4, 2 or 1 apart: 16 consecutive words hold 8 butterflies; permutes gather
+// the x halves and the y halves into two vectors (and back), each lane's root expanded from a short contiguous run.
+template <int GAP> struct Lanes;
+template <> struct Lanes<4> {
+    static constexpr long long x[8] = {0, 1, 2, 3, 8, 9, 10, 11}, y[8] = {4, 5, 6, 7, 12, 13, 14, 15};
+    static constexpr long long b0[8] = {0, 1, 2, 3, 8, 9, 10, 11}, b1[8] = {4, 5, 6, 7, 12, 13, 14, 15};
+    static constexpr long long r[8] = {0, 0, 0, 0, 1, 1, 1, 1};
+};
+template <> struct Lanes<2> {
+    static constexpr long long x[8] = {0, 1, 4, 5, 8, 9, 12, 13}, y[8] = {2, 3, 6, 7, 10, 11, 14, 15};
+    static constexpr long long b0[8] = {0, 1, 8, 9, 2, 3, 10, 11}, b1[8] = {4, 5, 12, 13, 6, 7, 14, 15};
+    static constexpr long long r[8] = {0, 0, 1, 1, 2, 2, 3, 3};
+};
+template <> struct Lanes<1> {
+    static constexpr long long x[8] = {0, 2, 4, 6, 8, 10, 12, 14}, y[8] = {1, 3, 5, 7, 9, 11, 13, 15};
+    static constexpr long long b0[8] = {0, 8, 1, 9, 2, 10, 3, 11}, b1[8] = {4, 12, 5, 13, 6, 14, 7, 15};
+    static constexpr long long r[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+};
+constexpr long long Lanes<4>::x[8], Lanes<4>::y[8], Lanes<4>::b0[8], Lanes<4>::b1[8], Lanes<4>::r[8];
+constexpr long long Lanes<2>::x[8], Lanes<2>::y[8], Lanes<2>::b0[8], Lanes<2>::b1[8], Lanes<2>::r[8];
+constexpr long long Lanes<1>::x[8], Lanes<1>::y[8], Lanes<1>::b0[8], Lanes<1>::b1[8], Lanes<1>::r[8];
+
+template <int GAP>
+MEDHE_IFMA inline void roots_for(const u64* w, const u64* wq, std::size_t first, __m512i& vw, __m512i& vwq) {
+    const __m512i idx = _mm512_loadu_si512(Lanes<GAP>::r);
+    const __mmask8 k = __mmask8((1u << (8 / GAP)) - 1);
+    vw = _mm512_permutexvar_epi64(idx, _mm512_maskz_loadu_epi64(k, w + first));
+    vwq = _mm512_permutexvar_epi64(idx, _mm512_maskz_loadu_epi64(k, wq + first));
+}
+
+// One forward stage with butterflies GAP apart; m = number of groups (roots m .. 2m-1).
+template <int GAP>
+MEDHE_IFMA void small_gaps_forward(u64* a, const NTTTables& t, const Quot52& qt, std::size_t m, __m512i vq,
+                                   __m512i v2q) {
+    const __m512i ix = _mm512_loadu_si512(Lanes<GAP>::x), iy = _mm512_loadu_si512(Lanes<GAP>::y);
+    const __m512i ib0 = _mm512_loadu_si512(Lanes<GAP>::b0), ib1 = _mm512_loadu_si512(Lanes<GAP>::b1);
+    for (std::size_t c = 0; c < t.n; c += 16) {
+        __m512i v0 = _mm512_loadu_si512(a + c), v1 = _mm512_loadu_si512(a + c + 8);
+        __m512i x = _mm512_permutex2var_epi64(v0, ix, v1), y = _mm512_permutex2var_epi64(v0, iy, v1);
+        __m512i w, wq;
+        roots_for<GAP>(t.root_w.data(), qt.fwd.data(), m + c / (2 * GAP), w, wq);
+        __m512i u = sub_if_ge(x, v2q);
+        __m512i v = mul_shoup52(y, w, wq, vq);
+        __m512i nx = _mm512_add_epi64(u, v), ny = _mm512_sub_epi64(_mm512_add_epi64(u, v2q), v);
+        _mm512_storeu_si512(a + c, _mm512_permutex2var_epi64(nx, ib0, ny));
+        _mm512_storeu_si512(a + c + 8, _mm512_permutex2var_epi64(nx, ib1, ny));
+    }
+}
+
+template <int GAP>
+MEDHE_IFMA void small_gaps_inverse(u64* a, const NTTTables& t, const Quot52& qt, std::size_t m, __m512i vq,
+                                   __m512i v2q) {
+    const __m512i ix = _mm512_loadu_si512(Lanes<GAP>::x), iy = _mm512_loadu_si512(Lanes<GAP>::y);
+    const __m512i ib0 = _mm512_loadu_si512(Lanes<GAP>::b0), ib1 = _mm512_loadu_si512(Lanes<GAP>::b1);
+    for (std::size_t c = 0; c < t.n; c += 16) {
+        __m512i v0 = _mm512_loadu_si512(a + c), v1 = _mm512_loadu_si512(a + c + 8);
+        __m512i x = _mm512_permutex2var_epi64(v0, ix, v1), y = _mm512_permutex2var_epi64(v0, iy, v1);
+        __m512i w, wq;
+        roots_for<GAP>(t.inv_w.data(), qt.inv.data(), m + c / (2 * GAP), w, wq);
+        __m512i nx = sub_if_ge(_mm512_add_epi64(x, y), v2q);
+        __m512i ny = mul_shoup52(_mm512_sub_epi64(_mm512_add_epi64(x, v2q), y), w, wq, vq);
+        _mm512_storeu_si512(a + c, _mm512_permutex2var_epi64(nx, ib0, ny));
+        _mm512_storeu_si512(a + c + 8, _mm512_permutex2var_epi64(nx, ib1, ny));
+    }
+}
+
 }  // namespace
 
 MEDHE_IFMA void ifma_ntt_forward(u64* a, const NTTTables& t, bool reduce) {
@@ -82,21 +148,9 @@ MEDHE_IFMA void ifma_ntt_forward(u64* a, const NTTTables& t, bool reduce) {
             }
         }
     }
-    const u64 two_q = 2 * q;
-    for (; m < n; m <<= 1, gap >>= 1) {
-        for (std::size_t i = 0; i < m; ++i) {
-            const ShoupConst w = t.roots[m + i];
-            u64* x = a + 2 * i * gap;
-            u64* y = x + gap;
-            for (std::size_t j = 0; j < gap; ++j) {
-                u64 u = x[j];
-                u -= (u >= two_q) ? two_q : 0;
-                u64 v = mul_shoup_lazy(y[j], w, q);
-                x[j] = u + v;
-                y[j] = u + two_q - v;
-            }
-        }
-    }
+    small_gaps_forward<4>(a, t, qt, m, vq, v2q);
+    small_gaps_forward<2>(a, t, qt, m << 1, vq, v2q);
+    small_gaps_forward<1>(a, t, qt, m << 2, vq, v2q);
     if (reduce) {
         for (std::size_t j = 0; j < n; j += 8) {
             __m512i x = _mm512_loadu_si512(a + j);
@@ -110,21 +164,11 @@ MEDHE_IFMA void ifma_ntt_inverse(u64* a, const NTTTables& t) {
     const Quot52& qt = quot52(t);
     const u64 q = t.mod.q, two_q = 2 * q;
     const std::size_t n = t.n;
-    std::size_t m = n >> 1, gap = 1;
-    for (; gap < 8 && m >= 1; m >>= 1, gap <<= 1) {
-        for (std::size_t i = 0; i < m; ++i) {
-            const ShoupConst w = t.inv_roots[m + i];
-            u64* x = a + 2 * i * gap;
-            u64* y = x + gap;
-            for (std::size_t j = 0; j < gap; ++j) {
-                u64 u = x[j], v = y[j];
-                u64 s = u + v;
-                s -= (s >= two_q) ? two_q : 0;
-                x[j] = s;
-                y[j] = mul_shoup_lazy(u + two_q - v, w, q);
-            }
-        }
-    }
+    const __m512i vq0 = _mm512_set1_epi64(long(q)), v2q0 = _mm512_set1_epi64(long(two_q));
+    small_gaps_inverse<1>(a, t, qt, n >> 1, vq0, v2q0);
+    small_gaps_inverse<2>(a, t, qt, n >> 2, vq0, v2q0);
+    small_gaps_inverse<4>(a, t, qt, n >> 3, vq0, v2q0);
+    std::size_t m = n >> 4, gap = 8;
     const __m512i vq = _mm512_set1_epi64(long(q)), v2q = _mm512_set1_epi64(long(two_q));
     for (; m >= 1; m >>= 1, gap <<= 1) {
         for (std::size_t i = 0; i < m; ++i) {
@@ -169,6 +213,55 @@ MEDHE_IFMA void ifma_dyadic_mul(u64* out, const u64* a, const u64* b, std::size_
     for (; j < n; ++j) {
         u64 p = m.mul(a[j], b[j]);
         out[j] = accumulate ? m.add(out[j], p) : p;
+    }
+}
+
+}  // namespace medhe
+
+namespace medhe {
+
+// Key-switch inner product for one target prime: out_k (+)= sum_j d_j[perm] * key_j,k mod q, k = 0, 1.
+// The 104-bit products accumulate as separate low and high 52-bit halves (exact, no reduction inside the sum),
+// then hi * 2^52 + lo is reduced with two Shoup products. Needs hi < 2^52: digits * q^2 < 2^104.
+bool ifma_key_product_fits(std::size_t digits, const Modulus& m) {
+    return m.q < (u64(1) << 50) && (64 - __builtin_clzll(digits)) + 2 * m.bits < 103;
+}
+
+MEDHE_IFMA void ifma_key_product(u64* out0, u64* out1, const u64* const* d, const u64* const* k0,
+                                 const u64* const* k1, std::size_t digits, const uint32_t* perm, std::size_t n,
+                                 const Modulus& m, bool accumulate) {
+    const u64 q = m.q;
+    const u64 two52 = static_cast<u64>((static_cast<u128>(1) << 52) % q);
+    const __m512i vq = _mm512_set1_epi64(long(q)), v2q = _mm512_set1_epi64(long(2 * q));
+    const __m512i w_hi = _mm512_set1_epi64(long(two52)), wq_hi = _mm512_set1_epi64(long(shoup52(two52, q)));
+    const __m512i w_one = _mm512_set1_epi64(1), wq_one = _mm512_set1_epi64(long(shoup52(1, q)));
+    const __m512i mask = _mm512_set1_epi64((1LL << 52) - 1), zero = _mm512_setzero_si512();
+    for (std::size_t c = 0; c < n; c += 8) {
+        __m512i lo0 = zero, hi0 = zero, lo1 = zero, hi1 = zero;
+        const __m256i idx = perm ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm + c)) : _mm256_setzero_si256();
+        for (std::size_t j = 0; j < digits; ++j) {
+            __m512i x = perm ? _mm512_i32gather_epi64(idx, reinterpret_cast<const long long*>(d[j]), 8)
+                             : _mm512_loadu_si512(d[j] + c);
+            __m512i a = _mm512_loadu_si512(k0[j] + c), b = _mm512_loadu_si512(k1[j] + c);
+            lo0 = _mm512_madd52lo_epu64(lo0, x, a);
+            hi0 = _mm512_madd52hi_epu64(hi0, x, a);
+            lo1 = _mm512_madd52lo_epu64(lo1, x, b);
+            hi1 = _mm512_madd52hi_epu64(hi1, x, b);
+        }
+        __m512i r[2];
+        __m512i los[2] = {lo0, lo1}, his[2] = {hi0, hi1};
+        for (int k = 0; k < 2; ++k) {
+            __m512i hi = _mm512_add_epi64(his[k], _mm512_srli_epi64(los[k], 52));
+            __m512i lo = _mm512_and_si512(los[k], mask);
+            __m512i v = _mm512_add_epi64(mul_shoup52(hi, w_hi, wq_hi, vq), mul_shoup52(lo, w_one, wq_one, vq));
+            r[k] = sub_if_ge(sub_if_ge(v, v2q), vq);
+        }
+        if (accumulate) {
+            r[0] = sub_if_ge(_mm512_add_epi64(r[0], _mm512_loadu_si512(out0 + c)), vq);
+            r[1] = sub_if_ge(_mm512_add_epi64(r[1], _mm512_loadu_si512(out1 + c)), vq);
+        }
+        _mm512_storeu_si512(out0 + c, r[0]);
+        _mm512_storeu_si512(out1 + c, r[1]);
     }
 }
 

@@ -11,6 +11,11 @@
 
 namespace medhe {
 
+// ifma.cpp
+bool ifma_key_product_fits(std::size_t digits, const Modulus& m);
+void ifma_key_product(u64* out0, u64* out1, const u64* const* d, const u64* const* k0, const u64* const* k1,
+                      std::size_t digits, const uint32_t* perm, std::size_t n, const Modulus& m, bool accumulate);
+
 void decompose(const Context& ctx, const u64* poly, int level, Decomposed& out, bool centered) {
     const std::size_t n = ctx.n, digits = std::size_t(level) + 1, targets = digits + 1;
     out.level = level;
@@ -74,6 +79,16 @@ void key_product(const Context& ctx, const Decomposed& d, const SwitchKey& key, 
         const Modulus& m = t < digits ? ctx.tables[t].mod : ctx.special().mod;
         u64* out0 = acc.at(0, t);
         u64* out1 = acc.at(1, t);
+        if (ifma_enabled() && ifma_key_product_fits(digits, m) && n % 8 == 0) {
+            std::vector<const u64*> dp(digits), k0(digits), k1(digits);
+            for (std::size_t j = 0; j < digits; ++j) {
+                dp[j] = d.at(j, t);
+                k0[j] = key.part(j, 0, key_limb);
+                k1[j] = key.part(j, 1, key_limb);
+            }
+            ifma_key_product(out0, out1, dp.data(), k0.data(), k1.data(), digits, perm, n, m, accumulate);
+            return;
+        }
         u128 a0[B], a1[B];
         for (std::size_t base = 0; base < n; base += B) {
             for (std::size_t c = 0; c < B; ++c) a0[c] = a1[c] = 0;
