@@ -160,6 +160,12 @@ Ciphertext rescale(const Context& ctx, const Ciphertext& a) {
         Words tmp(n);
         u64* t = tmp.data();
         const u64* src = last[k].data();
+        if (ifma_enabled() && qi < (u64(1) << 50) && ql < (u64(1) << 52) && n % 8 == 0) {
+            ifma_lift_sub(t, src, n, qi, half_i);
+            ntt_forward(t, tab);
+            ifma_sub_mul(out.limb(k, i), a.limb(k, i), t, n, qi, ctx.inv_last[l][i].w, false);
+            return;
+        }
         for (std::size_t j = 0; j < n; ++j) t[j] = tab.mod.sub(tab.mod.reduce64(src[j]), half_i);
         ntt_forward(t, tab);
         const u64* c = a.limb(k, i);

@@ -266,3 +266,29 @@ MEDHE_IFMA void ifma_key_product(u64* out0, u64* out1, const u64* const* d, cons
 }
 
 }  // namespace medhe
+
+namespace medhe {
+
+// dst = (src mod q - sub) mod q for src < 2^52, sub < q: the digit lift of rescale and mod-down.
+MEDHE_IFMA void ifma_lift_sub(u64* dst, const u64* src, std::size_t n, u64 q, u64 sub) {
+    const __m512i vq = _mm512_set1_epi64(long(q)), one = _mm512_set1_epi64(1);
+    const __m512i wq = _mm512_set1_epi64(long(shoup52(1, q))), vs = _mm512_set1_epi64(long(q - sub));
+    for (std::size_t j = 0; j < n; j += 8) {
+        __m512i x = sub_if_ge(mul_shoup52(_mm512_loadu_si512(src + j), one, wq, vq), vq);
+        _mm512_storeu_si512(dst + j, sub_if_ge(_mm512_add_epi64(x, vs), vq));
+    }
+}
+
+// out = (a - t) * c mod q, plus out's old value when accumulate; a, t, out in [0, q).
+MEDHE_IFMA void ifma_sub_mul(u64* out, const u64* a, const u64* t, std::size_t n, u64 q, u64 c, bool accumulate) {
+    const __m512i vq = _mm512_set1_epi64(long(q)), w = _mm512_set1_epi64(long(c));
+    const __m512i wq = _mm512_set1_epi64(long(shoup52(c, q)));
+    for (std::size_t j = 0; j < n; j += 8) {
+        __m512i d = _mm512_sub_epi64(_mm512_add_epi64(_mm512_loadu_si512(a + j), vq), _mm512_loadu_si512(t + j));
+        __m512i r = sub_if_ge(mul_shoup52(d, w, wq, vq), vq);
+        if (accumulate) r = sub_if_ge(_mm512_add_epi64(r, _mm512_loadu_si512(out + j)), vq);
+        _mm512_storeu_si512(out + j, r);
+    }
+}
+
+}  // namespace medhe

@@ -65,6 +65,10 @@ void poly_sub(u64* out, const u64* a, const u64* b, std::size_t n, u64 q);
 void poly_neg(u64* out, const u64* a, std::size_t n, u64 q);
 void poly_mul_scalar(u64* out, const u64* a, std::size_t n, const ShoupConst& c, u64 q);
 bool ifma_available();
+// IFMA elementwise helpers; callers check ifma_enabled() and q < 2^50, source values < 2^52
+void ifma_lift_sub(u64* dst, const u64* src, std::size_t n, u64 q, u64 sub);
+void ifma_sub_mul(u64* out, const u64* a, const u64* t, std::size_t n, u64 q, u64 c, bool accumulate);
+
 bool ifma_enabled();
 void set_isa(const std::string& name);  // "auto" | "portable" | "ifma"
 std::string isa_name();
