@@ -47,8 +47,15 @@ def _scale(level: int) -> float:
     return 2.0 ** (27 if level else 15)  # products must fit SEAL's scale bound at level 0 (38 bits)
 
 
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    _runtime.set_threads(request.param)
+    yield request.param
+    _runtime.set_threads(1)
+
+
 @pytest.mark.parametrize("level", range(5, -1, -1))
-def test_every_operation_is_bit_exact_with_seal(nb, isa, level):
+def test_every_operation_is_bit_exact_with_seal(nb, isa, threads, level):
     sb, ev = nb.seal, nb.seal.evaluator
     rng = np.random.default_rng(level)
     x, y = rng.uniform(-1, 1, nb.slots), rng.uniform(-1, 1, nb.slots)

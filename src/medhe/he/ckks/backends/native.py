@@ -226,6 +226,41 @@ class NativeBackend(Backend):
 
 
 
+class ThreadChooser:
+    """Picks the runtime's thread count (1 or all cores) from the wall time of real runs, and keeps checking.
+
+    Two threads help on an idle 2-core machine and can hurt when the other core is busy (another request, another
+    tenant); which holds changes minute to minute. So each choice keeps a moving average of its run time, the
+    faster one runs, and every ``explore``-th run tries the other, so a change in load is noticed within a few
+    runs. The pool sleeps between jobs, so a wrong guess costs one slow run, never a spinning core.
+    ``MEDHE_NATIVE_THREADS`` fixes the count instead.
+    """
+
+    def __init__(self, explore: int = 8) -> None:
+        import os
+
+        fixed = os.environ.get("MEDHE_NATIVE_THREADS")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.options = [max(1, int(fixed))] if fixed else sorted({1, max(1, cores)})
+        self.explore = explore
+        self.mean: dict[int, float] = {}
+        self.calls = 0
+
+    def pick(self) -> int:
+        self.calls += 1
+        for option in self.options:
+            if option not in self.mean:
+                return option
+        best = min(self.mean, key=self.mean.get)
+        if len(self.options) > 1 and self.calls % self.explore == 0:
+            return next(o for o in self.options if o != best)
+        return best
+
+    def record(self, option: int, seconds: float) -> None:
+        old = self.mean.get(option)
+        self.mean[option] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+
 class NativeProgram:
     """A plan ready to run natively: weights encoded once (SEAL's encoder), the op list lowered once.
 
@@ -245,6 +280,7 @@ class NativeProgram:
         self.plains = [plains[i] for i in range(len(plains))]
         self.program, self.lowered = compile_program(self.backend, plan, self.plains, hoist)
         self.hoist = hoist
+        self.threads = ThreadChooser()
 
     def evaluate(self, keys, cts: list[Any], hook=None):
         if keys is None:
@@ -255,8 +291,16 @@ class NativeProgram:
             be = self.backend.fresh()
             be.keys = keys
             return run_program(self.plan, be, self.plains, cts, hook)
+        import time
+
+        count = self.threads.pick()
+        if _runtime.threads() != count:
+            _runtime.set_threads(count)
         try:
-            return self.program.run(list(cts), keys)
+            start = time.perf_counter()
+            out = self.program.run(list(cts), keys)
+            self.threads.record(count, time.perf_counter() - start)
+            return out
         except ValueError as exc:
             if isinstance(exc, _runtime.InputError):
                 raise CiphertextError(f"the native runtime refused the input ({exc}): encrypt and create keys "

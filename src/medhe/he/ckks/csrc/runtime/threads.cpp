@@ -17,6 +17,8 @@ public:
     ~Pool() { resize(0); }
 
     void resize(int workers) {
+        std::unique_lock<std::mutex> job_lock(job_mu_);  // never while a job runs
+        if (workers == int(threads_.size())) return;
         {
             std::unique_lock<std::mutex> lock(mu_);
             stop_ = true;
