@@ -82,6 +82,30 @@ def test_every_operation_is_bit_exact_with_seal(nb, isa, threads, level):
         assert _same(nb, nb.rescale(nb.from_seal(big)), ev.rescale_to_next(big))
 
 
+WIDE = CKKSParams(8192, (51, 37, 37, 51), 37)  # primes above 2^50: the IFMA transforms' narrow mode
+
+
+@pytest.mark.parametrize("level", [2, 1, 0])
+def test_wide_primes_are_bit_exact_too(isa, level):
+    be = native.NativeBackend(WIDE)
+    be.keygen([1, -5], True)
+    sb, ev = be.seal, be.seal.evaluator
+    rng = np.random.default_rng(level)
+    scale = 2.0 ** (37 if level else 24)
+    x, y = rng.uniform(-1, 1, be.slots), rng.uniform(-1, 1, be.slots)
+    sx, sy = sb.encrypt(sb.encode(x, level, scale)), sb.encrypt(sb.encode(y, level, scale))
+    px = sb.encode(y, level, scale)
+    nx, ny, pn = be.from_seal(sx), be.from_seal(sy), be.plain_from_seal(px, level)
+    assert _same(be, be.multiply_plain(nx, pn), ev.multiply_plain(sx, px))
+    n3, s3 = be.multiply(nx, ny), ev.multiply(sx, sy)
+    assert _same(be, be.relinearize(n3), sb.relinearize(s3))
+    for step in (1, -5):
+        assert _same(be, be.rotate(nx, step), sb.rotate(sx, step))
+    if level:
+        big = ev.multiply_plain(sx, px)
+        assert _same(be, be.rescale(be.from_seal(big)), ev.rescale_to_next(big))
+
+
 def test_ntt_array_api_matches_seal_plaintexts(nb, isa):
     """ntt_inverse then ntt_forward of SEAL's NTT-form residues is the identity, limb by limb."""
     plain = nb.seal.encode(np.linspace(-1, 1, nb.slots), nb.top, 2.0 ** 27)

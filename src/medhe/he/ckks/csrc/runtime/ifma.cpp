@@ -91,7 +91,7 @@ MEDHE_IFMA inline void roots_for(const u64* w, const u64* wq, std::size_t first,
 }
 
 // One forward stage with butterflies GAP apart; m = number of groups (roots m .. 2m-1).
-template <int GAP>
+template <int GAP, bool NARROW>
 MEDHE_IFMA void small_gaps_forward(u64* a, const NTTTables& t, const Quot52& qt, std::size_t m, __m512i vq,
                                    __m512i v2q) {
     const __m512i ix = _mm512_loadu_si512(Lanes<GAP>::x), iy = _mm512_loadu_si512(Lanes<GAP>::y);
@@ -104,12 +104,16 @@ MEDHE_IFMA void small_gaps_forward(u64* a, const NTTTables& t, const Quot52& qt,
         __m512i u = sub_if_ge(x, v2q);
         __m512i v = mul_shoup52(y, w, wq, vq);
         __m512i nx = _mm512_add_epi64(u, v), ny = _mm512_sub_epi64(_mm512_add_epi64(u, v2q), v);
+        if (NARROW) {
+            nx = sub_if_ge(nx, v2q);
+            ny = sub_if_ge(ny, v2q);
+        }
         _mm512_storeu_si512(a + c, _mm512_permutex2var_epi64(nx, ib0, ny));
         _mm512_storeu_si512(a + c + 8, _mm512_permutex2var_epi64(nx, ib1, ny));
     }
 }
 
-template <int GAP>
+template <int GAP, bool NARROW>
 MEDHE_IFMA void small_gaps_inverse(u64* a, const NTTTables& t, const Quot52& qt, std::size_t m, __m512i vq,
                                    __m512i v2q) {
     const __m512i ix = _mm512_loadu_si512(Lanes<GAP>::x), iy = _mm512_loadu_si512(Lanes<GAP>::y);
@@ -120,7 +124,9 @@ MEDHE_IFMA void small_gaps_inverse(u64* a, const NTTTables& t, const Quot52& qt,
         __m512i w, wq;
         roots_for<GAP>(t.inv_w.data(), qt.inv.data(), m + c / (2 * GAP), w, wq);
         __m512i nx = sub_if_ge(_mm512_add_epi64(x, y), v2q);
-        __m512i ny = mul_shoup52(_mm512_sub_epi64(_mm512_add_epi64(x, v2q), y), w, wq, vq);
+        __m512i d = _mm512_sub_epi64(_mm512_add_epi64(x, v2q), y);
+        if (NARROW) d = sub_if_ge(d, v2q);
+        __m512i ny = mul_shoup52(d, w, wq, vq);
         _mm512_storeu_si512(a + c, _mm512_permutex2var_epi64(nx, ib0, ny));
         _mm512_storeu_si512(a + c + 8, _mm512_permutex2var_epi64(nx, ib1, ny));
     }
@@ -128,7 +134,9 @@ MEDHE_IFMA void small_gaps_inverse(u64* a, const NTTTables& t, const Quot52& qt,
 
 }  // namespace
 
-MEDHE_IFMA void ifma_ntt_forward(u64* a, const NTTTables& t, bool reduce) {
+// NARROW: primes in [2^50, 2^51): every value is kept below 2q < 2^52 (one more reduction per butterfly output).
+template <bool NARROW>
+MEDHE_IFMA void ifma_ntt_forward_impl(u64* a, const NTTTables& t, bool reduce) {
     const Quot52& qt = quot52(t);
     const u64 q = t.mod.q;
     const std::size_t n = t.n;
@@ -143,14 +151,19 @@ MEDHE_IFMA void ifma_ntt_forward(u64* a, const NTTTables& t, bool reduce) {
             for (std::size_t j = 0; j < gap; j += 8) {
                 __m512i u = sub_if_ge(_mm512_loadu_si512(x + j), v2q);
                 __m512i v = mul_shoup52(_mm512_loadu_si512(y + j), w, wq, vq);
-                _mm512_storeu_si512(x + j, _mm512_add_epi64(u, v));
-                _mm512_storeu_si512(y + j, _mm512_sub_epi64(_mm512_add_epi64(u, v2q), v));
+                __m512i nx = _mm512_add_epi64(u, v), ny = _mm512_sub_epi64(_mm512_add_epi64(u, v2q), v);
+                if (NARROW) {
+                    nx = sub_if_ge(nx, v2q);
+                    ny = sub_if_ge(ny, v2q);
+                }
+                _mm512_storeu_si512(x + j, nx);
+                _mm512_storeu_si512(y + j, ny);
             }
         }
     }
-    small_gaps_forward<4>(a, t, qt, m, vq, v2q);
-    small_gaps_forward<2>(a, t, qt, m << 1, vq, v2q);
-    small_gaps_forward<1>(a, t, qt, m << 2, vq, v2q);
+    small_gaps_forward<4, NARROW>(a, t, qt, m, vq, v2q);
+    small_gaps_forward<2, NARROW>(a, t, qt, m << 1, vq, v2q);
+    small_gaps_forward<1, NARROW>(a, t, qt, m << 2, vq, v2q);
     if (reduce) {
         for (std::size_t j = 0; j < n; j += 8) {
             __m512i x = _mm512_loadu_si512(a + j);
@@ -160,14 +173,15 @@ MEDHE_IFMA void ifma_ntt_forward(u64* a, const NTTTables& t, bool reduce) {
     }
 }
 
-MEDHE_IFMA void ifma_ntt_inverse(u64* a, const NTTTables& t) {
+template <bool NARROW>
+MEDHE_IFMA void ifma_ntt_inverse_impl(u64* a, const NTTTables& t) {
     const Quot52& qt = quot52(t);
     const u64 q = t.mod.q, two_q = 2 * q;
     const std::size_t n = t.n;
     const __m512i vq0 = _mm512_set1_epi64(long(q)), v2q0 = _mm512_set1_epi64(long(two_q));
-    small_gaps_inverse<1>(a, t, qt, n >> 1, vq0, v2q0);
-    small_gaps_inverse<2>(a, t, qt, n >> 2, vq0, v2q0);
-    small_gaps_inverse<4>(a, t, qt, n >> 3, vq0, v2q0);
+    small_gaps_inverse<1, NARROW>(a, t, qt, n >> 1, vq0, v2q0);
+    small_gaps_inverse<2, NARROW>(a, t, qt, n >> 2, vq0, v2q0);
+    small_gaps_inverse<4, NARROW>(a, t, qt, n >> 3, vq0, v2q0);
     std::size_t m = n >> 4, gap = 8;
     const __m512i vq = _mm512_set1_epi64(long(q)), v2q = _mm512_set1_epi64(long(two_q));
     for (; m >= 1; m >>= 1, gap <<= 1) {
@@ -179,7 +193,9 @@ MEDHE_IFMA void ifma_ntt_inverse(u64* a, const NTTTables& t) {
             for (std::size_t j = 0; j < gap; j += 8) {
                 __m512i u = _mm512_loadu_si512(x + j), v = _mm512_loadu_si512(y + j);
                 _mm512_storeu_si512(x + j, sub_if_ge(_mm512_add_epi64(u, v), v2q));
-                _mm512_storeu_si512(y + j, mul_shoup52(_mm512_sub_epi64(_mm512_add_epi64(u, v2q), v), w, wq, vq));
+                __m512i d = _mm512_sub_epi64(_mm512_add_epi64(u, v2q), v);
+                if (NARROW) d = sub_if_ge(d, v2q);
+                _mm512_storeu_si512(y + j, mul_shoup52(d, w, wq, vq));
             }
         }
     }
@@ -188,6 +204,16 @@ MEDHE_IFMA void ifma_ntt_inverse(u64* a, const NTTTables& t) {
         __m512i x = mul_shoup52(_mm512_loadu_si512(a + j), w, wq, vq);
         _mm512_storeu_si512(a + j, sub_if_ge(x, vq));
     }
+}
+
+void ifma_ntt_forward(u64* a, const NTTTables& t, bool reduce) {
+    if (t.mod.q < (u64(1) << 50)) ifma_ntt_forward_impl<false>(a, t, reduce);
+    else ifma_ntt_forward_impl<true>(a, t, reduce);
+}
+
+void ifma_ntt_inverse(u64* a, const NTTTables& t) {
+    if (t.mod.q < (u64(1) << 50)) ifma_ntt_inverse_impl<false>(a, t);
+    else ifma_ntt_inverse_impl<true>(a, t);
 }
 
 MEDHE_IFMA void ifma_dyadic_mul(u64* out, const u64* a, const u64* b, std::size_t n, const Modulus& m, bool accumulate) {

@@ -24,6 +24,8 @@ int initial_isa() {
 std::atomic<int> g_isa{initial_isa()};
 
 inline bool use_ifma(u64 q) { return g_isa.load(std::memory_order_relaxed) == 1 && q < (u64(1) << 50); }
+// full-range transforms also run on IFMA for primes below 2^51 (values kept below 2q)
+inline bool use_ifma_ntt(u64 q) { return g_isa.load(std::memory_order_relaxed) == 1 && q < (u64(1) << 51); }
 }  // namespace
 
 bool ifma_available() { return ifma_cpu(); }
@@ -40,7 +42,7 @@ void set_isa(const std::string& name) {
 }
 
 void ntt_forward(u64* a, const NTTTables& t) {
-    if (use_ifma(t.mod.q)) return ifma_ntt_forward(a, t, true);
+    if (use_ifma_ntt(t.mod.q)) return ifma_ntt_forward(a, t, true);
     ntt_forward_lazy_portable(a, t);
     reduce_from_4q(a, t.n, t.mod.q);
 }
@@ -51,7 +53,7 @@ void ntt_forward_lazy(u64* a, const NTTTables& t) {
 }
 
 void ntt_inverse(u64* a, const NTTTables& t) {
-    if (use_ifma(t.mod.q)) return ifma_ntt_inverse(a, t);
+    if (use_ifma_ntt(t.mod.q)) return ifma_ntt_inverse(a, t);
     ntt_inverse_lazy_portable(a, t);
     reduce_from_2q(a, t.n, t.mod.q);
 }
