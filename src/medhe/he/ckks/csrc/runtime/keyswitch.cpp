@@ -151,9 +151,12 @@ void mod_down_add(const Context& ctx, const Extended& acc, Ciphertext& ct) {
         Words tmp(n);
         u64* t = tmp.data();
         const u64* src = last.data() + std::size_t(k) * n;
-        const bool vec = ifma_enabled() && m.q < (u64(1) << 50) && p < (u64(1) << 52) && n % 8 == 0;
-        if (vec) {
-            ifma_lift_sub(t, src, n, m.q, half_i);
+        if (ifma_enabled() && m.q < (u64(1) << 50) && n % 8 == 0) {
+            if (p < (u64(1) << 52)) {
+                ifma_lift_sub(t, src, n, m.q, half_i);
+            } else {
+                for (std::size_t c = 0; c < n; ++c) t[c] = m.sub(m.reduce64(src[c]), half_i);
+            }
             ntt_forward(t, tab);
             ifma_sub_mul(ct.limb(k, int(i)), acc.at(k, i), t, n, m.q, ctx.inv_special[i].w, true);
             return;
