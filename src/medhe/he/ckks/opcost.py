@@ -3,7 +3,8 @@
 Rotation at every level (SEAL, native exact, native hoisted per rotation out of 8, a 4-term rotate-and-sum),
 multiply_plain, rescale, relinearize; native on both kernel sets. "Busy" runs a bounded pure-Python spin loop in a
 child process beside the measurement (what a second request or another tenant does to a 2-core server).
-Medians over ``repeats`` calls, in milliseconds.
+Medians over ``repeats`` calls, in milliseconds; ``program_*``: the whole default plan, seal vs native with adaptive,
+one and two threads.
 
     medhe bench --scheme ckks --ops [--json ops.json]
 """
@@ -87,7 +88,36 @@ def _busy(seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
-def run_op_costs(params=None, repeats: int = 9, busy: bool = True) -> dict[str, Any]:
+def _program_costs(model: str, repeats: int) -> dict[str, Any]:
+    """The whole plan of ``model``: seal backend vs native (adaptive threads, and fixed at 1 and 2)."""
+    import json
+
+    from medhe.he import client_for
+    from medhe.he.ckks import _runtime
+    from medhe.he.ckks.server import compile_ckks
+    from medhe.models.artifact import load_artifact
+
+    art = load_artifact(model)
+    seal_srv, nat_srv = compile_ckks(art, backend="seal"), compile_ckks(art, backend="native")
+    client = client_for(json.loads(json.dumps(seal_srv.spec())))
+    client.keygen()
+    key_bytes = client.evaluation_keys()
+    ks, kn = seal_srv.load_keys(key_bytes), nat_srv.load_keys(key_bytes)
+    x = np.zeros(seal_srv.plan.input_shape, dtype=np.float32)
+    ct = client.encrypt(x)
+    s_in, n_in = seal_srv.load_inputs(ct), nat_srv.load_inputs(ct)
+    prog = nat_srv._program
+    out = {"seal": _median_ms(lambda: seal_srv.evaluate(ks, s_in), repeats),
+           "native_adaptive": _median_ms(lambda: nat_srv.evaluate(kn, n_in), 2 * repeats)}
+    for count in (1, 2):
+        _runtime.set_threads(count)
+        out[f"native_threads_{count}"] = _median_ms(lambda: prog.program.run(list(n_in), kn.galois), repeats)
+    out["adaptive_choice"] = prog.threads.pick()
+    return out
+
+
+def run_op_costs(params=None, repeats: int = 9, busy: bool = True, model: str | None = "pneumoniamnist"
+                 ) -> dict[str, Any]:
     """The table for ``params`` (default: the shipped default model's chain), idle and (``busy``) loaded."""
     from medhe.he.ckks import _runtime
     from medhe.he.ckks.backends.native import NativeBackend
@@ -98,11 +128,15 @@ def run_op_costs(params=None, repeats: int = 9, busy: bool = True) -> dict[str, 
     nb.keygen(HOIST + [0], True)
     result: dict[str, Any] = {"params": params.to_dict(), "threads": _runtime.threads(), "isa": _runtime.isa(),
                               "cpus": os.cpu_count(), "repeats": repeats, "idle": _table(nb, repeats)}
+    if model:
+        result["program_idle"] = _program_costs(model, repeats)
     if busy:
-        spinner = _busy(600)
+        spinner = _busy(900)
         try:
             time.sleep(0.2)
             result["other_core_busy"] = _table(nb, repeats)
+            if model:
+                result["program_other_core_busy"] = _program_costs(model, repeats)
         finally:
             spinner.kill()
             spinner.wait()

@@ -6,6 +6,12 @@ its objects are then read into the runtime's arrays once), and the output leaves
 does not change. Plaintext weights are encoded by SEAL's ``CKKSEncoder`` (floating point: its rounding is SEAL's)
 and copied into the runtime once. Key generation, encryption and decryption stay with SEAL (client side, tests).
 Every deterministic operation returns residues identical to seal-python's (tests/test_ckks_native.py).
+
+Low-level array API (for other native code paths such as batch mode), on ``NativeBackend(params).ctx``:
+``ntt_forward(a, first_prime=0)`` / ``ntt_inverse(a)`` transform a C-contiguous uint64 array (..., limbs, n) in
+place, limb i modulo prime ``first_prime + i``; ``ciphertext(a, level, scale)`` / ``plaintext(a, level, scale)``
+wrap (2|3, level+1, n) / (level+1, n) residues (NTT form, checked against the primes), ``to_array()`` returns them;
+``rescale``, ``multiply``, ``relinearize(ct, keys)``, ``multiply_plain``, ``rotate(ct, step, keys)`` act on those.
 """
 
 from __future__ import annotations
@@ -215,7 +221,7 @@ class NativeBackend(Backend):
                                   "relinearized ciphertext")
         return ct
 
-    def compile(self, plan, plains, hoist: bool | None = None) -> "NativeProgram":
+    def compile(self, plan, plains, hoist: bool | str | None = None) -> "NativeProgram":
         """The whole plan as one native call (see :class:`NativeProgram`); ``plains``: its encoded weights."""
         return NativeProgram(self, plan, plains, hoist)
 
@@ -268,13 +274,14 @@ class NativeProgram:
     interpreter op by op on :class:`NativeBackend` instead, so every register can be inspected.
     """
 
-    def __init__(self, backend: NativeBackend, plan, plains, hoist: bool | None = None) -> None:
+    def __init__(self, backend: NativeBackend, plan, plains, hoist: bool | str | None = None) -> None:
         import os
 
         from medhe.he.ckks.backends.native_program import compile_program
 
-        if hoist is None:
-            hoist = os.environ.get("MEDHE_NATIVE_HOIST", "1") != "0"
+        if hoist is None:  # MEDHE_NATIVE_HOIST: 1/all (default), sum, many, 0/none (bit-identical to SEAL)
+            hoist = {"1": True, "0": False}.get(os.environ.get("MEDHE_NATIVE_HOIST", "1"),
+                                                os.environ.get("MEDHE_NATIVE_HOIST"))
         self.plan = plan
         self.backend = backend
         self.plains = [plains[i] for i in range(len(plains))]

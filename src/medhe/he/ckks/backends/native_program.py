@@ -261,19 +261,24 @@ class Lowered:
         return out
 
 
-def lower(plan, primes: list[int], galois_element, hoist: bool = True) -> Lowered:
-    """The plan's op stream for the native runtime (registers 0..inputs-1 are the input ciphertexts)."""
+def lower(plan, primes: list[int], galois_element, hoist: bool | str = True) -> Lowered:
+    """The plan's op stream for the native runtime (registers 0..inputs-1 are the input ciphertexts).
+
+    ``hoist``: True / "all" (shared mod-downs and shared decompositions), "sum" or "many" (one of them), False /
+    "none" (exact: the run is bit-identical to seal-python's).
+    """
     from medhe.he.ckks.runtime import run_program
 
     rec = Recorder(primes, galois_element)
     inputs = [rec.new(plan.input_level, plan.input_scale) for _ in range(plan.input_ciphertexts)]
     out = run_program(plan, rec, _PlainRefs(plan), inputs)
     ops = _fuse_sums(rec.ops, MUL_PLAIN, 2)
-    import os
-    mode = os.environ.get("MEDHE_NATIVE_HOIST_MODE", "all")
-    if hoist and mode in ("all", "sum"):
+    mode = {True: "all", False: "none"}.get(hoist, hoist)
+    if mode not in ("none", "sum", "many", "all"):
+        raise PlanError(f"unknown hoisting mode {hoist!r}: use none, sum, many or all")
+    if mode in ("all", "sum"):
         ops = _fuse_sums(ops, ROTATE, 2)
-    if hoist and mode in ("all", "many"):
+    if mode in ("all", "many"):
         ops = _hoist_rotations(ops)
     last: dict[int, int] = {}
     for i, op in enumerate(ops):
@@ -287,7 +292,7 @@ def lower(plan, primes: list[int], galois_element, hoist: bool = True) -> Lowere
     return Lowered([op.tuple(sorted(frees.get(i, []))) for i, op in enumerate(ops)], rec.count, len(inputs), out.id)
 
 
-def compile_program(backend, plan, plains: list[Any], hoist: bool = True):
+def compile_program(backend, plan, plains: list[Any], hoist: bool | str = True):
     """A ``_runtime.Program`` for ``plan`` on ``backend`` (a NativeBackend); ``plains``: the runtime plaintexts."""
     lowered = lower(plan, list(backend.ctx.primes), backend.galois_element, hoist)
     return backend.ctx.program(lowered.ops, plains, lowered.registers, lowered.inputs, lowered.output), lowered
