@@ -22,8 +22,10 @@ struct NTTTables {
     std::vector<ShoupConst> roots;      // roots[k] = psi^brv(k), k in [1, n)
     std::vector<ShoupConst> inv_roots;  // inv_roots[k] = psi^-brv(k)
     ShoupConst inv_n;
-    // Plain arrays of the same constants, for vector kernels.
-    std::vector<u64> root_w, root_wq, inv_w, inv_wq;
+    // Plain arrays of the same constants, for vector kernels; *_wq52 = floor(w 2^52 / q) (52-bit multipliers,
+    // filled for q < 2^51 only).
+    std::vector<u64> root_w, root_wq, inv_w, inv_wq, root_wq52, inv_wq52;
+    u64 inv_n_wq52 = 0;
 
     NTTTables() = default;
     NTTTables(u64 q, int log_degree) : mod(q), log_n(log_degree), n(std::size_t(1) << log_degree) {
@@ -47,6 +49,12 @@ struct NTTTables {
         for (std::size_t k = 0; k < n; ++k) {
             root_w[k] = roots[k].w; root_wq[k] = roots[k].wq;
             inv_w[k] = inv_roots[k].w; inv_wq[k] = inv_roots[k].wq;
+        }
+        if (q < (u64(1) << 51)) {
+            auto q52 = [q](u64 w) { return static_cast<u64>((static_cast<u128>(w) << 52) / q); };
+            root_wq52.resize(n); inv_wq52.resize(n);
+            for (std::size_t k = 0; k < n; ++k) { root_wq52[k] = q52(root_w[k]); inv_wq52[k] = q52(inv_w[k]); }
+            inv_n_wq52 = q52(inv_n.w);
         }
     }
 };

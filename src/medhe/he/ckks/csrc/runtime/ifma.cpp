@@ -23,29 +23,15 @@ namespace {
 
 inline u64 shoup52(u64 w, u64 q) { return static_cast<u64>((static_cast<u128>(w) << 52) / q); }
 
-// Per-table 52-bit Shoup quotients, built once per prime on first use.
+// The 52-bit Shoup quotients live in the tables (NTTTables::*_wq52), built with them: no lookups per call.
 struct Quot52 {
-    std::vector<u64> fwd, inv;
-    u64 inv_n_w = 0, inv_n_q52 = 0;
+    const u64* fwd;
+    const u64* inv;
+    u64 inv_n_w, inv_n_q52;
 };
 
-const Quot52& quot52(const NTTTables& t) {
-    static std::mutex mu;
-    static std::map<const NTTTables*, std::unique_ptr<Quot52>> cache;
-    std::lock_guard<std::mutex> lock(mu);
-    auto& slot = cache[&t];
-    if (!slot) {
-        slot.reset(new Quot52);
-        slot->fwd.resize(t.n);
-        slot->inv.resize(t.n);
-        for (std::size_t k = 0; k < t.n; ++k) {
-            slot->fwd[k] = shoup52(t.root_w[k], t.mod.q);
-            slot->inv[k] = shoup52(t.inv_w[k], t.mod.q);
-        }
-        slot->inv_n_w = t.inv_n.w;
-        slot->inv_n_q52 = shoup52(t.inv_n.w, t.mod.q);
-    }
-    return *slot;
+inline Quot52 quot52(const NTTTables& t) {
+    return Quot52{t.root_wq52.data(), t.inv_wq52.data(), t.inv_n.w, t.inv_n_wq52};
 }
 
 MEDHE_IFMA inline __m512i mul_shoup52(__m512i x, __m512i w, __m512i wq, __m512i q) {
@@ -100,7 +86,7 @@ MEDHE_IFMA void small_gaps_forward(u64* a, const NTTTables& t, const Quot52& qt,
         __m512i v0 = _mm512_loadu_si512(a + c), v1 = _mm512_loadu_si512(a + c + 8);
         __m512i x = _mm512_permutex2var_epi64(v0, ix, v1), y = _mm512_permutex2var_epi64(v0, iy, v1);
         __m512i w, wq;
-        roots_for<GAP>(t.root_w.data(), qt.fwd.data(), m + c / (2 * GAP), w, wq);
+        roots_for<GAP>(t.root_w.data(), qt.fwd, m + c / (2 * GAP), w, wq);
         __m512i u = sub_if_ge(x, v2q);
         __m512i v = mul_shoup52(y, w, wq, vq);
         __m512i nx = _mm512_add_epi64(u, v), ny = _mm512_sub_epi64(_mm512_add_epi64(u, v2q), v);
@@ -122,7 +108,7 @@ MEDHE_IFMA void small_gaps_inverse(u64* a, const NTTTables& t, const Quot52& qt,
         __m512i v0 = _mm512_loadu_si512(a + c), v1 = _mm512_loadu_si512(a + c + 8);
         __m512i x = _mm512_permutex2var_epi64(v0, ix, v1), y = _mm512_permutex2var_epi64(v0, iy, v1);
         __m512i w, wq;
-        roots_for<GAP>(t.inv_w.data(), qt.inv.data(), m + c / (2 * GAP), w, wq);
+        roots_for<GAP>(t.inv_w.data(), qt.inv, m + c / (2 * GAP), w, wq);
         __m512i nx = sub_if_ge(_mm512_add_epi64(x, y), v2q);
         __m512i d = _mm512_sub_epi64(_mm512_add_epi64(x, v2q), y);
         if (NARROW) d = sub_if_ge(d, v2q);
@@ -137,7 +123,7 @@ MEDHE_IFMA void small_gaps_inverse(u64* a, const NTTTables& t, const Quot52& qt,
 // NARROW: primes in [2^50, 2^51): every value is kept below 2q < 2^52 (one more reduction per butterfly output).
 template <bool NARROW>
 MEDHE_IFMA void ifma_ntt_forward_impl(u64* a, const NTTTables& t, bool reduce) {
-    const Quot52& qt = quot52(t);
+    const Quot52 qt = quot52(t);
     const u64 q = t.mod.q;
     const std::size_t n = t.n;
     const __m512i vq = _mm512_set1_epi64(long(q)), v2q = _mm512_set1_epi64(long(2 * q));
@@ -175,7 +161,7 @@ MEDHE_IFMA void ifma_ntt_forward_impl(u64* a, const NTTTables& t, bool reduce) {
 
 template <bool NARROW>
 MEDHE_IFMA void ifma_ntt_inverse_impl(u64* a, const NTTTables& t) {
-    const Quot52& qt = quot52(t);
+    const Quot52 qt = quot52(t);
     const u64 q = t.mod.q, two_q = 2 * q;
     const std::size_t n = t.n;
     const __m512i vq0 = _mm512_set1_epi64(long(q)), v2q0 = _mm512_set1_epi64(long(two_q));
