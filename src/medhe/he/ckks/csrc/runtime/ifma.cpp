@@ -234,9 +234,21 @@ namespace medhe {
 
 // Key-switch inner product for one target prime: out_k (+)= sum_j d_j[perm] * key_j,k mod q, k = 0, 1.
 // The 104-bit products accumulate as separate low and high 52-bit halves (exact, no reduction inside the sum),
-// then hi * 2^52 + lo is reduced with two Shoup products. Needs hi < 2^52: digits * q^2 < 2^104.
+// then hi * 2^52 + lo is reduced with two Shoup products, which needs hi < 2^52: for wide primes the sum is folded
+// back to [0, q) every `fold` digits (fold * q^2 < 2^104).
 bool ifma_key_product_fits(std::size_t digits, const Modulus& m) {
-    return m.q < (u64(1) << 50) && (64 - __builtin_clzll(digits)) + 2 * m.bits < 103;
+    (void)digits;
+    return m.q < (u64(1) << 51);
+}
+
+// (hi 2^52 + lo) mod q for hi + lo / 2^52 < 2^52.
+MEDHE_IFMA inline __m512i fold_sum(__m512i lo, __m512i hi, __m512i w_hi, __m512i wq_hi, __m512i w_one,
+                                   __m512i wq_one, __m512i vq, __m512i v2q) {
+    const __m512i mask = _mm512_set1_epi64((1LL << 52) - 1);
+    __m512i h = _mm512_add_epi64(hi, _mm512_srli_epi64(lo, 52));
+    __m512i l = _mm512_and_si512(lo, mask);
+    __m512i v = _mm512_add_epi64(mul_shoup52(h, w_hi, wq_hi, vq), mul_shoup52(l, w_one, wq_one, vq));
+    return sub_if_ge(sub_if_ge(v, v2q), vq);
 }
 
 MEDHE_IFMA void ifma_key_product(u64* out0, u64* out1, const u64* const* d, const u64* const* k0,
@@ -247,11 +259,23 @@ MEDHE_IFMA void ifma_key_product(u64* out0, u64* out1, const u64* const* d, cons
     const __m512i vq = _mm512_set1_epi64(long(q)), v2q = _mm512_set1_epi64(long(2 * q));
     const __m512i w_hi = _mm512_set1_epi64(long(two52)), wq_hi = _mm512_set1_epi64(long(shoup52(two52, q)));
     const __m512i w_one = _mm512_set1_epi64(1), wq_one = _mm512_set1_epi64(long(shoup52(1, q)));
-    const __m512i mask = _mm512_set1_epi64((1LL << 52) - 1), zero = _mm512_setzero_si512();
+    const __m512i zero = _mm512_setzero_si512();
+    // products fit 2*bits bits; hi (bits 52..) of a sum of `fold` of them plus a folded value stays below 2^52
+    const int excess = 2 * m.bits - 52;
+    // (and the low halves, < fold * 2^52, stay below 2^64)
+    std::size_t fold = excess <= 0 ? digits : std::max<std::size_t>(1, (std::size_t(1) << std::min(52 - excess, 11)) - 2);
+    fold = std::min<std::size_t>(std::max<std::size_t>(fold, 1), 2040);
     for (std::size_t c = 0; c < n; c += 8) {
         __m512i lo0 = zero, hi0 = zero, lo1 = zero, hi1 = zero;
         const __m256i idx = perm ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm + c)) : _mm256_setzero_si256();
+        std::size_t since = 0;
         for (std::size_t j = 0; j < digits; ++j) {
+            if (since == fold) {
+                lo0 = fold_sum(lo0, hi0, w_hi, wq_hi, w_one, wq_one, vq, v2q);
+                lo1 = fold_sum(lo1, hi1, w_hi, wq_hi, w_one, wq_one, vq, v2q);
+                hi0 = hi1 = zero;
+                since = 0;
+            }
             __m512i x = perm ? _mm512_i32gather_epi64(idx, reinterpret_cast<const long long*>(d[j]), 8)
                              : _mm512_loadu_si512(d[j] + c);
             __m512i a = _mm512_loadu_si512(k0[j] + c), b = _mm512_loadu_si512(k1[j] + c);
@@ -259,15 +283,10 @@ MEDHE_IFMA void ifma_key_product(u64* out0, u64* out1, const u64* const* d, cons
             hi0 = _mm512_madd52hi_epu64(hi0, x, a);
             lo1 = _mm512_madd52lo_epu64(lo1, x, b);
             hi1 = _mm512_madd52hi_epu64(hi1, x, b);
+            ++since;
         }
-        __m512i r[2];
-        __m512i los[2] = {lo0, lo1}, his[2] = {hi0, hi1};
-        for (int k = 0; k < 2; ++k) {
-            __m512i hi = _mm512_add_epi64(his[k], _mm512_srli_epi64(los[k], 52));
-            __m512i lo = _mm512_and_si512(los[k], mask);
-            __m512i v = _mm512_add_epi64(mul_shoup52(hi, w_hi, wq_hi, vq), mul_shoup52(lo, w_one, wq_one, vq));
-            r[k] = sub_if_ge(sub_if_ge(v, v2q), vq);
-        }
+        __m512i r[2] = {fold_sum(lo0, hi0, w_hi, wq_hi, w_one, wq_one, vq, v2q),
+                        fold_sum(lo1, hi1, w_hi, wq_hi, w_one, wq_one, vq, v2q)};
         if (accumulate) {
             r[0] = sub_if_ge(_mm512_add_epi64(r[0], _mm512_loadu_si512(out0 + c)), vq);
             r[1] = sub_if_ge(_mm512_add_epi64(r[1], _mm512_loadu_si512(out1 + c)), vq);
