@@ -264,3 +264,23 @@ def test_program_refuses_wrong_inputs(nb):
             prog.evaluate(be.keys, [be.mod_switch(good, plan.input_level - 1)] * plan.input_ciphertexts)
     with pytest.raises(_runtime.InputError):
         be.ctx.program([(99, 0, 0, 0, 0, [], [], [], [], [])], plains, 2, 1, 1)
+
+
+def test_thread_chooser_follows_measured_times(monkeypatch):
+    monkeypatch.delenv("MEDHE_NATIVE_THREADS", raising=False)
+    chooser = native.ThreadChooser(explore=4)
+    chooser.options = [1, 2]  # as on a 2-core machine
+    cost = {1: 1.0, 2: 0.6}
+    picks = []
+    for _ in range(16):
+        k = chooser.pick()
+        picks.append(k)
+        chooser.record(k, cost[k])
+    assert picks[:2] == [1, 2] and picks.count(2) > picks.count(1)
+    cost[2] = 3.0  # the other core got busy: two threads now lose
+    for _ in range(24):
+        k = chooser.pick()
+        chooser.record(k, cost[k])
+    assert chooser.pick() == 1 or chooser.calls % chooser.explore == 0
+    monkeypatch.setenv("MEDHE_NATIVE_THREADS", "1")
+    assert native.ThreadChooser().options == [1]
