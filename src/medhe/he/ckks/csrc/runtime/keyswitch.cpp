@@ -81,12 +81,22 @@ void key_product(const Context& ctx, const Decomposed& d, const SwitchKey& key, 
         u64* out1 = acc.at(1, t);
         if (ifma_enabled() && ifma_key_product_fits(digits, m) && n % 8 == 0) {
             std::vector<const u64*> dp(digits), k0(digits), k1(digits);
+            // a Galois permutation is applied with scalar loads into scratch: vector gathers are slow on CPUs
+            // with the gather-data-sampling mitigation, and the digits stay in L2 either way
+            thread_local std::vector<u64> scratch;
+            if (perm) scratch.resize(digits * n);
             for (std::size_t j = 0; j < digits; ++j) {
                 dp[j] = d.at(j, t);
+                if (perm) {
+                    u64* dst = scratch.data() + j * n;
+                    const u64* src = dp[j];
+                    for (std::size_t c = 0; c < n; ++c) dst[c] = src[perm[c]];
+                    dp[j] = dst;
+                }
                 k0[j] = key.part(j, 0, key_limb);
                 k1[j] = key.part(j, 1, key_limb);
             }
-            ifma_key_product(out0, out1, dp.data(), k0.data(), k1.data(), digits, perm, n, m, accumulate);
+            ifma_key_product(out0, out1, dp.data(), k0.data(), k1.data(), digits, nullptr, n, m, accumulate);
             return;
         }
         u128 a0[B], a1[B];
