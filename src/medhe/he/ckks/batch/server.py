@@ -1,0 +1,110 @@
+"""Server side of batch mode: the batch plan, its compiled kernels, and ``infer_batch`` on bytes."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from medhe.errors import CiphertextError
+from medhe.he.ckks import serialize, wire
+from medhe.he.ckks.batch import rns
+from medhe.he.ckks.batch.compiler import BatchPlan, compile_batch_plan
+from medhe.he.ckks.batch.runtime import SealBoundary, build_kernels, run_batch
+from medhe.he.ckks.params import seal_context
+
+SPEC_FORMAT = "medhe-ckks-batch-spec/1"
+
+
+class CKKSBatchServer:
+    """A model compiled for one image per slot; holds no secret key, only the client's relinearization keys."""
+
+    scheme = "ckks"
+
+    def __init__(self, plan: BatchPlan, task: str = "multi-class", labels: list[str] | None = None,
+                 name: str = "model", threads: int | None = None) -> None:
+        self.plan = plan
+        self.task = task
+        self.labels = list(labels) if labels else [str(i) for i in range(plan.output_count)]
+        self.name = name
+        self.threads = threads
+        self.kernels = build_kernels(plan)
+        self.context = seal_context(plan.params)
+        self._public = plan.public()
+        self._lock = threading.Lock()
+
+    @property
+    def plan_id(self) -> str:
+        return self._public["plan_id"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch
+
+    def spec(self) -> dict[str, Any]:
+        return {"scheme": "ckks", "mode": "batch", "format": SPEC_FORMAT, "model": self.name, "task": self.task,
+                "labels": self.labels, **self._public}
+
+    def load_keys(self, data: bytes) -> Any:
+        """The client's relinearization keys (the only evaluation key a batch plan uses)."""
+        parts = wire.unpack(data, wire.KIND_KEYS, self.plan_id)
+        if len(parts) != 1 or not parts[0]:
+            raise CiphertextError("batch evaluation keys must hold exactly the relinearization keys: create them "
+                                  "with a batch client for this server's batch spec")
+        need = {serialize.RELIN_KEY_INDEX: int(self._public["key_levels"]["relin"])}
+        return serialize.load_relin_keys(parts[0], self.context, need)
+
+    def load_inputs(self, data: bytes) -> np.ndarray:
+        """(input ciphertexts, 2, primes, N) residues of one encrypted batch, checked against the plan."""
+        parts = wire.unpack(data, wire.KIND_INPUT, self.plan_id)
+        if len(parts) != self.plan.input_count:
+            raise CiphertextError(f"encrypted batch has {len(parts)} ciphertexts, this model expects "
+                                  f"{self.plan.input_count}: encrypt with a batch client built from this server's "
+                                  "batch spec")
+        level = self.plan.input_level
+        top = self.context.first_context_data().parms_id()
+        out = np.empty((len(parts), 2, level + 1, self.plan.params.poly_degree), dtype=np.uint64)
+        for i, part in enumerate(parts):
+            ct = serialize.load_ciphertext(part, self.context)
+            if ct.size() != 2 or list(ct.parms_id()) != list(top):
+                raise CiphertextError(f"input ciphertext {i} is not a fresh ciphertext at the top level: encrypt "
+                                      "with this server's batch spec")
+            if not math.isclose(ct.scale(), float(self.plan.input_scale), rel_tol=1e-9):
+                raise CiphertextError(f"input ciphertext {i} has scale 2^{math.log2(ct.scale()):.2f}, expected "
+                                      f"2^{math.log2(float(self.plan.input_scale)):.2f}: encrypt with this "
+                                      "server's batch spec")
+            out[i] = rns.to_array(ct)
+        return out
+
+    def evaluate(self, relin_keys: Any, inputs: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        with self._lock:
+            return run_batch(self.plan, self.kernels, inputs, SealBoundary(self.plan, relin_keys), self.threads,
+                             timings)
+
+    def dump_outputs(self, outputs: np.ndarray) -> bytes:
+        boundary = SealBoundary(self.plan, None)
+        cts = boundary.output_ciphertexts(outputs, self.plan.output_level, float(self.plan.output_scale))
+        return wire.pack(wire.KIND_OUTPUT, self.plan_id, [serialize.dump_ciphertext(ct, self.context) for ct in cts])
+
+    def infer_batch(self, keys: Any, data: bytes, timings: dict[str, float] | None = None) -> bytes:
+        """One encrypted batch (up to ``batch_size`` images) -> its encrypted logits."""
+        return self.dump_outputs(self.evaluate(keys, self.load_inputs(data), timings))
+
+
+def compile_ckks_batch(artifact: Any, threads: int | None = None, **options: Any) -> CKKSBatchServer:
+    """A loaded ``ModelArtifact`` compiled for batch mode (options: see ``compile_batch_plan``)."""
+    from medhe.he.ckks.server import input_shape_of
+
+    card = artifact.card
+    plan = compile_batch_plan(artifact.model, input_shape_of(artifact), card.get("activation_ranges"), **options)
+    return CKKSBatchServer(plan, task=card.get("task", "multi-class"), labels=card.get("labels"),
+                           name=card.get("name", "model"), threads=threads)
+
+
+def batch_server_from_model(model: torch.nn.Module, input_shape: tuple[int, ...], task: str = "multi-class",
+                            labels: list[str] | None = None, activation_ranges: dict | None = None,
+                            **options: Any) -> CKKSBatchServer:
+    return CKKSBatchServer(compile_batch_plan(model, input_shape, activation_ranges, **options), task, labels)
