@@ -77,7 +77,6 @@ def run_batch_benchmark(model: str = "pneumoniamnist", data_dir: str | os.PathLi
     logits = client.decrypt_batch([result], batch)
     decrypt_s = time.perf_counter() - t0
     ev, io = _median(eval_s), _median(eval_s) + _median(load_s) + _median(dump_s)
-    ok = np.all(np.isfinite(logits), axis=1)
     return {
         "model": artifact.name,
         "batch_size": batch,
@@ -95,9 +94,8 @@ def run_batch_benchmark(model: str = "pneumoniamnist", data_dir: str | os.PathLi
         "bytes_per_batch": {"up": len(upload), "down": len(result)},
         "key_bytes": len(keys_bytes),
         "compile_s": round(compile_s, 2),
-        "quality": {"max_abs_logit_error": float(np.max(np.abs(logits[ok] - plain[ok]))) if ok.any() else None,
-                    "argmax_agreement": float(np.mean(logits.argmax(1) == plain.argmax(1))),
-                    "out_of_range": int((~ok).sum())},
+        "quality": {"max_abs_logit_error": float(np.max(np.abs(logits - plain))),
+                    "argmax_agreement": float(np.mean(logits.argmax(1) == plain.argmax(1)))},
         "plan": server.plan.summary(),
         "security": security(server.plan.params),
     }

@@ -7,12 +7,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from medhe.errors import CiphertextError, DataError, PlanError
+from medhe.errors import CiphertextError, DataError, OutOfRangeError, PlanError
 from medhe.he.ckks import serialize, wire
 from medhe.he.ckks.backend import SealBackend
 from medhe.he.ckks.params import CKKSParams
-
-OUT_OF_RANGE = np.nan  # an image whose scores left the range the plan was sized for gets NaN scores
 
 
 class CKKSBatchClient:
@@ -32,6 +30,7 @@ class CKKSBatchClient:
             self.output_count = int(spec["output"]["count"])
             self.output_level = int(spec["output"]["level"])
             self.output_bound = float(spec["output"]["bound"])
+            self.input_bound = float(spec["input"]["bound"])
             self.relin_level = int(spec["key_levels"]["relin"])
             self.task = str(spec.get("task", "multi-class"))
             self.labels = list(spec.get("labels") or [])
@@ -71,6 +70,13 @@ class CKKSBatchClient:
         bad = np.flatnonzero(~np.all(np.isfinite(x), axis=1))
         if bad.size:
             raise DataError(f"image {int(bad[0])} contains NaN or infinite values: check it and its preprocessing")
+        # One image far outside the range the plan was sized for can wrap the shared ciphertext modulo Q and spoil
+        # every image of its batch, so inputs beyond the plan's bound are refused here, before encryption.
+        bad = np.flatnonzero(np.abs(x).max(axis=1) > self.input_bound * (1 + 1e-6))
+        if bad.size:
+            raise DataError(f"image {int(bad[0])} has values up to {np.abs(x[bad[0]]).max():.4g}, beyond the "
+                            f"±{self.input_bound:g} this model's batch plan accepts: preprocess it as the model "
+                            "card says")
         return x
 
     def iter_encrypt(self, x: np.ndarray) -> Iterator[bytes]:
@@ -91,7 +97,7 @@ class CKKSBatchClient:
         return list(self.iter_encrypt(x))
 
     def decrypt_one(self, data: bytes) -> np.ndarray:
-        """(batch, outputs) scores of one encrypted result; rows beyond the plan's output range are NaN."""
+        """(batch, outputs) scores of one encrypted result."""
         self._need_keys()
         parts = wire.unpack(data, wire.KIND_OUTPUT, self.plan_id)
         if len(parts) != self.output_count:
@@ -105,8 +111,14 @@ class CKKSBatchClient:
                                       f"{self.output_level}: it was not produced by this server's batch plan")
             cols.append(self.backend.decrypt(ct))
         out = np.stack(cols, axis=1)
-        # Far outside the plan's range a result may have wrapped around modulo the last prime (see CKKSClient).
-        out[~(np.abs(out) <= self.output_bound).all(axis=1)] = OUT_OF_RANGE
+        bad = np.flatnonzero(~(np.abs(out) <= self.output_bound).all(axis=1))
+        if bad.size:
+            # All images share the ciphertexts: a value that wrapped around modulo Q spoils every slot, so no
+            # score of this batch can be trusted (see CKKSClient.decrypt for the single-image case).
+            raise OutOfRangeError(f"decrypted scores of {bad.size} slot(s) (first: {int(bad[0])}) lie beyond the "
+                                  f"±{self.output_bound:.4g} this model's batch plan is sized for, so the encrypted "
+                                  "batch may have wrapped around and none of its results is given: an image far "
+                                  "from the training data is in it; run its images one at a time to find it")
         return out
 
     def decrypt_batch(self, results: Iterable[bytes], n: int | None = None) -> np.ndarray:
@@ -122,7 +134,7 @@ class CKKSBatchClient:
         logits = np.asarray(logits, dtype=np.float64)
         if self.task == "multi-label":
             return 1.0 / (1.0 + np.exp(-logits))
-        z = np.exp(logits - np.nanmax(logits, axis=-1, keepdims=True))
+        z = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return z / z.sum(axis=-1, keepdims=True)
 
 

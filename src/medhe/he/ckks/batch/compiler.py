@@ -90,6 +90,7 @@ class BatchPlan:
     segments: list[Segment]
     output_scale: Fraction
     output_bound: float
+    input_bound: float = 1.0
     graph: Graph | None = None
     precision_bits: float = 0.0
     choice: dict[str, int] = field(default_factory=dict)
@@ -127,7 +128,7 @@ class BatchPlan:
             "params": self.params.to_dict(),
             "batch": self.batch,
             "input": {"shape": list(self.input_shape), "level": self.input_level, "scale": float(self.input_scale),
-                      "ciphertexts": self.input_count},
+                      "ciphertexts": self.input_count, "bound": float(self.input_bound)},
             "rotation_steps": [],
             "relinearization": True,
             "key_levels": {"galois": {}, "relin": max(s.level for s in self.segments if s.relin)
@@ -335,7 +336,7 @@ def compile_batch_plan(model: nn.Module, input_shape: tuple[int, ...],
         sched = _Schedule(graph, forms, bounds, primes, input_bits, weight_bits, min_scale, True)
         sched.run()
         return BatchPlan(params, tuple(graph.input_shape), Fraction(2) ** input_bits, sched.segments,
-                         sched.scale, float(bounds[-1]), graph, float(best[0][0]),
+                         sched.scale, float(bounds[-1]), float(input_bound), graph, float(best[0][0]),
                          {"input_scale_bits": input_bits, "weight_bits": weight_bits,
                           "min_scale_bits": min_scale})
     raise PlanError("the model's values do not fit any secure batch chain (128-bit, primes below 2^31): "
