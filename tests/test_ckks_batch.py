@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from medhe.errors import CiphertextError, DataError, OutOfRangeError, PlanError
-from medhe.he.ckks import wire
 from medhe.he.ckks.batch import rns
 from medhe.he.ckks.batch.client import CKKSBatchClient
 from medhe.he.ckks.batch.compiler import compile_batch_plan
 from medhe.he.ckks.batch.server import CKKSBatchServer, batch_server_from_model
-from medhe.he.ckks.params import CKKSParams, data_primes, seal_context
+from medhe.he.ckks.backends.seal import seal_context
+from medhe.he.ckks.compiler.params import CKKSParams, data_primes
+from medhe.he.ckks.wire import envelope as wire
 from medhe.models.layers import PolyAct, Residual
 
 _batch = pytest.importorskip("medhe.he.ckks._batch", reason="batch kernel not built (python setup.py build_ext)")

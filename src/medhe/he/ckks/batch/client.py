@@ -8,9 +8,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from medhe.errors import CiphertextError, DataError, OutOfRangeError, PlanError
-from medhe.he.ckks import serialize, wire
-from medhe.he.ckks.backend import SealBackend
-from medhe.he.ckks.params import CKKSParams
+from medhe.he.ckks.backends.seal import SealBackend
+from medhe.he.ckks.compiler.params import CKKSParams
+from medhe.he.ckks.wire import envelope as wire
+from medhe.he.ckks.wire import serialize
 
 
 class CKKSBatchClient:

@@ -28,9 +28,10 @@ import scipy.sparse as sp
 from torch import nn
 
 from medhe.errors import PlanError
-from medhe.he.ckks.params import CKKSParams, choose_params, data_primes
-from medhe.he.ckks.plan import PolyForm, prepare_graph
-from medhe.he.ckks.trace import Graph, is_finite_range, poly_eval
+from medhe.he.ckks.compiler.lower import prepare_graph
+from medhe.he.ckks.compiler.params import CKKSParams, choose_params, data_primes
+from medhe.he.ckks.compiler.prepare import PolyForm
+from medhe.he.ckks.compiler.trace import Graph, is_finite_range, poly_eval
 from medhe.he.security import MAX_MODULUS_BITS_128
 
 FORMAT = "medhe-ckks-batch-plan/1"
@@ -128,7 +129,7 @@ class BatchPlan:
             "params": self.params.to_dict(),
             "batch": self.batch,
             "input": {"shape": list(self.input_shape), "level": self.input_level, "scale": float(self.input_scale),
-                      "ciphertexts": self.input_count, "bound": float(self.input_bound)},
+                      "ciphertexts": self.input_count, "bound": float(self.input_bound), "batch": self.batch},
             "rotation_steps": [],
             "relinearization": True,
             "key_levels": {"galois": {}, "relin": max(s.level for s in self.segments if s.relin)

@@ -11,15 +11,14 @@ from tqdm import tqdm
 
 from medhe.he.ckks.batch.client import CKKSBatchClient
 from medhe.he.ckks.batch.server import CKKSBatchServer, compile_ckks_batch
-from medhe.he.security import MAX_MODULUS_BITS_128
+from medhe.he.security import MAX_MODULUS_BITS_128, security_bits
 
 
 def security(params: Any) -> dict[str, Any]:
-    """What the 128-bit claim rests on: ring degree and total modulus against the HomomorphicEncryption.org table."""
-    total = int(sum(params.prime_bits))
-    limit = MAX_MODULUS_BITS_128[params.poly_degree]
-    return {"bits": 128 if total <= limit else 0, "poly_degree": params.poly_degree, "modulus_bits": total,
-            "max_modulus_bits_128": limit}
+    """What the security claim rests on: ring degree and total modulus against the HomomorphicEncryption.org table
+    (``security_bits`` raises below 128 bits)."""
+    return {"bits": security_bits(params.poly_degree, params.prime_bits), "poly_degree": params.poly_degree,
+            "modulus_bits": int(sum(params.prime_bits)), "max_modulus_bits_128": MAX_MODULUS_BITS_128[params.poly_degree]}
 
 
 def run_batch_encrypted(server: CKKSBatchServer, inputs: np.ndarray, progress: bool = True) -> dict[str, Any]:
@@ -85,7 +84,7 @@ def evaluate_batch(artifact: Any, inputs: np.ndarray, labels: np.ndarray, report
         "latency_ms": run["latency_ms"],
         "bytes": run["bytes"],
         "batch": run["batch"],
-        "params": server.plan.params.to_dict(),
+        "params": {**server.plan.params.to_dict(), **server.report_params()},
         "plan": server.plan.summary(),
         "security": security(server.plan.params),
     })

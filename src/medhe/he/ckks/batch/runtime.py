@@ -16,9 +16,10 @@ import numpy as np
 import seal
 
 from medhe.errors import CiphertextError, PlanError
+from medhe.he.ckks.backends.seal import seal_context
 from medhe.he.ckks.batch import rns
 from medhe.he.ckks.batch.compiler import BatchPlan, MacStep, Poly2Step, Segment
-from medhe.he.ckks.params import data_primes, seal_context
+from medhe.he.ckks.compiler.params import data_primes
 
 try:  # optional: a machine without a compiler has no kernel, and batch mode then says so
     from medhe.he.ckks import _batch

@@ -11,11 +11,13 @@ import numpy as np
 import torch
 
 from medhe.errors import CiphertextError
-from medhe.he.ckks import serialize, wire
+from medhe.he.ckks.backends.seal import seal_context
 from medhe.he.ckks.batch import rns
 from medhe.he.ckks.batch.compiler import BatchPlan, compile_batch_plan
 from medhe.he.ckks.batch.runtime import SealBoundary, build_kernels, default_threads, run_batch
-from medhe.he.ckks.params import seal_context
+from medhe.he.ckks.wire import envelope as wire
+from medhe.he.ckks.wire import serialize
+from medhe.he.security import security_bits
 
 SPEC_FORMAT = "medhe-ckks-batch-spec/1"
 
@@ -44,6 +46,11 @@ class CKKSBatchServer:
     @property
     def batch_size(self) -> int:
         return self.plan.batch
+
+    def report_params(self) -> dict[str, Any]:
+        """What ran (the batch kernel; SEAL only at segment ends) and the security level of the chain."""
+        params = self.plan.params
+        return {"backend": "batch-kernel+seal", "security_bits": security_bits(params.poly_degree, params.prime_bits)}
 
     def spec(self) -> dict[str, Any]:
         return {"scheme": "ckks", "mode": "batch", "format": SPEC_FORMAT, "model": self.name, "task": self.task,
