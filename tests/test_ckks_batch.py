@@ -217,3 +217,16 @@ def test_batch_pneumoniamnist_real_images(data_dir):
     want = predict_logits(artifact.model, x)
     assert np.max(np.abs(got - want)) < 1e-2
     assert np.array_equal(got.argmax(1), want.argmax(1))
+
+
+def test_native_and_seal_boundaries_agree_bit_for_bit(tiny_session):
+    pytest.importorskip("medhe.he.ckks._runtime", reason="native runtime not built")
+    from medhe.he.ckks.batch.runtime import NativeBoundary, SealBoundary
+
+    model, x, server, client, keys = tiny_session
+    arr = server.load_inputs(client.encrypt_batch(x[:5])[0])
+    seg = server.plan.segments[0]
+    mid = server.kernels[0].run(arr, seg.output, 2, 64)
+    a = SealBoundary(server.plan, keys)(mid, seg)
+    b = NativeBoundary(server.plan, keys)(mid, seg)
+    assert seg.relin and seg.rescales >= 1 and np.array_equal(a, b)

@@ -14,7 +14,7 @@ from medhe.errors import CiphertextError
 from medhe.he.ckks.backends.seal import seal_context
 from medhe.he.ckks.batch import rns
 from medhe.he.ckks.batch.compiler import BatchPlan, compile_batch_plan
-from medhe.he.ckks.batch.runtime import SealBoundary, build_kernels, default_threads, run_batch
+from medhe.he.ckks.batch.runtime import SealBoundary, build_kernels, default_threads, make_boundary, run_batch
 from medhe.he.ckks.wire import envelope as wire
 from medhe.he.ckks.wire import serialize
 from medhe.he.security import security_bits
@@ -28,12 +28,13 @@ class CKKSBatchServer:
     scheme = "ckks"
 
     def __init__(self, plan: BatchPlan, task: str = "multi-class", labels: list[str] | None = None,
-                 name: str = "model", threads: int | None = None) -> None:
+                 name: str = "model", threads: int | None = None, boundary: str = "auto") -> None:
         self.plan = plan
         self.task = task
         self.labels = list(labels) if labels else [str(i) for i in range(plan.output_count)]
         self.name = name
         self.threads = threads
+        self.boundary = boundary  # where relinearize/rescale run: auto | native | seal
         self.kernels = build_kernels(plan)
         self.context = seal_context(plan.params)
         self._public = plan.public()
@@ -50,7 +51,8 @@ class CKKSBatchServer:
     def report_params(self) -> dict[str, Any]:
         """What ran (the batch kernel; SEAL only at segment ends) and the security level of the chain."""
         params = self.plan.params
-        return {"backend": "batch-kernel+seal", "security_bits": security_bits(params.poly_degree, params.prime_bits)}
+        return {"backend": f"batch-kernel+{type(make_boundary(self.plan, None, self.boundary)).__name__}",
+                "security_bits": security_bits(params.poly_degree, params.prime_bits)}
 
     def spec(self) -> dict[str, Any]:
         return {"scheme": "ckks", "mode": "batch", "format": SPEC_FORMAT, "model": self.name, "task": self.task,
@@ -94,8 +96,8 @@ class CKKSBatchServer:
 
     def evaluate(self, relin_keys: Any, inputs: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
         with self._lock:
-            return run_batch(self.plan, self.kernels, inputs, SealBoundary(self.plan, relin_keys), self.threads,
-                             timings)
+            return run_batch(self.plan, self.kernels, inputs, make_boundary(self.plan, relin_keys, self.boundary),
+                             self.threads, timings)
 
     def dump_outputs(self, outputs: np.ndarray) -> bytes:
         boundary = SealBoundary(self.plan, None)
