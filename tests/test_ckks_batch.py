@@ -230,3 +230,33 @@ def test_native_and_seal_boundaries_agree_bit_for_bit(tiny_session):
     a = SealBoundary(server.plan, keys)(mid, seg)
     b = NativeBoundary(server.plan, keys)(mid, seg)
     assert seg.relin and seg.rescales >= 1 and np.array_equal(a, b)
+
+
+def test_kernel_lazy_reduction_over_many_large_terms():
+    """40 terms of |w| ~ 2^30 force a reduction every few terms; the sum must still be exact modulo each prime."""
+    primes = [1073479681, 1072496641]
+    rng = np.random.default_rng(7)
+    n_in, degree = 40, 128
+    x = np.stack([rng.integers(0, q, size=(n_in, 2, degree), dtype=np.uint64) for q in primes], axis=2)
+    w = rng.choice([-(2 ** 30) + 1, 2 ** 30 - 1, -12345, 3], size=(2, n_in)).astype(np.int64)
+    seg = _batch.Segment(primes, degree, [(n_in, 2), (2, 2)])
+    seg.add_mac(0, 1, np.array([0, n_in, 2 * n_in]), np.tile(np.arange(n_in), 2), w.reshape(-1),
+                np.zeros(0, np.uint64))
+    got = seg.run(x, 1, 2, 64)
+    for li, q in enumerate(primes):
+        want = np.zeros((2, 2, degree), dtype=np.uint64)
+        for o in range(2):
+            for i in range(n_in):
+                want[o] = (want[o] + np.uint64(int(w[o, i]) % q) * x[i, :, li]) % np.uint64(q)
+        assert np.array_equal(got[:, :, li], want)
+
+
+def test_simulated_plan_tracks_plaintext_and_encryption_tracks_simulation(tiny_session):
+    from medhe.he.ckks.batch.simulate import simulate
+
+    model, x, server, client, keys = tiny_session
+    sim = simulate(server.plan, x)
+    plain = _plain(model, x)
+    assert np.max(np.abs(sim - plain)) < 1e-4  # quantization of weights and constants only
+    enc = client.decrypt_batch([server.infer_batch(keys, client.encrypt_batch(x)[0])], len(x))
+    assert np.max(np.abs(enc - sim)) < 1e-3  # CKKS noise on top

@@ -52,6 +52,7 @@ class MacStep:
     matrix: sp.csr_matrix
     bias: list[int]
     name: str = ""
+    weight_bits: int = 0  # the weights are round(W * 2^weight_bits)
 
 
 @dataclass
@@ -270,7 +271,7 @@ class _Schedule:
                     mat.data = mat.data.astype(np.int64)
                     mat.eliminate_zeros()
                     bias = [round(Fraction(float(b)) * out_scale) for b in bias_exact]
-                    self.seg.steps.append(MacStep(self.cur, dst, mat, bias, node.name))
+                    self.seg.steps.append(MacStep(self.cur, dst, mat, bias, node.name, k))
                 self.cur, self.scale = dst, out_scale
             else:
                 form = self.forms[i]
