@@ -256,6 +256,7 @@ class _Schedule:
                 if not self.fits(self.bounds[i], out_scale, self.level):
                     if self.seg.steps:
                         self.close(self.bounds[i - 1])
+                        count, size = self.seg.values[self.cur]
                         out_scale = self.scale * Fraction(2) ** k
                     if not self.fits(self.bounds[i], out_scale, self.level):
                         raise _NoFit()

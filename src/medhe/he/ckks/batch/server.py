@@ -51,7 +51,8 @@ class CKKSBatchServer:
     def report_params(self) -> dict[str, Any]:
         """What ran (the batch kernel; SEAL only at segment ends) and the security level of the chain."""
         params = self.plan.params
-        return {"backend": f"batch-kernel+{type(make_boundary(self.plan, None, self.boundary)).__name__}",
+        engine = "native" if type(make_boundary(self.plan, None, self.boundary)).__name__.startswith("Native") else "seal"
+        return {"backend": f"batch-kernel+{engine}",
                 "security_bits": security_bits(params.poly_degree, params.prime_bits)}
 
     def spec(self) -> dict[str, Any]:
