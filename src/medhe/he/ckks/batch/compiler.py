@@ -40,6 +40,9 @@ SPECIAL_BITS = {8192: 38, 16384: 48}  # key-switching prime (relinearization onl
 MARGIN_BITS = 3  # headroom over the estimated |value| * scale before a value would wrap modulo Q
 FRESH_NOISE_BITS = 10.5  # ~4.5 sigma of a fresh symmetric encryption's error in one slot at N=8192
 ROUNDING_NOISE_BITS = 7.0  # ~4.5 sigma of a rescale's rounding error plus relinearization noise in one slot
+# Key switching adds ~2^15 (absolute, one slot) with a 38-bit special prime over 30-bit primes: relinearize only
+# where the scale is at least this large (measured: after all rescales, at 2^28, the logit error grew 30x).
+RELIN_MIN_SCALE_BITS = 50
 MAX_WEIGHT_BITS = 30  # |integer weight| < 2^31
 
 
@@ -78,10 +81,15 @@ class Segment:
     scale: Fraction  # of the output before the boundary
     relin: bool
     rescales: int
+    relin_after: int = 0  # rescales done before relinearizing (cheaper at a lower level while the scale is large)
 
     @property
     def out_level(self) -> int:
         return self.level - self.rescales
+
+    @property
+    def relin_level(self) -> int:
+        return self.level - self.relin_after
 
 
 @dataclass
@@ -133,7 +141,7 @@ class BatchPlan:
                       "ciphertexts": self.input_count, "bound": float(self.input_bound), "batch": self.batch},
             "rotation_steps": [],
             "relinearization": True,
-            "key_levels": {"galois": {}, "relin": max(s.level for s in self.segments if s.relin)
+            "key_levels": {"galois": {}, "relin": max(s.relin_level for s in self.segments if s.relin)
                            if any(s.relin for s in self.segments) else -1},
             "output": {"count": self.output_count, "level": self.output_level, "bound": float(self.output_bound)},
         }
@@ -232,6 +240,11 @@ class _Schedule:
         if drops == 0 and not final:
             raise _NoFit()
         self.seg.rescales = drops
+        after, s = 0, self.scale
+        while size == 3 and after < drops and _log2(s / self.primes[self.level - after]) >= RELIN_MIN_SCALE_BITS:
+            s /= self.primes[self.level - after]
+            after += 1
+        self.seg.relin_after = after
         self.precision = min(self.precision, _log2(scale) - ROUNDING_NOISE_BITS)
         self.segments.append(self.seg)
         self.level -= drops

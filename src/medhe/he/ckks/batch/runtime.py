@@ -78,12 +78,13 @@ class SealBoundary:
 
     def one(self, ct_arr: np.ndarray, seg: Segment) -> np.ndarray:
         ct = self.ciphertext(ct_arr, seg.level, float(seg.scale))
-        if seg.relin:  # before rescaling: key-switching noise is absolute, the scale is still huge here
-            if self.relin_keys is None:
-                raise CiphertextError("the batch plan needs relinearization keys: send them with the keys")
-            ct = self.evaluator.relinearize(ct, self.relin_keys)
-        for _ in range(seg.rescales):
-            ct = self.evaluator.rescale_to_next(ct)
+        for k in range(seg.rescales + 1):
+            if seg.relin and k == seg.relin_after:  # key-switching noise is absolute: relinearize while the
+                if self.relin_keys is None:         # scale is still large, but at a lower (cheaper) level
+                    raise CiphertextError("the batch plan needs relinearization keys: send them with the keys")
+                ct = self.evaluator.relinearize(ct, self.relin_keys)
+            if k < seg.rescales:
+                ct = self.evaluator.rescale_to_next(ct)
         return rns.to_array(ct)
 
     def __call__(self, arr: np.ndarray, seg: Segment) -> np.ndarray:
@@ -106,12 +107,13 @@ class NativeBoundary:
     def one(self, arr: np.ndarray, seg: Segment) -> np.ndarray:
         ctx = self.backend.ctx
         ct = ctx.ciphertext(arr, seg.level, float(seg.scale))
-        if seg.relin:
-            if self.keys is None:
-                raise CiphertextError("the batch plan needs relinearization keys: send them with the keys")
-            ct = ctx.relinearize(ct, self.keys)
-        for _ in range(seg.rescales):
-            ct = ctx.rescale(ct)
+        for k in range(seg.rescales + 1):
+            if seg.relin and k == seg.relin_after:
+                if self.keys is None:
+                    raise CiphertextError("the batch plan needs relinearization keys: send them with the keys")
+                ct = ctx.relinearize(ct, self.keys)
+            if k < seg.rescales:
+                ct = ctx.rescale(ct)
         return ct.to_array()
 
     def __call__(self, arr: np.ndarray, seg: Segment) -> np.ndarray:
