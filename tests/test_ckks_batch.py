@@ -260,3 +260,14 @@ def test_simulated_plan_tracks_plaintext_and_encryption_tracks_simulation(tiny_s
     assert np.max(np.abs(sim - plain)) < 1e-4  # quantization of weights and constants only
     enc = client.decrypt_batch([server.infer_batch(keys, client.encrypt_batch(x)[0])], len(x))
     assert np.max(np.abs(enc - sim)) < 1e-3  # CKKS noise on top
+
+
+def test_batch_refuses_models_over_the_memory_budget(monkeypatch):
+    model, _ = tiny_model()
+    plan = compile_batch_plan(model, (1, 4, 4))
+    monkeypatch.setenv("MEDHE_BATCH_MEMORY", str(plan.memory_bytes() / 2 ** 30 / 2))
+    with pytest.raises(PlanError, match="server memory per batch"):
+        CKKSBatchServer(plan)
+    monkeypatch.setenv("MEDHE_BATCH_MEMORY", "lots")
+    with pytest.raises(PlanError, match="GiB"):
+        CKKSBatchServer(plan)

@@ -148,6 +148,17 @@ class BatchPlan:
         pub["plan_id"] = hashlib.sha256(json.dumps(pub, sort_keys=True).encode()).hexdigest()[:32]
         return pub
 
+    def memory_bytes(self) -> int:
+        """Peak server memory of one batch: the largest segment input + output (RNS arrays), plus the upload."""
+        n = self.params.poly_degree
+        peak = 0
+        for seg in self.segments:
+            count, size = seg.values[0]
+            out_count, out_size = seg.values[seg.output]
+            peak = max(peak, (count * size + out_count * out_size) * (seg.level + 1) * n * 8)
+        upload = self.input_count * n * sum(self.params.prime_bits[:-1]) // 8
+        return peak + upload
+
     def summary(self) -> dict[str, Any]:
         return {"poly_degree": self.params.poly_degree, "prime_bits": list(self.params.prime_bits),
                 "batch": self.batch, "input_ciphertexts": self.input_count, "output_ciphertexts": self.output_count,
@@ -157,6 +168,7 @@ class BatchPlan:
                 "squares": sum(s.values[st.dst][0] for s in self.segments for st in s.steps
                                if isinstance(st, Poly2Step)),
                 "boundary_ciphertexts": sum(s.values[s.output][0] for s in self.segments),
+                "memory_bytes": self.memory_bytes(),
                 **self.choice}
 
 

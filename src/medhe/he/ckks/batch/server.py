@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medhe.errors import CiphertextError
+from medhe.errors import CiphertextError, PlanError
 from medhe.he.ckks.backends.seal import seal_context
 from medhe.he.ckks.batch import rns
 from medhe.he.ckks.batch.compiler import BatchPlan, compile_batch_plan
@@ -20,6 +21,16 @@ from medhe.he.ckks.wire import serialize
 from medhe.he.security import security_bits
 
 SPEC_FORMAT = "medhe-ckks-batch-spec/1"
+MEMORY_ENV = "MEDHE_BATCH_MEMORY"
+DEFAULT_MEMORY_BYTES = 4 << 30  # one batch's arrays: a model beyond this is refused, not OOM-killed
+
+
+def memory_budget() -> int:
+    try:
+        return int(float(os.environ.get(MEMORY_ENV, "")) * (1 << 30)) if os.environ.get(MEMORY_ENV) else \
+            DEFAULT_MEMORY_BYTES
+    except ValueError:
+        raise PlanError(f"{MEMORY_ENV} must be a number of GiB, not {os.environ[MEMORY_ENV]!r}") from None
 
 
 class CKKSBatchServer:
@@ -29,6 +40,12 @@ class CKKSBatchServer:
 
     def __init__(self, plan: BatchPlan, task: str = "multi-class", labels: list[str] | None = None,
                  name: str = "model", threads: int | None = None, boundary: str = "auto") -> None:
+        need, budget = plan.memory_bytes(), memory_budget()
+        if need > budget:
+            raise PlanError(f"batch mode would need ~{need / (1 << 30):.1f} GiB of server memory per batch for this "
+                            f"model (N={plan.params.poly_degree}, {plan.input_count} input ciphertexts, "
+                            f"{len(plan.segments)} segments), over the {budget / (1 << 30):.1f} GiB budget: evaluate "
+                            f"it one image at a time, or raise {MEMORY_ENV} (GiB)")
         self.plan = plan
         self.task = task
         self.labels = list(labels) if labels else [str(i) for i in range(plan.output_count)]
