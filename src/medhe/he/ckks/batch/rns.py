@@ -20,8 +20,8 @@ _COUNT = struct.Struct("<Q")
 BODY_OFFSET = _HEADER.size + _META.size + _HEADER.size + _COUNT.size
 
 
-def to_array(ct: seal.Ciphertext) -> np.ndarray:
-    """(size, primes, N) residues of ``ct`` (a copy)."""
+def to_array(ct: seal.Ciphertext, out: np.ndarray | None = None) -> np.ndarray:
+    """(size, primes, N) residues of ``ct`` (a copy, into ``out`` when given)."""
     raw = ct.to_string()
     magic, hsize, _major, _minor, compr, _res, _total = _HEADER.unpack_from(raw, 0)
     if magic != _SEAL_MAGIC or hsize != _HEADER.size or compr != 0:
@@ -29,7 +29,11 @@ def to_array(ct: seal.Ciphertext) -> np.ndarray:
     meta = _META.unpack_from(raw, _HEADER.size)
     size, degree, primes = meta[5], meta[6], meta[7]
     count = size * degree * primes
-    return np.frombuffer(raw, dtype=np.uint64, count=count, offset=BODY_OFFSET).reshape(size, primes, degree).copy()
+    view = np.frombuffer(raw, dtype=np.uint64, count=count, offset=BODY_OFFSET).reshape(size, primes, degree)
+    if out is None:
+        return view.copy()
+    out[...] = view
+    return out
 
 
 def from_array(arr: np.ndarray, parms_id: list[int], scale: float, context: seal.SEALContext,

@@ -105,7 +105,7 @@ class CKKSBatchServer:
                 raise CiphertextError(f"input ciphertext {i} has scale 2^{math.log2(ct.scale()):.2f}, expected "
                                       f"2^{math.log2(float(self.plan.input_scale)):.2f}: encrypt with this "
                                       "server's batch spec")
-            out[i] = rns.to_array(ct)
+            rns.to_array(ct, out[i])
 
         # SEAL's loader (seed expansion) and the numpy copies release the GIL: threads load ~2x faster on 2 cores
         with ThreadPoolExecutor(default_threads()) as pool:
