@@ -57,6 +57,7 @@ def test_kernel_matches_seal_bit_for_bit(seal_tools):
                 np.array([[b % q for q in primes] for b in bias], dtype=np.uint64).reshape(-1))
     seg.add_poly2(1, 2, -1, rns.residues(beta, primes), rns.residues(c, primes))
     got = seg.run(arr, 2, 2, 64)
+    assert np.array_equal(seg.run(arr.astype(np.uint32), 2, 1, 32), got)  # uint32 input, other threads/chunk
 
     def const(value: int, at_scale: float) -> seal.Plaintext:
         # SEAL encodes round(value / at_scale * at_scale) = value exactly (|value| < 2^53, power-of-two scales)

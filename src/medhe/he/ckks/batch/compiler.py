@@ -155,7 +155,8 @@ class BatchPlan:
         for seg in self.segments:
             count, size = seg.values[0]
             out_count, out_size = seg.values[seg.output]
-            peak = max(peak, (count * size + out_count * out_size) * (seg.level + 1) * n * 8)
+            word = 4 if seg is self.segments[0] else 8  # the first input is loaded as uint32
+            peak = max(peak, (count * size * word + out_count * out_size * 8) * (seg.level + 1) * n)
         upload = self.input_count * n * sum(self.params.prime_bits[:-1]) // 8
         return peak + upload
 

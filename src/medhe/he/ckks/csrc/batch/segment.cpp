@@ -206,8 +206,20 @@ class Segment {
         steps_.push_back(std::move(st));
     }
 
-    py::array_t<uint64_t> run(py::array_t<uint64_t, py::array::c_style | py::array::forcecast> input, int output,
-                              int threads, int64_t chunk) {
+    // Input residues as uint64 (SEAL's layout) or uint32 (half the memory: every prime is below 2^31).
+    py::array_t<uint64_t> run(py::array input, int output, int threads, int64_t chunk) {
+        if (py::isinstance<py::array_t<uint32_t>>(input)) {
+            auto a = py::array_t<uint32_t, py::array::c_style | py::array::forcecast>::ensure(input);
+            return run_typed<uint32_t>(a, output, threads, chunk);
+        }
+        auto a = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(input);
+        if (!a) throw std::invalid_argument("input must be an array of residues");
+        return run_typed<uint64_t>(a, output, threads, chunk);
+    }
+
+    template <typename T>
+    py::array_t<uint64_t> run_typed(const py::array_t<T, py::array::c_style | py::array::forcecast>& input,
+                                    int output, int threads, int64_t chunk) {
         check_value(output);
         const int64_t limbs = static_cast<int64_t>(moduli_.size());
         const Value in = values_[0], out = values_[output];
@@ -215,12 +227,12 @@ class Segment {
             input.shape(3) != degree_)
             throw std::invalid_argument("input must be (" + std::to_string(in.count) + ", " + std::to_string(in.size) +
                                         ", " + std::to_string(limbs) + ", " + std::to_string(degree_) +
-                                        ") uint64 residues");
+                                        ") residues");
         if (chunk < 1 || degree_ % chunk || chunk * 3 > static_cast<int64_t>(MAX_WORDS))
             throw std::invalid_argument("chunk must divide the ring degree and be at most 256");
         py::array_t<uint64_t> result({static_cast<py::ssize_t>(out.count), static_cast<py::ssize_t>(out.size),
                                       static_cast<py::ssize_t>(limbs), static_cast<py::ssize_t>(degree_)});
-        const uint64_t* src = input.data();
+        const T* src = input.data();
         uint64_t* dst = result.mutable_data();
         const int64_t tasks = limbs * (degree_ / chunk);
         threads = std::max(1, std::min<int>(threads, static_cast<int>(tasks)));
@@ -237,7 +249,7 @@ class Segment {
                 uint32_t* b0 = bufs[0].data();
                 for (int64_t i = 0; i < in.count; ++i)
                     for (int p = 0; p < in.size; ++p) {
-                        const uint64_t* s = src + (((i * in.size + p) * limbs + limb) * degree_ + off);
+                        const T* s = src + (((i * in.size + p) * limbs + limb) * degree_ + off);
                         uint32_t* d = b0 + (i * in.size + p) * chunk;
                         for (int64_t j = 0; j < chunk; ++j) {
                             if (s[j] >= q) bad.store(true);
