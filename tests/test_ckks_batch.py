@@ -272,3 +272,12 @@ def test_batch_refuses_models_over_the_memory_budget(monkeypatch):
     monkeypatch.setenv("MEDHE_BATCH_MEMORY", "lots")
     with pytest.raises(PlanError, match="GiB"):
         CKKSBatchServer(plan)
+
+
+def test_cli_batch_flags_are_ckks_only(capsys):
+    from medhe.cli import main as medhe_main
+
+    assert medhe_main(["evaluate", "--model", "pneumoniamnist", "--scheme", "plain", "--batch"]) == 2
+    assert "--scheme ckks only" in capsys.readouterr().err
+    assert medhe_main(["bench", "--scheme", "tfhe", "--batch"]) == 2
+    assert "--scheme ckks only" in capsys.readouterr().err
