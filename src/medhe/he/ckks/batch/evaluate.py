@@ -63,7 +63,9 @@ def run_batch_encrypted(server: CKKSBatchServer, inputs: np.ndarray, progress: b
                        "kernel_per_batch": round(timings.get("kernel_s", 0.0) * 1e3 / batches, 1),
                        "boundary_per_batch": round(timings.get("boundary_s", 0.0) * 1e3 / batches, 1)},
         "bytes": {"input_per_batch": up // batches, "output_per_batch": down // batches,
-                  "input_per_image": up / n, "output_per_image": down / n, "evaluation_keys": len(eval_keys)},
+                  "input_per_image": up / n, "output_per_image": down / n, "evaluation_keys": len(eval_keys),
+                  # a full batch spreads the same bytes over batch-size images (the last batch here is padded)
+                  "input_per_slot": up / (batches * client.batch), "output_per_slot": down / (batches * client.batch)},
     }
 
 
