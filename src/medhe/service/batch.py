@@ -4,7 +4,7 @@ An encrypted batch is large (145 MB for 4096 pneumoniamnist images), so the uplo
 temporary file (never held twice in memory, refused with 413 as soon as it passes the configured cap), evaluated
 by medhe's batch kernel in a single evaluation thread (the kernel already uses every core), and the result is
 streamed back from a temporary file. Batch plans are compiled in this process on first use; their keys
-(relinearization only, ~1.3 MB) live in their own key store, separate from the single-image workers' keys.
+(relinearization only, ~0.65 MB) live in their own key store, separate from the single-image workers' keys.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from medhe.service import protocol
 from medhe.service.errors import ServiceError
 from medhe.service.keystore import KeyStore, KeyTooLarge
 
-MAX_BATCH_KEY_BYTES = 64 * protocol.MiB  # one batch key set is ~1.3 MB (relinearization keys only)
+MAX_BATCH_KEY_BYTES = 64 * protocol.MiB  # one batch key set is ~0.65 MB (relinearization keys only)
 STREAM_CHUNK = 1 << 20
 
 
