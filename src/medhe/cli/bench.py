@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="--service: server worker processes (0: one thread)")
     p.add_argument("--ops", action="store_true",
                    help="--scheme ckks: per-operation costs, native runtime vs seal-python, idle and other core busy")
+    p.add_argument("--batch", action="store_true",
+                   help="--scheme ckks: add batch-mode throughput (one image per slot, a full ciphertext batch) next "
+                        "to the single-image path and TenSEAL")
+    p.add_argument("--batch-repeats", type=int, default=3, help="--batch: evaluations of the batch (median)")
     p.add_argument("--data-dir")
     p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
     p.set_defaults(handler=run)
@@ -48,6 +52,8 @@ def _machine() -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if args.images < 1:
         raise MedheError("--images must be at least 1")
+    if args.batch and args.scheme != "ckks":
+        raise MedheError("--batch works with --scheme ckks only")
     started = time.time()
     if args.service:
         from medhe.service.loadtest import run_service_benchmark
@@ -64,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
         result = run_ckks_benchmark(model=args.model or "pneumoniamnist", n_images=args.images,
                                     data_dir=args.data_dir)
         print(format_summary(result))
+        if args.batch:
+            from medhe.he.ckks.batch.bench import add_comparison, format_throughput, run_batch_benchmark
+
+            result["throughput"] = add_comparison(run_batch_benchmark(
+                model=args.model or "pneumoniamnist", data_dir=args.data_dir, repeats=args.batch_repeats), result)
+            print(format_throughput(result["throughput"]))
     elif args.scheme == "tfhe":
         from medhe.he.tfhe.bench import run_tfhe_benchmark
 

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-bits", type=int, default=3072, help="Paillier only: modulus size (>= 2048)")
     p.add_argument("--debug-layers", action="store_true",
                    help="CKKS only: decrypt after every layer of the first image and compare with plaintext")
+    p.add_argument("--batch", action="store_true",
+                   help="CKKS only: one image per slot (4096 per ciphertext), the whole split through batch mode")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
@@ -65,7 +67,7 @@ def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | 
 def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",
              limit: int | None = None, data_dir: str | None = None, progress: bool = True,
              fhe: str = "simulate", key_bits: int = 3072, debug_layers: bool = False,
-             n_execute: int = 50) -> dict[str, Any]:
+             n_execute: int = 50, batch: bool = False) -> dict[str, Any]:
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included)."""
     from medhe.models.artifact import load_artifact
     from medhe.models.metrics import compute_metrics
@@ -73,6 +75,8 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
 
     if n_execute < 1:
         raise MedheError(f"--n-execute must be at least 1, not {n_execute}")
+    if batch and (scheme != "ckks" or debug_layers):
+        raise MedheError("--batch works with --scheme ckks only (and without --debug-layers)")
     artifact = load_artifact(model)
     name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
     inputs = model_inputs(artifact, ds.images)
@@ -83,6 +87,10 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
     }
     if scheme == "plain":
         return report
+    if batch:
+        from medhe.he.ckks.batch.evaluate import evaluate_batch
+
+        return evaluate_batch(artifact, inputs, ds.labels, report, plain_logits, progress=progress)
     if scheme == "tfhe":
         from medhe.he.tfhe import evaluate_tfhe
 
@@ -144,7 +152,7 @@ def print_report(report: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     report = evaluate(args.model, args.scheme, args.dataset, args.split, args.limit, args.data_dir,
                       progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
-                      debug_layers=args.debug_layers, n_execute=args.n_execute)
+                      debug_layers=args.debug_layers, n_execute=args.n_execute, batch=args.batch)
     print_report(report)
     if args.json_out:
         atomic.write_json(Path(args.json_out), _jsonable(report))

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inference worker processes (default: one per core, max 4; 0 = threads in this process)")
     p.add_argument("--max-body", type=_size, default=protocol.DEFAULT_MAX_BODY, metavar="BYTES",
                    help="largest accepted ciphertext upload, e.g. 256M (default 256M)")
+    p.add_argument("--max-batch-bytes", type=_size, default=protocol.DEFAULT_MAX_BATCH_BODY, metavar="BYTES",
+                   help="largest encrypted batch upload (batch mode, 413 beyond it; default 512M)")
     p.add_argument("--max-key-bytes", type=_size, default=protocol.DEFAULT_MAX_KEY_BYTES, metavar="BYTES",
                    help="all clients' evaluation keys together, least recently used evicted first (default 4G)")
     p.add_argument("--key-ttl", type=float, default=protocol.DEFAULT_KEY_TTL, metavar="SECONDS",
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if workers < 0:
         raise MedheError("--workers must be 0 (threads) or a positive number of processes")
     app = create_app(models, token=token, max_body=args.max_body, key_ttl=args.key_ttl,
-                     max_key_bytes=args.max_key_bytes, processes=workers)
+                     max_key_bytes=args.max_key_bytes, processes=workers, max_batch_bytes=args.max_batch_bytes)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme})' for m in models)} "
           f"in {workers or 'in-process'} worker(s) ...", file=sys.stderr, flush=True)

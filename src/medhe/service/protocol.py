@@ -43,3 +43,23 @@ def client_stage_path(model_id: str) -> str:
 
 def key_path(key_id: str) -> str:
     return f"{PREFIX}/keys/{key_id}"
+
+
+# -- batch mode (CKKS, one image per slot): see docs/service.md "Batch mode"
+DEFAULT_MAX_BATCH_BODY = 512 * MiB  # one encrypted batch upload (4096 pneumoniamnist images: 145 MB)
+
+
+def batch_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/batch"
+
+
+def batch_keys_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/batch/keys"
+
+
+def batch_key_path(model_id: str, key_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/batch/keys/{key_id}"
+
+
+def batch_infer_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/batch/infer"

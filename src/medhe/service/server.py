@@ -38,7 +38,8 @@ _ERROR = {"description": "JSON error: {\"error\": {\"code\", \"message\"}}"}
 
 def create_app(models: list[ServedModel], token: str | None = None, max_body: int = protocol.DEFAULT_MAX_BODY,
                key_ttl: float = protocol.DEFAULT_KEY_TTL, max_key_bytes: int = protocol.DEFAULT_MAX_KEY_BYTES,
-               processes: int = 0, threads: int = 1) -> FastAPI:
+               processes: int = 0, threads: int = 1,
+               max_batch_bytes: int = protocol.DEFAULT_MAX_BATCH_BODY) -> FastAPI:
     """Build the app. Workers compile the models when the app starts (lifespan), so /v1/ready turns true then.
 
     ``processes``: worker processes for inference (0 = a thread pool of ``threads`` in this process).
@@ -290,6 +291,9 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
             raise
         return Response(out, media_type=protocol.OCTET, headers={protocol.EVAL_MS_HEADER: f"{eval_ms:.1f}"})
 
+    from medhe.service.batch import install_batch_routes
+
+    install_batch_routes(app, catalog, authorize, served, require_ready, max_batch_bytes, key_ttl)
     return app
 
 
