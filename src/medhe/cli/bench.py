@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=16, help="--service: concurrent clients")
     p.add_argument("--requests", type=int, default=200, help="--service: requests in all")
     p.add_argument("--workers", type=int, help="--service: server worker processes (0: one thread)")
+    p.add_argument("--kill-worker-after", type=int, metavar="N",
+                   help="--service: SIGKILL one server worker after N completed requests (crash test; the SDK "
+                        "re-registers and retries, the JSON reports how often)")
     p.add_argument("--data-dir")
     p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
     p.set_defaults(handler=run)
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         from medhe.service.loadtest import run_service_benchmark
 
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
-                                       requests=args.requests, data_dir=args.data_dir, workers=args.workers)
+                                       requests=args.requests, data_dir=args.data_dir, workers=args.workers,
+                                       kill_worker_after=args.kill_worker_after)
     elif args.scheme == "ckks":
         from medhe.he.ckks.bench import format_summary, run_ckks_benchmark
 
