@@ -334,6 +334,38 @@ def test_malformed_http_framing_gets_a_json_error(server):
         assert reply_json(reply)["error"]["code"] == "bad_request"
 
 
+# -- memory: registering and deleting key sets leaves the worker where it started -----------------------------------
+def test_deleted_key_sets_give_their_memory_back(server, client):
+    """SEAL keeps key memory in its pool for good; a worker left without keys is recycled. Runs after the other
+    shared-server tests: it replaces the worker."""
+    client.forget_keys()
+    sess = client.session("pneumoniamnist")
+    data = sess.evaluation_keys()
+    client.forget_keys()
+    time.sleep(1.0)
+    (worker,) = worker_pids(server)
+    start = rss_bytes(worker)
+    replies = []
+    for _ in range(6):
+        r = http(server, "POST", protocol.keys_path("pneumoniamnist"), content=data,
+                 headers={"Content-Type": protocol.OCTET})
+        assert r.status_code == 201, r.text
+        replies.append(r.json())
+    assert rss_bytes(worker) > start + 6 * 50 * 2**20  # the sets really were loaded
+    for reply in replies:
+        r = http(server, "DELETE", protocol.key_path(reply["key_id"]),
+                 headers={protocol.KEY_SECRET_HEADER: reply.get("key_secret", "")})
+        assert r.status_code == 204
+    wait_until(lambda: worker_pids(server) != [worker], timeout=60)
+    time.sleep(2.0)
+    (now,) = worker_pids(server)
+    assert rss_bytes(now) <= 1.10 * start, (rss_bytes(now) >> 20, start >> 20)
+    assert http(server, "GET", "/v1/ready", token=None).json()["key_bytes"] == 0
+    # and the slot serves again
+    out = client.diagnose(np.zeros((28, 28), dtype=np.uint8), model="pneumoniamnist")
+    assert out.label in ("normal", "pneumonia")
+
+
 # -- fault 5: a dead worker's keys leave the accounting ---------------------------------------------------------------
 def test_dead_workers_keys_leave_the_accounting():
     with ServerProcess([PAILLIER], workers=1, token=TOKEN) as srv:

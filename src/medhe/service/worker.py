@@ -10,6 +10,7 @@ native crash on hostile input — is replaced and the request that killed it get
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import signal
@@ -28,6 +29,10 @@ from medhe.service.keystore import KeyStore
 from medhe.service.limits import rules_for
 
 
+log = logging.getLogger("medhe.service")
+RECYCLE_GROWTH, RECYCLE_SLACK = 1.10, 64 << 20  # a keyless worker above 110 % of its baseline + 64 MiB is replaced
+
+
 class KeysNotLoaded(MedheError):
     """The worker does not hold these keys (a replaced worker, or its own safety cap evicted them)."""
 
@@ -40,6 +45,7 @@ class WorkerState:
         for ref in refs:
             self.models[ref.id] = compile_model(load_artifact(ref.source), ref.scheme, **dict(ref.options))
         self.keys = KeyStore(key_cache_bytes, ttl=None)
+        self.baseline = resident_bytes()  # after compiling: what this worker needs without any client's keys
 
     def specs(self) -> dict[str, dict]:
         return {model_id: model.spec() for model_id, model in self.models.items()}
@@ -77,10 +83,12 @@ class WorkerState:
         out = self.models[model_id].infer(entry.value, ciphertext)
         return out, (time.perf_counter() - start) * 1000.0
 
-    def drop_keys(self, key_id: str) -> None:
+    def drop_keys(self, key_id: str) -> tuple[int, int, int]:
+        """Forget one key set; returns (key sets left, resident bytes now, resident bytes after compiling)."""
         entry = self.keys.remove(key_id)
         del entry
         trim_heap()
+        return len(self.keys), resident_bytes(), self.baseline
 
 
 def resident_bytes() -> int:
@@ -275,11 +283,14 @@ class WorkerPool:
             if self.generation[slot] != generation or slot >= len(self._slots):
                 return  # another request already replaced it (or the pool is closing)
             old = self._slots[slot]
-            self._slots[slot] = self._new_process_slot()
+            new = self._slots[slot] = self._new_process_slot()
             self.generation[slot] += 1
             self._key_bytes[slot] = 0
             self._verified[slot] = False
             self.restarts += 1
+            new_generation = self.generation[slot]
+        warm = new.submit(_call, "specs")  # compile now, not in the next client's request
+        warm.add_done_callback(lambda f: self._warmed(slot, new_generation, f))
         procs = list((getattr(old, "_processes", None) or {}).values())
         old.shutdown(wait=False, cancel_futures=True)
         for proc in procs:  # a worker that is merely broken, not dead, must not linger with its keys
@@ -287,6 +298,15 @@ class WorkerPool:
                 proc.kill()
         if self._on_replace is not None:
             self._on_replace(slot, generation)
+
+    def _warmed(self, slot: int, generation: int, future) -> None:
+        try:
+            same = future.result() == self._specs
+        except BaseException:
+            return  # the first request will try again and report it
+        with self._lock:
+            if same and slot < len(self._slots) and self.generation[slot] == generation:
+                self._verified[slot] = True
 
     async def load_keys(self, model_id: str, key_id: str, path: str, size: int, held: int = 0
                         ) -> tuple[tuple[int, int], int]:
@@ -320,9 +340,31 @@ class WorkerPool:
             self._local.drop_keys(key_id)
             return
         try:
-            executor.submit(_call, "drop_keys", key_id)
+            future = executor.submit(_call, "drop_keys", key_id)
         except (BrokenProcessPool, RuntimeError):
-            pass
+            return
+        future.add_done_callback(lambda f: self._maybe_recycle(slot, generation, f))
+
+    def _maybe_recycle(self, slot: int, generation: int, future) -> None:
+        """Replace a worker that holds no keys any more but whose memory stayed high.
+
+        SEAL allocates key material from its global memory pool, which keeps every block for reuse and never
+        returns it to the OS (seal-python offers no other pool to load keys into), so a worker that once held
+        30 key sets keeps their ~2.5 GB after all are deleted. A process that holds nothing is cheap to replace:
+        the replacement compiles the models again (seconds) and starts at its baseline."""
+        try:
+            left, rss, baseline = future.result()
+        except BaseException:
+            return
+        if left or not baseline or rss <= baseline * RECYCLE_GROWTH + RECYCLE_SLACK:
+            return
+        with self._lock:
+            if (slot >= len(self._slots) or self.generation[slot] != generation or self._key_bytes[slot] > 0
+                    or self._busy[slot] > 0):
+                return
+        log.info("medhe serve: recycling worker %d (no keys left, %d MiB resident vs %d MiB after compiling)",
+                 slot, rss >> 20, baseline >> 20)
+        self._replace(slot, generation)
 
 
 def default_processes() -> int:
