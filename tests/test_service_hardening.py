@@ -409,3 +409,15 @@ def test_stale_spool_files_are_cleaned_at_start(tmp_path):
         srv.stop()
     with ServerProcess([PAILLIER], workers=1, token=TOKEN, env=env):
         assert _spooled(tmp_path) == []
+
+
+# -- the load test with a worker killed mid-run: every request answered, none wrong ---------------------------------
+def test_load_test_survives_a_worker_killed_mid_run():
+    from medhe.service.loadtest import run_service_benchmark
+
+    result = run_service_benchmark(model="pneumoniamnist", clients=2, requests=8, workers=2, n_images=4,
+                                   kill_worker_after=2)
+    assert result["worker_killed"] is True
+    assert result["failures"] == 0, result["errors"]
+    assert result["mismatches"] == 0
+    assert result["retries"] >= 1  # the killed worker held one client's keys: it re-registered and retried
