@@ -95,6 +95,8 @@ def describe(rules: dict[str, Any] | None, max_body: int | None, max_key_upload:
     if max_body is not None:
         body = max_body if body is None else min(body, max_body)
     out = {"key_bytes": int(keys), "input_bytes": int(body if body is not None else fallback_body)}
+    if rules:
+        out["key_set_held_bytes"] = int(rules["held_bytes"])
     if rules and "max_key_bits" in rules:
         out["max_key_bits"] = int(rules["max_key_bits"])
     return out

@@ -80,7 +80,10 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         specs = pool.start()
         for model_id, spec in specs.items():
             catalog[model_id].spec = spec
-            catalog[model_id].limits = limits.describe(pool.rules.get(model_id), max_body, max_key_bytes)
+            rules = pool.rules.get(model_id)
+            catalog[model_id].limits = limits.describe(rules, max_body, max_key_bytes)
+            if rules and rules.get("fingerprint"):
+                catalog[model_id].wire = {"params_fingerprint": rules["fingerprint"]}
         state["ready"] = True
         log.info("medhe serve: %d model(s) ready on %d worker slot(s)", len(catalog), pool.size)
 
