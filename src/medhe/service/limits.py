@@ -79,9 +79,12 @@ def rules_for(model: Any) -> dict[str, Any] | None:
     spec = model.spec()
     scheme = spec.get("scheme")
     if scheme == "ckks":
-        from medhe.he.ckks.serialize import params_fingerprint
+        from medhe.he.ckks.backends.seal import seal_context
+        from medhe.he.ckks.compiler.params import CKKSParams
+        from medhe.he.ckks.wire.serialize import params_fingerprint
 
-        return ckks_rules(spec, params_fingerprint(model.backend.context))
+        # from the parameters, not the model's backend: the frames are SEAL's whatever backend evaluates them
+        return ckks_rules(spec, params_fingerprint(seal_context(CKKSParams.from_dict(spec["params"]))))
     if scheme == "paillier":
         return paillier_rules(spec, int(getattr(model, "pool_size", 0)))
     return None
