@@ -30,6 +30,7 @@ from medhe.service.limits import rules_for
 
 
 log = logging.getLogger("medhe.service")
+REAP_BACKOFF_S = 10.0  # the reaper replaces one slot at most this often (requests that find it broken do at once)
 RECYCLE_GROWTH, RECYCLE_SLACK = 1.10, 64 << 20  # a keyless worker above 110 % of its baseline + 64 MiB is replaced
 
 
@@ -171,6 +172,7 @@ class WorkerPool:
         self.restarts = 0
         self.rules: dict[str, dict | None] = {}
         self._on_replace = on_replace  # (slot, old generation): the keys that lived in that worker are gone
+        self._replaced_at: dict[int, float] = {}
 
     @property
     def size(self) -> int:
@@ -238,8 +240,11 @@ class WorkerPool:
         if self._local is not None:
             return 0
         dead = []
+        now = time.monotonic()
         with self._lock:
             for i, slot in enumerate(self._slots):
+                if now - self._replaced_at.get(i, -REAP_BACKOFF_S) < REAP_BACKOFF_S:
+                    continue  # a replacement that keeps dying while compiling: retry at this pace, not every tick
                 procs = list((getattr(slot, "_processes", None) or {}).values())
                 if getattr(slot, "_broken", False) or any(p.exitcode is not None for p in procs):
                     dead.append((i, self.generation[i]))
@@ -288,6 +293,7 @@ class WorkerPool:
             self._key_bytes[slot] = 0
             self._verified[slot] = False
             self.restarts += 1
+            self._replaced_at[slot] = time.monotonic()
             new_generation = self.generation[slot]
         warm = new.submit(_call, "specs")  # compile now, not in the next client's request
         warm.add_done_callback(lambda f: self._warmed(slot, new_generation, f))
