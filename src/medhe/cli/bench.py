@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--scheme ckks: add batch-mode throughput (one image per slot, a full ciphertext batch) next "
                         "to the single-image path and TenSEAL")
     p.add_argument("--batch-repeats", type=int, default=3, help="--batch: evaluations of the batch (median)")
+    p.add_argument("--kill-worker-after", type=int, metavar="N",
+                   help="--service: SIGKILL one server worker after N completed requests (crash test; the SDK "
+                        "re-registers and retries, the JSON reports how often)")
     p.add_argument("--data-dir")
     p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
     p.set_defaults(handler=run)
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         from medhe.service.loadtest import run_service_benchmark
 
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
-                                       requests=args.requests, data_dir=args.data_dir, workers=args.workers)
+                                       requests=args.requests, data_dir=args.data_dir, workers=args.workers,
+                                       kill_worker_after=args.kill_worker_after)
     elif args.scheme == "ckks" and args.ops:
         from medhe.he.ckks.opcost import run_op_costs
 

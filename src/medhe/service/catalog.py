@@ -40,6 +40,8 @@ class ServedModel:
     card: dict[str, Any]
     client_weights: bytes | None = None
     spec: dict[str, Any] = field(default_factory=dict)  # filled in from a worker once compiled
+    limits: dict[str, int] | None = None  # upload limits this server applies to the model (filled in at start)
+    wire: dict[str, str] | None = None  # wire-format facts a client needs (CKKS: the parameter fingerprint)
 
     @property
     def id(self) -> str:
@@ -69,6 +71,8 @@ class ServedModel:
             "dataset": card.get("dataset"),
             "arch": card["arch"],
             "spec": self.spec,
+            **({"limits": self.limits} if self.limits is not None else {}),
+            **({"wire": self.wire} if self.wire else {}),
             "endpoints": {
                 "keys": protocol.keys_path(self.id),
                 "infer": protocol.infer_path(self.id),

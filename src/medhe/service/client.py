@@ -75,7 +75,15 @@ class _ModelSession:
         self.he = client_for(info["spec"])
         self.he.keygen()
         self.key_id: str | None = None
+        self.key_secret: str | None = None  # proves to the server that these keys are ours (never logged)
         self.key_bytes = 0  # size of the registered evaluation keys
+
+    def key_headers(self) -> dict[str, str]:
+        """The headers that name (key id) and unlock (key secret) this session's registered keys."""
+        headers = {protocol.KEY_HEADER: self.key_id or ""}
+        if self.key_secret:
+            headers[protocol.KEY_SECRET_HEADER] = self.key_secret
+        return headers
 
     def evaluation_keys(self) -> bytes:
         """Serialized on demand, not kept: they can be ~100 MB and are needed again only to re-register."""
@@ -127,6 +135,7 @@ class Client:
                                   transport=transport)
         self._sessions: dict[str, _ModelSession] = {}
         self._models: list[dict[str, Any]] | None = None
+        self.retries = 0  # requests sent again after re-registering keys the server had lost
 
     # -- plumbing --------------------------------------------------------------------------------------------------
     def __enter__(self) -> "Client":
@@ -202,19 +211,25 @@ class Client:
         reply = self._json("POST", sess.info["endpoints"]["keys"], content=sess.evaluation_keys(),
                            headers={"Content-Type": protocol.OCTET})
         sess.key_id, sess.key_bytes = reply["key_id"], int(reply["bytes"])
+        sess.key_secret = reply.get("key_secret")  # servers before protocol v1.1 return none
 
-    def infer_encrypted(self, sess: _ModelSession, ciphertext: bytes) -> bytes:
-        """POST one ciphertext; re-registers the keys once if the server forgot them (expiry, restart)."""
+    def infer_response(self, sess: _ModelSession, ciphertext: bytes) -> httpx.Response:
+        """POST one ciphertext; if the server lost the keys (idle expiry, eviction, a worker that crashed or was
+        restarted), register them again and retry once. ``self.retries`` counts those retries."""
         for attempt in (0, 1):
             try:
                 return self._request("POST", sess.info["endpoints"]["infer"], content=ciphertext,
-                                     headers={"Content-Type": protocol.OCTET, protocol.KEY_HEADER: sess.key_id}
-                                     ).content
+                                     headers={"Content-Type": protocol.OCTET, **sess.key_headers()})
             except ServiceError as exc:
-                if exc.code != "unknown_key" or attempt:
+                if exc.code not in ("unknown_key", "worker_crashed") or attempt:
                     raise
                 self._register(sess)
+                self.retries += 1
         raise AssertionError("unreachable")
+
+    def infer_encrypted(self, sess: _ModelSession, ciphertext: bytes) -> bytes:
+        """The encrypted result of one ciphertext (see ``infer_response`` for the retry)."""
+        return self.infer_response(sess, ciphertext).content
 
     def diagnose(self, image: str | os.PathLike | np.ndarray, model: str | None = None,
                  source: str | None = None) -> Diagnosis:
@@ -254,11 +269,11 @@ class Client:
         for sess in self._sessions.values():
             if sess.key_id is not None:
                 try:
-                    self._request("DELETE", protocol.key_path(sess.key_id))
+                    self._request("DELETE", protocol.key_path(sess.key_id), headers=sess.key_headers())
                 except ServiceError as exc:
                     if exc.status != 404:
                         raise
-                sess.key_id = None
+                sess.key_id = sess.key_secret = None
 
 
 def _error_from(response: httpx.Response) -> ServiceError:

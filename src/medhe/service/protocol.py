@@ -11,13 +11,17 @@ PREFIX = f"/{API_VERSION}"
 OCTET = "application/octet-stream"
 #: header naming the registered evaluation keys an inference request uses.
 KEY_HEADER = "X-Medhe-Key-Id"
+#: header with the key secret returned at registration: required, with the key id, to use or delete the keys.
+KEY_SECRET_HEADER = "X-Medhe-Key-Secret"
 #: response header with the server-side evaluation time in milliseconds (for benchmarks, not for trust).
 EVAL_MS_HEADER = "X-Medhe-Eval-Ms"
 TOKEN_ENV = "MEDHE_TOKEN"
 
 MiB = 1 << 20
-DEFAULT_MAX_BODY = 256 * MiB       # one encrypted input
-DEFAULT_MAX_KEY_BYTES = 4096 * MiB  # all clients' evaluation keys together (also caps one upload)
+DEFAULT_MAX_BODY = 256 * MiB       # one encrypted input, for schemes whose spec gives no bound (TFHE)
+DEFAULT_MAX_KEY_BYTES = 4096 * MiB  # memory all clients' loaded evaluation keys may hold together
+DEFAULT_MAX_KEYS = 256              # key sets registered at once, all clients together
+DEFAULT_MAX_KEYS_PER_CLIENT = 64    # key sets registered at once from one client address
 DEFAULT_KEY_TTL = 3600.0            # seconds a key set may sit unused
 
 
