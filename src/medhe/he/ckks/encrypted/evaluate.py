@@ -28,7 +28,7 @@ def evaluate_encrypted_model(artifact: Any, encdir: str | os.PathLike, keydir: s
     keys = load_keydir(keydir)
     server = load_encrypted_model(encdir)
     spec = server.spec()
-    client = KeyHolderClient(spec, keys, where=str(encdir))
+    client = KeyHolderClient(spec, keys, where=f"the encrypted model in {encdir}")
     if artifact.card.get("name") != spec.get("model"):
         raise MedheError(f"{encdir} holds model {spec.get('model')!r}, not {artifact.card.get('name')!r}: pass the "
                          "--model that medhe encrypt-model encrypted")

@@ -94,12 +94,12 @@ class KeyDir:
         """One-line error unless ``spec`` (a server's or an ENCDIR's) is the encrypted model of this key set."""
         enc = spec.get("encrypted_model") if isinstance(spec, dict) else None
         if not isinstance(enc, dict):
-            raise MedheError(f"{where} serves a model with plaintext weights, not an encrypted model: drop --keys, "
-                             "or serve the encrypted model (medhe serve --encrypted-model ENCDIR)")
+            raise MedheError(f"{where} has plaintext weights, it is not an encrypted model: drop --keys, or serve "
+                             "the encrypted model (medhe serve --encrypted-model ENCDIR)")
         if str(enc.get("key_id")) != self.key_id:
-            raise SecurityError(f"the keys in {self.path} (key id {self.key_id[:12]}) do not match the encrypted "
-                                f"model of {where} (encrypted under key id {str(enc.get('key_id'))[:12]}): pass the "
-                                "KEYDIR that medhe encrypt-model used")
+            raise SecurityError(f"the keys in {self.path} (key id {self.key_id[:12]}) do not match {where}, "
+                                f"encrypted under key id {str(enc.get('key_id'))[:12]}: pass the KEYDIR that "
+                                "medhe encrypt-model used")
         if str(spec.get("plan_id")) != self.plan_id:
             raise SecurityError(f"the keys in {self.path} were made for another plan of this model than {where} "
                                 "runs: run medhe keygen and medhe encrypt-model again")
