@@ -26,13 +26,13 @@ from torch import nn
 from medhe.cli import main as medhe_main
 from medhe.data import load_dataset
 from medhe.errors import ArtifactError, CiphertextError, MedheError, SecurityError
-from medhe.he.ckks import wire
+from medhe.he.ckks.wire import envelope as wire
 from medhe.he.ckks.client import CKKSClient
 from medhe.he.ckks.encrypted.client import KeyHolderClient
 from medhe.he.ckks.encrypted.keys import SECRET_FILE, create_keydir, load_keydir
 from medhe.he.ckks.encrypted.model import WEIGHTS_FILE, load_encrypted_model, spec_for, write_encrypted_model
 from medhe.he.ckks.encrypted.spec import encrypted_key_levels, simulate_encrypted
-from medhe.he.ckks.plan import compile_plan
+from medhe.he.ckks.compiler.lower import compile_plan
 from medhe.he.ckks.server import compile_ckks
 from medhe.he.ckks.simulate import simulate
 from medhe.models import layers

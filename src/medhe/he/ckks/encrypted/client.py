@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medhe.he.ckks import wire
+from medhe.he.ckks.wire import envelope
 from medhe.he.ckks.client import CKKSClient
 from medhe.he.ckks.encrypted.keys import KeyDir
 
@@ -26,4 +26,4 @@ class KeyHolderClient(CKKSClient):
 
     def evaluation_keys(self) -> bytes:
         self._need_keys()
-        return wire.pack(wire.KIND_KEYS, self.plan_id, self.keys.evaluation_key_parts())
+        return envelope.pack(envelope.KIND_KEYS, self.plan_id, self.keys.evaluation_key_parts())

@@ -45,7 +45,7 @@ def evaluate_encrypted_model(artifact: Any, encdir: str | os.PathLike, keydir: s
         "max_abs_logit_error": float(np.max(np.abs(logits - plain_logits))),
         "latency_ms": run["latency_ms"],
         "bytes": bytes_,
-        "params": spec.get("params", {}),
+        "params": {**spec.get("params", {}), **server.report_params()},
         "encrypted_model": {k: v for k, v in enc.items() if k != "format"},
         "plaintext_weights": {k: baseline[k] for k in ("encrypted", "agreement", "max_abs_logit_error",
                                                        "latency_ms", "bytes", "params")},

@@ -77,8 +77,8 @@ class KeyDir:
 
     def backend(self) -> Any:
         """A ``SealBackend`` holding this key set's secret key (key holder side only)."""
-        from medhe.he.ckks.backend import SealBackend
-        from medhe.he.ckks.params import CKKSParams
+        from medhe.he.ckks.backends.seal import SealBackend
+        from medhe.he.ckks.compiler.params import CKKSParams
 
         be = SealBackend(CKKSParams.from_dict(self.spec["params"]))
         secret = read_secret(self.path / SECRET_FILE)
@@ -145,9 +145,9 @@ def create_keydir(spec_without_key: dict[str, Any], out: str | os.PathLike) -> K
     ``spec_without_key`` comes from ``spec.encrypted_spec(plan, None, ...)``; the returned key set's spec is the
     same with the key id filled in and the plan id recomputed over it.
     """
-    from medhe.he.ckks.backend import SealBackend
+    from medhe.he.ckks.backends.seal import SealBackend
     from medhe.he.ckks.encrypted.spec import bind_key
-    from medhe.he.ckks.params import CKKSParams
+    from medhe.he.ckks.compiler.params import CKKSParams
 
     root = Path(out).expanduser()
     if root.exists() and any(root.iterdir()):

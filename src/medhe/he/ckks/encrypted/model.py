@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from medhe import atomic
 from medhe.errors import ArtifactError, CiphertextError, MedheError
-from medhe.he.ckks import wire
+from medhe.he.ckks.wire import envelope
 from medhe.he.ckks.encrypted import program as program_mod
 from medhe.he.ckks.encrypted.keys import KeyDir, key_id_of
 from medhe.he.ckks.encrypted.spec import WeightCiphertexts, check_plan_id, encrypted_spec
-from medhe.he.ckks.plan import Plan
+from medhe.he.ckks.compiler.program import Plan
 from medhe.he.ckks.server import CKKSKeys, CKKSServerModel
 
 SPEC_FILE, PROGRAM_FILE, WEIGHTS_FILE, CARD_FILE = "spec.json", "program.json", "weights.bin", "card.json"
@@ -126,7 +126,7 @@ class EncryptedServerModel(CKKSServerModel):
         return str(self._public["encrypted_model"]["key_id"])
 
     def load_keys(self, data: bytes) -> CKKSKeys:
-        parts = wire.unpack(data, wire.KIND_KEYS, self.plan_id)
+        parts = envelope.unpack(data, envelope.KIND_KEYS, self.plan_id)
         if len(parts) != 2 or key_id_of(parts[0], parts[1]) != self.key_id:
             raise CiphertextError(f"these evaluation keys are not the key set this model's weights are encrypted "
                                   f"under (key id {self.key_id[:12]}): register the keys from the KEYDIR that "
@@ -134,9 +134,10 @@ class EncryptedServerModel(CKKSServerModel):
         return super().load_keys(data)
 
 
-def load_encrypted_model(encdir: str | os.PathLike) -> EncryptedServerModel:
-    """The server side of an ENCDIR: program, spec and weight ciphertexts, every one checked (one-line errors)."""
-    from medhe.he.ckks.backend import SealBackend
+def load_encrypted_model(encdir: str | os.PathLike, backend: Any = "auto") -> EncryptedServerModel:
+    """The server side of an ENCDIR: program, spec and weight ciphertexts, every one checked (one-line errors).
+    ``backend``: the ``backends`` registry name (or instance) that loads the weights and runs the program."""
+    from medhe.he.ckks.backends import get_backend
 
     root = Path(encdir).expanduser()
     if not root.is_dir():
@@ -164,7 +165,7 @@ def load_encrypted_model(encdir: str | os.PathLike) -> EncryptedServerModel:
     if len(parts) != len(plan.plains):
         raise ArtifactError(f"{root / WEIGHTS_FILE} holds {len(parts)} ciphertexts, the program uses "
                             f"{len(plan.plains)}; encrypt the model again")
-    be = SealBackend(plan.params)
+    be = get_backend(backend, plan.params)
     weights = WeightCiphertexts()
     for i, (part, p) in enumerate(zip(parts, plan.plains)):
         try:

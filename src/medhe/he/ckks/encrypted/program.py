@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from medhe.errors import PlanError
-from medhe.he.ckks.packing import Layout
-from medhe.he.ckks.params import CKKSParams
-from medhe.he.ckks.plan import Instr, Plan, PlainVec, Register
+from medhe.he.ckks.compiler.packing import Layout
+from medhe.he.ckks.compiler.params import CKKSParams
+from medhe.he.ckks.compiler.program import Instr, Plan, PlainVec, Register
 
 FORMAT = "medhe-ckks-encrypted-program/1"
 OPS = ("linear", "poly2", "poly3", "gate3", "mul", "add")
@@ -51,6 +51,8 @@ def program_dict(plan: Plan) -> dict[str, Any]:
         "output_register": plan.output_register,
         "output_count": plan.output_count,
         "output_bound": plan.output_bound,
+        "key_levels": plan.require_key_levels(),  # of the plaintext-weight plan: its public id is the base id
+        "batch": plan.batch,
         "strategies": list(plan.strategies),
         "key_paths": {str(k): v for k, v in plan.key_paths.items()},
         "instrs": [asdict(ins) for ins in plan.instrs],
@@ -113,7 +115,9 @@ def load_program(doc: Any) -> tuple[Plan, list[str]]:
                     int(doc["output_count"]), {}, [str(s) for s in doc["strategies"]],
                     tuple(int(s) for s in doc["input_shape"]),
                     {int(k): [int(x) for x in v] for k, v in doc["key_paths"].items()},
-                    None if bound is None else float(bound))
+                    None if bound is None else float(bound),
+                    {"galois": {str(k): int(v) for k, v in doc["key_levels"]["galois"].items()},
+                     "relin": int(doc["key_levels"]["relin"])}, int(doc.get("batch", 1)))
     except PlanError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, zlib.error, base64.binascii.Error) as exc:

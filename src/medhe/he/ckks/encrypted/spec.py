@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medhe.he.ckks.plan import Plan
+from medhe.he.ckks.compiler.program import Plan
 
 SPEC_FORMAT = "medhe-ckks-spec/1"
 ENCRYPTED_FORMAT = "medhe-ckks-encrypted-model/1"
@@ -42,7 +42,7 @@ def encrypted_weight_bytes(plan: Plan) -> int:
 
 
 def _zero_weights(plan: Plan, sim_cls: Any) -> tuple[Any, list, WeightCiphertexts]:
-    from medhe.he.ckks.params import data_primes
+    from medhe.he.ckks.compiler.params import data_primes
     from medhe.he.ckks.simulate import SimText
 
     sim = sim_cls(plan.params.slots, plan.input_level, data_primes(plan.params))
@@ -54,8 +54,8 @@ def _zero_weights(plan: Plan, sim_cls: Any) -> tuple[Any, list, WeightCiphertext
 
 def encrypted_key_levels(plan: Plan) -> dict[str, Any]:
     """``Plan.key_levels`` for the encrypted-weight program, found by running its instruction stream."""
-    from medhe.he.ckks.server import run_program
-    from medhe.he.ckks.simulate import _KeyLevelRecorder
+    from medhe.he.ckks.compiler.keybudget import _KeyLevelRecorder
+    from medhe.he.ckks.runtime import run_program
 
     rec, inputs, weights = _zero_weights(plan, _KeyLevelRecorder)
     run_program(plan, rec, weights, inputs)
@@ -65,7 +65,7 @@ def encrypted_key_levels(plan: Plan) -> dict[str, Any]:
 
 def simulate_encrypted(plan: Plan, x: np.ndarray) -> np.ndarray:
     """The encrypted-weight program on plaintext slots (checks levels, scales and relinearization placement)."""
-    from medhe.he.ckks.server import run_program
+    from medhe.he.ckks.runtime import run_program
     from medhe.he.ckks.simulate import SimText, SlotSimulator
 
     sim, _, _ = _zero_weights(plan, SlotSimulator)

@@ -1,0 +1,160 @@
+"""Executes a compiled CKKS program against a ``Backend``: the interpreter every backend shares.
+
+The plan fixes every level, scale and rotation; this module only walks its instructions. Key levels come from the
+plan (``Plan.key_levels``), never from here. The debug helper reuses :func:`run_program` with a hook that sees
+every register.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from medhe.errors import PlanError
+from medhe.he.ckks.backends.base import Backend
+
+if TYPE_CHECKING:
+    from medhe.he.ckks.compiler.program import Plan
+
+
+def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
+                hook: Callable[[int, Any], None] | None = None) -> Any:
+    """Evaluate ``plan`` on encrypted ``inputs`` (one per input ciphertext); returns the output ciphertext."""
+    regs: dict[int, Any] = dict(zip(range(len(inputs)), inputs))
+    w = _Weights(be, plains)
+    for ins in plan.instrs:
+        if ins.op == "linear":
+            out = _linear(be, ins, [regs[s] for s in ins.srcs], w, plan.key_path)
+        elif ins.op == "poly2":
+            u = regs[ins.srcs[0]]
+            v = w.add(be.negate(u) if ins.sign < 0 else u, ins.consts["beta"])
+            out = be.rescale(be.relinearize(be.multiply(u, v)))
+            if "c" in ins.consts:
+                out = w.add(out, ins.consts["c"])
+        elif ins.op == "poly3":
+            u = regs[ins.srcs[0]]
+            t = w.add(u, ins.consts["th"])
+            w2 = be.rescale(be.relinearize(be.multiply(t, t)))
+            z = w.add(w2, ins.consts["kz"])
+            out = be.rescale(be.relinearize(be.multiply(z, be.mod_switch(u, be.level(z)))))
+            if ins.sign < 0:
+                out = be.negate(out)
+            if "c" in ins.consts:
+                out = w.add(out, ins.consts["c"])
+        elif ins.op == "gate3":
+            x, u = regs[ins.srcs[0]], regs[ins.srcs[1]]
+            level = be.level(u)
+            xp = be.rescale(be.relinearize(be.multiply(be.mod_switch(x, level), u)))
+            t = w.add(u, ins.consts["th"])
+            z = w.add(be.rescale(be.relinearize(be.multiply(t, t))), ins.consts["kz"])
+            out = be.rescale(be.relinearize(be.multiply(xp, z)))
+            if ins.sign < 0:
+                out = be.negate(out)
+            if "c" in ins.consts:
+                be.add_inplace(out, be.rescale(w.relin(w.mul(be.mod_switch(x, level - 1), ins.consts["c"]))))
+        elif ins.op in ("mul", "add"):
+            a, b = regs[ins.srcs[0]], regs[ins.srcs[1]]
+            level = min(be.level(a), be.level(b))
+            a, b = be.mod_switch(a, level), be.mod_switch(b, level)
+            out = be.add(a, b) if ins.op == "add" else be.rescale(be.relinearize(be.multiply(a, b)))
+        else:  # pragma: no cover
+            raise PlanError(f"unknown CKKS instruction {ins.op!r}")
+        regs[ins.dst] = out
+        if hook is not None:
+            hook(ins.dst, out)
+    return regs[plan.output_register]
+
+
+def _rotate(be: Backend, ct: Any, step: int, key_path: Callable[[int], list[int]]) -> Any:
+    for key_step in key_path(step):
+        ct = be.rotate(ct, key_step)
+    return ct
+
+
+class _Weights:
+    """The plan's weight operands: plaintexts (the default), or ciphertexts under the client's key when the
+    container says ``encrypted`` (P3's encrypted model, ``ckks.encrypted``). Then every product is ciphertext x
+    ciphertext, and each accumulated sum of products is relinearized once, before its rescale or rotation; all of
+    it through the ``Backend`` interface (multiply, relinearize, rescale), so every backend runs it."""
+
+    def __init__(self, be: Backend, plains: Any) -> None:
+        self.be, self.plains = be, plains
+        self.encrypted = bool(getattr(plains, "encrypted", False))
+
+    def mul(self, ct: Any, index: int) -> Any:
+        if self.encrypted:
+            return self.be.multiply(ct, self.plains[index])
+        return self.be.multiply_plain(ct, self.plains[index])
+
+    def add(self, ct: Any, index: int) -> Any:
+        if self.encrypted:
+            return self.be.add(ct, self.plains[index])
+        return self.be.add_plain(ct, self.plains[index])
+
+    def relin(self, ct: Any) -> Any:
+        return self.be.relinearize(ct) if self.encrypted else ct
+
+
+def _linear(be: Backend, ins, xs: list[Any], w: _Weights, key_path: Callable[[int], list[int]]) -> Any:
+    rotated = {0: xs[0]}
+    if len(xs) == 1:
+        for b in ins.babies:
+            if b:
+                rotated[b] = _rotate(be, xs[0], b, key_path)
+    total = None
+    for giant, terms in ins.groups:
+        acc = None
+        for src, baby, pt in terms:
+            prod = w.mul(xs[src] if len(xs) > 1 else rotated[baby], pt)
+            if acc is None:
+                acc = prod
+            else:
+                be.add_inplace(acc, prod)
+        acc = be.rescale(w.relin(acc))
+        if giant:
+            acc = _rotate(be, acc, giant, key_path)
+        if total is None:
+            total = acc
+        else:
+            be.add_inplace(total, acc)
+    for step in ins.reduce:
+        be.add_inplace(total, _rotate(be, total, step, key_path))
+    if ins.conjugate:  # real part of a complex-packed product (the weights carry the 1/2)
+        be.add_inplace(total, be.conjugate(total))
+    if "bias" in ins.consts:
+        total = w.add(total, ins.consts["bias"])
+    return total
+
+
+PLAINTEXT_CACHE_BYTES = 1 << 30  # encoded weights kept in memory; beyond this they are encoded on use
+
+
+class EncodedPlains:
+    """The plan's plaintexts, encoded once while they fit the memory budget, otherwise encoded on each use.
+
+    Deep multi-channel models can have thousands of diagonals (a GB or more encoded): a shared server must not
+    be pushed out of memory by one model, at the price of slower evaluation for such models.
+    """
+
+    def __init__(self, backend: Backend, plan: Plan, budget_bytes: int) -> None:
+        self.backend = backend
+        self.specs = plan.plains
+        n = plan.params.poly_degree
+        self.cache: dict[int, Any] = {}
+        used = 0
+        for i, p in enumerate(self.specs):
+            size = (p.level + 1) * n * 8
+            if used + size > budget_bytes:
+                break
+            self.cache[i] = backend.encode(p.values, p.level, p.scale)
+            used += size
+        self.cached_bytes = used
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, index: int) -> Any:
+        hit = self.cache.get(index)
+        if hit is not None:
+            return hit
+        p = self.specs[index]
+        return self.backend.encode(p.values, p.level, p.scale)
