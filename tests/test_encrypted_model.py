@@ -370,3 +370,41 @@ def test_cli_errors_are_one_line(tmp_path, keys_a, encdir, capsys):
         assert medhe_main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error:") and words in err, (args, err)
+
+
+# -- the shipped P3 model --------------------------------------------------------------------------------------------
+def test_shipped_p3_model_meets_its_bars_and_compiles_at_128_bits(data_dir):
+    from medhe.he.security import security_bits
+    from medhe.models.metrics import compute_metrics
+
+    artifact = load_artifact("pneumoniamnist-p3")
+    assert artifact.card["arch"] == "p3cnn" and artifact.card["arch_kwargs"]["act"] == "relu2"
+    assert "--act relu2" in artifact.card["training"]["command"]
+    acts = list(layers.activation_sites(artifact.model).values())
+    assert len(acts) >= 3 and all(isinstance(a, layers.ReLUApprox) for a in acts)
+    test = load_dataset("pneumoniamnist", split="test", size=28, data_dir=data_dir)
+    metrics = compute_metrics(artifact.task, test.labels, predict_logits(artifact.model,
+                                                                         model_inputs(artifact, test.images)))
+    assert len(test.labels) == 624 and metrics["acc"] >= 0.90 and metrics["auc"] >= 0.95
+    plan = compile_ckks(artifact, backend="seal").plan
+    assert security_bits(plan.params.poly_degree, plan.params.prime_bits) >= 128
+    assert plan.depth == 2 * len(acts) + 1  # BN, activation scales and the pool fold into the linear layers
+    x = model_inputs(artifact, test.images[:2])
+    for xi, ref in zip(x, predict_logits(artifact.model, x)):
+        assert np.max(np.abs(simulate_encrypted(plan, xi) - ref)) < 1e-3
+
+
+@pytest.mark.slow
+def test_shipped_p3_model_runs_with_encrypted_weights(tmp_path, data_dir):
+    artifact = load_artifact("pneumoniamnist-p3")
+    plain_server = compile_ckks(artifact)
+    keys = create_keydir(spec_for(plain_server.plan, artifact.card), tmp_path / "keys")
+    write_encrypted_model(plain_server.plan, artifact.card, keys, tmp_path / "enc", progress=False)
+    server = load_encrypted_model(tmp_path / "enc")
+    client = KeyHolderClient(server.spec(), keys)
+    client.keygen()
+    ekeys = server.load_keys(client.evaluation_keys())
+    x = model_inputs(artifact, load_dataset("pneumoniamnist", split="test", size=28, data_dir=data_dir).images[:2])
+    for xi, ref in zip(x, predict_logits(artifact.model, x)):
+        out = client.decrypt(server.infer(ekeys, client.encrypt(xi)))
+        assert np.max(np.abs(out - ref)) < 1e-2 and out.argmax() == ref.argmax()

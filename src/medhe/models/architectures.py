@@ -134,7 +134,7 @@ def build_lenet5_he(in_channels: int = 1, num_outputs: int = 2, image_size: int 
 
 
 def build_p3cnn(in_channels: int = 1, num_outputs: int = 2, image_size: int = 28,
-                widths: Sequence[int] = (4, 8, 8), strides: Sequence[int] = (2, 2, 1), kernel: int = 3,
+                widths: Sequence[int] = (8, 16, 16), strides: Sequence[int] = (2, 1, 1), kernel: int = 3,
                 pool: int = 2, dropout: float = 0.0, act: str = "relu2", act_range: float = 4.0,
                 shared_act: bool = False, act_init: str | Sequence[float] = "relu") -> nn.Sequential:
     """P3-style CNN (Ran & Li): per block Conv -> BatchNorm -> fixed degree-2 ReLU approximation, then an
@@ -142,8 +142,10 @@ def build_p3cnn(in_channels: int = 1, num_outputs: int = 2, image_size: int = 28
 
     BatchNorm keeps each activation's input near the range its fixed polynomial was fitted on; it folds into the
     convolution, the polynomial's scale into the convolution too, and the average pool into the classifier, so
-    each block costs two CKKS levels and the network ``2 * len(widths) + 1``. Strided convolutions (rather than
-    pooling between blocks) keep the number of weight diagonals, and so of encrypted-weight ciphertexts, small.
+    each block costs two CKKS levels and the network ``2 * len(widths) + 1``. A strided first convolution
+    (rather than pooling between blocks) keeps the number of weight diagonals, and so of encrypted-weight
+    ciphertexts, down. The defaults are the shipped ``pneumoniamnist-p3`` (28x28: 8x14x14 -> 16x14x14 -> 16x14x14,
+    average pool to 16x7x7, linear 784 -> outputs).
     """
     widths = [_positive("width", int(w), "p3cnn") for w in widths]
     strides = [_positive("stride", int(s), "p3cnn") for s in strides]
