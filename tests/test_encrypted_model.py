@@ -346,12 +346,26 @@ def test_key_holder_commands_have_help(command, capsys):
     assert exc.value.code == 0 and "KEYDIR" in capsys.readouterr().out
 
 
+def test_keygen_compile_options_are_recorded_and_reused_by_encrypt_model(tmp_path, capsys):
+    keys, enc = tmp_path / "keys", tmp_path / "enc"
+    assert medhe_main(["keygen", "--model", "pneumoniamnist", "--poly-degree", "16384", "--scale-bits", "40",
+                       "--out", str(keys)]) == 0
+    assert "N=16384" in capsys.readouterr().out
+    assert load_keydir(keys).compile_options == {"poly_degree": 16384, "scale_bits": 40}
+    assert medhe_main(["encrypt-model", "--model", "pneumoniamnist", "--keys", str(keys), "--out", str(enc),
+                       "--no-progress"]) == 0
+    server = load_encrypted_model(enc)
+    assert server.plan.params.poly_degree == 16384 and server.plan.params.scale_bits == 40
+    assert server.spec()["encrypted_model"]["key_id"] == load_keydir(keys).key_id
+
+
 def test_cli_errors_are_one_line(tmp_path, keys_a, encdir, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     cases = [
         (["keygen", "--model", "pneumoniamnist", "--out", str(tmp_path / "full")], "not empty"),
         (["keygen", "--model", "no-such-model", "--out", str(tmp_path / "k")], "no-such-model"),
+        (["keygen", "--model", "pneumoniamnist", "--scale-bits", "80", "--out", str(tmp_path / "k")], "bits"),
         (["encrypt-model", "--model", "pneumoniamnist", "--keys", str(tmp_path / "nokeys"), "--out",
           str(tmp_path / "e")], "medhe keygen"),
         (["encrypt-model", "--model", "pneumoniamnist", "--keys", str(keys_a.path), "--out", str(encdir)],

@@ -33,7 +33,11 @@ def evaluate_encrypted_model(artifact: Any, encdir: str | os.PathLike, keydir: s
         raise MedheError(f"{encdir} holds model {spec.get('model')!r}, not {artifact.card.get('name')!r}: pass the "
                          "--model that medhe encrypt-model encrypted")
     baseline: dict[str, Any] = {}
-    evaluate_encrypted(artifact, "ckks", inputs, labels, baseline, plain_logits, progress=progress)
+    # the same plan (same parameters and layout) with plaintext weights: what encrypting the weights costs
+    evaluate_encrypted(artifact, "ckks", inputs, labels, baseline, plain_logits, progress=progress,
+                       compile_options=keys.compile_options)
+    if baseline["params"].get("poly_degree") != spec["params"]["poly_degree"]:  # pragma: no cover - same options
+        raise MedheError(f"{keydir} records compile options that no longer give the encrypted plan")
     run = run_encrypted(server, inputs, progress=progress, desc="ckks inference, encrypted weights", client=client)
     logits = run["logits"]
     enc = spec["encrypted_model"]

@@ -4,7 +4,8 @@
 ``evaluation.keys`` Galois + relinearization keys in the compact seeded wire form, made once at key generation:
                    the same bytes are registered with the server every time, so their SHA-256 is a stable id of
                    the key set (``key_id``) that the encrypted model is bound to.
-``keyset.json``    the public spec the keys were made for (with ``key_id`` and the spec's ``plan_id``).
+``keyset.json``    the public spec the keys were made for (with ``key_id`` and the spec's ``plan_id``) and the
+                   compile options of that plan (``medhe encrypt-model`` compiles the model again with them).
 
 Why a fixed key id: the server cannot check that evaluation keys belong to the secret key the weights were
 encrypted under (that would need the secret key). It can check that they are the very key set the model owner
@@ -63,6 +64,7 @@ class KeyDir:
     spec: dict[str, Any]
     galois: bytes
     relin: bytes
+    compile_options: dict[str, Any]
 
     @property
     def key_id(self) -> str:
@@ -128,22 +130,25 @@ def load_keydir(path: str | os.PathLike) -> KeyDir:
         raise MedheError(f"{root} lacks {Path(exc.filename).name}: this is not a KEYDIR made by medhe keygen") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MedheError(f"{root / KEYSET_FILE} is not valid JSON; run medhe keygen again") from None
-    if not isinstance(spec, dict) or spec.get("keyset_format") != KEYSET_FORMAT or \
-            not isinstance(spec.get("encrypted_model"), dict):
+    if not isinstance(spec, dict) or spec.get("format") != KEYSET_FORMAT or \
+            not isinstance(spec.get("spec"), dict) or not isinstance(spec["spec"].get("encrypted_model"), dict) or \
+            not isinstance(spec.get("compile_options"), dict):
         raise MedheError(f"{root / KEYSET_FILE} is not a medhe key set description; run medhe keygen again")
     galois, relin = unpack_evaluation_keys(data, str(root / EVAL_FILE))
-    kd = KeyDir(root, spec, galois, relin)
+    kd = KeyDir(root, spec["spec"], galois, relin, spec["compile_options"])
     if key_id_of(galois, relin) != kd.key_id:
         raise SecurityError(f"{root / EVAL_FILE} does not hash to the key id in {KEYSET_FILE}: the folder was "
                             "altered; run medhe keygen again")
     return kd
 
 
-def create_keydir(spec_without_key: dict[str, Any], out: str | os.PathLike) -> KeyDir:
+def create_keydir(spec_without_key: dict[str, Any], out: str | os.PathLike,
+                  compile_options: dict[str, Any] | None = None) -> KeyDir:
     """SEAL key generation for an encrypted-model spec, written to a new KEYDIR; returns it loaded.
 
-    ``spec_without_key`` comes from ``spec.encrypted_spec(plan, None, ...)``; the returned key set's spec is the
-    same with the key id filled in and the plan id recomputed over it.
+    ``spec_without_key`` comes from ``spec.encrypted_spec(plan, ...)``; the returned key set's spec is the same
+    with the key id filled in and the plan id recomputed over it. ``compile_options``: those the plan was compiled
+    with (recorded, so that the model can be compiled and encrypted again exactly).
     """
     from medhe.he.ckks.backends.seal import SealBackend
     from medhe.he.ckks.encrypted.spec import bind_key
@@ -156,10 +161,10 @@ def create_keydir(spec_without_key: dict[str, Any], out: str | os.PathLike) -> K
     be.keygen([int(s) for s in spec_without_key["rotation_steps"]], True)
     galois, relin = be.evaluation_key_bytes(spec_without_key["key_levels"])
     spec = bind_key(spec_without_key, key_id_of(galois, relin))
-    spec["keyset_format"] = KEYSET_FORMAT
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)
     atomic.write_bytes(root / SECRET_FILE, be.secret_key_bytes(), mode=0o600)
     atomic.write_bytes(root / EVAL_FILE, pack_evaluation_keys(galois, relin))
-    atomic.write_json(root / KEYSET_FILE, spec)
+    atomic.write_json(root / KEYSET_FILE, {"format": KEYSET_FORMAT, "spec": spec,
+                                           "compile_options": dict(compile_options or {})})
     return load_keydir(root)

@@ -39,6 +39,16 @@ _HEAD = struct.Struct("<8sI")
 _LEN = struct.Struct("<I")
 
 
+def compile_for_encryption(artifact: Any, **options: Any) -> Plan:
+    """The model's CKKS plan exactly as ``compile_ckks`` makes it (card options apply), without encoding it."""
+    from medhe.he.ckks.compiler.lower import compile_plan
+    from medhe.he.ckks.server import input_shape_of
+
+    card = artifact.card
+    merged = {**((card.get("scheme_options") or {}).get("ckks") or {}), **options}
+    return compile_plan(artifact.model, input_shape_of(artifact), card.get("activation_ranges"), **merged)
+
+
 def spec_for(plan: Plan, card: dict[str, Any]) -> dict[str, Any]:
     return encrypted_spec(plan, card.get("task", "multi-class"), list(card.get("labels") or []),
                           card.get("name", "model"))
@@ -68,7 +78,7 @@ def write_encrypted_model(plan: Plan, card: dict[str, Any], keys: KeyDir, out: s
     doc = program_mod.program_dict(plan)
     doc["weights_file"] = {"name": WEIGHTS_FILE, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
                            "count": len(plan.plains)}
-    public_spec = {k: v for k, v in keys.spec.items() if k != "keyset_format"}
+    public_spec = keys.spec
     atomic.write_bytes(root / WEIGHTS_FILE, blob)
     atomic.write_json(root / PROGRAM_FILE, doc)
     atomic.write_json(root / SPEC_FILE, public_spec)

@@ -103,7 +103,7 @@ def accounting(plan: Plan) -> dict[str, Any]:
 
 
 def _plan_id(spec: dict[str, Any]) -> str:
-    body = {k: v for k, v in spec.items() if k not in ("plan_id", "keyset_format")}
+    body = {k: v for k, v in spec.items() if k != "plan_id"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
