@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CKKS only: decrypt after every layer of the first image and compare with plaintext")
     p.add_argument("--batch", action="store_true",
                    help="CKKS only: one image per slot (4096 per ciphertext), the whole split through batch mode")
+    p.add_argument("--encrypted-model", metavar="ENCDIR",
+                   help="CKKS only: evaluate the encrypted-weight model in ENCDIR (medhe encrypt-model) beside the "
+                        "plaintext-weight plan; needs --keys")
+    p.add_argument("--keys", metavar="KEYDIR", help="with --encrypted-model: the key set its weights are encrypted "
+                                                    "under (medhe keygen)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
@@ -67,7 +72,8 @@ def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | 
 def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",
              limit: int | None = None, data_dir: str | None = None, progress: bool = True,
              fhe: str = "simulate", key_bits: int = 3072, debug_layers: bool = False,
-             n_execute: int = 50, batch: bool = False) -> dict[str, Any]:
+             n_execute: int = 50, batch: bool = False, encrypted_model: str | None = None,
+             keys: str | None = None) -> dict[str, Any]:
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included)."""
     from medhe.models.artifact import load_artifact
     from medhe.models.metrics import compute_metrics
@@ -77,6 +83,12 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
         raise MedheError(f"--n-execute must be at least 1, not {n_execute}")
     if batch and (scheme != "ckks" or debug_layers):
         raise MedheError("--batch works with --scheme ckks only (and without --debug-layers)")
+    if (encrypted_model is None) != (keys is None):
+        raise MedheError("--encrypted-model ENCDIR and --keys KEYDIR go together: pass both or neither")
+    if encrypted_model is not None and (scheme != "ckks" or debug_layers):
+        raise MedheError("--encrypted-model works with --scheme ckks (and without --debug-layers)")
+    if encrypted_model is not None and batch:
+        raise MedheError("--batch and --encrypted-model are separate modes: pass one of them")
     artifact = load_artifact(model)
     name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
     inputs = model_inputs(artifact, ds.images)
@@ -97,6 +109,11 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
         report.update(evaluate_tfhe(artifact, inputs, ds.labels, fhe=fhe, progress=progress,
                                     n_execute=n_execute))
         return report
+    if encrypted_model is not None:
+        from medhe.he.ckks.encrypted.evaluate import evaluate_encrypted_model
+
+        return evaluate_encrypted_model(artifact, encrypted_model, keys, inputs, ds.labels, report, plain_logits,
+                                        progress=progress)
     from medhe.he.evaluate import evaluate_encrypted
 
     options: dict[str, Any] = {"key_bits": key_bits} if scheme == "paillier" else {}
@@ -145,6 +162,11 @@ def print_report(report: dict[str, Any]) -> None:
     sizes = report.get("bytes") or {}
     if sizes:
         print("bytes: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sizes.items() if isinstance(v, (int, float))))
+    base = report.get("plaintext_weights")
+    if isinstance(base, dict):
+        print(f"plaintext-weight plan: agreement {base['agreement']:.4f}, max |logit error| "
+              f"{base['max_abs_logit_error']:.2e}, eval median {base['latency_ms']['eval']['median']:.0f} ms "
+              f"(encrypted weights: {lat['eval']['median']:.0f} ms)")
     for row in report.get("debug_layers") or []:
         print(f"  layer {row.get('layer')}: max |error| {row.get('max_abs_error', float('nan')):.2e}")
 
@@ -152,7 +174,8 @@ def print_report(report: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     report = evaluate(args.model, args.scheme, args.dataset, args.split, args.limit, args.data_dir,
                       progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
-                      debug_layers=args.debug_layers, n_execute=args.n_execute, batch=args.batch)
+                      debug_layers=args.debug_layers, n_execute=args.n_execute, batch=args.batch,
+                      encrypted_model=args.encrypted_model, keys=args.keys)
     print_report(report)
     if args.json_out:
         atomic.write_json(Path(args.json_out), _jsonable(report))

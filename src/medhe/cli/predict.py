@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="served model id (needed when the server offers several)")
     p.add_argument("--token", help=f"bearer token (default: ${protocol.TOKEN_ENV})")
     p.add_argument("--cacert", help="CA bundle to verify a self-signed TLS certificate")
+    p.add_argument("--keys", metavar="KEYDIR",
+                   help="encrypted models only: the key set (medhe keygen) the served model's weights are "
+                        "encrypted under; its secret key stays here")
     p.add_argument("--json", action="store_true", help="print one JSON document with every result")
     p.set_defaults(handler=run)
 
@@ -35,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch:
         if args.images:
             raise MedheError("give either IMAGE files or --batch FOLDER, not both")
+        if args.keys:
+            raise MedheError("--keys (encrypted models) does not work with --batch FOLDER yet")
         from medhe.cli.predict_batch import run_batch
 
         return run_batch(args)
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out or args.skip_bad:
         raise MedheError("--out and --skip-bad work with --batch FOLDER only")
 
-    with Client(args.server, token=args.token, verify=args.cacert or True) as client:
+    with Client(args.server, token=args.token, verify=args.cacert or True, keys=args.keys) as client:
         results = client.diagnose_many(args.images, model=args.model,
                                        progress=not args.json and len(args.images) > 1 and sys.stderr.isatty())
         client.forget_keys()

@@ -16,8 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve models for encrypted inference over HTTP",
                        description="Serve models for encrypted inference. Clients register public evaluation "
                                    "keys, send ciphertexts and decrypt the results themselves; see docs/service.md.")
-    p.add_argument("--model", action="append", required=True, metavar="NAME|DIR[:SCHEME]",
+    p.add_argument("--model", action="append", default=[], metavar="NAME|DIR[:SCHEME]",
                    help="model to serve (repeatable); scheme defaults to the card's default, else ckks")
+    p.add_argument("--encrypted-model", action="append", default=[], metavar="ENCDIR",
+                   help="encrypted model to serve (repeatable; medhe encrypt-model): its weights are ciphertexts "
+                        "under the key holder's key, and only that key set's evaluation keys are accepted")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", help=f"require this bearer token (default: ${protocol.TOKEN_ENV} if set)")
@@ -57,6 +60,10 @@ def _size(text: str) -> int:
     return int(value)
 
 
+def _enc(model) -> str:
+    return ", encrypted weights" if model.ref.encrypted else ""
+
+
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
@@ -93,7 +100,7 @@ def _exit_on_sigterm() -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from medhe.service.catalog import load_catalog
+    from medhe.service.catalog import load_catalog, load_encrypted_catalog
     from medhe.service.server import create_app
     from medhe.service.worker import default_processes
 
@@ -111,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK and not args.ssl_certfile:
         print("warning: no TLS: put medhe behind a TLS proxy or pass --ssl-certfile/--ssl-keyfile", file=sys.stderr)
     _check_port_free(args.host, args.port)  # fail now, not after minutes of compiling
-    models = load_catalog(args.model)
+    if not args.model and not args.encrypted_model:
+        raise MedheError("nothing to serve: pass --model NAME|DIR[:SCHEME] or --encrypted-model ENCDIR")
+    models = load_catalog(args.model) if args.model else []
+    models += load_encrypted_catalog(args.encrypted_model, models)
     workers = default_processes() if args.workers is None else args.workers
     if workers < 0:
         raise MedheError("--workers must be 0 (threads) or a positive number of processes")
@@ -122,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                      max_keys_per_client=args.max_keys_per_client, max_batch_bytes=args.max_batch_bytes)
     _exit_on_sigterm()
     scheme = "https" if args.ssl_certfile else "http"
-    print(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme})' for m in models)} "
+    print(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme}{_enc(m)})' for m in models)} "
           f"in {workers or 'in-process'} worker(s) ...", file=sys.stderr, flush=True)
     from medhe.service.http400 import JSONErrorHTTPProtocol
 

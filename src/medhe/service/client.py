@@ -64,15 +64,14 @@ def interpret(task: str, labels: Sequence[str], logits: np.ndarray, model: str, 
 class _ModelSession:
     """Per-model client state: description, preprocessing, client stage, the HE session and its key id."""
 
-    def __init__(self, info: dict[str, Any], stage_weights: bytes | None):
+    def __init__(self, info: dict[str, Any], stage_weights: bytes | None, keys: Any = None):
         from medhe.data import Preprocess
-        from medhe.he.scheme import client_for
 
         self.info = info
         self.id = info["id"]
         self.preprocess = Preprocess.from_dict(info["preprocessing"])
         self.stage = _build_stage(info, stage_weights) if stage_weights is not None else None
-        self.he = client_for(info["spec"])
+        self.he = _he_session(info, keys)
         self.he.keygen()
         self.key_id: str | None = None
         self.key_secret: str | None = None  # proves to the server that these keys are ours (never logged)
@@ -100,6 +99,22 @@ class _ModelSession:
         return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _he_session(info: dict[str, Any], keys: Any) -> Any:
+    """A fresh key pair per session, or, for an encrypted model, the key holder's KEYDIR (its weights are
+    ciphertexts under that one key set)."""
+    from medhe.he.scheme import client_for
+
+    spec = info["spec"]
+    if keys is None and not (isinstance(spec, dict) and spec.get("encrypted_model")):
+        return client_for(spec)
+    if keys is None:
+        raise MedheError(f"model {info['id']!r} is an encrypted model: only the holder of the key set its weights "
+                         "are encrypted under can use it; pass --keys KEYDIR (SDK: Client(url, keys=KEYDIR))")
+    from medhe.he.ckks.encrypted.client import KeyHolderClient
+
+    return KeyHolderClient(spec, keys, where=f"the server's model {info['id']!r}")
+
+
 def _build_stage(info: dict[str, Any], weights: bytes):
     from safetensors.torch import load as load_tensors
 
@@ -121,11 +136,12 @@ def _build_stage(info: dict[str, Any], weights: bytes):
 class Client:
     """SDK for a medhe server. Thread-safe for reads; give each thread its own ``Client`` for independent keys.
 
-    ``token`` defaults to ``$MEDHE_TOKEN``; ``verify`` is passed to httpx (a CA bundle path for self-signed TLS).
+    ``token`` defaults to ``$MEDHE_TOKEN``; ``verify`` is passed to httpx (a CA bundle path for self-signed TLS);
+    ``keys``: a KEYDIR (path or loaded) for encrypted models, whose weights are ciphertexts under that key set.
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0, verify: Any = True,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, keys: Any = None):
         if not str(url).startswith(("http://", "https://")):
             raise MedheError(f"server URL {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000)")
         token = token if token is not None else os.environ.get(protocol.TOKEN_ENV) or None
@@ -133,6 +149,11 @@ class Client:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify,
                                   transport=transport)
+        if keys is not None and not hasattr(keys, "key_id"):
+            from medhe.he.ckks.encrypted.keys import load_keydir
+
+            keys = load_keydir(keys)
+        self._keys = keys
         self._sessions: dict[str, _ModelSession] = {}
         self._models: list[dict[str, Any]] | None = None
         self.retries = 0  # requests sent again after re-registering keys the server had lost
@@ -201,7 +222,7 @@ class Client:
             weights = None
             if info.get("client_stage"):
                 weights = self._request("GET", info["client_stage"]["weights_url"]).content
-            sess = _ModelSession(info, weights)
+            sess = _ModelSession(info, weights, self._keys)
             self._sessions[info["id"]] = sess
         if sess.key_id is None:
             self._register(sess)

@@ -44,7 +44,12 @@ class WorkerState:
     def __init__(self, refs: list[ModelRef], key_cache_bytes: int):
         self.models = {}
         for ref in refs:
-            self.models[ref.id] = compile_model(load_artifact(ref.source), ref.scheme, **dict(ref.options))
+            if ref.encrypted:  # weights exist here only as ciphertexts: the plaintext model is never opened
+                from medhe.he.ckks.encrypted.model import load_encrypted_model
+
+                self.models[ref.id] = load_encrypted_model(ref.source)
+            else:
+                self.models[ref.id] = compile_model(load_artifact(ref.source), ref.scheme, **dict(ref.options))
         self.keys = KeyStore(key_cache_bytes, ttl=None)
         self.baseline = resident_bytes()  # after compiling: what this worker needs without any client's keys
 
