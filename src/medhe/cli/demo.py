@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nagreement {agreement(artifact.task, plain, enc):.3f}, max |logit error| "
           f"{float(np.max(np.abs(enc - plain))):.1e}")
     print(f"per image: encrypt {lat['encrypt']['median']:.0f} ms, server eval {lat['eval']['median']:.0f} ms, "
-          f"decrypt {lat['decrypt']['median']:.1f} ms (medians); key generation {lat['keygen']:.0f} ms")
+          f"decrypt {lat['decrypt']['median']:.1f} ms (medians); key generation {lat['keygen']['median']:.0f} ms")
     b = run_["bytes"]
     print(f"sent: input {human_bytes(b['input_ciphertext'])} per image, evaluation keys "
           f"{human_bytes(b['evaluation_keys'])} once; received {human_bytes(b['output_ciphertext'])} per image")

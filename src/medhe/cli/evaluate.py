@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from medhe import atomic
-from medhe.cli._format import human_bytes, table
+from medhe.cli._format import human_bytes, ms, table
 from medhe.errors import DataError, MedheError
 
 SCHEME_CHOICES = ("plain", "ckks", "tfhe", "paillier")
@@ -77,9 +77,13 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
     name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
     inputs = model_inputs(artifact, ds.images)
     plain_logits = predict_logits(artifact.model, inputs)
+    from medhe.he.report import SCHEMA
+    from medhe.machine import machine_info
+
     report: dict[str, Any] = {
-        "dataset": name, "model": artifact.name, "scheme": scheme, "split": split, "n": int(len(ds.labels)),
-        "task": artifact.task, "plain": compute_metrics(artifact.task, ds.labels, plain_logits),
+        "schema": SCHEMA, "dataset": name, "model": artifact.name, "scheme": scheme, "split": split,
+        "n": int(len(ds.labels)), "task": artifact.task, "labels": list(artifact.labels),
+        "plain": compute_metrics(artifact.task, ds.labels, plain_logits), "machine": machine_info(),
     }
     if scheme == "plain":
         return report
@@ -112,8 +116,8 @@ def print_report(report: dict[str, Any]) -> None:
         if isinstance(report.get(key), dict):
             m = report[key]
             label = key
-            if key == "encrypted" and report.get("n_executed", report["n"]) < report["n"]:
-                label = f"encrypted (first {report['n_executed']})"  # TFHE executes a prefix, simulates them all
+            if key == "encrypted" and report.get("n_encrypted", report["n"]) < report["n"]:
+                label = f"encrypted (first {report['n_encrypted']})"  # TFHE executes a prefix, simulates them all
             rows.append([label, m.get("acc"), m.get("auc"), m.get("f1")])
     print(f"\n{report['model']} on {report['dataset']} ({report['split']}, n={report['n']}), "
           f"scheme {report['scheme']}")
@@ -126,14 +130,16 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"executed vs simulated: {ex.get('prediction_equal')}/{ex.get('n')} equal predictions, "
               f"{ex.get('bit_exact')}/{ex.get('n')} bit-exact outputs")
     if "agreement" in report:
-        print(f"agreement with plaintext: {report['agreement']:.4f}   "
+        against = "the quantized program" if report.get("reference") == "quantized" else "plaintext"
+        print(f"agreement with {against}: {report['agreement']:.4f}   "
               f"max |logit error|: {report.get('max_abs_logit_error', float('nan')):.2e}")
     lat = report.get("latency_ms") or {}
-    stages = [(k, v) for k, v in lat.items() if isinstance(v, dict)]
+    stages = [(k, v) for k, v in lat.items() if isinstance(v, dict) and k != "keygen"]
     if stages:
-        print(table(["latency (ms)", "median", "p95"], [[k, v.get("median"), v.get("p95")] for k, v in stages]))
-    if "keygen" in lat:
-        print(f"key generation: {lat['keygen']:.0f} ms")
+        print(table(["latency (ms)", "median", "p95"], [[k, ms(v.get("median")), ms(v.get("p95"))]
+                                                        for k, v in stages]))
+    if isinstance(lat.get("keygen"), dict):
+        print(f"key generation: {ms(lat['keygen']['median'])} ms")
     sizes = report.get("bytes") or {}
     if sizes:
         print("bytes: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sizes.items() if isinstance(v, (int, float))))

@@ -447,11 +447,9 @@ MIN_AUC_N = 10
 
 
 def _machine() -> dict[str, Any]:
-    import os
+    from medhe.machine import machine_info
 
-    from medhe.machine import load_average
-
-    return {"cpus": os.cpu_count(), "load_average_1m": load_average()}
+    return machine_info()
 
 
 def _machine_text(m: dict[str, Any] | None) -> str:

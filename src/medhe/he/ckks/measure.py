@@ -23,10 +23,10 @@ import torch
 from medhe.he.ckks.wire import envelope
 from medhe.he.ckks.client import CKKSClient
 from medhe.he.ckks.server import CKKSServerModel
+from medhe.stats import summarize
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+_stats = summarize  # the one statistics helper (medhe.stats)
 
 
 def measure(server: CKKSServerModel, images: np.ndarray, reference_logits: np.ndarray,

@@ -13,19 +13,15 @@ time per factor is reported separately. Reports medians, p95 and the 1-minute lo
 
 from __future__ import annotations
 
-import os
-import statistics
 import time
 
 import numpy as np
 
-from medhe.machine import load_average
+from medhe.machine import load_average, machine_info
+from medhe.stats import summarize
 
 
-def _stats(ms: list[float]) -> dict[str, float]:
-    s = sorted(ms)
-    return {"median": round(statistics.median(s), 2), "p95": round(s[min(len(s) - 1, int(0.95 * len(s)))], 2),
-            "min": round(s[0], 2), "n": len(s)}
+_stats = summarize  # the one statistics helper (medhe.stats): one p95 definition everywhere
 
 
 def run_paillier_benchmark(model: str = "covid-cxr", images: int = 10, key_bits: int | None = None,
@@ -91,6 +87,6 @@ def run_paillier_benchmark(model: str = "covid-cxr", images: int = 10, key_bits:
         "client_decrypt_ms": _stats(dec),
         "bytes": {"input_ciphertext": len(ct), "output_ciphertext": len(r_warm), "evaluation_keys": len(ek)},
         "load_average_1min": {"min": round(min(load), 2), "max": round(max(load), 2)},
-        "cpu_count": os.cpu_count(),
+        "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
