@@ -52,3 +52,38 @@ def test_one_p95_definition():
     s = summarize(list(range(1, 21)))
     assert set(s) == set(STAT_KEYS) and s["n"] == 20 and s["median"] == 10.5 and s["p95"] == pytest.approx(19.05)
     assert summarize([]) is None and summarize([4.0])["p95"] == 4.0
+
+
+@pytest.mark.slow
+def test_medhe_report_writes_markdown_and_plots(report, tmp_path):
+    import re
+
+    from PIL import Image
+
+    from medhe.cli import main
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(report))
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    pngs = re.findall(r"\]\(([^)]+\.png)\)", md)
+    kinds = {p.rsplit("-", 1)[1] for p in pngs}
+    assert {"scatter.png", "latency.png"} <= kinds
+    assert ("bytes.png" in kinds) == (report["encrypted"] is not None)
+    assert "roc.png" in kinds or "single class" in md
+    for name in pngs:
+        with Image.open(tmp_path / "rep" / name) as img:
+            assert img.format == "PNG" and min(img.size) > 200
+
+
+def test_report_command_errors_are_one_line(tmp_path, capsys):
+    from medhe.cli import main
+
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["report", str(bad), "--out", str(tmp_path / "no" / "such" / "dir")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(bad), "--out", str(tmp_path / "rep")]) == 2
+    assert "not a medhe evaluate report" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--data-dir", help="folder with dataset files (default: $MEDHE_DATA or ~/.medhe/data)")
-    p.add_argument("--json", dest="json_out", help="write the report to this file")
+    p.add_argument("--json", dest="json_out", help="write the report to this file (its folder must exist)")
+    p.add_argument("--report", dest="report_dir", metavar="DIR",
+                   help="also write DIR/report.md with plots (ROC, logit scatter, latency, bytes); see medhe report")
     p.add_argument("--fhe", choices=("simulate", "execute"), default="simulate",
                    help="TFHE only: Concrete's simulation (fast, and with medhe's exact rounding bit for bit what "
                         "execution computes) or real encrypted execution")
@@ -140,7 +141,7 @@ def print_report(report: dict[str, Any]) -> None:
                                                         for k, v in stages]))
     if isinstance(lat.get("keygen"), dict):
         print(f"key generation: {ms(lat['keygen']['median'])} ms")
-    sizes = report.get("bytes") or {}
+    sizes = {k: v for k, v in (report.get("bytes") or {}).items() if isinstance(v, (int, float))}
     if sizes:
         print("bytes: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sizes.items() if isinstance(v, (int, float))))
     for row in report.get("debug_layers") or []:
@@ -148,13 +149,22 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medhe.cli._paths import input_dir, output_dir, output_file
+
+    json_out = output_file(args.json_out, "--json") if args.json_out else None
+    report_dir = output_dir(args.report_dir, "--report") if args.report_dir else None
+    args.data_dir = input_dir(args.data_dir, "--data-dir")
     report = evaluate(args.model, args.scheme, args.dataset, args.split, args.limit, args.data_dir,
                       progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
                       debug_layers=args.debug_layers, n_execute=args.n_execute)
     print_report(report)
-    if args.json_out:
-        atomic.write_json(Path(args.json_out), _jsonable(report))
-        print(f"report written to {args.json_out}")
+    if json_out:
+        atomic.write_json(json_out, _jsonable(report))
+        print(f"report written to {json_out}")
+    if report_dir:
+        from medhe.reporting import write_report
+
+        print(f"Markdown report written to {write_report([], report_dir, runs=[_jsonable(report)])}")
     return 0
 
 

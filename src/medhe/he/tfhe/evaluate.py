@@ -78,6 +78,7 @@ def evaluate_tfhe(artifact: Any, inputs: np.ndarray, labels: np.ndarray, fhe: st
         "max_abs_logit_error": float(np.max(np.abs(sim_logits - quant_logits))),
         # simulation encrypts nothing: only the (simulated) evaluation has a latency, no bytes cross a wire
         "latency_ms": {"keygen": None, "encrypt": None, "eval": summarize(sim_ms), "decrypt": None},
+        "samples_ms": {"eval": [round(v, 3) for v in sim_ms]},
         "bytes": {"input_ciphertext": None, "output_ciphertext": None, "evaluation_keys": None},
         "params": {**server.params, **server.report_params()},
         "logits": logits_block(labels, plain_logits, sim_logits, reference=quant_logits),
