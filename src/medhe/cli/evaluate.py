@@ -11,8 +11,9 @@ import numpy as np
 from medhe import atomic
 from medhe.cli._format import human_bytes, ms, table
 from medhe.errors import DataError, MedheError
+from medhe.he.scheme import SCHEMES
 
-SCHEME_CHOICES = ("plain", "ckks", "tfhe", "paillier")
+SCHEME_CHOICES = ("plain", *SCHEMES)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +75,8 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
 
     if n_execute < 1:
         raise MedheError(f"--n-execute must be at least 1, not {n_execute}")
+    if fhe != "simulate" and scheme != "tfhe":
+        raise MedheError(f"--fhe {fhe} applies to --scheme tfhe only, not {scheme}; drop it")
     artifact = load_artifact(model)
     name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
     inputs = model_inputs(artifact, ds.images)
