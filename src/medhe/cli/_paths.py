@@ -31,11 +31,14 @@ def output_dir(path: str, option: str) -> Path:
 
 
 def input_dir(path: str | None, option: str) -> str | None:
-    """An existing folder to read from (``None`` passes through: the default applies)."""
+    """A data folder: an existing one, or a new one (a download fills it) directly inside an existing folder.
+
+    ``None`` passes through (the default applies)."""
     if path is None:
         return None
     p = Path(path).expanduser()
-    if not p.is_dir():
-        what = "is a file, not a folder" if p.exists() else "does not exist"
-        raise MedheError(f"{option} {path} {what}: pass the folder holding the dataset files")
+    if p.exists() and not p.is_dir():
+        raise MedheError(f"{option} {path} is a file, not a folder: pass the folder holding the dataset files")
+    if not p.exists() and not p.parent.is_dir():
+        raise MedheError(f"{option} {path}: neither it nor its parent folder {p.parent} exists; check the path")
     return str(p)

@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if args.images < 1:
         raise MedheError(f"-n/--images must be at least 1, not {args.images}")
     args.model = args.model or default_model(args.scheme)
+    from medhe.cli._paths import input_dir
+
+    args.data_dir = input_dir(args.data_dir, "--data-dir")
     print(f"== 1. Plain evaluation of the shipped model {args.model!r} on its full test split")
     print_report(evaluate(args.model, "plain", data_dir=args.data_dir, progress=False))
 

@@ -24,13 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", choices=SCHEME_CHOICES, default="plain")
     p.add_argument("--dataset", help="MedMNIST flag or image folder with labels.csv (default: the model's own)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--limit", type=int,
+                   help="evaluate only the first N images of the split (in file order: a small N may hold a "
+                        "single class, which leaves AUC undefined)")
     p.add_argument("--data-dir", help="folder with dataset files (default: $MEDHE_DATA or ~/.medhe/data)")
     p.add_argument("--json", dest="json_out", help="write the report to this file (its folder must exist)")
     p.add_argument("--report", dest="report_dir", metavar="DIR",
                    help="also write DIR/report.md with plots (ROC, logit scatter, latency, bytes); see medhe report")
-    p.add_argument("--fhe", choices=("simulate", "execute"), default="simulate",
-                   help="TFHE only: Concrete's simulation (fast, and with medhe's exact rounding bit for bit what "
+    p.add_argument("--fhe", choices=("simulate", "execute"),
+                   help="TFHE only (default simulate): Concrete's simulation (fast, and with medhe's exact rounding bit for bit what "
                         "execution computes) or real encrypted execution")
     p.add_argument("--n-execute", type=int, default=50,
                    help="TFHE --fhe execute only: how many of the images (the first ones) run encrypted; the "
@@ -66,7 +68,7 @@ def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | 
 
 def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",
              limit: int | None = None, data_dir: str | None = None, progress: bool = True,
-             fhe: str = "simulate", key_bits: int = 3072, debug_layers: bool = False,
+             fhe: str | None = None, key_bits: int = 3072, debug_layers: bool = False,
              n_execute: int = 50) -> dict[str, Any]:
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included)."""
     from medhe.models.artifact import load_artifact
@@ -75,8 +77,9 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
 
     if n_execute < 1:
         raise MedheError(f"--n-execute must be at least 1, not {n_execute}")
-    if fhe != "simulate" and scheme != "tfhe":
+    if fhe is not None and scheme != "tfhe":
         raise MedheError(f"--fhe {fhe} applies to --scheme tfhe only, not {scheme}; drop it")
+    fhe = fhe or "simulate"
     artifact = load_artifact(model)
     name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
     inputs = model_inputs(artifact, ds.images)
@@ -161,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
                       progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
                       debug_layers=args.debug_layers, n_execute=args.n_execute)
     print_report(report)
+    if report["plain"].get("auc") is None and report["task"] != "multi-label":
+        print(f"note: the {report['n']} images evaluated hold a single class, so AUC is undefined and F1 may be 0; "
+              "raise --limit or drop it to evaluate the whole split")
     if json_out:
         atomic.write_json(json_out, _jsonable(report))
         print(f"report written to {json_out}")

@@ -19,14 +19,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="served model id (needed when the server offers several)")
     p.add_argument("--token", help=f"bearer token (default: ${protocol.TOKEN_ENV})")
     p.add_argument("--cacert", help="CA bundle to verify a self-signed TLS certificate")
-    p.add_argument("--json", action="store_true", help="print one JSON document with every result")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document with every result: per image label (top class), probabilities, "
+                        "logits, and positive (multi-label models: the labels at probability >= 0.5; always [] "
+                        "for single-label models, whose answer is label)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from medhe.service.client import Client
 
-    with Client(args.server, token=args.token, verify=args.cacert or True) as client:
+    from medhe.progress import busy
+
+    with Client(args.server, token=args.token, verify=args.cacert or True) as client, \
+            busy("keys, encryption and server evaluation", not args.json and len(args.images) == 1
+                 and sys.stderr.isatty()):
         results = client.diagnose_many(args.images, model=args.model,
                                        progress=not args.json and len(args.images) > 1 and sys.stderr.isatty())
         client.forget_keys()

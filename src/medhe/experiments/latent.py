@@ -219,10 +219,12 @@ def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int 
     """
     from medhe.he import compile_model
     from medhe.he.evaluate import ImageRun, run_encrypted
+    from medhe.progress import busy
 
     n = len(x) if limit is None else min(limit, len(x))
     t0 = time.perf_counter()
-    server = compile_model(artifact, scheme="ckks", **(options or {}))
+    with busy(f"compiling {getattr(artifact, 'name', 'the model')} for CKKS", log is not None):
+        server = compile_model(artifact, scheme="ckks", **(options or {}))
     compile_s = time.perf_counter() - t0
     plain = _logits(artifact.model, x[:n])
     static = {"compile_s": compile_s, "params": _params(server.spec())}
@@ -239,7 +241,10 @@ def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int 
     def on_keys(info: dict[str, Any]) -> None:
         static["evaluation_key_bytes"] = info["evaluation_keys"]
 
-    run_encrypted(server, x[:n], progress=False, on_image=on_image, on_keys=on_keys)
+    def stage(name: str) -> Any:  # the server eval of each image is logged above; key generation ticks here
+        return busy(name, log is not None and name == "key generation")
+
+    run_encrypted(server, x[:n], progress=False, on_image=on_image, on_keys=on_keys, stage=stage)
     return _summary(done, plain, labels[:n], static)
 
 

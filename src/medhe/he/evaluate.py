@@ -18,6 +18,7 @@ from tqdm import tqdm
 from medhe.he.report import logits_block
 from medhe.he.scheme import client_for, compile_model
 from medhe.models.metrics import compute_metrics, predictions
+from medhe.progress import busy
 from medhe.stats import summarize
 
 _stats = summarize  # the one statistics helper (medhe.stats); old name kept for importers
@@ -54,7 +55,9 @@ def run_encrypted(server: Any, inputs: np.ndarray, progress: bool = True, desc: 
     stage into generation, serialization and the server's load (``on_keys`` gets it before the first image);
     ``images`` holds every ``ImageRun``.
     """
-    stage = stage or (lambda name: nullcontext())
+    if stage is None:  # key generation takes seconds to minutes: show it ticking (image stages have the bar)
+        def stage(name: str) -> ContextManager[Any]:
+            return busy(name, progress) if name == "key generation" else nullcontext()
     client = client_for(server.spec())
     t0, c0 = time.perf_counter(), time.process_time()
     with stage("key generation"):
@@ -104,7 +107,8 @@ def evaluate_encrypted(artifact: Any, scheme: str, inputs: np.ndarray, labels: n
                        compile_options: dict[str, Any] | None = None,
                        on_server: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Fill ``report`` (the shared JSON document) with the encrypted side for ``scheme``."""
-    server = compile_model(artifact, scheme, **(compile_options or {}))
+    with busy(f"compiling {artifact.name} for {scheme}", progress):
+        server = compile_model(artifact, scheme, **(compile_options or {}))
     if on_server is not None:
         on_server(server)
     run = run_encrypted(server, inputs, progress=progress, desc=f"{scheme} inference")

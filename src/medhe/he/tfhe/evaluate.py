@@ -19,6 +19,7 @@ from medhe.he.evaluate import agreement, run_encrypted
 from medhe.he.report import logits_block
 from medhe.he.tfhe import compile_tfhe
 from medhe.models.metrics import compute_metrics, predictions
+from medhe.progress import busy
 from medhe.stats import summarize
 
 
@@ -47,7 +48,9 @@ def evaluate_tfhe(artifact: Any, inputs: np.ndarray, labels: np.ndarray, fhe: st
         raise DataError(f"TFHE evaluation needs at least one image and one label per image, got "
                         f"{len(inputs)} images of shape {tuple(inputs.shape[1:])} and {len(labels)} labels")
     task = artifact.task
-    server = server or compile_tfhe(artifact, fhe=fhe, **compile_options)
+    if server is None:
+        with busy(f"compiling {getattr(artifact, 'name', 'model')} for tfhe ({fhe})", progress):
+            server = compile_tfhe(artifact, fhe=fhe, **compile_options)
     integer = server.integer
     q = integer.quantize_input(inputs)
     ref_int = integer.run(q)
