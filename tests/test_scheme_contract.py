@@ -79,3 +79,17 @@ def test_every_scheme_refuses_foreign_bytes(compiled):
             server.infer(keys, bad)
         with pytest.raises(CiphertextError):
             server.load_keys(bad)
+
+
+@pytest.mark.slow
+def test_ckks_measurement_goes_through_the_shared_loop(data_dir):
+    """`medhe bench --scheme ckks --engine-only` (once `python -m medhe.he.ckks.measure`): run_encrypted's figures."""
+    from medhe.he.ckks.measure import run_measurement
+    from medhe.stats import STAT_KEYS
+
+    result = run_measurement("pneumoniamnist", 3, data_dir=str(data_dir), progress=False)
+    assert result["images"] == 3 and result["agreement"] == 1.0 and result["max_abs_logit_error"] < 0.05
+    for key in ("encrypt_ms", "load_ms", "eval_ms", "decrypt_ms", "infer_ms", "eval_cpu_ms"):
+        assert set(result[key]) == set(STAT_KEYS) and result[key]["n"] == 3
+    assert result["eval_ms"]["median"] <= result["infer_ms"]["median"]
+    assert result["params"]["security_bits"] >= 128 and result["input_bytes"] > 0

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--service", action="store_true", help="load-test the HTTP service")
     p.add_argument("--model", help="model to benchmark (default: the scheme's shipped default)")
     p.add_argument("-n", "--images", type=int, default=20, help="images per measured pipeline")
+    p.add_argument("--engine-only", action="store_true",
+                   help="--scheme ckks: measure medhe alone (agreement, logit error, input load / eval / decrypt "
+                        "latency, sizes, plan) without the TenSEAL comparison")
     p.add_argument("--baseline-images", type=int, default=1,
                    help="--scheme tfhe: images through the unrounded concrete-python baseline (minutes each)")
     p.add_argument("--rounded-baseline", action="store_true",
@@ -41,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.images < 1:
         raise MedheError("-n/--images must be at least 1")
+    if args.engine_only and args.scheme != "ckks":
+        raise MedheError("--engine-only applies to --scheme ckks only")
     json_out = output_file(args.json_out, "--json") if args.json_out else None
     args.data_dir = input_dir(args.data_dir, "--data-dir")
     started = time.time()
@@ -49,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
                                        requests=args.requests, data_dir=args.data_dir, workers=args.workers)
+    elif args.scheme == "ckks" and args.engine_only:
+        from medhe.he.ckks.measure import run_measurement
+
+        result = run_measurement(args.model or default_model("ckks"), args.images, data_dir=args.data_dir)
     elif args.scheme == "ckks":
         from medhe.he.ckks.bench import format_summary, run_ckks_benchmark
 
@@ -76,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(text)
         return 0
     atomic.write_text(json_out, text + "\n")  # --json: the JSON goes to the file only, a short summary here
-    if args.scheme != "ckks":  # the CKKS benchmark printed its own summary above
+    if args.scheme != "ckks" or args.engine_only:  # the CKKS comparison printed its own summary above
         print(short_summary(result))
     print(f"benchmark JSON written to {json_out}")
     return 0
