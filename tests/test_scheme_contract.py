@@ -93,3 +93,28 @@ def test_ckks_measurement_goes_through_the_shared_loop(data_dir):
         assert set(result[key]) == set(STAT_KEYS) and result[key]["n"] == 3
     assert result["eval_ms"]["median"] <= result["infer_ms"]["median"]
     assert result["params"]["security_bits"] >= 128 and result["input_bytes"] > 0
+
+
+def _bound_to_another(scheme, server):
+    """A well-formed input message of ``scheme`` bound to some other model or key."""
+    if scheme == "ckks":
+        from medhe.he.ckks.wire import envelope
+
+        return envelope.pack(envelope.KIND_INPUT, "ab" * 16, [b"x"])
+    if scheme == "tfhe":
+        from medhe.he.tfhe import wire
+
+        return wire.pack(wire.KIND_INPUT, b"\1" * 16, b"x")
+    from medhe.he.paillier import wire
+
+    return wire.dumps(wire.Message(wire.KIND_FEATURES, b"\1" * 16, [1] * server.dim), 64)
+
+
+@pytest.mark.slow
+def test_one_integrity_helper_names_the_binding(compiled):
+    scheme, _, server, _ = compiled
+    client = client_for(server.spec())
+    client.keygen()
+    keys = server.load_keys(client.evaluation_keys())
+    with pytest.raises(CiphertextError, match=r"was made for .+ \(id [0-9a-f]{12}, expected [0-9a-f]{12}\): "):
+        server.infer(keys, _bound_to_another(scheme, server))

@@ -183,9 +183,9 @@ class PaillierServerModel(ServerModel):
         if not isinstance(keys, PaillierKeys):
             raise CiphertextError("infer() needs the object returned by load_keys(): load the client's key first")
         msg = wire.loads(ciphertext, wire.KIND_FEATURES)
-        if msg.fingerprint != keys.fingerprint:
-            raise CiphertextError("these ciphertexts were made under a different Paillier key than the one loaded: "
-                                  "send the evaluation key of the session that encrypted them")
+        wire.FRAMING.check_binding(wire.KIND_FEATURES, msg.fingerprint, keys.fingerprint,
+                                   "a different Paillier key than the one loaded",
+                                   "send the evaluation key of the session that encrypted them")
         if len(msg.values) != self.dim:
             raise CiphertextError(f"expected {self.dim} encrypted features, got {len(msg.values)}: run the model's "
                                   "client stage (feature extractor) before encrypting")
