@@ -46,19 +46,21 @@ class ImageRun:
 def run_encrypted(server: Any, inputs: np.ndarray, progress: bool = True, desc: str = "encrypted inference",
                   on_image: Callable[[ImageRun], None] | None = None,
                   stage: Callable[[str], ContextManager[Any]] | None = None,
-                  on_keys: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                  on_keys: Callable[[dict[str, Any]], None] | None = None,
+                  client: Any = None) -> dict[str, Any]:
     """Key generation once, then encrypt -> infer -> decrypt per input; returns logits, timings and sizes.
 
     The one loop every report uses (evaluation, benchmarks, experiments). ``on_image`` sees each image's
     ``ImageRun`` as soon as it is done (logs, checkpoints of long runs); ``stage(name)`` wraps the slow stages
     ("key generation", "image i/n: server eval"), e.g. to print heartbeats. ``keys`` in the result splits the key
     stage into generation, serialization and the server's load (``on_keys`` gets it before the first image);
-    ``images`` holds every ``ImageRun``.
+    ``images`` holds every ``ImageRun``. ``client``: a fresh session for ``server.spec()`` made by the caller, who
+    needs it afterwards (to decrypt replies of its own); by default the loop makes one.
     """
     if stage is None:  # key generation takes seconds to minutes: show it ticking (image stages have the bar)
         def stage(name: str) -> ContextManager[Any]:
             return busy(name, progress) if name == "key generation" else nullcontext()
-    client = client_for(server.spec())
+    client = client if client is not None else client_for(server.spec())
     t0, c0 = time.perf_counter(), time.process_time()
     with stage("key generation"):
         client.keygen()
