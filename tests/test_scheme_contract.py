@@ -68,12 +68,19 @@ def test_compile_spec_client_roundtrip(compiled):
     assert params["library"] and params["backend"] and params["security_bits"] >= 112
 
 
-@pytest.mark.slow
-def test_every_scheme_refuses_foreign_bytes(compiled):
-    scheme, _, server, inputs = compiled
+@pytest.fixture(scope="module")
+def session(compiled):
+    """A registered client session of the compiled server: (client, the server's loaded keys)."""
+    server = compiled[2]
     client = client_for(server.spec())
     client.keygen()
-    keys = server.load_keys(client.evaluation_keys())
+    return client, server.load_keys(client.evaluation_keys())
+
+
+@pytest.mark.slow
+def test_every_scheme_refuses_foreign_bytes(compiled, session):
+    server = compiled[2]
+    client, keys = session
     for bad in (b"", b"\x00" * 64, client.evaluation_keys()[:40]):
         with pytest.raises(CiphertextError):
             server.infer(keys, bad)
@@ -111,10 +118,8 @@ def _bound_to_another(scheme, server):
 
 
 @pytest.mark.slow
-def test_one_integrity_helper_names_the_binding(compiled):
+def test_one_integrity_helper_names_the_binding(compiled, session):
     scheme, _, server, _ = compiled
-    client = client_for(server.spec())
-    client.keygen()
-    keys = server.load_keys(client.evaluation_keys())
+    keys = session[1]
     with pytest.raises(CiphertextError, match=r"was made for .+ \(id [0-9a-f]{12}, expected [0-9a-f]{12}\): "):
         server.infer(keys, _bound_to_another(scheme, server))

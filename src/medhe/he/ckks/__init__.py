@@ -21,8 +21,7 @@ so that sibling modules (serialization, benchmarks) can import the package witho
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medhe.he.lazy import lazy_exports
 
 SCHEME = "ckks"
 DEFAULT_MODEL = "pneumoniamnist"
@@ -45,8 +44,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'medhe.he.ckks' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

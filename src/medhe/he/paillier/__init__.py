@@ -12,8 +12,7 @@ Same package shape as ckks and tfhe: ``SCHEME``, ``DEFAULT_MODEL``, lazily impor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medhe.he.lazy import lazy_exports
 
 SCHEME = "paillier"
 DEFAULT_MODEL = "covid-cxr"
@@ -32,9 +31,4 @@ _LAZY = {
 
 __all__ = ["SCHEME", "DEFAULT_MODEL", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'medhe.he.paillier' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

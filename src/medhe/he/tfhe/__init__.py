@@ -11,8 +11,7 @@ Every scheme package (ckks, tfhe, paillier) has this shape: ``SCHEME``, ``DEFAUL
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medhe.he.lazy import lazy_exports
 
 SCHEME = "tfhe"
 DEFAULT_MODEL = "pneumoniamnist-qfcnn"
@@ -31,9 +30,4 @@ _LAZY = {
 
 __all__ = ["SCHEME", "DEFAULT_MODEL", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'medhe.he.tfhe' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
