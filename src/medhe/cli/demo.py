@@ -76,5 +76,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"sent: input {human_bytes(b['input_ciphertext'])} per image, evaluation keys "
           f"{human_bytes(b['evaluation_keys'])} once; received {human_bytes(b['output_ciphertext'])} per image")
     if params:
-        print("parameters: " + ", ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, (list, dict))))
+        print("parameters: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in params.items() if not isinstance(v, (list, dict))))
     return 0

@@ -141,7 +141,7 @@ def sizes(report: dict[str, Any], path: Path) -> Path | None:
     bars = ax.barh(names, values, color="tab:purple")
     ax.set_xscale("log")
     ax.bar_label(bars, labels=[human_bytes(v) for v in values], padding=3, fontsize=8)
-    ax.set_xlim(right=max(values) * 20)
+    ax.set_xlim(left=max(1.0, min(values) / 10), right=max(values) * 20)  # every bar visibly long
     ax.set(xlabel="bytes (log scale)", title=f"{report['model']} ({report['scheme']}): bytes on the wire")
     ax.invert_yaxis()
     return _save(fig, path)
