@@ -27,7 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", metavar="KEYDIR",
                    help="encrypted models only: the key set (medhe keygen) the served model's weights are "
                         "encrypted under; its secret key stays here")
-    p.add_argument("--json", action="store_true", help="print one JSON document with every result")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document with every result: per image label (top class), probabilities, "
+                        "logits, and positive (multi-label models: the labels at probability >= 0.5; always [] "
+                        "for single-label models, whose answer is label)")
     p.set_defaults(handler=run)
 
 
@@ -47,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
         raise MedheError("no images: give IMAGE files, or --batch FOLDER for a whole folder")
     if args.out or args.skip_bad:
         raise MedheError("--out and --skip-bad work with --batch FOLDER only")
+    from medhe.progress import busy
 
-    with Client(args.server, token=args.token, verify=args.cacert or True, keys=args.keys) as client:
+    with Client(args.server, token=args.token, verify=args.cacert or True, keys=args.keys) as client, \
+            busy("keys, encryption and server evaluation", not args.json and len(args.images) == 1
+                 and sys.stderr.isatty()):
         results = client.diagnose_many(args.images, model=args.model,
                                        progress=not args.json and len(args.images) > 1 and sys.stderr.isatty())
         client.forget_keys()

@@ -77,6 +77,14 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             s.bind(addr)
         except OSError as exc:
+            import errno
+
+            if exc.errno == errno.EADDRNOTAVAIL:  # the address is not one of this machine's interfaces
+                raise MedheError(f"--host {host} is not an address of this machine ({exc.strerror}): use 127.0.0.1, "
+                                 "0.0.0.0 (all interfaces) or one of this machine's addresses") from None
+            if exc.errno == errno.EACCES:
+                raise MedheError(f"no permission to listen on {host}:{port} ({exc.strerror}): use a --port above "
+                                 "1023") from None
             raise MedheError(f"cannot listen on {host}:{port} ({exc.strerror}): is another server running there? "
                              "choose another --port") from None
 

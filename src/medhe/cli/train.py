@@ -124,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from medhe.cli._paths import input_dir
+
+    args.data_dir = input_dir(args.data_dir, "--data-dir")
     artifact = train_model(
         args.dataset, arch=arch, epochs=args.epochs, out_dir=args.out, seed=args.seed, batch_size=args.batch_size,
         lr=args.lr, arch_kwargs=arch_kwargs, data_dir=args.data_dir, size=args.size, augment=not args.no_augment,
@@ -134,12 +137,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def label_list(labels: list[str]) -> str:
+    """``2 labels: "malignant", "normal, benign"``: quoted, since MedMNIST names can contain commas."""
+    return f"{len(labels)} label{'s' if len(labels) != 1 else ''}: " + ", ".join(f'"{name}"' for name in labels)
+
+
 def print_summary(artifact: Any) -> None:
     card = artifact.card
     training = card.get("training", {})
     params = sum(p.numel() for p in artifact.model.parameters())
     print(f"\nmodel {card['name']!r} ({card['arch']}, {params:,} parameters) written to {artifact.path}")
-    print(f"dataset {card['dataset'].get('name')} ({card['task']}, labels: {', '.join(card['labels'])}); "
+    print(f"dataset {card['dataset'].get('name')} ({card['task']}, {label_list(card['labels'])}); "
           f"best epoch {training.get('best_epoch')} of {training.get('epochs')}, {training.get('elapsed_s')} s")
     if training.get("calibration"):
         cal = training["calibration"]

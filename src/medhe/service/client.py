@@ -147,6 +147,8 @@ class Client:
         token = token if token is not None else os.environ.get(protocol.TOKEN_ENV) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
+        if self.url.endswith(protocol.PREFIX):  # the URL `medhe serve` prints ends in /v1; routes add it again
+            self.url = self.url[: -len(protocol.PREFIX)]
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify,
                                   transport=transport)
         if keys is not None and not hasattr(keys, "key_id"):

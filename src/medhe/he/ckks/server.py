@@ -27,6 +27,16 @@ SCHEME = "ckks"
 SPEC_FORMAT = "medhe-ckks-spec/1"
 
 
+def _seal_library() -> str:
+    """Keys and ciphertexts are SEAL's whatever backend evaluates: name the binding and its version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"SEAL (seal-python {version('seal-python')})"
+    except PackageNotFoundError:
+        return "SEAL (seal-python)"
+
+
 @dataclass
 class CKKSKeys:
     """A client's validated evaluation keys (Galois keys for exactly the plan's steps, relinearization keys)."""
@@ -60,7 +70,8 @@ class CKKSServerModel(ServerModel):
 
     def report_params(self) -> dict[str, Any]:
         params = self.plan.params
-        return {"backend": self.backend.name, "security_bits": security_bits(params.poly_degree, params.prime_bits)}
+        return {"library": _seal_library(), "backend": self.backend.name,
+                "security_bits": security_bits(params.poly_degree, params.prime_bits)}
 
     def spec(self) -> dict[str, Any]:
         return {"scheme": SCHEME, "format": SPEC_FORMAT, "model": self.name, "task": self.task,
