@@ -284,3 +284,19 @@ def test_thread_chooser_follows_measured_times(monkeypatch):
     assert min(chooser.mean, key=chooser.mean.get) == 1
     monkeypatch.setenv("MEDHE_NATIVE_THREADS", "1")
     assert native.ThreadChooser().options == [1]
+
+
+def test_keys_from_seal_is_the_public_way_to_hand_seal_keys_to_the_runtime(nb):
+    """A server-side backend that never generated keys turns SEAL key objects into runtime keys (what the batch
+    boundary does with a client's relinearization keys), and relinearizes bit for bit like SEAL."""
+    assert not hasattr(nb, "_keys_from_seal")
+    server = native.NativeBackend(PARAMS)
+    keys = server.keys_from_seal(None, nb.seal.relin_keys)
+    assert server.keys is None  # handed back to the caller, not stored
+    sb, level = nb.seal, 3
+    rng = np.random.default_rng(7)
+    sx = sb.encrypt(sb.encode(rng.uniform(-1, 1, nb.slots), level, _scale(level)))
+    sy = sb.encrypt(sb.encode(rng.uniform(-1, 1, nb.slots), level, _scale(level)))
+    s3 = sb.evaluator.multiply(sx, sy)
+    ours = server.ctx.relinearize(server.from_seal(s3), keys)
+    assert np.array_equal(ours.to_array(), server.from_seal(sb.relinearize(s3)).to_array())

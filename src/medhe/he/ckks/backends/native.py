@@ -93,10 +93,14 @@ class NativeBackend(Backend):
     def keygen(self, rotation_steps: list[int], relinearization: bool) -> None:
         """Client-side keys (SEAL); the runtime gets the evaluation keys as the server would."""
         self.seal.keygen(rotation_steps, relinearization)
-        self.keys = self._keys_from_seal(self.seal.galois_keys, self.seal.relin_keys)
+        self.keys = self.keys_from_seal(self.seal.galois_keys, self.seal.relin_keys)
 
     @_native_errors
-    def _keys_from_seal(self, galois, relin):
+    def keys_from_seal(self, galois: Any, relin: Any):
+        """SEAL key objects -> the runtime's evaluation keys (either may be ``None``: a plan without rotations or
+        without relinearization). For callers that already hold keys SEAL loaded and validated, such as the batch
+        boundary's relinearization keys; the returned object is what ``relinearize``/``rotate`` take, and is not
+        stored on this backend."""
         g = galois.to_string() if galois is not None and galois.size() else b""
         r = relin.to_string() if relin is not None else b""
         return self.ctx.load_keys(g, r)
@@ -105,7 +109,7 @@ class NativeBackend(Backend):
         """Client's compact key bytes (SEAL validates and expands the seeds), then into the runtime."""
         probe = self.seal.fresh()
         probe.load_evaluation_keys(galois, relin, levels)
-        self.keys = self._keys_from_seal(probe.galois_keys, probe.relin_keys)
+        self.keys = self.keys_from_seal(probe.galois_keys, probe.relin_keys)
 
     def galois_element(self, step: int) -> int:
         return self.seal.galois_element(step)

@@ -102,7 +102,7 @@ class NativeBoundary:
         from medhe.he.ckks.backends.native import NativeBackend
 
         self.backend = NativeBackend(plan.params)
-        self.keys = self.backend._keys_from_seal(None, relin_keys) if relin_keys is not None else None
+        self.keys = self.backend.keys_from_seal(None, relin_keys) if relin_keys is not None else None
 
     def one(self, arr: np.ndarray, seg: Segment) -> np.ndarray:
         ctx = self.backend.ctx
