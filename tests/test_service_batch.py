@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import socket
+import struct
 
 import httpx
 import numpy as np
@@ -27,8 +28,13 @@ N_IMAGES = 200
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ServerProcess(["pneumoniamnist:ckks"], workers=1, token=TOKEN,
+def spool_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tmpdir")
+
+
+@pytest.fixture(scope="module")
+def server(spool_root):
+    with ServerProcess(["pneumoniamnist:ckks"], workers=1, token=TOKEN, env={"TMPDIR": str(spool_root)},
                        extra_args=["--max-batch-bytes", str(MAX_BATCH)]) as srv:
         yield srv
 
@@ -84,8 +90,8 @@ def test_batch_endpoint_refusals(server):
     r = httpx.post(url + protocol.batch_keys_path("pneumoniamnist"), content=client.evaluation_keys(),
                    headers=_headers(**{"Content-Type": protocol.OCTET}), timeout=60)
     assert r.status_code == 201, r.text
-    key_id = r.json()["key_id"]
-    hdr = _headers(**{"Content-Type": protocol.OCTET, protocol.KEY_HEADER: key_id})
+    key_id, secret = r.json()["key_id"], r.json()["key_secret"]
+    hdr = _headers(**{"Content-Type": protocol.OCTET, protocol.KEY_HEADER: key_id, protocol.KEY_SECRET_HEADER: secret})
 
     # declared too large: refused before the body is read (raw socket: httpx will not lie about the length)
     host, port = url.removeprefix("http://").split(":")
@@ -99,21 +105,44 @@ def test_batch_endpoint_refusals(server):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413") and str(MAX_BATCH).encode() in reply
 
-    def chunks():  # streamed (no Content-Length): refused as soon as it passes the cap
-        block = bytes(1 << 20)
-        for _ in range((MAX_BATCH >> 20) + 8):
-            yield block
+    # a body whose framing is valid (first bytes of a real batch, parts twice their real size) but whose total
+    # passes the cap: it gets past the first-bytes check, then is refused as soon as the stream passes the cap
+    real = next(client.iter_encrypt(np.zeros((1, *spec["input"]["shape"]))))
+    (first,) = struct.unpack_from("<I", real, 24)
+    frame = real[28:28 + 32]
+
+    def chunks():  # streamed (no Content-Length)
+        yield real[:24]
+        for _ in range(spec["input"]["ciphertexts"]):
+            yield struct.pack("<I", 2 * first) + frame + bytes(2 * first - len(frame))
 
     r = httpx.post(infer, content=chunks(), headers=hdr, timeout=120)
     assert r.status_code == 413 and r.json()["error"]["code"] == "batch_too_large"
     assert "--max-batch-bytes" in r.json()["error"]["message"]
     r = httpx.post(infer, content=b"garbage", headers=hdr, timeout=60)
     assert r.status_code == 422
+    r = httpx.post(infer, content=b"garbage" * 100, headers=hdr, timeout=60)  # judged from its first bytes
+    assert r.status_code == 422 and "envelope magic" in r.json()["error"]["message"]
     r = httpx.post(infer, content=b"garbage", headers={**hdr, "Content-Type": "text/plain"}, timeout=60)
     assert r.status_code == 415
     r = httpx.post(infer, content=b"garbage", headers={**hdr, protocol.KEY_HEADER: "unknown"}, timeout=60)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_key"
-    r = httpx.delete(url + protocol.batch_key_path("pneumoniamnist", key_id), headers=_headers(), timeout=60)
+    # the key id alone is not enough: a wrong secret is the same 404 as an unknown id, for infer and delete
+    wrong = {**hdr, protocol.KEY_SECRET_HEADER: secret[:-2] + ("AA" if not secret.endswith("AA") else "BB")}
+    r = httpx.post(infer, content=b"garbage", headers=wrong, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_key"
+    no_secret = {k: v for k, v in hdr.items() if k != protocol.KEY_SECRET_HEADER}
+    r = httpx.post(infer, content=b"garbage", headers=no_secret, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_key_secret"
+    delete = url + protocol.batch_key_path("pneumoniamnist", key_id)
+    r = httpx.delete(delete, headers=_headers(**{protocol.KEY_SECRET_HEADER: wrong[protocol.KEY_SECRET_HEADER]}),
+                     timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_key"
+    r = httpx.delete(delete, headers=_headers(), timeout=60)
+    assert r.status_code == 400
+    r = httpx.post(infer, content=b"garbage", headers=hdr, timeout=60)
+    assert r.status_code == 422  # still registered: the failed deletes removed nothing
+    r = httpx.delete(delete, headers=_headers(**{protocol.KEY_SECRET_HEADER: secret}), timeout=60)
     assert r.status_code == 204
     r = httpx.post(infer, content=b"garbage", headers=hdr, timeout=60)
     assert r.status_code == 404
@@ -137,3 +166,38 @@ def test_predict_batch_folder_errors(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
     assert medhe_main(["predict", "--server", "http://127.0.0.1:9", str(tmp_path / "a.png"), "--skip-bad"]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_batch_uploads_are_spooled_in_the_servers_locked_folder(server, spool_root):
+    """A batch upload waits in the server's own ``medhe-spool-*`` folder (the one a restarted server cleans if
+    this one is killed), not in a loose temporary file."""
+    import time
+
+    url = server.url
+    spec = httpx.get(url + protocol.batch_path("pneumoniamnist"), headers=_headers(), timeout=120).json()
+    from medhe.he.ckks.batch.client import CKKSBatchClient
+
+    client = CKKSBatchClient(spec)
+    client.keygen()
+    reply = httpx.post(url + protocol.batch_keys_path("pneumoniamnist"), content=client.evaluation_keys(),
+                       headers=_headers(**{"Content-Type": protocol.OCTET}), timeout=60).json()
+    upload = next(client.iter_encrypt(np.zeros((1, *spec["input"]["shape"]))))
+    host, port = url.removeprefix("http://").split(":")
+    head = [f"POST {protocol.batch_infer_path('pneumoniamnist')} HTTP/1.1", f"Host: {host}",
+            f"Content-Length: {len(upload)}", "Connection: close",
+            *[f"{k}: {v}" for k, v in _headers(**{"Content-Type": protocol.OCTET,
+                                                  protocol.KEY_HEADER: reply["key_id"],
+                                                  protocol.KEY_SECRET_HEADER: reply["key_secret"]}).items()], "", ""]
+
+    def spooled():
+        return [p for p in spool_root.rglob("medhe-*") if p.is_file() and p.name != ".lock"]
+
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall("\r\n".join(head).encode() + upload[: 1 << 16])  # valid first bytes, then the client stalls
+        deadline = time.monotonic() + 20
+        while not spooled() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        files = spooled()
+        assert files and all(p.parent.name.startswith("medhe-spool-") for p in files), files
+    assert not list(spool_root.glob("medhe-batch-*"))  # nothing outside the locked folder

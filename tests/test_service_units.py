@@ -6,6 +6,7 @@ import pytest
 from medhe.cli.predict import format_result
 from medhe.cli.serve import _size
 from medhe.errors import ArtifactError, MedheError
+from medhe.service import protocol
 from medhe.service.catalog import load_catalog, parse_model_arg
 from medhe.service.client import interpret
 
@@ -28,6 +29,17 @@ def test_catalog_ids_are_unique_per_scheme():
     assert [m.id for m in both] == ["pneumoniamnist-ckks", "pneumoniamnist-tfhe"]
     with pytest.raises(ArtifactError, match="twice"):
         load_catalog(["pneumoniamnist", "pneumoniamnist:ckks"])
+
+
+def test_catalog_names_batch_routes_only_where_batch_mode_serves():
+    ckks, tfhe = load_catalog(["pneumoniamnist:ckks", "pneumoniamnist:tfhe"])
+    ends = ckks.describe()["endpoints"]
+    assert ckks.batch_capable and ends["batch"] == protocol.batch_path("pneumoniamnist-ckks")
+    assert ends["batch_keys"] == protocol.batch_keys_path("pneumoniamnist-ckks")
+    assert ends["batch_infer"] == protocol.batch_infer_path("pneumoniamnist-ckks")
+    assert not tfhe.batch_capable and "batch" not in tfhe.describe()["endpoints"]
+    (staged,) = load_catalog(["covid-cxr:ckks"])  # a public client stage runs first: no batch mode
+    assert staged.client_weights is not None and "batch" not in staged.describe()["endpoints"]
 
 
 def test_interpret_and_format():

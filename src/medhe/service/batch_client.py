@@ -33,11 +33,12 @@ class BatchDiagnoser:
         self.he = CKKSBatchClient(self.spec)
         self.he.keygen()
         self.key_id: str | None = None
+        self.key_secret: str | None = None  # proves to the server that these batch keys are ours
 
     def _register(self) -> None:
         reply = self.client._json("POST", protocol.batch_keys_path(self.id), content=self.he.evaluation_keys(),
                                   headers={"Content-Type": protocol.OCTET})
-        self.key_id = reply["key_id"]
+        self.key_id, self.key_secret = reply["key_id"], reply["key_secret"]
 
     def _post(self, upload: bytes) -> bytes:
         for attempt in (0, 1):
@@ -46,11 +47,12 @@ class BatchDiagnoser:
             try:
                 return self.client._request("POST", protocol.batch_infer_path(self.id), content=upload,
                                             headers={"Content-Type": protocol.OCTET,
-                                                     protocol.KEY_HEADER: str(self.key_id)}).content
+                                                     protocol.KEY_HEADER: str(self.key_id),
+                                                     protocol.KEY_SECRET_HEADER: str(self.key_secret)}).content
             except ServiceError as exc:
                 if exc.code != "unknown_key" or attempt:
                     raise
-                self.key_id = None
+                self.key_id = self.key_secret = None
         raise AssertionError("unreachable")
 
     def inputs(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -78,11 +80,12 @@ class BatchDiagnoser:
     def forget_keys(self) -> None:
         if self.key_id is not None:
             try:
-                self.client._request("DELETE", protocol.batch_key_path(self.id, self.key_id))
+                self.client._request("DELETE", protocol.batch_key_path(self.id, self.key_id),
+                                     headers={protocol.KEY_SECRET_HEADER: str(self.key_secret)})
             except ServiceError as exc:
                 if exc.status != 404:
                     raise
-            self.key_id = None
+            self.key_id = self.key_secret = None
 
 
 def batch_spec(client: Client, model: str | None = None) -> dict[str, Any]:

@@ -48,6 +48,13 @@ class ServedModel:
     def id(self) -> str:
         return self.ref.id
 
+    @property
+    def batch_capable(self) -> bool:
+        """Whether batch mode may serve it: a CKKS model compiled from its weights, without a client stage. (Its
+        batch plan is compiled on first use and may still not fit; GET the batch spec says so.)"""
+        return self.ref.scheme == "ckks" and not self.ref.encrypted and self.client_weights is None \
+            and not self.card.get("client_stage")
+
     def describe(self) -> dict[str, Any]:
         """The public listing entry: enough to preprocess, encrypt, decrypt and interpret without other files."""
         card = self.card
@@ -77,6 +84,8 @@ class ServedModel:
             "endpoints": {
                 "keys": protocol.keys_path(self.id),
                 "infer": protocol.infer_path(self.id),
+                **({"batch": protocol.batch_path(self.id), "batch_keys": protocol.batch_keys_path(self.id),
+                    "batch_infer": protocol.batch_infer_path(self.id)} if self.batch_capable else {}),
             },
         }
 
