@@ -9,12 +9,32 @@ from medhe.he.report import SCHEMA, check_report
 from medhe.stats import STAT_KEYS, summarize
 
 CASES = [("ckks", "pneumoniamnist", {}), ("tfhe", "pneumoniamnist-qfcnn", {"fhe": "simulate"}),
-         ("paillier", "covid-cxr", {"key_bits": 2048})]
+         ("paillier", "covid-cxr", {"key_bits": 2048}),
+         # the two other CKKS modes write the same schema: batch mode and the encrypted-weight model (P3)
+         ("ckks", "pneumoniamnist", {"batch": True}), ("ckks", "pneumoniamnist", {"encrypted_model": True})]
+IDS = ["ckks", "tfhe", "paillier", "ckks-batch", "ckks-encrypted-model"]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
-def report(request, data_dir):
+def _encrypted_model_dirs(root):
+    """A real KEYDIR and ENCDIR for the default model, made as medhe keygen / encrypt-model make them."""
+    from medhe.he.ckks import compile_ckks
+    from medhe.he.ckks.encrypted.keys import create_keydir
+    from medhe.he.ckks.encrypted.model import spec_for, write_encrypted_model
+    from medhe.models.artifact import load_artifact
+
+    artifact = load_artifact("pneumoniamnist")
+    plan = compile_ckks(artifact).plan
+    keys = create_keydir(spec_for(plan, artifact.card), root / "keys")
+    write_encrypted_model(plan, artifact.card, keys, root / "enc", progress=False)
+    return str(root / "enc"), str(root / "keys")
+
+
+@pytest.fixture(scope="module", params=CASES, ids=IDS)
+def report(request, data_dir, tmp_path_factory):
     scheme, model, options = request.param
+    if options.get("encrypted_model"):
+        encdir, keydir = _encrypted_model_dirs(tmp_path_factory.mktemp("p3"))
+        options = {"encrypted_model": encdir, "keys": keydir}
     return json.loads(dumps(evaluate(model, scheme, limit=8, data_dir=str(data_dir), progress=False, **options)))
 
 
@@ -41,6 +61,12 @@ def test_plain_is_the_float_model_and_tfhe_simulate_says_so(report):
             assert report["latency_ms"][stage]["median"] > 0
         assert report["bytes"]["input_ciphertext"] > 0 and report["bytes"]["evaluation_keys"] > 0
         assert len(report["logits"]["encrypted"]) == report["n"]
+    if report.get("mode") == "batch":  # one sample per ciphertext batch: 8 images fill one
+        assert report["latency_ms"]["eval"]["n"] == report["batch"]["batches"] == 1
+        assert report["params"]["backend"].startswith("batch-kernel+")
+    if report.get("mode") == "encrypted-model":
+        assert report["bytes"]["encrypted_model"] > 0
+        assert check_report({**report, **report["plaintext_weights"]}) == []  # the baseline has the same shape
 
 
 def test_check_report_names_what_is_missing():

@@ -168,7 +168,8 @@ def print_report(report: dict[str, Any]) -> None:
     lat = report.get("latency_ms") or {}
     stages = [(k, v) for k, v in lat.items() if isinstance(v, dict) and k != "keygen"]
     if stages:
-        print(table(["latency (ms)", "median", "p95"], [[k, ms(v.get("median")), ms(v.get("p95"))]
+        head = "latency per batch (ms)" if report.get("mode") == "batch" else "latency (ms)"
+        print(table([head, "median", "p95"], [[k, ms(v.get("median")), ms(v.get("p95"))]
                                                         for k, v in stages]))
     if isinstance(lat.get("keygen"), dict):
         print(f"key generation: {ms(lat['keygen']['median'])} ms")

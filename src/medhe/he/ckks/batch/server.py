@@ -69,7 +69,9 @@ class CKKSBatchServer:
         """What ran (the batch kernel; SEAL only at segment ends) and the security level of the chain."""
         params = self.plan.params
         engine = "native" if type(make_boundary(self.plan, None, self.boundary)).__name__.startswith("Native") else "seal"
-        return {"backend": f"batch-kernel+{engine}",
+        from medhe.he.ckks.server import _seal_library
+
+        return {"library": _seal_library(), "backend": f"batch-kernel+{engine}",
                 "security_bits": security_bits(params.poly_degree, params.prime_bits)}
 
     def spec(self) -> dict[str, Any]:
