@@ -23,6 +23,7 @@ from medhe.errors import PlanError
 from medhe.service import protocol
 from medhe.service.errors import ServiceError
 from medhe.service.keystore import KeyStore, KeyTooLarge, hash_secret
+from medhe.service.spool import discard
 from medhe.service.upload import StreamCheck
 
 MAX_BATCH_KEY_BYTES = 64 * protocol.MiB  # one batch key set is ~0.65 MB (relinearization keys only)
@@ -68,14 +69,7 @@ def _stream_file(path: str):
             while chunk := fh.read(STREAM_CHUNK):
                 yield chunk
     finally:
-        _unlink(path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        discard(path)
 
 
 def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Callable[[Request], None],
@@ -129,7 +123,7 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
             with open(path, "rb") as fh:
                 data = fh.read()
         finally:
-            _unlink(path)
+            discard(path)
         loaded = await run(server.load_keys, data)  # CiphertextError -> 422
         secret = secrets.token_urlsafe(32)  # returned once; only its hash is kept
         try:
@@ -176,7 +170,7 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
                 with open(path, "rb") as fh:
                     data = fh.read()
             finally:
-                _unlink(path)
+                discard(path)
             t0 = time.perf_counter()
             out = server.infer_batch(entry.value, data)
             ms = (time.perf_counter() - t0) * 1e3

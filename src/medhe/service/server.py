@@ -28,7 +28,7 @@ from medhe.service.catalog import ServedModel
 from medhe.service.errors import ServiceError
 from medhe.service import limits
 from medhe.service.keystore import KeyStore, KeyTooLarge, hash_secret
-from medhe.service.spool import SpoolDir
+from medhe.service.spool import SpoolDir, discard
 from medhe.service.upload import StreamCheck
 from medhe.service.worker import WorkerPool
 
@@ -257,7 +257,7 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
             if fh is not None:
                 fh.close()
             if path is not None:
-                _unlink(path)
+                discard(path)
             raise
         return path, size
 
@@ -326,7 +326,7 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         try:
             placement, grown = await pool.load_keys(model.id, key_id, path, size, held_estimate)
         finally:
-            _unlink(path)
+            discard(path)
         held = max(held_estimate, grown, size)
         owner = request.client.host if request.client else ""
         try:
@@ -390,13 +390,6 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
 
 class ClientGone(Exception):
     """The client hung up mid-request: logged as one line, nothing answered (nobody would read it)."""
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _new_key_id() -> str:

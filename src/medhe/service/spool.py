@@ -53,6 +53,14 @@ class SpoolDir:
             pass
 
 
+def discard(path: str) -> None:
+    """Delete a spooled file that may already be gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def clean_stale(root: Path) -> int:
     """Remove every spool directory under ``root`` whose owning server is gone; returns how many."""
     removed = 0
