@@ -130,6 +130,7 @@ class EncryptedServerModel(CKKSServerModel):
         self.plains = weights
         self._public = {k: v for k, v in spec.items() if k not in ("scheme", "format", "model", "task", "labels")}
         self._lock = threading.Lock()
+        self._program = None  # weights are ciphertexts: run instruction by instruction through the backend
 
     @property
     def key_id(self) -> str:
