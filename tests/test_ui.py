@@ -104,16 +104,19 @@ def ui(server, capture):
 
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory, data_dir):
-    """A PNG and a DICOM made from two real test images (enlarged, as a scanner's export would be)."""
+    """A PNG and a DICOM made from two real test images (enlarged, as a scanner's export would be), a scan too
+    small for the model and a text file."""
     folder = tmp_path_factory.mktemp("scans")
     images = load_dataset("pneumoniamnist", split="test", size=28, data_dir=data_dir).images
     big = [np.asarray(Image.fromarray(images[i]).resize((96, 96), Image.Resampling.BICUBIC)) for i in (0, 3)]
     png = folder / "chest-0001.png"
     Image.fromarray(big[0]).save(png)
     dcm = _write_dicom(folder / "chest-0002.dcm", big[1])
+    small = folder / "thumbnail.png"
+    Image.fromarray(images[5][4:24, 4:24]).save(small)
     text = folder / "notes.txt"
     text.write_text("not an image\n")
-    return {"png": png, "dcm": dcm, "text": text}
+    return {"png": png, "dcm": dcm, "small": small, "text": text}
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +142,20 @@ def wait_for(driver, condition, what: str, timeout: float = WAIT):
     raise AssertionError(f"timed out waiting for {what}; page error: {error!r}")
 
 
+def drop_file(driver, path: Path) -> None:
+    """Drag and drop as the browser delivers it: a ``drop`` event whose DataTransfer holds the file (Selenium
+    cannot drag from the desktop, so a temporary file input supplies the File object)."""
+    holder = driver.execute_script(
+        "const i = document.createElement('input'); i.type = 'file'; i.id = 'drop-source'; "
+        "document.body.append(i); return i;")
+    holder.send_keys(str(path))
+    driver.execute_script(
+        "const i = document.getElementById('drop-source'); const dt = new DataTransfer(); "
+        "dt.items.add(i.files[0]); i.remove(); const zone = document.getElementById('drop'); "
+        "zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true})); "
+        "zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));")
+
+
 def css(driver, selector: str):
     return driver.find_elements("css selector", selector)
 
@@ -151,8 +168,12 @@ def test_page_diagnoses_png_and_dicom_like_medhe_predict(browser, ui, server, sc
     assert "pneumoniamnist" in card and "normal, pneumonia" in card and "binary-class" in card
     assert "never sees the scan" in card and "128-bit" in card
     shots(browser, "1-models.png")
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(u.startswith(url + "/") for u in loaded), loaded  # nothing from the internet
 
-    css(browser, "#files")[0].send_keys(f"{scans['png']}\n{scans['dcm']}")
+    css(browser, "#files")[0].send_keys(str(scans["png"]))  # the file picker ...
+    wait_for(browser, lambda d: len(css(d, ".scan img.preview")) == 1, "the PNG's preview")
+    drop_file(browser, scans["dcm"])  # ... and drag and drop
     wait_for(browser, lambda d: len(css(d, ".scan img.preview")) == 2, "two previews")
     names = [e.text for e in css(browser, ".scan .name")]
     assert names == ["chest-0001.png", "chest-0002.dcm"]
@@ -203,11 +224,15 @@ def test_unreadable_file_is_one_sentence_and_the_page_stays_usable(browser, ui, 
     assert message == "cannot read image notes.txt: unknown format (use PNG, JPEG, DICOM .dcm or .npy)"
     assert len(css(browser, ".scan")) == before
     shots(browser, "5-error.png")
-    # still usable: another scan is accepted and the banner goes away
-    css(browser, "#files")[0].send_keys(str(scans["png"]))
+    # still usable: another scan is accepted and the banner goes away; this one is too small, and the page says so
+    css(browser, "#files")[0].send_keys(str(scans["small"]))
     wait_for(browser, lambda d: len(css(d, ".scan")) == before + 1, "a scan after the error")
     assert not browser.find_element("id", "error").is_displayed()
     assert not css(browser, "#diagnose")[0].get_attribute("disabled")
+    warning = css(browser, ".scan .warn")[-1].text
+    assert warning.startswith("Check: the image is 20x20 pixels, smaller than the model's 28x28 input")
+    browser.execute_script("arguments[0].scrollIntoView()", css(browser, ".scan")[-1])
+    shots(browser, "6-warning.png")
 
 
 def test_server_down_and_unknown_model_are_one_sentence(server):
@@ -225,6 +250,15 @@ def test_server_down_and_unknown_model_are_one_sentence(server):
         answer = page.post("/api/jobs", json={"scan": png.json()["id"], "model": "nope"})
         assert answer.status_code == 422
         assert answer.json()["error"] == "the server has no model 'nope'; it offers pneumoniamnist"
+        # a checkerboard's scores leave the range the CKKS plan is sized for: a clear refusal, no diagnosis
+        job = page.post("/api/jobs", json={"scan": png.json()["id"], "model": "pneumoniamnist"}).json()
+        deadline = time.monotonic() + WAIT
+        while job["state"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job = page.get(f"/api/jobs/{job['id']}").json()
+        assert job["state"] == "failed" and job["result"] is None
+        assert job["error"].startswith("a.png: the decrypted scores reach") and "\n" not in job["error"]
+        assert [s["state"] for s in job["steps"]][-1] == "failed"
 
 
 def checkerboard_png() -> bytes:

@@ -114,8 +114,9 @@ function renderSteps(job) {
   if (!job) return el("p", { class: "muted", text: "Not diagnosed yet." });
   const list = el("ul", { class: "steps" }, ...job.steps.map((s) =>
     el("li", { class: s.state, "data-step": s.id },
-      el("span", { class: "icon" }), el("span", { text: s.title + (s.state === "reused" ? " (cached)" : "") }),
-      el("span", { class: "n", text: human(s.bytes) }), el("span", { class: "n", text: ms(s.ms) }))));
+      el("span", { class: "icon" }), el("span", { text: s.title }),
+      el("span", { class: "n", text: human(s.bytes) }),
+      el("span", { class: "n", text: s.state === "reused" ? "cached" : ms(s.ms) }))));
   const totals = el("div", { class: "totals", text: `sent ${human(job.sent)}, received ${human(job.received)}` });
   return el("div", {}, list, totals);
 }
