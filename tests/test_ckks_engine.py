@@ -16,7 +16,7 @@ from torch import nn
 from medhe.he import client_for, compile_model
 from medhe.he.ckks import CKKSClient, compile_plan, layer_errors
 from medhe.he.ckks.server import CKKSServerModel
-from medhe.he.ckks.trace import run_plain, trace
+from medhe.he.ckks.compiler.trace import run_plain, trace
 from medhe.models.artifact import ModelArtifact
 from medhe.models.layers import PolyAct
 
@@ -144,13 +144,13 @@ def test_multilabel_client_uses_sigmoid():
 
 def _logits_and_every_slot(plan, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Run ``plan`` encrypted on ``x``; the client's logits and every slot of the decrypted result."""
-    from medhe.he.ckks import wire
+    from medhe.he.ckks.wire import envelope
 
     server = CKKSServerModel(plan)
     client = CKKSClient(json.loads(json.dumps(server.spec())))
     client.keygen()
     out = server.infer(server.load_keys(client.evaluation_keys()), client.encrypt(x))
-    part = wire.unpack(out, wire.KIND_OUTPUT, server.plan_id)[0]
+    part = envelope.unpack(out, envelope.KIND_OUTPUT, server.plan_id)[0]
     return client.decrypt(out), client.backend.decrypt(client.backend.load_ciphertext(part))
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from medhe.he.ckks import CKKSClient, compile_plan
 from medhe.he.ckks.server import CKKSServerModel
-from medhe.he.ckks.trace import run_plain, trace
+from medhe.he.ckks.compiler.trace import run_plain, trace
 from medhe.models.layers import HESqueezeExcite, PolyAct, Residual
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from medhe.he.ckks import compile_plan
-from medhe.he.ckks.plan import naf
+from medhe.he.ckks.compiler.program import naf
 from medhe.he.ckks.simulate import simulate
 from medhe.models.layers import CubicSigmoid, HESqueezeExcite, PolyAct, ReLUApprox, Residual
 

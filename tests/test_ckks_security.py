@@ -8,7 +8,7 @@ from torch import nn
 
 from medhe.errors import PlanError, SecurityError
 from medhe.he.ckks import CKKSClient, compile_plan
-from medhe.he.ckks.params import CKKSParams, choose_params, max_depth
+from medhe.he.ckks.compiler.params import CKKSParams, choose_params, max_depth
 from medhe.he.ckks.server import CKKSServerModel
 from medhe.he.security import check_rlwe_128
 from medhe.models.layers import PolyAct

@@ -10,7 +10,9 @@ import pytest
 import seal
 
 from medhe.errors import CiphertextError
-from medhe.he.ckks import serialize as S
+from medhe.he.ckks.wire import bits as B
+from medhe.he.ckks.wire import serialize as S
+from medhe.he.ckks.wire.seeder import Seeder
 
 CHAIN = [35, 28, 28, 28, 28, 28, 43]
 
@@ -45,9 +47,9 @@ def _raw_ratio(ctx: seal.SEALContext, ct: seal.Ciphertext) -> float:
 def test_bit_packing_round_trip(bits):
     rng = np.random.default_rng(bits)
     values = rng.integers(0, 2 ** bits - 1, size=8192, dtype=np.uint64, endpoint=True)
-    packed = S.pack_bits(values, bits)
+    packed = B.pack_bits(values, bits)
     assert len(packed) == 8192 * bits // 8
-    assert np.array_equal(S.unpack_bits(packed, 8192, bits), values)
+    assert np.array_equal(B.unpack_bits(packed, 8192, bits), values)
 
 
 def test_ciphertext_round_trip_is_byte_identical_at_every_level(he):
@@ -154,14 +156,14 @@ def test_other_parameters_and_wrong_kind_are_rejected(he):
 @pytest.mark.parametrize("bits", [5, 28, 43, 57, 58, 63])
 def test_bit_packing_counts_not_a_multiple_of_eight(bits):
     values = np.arange(13, dtype=np.uint64) % (2 ** bits)
-    packed = S.pack_bits(values, bits)
+    packed = B.pack_bits(values, bits)
     assert len(packed) == (13 * bits + 7) // 8
-    assert np.array_equal(S.unpack_bits(packed, 13, bits), values)
+    assert np.array_equal(B.unpack_bits(packed, 13, bits), values)
 
 
 def test_seeded_ciphertext_is_half_size_and_decrypts_to_the_same_values(he):
     ctx, dec, enc = he["ctx"], he["decryptor"], he["encoder"]
-    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    seeder = Seeder(ctx, he["keygen"].secret_key())
     plain = S.dump_ciphertext(he["ct"], ctx)
     seeded = S.dump_ciphertext(he["ct"], ctx, seeder)
     assert len(seeded) < 0.51 * len(plain)
@@ -180,7 +182,7 @@ def test_seeded_ciphertext_is_half_size_and_decrypts_to_the_same_values(he):
 def test_two_encodings_of_one_ciphertext_carry_independent_noise(he):
     """Same noise in two encodings would make their difference an exact multiple of s: the key would leak."""
     ctx, dec = he["ctx"], he["decryptor"]
-    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    seeder = Seeder(ctx, he["keygen"].secret_key())
     one = S.load_ciphertext(S.dump_ciphertext(he["ct"], ctx, seeder), ctx)
     two = S.load_ciphertext(S.dump_ciphertext(he["ct"], ctx, seeder), ctx)
     phases = {dec.decrypt(c).to_bytes() for c in (one, two, he["ct"])}
@@ -189,7 +191,7 @@ def test_two_encodings_of_one_ciphertext_carry_independent_noise(he):
 
 def test_seeded_keys_are_half_size_and_work(he):
     ctx, ev, enc, dec = he["ctx"], he["evaluator"], he["encoder"], he["decryptor"]
-    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    seeder = Seeder(ctx, he["keygen"].secret_key())
     data = S.dump_galois_keys(he["galois"], ctx, seeder)
     assert len(data) < 0.51 * len(S.dump_galois_keys(he["galois"], ctx))
     galois = S.load_galois_keys(data, ctx)
@@ -204,14 +206,14 @@ def test_seeded_keys_are_half_size_and_work(he):
 
 
 def test_seeder_refuses_non_fresh_ciphertexts(he):
-    seeder = S.Seeder(he["ctx"], he["keygen"].secret_key())
+    seeder = Seeder(he["ctx"], he["keygen"].secret_key())
     with pytest.raises(CiphertextError, match="only size-2"):
         S.dump_ciphertext(he["evaluator"].square(he["ct"]), he["ctx"], seeder)
 
 
 def test_raw_size_reports_seal_bytes_without_unpacking(he):
     ctx = he["ctx"]
-    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    seeder = Seeder(ctx, he["keygen"].secret_key())
     for obj, dump, kind in [(he["ct"], S.dump_ciphertext, S.KIND_CIPHERTEXT),
                             (he["galois"], S.dump_galois_keys, S.KIND_GALOIS),
                             (he["relin"], S.dump_relin_keys, S.KIND_RELIN)]:
@@ -241,7 +243,7 @@ def test_serialization_benchmark_reports_sizes_and_times():
 
 def test_seal_level_problems_become_ciphertext_errors(he):
     ctx = he["ctx"]
-    seeded = bytearray(S.Seeder(ctx, he["keygen"].secret_key()).seed_ciphertext(he["ct"]))
+    seeded = bytearray(Seeder(ctx, he["keygen"].secret_key()).seed_ciphertext(he["ct"]))
     seeded[-65] = 7  # the PRNG type byte of the seed: no such generator
     with pytest.raises(CiphertextError, match="SEAL rejected"):
         S.load_ciphertext(S.compact(bytes(seeded), S.KIND_CIPHERTEXT, ctx), ctx)
@@ -253,7 +255,7 @@ def test_seal_level_problems_become_ciphertext_errors(he):
 
 def test_seeder_encrypt_goes_straight_to_seeded_bytes(he):
     ctx, enc, dec = he["ctx"], he["encoder"], he["decryptor"]
-    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    seeder = Seeder(ctx, he["keygen"].secret_key())
     values = np.linspace(-1, 1, 4096)
     plain = enc.encode(values, 2.0 ** 28)
     data = seeder.encrypt(plain)
@@ -266,7 +268,7 @@ def test_seeder_encrypt_goes_straight_to_seeded_bytes(he):
 def test_level_trimmed_keys_give_bit_identical_results_where_the_plan_uses_them(he):
     """Keys sent without the digits and primes above their level switch exactly like whole keys at or below it."""
     ctx, ev = he["ctx"], he["evaluator"]
-    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    seeder = Seeder(ctx, he["keygen"].secret_key())
     raw_g, raw_r = seeder.seed_kswitch(he["galois"].to_string()), seeder.seed_kswitch(he["relin"].to_string())
     i1 = S.galois_key_index(3)  # step 1
     im3 = S.galois_key_index(pow(3, 4096 - 3, 2 * 8192))  # step -3
@@ -293,7 +295,7 @@ def test_level_trimmed_keys_give_bit_identical_results_where_the_plan_uses_them(
 
 def test_keys_trimmed_below_the_plans_needs_are_refused(he):
     ctx = he["ctx"]
-    seeder = S.Seeder(ctx, he["keygen"].secret_key())
+    seeder = Seeder(ctx, he["keygen"].secret_key())
     i1 = S.galois_key_index(3)
     data = S.dump_galois_keys(he["galois"], ctx, seeder, keep={i1: 1})
     with pytest.raises(CiphertextError, match="trimmed below what this model needs"):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from medhe.errors import CiphertextError, DataError, PlanError
-from medhe.he.ckks import CKKSClient, compile_plan, dump_server, load_server, wire
-from medhe.he.ckks import serialize
+from medhe.he.ckks import CKKSClient, compile_plan, dump_server, load_server
+from medhe.he.ckks.wire import envelope, serialize
 from medhe.he.ckks.server import CKKSServerModel
 from medhe.models.layers import PolyAct
 
@@ -51,9 +51,9 @@ def test_round_trip_matches_plaintext(pair):
 def test_evaluation_keys_hold_only_galois_and_relin_keys(pair):
     _, server, client, _, _ = pair
     data = client.evaluation_keys()
-    parts = wire.unpack(data, wire.KIND_KEYS, server.plan_id)
+    parts = envelope.unpack(data, envelope.KIND_KEYS, server.plan_id)
     assert len(parts) == 2
-    ctx = server.backend.context
+    ctx = client.backend.context
     galois = serialize.load_galois_keys(parts[0], ctx)
     serialize.load_relin_keys(parts[1], ctx)
     assert galois.size() == len(server.plan.rotation_steps)
@@ -69,14 +69,14 @@ def test_client_uploads_are_seeded_and_about_half_the_size(pair):
     model, server, client, keys, x = pair
     be = client.backend
     data = client.encrypt(x)
-    parts = wire.unpack(data, wire.KIND_INPUT, server.plan_id)
+    parts = envelope.unpack(data, envelope.KIND_INPUT, server.plan_id)
     unseeded = [be.serialize(be.encrypt(be.encode(v, client.input_level, client.input_scale)))
                 for v in client.layout(x)]
     assert sum(map(len, parts)) < 0.6 * sum(map(len, unseeded))
-    galois, relin = wire.unpack(client.evaluation_keys(), wire.KIND_KEYS, server.plan_id)
+    galois, relin = envelope.unpack(client.evaluation_keys(), envelope.KIND_KEYS, server.plan_id)
     plain_galois = serialize.dump_galois_keys(be.galois_keys, be.context)
     assert len(galois) < 0.6 * len(plain_galois)
-    from medhe.he.ckks.plan import key_bytes_as_sent  # the planner's key budget uses this estimate
+    from medhe.he.ckks.compiler.keybudget import key_bytes_as_sent  # the planner's key budget uses this estimate
     levels = server.spec()["key_levels"]  # each key is sent trimmed to the highest level the plan uses it at
     expected = sum(key_bytes_as_sent(server.plan.params, lv) for lv in levels["galois"].values())
     expected += key_bytes_as_sent(server.plan.params, levels["relin"])
@@ -131,9 +131,9 @@ def test_messages_of_the_wrong_kind_are_rejected(pair):
 
 def test_wrong_ciphertext_count_level_and_missing_keys_are_rejected(pair):
     _, server, client, keys, x = pair
-    parts = wire.unpack(client.encrypt(x), wire.KIND_INPUT, server.plan_id)
+    parts = envelope.unpack(client.encrypt(x), envelope.KIND_INPUT, server.plan_id)
     with pytest.raises(CiphertextError, match="expects"):
-        server.infer(keys, wire.pack(wire.KIND_INPUT, server.plan_id, parts + parts[:1]))
+        server.infer(keys, envelope.pack(envelope.KIND_INPUT, server.plan_id, parts + parts[:1]))
     low = CKKSClient(server.spec())
     low.keygen()
     low.input_level -= 1

@@ -23,6 +23,16 @@ def test_help_lists_commands(capsys):
         assert command in out
 
 
+def test_evaluate_ckks_json_records_backend_and_security(tmp_path):
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--model", "pneumoniamnist", "--scheme", "ckks", "--limit", "2", "--json", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["params"]["backend"] in ("seal", "native")
+    assert report["params"]["security_bits"] >= 128
+    assert report["params"]["poly_degree"] == 8192 and report["agreement"] == 1.0
+
+
 def test_evaluate_plain_writes_shared_json(tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["evaluate", "--model", "pneumoniamnist", "--limit", "64", "--json", str(out),

@@ -7,8 +7,8 @@ import struct
 import pytest
 
 from medhe.errors import CiphertextError
-from medhe.he.ckks import serialize as ckks_serialize
-from medhe.he.ckks import wire as ckks_wire
+from medhe.he.ckks.wire import envelope as ckks_wire
+from medhe.he.ckks.wire import serialize as ckks_serialize
 from medhe.he.framing import Framing
 from medhe.he.paillier import wire as paillier_wire
 from medhe.he.tfhe import wire as tfhe_wire

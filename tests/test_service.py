@@ -250,7 +250,7 @@ def _seal_secret_material(objs) -> list[bytes]:
     """SEAL's secret key: its raw 64-bit RNS words and the per-prime bit-packed form of the compact wire format."""
     import seal
 
-    from medhe.he.ckks.serialize import pack_bits
+    from medhe.he.ckks.wire.bits import pack_bits
 
     keys = [o for o in objs if isinstance(o, seal.SecretKey)]
     contexts = [o for o in objs if isinstance(o, seal.SEALContext)]

@@ -56,4 +56,6 @@ def test_ckks_benchmark_runs_all_three_side_by_side_and_is_json():
     assert raw["input_ciphertext"] > report["medhe_default"]["bytes"]["input_ciphertext"]
     assert raw["evaluation_keys"] > report["medhe_default"]["bytes"]["evaluation_keys"]
     assert report["ratios"]["eval_identical_work"] > 1
+    for params in (report["params"], report["medhe_default"]["params"], report["medhe_tutorial4"]["params"]):
+        assert params["backend"] in ("seal", "native") and params["security_bits"] >= 128
     assert "TenSEAL / medhe" in format_summary(report)

@@ -115,6 +115,6 @@ def evaluate_encrypted(artifact: Any, scheme: str, inputs: np.ndarray, labels: n
         "max_abs_logit_error": float(np.max(np.abs(enc_logits - plain_logits))),
         "latency_ms": run["latency_ms"],
         "bytes": run["bytes"],
-        "params": spec.get("params", {}),
+        "params": {**spec.get("params", {}), **server.report_params()},
     })
     return report

@@ -41,6 +41,10 @@ class ServerModel(ABC):
     def infer(self, keys: Any, ciphertext: bytes) -> bytes:
         """Run the private network on an encrypted input; raise ``CiphertextError`` on malformed input."""
 
+    def report_params(self) -> dict[str, Any]:
+        """Facts about how this server runs, for reports (merged into their ``params``); not part of the spec."""
+        return {}
+
 
 class ClientSession(ABC):
     """Client side: owns the secret key, encrypts inputs, decrypts results."""

@@ -11,6 +11,10 @@ from medhe.errors import SecurityError
 
 #: ring degree N -> largest log2(Q*P) (all primes, special prime included) that keeps 128-bit security.
 MAX_MODULUS_BITS_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+#: the standard's full table (classical attacks, ternary secret): security level -> {N: largest log2(Q*P)}
+MAX_MODULUS_BITS = {128: MAX_MODULUS_BITS_128,
+                    192: {4096: 75, 8192: 152, 16384: 305, 32768: 611},
+                    256: {4096: 58, 8192: 118, 16384: 237, 32768: 476}}
 
 
 def max_modulus_bits(poly_degree: int) -> int:
@@ -21,6 +25,16 @@ def max_modulus_bits(poly_degree: int) -> int:
         raise SecurityError(
             f"ring degree {poly_degree} has no 128-bit entry in the HomomorphicEncryption.org table; "
             f"use one of {', '.join(map(str, MAX_MODULUS_BITS_128))}") from None
+
+
+def security_bits(poly_degree: int, modulus_bits: list[int] | tuple[int, ...]) -> int:
+    """The highest security level of the table (128, 192 or 256 bits) that ``N`` and the modulus meet.
+
+    Raises ``SecurityError`` below 128 bits, as :func:`check_rlwe_128` does.
+    """
+    check_rlwe_128(poly_degree, modulus_bits)
+    total = int(sum(modulus_bits))
+    return max(level for level, table in MAX_MODULUS_BITS.items() if total <= table[int(poly_degree)])
 
 
 def check_rlwe_128(poly_degree: int, modulus_bits: list[int] | tuple[int, ...]) -> None:

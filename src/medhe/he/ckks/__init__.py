@@ -12,11 +12,11 @@ Public API::
     layer_errors(server, client, x)              # per-layer max |decrypted - plaintext| (local debugging)
     dump_server(server) / load_server(data)      # compiled model <-> checked bytes
 
-Modules: ``trace`` (scheme-independent IR + folding), ``params`` (128-bit parameter choice), ``packing`` (slot
-layouts and linear lowerings), ``plan`` (the compiler), ``backend`` (operation interface + SEAL), ``server`` /
-``client`` / ``wire`` (the split and its bytes), ``planfile``, ``debug``, ``simulate`` (plaintext slot simulator
-for compiler tests), ``measure`` (JSON timings). Public entry points are imported lazily so that sibling modules
-(serialization, benchmarks) can import the package without pulling in the whole compiler.
+Packages: ``compiler`` (trace, prepare, packing, lower, program, keybudget, params: SEAL-free), ``runtime``
+(``run_program`` on any backend), ``backends`` (``base.Backend``, ``seal``, registry ``get_backend``), ``wire``
+(envelope, serialize, bits, seeder); then ``server`` / ``client`` (the split), ``planfile``, ``debug``, ``simulate``
+(plaintext slot simulator for compiler tests), ``measure`` (JSON timings). Public entry points are imported lazily
+so that sibling modules (serialization, benchmarks) can import the package without pulling in the whole compiler.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["compile_ckks", "compile_plan", "CKKSClient", "CKKSServerModel", "lay
 _LAZY = {
     "compile_ckks": "medhe.he.ckks.server",
     "CKKSServerModel": "medhe.he.ckks.server",
-    "compile_plan": "medhe.he.ckks.plan",
+    "compile_plan": "medhe.he.ckks.compiler.lower",
     "CKKSClient": "medhe.he.ckks.client",
     "layer_errors": "medhe.he.ckks.debug",
     "layer_report": "medhe.he.ckks.debug",

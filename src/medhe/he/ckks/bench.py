@@ -185,7 +185,8 @@ class _MedheRunner(_Runner):
         spec = self.server.spec()
         return {
             "engine": "medhe", "model": self.artifact.name, "n_images": len(self.logits),
-            "params": spec.get("params", {}), "rotation_steps": len(spec.get("rotation_steps", [])),
+            "params": {**spec.get("params", {}), **self.server.report_params()},
+            "rotation_steps": len(spec.get("rotation_steps", [])),
             "latency_ms": {"compile": round(self.compile_s * 1e3, 3), "keygen": round(self.keygen_s * 1e3, 3),
                            "load_keys": round(self.load_keys_s * 1e3, 3), **self.latency()},
             "bytes": {"input_ciphertext": len(self.ct), "output_ciphertext": len(self.out),
@@ -198,14 +199,15 @@ class _MedheRunner(_Runner):
 
 def _raw_sizes(server: Any, messages: dict[str, bytes]) -> dict[str, int]:
     """SEAL's own uncompressed size of each message's ciphertexts/keys (the "raw" next to the bytes as sent)."""
-    from medhe.he.ckks import serialize, wire
+    from medhe.he.ckks.backends.seal import seal_context
+    from medhe.he.ckks.wire import envelope, serialize
 
-    context = server.backend.context
-    kinds = {"input_ciphertext": wire.KIND_INPUT, "output_ciphertext": wire.KIND_OUTPUT,
-             "evaluation_keys": wire.KIND_KEYS}
+    context = seal_context(server.plan.params)  # sizes are SEAL's, whichever backend evaluated
+    kinds = {"input_ciphertext": envelope.KIND_INPUT, "output_ciphertext": envelope.KIND_OUTPUT,
+             "evaluation_keys": envelope.KIND_KEYS}
     out = {}
     for name, data in messages.items():
-        parts = wire.unpack(data, kinds[name], server.plan_id)
+        parts = envelope.unpack(data, kinds[name], server.plan_id)
         out[name] = sum(serialize.raw_size(p, serialize.frame_kind(p), context) for p in parts if p)
         out[f"{name}_parts"] = len(parts)
     return out
@@ -314,6 +316,10 @@ def run_ckks_benchmark(model: str = "pneumoniamnist", n_images: int = 20, data_d
         "medhe_tutorial4": medhe_t4,
         "medhe_default": medhe_default,
         "ratios": ratios,
+        # how medhe ran (both medhe runs share one backend choice); the weakest parameter set's security
+        "params": {"backend": medhe_default["params"]["backend"],
+                   "security_bits": min(medhe_t4["params"]["security_bits"],
+                                        medhe_default["params"]["security_bits"])},
         "targets": TARGETS,
         "meets_targets": {key: ratios[f"eval_{key}"] is not None and ratios[f"eval_{key}"] >= target
                           for key, target in TARGETS.items()},
@@ -351,7 +357,8 @@ def run_serialization_benchmark(chains: dict[int, list[int]] | None = None, repe
     """
     import seal
 
-    from medhe.he.ckks import serialize as S
+    from medhe.he.ckks.wire import serialize as S
+    from medhe.he.ckks.wire.seeder import Seeder
 
     chains = chains or {8192: [35, 28, 28, 28, 28, 28, 43], 16384: [38] + [30] * 11 + [50]}
     report: dict[str, Any] = {"benchmark": "ckks-serialization", "machine": _machine(), "rings": {}}
@@ -370,7 +377,7 @@ def run_serialization_benchmark(chains: dict[int, list[int]] | None = None, repe
         parms.set_coeff_modulus(seal.CoeffModulus.Create(n, bits))
         ctx = seal.SEALContext(parms, True, seal.sec_level_type.tc128)
         keygen = seal.KeyGenerator(ctx)
-        seeder = S.Seeder(ctx, keygen.secret_key())
+        seeder = Seeder(ctx, keygen.secret_key())
         ct = seal.Encryptor(ctx, keygen.secret_key()).encrypt_symmetric(
             seal.CKKSEncoder(ctx).encode(np.linspace(-1, 1, n // 2), 2.0 ** bits[1]))
         galois = seal.GaloisKeys()

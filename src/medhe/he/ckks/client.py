@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from medhe.errors import CiphertextError, DataError, OutOfRangeError, PlanError
-from medhe.he.ckks import wire
-from medhe.he.ckks.backend import SealBackend
-from medhe.he.ckks.params import CKKSParams
-from medhe.he.ckks.plan import decode_gather
+from medhe.he.ckks.wire import envelope
+from medhe.he.ckks.backends.seal import SealBackend
+from medhe.he.ckks.compiler.params import CKKSParams
+from medhe.he.ckks.compiler.program import decode_gather
 from medhe.he.scheme import ClientSession
 
 
@@ -56,8 +56,12 @@ class CKKSClient(ClientSession):
             self.backend = SealBackend(self.params)
             self.gather = decode_gather(spec, self.backend.slots)
             self.input_complex = bool(spec["input"].get("complex", False))
+            self.batch = int(spec["input"].get("batch", 1))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"the CKKS spec is incomplete or malformed ({exc}); fetch it again from the server") from None
+        if self.batch != 1:
+            raise PlanError(f"the CKKS spec packs {self.batch} images per ciphertext; this client encrypts one "
+                            "image at a time: update medhe")
         if self.gather.max(initial=-1) >= int(np.prod(self.input_shape)):
             raise PlanError("the CKKS spec's input layout points outside the input; fetch the spec again")
         self._keyed = False
@@ -75,7 +79,7 @@ class CKKSClient(ClientSession):
         service SDK and ``run_encrypted`` drop them as soon as the server holds them. Each call draws fresh seeds."""
         self._need_keys()
         galois, relin = self.backend.evaluation_key_bytes(self.key_levels)
-        return wire.pack(wire.KIND_KEYS, self.plan_id, [galois, relin])
+        return envelope.pack(envelope.KIND_KEYS, self.plan_id, [galois, relin])
 
     def layout(self, x: np.ndarray) -> np.ndarray:
         """The slot vectors to encrypt (ciphertexts x slots): the public gather map applied to ``x``."""
@@ -95,11 +99,11 @@ class CKKSClient(ClientSession):
         self._need_keys()
         be = self.backend
         parts = [be.encrypt_bytes(be.encode(vec, self.input_level, self.input_scale)) for vec in self.layout(x)]
-        return wire.pack(wire.KIND_INPUT, self.plan_id, parts)
+        return envelope.pack(envelope.KIND_INPUT, self.plan_id, parts)
 
     def decrypt(self, data: bytes) -> np.ndarray:
         self._need_keys()
-        parts = wire.unpack(data, wire.KIND_OUTPUT, self.plan_id)
+        parts = envelope.unpack(data, envelope.KIND_OUTPUT, self.plan_id)
         if len(parts) != 1:
             raise CiphertextError(f"encrypted result must hold 1 ciphertext, got {len(parts)}")
         ct = self.backend.load_ciphertext(parts[0])

@@ -13,7 +13,7 @@ import numpy as np
 from medhe.errors import PlanError
 from medhe.he.ckks.client import CKKSClient
 from medhe.he.ckks.server import CKKSServerModel
-from medhe.he.ckks.trace import run_plain
+from medhe.he.ckks.compiler.trace import run_plain
 
 
 def layer_errors(server: CKKSServerModel, client: CKKSClient, x: np.ndarray, keys: Any = None) -> list[dict]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medhe.he.ckks import wire
+from medhe.he.ckks.wire import envelope
 from medhe.he.ckks.client import CKKSClient
 from medhe.he.ckks.server import CKKSServerModel
 
@@ -49,7 +49,7 @@ def measure(server: CKKSServerModel, images: np.ndarray, reference_logits: np.nd
         t2, c2 = time.perf_counter(), time.process_time()
         out_ct = server.evaluate(keys, cts)
         t3, c3 = time.perf_counter(), time.process_time()
-        out = wire.pack(wire.KIND_OUTPUT, server.plan_id, [server.backend.serialize(out_ct)])
+        out = envelope.pack(envelope.KIND_OUTPUT, server.plan_id, [server.backend.serialize(out_ct)])
         t4 = time.perf_counter()
         got = client.decrypt(out)
         t5 = time.perf_counter()

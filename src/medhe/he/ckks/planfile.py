@@ -18,9 +18,11 @@ from dataclasses import asdict
 import numpy as np
 
 from medhe.errors import PlanError, SecurityError
-from medhe.he.ckks.packing import Layout
-from medhe.he.ckks.params import CKKSParams
-from medhe.he.ckks.plan import Instr, Plan, PlainVec, Register
+from medhe.he.ckks.compiler.keybudget import key_levels_of
+from medhe.he.ckks.compiler.packing import Layout
+from medhe.he.ckks.compiler.params import CKKSParams
+from medhe.he.ckks.compiler.program import Instr, Plan, PlainVec, Register
+from medhe.he.ckks.backends.base import Backend
 from medhe.he.ckks.server import CKKSServerModel
 
 MAGIC = b"MHCKPLAN"
@@ -51,12 +53,12 @@ def dump_server(server: CKKSServerModel) -> bytes:
     for i, r in enumerate(plan.registers):
         arrays[f"slots{i}"] = np.asarray(r.layout.slots, dtype=np.int64)
         registers.append({"level": r.level, "scale": r.scale, "period": r.layout.period,
-                          "replicated": r.layout.replicated})
+                          "replicated": r.layout.replicated, "batch": r.layout.batch})
     meta = {"format": VERSION, "params": plan.params.to_dict(), "input_shape": list(plan.input_shape),
             "input_level": plan.input_level, "output_register": plan.output_register,
             "output_count": plan.output_count, "node_register": {str(k): v for k, v in plan.node_register.items()},
             "strategies": plan.strategies, "key_paths": {str(k): v for k, v in plan.key_paths.items()},
-            "output_bound": plan.output_bound,
+            "output_bound": plan.output_bound, "key_levels": plan.require_key_levels(), "batch": plan.batch,
             "instrs": [asdict(ins) for ins in plan.instrs], "registers": registers, "plains": plains,
             "task": server.task, "labels": server.labels, "name": server.name, "plan_id": server.plan_id}
     text = json.dumps(meta).encode()
@@ -70,8 +72,9 @@ def _bad(reason: str) -> PlanError:
     return PlanError(f"compiled CKKS model is unusable ({reason}); compile the model again")
 
 
-def load_server(data: bytes) -> CKKSServerModel:
-    """A server model from :func:`dump_server` bytes; ``PlanError`` (or ``SecurityError``) when they do not check out."""
+def load_server(data: bytes, backend: str | Backend | None = "auto") -> CKKSServerModel:
+    """A server model from :func:`dump_server` bytes, served on ``backend``; ``PlanError`` (or ``SecurityError``)
+    when they do not check out. Files written before key levels and the batch field were stored still load."""
     if not isinstance(data, (bytes, bytearray)) or len(data) < 17 or data[:8] != MAGIC:
         raise _bad("not a medhe CKKS plan file")
     version, crc = struct.unpack_from("<BI", data, 8)
@@ -92,7 +95,7 @@ def load_server(data: bytes) -> CKKSServerModel:
         raise _bad(f"unreadable contents: {exc}") from None
     try:
         plan = _rebuild(meta, arrays, params)
-        server = CKKSServerModel(plan, task=meta["task"], labels=meta["labels"], name=meta["name"])
+        server = CKKSServerModel(plan, task=meta["task"], labels=meta["labels"], name=meta["name"], backend=backend)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise _bad(f"inconsistent contents: {exc}") from None
     if server.plan_id != meta["plan_id"]:
@@ -120,8 +123,8 @@ def _rebuild(meta: dict, arrays: dict[str, np.ndarray], params: CKKSParams) -> P
         s = arrays[f"slots{i}"]
         if s.size and (s.min() < 0 or s.max() >= slots):
             raise ValueError(f"register {i} has slots outside the ring")
-        registers.append(Register(Layout(s, int(r["period"]), bool(r["replicated"])), int(r["level"]),
-                                  float(r["scale"])))
+        layout = Layout(s, int(r["period"]), bool(r["replicated"]), batch=int(r.get("batch", 1)))
+        registers.append(Register(layout, int(r["level"]), float(r["scale"])))
     instrs = []
     for d in meta["instrs"]:
         ins = Instr(op=d["op"], dst=int(d["dst"]), srcs=tuple(int(x) for x in d["srcs"]), name=d["name"],
@@ -141,8 +144,13 @@ def _rebuild(meta: dict, arrays: dict[str, np.ndarray], params: CKKSParams) -> P
     out = int(meta["output_register"])
     if not 0 <= out < len(registers):
         raise ValueError("output register out of range")
-    return Plan(params, None, instrs, registers, plains, gather, int(meta["input_level"]), out,
+    plan = Plan(params, None, instrs, registers, plains, gather, int(meta["input_level"]), out,
                 int(meta["output_count"]), {int(k): int(v) for k, v in meta["node_register"].items()},
                 list(meta["strategies"]), tuple(int(s) for s in meta["input_shape"]),
                 {int(k): [int(x) for x in v] for k, v in meta["key_paths"].items()},
-                None if meta.get("output_bound") is None else float(meta["output_bound"]))  # absent in old files
+                None if meta.get("output_bound") is None else float(meta["output_bound"]),  # absent in old files
+                batch=int(meta.get("batch", 1)))
+    levels = meta.get("key_levels")  # absent in old files: derive them as the compiler does
+    plan.key_levels = key_levels_of(plan) if levels is None else {
+        "galois": {str(int(k)): int(v) for k, v in levels["galois"].items()}, "relin": int(levels["relin"])}
+    return plan

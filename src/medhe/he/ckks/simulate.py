@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from medhe.errors import PlanError
-from medhe.he.ckks.backend import Backend
+from medhe.he.ckks.backends.base import Backend
+from medhe.he.ckks.compiler.params import data_primes
+from medhe.he.ckks.runtime import run_program
 
 
 @dataclass
@@ -28,12 +30,25 @@ class SimText:
 
 
 class SlotSimulator(Backend):
+    """Runs a program on plaintext slot vectors, checking levels and scales as SEAL would (needs no keys)."""
+
+    name = "simulator"
+
     def __init__(self, slots: int, top: int, primes: list[int]) -> None:
         self.slots, self.top, self.primes = slots, top, primes
 
     def _check(self, a: SimText, b: SimText) -> None:
         if a.level != b.level:
             raise PlanError(f"simulated program mixes levels {a.level} and {b.level}")
+
+    def fresh(self) -> "SlotSimulator":
+        return SlotSimulator(self.slots, self.top, self.primes)
+
+    def load_evaluation_keys(self, galois: bytes, relin: bytes, levels=None) -> None:
+        raise PlanError("the slot simulator computes on plaintext slots and takes no keys")
+
+    def has_rotation(self, step: int) -> bool:
+        return True
 
     def encode(self, values, level: int, scale: float) -> SimText:
         if np.isscalar(values):
@@ -108,9 +123,6 @@ class SlotSimulator(Backend):
 
 def simulate(plan, x: np.ndarray) -> np.ndarray:
     """The plan's output for input ``x``, computed on plaintext slots (exact up to float rounding)."""
-    from medhe.he.ckks.params import data_primes
-    from medhe.he.ckks.server import run_program
-
     sim = SlotSimulator(plan.params.slots, plan.input_level, data_primes(plan.params))
     flat = np.append(np.asarray(x, dtype=np.float64).reshape(-1), 0.0)
     rows = flat[plan.gather]
@@ -120,45 +132,3 @@ def simulate(plan, x: np.ndarray) -> np.ndarray:
     plains = [sim.encode(p.values, p.level, p.scale) for p in plan.plains]
     out = run_program(plan, sim, plains, inputs)
     return np.real(out.values[plan.registers[plan.output_register].layout.slots[: plan.output_count]])
-
-
-class _KeyLevelRecorder(SlotSimulator):
-    """The simulator, noting the level of every key switch (rotation, conjugation, relinearization)."""
-
-    def __init__(self, slots: int, top: int, primes: list[int]) -> None:
-        super().__init__(slots, top, primes)
-        self.galois: dict[int, int] = {}
-        self.relin = -1
-
-    def _note(self, step: int, level: int) -> None:
-        self.galois[step] = max(self.galois.get(step, -1), level)
-
-    def rotate(self, a: SimText, step: int) -> SimText:
-        signed = ((int(step) + self.slots // 2) % self.slots) - self.slots // 2
-        self._note(signed, a.level)
-        return super().rotate(a, step)
-
-    def conjugate(self, a: SimText) -> SimText:
-        self._note(0, a.level)
-        return super().conjugate(a)
-
-    def relinearize(self, a: SimText) -> SimText:
-        self.relin = max(self.relin, a.level)
-        return super().relinearize(a)
-
-
-def key_levels(plan) -> tuple[dict[int, int], int]:
-    """(rotation key step -> highest level it is used at, highest relinearization level or -1).
-
-    Found by running the plan's own instruction stream (the interpreter the server runs) on zero slot vectors,
-    so it cannot disagree with evaluation about where each key switch happens.
-    """
-    from medhe.he.ckks.params import data_primes
-    from medhe.he.ckks.server import run_program
-
-    rec = _KeyLevelRecorder(plan.params.slots, plan.input_level, data_primes(plan.params))
-    zeros = np.zeros(plan.params.slots)
-    inputs = [SimText(zeros.copy(), plan.input_level, plan.input_scale) for _ in range(plan.input_ciphertexts)]
-    plains = [SimText(zeros if not np.isscalar(p.values) else np.zeros(1), p.level, p.scale, 1) for p in plan.plains]
-    run_program(plan, rec, plains, inputs)
-    return rec.galois, rec.relin

@@ -12,8 +12,6 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-import seal
-
 from medhe.errors import PlanError, SecurityError
 from medhe.he.security import MAX_MODULUS_BITS_128, check_rlwe_128
 
@@ -167,25 +165,61 @@ def params_for_ring(poly_degree: int, depth: int, max_abs: float | None = None,
     return best[2]
 
 
-@lru_cache(maxsize=8)
-def _context(poly_degree: int, prime_bits: tuple[int, ...]) -> seal.SEALContext:
-    parms = seal.EncryptionParameters(seal.scheme_type.ckks)
-    parms.set_poly_modulus_degree(poly_degree)
-    parms.set_coeff_modulus(seal.CoeffModulus.Create(poly_degree, list(prime_bits)))
-    ctx = seal.SEALContext(parms, True, seal.sec_level_type.tc128)
-    if not ctx.parameters_set():
-        raise SecurityError(f"SEAL refused N={poly_degree}, primes {list(prime_bits)}: "
-                            f"{ctx.parameter_error_message()}; choose other parameters")
-    return ctx
+def _is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin: these bases decide every n < 3.3e24, far above SEAL's 61-bit moduli."""
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+    if n in small:
+        return True
+    if any(n % p == 0 for p in small):
+        return False
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
 
 
-def seal_context(params: CKKSParams) -> seal.SEALContext:
-    """The (cached) SEAL context of ``params``, built with SEAL's own 128-bit check switched on."""
-    params.validate()
-    return _context(params.poly_degree, tuple(params.prime_bits))
+def _primes_below(bits: int, factor: int, count: int) -> list[int]:
+    """The ``count`` largest primes of exactly ``bits`` bits that are 1 mod ``factor``, largest first."""
+    out = []
+    value = ((1 << bits) - 1) // factor * factor + 1
+    while len(out) < count and value > 1 << (bits - 1):
+        if _is_prime(value):
+            out.append(value)
+        value -= factor
+    if len(out) < count:
+        raise PlanError(f"there are not {count} NTT-friendly {bits}-bit primes for this ring; use other prime sizes")
+    return out
+
+
+@lru_cache(maxsize=64)
+def coeff_modulus(poly_degree: int, prime_bits: tuple[int, ...]) -> tuple[int, ...]:
+    """The primes SEAL's ``CoeffModulus.Create(poly_degree, prime_bits)`` returns, computed without SEAL.
+
+    SEAL takes, for each bit size, the largest primes below 2^bits that are 1 mod 2N (so the NTT exists), and hands
+    them out smallest first in the order the sizes are listed. The compiler needs the values (scales are exact
+    ratios of primes) without loading SEAL; tests check this equals seal-python's choice.
+    """
+    factor = 2 * int(poly_degree)
+    counts: dict[int, int] = {}
+    for b in prime_bits:
+        counts[int(b)] = counts.get(int(b), 0) + 1
+    table = {b: _primes_below(b, factor, c) for b, c in counts.items()}
+    return tuple(table[int(b)].pop() for b in prime_bits)
 
 
 def data_primes(params: CKKSParams) -> list[int]:
     """The data primes' values, first prime first (the special prime excluded)."""
-    ctx = seal_context(params)
-    return [m.value() for m in ctx.first_context_data().parms().coeff_modulus()]
+    params.validate()
+    return list(coeff_modulus(params.poly_degree, tuple(params.prime_bits))[:-1])

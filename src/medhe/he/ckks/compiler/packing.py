@@ -34,7 +34,8 @@ class Layout:
     ``slots[e]`` is element e's slot in the first copy. When ``replicated`` the vector repeats every ``period``
     slots (all copies are valid); otherwise ``period`` is the slot count and slots outside ``slots`` may hold
     garbage. ``grid`` = (channel offsets, row stride, column stride) when the value is an image on a regular
-    grid; ``box`` = [(stride, count), ...] when the valid slots form a box (count a power of two).
+    grid; ``box`` = [(stride, count), ...] when the valid slots form a box (count a power of two). ``batch``: images
+    per ciphertext (1: one image tiled over the slots; a slot-batched layout, one image per slot, sets it > 1).
     """
 
     slots: np.ndarray
@@ -42,13 +43,14 @@ class Layout:
     replicated: bool = False
     grid: tuple[tuple[int, ...], int, int] | None = None
     box: list[tuple[int, int]] | None = None
+    batch: int = 1  # images per ciphertext: 1 = one image tiled over the slots (slot-batched layouts set > 1)
 
     def to_dict(self) -> dict:
         return {"slots": [int(s) for s in self.slots], "period": int(self.period), "replicated": self.replicated}
 
     def same_slots(self, other: "Layout") -> bool:
         return (np.array_equal(self.slots, other.slots) and self.period == other.period
-                and self.replicated == other.replicated)
+                and self.replicated == other.replicated and self.batch == other.batch)
 
 
 def grid_layout(shape: tuple[int, ...], period: int, replicated: bool) -> Layout:

@@ -13,12 +13,7 @@ steps, output slots. The private part is the plaintext weights.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import math
-import zlib
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,356 +21,16 @@ import scipy.sparse as sp
 from torch import nn
 
 from medhe.errors import PlanError
-from medhe.he.ckks import packing
-from medhe.he.ckks.packing import Layout, Lowered
-from medhe.he.ckks.params import CKKSParams, choose_params, data_primes, output_scale_bits, params_for_ring
-from medhe.he.ckks.trace import Graph, Node, fold_linear, trace
-from medhe.he.ckks.trace import output_bound as estimate_output_bound
-
-FORMAT = "medhe-ckks-plan/1"
-INPUT_BUDGET_BYTES = 8_000_000  # encrypted input as sent, per image
-KEY_BUDGET_BYTES = 46_000_000  # evaluation keys as sent; beyond it rotations are composed from power-of-two keys
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# program
-
-
-@dataclass
-class PlainVec:
-    """A plaintext the server encodes once at load time (vector of slot values, or one scalar)."""
-
-    values: np.ndarray | float
-    level: int
-    scale: float
-
-
-@dataclass
-class Instr:
-    """One step of the program; ``op`` in linear | poly2 | poly3 | mul | add."""
-
-    op: str
-    dst: int
-    srcs: tuple[int, ...]
-    name: str = ""
-    babies: list[int] = field(default_factory=list)
-    groups: list[tuple[int, list[tuple[int, int, int]]]] = field(default_factory=list)  # (giant, [(src, baby, pt)])
-    reduce: list[int] = field(default_factory=list)
-    consts: dict[str, int] = field(default_factory=dict)  # name -> plaintext index
-    sign: int = 1
-    node: int = -1  # IR node this instruction computes (for debugging)
-    conjugate: bool = False  # linear: add the complex conjugate after the reduction (complex-packed input)
-
-
-@dataclass
-class Register:
-    layout: Layout
-    level: int
-    scale: float
-
-
-@dataclass
-class Plan:
-    params: CKKSParams
-    graph: Graph | None  # None for plans loaded from bytes (the IR is only needed for debugging)
-    instrs: list[Instr]
-    registers: list[Register]
-    plains: list[PlainVec]
-    gather: np.ndarray  # (input ciphertexts, slots) input element per slot, -1 = zero
-    input_level: int
-    output_register: int
-    output_count: int
-    node_register: dict[int, int]
-    strategies: list[str]
-    input_shape: tuple[int, ...] = ()
-    key_paths: dict[int, list[int]] = field(default_factory=dict)  # logical step -> key steps (when decomposed)
-    output_bound: float | None = None  # the largest |output| the chain was sized for (published for the client)
-
-    @property
-    def input_scale(self) -> float:
-        return self.registers[0].scale
-
-    @property
-    def input_complex(self) -> bool:
-        """Input ciphertexts carry two taps per slot (real and imaginary part)."""
-        return any(ins.conjugate for ins in self.instrs)
-
-    @property
-    def input_ciphertexts(self) -> int:
-        return int(self.gather.shape[0]) // (2 if self.input_complex else 1)
-
-    @property
-    def rotation_steps(self) -> list[int]:
-        """The Galois key steps the client must generate (exactly those the program uses; 0 = conjugation)."""
-        conj = [0] if self.input_complex else []
-        if self.key_paths:
-            return conj + sorted({k for path in self.key_paths.values() for k in path}, key=lambda s: (abs(s), s))
-        return conj + self.logical_steps
-
-    def key_path(self, step: int) -> list[int]:
-        """Key steps whose composition rotates by ``step``."""
-        slots = self.params.slots
-        signed = ((step + slots // 2) % slots) - slots // 2
-        return self.key_paths.get(signed, [signed]) if self.key_paths else [signed]
-
-    @property
-    def logical_steps(self) -> list[int]:
-        steps = set()
-        for ins in self.instrs:
-            if ins.op == "linear":
-                steps.update(ins.babies)
-                steps.update(g for g, _ in ins.groups)
-                steps.update(ins.reduce)
-        slots = self.params.slots
-        signed = {((s + slots // 2) % slots) - slots // 2 for s in steps}
-        signed.discard(0)
-        return sorted(signed, key=lambda s: (abs(s), s))
-
-    @property
-    def needs_relin(self) -> bool:
-        return any(ins.op != "linear" and ins.op != "add" for ins in self.instrs)
-
-    @property
-    def depth(self) -> int:
-        return self.input_level - self.registers[self.output_register].level
-
-    def rotation_usage(self) -> dict[int, float]:
-        """Signed rotation step -> number of uses weighted by the primes at the level it runs on."""
-        slots = self.params.slots
-        usage: dict[int, float] = {}
-
-        def add(step: int, level: int) -> None:
-            signed = ((step + slots // 2) % slots) - slots // 2
-            if signed:
-                usage[signed] = usage.get(signed, 0.0) + level + 1
-
-        for ins in self.instrs:
-            if ins.op == "linear":
-                level = self.registers[ins.dst].level
-                for b in ins.babies:
-                    add(b, level + 1)
-                for g, _ in ins.groups:
-                    add(g, level)
-                for r in ins.reduce:
-                    add(r, level)
-        return usage
-
-    def rotation_count(self) -> int:
-        n = 0
-        for ins in self.instrs:
-            if ins.op == "linear":
-                for step in [b for b in ins.babies if b] + [g for g, _ in ins.groups if g] + ins.reduce:
-                    n += len(self.key_path(step))
-        return n
-
-    def public(self) -> dict[str, Any]:
-        """JSON-able public plan: everything the client needs, nothing about the weights."""
-        out_reg = self.registers[self.output_register]
-        gather = np.ascontiguousarray(self.gather.astype(np.int32))
-        pub = {
-            "format": FORMAT,
-            "params": self.params.to_dict(),
-            "input": {"shape": list(self.input_shape), "level": self.input_level,
-                      "scale": self.input_scale, "ciphertexts": self.input_ciphertexts,
-                      "complex": self.input_complex,
-                      "gather": base64.b64encode(zlib.compress(gather.tobytes(), 9)).decode("ascii")},
-            "rotation_steps": self.rotation_steps,
-            "relinearization": self.needs_relin,
-            "output": {"slots": [int(s) for s in out_reg.layout.slots[: self.output_count]],
-                       "level": out_reg.level, "count": self.output_count},
-            "depth": self.depth,
-            "key_levels": self.key_levels(),
-        }
-        if self.output_bound is not None:
-            pub["output"]["bound"] = float(self.output_bound)
-        pub["plan_id"] = hashlib.sha256(json.dumps(pub, sort_keys=True).encode()).hexdigest()[:32]
-        return pub
-
-    def key_levels(self) -> dict[str, Any]:
-        """Highest level each evaluation key is used at (the client sends the keys trimmed to it, see
-        ``serialize``): {"galois": {key step: level}, "relin": level, or -1 without relinearization}."""
-        from medhe.he.ckks.simulate import key_levels
-
-        galois, relin = key_levels(self)
-        return {"galois": {str(s): int(galois.get(s, self.input_level)) for s in self.rotation_steps},
-                "relin": int(relin) if self.needs_relin else -1}
-
-    def summary(self) -> dict[str, Any]:
-        return {"poly_degree": self.params.poly_degree, "prime_bits": list(self.params.prime_bits),
-                "scale_bits": self.params.scale_bits, "depth": self.depth,
-                "input_ciphertexts": self.input_ciphertexts, "rotations": self.rotation_count(),
-                "rotation_keys": len(self.rotation_steps), "logical_rotation_steps": len(self.logical_steps),
-                "plaintext_multiplications": sum(len(t) for i in self.instrs for _, t in i.groups),
-                "ciphertext_multiplications": sum({"poly2": 1, "mul": 1, "poly3": 2, "gate3": 3}.get(i.op, 0)
-                                                  for i in self.instrs),
-                "strategies": self.strategies}
-
-
-def naf(step: int) -> list[int]:
-    """Signed powers of two summing to ``step`` (non-adjacent form: fewest terms)."""
-    out, k, n = [], 0, int(step)
-    sign = 1 if n >= 0 else -1
-    n = abs(n)
-    while n:
-        if n & 1:
-            digit = 2 - (n & 3)
-            out.append(sign * digit * (1 << k))
-            n -= digit
-        n >>= 1
-        k += 1
-    return out
-
-
-def key_bytes_as_sent(params: Any, level: int | None = None) -> int:
-    """One seeded Galois/relinearization key on the wire, trimmed to ``level`` (None: whole): level + 1
-    components, each a single bit-packed polynomial over primes 0..level and the special prime (the other half is
-    a 64-byte seed)."""
-    n, bits = params.poly_degree, list(params.prime_bits)
-    top = len(bits) - 2
-    lv = top if level is None else min(max(int(level), 0), top)
-    return n * (lv + 1) * (sum(bits[: lv + 1]) + bits[-1]) // 8
-
-
-def ciphertext_bytes_as_sent(params: Any) -> int:
-    """One fresh seeded input ciphertext on the wire: a single bit-packed polynomial over the data primes."""
-    return params.poly_degree * sum(params.prime_bits[:-1]) // 8
-
-
-def choose_key_paths(usage: dict[int, float], slots: int, key_bytes: dict[int, int] | int,
-                     max_key_bytes: int) -> dict[int, list[int]]:
-    """Fewer Galois keys when one per step would exceed ``max_key_bytes``.
-
-    Greedily drops the least-used step that is the sum of two kept steps (it then costs two rotations), and
-    falls back to power-of-two keys (NAF paths) if that is not enough. ``usage``: step -> rotations weighted by
-    their cost (primes at their level); ``key_bytes``: step -> bytes of its key (or one size for all).
-    Returns {} when every step keeps its own key.
-    """
-    size = (lambda s: key_bytes) if isinstance(key_bytes, int) else (lambda s: key_bytes[s])
-
-    def norm(step: int) -> int:
-        return ((step + slots // 2) % slots) - slots // 2
-
-    keys = set(usage)
-    if sum(map(size, keys)) <= max_key_bytes:
-        return {}
-    split: dict[int, tuple[int, int]] = {}
-    while sum(map(size, keys)) > max_key_bytes:
-        best = None
-        for step in keys:
-            for a in keys:
-                b = norm(step - a)
-                if a != step and b != step and b in keys and (best is None or usage[step] < best[0]):
-                    best = (usage[step], step, a, b)
-        if best is None:
-            return {s: naf(s) for s in usage}
-        _, step, a, b = best
-        keys.discard(step)
-        split[step] = (a, b)
-
-    def path(step: int) -> list[int]:
-        if step in keys:
-            return [step]
-        a, b = split[step]
-        return path(a) + path(b)
-
-    return {s: path(s) for s in usage}
-
-
-def decode_gather(public: dict[str, Any], slots: int) -> np.ndarray:
-    raw = zlib.decompress(base64.b64decode(public["input"]["gather"]))
-    rows = int(public["input"]["ciphertexts"]) * (2 if public["input"].get("complex") else 1)
-    return np.frombuffer(raw, dtype=np.int32).reshape(rows, slots)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CKKS-specific IR preparation
-
-
-@dataclass
-class PolyForm:
-    degree: int
-    sign: int
-    consts: dict[str, float]
-
-
-def _diag_linear(src: int, node: Node, scale: float, shift: float, name: str) -> Node:
-    n = node.size
-    return Node("linear", (src,), node.shape, name, matrix=sp.csr_matrix(sp.identity(n) * scale),
-                pattern=sp.csr_matrix(sp.identity(n, dtype=bool)), bias=np.full(n, float(shift)),
-                stride=(1, 1) if len(node.shape) == 3 else None)
-
-
-NEGLIGIBLE = 1e-9  # a top coefficient whose term stays below this fraction of the rest over the range is dropped
-
-
-def _trim_negligible(coeffs: tuple[float, ...], input_range: tuple[float, float] | None) -> tuple[float, ...]:
-    """Drop leading terms that cannot matter over the recorded range (a ~ 0 would make the factorization
-    a·x·(x + b/a) divide by almost zero and amplify noise)."""
-    if input_range is None:
-        return coeffs
-    r = max(1.0, abs(input_range[0]), abs(input_range[1]))
-    while len(coeffs) > 2:
-        top = abs(coeffs[-1]) * r ** (len(coeffs) - 1)
-        rest = sum(abs(c) * r ** k for k, c in enumerate(coeffs[:-1]))
-        if top > NEGLIGIBLE * max(rest, 1e-300):
-            break
-        coeffs = coeffs[:-1]
-    return coeffs
-
-
-def linearize_polys(graph: Graph) -> Graph:
-    """Degree <= 1 activations are affine maps: make them linear nodes and fold them into their neighbours."""
-    nodes = []
-    for node in graph.nodes:
-        if node.op == "poly":
-            node = replace(node, coeffs=_trim_negligible(tuple(node.coeffs), node.input_range))
-        if node.op == "poly" and len(node.coeffs) <= 2:
-            c = tuple(node.coeffs) + (0.0,) * (2 - len(node.coeffs))
-            nodes.append(_diag_linear(node.inputs[0], node, c[1], c[0], node.name))
-        else:
-            nodes.append(node)
-    return fold_linear(Graph(nodes))
-
-
-def factor_polys(graph: Graph) -> tuple[Graph, dict[int, PolyForm]]:
-    """Put each activation's scale factor t into a linear node that feeds only it; return the factorizations."""
-    nodes: list[Node] = []
-    remap: dict[int, int] = {}
-    forms: dict[int, PolyForm] = {}
-    for i, node in enumerate(graph.nodes):
-        ins = tuple(remap[k] for k in node.inputs)
-        if node.op != "poly":
-            nodes.append(replace(node, inputs=ins))
-            remap[i] = len(nodes) - 1
-            continue
-        coeffs = list(node.coeffs)
-        degree = len(coeffs) - 1
-        if degree > 3:
-            raise PlanError(f"activation {node.name!r} has degree {degree}; CKKS plans support degree 2 and 3")
-        if degree == 2:
-            c, b, a = coeffs
-            t = math.sqrt(abs(a))
-            form = PolyForm(2, 1 if a > 0 else -1, {"beta": b / t, "c": c})
-        else:
-            a0, a1, a2, a3 = coeffs
-            t = abs(a3) ** (1.0 / 3.0)
-            h = a2 / (2 * a3)
-            k = a1 - a2 * a2 / (4 * a3)
-            form = PolyForm(3, 1 if a3 > 0 else -1, {"th": t * h, "kz": k * t * t / a3, "c": a0})
-        src = ins[0]
-        prev = nodes[src]
-        if prev.op == "linear" and graph.consumers(node.inputs[0]) == [i] and prev.inputs:
-            nodes[src] = replace(prev, matrix=sp.csr_matrix(prev.matrix * t), bias=prev.bias * t)
-        else:
-            nodes.append(_diag_linear(src, node, t, 0.0, f"{node.name}.scale"))
-            src = len(nodes) - 1
-        # The node now reads u = t*x: rewrite it as p(u / t) so the prepared graph still computes the model.
-        nodes.append(replace(node, inputs=(src,), coeffs=tuple(c / t ** k for k, c in enumerate(coeffs)),
-                             input_range=None if node.input_range is None else
-                             (node.input_range[0] * t, node.input_range[1] * t)))
-        remap[i] = len(nodes) - 1
-        forms[remap[i]] = form
-    return Graph(nodes), forms
+from medhe.he.ckks.compiler import packing
+from medhe.he.ckks.compiler.keybudget import (INPUT_BUDGET_BYTES, KEY_BUDGET_BYTES, choose_key_paths,
+                                              ciphertext_bytes_as_sent, key_bytes_as_sent, key_levels_of)
+from medhe.he.ckks.compiler.packing import Layout, Lowered
+from medhe.he.ckks.compiler.params import (PRESETS, choose_params, data_primes, max_depth, output_scale_bits,
+                                           params_for_ring)
+from medhe.he.ckks.compiler.prepare import PolyForm, factor_polys, linearize_polys
+from medhe.he.ckks.compiler.program import Instr, Plan, PlainVec, Register
+from medhe.he.ckks.compiler.trace import Graph, Node, trace
+from medhe.he.ckks.compiler.trace import output_bound as estimate_output_bound
 
 
 def _layout_requests(graph: Graph) -> dict[int, int]:
@@ -711,8 +366,6 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
                         "prime_bits, max_key_bytes, max_input_bytes, output_bound, input_bound or clean_output")
     graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
     max_abs = output_bound if output_bound is not None else estimate_output_bound(graph, input_bound)
-    from medhe.he.ckks.params import PRESETS, max_depth
-
     degrees = [int(poly_degree)] if poly_degree else sorted(PRESETS)
     needed = None
     for n in degrees:
@@ -743,11 +396,12 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies,
                     tuple(graph.input_shape))
-        levels = plan.key_levels()  # with one key per step; keys are sent trimmed to these levels
+        levels = key_levels_of(plan)  # with one key per step; keys are sent trimmed to these levels
         per_key = {int(s): key_bytes_as_sent(params, lv) for s, lv in levels["galois"].items()}
         fixed = per_key.pop(0, 0) + (key_bytes_as_sent(params, levels["relin"]) if levels["relin"] >= 0 else 0)
         plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, per_key, max_key_bytes - fixed)
         plan.output_bound = float(max_abs)
+        plan.key_levels = key_levels_of(plan)  # once, with the final key paths
         return plan
     if needed is None:
         raise PlanError(f"the model's values (largest {max(n.size for n in graph.nodes)} elements) do not fit the "

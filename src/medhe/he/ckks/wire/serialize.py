@@ -8,7 +8,7 @@ SEAL's own loader still does the final validation; before that we check the fram
 a CRC, every parms_id against the context and every coefficient against its prime, and raise
 ``CiphertextError`` with a one-line reason on any mismatch.
 
-The client can halve its uploads again with a :class:`Seeder` (it holds the secret key): fresh ciphertexts and
+The client can halve its uploads again with a ``seeder.Seeder`` (it holds the secret key): fresh ciphertexts and
 key components are sent in SEAL's seeded form, where the uniform polynomial is replaced by its 64-byte PRNG seed.
 The server needs nothing extra: SEAL's loader expands seeds.
 
@@ -33,16 +33,18 @@ Wire frame (little-endian)::
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import seal
 
 from medhe.errors import CiphertextError
+from medhe.he.ckks.wire.bits import _Array, _pack_payload, _payload_len, _unpack_payload
 from medhe.he.framing import Framing
+
+if TYPE_CHECKING:
+    from medhe.he.ckks.wire.seeder import Seeder
 
 MAGIC = b"MHSC"
 FORMAT_VERSION = 1
@@ -65,155 +67,6 @@ def params_fingerprint(context: seal.SEALContext) -> bytes:
     """16 bytes identifying the encryption parameters (hash of SEAL's key-level ``EncryptionParameters``)."""
     return hashlib.sha256(context.key_context_data().parms().to_bytes()).digest()[:16]
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# bit packing
-
-
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Pack non-negative integers ``< 2**bits`` using exactly ``bits`` bits each (LSB first, little-endian).
-
-    64 values fill exactly ``bits`` 64-bit words, and where each value lands in its group is the same for every
-    group, so packing is 64 vectorised shift-or passes over all groups at once (about 1 ms per 100k values).
-    """
-    v = np.ascontiguousarray(values, dtype="<u8").reshape(-1)
-    n = v.size
-    if bits >= 64:
-        return v.tobytes()
-    groups = -(-n // 64)
-    if groups * 64 != n:
-        v = np.concatenate([v, np.zeros(groups * 64 - n, dtype="<u8")])
-    cols = np.ascontiguousarray(v.reshape(groups, 64).T)  # cols[i]: the i-th value of every group
-    words = np.zeros((bits, groups), dtype="<u8")
-    for i in range(64):
-        w, shift = divmod(i * bits, 64)
-        words[w] |= cols[i] << np.uint64(shift)
-        if shift + bits > 64:
-            words[w + 1] |= cols[i] >> np.uint64(64 - shift)
-    return np.ascontiguousarray(words.T).tobytes()[:_packed_len(n, bits)]
-
-
-def unpack_bits(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` uint64 values from ``ceil(count*bits/8)`` bytes.
-
-    This runs on the server's request path, once per input coefficient, so it is kept to a few passes over the
-    data. 8 values take exactly ``bits`` bytes, and the k-th value of every such group starts at the same bit of
-    its group: for widths up to 57 (shift + width <= 64), one unaligned little-endian 64-bit read with a byte stride
-    of ``bits`` gathers the k-th value of all groups at once, so 8 shift-and-mask passes unpack everything.
-    """
-    if bits >= 64:
-        return np.frombuffer(data, dtype="<u8", count=count).copy()
-    nbytes = _packed_len(count, bits)
-    if bits > 57:
-        return _unpack_wide(data, count, bits, nbytes)
-    groups = -(-count // 8)
-    buf = np.zeros(groups * bits + 8, dtype=np.uint8)  # 8 spare bytes: the last group's reads run past its end
-    buf[:nbytes] = np.frombuffer(data, dtype=np.uint8, count=nbytes)
-    out = np.empty((groups, 8), dtype="<u8")
-    mask = np.uint64((1 << bits) - 1)
-    for k in range(8):
-        byte, shift = divmod(k * bits, 8)
-        column = np.ndarray((groups,), dtype="<u8", buffer=buf, offset=byte, strides=(bits,))
-        np.bitwise_and(column >> np.uint64(shift), mask, out=out[:, k])
-    return out.reshape(-1)[:count]
-
-
-def _unpack_wide(data: bytes | memoryview, count: int, bits: int, nbytes: int) -> np.ndarray:
-    """:func:`unpack_bits` for widths 58..63, where a value can straddle 9 bytes: value ``i`` starts at bit
-    ``i*bits`` and is gathered from the two 64-bit words it can straddle."""
-    words = np.zeros(-(-count * bits // 64) + 1, dtype="<u8")  # one spare word: the last value's "next" word
-    words.view(np.uint8)[:nbytes] = np.frombuffer(data, dtype=np.uint8, count=nbytes)
-    start = np.arange(count, dtype=np.uint64) * np.uint64(bits)
-    index = (start >> np.uint64(6)).astype(np.intp)
-    shift = start & np.uint64(63)
-    out = words[index] >> shift
-    # (w << 1) << (63 - shift) == w << (64 - shift), and is 0 when shift == 0 (a shift by 64 is undefined)
-    out |= (words[index + 1] << np.uint64(1)) << (np.uint64(63) - shift)
-    out &= np.uint64((1 << bits) - 1)
-    return out
-
-
-def _packed_len(count: int, bits: int) -> int:
-    return (count * bits + 7) // 8
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# walking SEAL's serialization: the same walk encodes (splitting data out) and decodes (splicing it back)
-
-
-@dataclass
-class _Array:
-    """One run of RNS coefficients: ``polys`` polynomials, each ``len(moduli)`` primes x ``degree`` coefficients."""
-
-    moduli: list[int]
-    polys: int
-    degree: int
-
-    @property
-    def count(self) -> int:
-        return self.polys * len(self.moduli) * self.degree
-
-
-_CHUNK = 1 << 18  # values per pack call; a multiple of 64, so chunk outputs concatenate byte-exactly
-
-
-def _width_counts(arrays: list[_Array]) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for arr in arrays:
-        for q in arr.moduli:
-            counts[q.bit_length()] = counts.get(q.bit_length(), 0) + arr.polys * arr.degree
-    return dict(sorted(counts.items()))
-
-
-def _payload_len(arrays: list[_Array]) -> int:
-    return sum(_packed_len(n, bits) for bits, n in _width_counts(arrays).items())
-
-
-def _pack_payload(blocks: list[tuple[_Array, memoryview]]) -> bytes:
-    """Every coefficient, grouped by prime bit width (ascending), each group one continuous bit stream.
-
-    Grouping makes a few large pack calls instead of one per prime per key component (keys have hundreds).
-    """
-    counts = _width_counts([arr for arr, _ in blocks])
-    streams = {bits: np.empty(n, dtype="<u8") for bits, n in counts.items()}
-    pos = dict.fromkeys(counts, 0)
-    for arr, raw in blocks:
-        data = np.frombuffer(raw, dtype="<u8", count=arr.count).reshape(arr.polys, len(arr.moduli), arr.degree)
-        for j, q in enumerate(arr.moduli):
-            block, bits = data[:, j, :], q.bit_length()
-            if int(block.max(initial=0)) >= q:
-                raise CiphertextError("SEAL object holds a coefficient outside its prime: it is corrupted; "
-                                      "re-create it with SEAL")
-            streams[bits][pos[bits]:pos[bits] + block.size] = block.reshape(-1)
-            pos[bits] += block.size
-    return b"".join(pack_bits(stream[i:i + _CHUNK], bits)
-                    for bits, stream in streams.items() for i in range(0, stream.size, _CHUNK))
-
-
-def _unpack_payload(arrays: list[_Array], payload: memoryview, what: str) -> list[bytes]:
-    """Inverse of :func:`_pack_payload`: SEAL's raw coefficient bytes per array, each checked against its prime."""
-    streams, offset = {}, 0
-    for bits, n in _width_counts(arrays).items():
-        parts = []
-        for i in range(0, n, _CHUNK):
-            m = min(_CHUNK, n - i)
-            parts.append(unpack_bits(payload[offset:offset + _packed_len(m, bits)], m, bits))
-            offset += _packed_len(m, bits)
-        streams[bits] = np.concatenate(parts) if parts else np.empty(0, dtype="<u8")
-    pos = dict.fromkeys(streams, 0)
-    out = []
-    for arr in arrays:
-        data = np.empty((arr.polys, len(arr.moduli), arr.degree), dtype="<u8")
-        for j, q in enumerate(arr.moduli):
-            bits, size = q.bit_length(), arr.polys * arr.degree
-            block = streams[bits][pos[bits]:pos[bits] + size]
-            pos[bits] += size
-            if int(block.max(initial=0)) >= q:
-                raise CiphertextError(f"{what} holds a coefficient outside its prime: the bytes were garbled in "
-                                      "transit or made for other parameters; send them again")
-            data[:, j, :] = block.reshape(arr.polys, arr.degree)
-        out.append(data.tobytes())
-    return out
 
 
 class _Reader:
@@ -474,159 +327,6 @@ def _decode(data: bytes, kind: int, context: seal.SEALContext) -> tuple[_Walker,
     if len(payload) > expected:
         raise CiphertextError(f"{what} has unexpected trailing bytes: send exactly the bytes medhe produced")
     return walker, payload
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# seeded form: the second polynomial ``a`` of a fresh symmetric encryption (ciphertexts from the client, every key
-# component) is uniform, so SEAL can ship the 64-byte PRNG seed that generates it instead (SEAL's ``Serializable``).
-# seal-python does not expose that, so the secret-key holder rebuilds the same form from SEAL operations only:
-# re-randomise with a fresh SEAL encryption of zero, draw a fresh seed, let SEAL's own loader expand it to ``a``,
-# and set ``c0 = (c0' + c1'·s) - a·s`` computed by SEAL's Decryptor (exact in RNS, no rounding). The result is
-# SEAL's seeded symmetric encryption (m + e - a·s, a) with fresh noise e; the receiver needs nothing new, since
-# SEAL's loader expands the seed.
-
-_INFO_TYPE_BLAKE2XB = 1  # SEAL's prng_type::blake2xb
-_SEED_BYTES = 64
-_INFO_SIZE = _SEAL_HEADER.size + 1 + _SEED_BYTES
-
-
-def _seal_header(size: int, major: int, minor: int) -> bytes:
-    return _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, major, minor, 0, 0, size)
-
-
-def _seeded_blob(meta: bytes, major: int, minor: int, c0: bytes, seed: bytes) -> bytes:
-    """SEAL's serialization of a seeded ciphertext: metadata, c0 only, then UniformRandomGeneratorInfo."""
-    dyn = _seal_header(_SEAL_HEADER.size + 8 + len(c0), major, minor) + _U64.pack(len(c0) // 8) + c0
-    info = _seal_header(_INFO_SIZE, major, minor) + bytes([_INFO_TYPE_BLAKE2XB]) + seed
-    body = meta + dyn + info
-    return _seal_header(_SEAL_HEADER.size + len(body), major, minor) + body
-
-
-class Seeder:
-    """Client-side helper (holds the secret key) that re-encodes ciphertexts and keys in SEAL's seeded form.
-
-    Roughly halves what is sent. Only the secret-key holder can do it (it needs c0 + c1·s), so it serves the
-    client's uploads: its input ciphertexts and its Galois/relin keys. Each encoding adds a fresh encryption of
-    zero, so sending one object several times (seeded or not) never reveals the key.
-    """
-
-    def __init__(self, context: seal.SEALContext, secret_key: seal.SecretKey) -> None:
-        self.context = context
-        self._secret_key = secret_key
-        self._data_level = self._tools(context, secret_key)
-        self._key_pid = struct.pack("<4Q", *context.key_context_data().parms_id())
-        self._version = tuple(context.key_context_data().parms().to_bytes()[3:5])  # SEAL major, minor
-        self._aux: tuple | None = None
-
-    @staticmethod
-    def _tools(context: seal.SEALContext, secret_key: seal.SecretKey) -> tuple:
-        return (context, seal.Evaluator(context), seal.Decryptor(context, secret_key),
-                seal.Encryptor(context, secret_key), seal.CKKSEncoder(context))
-
-    def _key_level(self) -> tuple:
-        """A context whose first data level has exactly our key-level primes, so SEAL decrypts key components.
-
-        SEAL's Decryptor refuses the key level; appending one unused prime moves those primes to a data level.
-        SEAL's 128-bit check would refuse the longer modulus, but nothing here ever lives modulo it: the client
-        only decrypts key components and encrypts zeros at that data level, i.e. modulo the original key-level
-        modulus, with the same secret s (its NTT residues per prime are identical in both contexts).
-        """
-        if self._aux is None:
-            kparms = self.context.key_context_data().parms()
-            n, moduli = kparms.poly_modulus_degree(), list(kparms.coeff_modulus())
-            taken = {m.value() for m in moduli}
-            extra = next(m for bits in range(60, 20, -1) for m in seal.CoeffModulus.Create(n, [bits])
-                         if m.value() not in taken)
-            parms = seal.EncryptionParameters(seal.scheme_type.ckks)
-            parms.set_poly_modulus_degree(n)
-            parms.set_coeff_modulus(moduli + [extra])
-            aux = seal.SEALContext(parms, False, seal.sec_level_type.none)
-            raw = self._secret_key.to_string()
-            major, minor = raw[3], raw[4]
-            coeff_count, scale = struct.unpack_from("<Qd", raw, _SEAL_HEADER.size + 32)
-            data = raw[-coeff_count * 8:] + bytes(n * 8)  # s for the shared primes; zeros for the unused one
-            body = (struct.pack("<4Q", *aux.key_context_data().parms_id()) + struct.pack("<Qd", coeff_count + n, scale)
-                    + _seal_header(_SEAL_HEADER.size + 8 + len(data), major, minor) + _U64.pack(len(data) // 8) + data)
-            sk = aux.from_secret_str(_seal_header(_SEAL_HEADER.size + len(body), major, minor) + body)
-            self._aux = self._tools(aux, sk) + (struct.pack("<4Q", *aux.first_parms_id()),)
-        return self._aux
-
-    def _seeded(self, ct: seal.Ciphertext, meta: bytes, load_meta: bytes, level: tuple,
-                private: bool = False) -> bytes:
-        """Seeded blob for ``ct``: (0, a) from a fresh seed, then c0 = Dec(ct + Enc(0) - (0, a)).
-
-        The added fresh encryption of zero matters: without it, two encodings of one ciphertext (two seeds, or
-        seeded and plain) would differ by an exact multiple of s, with no noise, and give the secret key away.
-        With it, every encoding carries independent fresh noise (std grows by sqrt(2), far below the scale).
-        ``private``: ``ct`` is a fresh encryption that nobody else ever sees (see :meth:`encrypt`), so its own
-        noise suffices.
-        """
-        context, evaluator, decryptor, encryptor, encoder = level[:5]
-        _pid, _ntt, _polys, n, k, _scale, _corr = _CT_META.unpack(meta)
-        fresh = ct
-        if not private:
-            zero_plain = encoder.encode(0.0, ct.scale())
-            if list(zero_plain.parms_id()) != list(ct.parms_id()):
-                evaluator.mod_switch_to_inplace(zero_plain, ct.parms_id())
-            fresh = evaluator.add(ct, encryptor.encrypt_symmetric(zero_plain))
-        seed = os.urandom(_SEED_BYTES)
-        a = seal.Ciphertext()
-        a.load_bytes(context, _seeded_blob(load_meta, *self._version, bytes(n * k * 8), seed))
-        c0 = decryptor.decrypt(evaluator.sub(fresh, a)).to_bytes()[-n * k * 8:]
-        return _seeded_blob(meta, *self._version, c0, seed)
-
-    def seed_ciphertext(self, ct: seal.Ciphertext, private: bool = False) -> bytes:
-        """SEAL bytes of a size-2 data-level ciphertext in seeded form: same message, plus fresh noise."""
-        pid = struct.pack("<4Q", *ct.parms_id())
-        if ct.size() != 2 or not ct.is_ntt_form() or pid == self._key_pid or \
-                self.context.get_context_data(ct.parms_id()) is None:
-            raise CiphertextError("only size-2 ciphertexts made with this context can be sent seeded: "
-                                  "relinearize it, or send it without a Seeder")
-        # CKKS ciphertexts always carry correction factor 1 (it is a BGV notion)
-        meta = _CT_META.pack(pid, 1, 2, ct.poly_modulus_degree(), ct.coeff_modulus_size(), ct.scale(), 1)
-        return self._seeded(ct, meta, meta, self._data_level, private)
-
-    def encrypt(self, plain: seal.Plaintext) -> bytes:
-        """Encrypt ``plain`` (secret key, SEAL) straight to compact seeded bytes: the cheapest way to upload.
-
-        The intermediate ciphertext never leaves this call, so no re-randomisation is needed.
-        """
-        ct = self._data_level[3].encrypt_symmetric(plain)
-        return compact(self.seed_ciphertext(ct, private=True), KIND_CIPHERTEXT, self.context)
-
-    def seed_kswitch(self, raw: bytes, keep: dict[int, int] | None = None) -> bytes:
-        """Galois/relin keys (SEAL bytes) -> the same keys with every component in seeded form.
-
-        ``keep`` (as for :func:`compact`): digits above a key's kept level are dropped on the wire anyway, so they
-        are not re-encrypted; they get a zero first polynomial and a fresh seed, only to keep SEAL's layout.
-        """
-        r = _Reader(raw, "keys")
-        major, minor = raw[3], raw[4]
-        r.take(_SEAL_HEADER.size)
-        out = [bytes(r.take(32))]
-        (outer,) = r.unpack(_U64)
-        out.append(_U64.pack(outer))
-        level = self._key_level()
-        aux_pid = level[5]
-        for index in range(outer):
-            (inner,) = r.unpack(_U64)
-            out.append(_U64.pack(inner))
-            kept = inner if keep is None else keep.get(index, inner)
-            for digit in range(inner):
-                size = _SEAL_HEADER.unpack(r.buf[r.pos:r.pos + _SEAL_HEADER.size])[-1]
-                blob = bytes(r.take(size))
-                meta = blob[_SEAL_HEADER.size:_SEAL_HEADER.size + _CT_META.size]
-                if meta[:32] != self._key_pid:
-                    raise CiphertextError("keys hold a component at the wrong level: generate them again")
-                if digit > kept:
-                    n, k = _CT_META.unpack(meta)[3:5]
-                    out.append(_seeded_blob(meta, *self._version, bytes(n * k * 8), os.urandom(_SEED_BYTES)))
-                    continue
-                ct = seal.Ciphertext()  # the component, relabelled to the helper context's matching data level
-                ct.load_bytes(level[0], blob[:_SEAL_HEADER.size] + aux_pid + blob[_SEAL_HEADER.size + 32:])
-                out.append(self._seeded(ct, meta, aux_pid + meta[32:], level))
-        body = b"".join(out)
-        return _seal_header(_SEAL_HEADER.size + len(body), major, minor) + body
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,91 +1,45 @@
-"""The small operation set a CKKS plan runs on, and its SEAL implementation.
+"""The ``seal`` backend: every CKKS operation through Microsoft SEAL (seal-python).
 
-Plans only ever call these methods, so another library (a GPU CKKS implementation, say) can run the same plan by
-implementing this interface; nothing above this module imports ``seal``. Levels are counted like SEAL's chain
-index: the top data level is ``len(data primes) - 1``, the last is 0.
+Also the client's side of the protocol (key generation, encryption, decryption): those always come from SEAL.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import seal
 
 from medhe.errors import CiphertextError, SecurityError
-from medhe.he.ckks import serialize
-from medhe.he.ckks.params import CKKSParams, seal_context
+from medhe.he.ckks.backends.base import Backend
+from medhe.he.ckks.compiler.params import CKKSParams
+from medhe.he.ckks.wire import serialize
+from medhe.he.ckks.wire.seeder import Seeder
 
 
-class Backend(ABC):
-    """CKKS operations on opaque ciphertext/plaintext handles."""
+@lru_cache(maxsize=8)
+def _context(poly_degree: int, prime_bits: tuple[int, ...]) -> seal.SEALContext:
+    parms = seal.EncryptionParameters(seal.scheme_type.ckks)
+    parms.set_poly_modulus_degree(poly_degree)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(poly_degree, list(prime_bits)))
+    ctx = seal.SEALContext(parms, True, seal.sec_level_type.tc128)
+    if not ctx.parameters_set():
+        raise SecurityError(f"SEAL refused N={poly_degree}, primes {list(prime_bits)}: "
+                            f"{ctx.parameter_error_message()}; choose other parameters")
+    return ctx
 
-    slots: int
 
-    @abstractmethod
-    def encode(self, values: np.ndarray | float, level: int, scale: float) -> Any: ...
-
-    @abstractmethod
-    def encrypt(self, plain: Any) -> Any:
-        """Secret-key (symmetric) encryption: the client holds the key, and fresh noise is lower than public-key."""
-
-    def encrypt_bytes(self, plain: Any) -> bytes:
-        """Encrypt and serialize for upload; backends with a cheaper fresh-ciphertext encoding override it."""
-        return self.serialize(self.encrypt(plain))
-
-    @abstractmethod
-    def decrypt(self, ct: Any) -> np.ndarray: ...
-
-    @abstractmethod
-    def add(self, a: Any, b: Any) -> Any: ...
-
-    @abstractmethod
-    def add_inplace(self, a: Any, b: Any) -> None: ...
-
-    @abstractmethod
-    def add_plain(self, a: Any, p: Any) -> Any: ...
-
-    @abstractmethod
-    def negate(self, a: Any) -> Any: ...
-
-    @abstractmethod
-    def multiply_plain(self, a: Any, p: Any) -> Any: ...
-
-    @abstractmethod
-    def multiply(self, a: Any, b: Any) -> Any: ...
-
-    @abstractmethod
-    def relinearize(self, a: Any) -> Any: ...
-
-    @abstractmethod
-    def rescale(self, a: Any) -> Any: ...
-
-    @abstractmethod
-    def rotate(self, a: Any, step: int) -> Any: ...
-
-    @abstractmethod
-    def conjugate(self, a: Any) -> Any:
-        """Complex conjugation of every slot (a Galois automorphism: needs the step-0 Galois key)."""
-
-    @abstractmethod
-    def mod_switch(self, a: Any, level: int) -> Any: ...
-
-    @abstractmethod
-    def level(self, ct: Any) -> int: ...
-
-    @abstractmethod
-    def scale(self, ct: Any) -> float: ...
-
-    @abstractmethod
-    def serialize(self, ct: Any) -> bytes: ...
-
-    @abstractmethod
-    def load_ciphertext(self, data: bytes) -> Any: ...
+def seal_context(params: CKKSParams) -> seal.SEALContext:
+    """The (cached) SEAL context of ``params``, built with SEAL's own 128-bit check switched on."""
+    params.validate()
+    return _context(params.poly_degree, tuple(params.prime_bits))
 
 
 class SealBackend(Backend):
     """SEAL (seal-python) CKKS. Holds whichever keys this side is allowed to have."""
+
+    name = "seal"
 
     def __init__(self, params: CKKSParams) -> None:
         self.params = params
@@ -105,7 +59,10 @@ class SealBackend(Backend):
         self._secret: seal.SecretKey | None = None
         self._encryptor: seal.Encryptor | None = None
         self._decryptor: seal.Decryptor | None = None
-        self._seeder: serialize.Seeder | None = None
+        self._seeder: Seeder | None = None
+
+    def fresh(self) -> "SealBackend":
+        return SealBackend(self.params)
 
     # -- keys (client side)
     def keygen(self, rotation_steps: list[int], relinearization: bool) -> None:
@@ -113,7 +70,7 @@ class SealBackend(Backend):
         self._secret = gen.secret_key()
         self._encryptor = seal.Encryptor(self.context, self._secret)
         self._decryptor = seal.Decryptor(self.context, self._secret)
-        self._seeder = serialize.Seeder(self.context, self._secret)
+        self._seeder = Seeder(self.context, self._secret)
         self.galois_keys = seal.GaloisKeys()
         if rotation_steps:
             gen.create_galois_keys(list(rotation_steps), self.galois_keys)
@@ -146,11 +103,6 @@ class SealBackend(Backend):
         need_g, need_r = self.key_indices(levels) if levels else (None, None)
         self.galois_keys = serialize.load_galois_keys(galois, self.context, need_g)
         self.relin_keys = serialize.load_relin_keys(relin, self.context, need_r) if relin else None
-
-    def galois_element(self, step: int) -> int:
-        if step == 0:  # SEAL's convention: step 0 is complex conjugation
-            return 2 * self.params.poly_degree - 1
-        return pow(3, step % self.slots, 2 * self.params.poly_degree)
 
     def has_rotation(self, step: int) -> bool:
         return self.galois_keys is not None and self.galois_keys.has_key(self.galois_element(step))
