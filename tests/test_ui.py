@@ -235,16 +235,22 @@ def test_unreadable_file_is_one_sentence_and_the_page_stays_usable(browser, ui, 
     shots(browser, "6-warning.png")
 
 
-def test_server_down_and_unknown_model_are_one_sentence(server):
+def test_server_down_unknown_model_and_foreign_pages(server):
     from fastapi.testclient import TestClient
 
     from medhe.ui.app import create_ui_app
 
-    with TestClient(create_ui_app(f"http://127.0.0.1:{free_port()}")) as page:
+    local = "http://127.0.0.1"
+    with TestClient(create_ui_app(f"http://127.0.0.1:{free_port()}"), base_url=local) as page:
         answer = page.get("/api/models")
         assert answer.status_code == 502
         assert answer.json()["error"].startswith("cannot reach the medhe server at http://127.0.0.1:")
-    with TestClient(create_ui_app(server.url)) as page:
+    with TestClient(create_ui_app(server.url), base_url=local) as page:
+        # only pages of this machine: DNS rebinding (foreign Host) and cross-site requests (foreign Origin) refused
+        assert page.get("/api/models", headers={"Host": "evil.example"}).status_code == 403
+        foreign = page.post("/api/jobs", json={}, headers={"Origin": "https://evil.example"})
+        assert foreign.status_code == 403 and "only pages opened from this computer" in foreign.json()["error"]
+        assert page.get("/api/models", headers={"Origin": local}).status_code == 200
         png = page.post("/api/scans?model=pneumoniamnist", content=checkerboard_png(), headers={"X-Filename": "a.png"})
         assert png.status_code == 200 and png.json()["warnings"]  # a checkerboard is flagged
         answer = page.post("/api/jobs", json={"scan": png.json()["id"], "model": "nope"})

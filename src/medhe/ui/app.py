@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
@@ -27,6 +28,7 @@ from medhe.ui.pipeline import Diagnoser
 from medhe.ui.scans import ScanStore, decode, display_name
 
 STATIC = Path(__file__).parent / "static"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = 256 << 20  # one scan file; large DICOM series frames stay well below
 
 
@@ -53,6 +55,16 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
     app = FastAPI(title="medhe ui", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.diagnoser = diagnoser
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")
+    async def local_only(request: Request, call_next):
+        """Answer only pages of this machine: a Host other than loopback is a DNS-rebinding attempt by some web
+        site (it could read scans and results), an Origin other than loopback a cross-site request."""
+        origin = request.headers.get("origin")
+        if request.url.hostname not in LOOPBACK_NAMES or (origin and urlsplit(origin).hostname not in LOOPBACK_NAMES):
+            return JSONResponse({"error": "medhe ui answers only pages opened from this computer "
+                                          "(http://127.0.0.1:PORT/)"}, status_code=403)
+        return await call_next(request)
 
     @app.exception_handler(PageError)
     async def _page_error(request: Request, exc: PageError):
