@@ -199,6 +199,7 @@ def test_page_diagnoses_png_and_dicom_like_medhe_predict(browser, ui, server, sc
     capsys.readouterr()
     assert medhe_main(["predict", "--server", server.url, "--json", str(scans["png"]), str(scans["dcm"])]) == 0
     cli = json.loads(capsys.readouterr().out)["results"]
+    assert [r["warnings"] for r in cli] == [[], []]  # the CLI runs the page's input checks too
     assert [r["label"] for r in page] == [r["label"] for r in cli]
     assert [r["label"] for r in page] == plain_labels([read_image(scans["png"]), read_image(scans["dcm"])])
     for mine, theirs in zip(page, cli):  # two encryptions of one image: equal up to CKKS noise
@@ -291,3 +292,38 @@ def test_secret_key_never_leaves_the_page_backend(ui, capture):
         if job.result:
             for v in job.result["logits"]:
                 assert repr(v).encode() not in sent and np.float64(v).tobytes() not in sent
+
+
+def test_medhe_ui_command_serves_the_page(server, tmp_path, capsys):
+    """`medhe ui` as a clinician starts it: its own process, the page and the model list answer, Ctrl-C stops it;
+    `medhe predict` prints the same input checks as the page."""
+    import signal
+    import sys
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "medhe", "ui", "--server", server.url, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert page.status_code == 200 and "<script src=\"/static/app.js\">" in page.text
+        listing = httpx.get(f"http://127.0.0.1:{port}/api/models", timeout=30).json()
+        assert [m["id"] for m in listing["models"]] == ["pneumoniamnist"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert f"open http://127.0.0.1:{port}/ in a browser" in out and "Traceback" not in out
+
+    small = tmp_path / "thumbnail.png"
+    Image.fromarray(np.full((20, 20), 90, dtype=np.uint8) + np.eye(20, dtype=np.uint8) * 60).save(small)
+    assert medhe_main(["predict", "--server", server.url, str(small)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{small}: ") and lines[1].startswith("  check: the image is 20x20 pixels")
