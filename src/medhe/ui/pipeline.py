@@ -1,4 +1,4 @@
-"""One encrypted diagnosis as the page shows it: seven steps, each with its state, time and bytes.
+"""One encrypted diagnosis as the page shows it: eight steps, each with its state, time and bytes.
 
 Everything goes through the SDK's ``Client`` (key generation and registration, upload, retries); the metered
 transport tells which step the SDK is in. Jobs run one at a time on one thread: a ``Client`` and its HE sessions
@@ -30,7 +30,8 @@ log = logging.getLogger("medhe.ui")
 STEPS = (
     ("keygen", "Generate keys (this computer)"),
     ("keys", "Send public evaluation keys"),
-    ("encrypt", "Encrypt the scan"),
+    ("prepare", "Preprocess the scan"),
+    ("encrypt", "Encrypt the input"),
     ("upload", "Upload the ciphertext"),
     ("evaluate", "Server evaluates, encrypted"),
     ("download", "Download encrypted result"),
@@ -157,9 +158,15 @@ class Diagnoser:
                 keygen.finish("reused", ms=0.0)
                 job.steps["keys"].finish("reused", ms=0.0)
                 job.steps["keys"].bytes = sess.key_bytes
+            prepare = step("prepare")
+            if sess.stage is not None:
+                prepare.title = "Preprocess, run the public extractor"
+            prepare.start()
+            x = sess.inputs(image)
+            prepare.finish()
             enc = step("encrypt")
             enc.start()
-            ciphertext = sess.he.encrypt(sess.inputs(image))
+            ciphertext = sess.he.encrypt(x)
             enc.finish(nbytes=len(ciphertext))
             result = self.client.infer_encrypted(sess, ciphertext)
             dec = step("decrypt")
