@@ -236,6 +236,27 @@ def test_unreadable_file_is_one_sentence_and_the_page_stays_usable(browser, ui, 
     shots(browser, "6-warning.png")
 
 
+def test_keys_forgotten_by_the_server_are_sent_again_not_regenerated(ui, scans):
+    """Keys expire at the server (idle TTL, restart): the page registers them again through the SDK and shows it."""
+    import httpx
+
+    app, url = ui
+    diagnoser = app.state.diagnoser
+    assert "pneumoniamnist" in diagnoser.keyed, "run with the browser test: no keys yet"
+    diagnoser.client.forget_keys()
+    scan = httpx.post(f"{url}/api/scans?model=pneumoniamnist", content=scans["png"].read_bytes(),
+                      headers={"X-Filename": "again.png"}, timeout=30).json()
+    job = httpx.post(f"{url}/api/jobs", json={"scan": scan["id"], "model": "pneumoniamnist"}, timeout=30).json()
+    deadline = time.monotonic() + WAIT
+    while job["state"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = httpx.get(f"{url}/api/jobs/{job['id']}", timeout=30).json()
+    steps = {s["id"]: s for s in job["steps"]}
+    assert job["state"] == "done", job["error"]
+    assert steps["keygen"]["state"] == "reused" and steps["keys"]["state"] == "done"
+    assert job["sent"] > steps["keys"]["bytes"] > 0
+
+
 def test_server_down_unknown_model_and_foreign_pages(server):
     from fastapi.testclient import TestClient
 

@@ -76,9 +76,10 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
 
     def model_info(model_id: str) -> dict[str, Any]:
         try:
-            return diagnoser.client.model_info(model_id)
+            diagnoser.client.models()  # the listing (cached): failing here means the server, not the request
         except MedheError as exc:
-            raise PageError(502 if "reach" in str(exc) else 422, str(exc)) from None
+            raise PageError(502, str(exc)) from None
+        return diagnoser.client.model_info(model_id)  # an unknown model: MedheError -> 422
 
     def view(scan_id: str, model_id: str) -> dict[str, Any]:
         name, image = scans.get(scan_id)

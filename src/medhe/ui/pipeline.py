@@ -130,7 +130,8 @@ class Diagnoser:
                 job.received += nbytes
             if request.method == "POST" and path.endswith("/keys"):
                 if event == "sending":
-                    job.steps["keygen"].finish()
+                    if job.steps["keygen"].state == "running":  # not on a re-registration after expiry
+                        job.steps["keygen"].finish()
                     step("keys").start()
                     job.steps["keys"].bytes = nbytes
                 elif event == "received":
@@ -143,8 +144,7 @@ class Diagnoser:
                     job.steps["upload"].finish()
                     step("evaluate").start()
                 elif event == "received":
-                    ms = _eval_ms(response)
-                    job.steps["evaluate"].finish(ms=ms) if ms is not None else job.steps["evaluate"].finish()
+                    job.steps["evaluate"].finish(ms=_eval_ms(response))  # the server's own time, else wall time
                     step("download").finish(nbytes=nbytes)  # counted as it arrived; its time is in "evaluate"
 
         self.meter.listener = listener
@@ -154,10 +154,12 @@ class Diagnoser:
             keygen.start()
             sess = self.client.session(job.model)
             self.keyed.add(sess.id)
-            if cached or job.steps["keys"].state == "pending":  # nothing was generated or sent: reused
+            if cached:
                 keygen.finish("reused", ms=0.0)
-                job.steps["keys"].finish("reused", ms=0.0)
-                job.steps["keys"].bytes = sess.key_bytes
+            elif keygen.state == "running":
+                keygen.finish()
+            if job.steps["keys"].state == "pending":  # registered by an earlier diagnosis: nothing sent now
+                job.steps["keys"].finish("reused", nbytes=sess.key_bytes, ms=0.0)
             prepare = step("prepare")
             if sess.stage is not None:
                 prepare.title = "Preprocess, run the public extractor"
