@@ -64,9 +64,11 @@ function renderModels() {
     box.replaceChildren(el("p", { class: "muted", text: "No model available: check the server and press Refresh." }));
     return;
   }
+  box.setAttribute("role", "radiogroup");
   box.replaceChildren(...state.models.map((m) => {
     const metrics = Object.entries(m.test_metrics).map(([k, v]) => `${k.toUpperCase()} ${v}`).join(", ");
-    const card = el("div", { class: "model" + (m.id === state.model ? " selected" : ""), "data-model": m.id },
+    const card = el("div", { class: "model" + (m.id === state.model ? " selected" : ""), "data-model": m.id,
+                             role: "radio", tabindex: "0", "aria-checked": String(m.id === state.model) },
       el("h3", {}, `${m.name} `, el("small", { text: m.scheme.toUpperCase() })),
       el("dl", {},
         el("dt", { text: "task" }), el("dd", { text: m.task }),
@@ -76,6 +78,7 @@ function renderModels() {
         el("dt", { text: "encryption" }), el("dd", { text: m.scheme_text })),
       el("p", { class: "learns", text: m.server_learns }));
     card.addEventListener("click", () => selectModel(m.id));
+    card.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); selectModel(m.id); } });
     return card;
   }));
 }
