@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -62,7 +63,6 @@ class ScanStore:
 
 
 def display_name(raw: str | None) -> str:
-    from urllib.parse import unquote
-
+    """The file name the browser sent (URL-encoded, any path stripped), for messages and results."""
     name = os.path.basename(unquote(raw or "").replace("\\", "/")).strip()
     return name[:200] or "scan"
