@@ -17,3 +17,10 @@ MEDHE="${MEDHE:-.venv/bin/medhe}"
 # validation AUC of every configuration tried.
 "$MEDHE" train --dataset breastmnist --arch lenet5-he --epochs 100 --batch-size 64 --ema 0.98 \
   --out src/medhe/pretrained/breastmnist --name breastmnist --threads 1 --no-progress
+
+# PneumoniaMNIST, P3 style (Ran & Li): three conv + BatchNorm + fixed degree-2 ReLU approximation blocks, average
+# pooling, one linear classifier (p3cnn; CKKS depth 7, N=16384). Round 3 of the selection in docs/results.md
+# ("pneumoniamnist-p3"): the best validation AUC of rounds 3's three candidates.
+"$MEDHE" train --dataset pneumoniamnist --arch p3cnn --act relu2 --epochs 60 --ema 0.98 --mixup 0.2 \
+  --arch-arg 'strides=[2,1,1]' --arch-arg pool=2 --arch-arg 'widths=[8,16,16]' --calibrate youden \
+  --out src/medhe/pretrained/pneumoniamnist-p3 --name pneumoniamnist-p3 --threads 1 --no-progress

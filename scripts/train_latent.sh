@@ -19,10 +19,10 @@ done
 
 # 2. ship the f8 autoencoder and train the default latent classifier on its latents
 rm -rf src/medhe/pretrained/vq-f8 && cp -r "$RUNS/vq-f8" src/medhe/pretrained/vq-f8
-"$PY" -m medhe.experiments.latent export --autoencoder src/medhe/pretrained/vq-f8 --out "$RUNS/cxr14-latent"
+"$PY" -m medhe experiment latent-export --autoencoder src/medhe/pretrained/vq-f8 --out "$RUNS/cxr14-latent"
 rm -rf src/medhe/pretrained/cxr14-latent && cp -r "$RUNS/cxr14-latent" src/medhe/pretrained/cxr14-latent
 
 # 3. the P1 table: every factor plus pixel space, plain and under CKKS (f8 row = the shipped cxr14-latent).
 #    Each encrypted row needs ~9 GB of memory at N=32768 (evaluation keys); --enc-limit bounds the time per row,
 #    --plan-only compiles without keys where memory or time is short.
-"$PY" -m medhe.experiments.latent table --autoencoders "$RUNS" --out "$RUNS/experiment" --enc-limit 10
+"$PY" -m medhe experiment latent --autoencoders "$RUNS" --out "$RUNS/experiment" --enc-limit 10

@@ -6,9 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-src/medhe/pretrained}
 
-$PY scripts/train_qfcnn.py --dataset pneumoniamnist --out "$OUT/pneumoniamnist-qfcnn" \
+$PY -m medhe recipe qfcnn --dataset pneumoniamnist --out "$OUT/pneumoniamnist-qfcnn" \
     --hidden 16 --quant-bits 3 --input-bits 3 --act-bits 4 --acc-bits 5 --pool 2 --l1 1.0 \
     --jitter 0.2 --balanced --epochs 25 --seed 0
-$PY scripts/train_qfcnn.py --dataset breastmnist --out "$OUT/breastmnist-qfcnn" \
+$PY -m medhe recipe qfcnn --dataset breastmnist --out "$OUT/breastmnist-qfcnn" \
     --hidden 16 --quant-bits 3 --input-bits 3 --act-bits 4 --acc-bits 5 --pool 2 --l1 1.0 \
     --jitter 0.2 --epochs 60 --seed 0

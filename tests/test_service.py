@@ -133,7 +133,8 @@ def test_health_ready_and_model_listing(server):
     weights = http(server, "GET", stage["weights_url"])
     assert weights.headers["content-type"] == protocol.OCTET and len(weights.content) == stage["weights_bytes"]
     assert_error(http(server, "GET", protocol.client_stage_path("pneumoniamnist")), 404, "no_client_stage")
-    openapi = http(server, "GET", "/openapi.json", token=None).json()
+    assert_error(http(server, "GET", "/openapi.json", token=None), 401, "unauthorized")  # behind the token too
+    openapi = http(server, "GET", "/openapi.json").json()
     infer = openapi["paths"]["/v1/models/{model_id}/infer"]["post"]
     assert protocol.OCTET in infer["requestBody"]["content"]
     assert protocol.OCTET in infer["responses"]["200"]["content"]
@@ -337,10 +338,12 @@ def good(client, images):
     return sess, ct, check
 
 
-def infer(server, model, key_id, body, ctype=protocol.OCTET, **kw):
+def infer(server, model, key_id, body, ctype=protocol.OCTET, secret=None, **kw):
     headers = {"Content-Type": ctype}
     if key_id is not None:
         headers[protocol.KEY_HEADER] = key_id
+    if secret is not None:
+        headers[protocol.KEY_SECRET_HEADER] = secret
     return http(server, "POST", protocol.infer_path(model), content=body, headers=headers, **kw)
 
 
@@ -354,7 +357,7 @@ def test_bad_ciphertexts_are_422(server, good):
         "trailing bytes": ct + b"\0" * 16,
     }
     for name, body in cases.items():
-        assert_error(infer(server, "pneumoniamnist", sess.key_id, body), 422, "bad_ciphertext")
+        assert_error(infer(server, "pneumoniamnist", sess.key_id, body, secret=sess.key_secret), 422, "bad_ciphertext")
     check()
 
 
@@ -363,13 +366,13 @@ def test_other_models_keys_and_ciphertexts_are_refused(server, client, good, ima
     tiny = client.session("tiny")
     tiny_ct = tiny.he.encrypt(tiny.inputs(images[0]))
     # a ciphertext for another model (other parameters / plan) under the right keys
-    assert_error(infer(server, "pneumoniamnist", sess.key_id, tiny_ct), 422, "bad_ciphertext")
+    assert_error(infer(server, "pneumoniamnist", sess.key_id, tiny_ct, secret=sess.key_secret), 422, "bad_ciphertext")
     # another model's evaluation keys registered here
     r = http(server, "POST", protocol.keys_path("pneumoniamnist"), content=tiny.evaluation_keys(),
              headers={"Content-Type": protocol.OCTET})
     assert_error(r, 422, "bad_ciphertext")
     # a key id registered for another model
-    assert_error(infer(server, "pneumoniamnist", tiny.key_id, ct), 422, "key_model_mismatch")
+    assert_error(infer(server, "pneumoniamnist", tiny.key_id, ct, secret=tiny.key_secret), 422, "key_model_mismatch")
     check()
     # and the tiny model itself works with its own keys
     assert tiny.info["labels"][int(np.argmax(tiny.he.decrypt(client.infer_encrypted(tiny, tiny_ct))))] in \
@@ -378,18 +381,21 @@ def test_other_models_keys_and_ciphertexts_are_refused(server, client, good, ima
 
 def test_unknown_ids_content_types_and_empty_bodies(server, good):
     sess, ct, check = good
-    assert_error(infer(server, "pneumoniamnist", "no-such-key", ct), 404, "unknown_key")
+    secret = sess.key_secret
+    assert_error(infer(server, "pneumoniamnist", "no-such-key", ct, secret=secret), 404, "unknown_key")
     assert_error(infer(server, "pneumoniamnist", None, ct), 400, "missing_key_id")
-    assert_error(infer(server, "no-such-model", sess.key_id, ct), 404, "unknown_model")
-    assert_error(infer(server, "pneumoniamnist", sess.key_id, b""), 400, "empty_body")
-    assert_error(infer(server, "pneumoniamnist", sess.key_id, json.dumps({"ct": "AAAA"}), ctype="application/json"),
-                 415, "unsupported_media_type")
+    assert_error(infer(server, "pneumoniamnist", sess.key_id, ct), 400, "missing_key_secret")
+    assert_error(infer(server, "no-such-model", sess.key_id, ct, secret=secret), 404, "unknown_model")
+    assert_error(infer(server, "pneumoniamnist", sess.key_id, b"", secret=secret), 400, "empty_body")
+    assert_error(infer(server, "pneumoniamnist", sess.key_id, json.dumps({"ct": "AAAA"}), ctype="application/json",
+                       secret=secret), 415, "unsupported_media_type")
     assert_error(http(server, "POST", protocol.keys_path("pneumoniamnist"), content=b"x" * 100,
                       headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type")
     assert_error(http(server, "POST", protocol.keys_path("pneumoniamnist"), content=b"x" * 100,
                       headers={"Content-Type": protocol.OCTET}), 422, "bad_ciphertext")
     assert_error(http(server, "GET", "/v1/nothing-here"), 404, "not_found")
-    assert_error(http(server, "DELETE", protocol.key_path("no-such-key")), 404, "unknown_key")
+    assert_error(http(server, "DELETE", protocol.key_path("no-such-key"),
+                      headers={protocol.KEY_SECRET_HEADER: secret}), 404, "unknown_key")
     check()
 
 
@@ -420,15 +426,23 @@ def test_oversize_bodies_are_413_without_buffering(server, good):
     sess, ct, check = good
     path = protocol.infer_path("pneumoniamnist")
     common = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-              f"Content-Type: {protocol.OCTET}\r\n{protocol.KEY_HEADER}: {sess.key_id}\r\n")
+              f"Content-Type: {protocol.OCTET}\r\n{protocol.KEY_HEADER}: {sess.key_id}\r\n"
+              f"{protocol.KEY_SECRET_HEADER}: {sess.key_secret}\r\n")
     # declared 2 GB: refused from the header, before the body arrives
     reply = _raw_request(server, (common + "Content-Length: 2000000000\r\n\r\n").encode(), [b"\0" * 65536])
     assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply
-    # chunked, no length: refused once the stream passes the limit
+    # chunked, no length: a body that starts like this model's input but whose first part declares more bytes
+    # than the limit is refused from that declaration, while the rest is still streaming
+    head = ct[:24] + (MAX_BODY * 2).to_bytes(4, "little") + ct[28:28 + 32]
     chunk = b"\0" * (1 << 20)
-    frames = (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(MAX_BODY // len(chunk) + 4))
+    frames = [f"{len(head):x}\r\n".encode() + head + b"\r\n"]
+    frames += [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(MAX_BODY // len(chunk) + 4)]
     reply = _raw_request(server, (common + "Transfer-Encoding: chunked\r\n\r\n").encode(), frames)
     assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply
+    # and zeros are refused at their first bytes (not a CKKS message), long before any limit
+    frames = (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(MAX_BODY // len(chunk) + 4))
+    reply = _raw_request(server, (common + "Transfer-Encoding: chunked\r\n\r\n").encode(), frames)
+    assert reply.startswith(b"HTTP/1.1 422") and b"bad_ciphertext" in reply
     check()
 
 

@@ -59,3 +59,30 @@ def test_evicted_and_expired_entries_are_reported_removed_ones_not():
     d = store.add("other", 3, 1)
     assert [e.key_id for e in store.remove_where(lambda e: e.model == "other")] == [d.key_id]
     assert store.total_bytes == 0 and len(store) == 0
+
+
+def test_per_owner_and_count_caps_evict_least_recently_used():
+    dropped = []
+    store = KeyStore(max_bytes=1000, ttl=None, on_evict=dropped.append, max_count=4, max_per_owner=2)
+    a1 = store.add("m", 0, 1, owner="a")
+    a2 = store.add("m", 0, 1, owner="a")
+    b1 = store.add("m", 0, 1, owner="b")
+    store.get(a1.key_id)                  # a1 is now a's most recently used
+    a3 = store.add("m", 0, 1, owner="a")  # a is at its cap: a's own LRU (a2) goes, not b's
+    assert [e.key_id for e in dropped] == [a2.key_id]
+    assert all(k in store for k in (a1.key_id, a3.key_id, b1.key_id))
+    store.add("m", 0, 1, owner="c")
+    store.add("m", 0, 1, owner="d")       # 5th set: the global LRU (b1) goes
+    assert dropped[-1].key_id == b1.key_id and len(store) == 4
+
+
+def test_key_secret_is_required_and_compared_on_hashes():
+    from medhe.service.keystore import hash_secret
+
+    store = KeyStore(max_bytes=100, ttl=None)
+    e = store.add("m", "keys", 1, secret_hash=hash_secret("right"))
+    assert store.get(e.key_id, "wrong") is None and store.get(e.key_id, "") is None
+    assert store.get(e.key_id, "right") is e
+    assert store.remove(e.key_id, "wrong") is None and e.key_id in store
+    assert store.remove(e.key_id, "right") is e and e.key_id not in store
+    assert b"right" not in e.secret_hash and len(e.secret_hash) == 32

@@ -16,12 +16,15 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
+
+    ``mode``: file permissions (e.g. 0o600 for a secret key); default what a plain ``open()`` would give.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _umask_mode())
+    os.fchmod(fd, _umask_mode() if mode is None else mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -13,6 +13,16 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def ms(value: float | None) -> str:
+    """A latency in ms as people read it: 3 significant figures, no trailing noise ("0.42", "31.5", "1234")."""
+    if value is None:
+        return "-"
+    value = float(value)
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]

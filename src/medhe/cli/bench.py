@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
 from medhe import atomic
+from medhe.cli._format import ms
+from medhe.cli._paths import input_dir, output_file
 from medhe.errors import MedheError
+from medhe.he.scheme import SCHEMES, default_model
+from medhe.machine import machine_info
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,10 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Tutorial-4 pipeline, --scheme tfhe with a plain concrete-python FCNN, "
                                    "--service runs concurrent clients against a real server on loopback.")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--scheme", choices=("ckks", "tfhe", "paillier"))
+    what.add_argument("--scheme", choices=SCHEMES)
     what.add_argument("--service", action="store_true", help="load-test the HTTP service")
     p.add_argument("--model", help="model to benchmark (default: the scheme's shipped default)")
     p.add_argument("-n", "--images", type=int, default=20, help="images per measured pipeline")
+    p.add_argument("--engine-only", action="store_true",
+                   help="--scheme ckks: measure medhe alone (agreement, logit error, input load / eval / decrypt "
+                        "latency, sizes, plan) without the TenSEAL comparison")
     p.add_argument("--baseline-images", type=int, default=1,
                    help="--scheme tfhe: images through the unrounded concrete-python baseline (minutes each)")
     p.add_argument("--rounded-baseline", action="store_true",
@@ -31,49 +36,94 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=16, help="--service: concurrent clients")
     p.add_argument("--requests", type=int, default=200, help="--service: requests in all")
     p.add_argument("--workers", type=int, help="--service: server worker processes (0: one thread)")
+    p.add_argument("--ops", action="store_true",
+                   help="--scheme ckks: per-operation costs, native runtime vs seal-python, idle and other core busy")
+    p.add_argument("--batch", action="store_true",
+                   help="--scheme ckks: add batch-mode throughput (one image per slot, a full ciphertext batch) next "
+                        "to the single-image path and TenSEAL")
+    p.add_argument("--batch-repeats", type=int, default=3, help="--batch: evaluations of the batch (median)")
+    p.add_argument("--kill-worker-after", type=int, metavar="N",
+                   help="--service: SIGKILL one server worker after N completed requests (crash test; the SDK "
+                        "re-registers and retries, the JSON reports how often)")
     p.add_argument("--data-dir")
     p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
     p.set_defaults(handler=run)
 
 
-def _machine() -> dict[str, Any]:
-    import os
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version()}
-
-
 def run(args: argparse.Namespace) -> int:
     if args.images < 1:
-        raise MedheError("--images must be at least 1")
+        raise MedheError("-n/--images must be at least 1")
+    if args.batch and args.scheme != "ckks":
+        raise MedheError("--batch works with --scheme ckks only")
+    if args.engine_only and args.scheme != "ckks":
+        raise MedheError("--engine-only applies to --scheme ckks only")
+    json_out = output_file(args.json_out, "--json") if args.json_out else None
+    args.data_dir = input_dir(args.data_dir, "--data-dir")
     started = time.time()
     if args.service:
         from medhe.service.loadtest import run_service_benchmark
 
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
-                                       requests=args.requests, data_dir=args.data_dir, workers=args.workers)
+                                       requests=args.requests, data_dir=args.data_dir, workers=args.workers,
+                                       kill_worker_after=args.kill_worker_after)
+    elif args.scheme == "ckks" and args.ops:
+        from medhe.he.ckks.opcost import run_op_costs
+
+        result = {"op_costs_ms": run_op_costs()}
+    elif args.scheme == "ckks" and args.engine_only:
+        from medhe.he.ckks.measure import run_measurement
+
+        result = run_measurement(args.model or default_model("ckks"), args.images, data_dir=args.data_dir)
     elif args.scheme == "ckks":
         from medhe.he.ckks.bench import format_summary, run_ckks_benchmark
 
-        result = run_ckks_benchmark(model=args.model or "pneumoniamnist", n_images=args.images,
+        result = run_ckks_benchmark(model=args.model or default_model("ckks"), n_images=args.images,
                                     data_dir=args.data_dir)
-        print(format_summary(result))
+        summary = format_summary(result)
+        print(summary)
+        if args.batch:
+            from medhe.he.ckks.batch.bench import add_comparison, format_throughput, run_batch_benchmark
+
+            result["throughput"] = add_comparison(run_batch_benchmark(
+                model=args.model or default_model("ckks"), data_dir=args.data_dir, repeats=args.batch_repeats),
+                result)
+            print(format_throughput(result["throughput"]))
     elif args.scheme == "tfhe":
         from medhe.he.tfhe.bench import run_tfhe_benchmark
 
-        result = run_tfhe_benchmark(model=args.model or "pneumoniamnist-qfcnn", n_images=args.images,
+        result = run_tfhe_benchmark(model=args.model or default_model("tfhe"), n_images=args.images,
                                     data_dir=args.data_dir, baseline_images=args.baseline_images,
                                     rounded_extra=args.rounded_baseline)
     else:
         from medhe.he.paillier.bench import run_paillier_benchmark
 
         # No reference tool to race for Paillier: per-stage latencies and sizes, warm vs empty re-randomisation pool
-        result = run_paillier_benchmark(args.model or "covid-cxr", images=args.images, data_dir=args.data_dir)
-    result = {"benchmark": "service" if args.service else args.scheme, "machine": _machine(),
+        result = run_paillier_benchmark(args.model or default_model("paillier"), images=args.images,
+                                        data_dir=args.data_dir)
+    result = {"benchmark": "service" if args.service else args.scheme, "machine": machine_info(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "wall_s": round(time.time() - started, 1), **result}
     text = json.dumps(result, indent=2, default=float)
-    print(text)
-    if args.json_out:
-        atomic.write_text(Path(args.json_out), text + "\n")
+    if not json_out:
+        print(text)
+        return 0
+    atomic.write_text(json_out, text + "\n")  # --json: the JSON goes to the file only, a short summary here
+    if args.scheme != "ckks" or args.engine_only:  # the CKKS comparison printed its own summary above
+        print(short_summary(result))
+    print(f"benchmark JSON written to {json_out}")
     return 0
+
+
+def short_summary(result: dict[str, Any]) -> str:
+    """The top-level figures of a benchmark result, one per line (the nested detail stays in the JSON file)."""
+    lines = []
+    for key, value in result.items():
+        if key in ("machine",):
+            continue
+        if isinstance(value, dict) and "median" in value:
+            lines.append(f"{key}: median {ms(value['median'])} ms, p95 {ms(value.get('p95'))} ms")
+        elif isinstance(value, float):
+            lines.append(f"{key}: {value:.4g}")
+        elif isinstance(value, (int, str)):
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)

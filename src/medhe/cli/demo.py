@@ -11,14 +11,17 @@ import argparse
 import numpy as np
 
 from medhe.cli._format import human_bytes, table
+from medhe.errors import MedheError
+from medhe.he.scheme import SCHEMES, default_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="plain vs encrypted diagnosis with the default model",
                        description="Evaluate the default model on its test set, then diagnose test images under "
                                    "CKKS encryption and compare with plaintext.")
-    p.add_argument("--model", default="pneumoniamnist")
-    p.add_argument("--scheme", default="ckks", choices=("ckks", "paillier", "tfhe"))
+    p.add_argument("--model", help="shipped model name or model directory (default: the scheme's own, e.g. "
+                                    + ", ".join(f"{s}: {default_model(s)}" for s in SCHEMES) + ")")
+    p.add_argument("--scheme", default="ckks", choices=SCHEMES)
     p.add_argument("-n", "--images", type=int, default=16, help="test images to diagnose encrypted")
     p.add_argument("--data-dir")
     p.set_defaults(handler=run)
@@ -32,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from medhe.models.metrics import predictions, probabilities
     from medhe.models.predict import model_inputs, predict_logits
 
+    if args.images < 1:
+        raise MedheError(f"-n/--images must be at least 1, not {args.images}")
+    args.model = args.model or default_model(args.scheme)
+    from medhe.cli._paths import input_dir
+
+    args.data_dir = input_dir(args.data_dir, "--data-dir")
     print(f"== 1. Plain evaluation of the shipped model {args.model!r} on its full test split")
     print_report(evaluate(args.model, "plain", data_dir=args.data_dir, progress=False))
 
@@ -42,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n== 2. Encrypted diagnosis ({args.scheme.upper()}) of {len(inputs)} test images")
     print("   client: preprocess, encrypt (secret key stays here) -> server: evaluate on ciphertext -> "
           "client: decrypt")
-    server = compile_model(artifact, args.scheme) if args.scheme != "tfhe" else compile_model(
-        artifact, "tfhe", fhe="execute")
+    server = compile_model(artifact, args.scheme)  # each scheme's compile defaults to real encrypted execution
     params = server.spec().get("params", {})
     run_ = run_encrypted(server, inputs, progress=True)
     enc = run_["logits"]
@@ -63,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nagreement {agreement(artifact.task, plain, enc):.3f}, max |logit error| "
           f"{float(np.max(np.abs(enc - plain))):.1e}")
     print(f"per image: encrypt {lat['encrypt']['median']:.0f} ms, server eval {lat['eval']['median']:.0f} ms, "
-          f"decrypt {lat['decrypt']['median']:.1f} ms (medians); key generation {lat['keygen']:.0f} ms")
+          f"decrypt {lat['decrypt']['median']:.1f} ms (medians); key generation {lat['keygen']['median']:.0f} ms")
     b = run_["bytes"]
     print(f"sent: input {human_bytes(b['input_ciphertext'])} per image, evaluation keys "
           f"{human_bytes(b['evaluation_keys'])} once; received {human_bytes(b['output_ciphertext'])} per image")
     if params:
-        print("parameters: " + ", ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, (list, dict))))
+        print("parameters: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in params.items() if not isinstance(v, (list, dict))))
     return 0

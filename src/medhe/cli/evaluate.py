@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medhe import atomic
-from medhe.cli._format import human_bytes, table
+from medhe.cli._format import human_bytes, ms, table
 from medhe.errors import DataError, MedheError
+from medhe.he.scheme import SCHEMES
 
-SCHEME_CHOICES = ("plain", "ckks", "tfhe", "paillier")
+SCHEME_CHOICES = ("plain", *SCHEMES)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,11 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", choices=SCHEME_CHOICES, default="plain")
     p.add_argument("--dataset", help="MedMNIST flag or image folder with labels.csv (default: the model's own)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--limit", type=int,
+                   help="evaluate only the first N images of the split (in file order: a small N may hold a "
+                        "single class, which leaves AUC undefined)")
     p.add_argument("--data-dir", help="folder with dataset files (default: $MEDHE_DATA or ~/.medhe/data)")
-    p.add_argument("--json", dest="json_out", help="write the report to this file")
-    p.add_argument("--fhe", choices=("simulate", "execute"), default="simulate",
-                   help="TFHE only: Concrete's simulation (fast, and with medhe's exact rounding bit for bit what "
+    p.add_argument("--json", dest="json_out", help="write the report to this file (its folder must exist)")
+    p.add_argument("--report", dest="report_dir", metavar="DIR",
+                   help="also write DIR/report.md with plots (ROC, logit scatter, latency, bytes); see medhe report")
+    p.add_argument("--fhe", choices=("simulate", "execute"),
+                   help="TFHE only (default simulate): Concrete's simulation (fast, and with medhe's exact rounding bit for bit what "
                         "execution computes) or real encrypted execution")
     p.add_argument("--n-execute", type=int, default=50,
                    help="TFHE --fhe execute only: how many of the images (the first ones) run encrypted; the "
@@ -36,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-bits", type=int, default=3072, help="Paillier only: modulus size (>= 2048)")
     p.add_argument("--debug-layers", action="store_true",
                    help="CKKS only: decrypt after every layer of the first image and compare with plaintext")
+    p.add_argument("--batch", action="store_true",
+                   help="CKKS only: one image per slot (4096 per ciphertext), the whole split through batch mode")
+    p.add_argument("--encrypted-model", metavar="ENCDIR",
+                   help="CKKS only: evaluate the encrypted-weight model in ENCDIR (medhe encrypt-model) beside the "
+                        "plaintext-weight plan; needs --keys")
+    p.add_argument("--keys", metavar="KEYDIR", help="with --encrypted-model: the key set its weights are encrypted "
+                                                    "under (medhe keygen)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
@@ -64,8 +75,9 @@ def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | 
 
 def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",
              limit: int | None = None, data_dir: str | None = None, progress: bool = True,
-             fhe: str = "simulate", key_bits: int = 3072, debug_layers: bool = False,
-             n_execute: int = 50) -> dict[str, Any]:
+             fhe: str | None = None, key_bits: int = 3072, debug_layers: bool = False,
+             n_execute: int = 50, batch: bool = False, encrypted_model: str | None = None,
+             keys: str | None = None) -> dict[str, Any]:
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included)."""
     from medhe.models.artifact import load_artifact
     from medhe.models.metrics import compute_metrics
@@ -73,22 +85,46 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
 
     if n_execute < 1:
         raise MedheError(f"--n-execute must be at least 1, not {n_execute}")
+    if fhe is not None and scheme != "tfhe":
+        raise MedheError(f"--fhe {fhe} applies to --scheme tfhe only, not {scheme}; drop it")
+    fhe = fhe or "simulate"
+    if batch and (scheme != "ckks" or debug_layers):
+        raise MedheError("--batch works with --scheme ckks only (and without --debug-layers)")
+    if (encrypted_model is None) != (keys is None):
+        raise MedheError("--encrypted-model ENCDIR and --keys KEYDIR go together: pass both or neither")
+    if encrypted_model is not None and (scheme != "ckks" or debug_layers):
+        raise MedheError("--encrypted-model works with --scheme ckks (and without --debug-layers)")
+    if encrypted_model is not None and batch:
+        raise MedheError("--batch and --encrypted-model are separate modes: pass one of them")
     artifact = load_artifact(model)
     name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
     inputs = model_inputs(artifact, ds.images)
     plain_logits = predict_logits(artifact.model, inputs)
+    from medhe.he.report import SCHEMA
+    from medhe.machine import machine_info
+
     report: dict[str, Any] = {
-        "dataset": name, "model": artifact.name, "scheme": scheme, "split": split, "n": int(len(ds.labels)),
-        "task": artifact.task, "plain": compute_metrics(artifact.task, ds.labels, plain_logits),
+        "schema": SCHEMA, "dataset": name, "model": artifact.name, "scheme": scheme, "split": split,
+        "n": int(len(ds.labels)), "task": artifact.task, "labels": list(artifact.labels),
+        "plain": compute_metrics(artifact.task, ds.labels, plain_logits), "machine": machine_info(),
     }
     if scheme == "plain":
         return report
+    if batch:
+        from medhe.he.ckks.batch.evaluate import evaluate_batch
+
+        return evaluate_batch(artifact, inputs, ds.labels, report, plain_logits, progress=progress)
     if scheme == "tfhe":
         from medhe.he.tfhe import evaluate_tfhe
 
         report.update(evaluate_tfhe(artifact, inputs, ds.labels, fhe=fhe, progress=progress,
                                     n_execute=n_execute))
         return report
+    if encrypted_model is not None:
+        from medhe.he.ckks.encrypted.evaluate import evaluate_encrypted_model
+
+        return evaluate_encrypted_model(artifact, encrypted_model, keys, inputs, ds.labels, report, plain_logits,
+                                        progress=progress)
     from medhe.he.evaluate import evaluate_encrypted
 
     options: dict[str, Any] = {"key_bits": key_bits} if scheme == "paillier" else {}
@@ -112,8 +148,8 @@ def print_report(report: dict[str, Any]) -> None:
         if isinstance(report.get(key), dict):
             m = report[key]
             label = key
-            if key == "encrypted" and report.get("n_executed", report["n"]) < report["n"]:
-                label = f"encrypted (first {report['n_executed']})"  # TFHE executes a prefix, simulates them all
+            if key == "encrypted" and report.get("n_encrypted", report["n"]) < report["n"]:
+                label = f"encrypted (first {report['n_encrypted']})"  # TFHE executes a prefix, simulates them all
             rows.append([label, m.get("acc"), m.get("auc"), m.get("f1")])
     print(f"\n{report['model']} on {report['dataset']} ({report['split']}, n={report['n']}), "
           f"scheme {report['scheme']}")
@@ -126,29 +162,49 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"executed vs simulated: {ex.get('prediction_equal')}/{ex.get('n')} equal predictions, "
               f"{ex.get('bit_exact')}/{ex.get('n')} bit-exact outputs")
     if "agreement" in report:
-        print(f"agreement with plaintext: {report['agreement']:.4f}   "
+        against = "the quantized program" if report.get("reference") == "quantized" else "plaintext"
+        print(f"agreement with {against}: {report['agreement']:.4f}   "
               f"max |logit error|: {report.get('max_abs_logit_error', float('nan')):.2e}")
     lat = report.get("latency_ms") or {}
-    stages = [(k, v) for k, v in lat.items() if isinstance(v, dict)]
+    stages = [(k, v) for k, v in lat.items() if isinstance(v, dict) and k != "keygen"]
     if stages:
-        print(table(["latency (ms)", "median", "p95"], [[k, v.get("median"), v.get("p95")] for k, v in stages]))
-    if "keygen" in lat:
-        print(f"key generation: {lat['keygen']:.0f} ms")
-    sizes = report.get("bytes") or {}
+        print(table(["latency (ms)", "median", "p95"], [[k, ms(v.get("median")), ms(v.get("p95"))]
+                                                        for k, v in stages]))
+    if isinstance(lat.get("keygen"), dict):
+        print(f"key generation: {ms(lat['keygen']['median'])} ms")
+    sizes = {k: v for k, v in (report.get("bytes") or {}).items() if isinstance(v, (int, float))}
     if sizes:
         print("bytes: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sizes.items() if isinstance(v, (int, float))))
+    base = report.get("plaintext_weights")
+    if isinstance(base, dict):
+        print(f"plaintext-weight plan: agreement {base['agreement']:.4f}, max |logit error| "
+              f"{base['max_abs_logit_error']:.2e}, eval median {base['latency_ms']['eval']['median']:.0f} ms "
+              f"(encrypted weights: {lat['eval']['median']:.0f} ms)")
     for row in report.get("debug_layers") or []:
         print(f"  layer {row.get('layer')}: max |error| {row.get('max_abs_error', float('nan')):.2e}")
 
 
 def run(args: argparse.Namespace) -> int:
+    from medhe.cli._paths import input_dir, output_dir, output_file
+
+    json_out = output_file(args.json_out, "--json") if args.json_out else None
+    report_dir = output_dir(args.report_dir, "--report") if args.report_dir else None
+    args.data_dir = input_dir(args.data_dir, "--data-dir")
     report = evaluate(args.model, args.scheme, args.dataset, args.split, args.limit, args.data_dir,
                       progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
-                      debug_layers=args.debug_layers, n_execute=args.n_execute)
+                      debug_layers=args.debug_layers, n_execute=args.n_execute, batch=args.batch,
+                      encrypted_model=args.encrypted_model, keys=args.keys)
     print_report(report)
-    if args.json_out:
-        atomic.write_json(Path(args.json_out), _jsonable(report))
-        print(f"report written to {args.json_out}")
+    if report["plain"].get("auc") is None and report["task"] != "multi-label":
+        print(f"note: the {report['n']} images evaluated hold a single class, so AUC is undefined and F1 may be 0; "
+              "raise --limit or drop it to evaluate the whole split")
+    if json_out:
+        atomic.write_json(json_out, _jsonable(report))
+        print(f"report written to {json_out}")
+    if report_dir:
+        from medhe.reporting import write_report
+
+        print(f"Markdown report written to {write_report([], report_dir, runs=[_jsonable(report)])}")
     return 0
 
 

@@ -76,12 +76,41 @@ def _latent_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latent_export_args(p: argparse.ArgumentParser) -> None:
+    from medhe.experiments.latent import DEFAULT_TRAIN
+
+    p.add_argument("--autoencoder", default="vq-f8", help="the VQ autoencoder whose latents the classifier reads")
+    p.add_argument("--out", default="runs/latent/cxr14-latent", help="folder for the exported model")
+    p.add_argument("--data-dir", help="folder holding nih_chestxray14_subset (default: $MEDHE_DATA)")
+    p.add_argument("--arch-kwargs", default="{}", help="JSON overriding the classifier's DEFAULT_ARCH_KWARGS")
+    p.add_argument("--epochs", type=int, default=DEFAULT_TRAIN["epochs"])
+
+
+def _latent_export_run(args: argparse.Namespace) -> int:
+    import json
+
+    from medhe.errors import MedheError
+    from medhe.experiments.latent import train_default_model
+
+    try:
+        arch_kwargs = json.loads(args.arch_kwargs)
+    except json.JSONDecodeError as exc:
+        raise MedheError(f"--arch-kwargs is not JSON ({exc.msg}): e.g. '{{\"width\": 16}}'") from None
+    path = train_default_model(args.autoencoder, args.out, args.data_dir, command="medhe " + shlex.join(sys.argv[1:]),
+                               arch_kwargs=arch_kwargs, train={"epochs": args.epochs},
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"model written to {path}")
+    return 0
+
+
 #: name -> (help, add arguments, run)
 EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                              Callable[[argparse.Namespace], int]]] = {
     "p4": ("replicate P4: train a CNN on Paillier-encrypted, 8-bit re-saved chest X-rays", _p4_args, _p4_run),
     "latent": ("reproduce P1's table: one row per VQ downsampling factor (and pixel space), plain and CKKS",
                _latent_args, _latent_run),
+    "latent-export": ("train and export the shipped latent-space classifier (cxr14-latent) on an autoencoder's "
+                      "latents", _latent_export_args, _latent_export_run),
 }
 
 

@@ -14,19 +14,48 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Preprocess and encrypt images locally, let the server evaluate the model on the "
                                    "ciphertexts, decrypt the results here. Only public keys and ciphertexts leave "
                                    "this machine.")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or DICOM files")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="PNG, JPEG or DICOM files")
+    p.add_argument("--batch", metavar="FOLDER",
+                   help="every image in FOLDER through the server's batch mode (CKKS, thousands of images per "
+                        "request); writes one CSV (or JSON) of diagnoses")
+    p.add_argument("--out", metavar="FILE", help="--batch: write the table here (.csv or .json; atomic)")
+    p.add_argument("--skip-bad", action="store_true", help="--batch: list and skip unreadable files")
     p.add_argument("--server", required=True, metavar="URL", help="e.g. http://127.0.0.1:8000")
     p.add_argument("--model", help="served model id (needed when the server offers several)")
     p.add_argument("--token", help=f"bearer token (default: ${protocol.TOKEN_ENV})")
     p.add_argument("--cacert", help="CA bundle to verify a self-signed TLS certificate")
-    p.add_argument("--json", action="store_true", help="print one JSON document with every result")
+    p.add_argument("--keys", metavar="KEYDIR",
+                   help="encrypted models only: the key set (medhe keygen) the served model's weights are "
+                        "encrypted under; its secret key stays here")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document with every result: per image label (top class), probabilities, "
+                        "logits, and positive (multi-label models: the labels at probability >= 0.5; always [] "
+                        "for single-label models, whose answer is label), and warnings (why an image may be unlike the model's "
+                        "training data; the same checks as medhe ui)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from medhe.errors import MedheError
     from medhe.service.client import Client
 
-    with Client(args.server, token=args.token, verify=args.cacert or True) as client:
+    if args.batch:
+        if args.images:
+            raise MedheError("give either IMAGE files or --batch FOLDER, not both")
+        if args.keys:
+            raise MedheError("--keys (encrypted models) does not work with --batch FOLDER yet")
+        from medhe.cli.predict_batch import run_batch
+
+        return run_batch(args)
+    if not args.images:
+        raise MedheError("no images: give IMAGE files, or --batch FOLDER for a whole folder")
+    if args.out or args.skip_bad:
+        raise MedheError("--out and --skip-bad work with --batch FOLDER only")
+    from medhe.progress import busy
+
+    with Client(args.server, token=args.token, verify=args.cacert or True, keys=args.keys) as client, \
+            busy("keys, encryption and server evaluation", not args.json and len(args.images) == 1
+                 and sys.stderr.isatty()):
         results = client.diagnose_many(args.images, model=args.model,
                                        progress=not args.json and len(args.images) > 1 and sys.stderr.isatty())
         preprocessing = client.model_info(results[0].model)["preprocessing"]

@@ -16,17 +16,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve models for encrypted inference over HTTP",
                        description="Serve models for encrypted inference. Clients register public evaluation "
                                    "keys, send ciphertexts and decrypt the results themselves; see docs/service.md.")
-    p.add_argument("--model", action="append", required=True, metavar="NAME|DIR[:SCHEME]",
+    p.add_argument("--model", action="append", default=[], metavar="NAME|DIR[:SCHEME]",
                    help="model to serve (repeatable); scheme defaults to the card's default, else ckks")
+    p.add_argument("--encrypted-model", action="append", default=[], metavar="ENCDIR",
+                   help="encrypted model to serve (repeatable; medhe encrypt-model): its weights are ciphertexts "
+                        "under the key holder's key, and only that key set's evaluation keys are accepted")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", help=f"require this bearer token (default: ${protocol.TOKEN_ENV} if set)")
     p.add_argument("--workers", type=int, default=None,
                    help="inference worker processes (default: one per core, max 4; 0 = threads in this process)")
-    p.add_argument("--max-body", type=_size, default=protocol.DEFAULT_MAX_BODY, metavar="BYTES",
-                   help="largest accepted ciphertext upload, e.g. 256M (default 256M)")
+    p.add_argument("--max-body", type=_size, default=None, metavar="BYTES",
+                   help="largest accepted ciphertext upload, e.g. 8M (default: what each model's spec needs plus "
+                        "a margin; 256M for TFHE models)")
+    p.add_argument("--max-batch-bytes", type=_size, default=protocol.DEFAULT_MAX_BATCH_BODY, metavar="BYTES",
+                   help="largest encrypted batch upload (batch mode, 413 beyond it; default 512M)")
     p.add_argument("--max-key-bytes", type=_size, default=protocol.DEFAULT_MAX_KEY_BYTES, metavar="BYTES",
-                   help="all clients' evaluation keys together, least recently used evicted first (default 4G)")
+                   help="memory all clients' loaded evaluation keys may hold together, least recently used evicted "
+                        "first (default 4G)")
+    p.add_argument("--max-keys", type=int, default=protocol.DEFAULT_MAX_KEYS, metavar="N",
+                   help=f"key sets registered at once, all clients (default {protocol.DEFAULT_MAX_KEYS})")
+    p.add_argument("--max-keys-per-client", type=int, default=protocol.DEFAULT_MAX_KEYS_PER_CLIENT, metavar="N",
+                   help="key sets registered at once from one client address; a client's next registration evicts "
+                        f"its own least recently used set (default {protocol.DEFAULT_MAX_KEYS_PER_CLIENT})")
     p.add_argument("--key-ttl", type=float, default=protocol.DEFAULT_KEY_TTL, metavar="SECONDS",
                    help="forget keys unused for this long (default 3600)")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile serves https")
@@ -48,6 +60,10 @@ def _size(text: str) -> int:
     return int(value)
 
 
+def _enc(model) -> str:
+    return ", encrypted weights" if model.ref.encrypted else ""
+
+
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
@@ -61,14 +77,38 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             s.bind(addr)
         except OSError as exc:
+            import errno
+
+            if exc.errno == errno.EADDRNOTAVAIL:  # the address is not one of this machine's interfaces
+                raise MedheError(f"--host {host} is not an address of this machine ({exc.strerror}): use 127.0.0.1, "
+                                 "0.0.0.0 (all interfaces) or one of this machine's addresses") from None
+            if exc.errno == errno.EACCES:
+                raise MedheError(f"no permission to listen on {host}:{port} ({exc.strerror}): use a --port above "
+                                 "1023") from None
             raise MedheError(f"cannot listen on {host}:{port} ({exc.strerror}): is another server running there? "
                              "choose another --port") from None
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (systemd, docker stop, kill) ends the server like Ctrl-C: workers stopped and waited for.
+
+    uvicorn handles SIGTERM while it runs and, once shut down, raises the signal again with the handler that was
+    installed before it started. Python's default for SIGTERM kills the process on the spot, which used to leave
+    worker processes and the multiprocessing resource tracker running (issue #16, fault 1); this handler turns it
+    into SystemExit, so the ``finally`` below runs. The same holds while the models compile, before uvicorn runs.
+    """
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from medhe.service.catalog import load_catalog
+    from medhe.service.catalog import load_catalog, load_encrypted_catalog
     from medhe.service.server import create_app
     from medhe.service.worker import default_processes
 
@@ -86,27 +126,35 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK and not args.ssl_certfile:
         print("warning: no TLS: put medhe behind a TLS proxy or pass --ssl-certfile/--ssl-keyfile", file=sys.stderr)
     _check_port_free(args.host, args.port)  # fail now, not after minutes of compiling
-    models = load_catalog(args.model)
+    if not args.model and not args.encrypted_model:
+        raise MedheError("nothing to serve: pass --model NAME|DIR[:SCHEME] or --encrypted-model ENCDIR")
+    models = load_catalog(args.model) if args.model else []
+    models += load_encrypted_catalog(args.encrypted_model, models)
     workers = default_processes() if args.workers is None else args.workers
     if workers < 0:
         raise MedheError("--workers must be 0 (threads) or a positive number of processes")
+    if args.max_keys < 1 or args.max_keys_per_client < 1:
+        raise MedheError("--max-keys and --max-keys-per-client must be at least 1")
     app = create_app(models, token=token, max_body=args.max_body, key_ttl=args.key_ttl,
-                     max_key_bytes=args.max_key_bytes, processes=workers)
+                     max_key_bytes=args.max_key_bytes, processes=workers, max_keys=args.max_keys,
+                     max_keys_per_client=args.max_keys_per_client, max_batch_bytes=args.max_batch_bytes)
+    _exit_on_sigterm()
     scheme = "https" if args.ssl_certfile else "http"
-    print(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme})' for m in models)} "
+    print(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme}{_enc(m)})' for m in models)} "
           f"in {workers or 'in-process'} worker(s) ...", file=sys.stderr, flush=True)
+    from medhe.service.http400 import JSONErrorHTTPProtocol
+
     try:
         app.state.start()  # compile errors are one-line MedheErrors here, before the port is bound
-    except BaseException:
-        app.state.pool.close()
-        raise
-    print(f"medhe serve: ready at {scheme}://{args.host}:{args.port}{protocol.PREFIX}  (Ctrl-C stops)",
-          file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                            timeout_keep_alive=30)
-    server = uvicorn.Server(config)
-    server.run()
+        print(f"medhe serve: ready at {scheme}://{args.host}:{args.port}{protocol.PREFIX}  (Ctrl-C stops)",
+              file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                                timeout_keep_alive=30, http=JSONErrorHTTPProtocol)
+        server = uvicorn.Server(config)
+        server.run()
+    finally:
+        app.state.stop()  # every worker stopped and waited for, however we got here
     if not server.started:
         raise MedheError(f"the server did not start on {args.host}:{args.port} (port in use, or models failed "
                          "to compile; see the log above)")

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="folder with dataset files (default: $MEDHE_DATA or ~/.medhe/data)")
     p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, value as JSON (e.g. channels=16, hidden=[64,32]); repeatable")
+    p.add_argument("--act", choices=("poly", "relu2"),
+                   help="activation: poly = trainable a*x^2+b*x+c, relu2 = P3's fixed degree-2 ReLU approximation "
+                        "(BatchNorm keeps its inputs in range); default: the architecture's own (relu2 for p3cnn)")
     p.add_argument("--quant-bits", type=int, help="train the fake-quantized FCNN for TFHE (--arch fcnn -> qfcnn)")
     p.add_argument("--no-augment", action="store_true", help="train without random affine / intensity jitter")
     p.add_argument("--ema", type=float, metavar="DECAY",
@@ -83,6 +86,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--name", args.name]
     if args.label_smoothing:
         parts += ["--label-smoothing", str(args.label_smoothing)]
+    if args.act is not None:
+        parts += ["--act", args.act]
     for item in args.arch_arg:
         parts += ["--arch-arg", item]
     if args.quant_bits is not None:
@@ -106,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     from medhe.models.train import train_model
 
     arch_kwargs = parse_arch_args(args.arch_arg)
+    if args.act is not None:
+        if "act" in arch_kwargs and arch_kwargs["act"] != args.act:
+            raise MedheError(f"--act {args.act} contradicts --arch-arg act={arch_kwargs['act']}: give one of them")
+        arch_kwargs["act"] = args.act
     arch = resolve_arch(args.arch, args.quant_bits, arch_kwargs)
     if args.out is None:
         args.out = str(Path("models") / f"{Path(args.dataset).name}-{arch}")
@@ -115,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from medhe.cli._paths import input_dir
+
+    args.data_dir = input_dir(args.data_dir, "--data-dir")
     artifact = train_model(
         args.dataset, arch=arch, epochs=args.epochs, out_dir=args.out, seed=args.seed, batch_size=args.batch_size,
         lr=args.lr, arch_kwargs=arch_kwargs, data_dir=args.data_dir, size=args.size, augment=not args.no_augment,
@@ -125,12 +137,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def label_list(labels: list[str]) -> str:
+    """``2 labels: "malignant", "normal, benign"``: quoted, since MedMNIST names can contain commas."""
+    return f"{len(labels)} label{'s' if len(labels) != 1 else ''}: " + ", ".join(f'"{name}"' for name in labels)
+
+
 def print_summary(artifact: Any) -> None:
     card = artifact.card
     training = card.get("training", {})
     params = sum(p.numel() for p in artifact.model.parameters())
     print(f"\nmodel {card['name']!r} ({card['arch']}, {params:,} parameters) written to {artifact.path}")
-    print(f"dataset {card['dataset'].get('name')} ({card['task']}, labels: {', '.join(card['labels'])}); "
+    print(f"dataset {card['dataset'].get('name')} ({card['task']}, {label_list(card['labels'])}); "
           f"best epoch {training.get('best_epoch')} of {training.get('epochs')}, {training.get('elapsed_s')} s")
     if training.get("calibration"):
         cal = training["calibration"]

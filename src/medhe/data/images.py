@@ -21,6 +21,8 @@ _DICOM_SUFFIXES = (".dcm", ".dicom")
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Return the image at ``path`` as uint8 (H, W) grayscale or (H, W, 3) RGB."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an image: pass image files (e.g. {path}/*.png)")
     if not path.is_file():
         raise DataError(f"image file not found: {path} (check the path)")
     suffix = path.suffix.lower()

@@ -219,10 +219,12 @@ def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int 
     """
     from medhe.he import compile_model
     from medhe.he.evaluate import ImageRun, run_encrypted
+    from medhe.progress import busy
 
     n = len(x) if limit is None else min(limit, len(x))
     t0 = time.perf_counter()
-    server = compile_model(artifact, scheme="ckks", **(options or {}))
+    with busy(f"compiling {getattr(artifact, 'name', 'the model')} for CKKS", log is not None):
+        server = compile_model(artifact, scheme="ckks", **(options or {}))
     compile_s = time.perf_counter() - t0
     plain = _logits(artifact.model, x[:n])
     static = {"compile_s": compile_s, "params": _params(server.spec())}
@@ -239,7 +241,10 @@ def encrypted_eval(artifact: Any, x: np.ndarray, labels: np.ndarray, limit: int 
     def on_keys(info: dict[str, Any]) -> None:
         static["evaluation_key_bytes"] = info["evaluation_keys"]
 
-    run_encrypted(server, x[:n], progress=False, on_image=on_image, on_keys=on_keys)
+    def stage(name: str) -> Any:  # the server eval of each image is logged above; key generation ticks here
+        return busy(name, log is not None and name == "key generation")
+
+    run_encrypted(server, x[:n], progress=False, on_image=on_image, on_keys=on_keys, stage=stage)
     return _summary(done, plain, labels[:n], static)
 
 
@@ -447,11 +452,9 @@ MIN_AUC_N = 10
 
 
 def _machine() -> dict[str, Any]:
-    import os
+    from medhe.machine import machine_info
 
-    from medhe.machine import load_average
-
-    return {"cpus": os.cpu_count(), "load_average_1m": load_average()}
+    return machine_info()
 
 
 def _machine_text(m: dict[str, Any] | None) -> str:
@@ -604,53 +607,3 @@ def train_default_model(ae_dir: str | Path = "vq-f8", out_dir: str | Path = "run
     log(f"{name}: val {metrics['val']}, test {metrics['test']}")
     return export_latent_model(out_dir, ae, model, record, metrics, splits["train"].label_names, name=name,
                                command=command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m medhe.experiments.latent export|table``: the steps of scripts/train_latent.sh."""
-    import argparse
-    import shlex
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m medhe.experiments.latent")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="train and export the default latent model (cxr14-latent)")
-    e.add_argument("--autoencoder", default="vq-f8")
-    e.add_argument("--out", default="runs/latent/cxr14-latent")
-    e.add_argument("--data-dir", default=None)
-    e.add_argument("--arch-kwargs", default="{}", help="JSON overriding DEFAULT_ARCH_KWARGS")
-    e.add_argument("--epochs", type=int, default=DEFAULT_TRAIN["epochs"])
-    t = sub.add_parser("table", help="run the per-factor experiment and write the P1 table")
-    t.add_argument("--autoencoders", default="runs/latent", help="folder holding vq-f2 .. vq-f16")
-    t.add_argument("--out", default="runs/latent/experiment")
-    t.add_argument("--data-dir", default=None)
-    t.add_argument("--factors", default="2,4,8,16")
-    t.add_argument("--pixel-sizes", default="64,256")
-    t.add_argument("--enc-limit", type=int, default=None)
-    t.add_argument("--no-encrypted", action="store_true")
-    t.add_argument("--plan-only", action="store_true", help="compile each row for CKKS but do not run it")
-    t.add_argument("--reuse", action="store_true", help="score row models already under --out instead of retraining")
-    t.add_argument("--pixel-epochs", type=int, default=None, help="epochs for pixel rows larger than 64")
-    t.add_argument("--f8-encrypted", default=None, help="JSON report of an encrypted run of the shipped model")
-    args = p.parse_args(argv)
-    cmd = shlex.join(["python", "-m", "medhe.experiments.latent", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        if args.cmd == "export":
-            import json
-
-            train_default_model(args.autoencoder, args.out, args.data_dir, command=cmd,
-                                arch_kwargs=json.loads(args.arch_kwargs), train={"epochs": args.epochs})
-        else:
-            run_latent_experiment(tuple(int(f) for f in args.factors.split(",") if f), args.autoencoders, args.out,
-                                  args.data_dir, encrypted="plan" if args.plan_only else not args.no_encrypted, enc_limit=args.enc_limit,
-                                  pixel_sizes=tuple(int(s) for s in args.pixel_sizes.split(",") if s),
-                                  reuse=args.reuse, f8_encrypted=args.f8_encrypted, pixel_epochs=({256: args.pixel_epochs} if args.pixel_epochs
-                                                                  else None))
-    except MedheError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -48,7 +48,7 @@ MIN_EXPERIMENT_KEY_BITS = 128
 
 
 def encrypt_images(images: np.ndarray, public_key: paillier.PaillierPublicKey, mode: str,
-                   global_r: int | None = None) -> np.ndarray:
+                   global_r: int | None = None, progress: bool = False) -> np.ndarray:
     """P4's transform: Paillier-encrypt each pixel (phe ``raw_encrypt``) and keep ``c mod 256`` as uint8."""
     if mode not in MODES:
         raise DataError(f"unknown P4 mode {mode!r}: use one of {', '.join(MODES)}")
@@ -57,7 +57,10 @@ def encrypt_images(images: np.ndarray, public_key: paillier.PaillierPublicKey, m
         r = global_r if global_r is not None else public_key.get_random_lt_n()
         table = np.array([public_key.raw_encrypt(v, r_value=r) % 256 for v in range(256)], dtype=np.uint8)
         return table[images]
-    for i, img in enumerate(images):
+    from tqdm import tqdm
+
+    for i, img in enumerate(tqdm(images, desc=f"Paillier-encrypting pixels ({mode})", unit="img", leave=False,
+                                 disable=not progress)):
         if mode == "image":
             r = public_key.get_random_lt_n()
             values = np.unique(img)
@@ -195,7 +198,7 @@ def run_p4_experiment(data_dir: str | Path | None = None, *, size: int = 64, key
     for mode in modes:
         say(f"encrypting {sum(len(v) for v in x.values())} images pixel by pixel ({mode} randomness)")
         t0 = time.perf_counter()
-        enc = {s: encrypt_images(v, public_key, mode, global_r) for s, v in x.items()}
+        enc = {s: encrypt_images(v, public_key, mode, global_r, progress=log is not None) for s, v in x.items()}
         seconds = time.perf_counter() - t0
         result = _train_and_test(enc, y, pre, epochs, kwargs, seed, log)
         result.update(encrypt_seconds=round(seconds, 1),

@@ -15,14 +15,13 @@ from typing import Any, Callable, ContextManager
 import numpy as np
 from tqdm import tqdm
 
+from medhe.he.report import logits_block
 from medhe.he.scheme import client_for, compile_model
 from medhe.models.metrics import compute_metrics, predictions
+from medhe.progress import busy
+from medhe.stats import summarize
 
-
-def _stats(samples_ms: list[float]) -> dict[str, float]:
-    arr = np.asarray(samples_ms, dtype=float)
-    return {"median": round(float(np.median(arr)), 3), "p95": round(float(np.percentile(arr, 95)), 3),
-            "mean": round(float(arr.mean()), 3)}
+_stats = summarize  # the one statistics helper (medhe.stats); old name kept for importers
 
 
 def agreement(task: str, plain_logits: np.ndarray, enc_logits: np.ndarray) -> float:
@@ -47,17 +46,22 @@ class ImageRun:
 def run_encrypted(server: Any, inputs: np.ndarray, progress: bool = True, desc: str = "encrypted inference",
                   on_image: Callable[[ImageRun], None] | None = None,
                   stage: Callable[[str], ContextManager[Any]] | None = None,
-                  on_keys: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                  on_keys: Callable[[dict[str, Any]], None] | None = None,
+                  client: Any = None) -> dict[str, Any]:
     """Key generation once, then encrypt -> infer -> decrypt per input; returns logits, timings and sizes.
 
     The one loop every report uses (evaluation, benchmarks, experiments). ``on_image`` sees each image's
     ``ImageRun`` as soon as it is done (logs, checkpoints of long runs); ``stage(name)`` wraps the slow stages
     ("key generation", "image i/n: server eval"), e.g. to print heartbeats. ``keys`` in the result splits the key
     stage into generation, serialization and the server's load (``on_keys`` gets it before the first image);
-    ``images`` holds every ``ImageRun``.
+    ``images`` holds every ``ImageRun``. ``client``: a prepared client session (default: a fresh one for the
+    server's spec; an encrypted model needs the key holder's, whose "key generation" loads its secret key; a caller
+    that decrypts replies of its own afterwards passes its session too).
     """
-    stage = stage or (lambda name: nullcontext())
-    client = client_for(server.spec())
+    if stage is None:  # key generation takes seconds to minutes: show it ticking (image stages have the bar)
+        def stage(name: str) -> ContextManager[Any]:
+            return busy(name, progress) if name == "key generation" else nullcontext()
+    client = client if client is not None else client_for(server.spec())
     t0, c0 = time.perf_counter(), time.process_time()
     with stage("key generation"):
         client.keygen()
@@ -88,8 +92,11 @@ def run_encrypted(server: Any, inputs: np.ndarray, progress: bool = True, desc: 
             on_image(run)
     return {
         "logits": np.stack([r.logits for r in runs]),
-        "latency_ms": {"keygen": round((t2 - t0) * 1e3, 3), "encrypt": _stats([r.encrypt_ms for r in runs]),
-                       "eval": _stats([r.eval_ms for r in runs]), "decrypt": _stats([r.decrypt_ms for r in runs])},
+        "latency_ms": {"keygen": summarize([(t2 - t0) * 1e3]), "encrypt": summarize([r.encrypt_ms for r in runs]),
+                       "eval": summarize([r.eval_ms for r in runs]),
+                       "decrypt": summarize([r.decrypt_ms for r in runs])},
+        "samples_ms": {stage: [round(getattr(r, f"{stage}_ms"), 3) for r in runs]
+                       for stage in ("encrypt", "eval", "decrypt")},
         "bytes": {"input_ciphertext": int(np.median([r.input_bytes for r in runs])),
                   "output_ciphertext": int(np.median([r.output_bytes for r in runs])),
                   "evaluation_keys": key_info["evaluation_keys"]},
@@ -103,7 +110,8 @@ def evaluate_encrypted(artifact: Any, scheme: str, inputs: np.ndarray, labels: n
                        compile_options: dict[str, Any] | None = None,
                        on_server: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Fill ``report`` (the shared JSON document) with the encrypted side for ``scheme``."""
-    server = compile_model(artifact, scheme, **(compile_options or {}))
+    with busy(f"compiling {artifact.name} for {scheme}", progress):
+        server = compile_model(artifact, scheme, **(compile_options or {}))
     if on_server is not None:
         on_server(server)
     run = run_encrypted(server, inputs, progress=progress, desc=f"{scheme} inference")
@@ -111,10 +119,14 @@ def evaluate_encrypted(artifact: Any, scheme: str, inputs: np.ndarray, labels: n
     spec = server.spec()
     report.update({
         "encrypted": compute_metrics(artifact.task, labels, enc_logits),
+        "n_encrypted": int(len(enc_logits)),
+        "reference": "plain",  # CKKS and Paillier compute the float model itself
         "agreement": agreement(artifact.task, plain_logits, enc_logits),
         "max_abs_logit_error": float(np.max(np.abs(enc_logits - plain_logits))),
         "latency_ms": run["latency_ms"],
+        "samples_ms": run["samples_ms"],
         "bytes": run["bytes"],
         "params": {**spec.get("params", {}), **server.report_params()},
+        "logits": logits_block(labels, plain_logits, enc_logits),
     })
     return report

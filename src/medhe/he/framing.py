@@ -2,8 +2,10 @@
 
 Each scheme's header begins ``magic (4 bytes) | version u8 | kind u8``, followed by its own fields. Before any of
 those fields is trusted, the bytes must be bytes, long enough for the header, carry the scheme's magic, the
-version this medhe reads and the kind the caller expects. Doing that here keeps the error messages (which users
-act on) the same for all three schemes.
+version this medhe reads and the kind the caller expects. After it, every scheme makes the same three integrity
+checks: the message is bound to this model or key (plan id, circuit or key fingerprint), its length is the one its
+header states, and its checksum matches (CRC or digest: corruption in transit, not an active attacker). Doing all
+of that here keeps the error messages (which users act on) the same for all three schemes.
 """
 
 from __future__ import annotations
@@ -50,3 +52,21 @@ class Framing:
             raise CiphertextError(f"expected {what} but got {self.kinds.get(got_kind, f'kind {got_kind}')}: send "
                                   "the right message")
         return view, header.unpack_from(view)
+
+    def check_binding(self, kind: int, got: bytes, expected: bytes, made_for: str, fix: str) -> None:
+        """The id a message carries (plan id, circuit or key fingerprint) must be the receiver's."""
+        if bytes(got) != bytes(expected):
+            raise CiphertextError(f"{self.what(kind)} was made for {made_for} (id {bytes(got).hex()[:12]}, expected "
+                                  f"{bytes(expected).hex()[:12]}): {fix}")
+
+    def check_size(self, kind: int, got: int, expected: int) -> None:
+        """A payload must be exactly as long as its header says."""
+        if got != expected:
+            raise CiphertextError(f"{self.what(kind)} is {got} bytes long, not what its header, which says "
+                                  f"{expected}, promises: it was truncated or padded in transit; resend it")
+
+    def check_checksum(self, kind: int, ok: bool) -> None:
+        """The message's CRC or digest matched (``ok``), or the bytes changed in transit."""
+        if not ok:
+            raise CiphertextError(f"{self.what(kind)} failed its checksum: the bytes were altered in transit; "
+                                  "resend them")

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from medhe.errors import PlanError
 
-#: scheme name -> "module:compile_function, module:ClientClass"
+#: scheme name -> its package; each package has SCHEME, DEFAULT_MODEL and lazily imported ``compile`` / ``Client``
 _REGISTRY = {
-    "ckks": ("medhe.he.ckks", "compile_ckks", "CKKSClient"),
-    "tfhe": ("medhe.he.tfhe", "compile_tfhe", "TFHEClient"),
-    "paillier": ("medhe.he.paillier", "compile_paillier", "PaillierClient"),
+    "ckks": "medhe.he.ckks",
+    "tfhe": "medhe.he.tfhe",
+    "paillier": "medhe.he.paillier",
 }
 
 SCHEMES = tuple(_REGISTRY)
@@ -65,20 +66,24 @@ class ClientSession(ABC):
     def decrypt(self, data: bytes) -> np.ndarray: ...
 
 
-def _entry(scheme: str) -> tuple[str, str, str]:
+def scheme_package(scheme: str) -> ModuleType:
+    """The package of ``scheme`` (``medhe.he.<scheme>``); ``PlanError`` naming the choices for unknown names."""
     try:
-        return _REGISTRY[scheme]
+        return importlib.import_module(_REGISTRY[scheme])
     except KeyError:
         raise PlanError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES)}") from None
 
 
+def default_model(scheme: str) -> str:
+    """The shipped model a scheme runs when the user names none."""
+    return scheme_package(scheme).DEFAULT_MODEL
+
+
 def compile_model(artifact: Any, scheme: str, **options: Any) -> ServerModel:
-    """Compile a loaded ``ModelArtifact`` for ``scheme``."""
-    module, compile_fn, _ = _entry(scheme)
-    return getattr(importlib.import_module(module), compile_fn)(artifact, **options)
+    """Compile a loaded ``ModelArtifact`` for ``scheme`` (``medhe.he.<scheme>.compile``)."""
+    return scheme_package(scheme).compile(artifact, **options)
 
 
 def client_for(spec: dict[str, Any]) -> ClientSession:
     """A fresh client session for a server's public ``spec`` (the scheme is read from it)."""
-    module, _, client_cls = _entry(str(spec.get("scheme")))
-    return getattr(importlib.import_module(module), client_cls)(spec)
+    return scheme_package(str(spec.get("scheme"))).Client(spec)

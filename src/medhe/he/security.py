@@ -1,13 +1,30 @@
-"""The 128-bit security floor for RLWE schemes (HomomorphicEncryption.org standard, classical, ternary secret).
+"""Every security floor medhe enforces, for all three schemes, in one place.
 
-Every parameter set medhe builds for CKKS passes through :func:`check_rlwe_128`, so nothing below 128 bits can be
-constructed, whatever options a user passes. SEAL enforces the same table; checking it ourselves first gives a
-one-line message that names the limit instead of SEAL's generic "parameters are not valid".
+CKKS (RLWE): every parameter set passes through :func:`check_rlwe_128` (HomomorphicEncryption.org table, classical,
+ternary secret), so nothing below 128 bits can be constructed, whatever options a user passes. SEAL enforces the
+same table; checking it ourselves first gives a one-line message that names the limit instead of SEAL's generic
+"parameters are not valid".
+
+TFHE: Concrete picks parameters for a requested level; medhe always asks for :data:`TFHE_SECURITY_BITS`.
+
+Paillier (factoring): :func:`check_paillier_key_bits` refuses moduli below :data:`PAILLIER_MIN_KEY_BITS`;
+:func:`paillier_security_bits` maps a modulus size to its NIST SP 800-57 equivalent strength.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from medhe.errors import SecurityError
+
+#: the level medhe asks Concrete for (and refuses to lower)
+TFHE_SECURITY_BITS = 128
+#: Paillier modulus sizes: the default (~128-bit), the floor medhe accepts (~112-bit) and a sanity ceiling
+PAILLIER_DEFAULT_KEY_BITS = 3072
+PAILLIER_MIN_KEY_BITS = 2048
+PAILLIER_MAX_KEY_BITS = 16384
+#: NIST SP 800-57 Part 1, Table 2: factoring modulus bits -> comparable symmetric strength
+_NIST_FACTORING = ((15360, 256), (7680, 192), (3072, 128), (2048, 112))
 
 #: ring degree N -> largest log2(Q*P) (all primes, special prime included) that keeps 128-bit security.
 MAX_MODULUS_BITS_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -45,3 +62,23 @@ def check_rlwe_128(poly_degree: int, modulus_bits: list[int] | tuple[int, ...]) 
         raise SecurityError(
             f"CKKS parameters N={poly_degree} with a {total}-bit modulus {list(modulus_bits)} are below 128-bit "
             f"security (limit {limit} bits for N={poly_degree}); use fewer or smaller primes or a larger ring degree")
+
+
+def check_paillier_key_bits(bits: int, where: str) -> int:
+    """Refuse Paillier moduli below the floor (``SecurityError``) or of unusable size; returns ``bits`` as int."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise SecurityError(f"{where}: Paillier key size must be an integer number of bits, not {bits!r}")
+    bits = int(bits)
+    if bits < PAILLIER_MIN_KEY_BITS:
+        raise SecurityError(f"{where}: a {bits}-bit Paillier modulus is below the {PAILLIER_MIN_KEY_BITS}-bit floor "
+                            f"(use {PAILLIER_DEFAULT_KEY_BITS} bits for 128-bit security)")
+    if bits > PAILLIER_MAX_KEY_BITS:
+        raise SecurityError(f"{where}: a {bits}-bit Paillier modulus is larger than the {PAILLIER_MAX_KEY_BITS}-bit "
+                            f"limit; use {PAILLIER_DEFAULT_KEY_BITS}")
+    return bits
+
+
+def paillier_security_bits(key_bits: int) -> int:
+    """Symmetric-equivalent strength of a ``key_bits`` modulus (NIST SP 800-57), for reports."""
+    bits = check_paillier_key_bits(key_bits, "security level")
+    return next(level for size, level in _NIST_FACTORING if bits >= size)

@@ -218,7 +218,9 @@ def check_he_friendly(model: nn.Module) -> None:
     for name, mod in model.named_modules():
         if name == "":
             if not isinstance(mod, nn.Sequential):
-                raise PlanError(f"the model must be an nn.Sequential of HE-friendly layers, got {type(mod).__name__}")
+                raise PlanError("this network is not a plain stack of HE-friendly layers, which CKKS needs (a "
+                               "quantization-aware *-qfcnn model runs under --scheme tfhe); pick a CKKS model such "
+                               "as pneumoniamnist")
             continue
         if not isinstance(mod, SUPPORTED_TYPES):
             raise PlanError(

@@ -19,6 +19,7 @@ ARCHS: dict[str, Callable[..., nn.Module] | str] = {
     "fcnn": "medhe.models.architectures:build_fcnn",
     "hecnn": "medhe.models.architectures:build_hecnn",
     "lenet5-he": "medhe.models.architectures:build_lenet5_he",
+    "p3cnn": "medhe.models.architectures:build_p3cnn",
     "hefnet-se": "medhe.models.architectures:build_hefnet_se",
     "tenseal-tutorial4": "medhe.models.architectures:build_tenseal_tutorial4",
     "qfcnn": "medhe.models.quant:build_qfcnn",

@@ -30,6 +30,7 @@ class ModelRef:
     source: str
     scheme: str
     options: tuple = ()  # (key, value) pairs passed to compile_model
+    encrypted: bool = False  # source is an ENCDIR (medhe encrypt-model): loaded, never compiled from weights
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ServedModel:
     card: dict[str, Any]
     client_weights: bytes | None = None
     spec: dict[str, Any] = field(default_factory=dict)  # filled in from a worker once compiled
+    limits: dict[str, int] | None = None  # upload limits this server applies to the model (filled in at start)
+    wire: dict[str, str] | None = None  # wire-format facts a client needs (CKKS: the parameter fingerprint)
 
     @property
     def id(self) -> str:
@@ -69,6 +72,8 @@ class ServedModel:
             "dataset": card.get("dataset"),
             "arch": card["arch"],
             "spec": self.spec,
+            **({"limits": self.limits} if self.limits is not None else {}),
+            **({"wire": self.wire} if self.wire else {}),
             "endpoints": {
                 "keys": protocol.keys_path(self.id),
                 "infer": protocol.infer_path(self.id),
@@ -133,4 +138,24 @@ def load_catalog(args: list[str]) -> list[ServedModel]:
             raise ArtifactError(f"model {model_id!r} is given twice with the same scheme; serve it once")
         seen.add(model_id)
         served.append(ServedModel(ModelRef(model_id, path, scheme), card, weights))
+    return served
+
+
+def load_encrypted_catalog(dirs: list[str], taken: list[ServedModel] = ()) -> list[ServedModel]:
+    """``--encrypted-model ENCDIR`` arguments as served models: only the ENCDIR's public card is read here (the
+    workers load its ciphertexts); ids must not clash with ``taken``."""
+    from medhe.he.ckks.encrypted.model import read_public_card
+
+    seen = {m.id for m in taken}
+    served = []
+    for arg in dirs:
+        path = Path(arg).expanduser()
+        card = read_public_card(path)
+        model_id = _ID_RE.sub("-", str(card["name"])).strip("-") or "model"
+        if model_id in seen:
+            model_id = f"{model_id}-encrypted"
+        if model_id in seen:
+            raise ArtifactError(f"encrypted model {model_id!r} is given twice; serve it once")
+        seen.add(model_id)
+        served.append(ServedModel(ModelRef(model_id, str(path), "ckks", encrypted=True), card, None))
     return served

@@ -64,18 +64,25 @@ def interpret(task: str, labels: Sequence[str], logits: np.ndarray, model: str, 
 class _ModelSession:
     """Per-model client state: description, preprocessing, client stage, the HE session and its key id."""
 
-    def __init__(self, info: dict[str, Any], stage_weights: bytes | None):
+    def __init__(self, info: dict[str, Any], stage_weights: bytes | None, keys: Any = None):
         from medhe.data import Preprocess
-        from medhe.he.scheme import client_for
 
         self.info = info
         self.id = info["id"]
         self.preprocess = Preprocess.from_dict(info["preprocessing"])
         self.stage = _build_stage(info, stage_weights) if stage_weights is not None else None
-        self.he = client_for(info["spec"])
+        self.he = _he_session(info, keys)
         self.he.keygen()
         self.key_id: str | None = None
+        self.key_secret: str | None = None  # proves to the server that these keys are ours (never logged)
         self.key_bytes = 0  # size of the registered evaluation keys
+
+    def key_headers(self) -> dict[str, str]:
+        """The headers that name (key id) and unlock (key secret) this session's registered keys."""
+        headers = {protocol.KEY_HEADER: self.key_id or ""}
+        if self.key_secret:
+            headers[protocol.KEY_SECRET_HEADER] = self.key_secret
+        return headers
 
     def evaluation_keys(self) -> bytes:
         """Serialized on demand, not kept: they can be ~100 MB and are needed again only to re-register."""
@@ -90,6 +97,22 @@ class _ModelSession:
             with torch.no_grad():
                 x = self.stage(torch.from_numpy(x[None])).float().numpy()[0]
         return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _he_session(info: dict[str, Any], keys: Any) -> Any:
+    """A fresh key pair per session, or, for an encrypted model, the key holder's KEYDIR (its weights are
+    ciphertexts under that one key set)."""
+    from medhe.he.scheme import client_for
+
+    spec = info["spec"]
+    if keys is None and not (isinstance(spec, dict) and spec.get("encrypted_model")):
+        return client_for(spec)
+    if keys is None:
+        raise MedheError(f"model {info['id']!r} is an encrypted model: only the holder of the key set its weights "
+                         "are encrypted under can use it; pass --keys KEYDIR (SDK: Client(url, keys=KEYDIR))")
+    from medhe.he.ckks.encrypted.client import KeyHolderClient
+
+    return KeyHolderClient(spec, keys, where=f"the server's model {info['id']!r}")
 
 
 def _build_stage(info: dict[str, Any], weights: bytes):
@@ -113,20 +136,29 @@ def _build_stage(info: dict[str, Any], weights: bytes):
 class Client:
     """SDK for a medhe server. Thread-safe for reads; give each thread its own ``Client`` for independent keys.
 
-    ``token`` defaults to ``$MEDHE_TOKEN``; ``verify`` is passed to httpx (a CA bundle path for self-signed TLS).
+    ``token`` defaults to ``$MEDHE_TOKEN``; ``verify`` is passed to httpx (a CA bundle path for self-signed TLS);
+    ``keys``: a KEYDIR (path or loaded) for encrypted models, whose weights are ciphertexts under that key set.
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0, verify: Any = True,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, keys: Any = None):
         if not str(url).startswith(("http://", "https://")):
             raise MedheError(f"server URL {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000)")
         token = token if token is not None else os.environ.get(protocol.TOKEN_ENV) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
+        if self.url.endswith(protocol.PREFIX):  # the URL `medhe serve` prints ends in /v1; routes add it again
+            self.url = self.url[: -len(protocol.PREFIX)]
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify,
                                   transport=transport)
+        if keys is not None and not hasattr(keys, "key_id"):
+            from medhe.he.ckks.encrypted.keys import load_keydir
+
+            keys = load_keydir(keys)
+        self._keys = keys
         self._sessions: dict[str, _ModelSession] = {}
         self._models: list[dict[str, Any]] | None = None
+        self.retries = 0  # requests sent again after re-registering keys the server had lost
 
     # -- plumbing --------------------------------------------------------------------------------------------------
     def __enter__(self) -> "Client":
@@ -197,7 +229,7 @@ class Client:
             weights = None
             if info.get("client_stage"):
                 weights = self._request("GET", info["client_stage"]["weights_url"]).content
-            sess = _ModelSession(info, weights)
+            sess = _ModelSession(info, weights, self._keys)
             self._sessions[info["id"]] = sess
         if sess.key_id is None:
             self._register(sess)
@@ -207,19 +239,25 @@ class Client:
         reply = self._json("POST", sess.info["endpoints"]["keys"], content=sess.evaluation_keys(),
                            headers={"Content-Type": protocol.OCTET})
         sess.key_id, sess.key_bytes = reply["key_id"], int(reply["bytes"])
+        sess.key_secret = reply.get("key_secret")  # servers before protocol v1.1 return none
 
-    def infer_encrypted(self, sess: _ModelSession, ciphertext: bytes) -> bytes:
-        """POST one ciphertext; re-registers the keys once if the server forgot them (expiry, restart)."""
+    def infer_response(self, sess: _ModelSession, ciphertext: bytes) -> httpx.Response:
+        """POST one ciphertext; if the server lost the keys (idle expiry, eviction, a worker that crashed or was
+        restarted), register them again and retry once. ``self.retries`` counts those retries."""
         for attempt in (0, 1):
             try:
                 return self._request("POST", sess.info["endpoints"]["infer"], content=ciphertext,
-                                     headers={"Content-Type": protocol.OCTET, protocol.KEY_HEADER: sess.key_id}
-                                     ).content
+                                     headers={"Content-Type": protocol.OCTET, **sess.key_headers()})
             except ServiceError as exc:
-                if exc.code != "unknown_key" or attempt:
+                if exc.code not in ("unknown_key", "worker_crashed") or attempt:
                     raise
                 self._register(sess)
+                self.retries += 1
         raise AssertionError("unreachable")
+
+    def infer_encrypted(self, sess: _ModelSession, ciphertext: bytes) -> bytes:
+        """The encrypted result of one ciphertext (see ``infer_response`` for the retry)."""
+        return self.infer_response(sess, ciphertext).content
 
     def diagnose(self, image: str | os.PathLike | np.ndarray, model: str | None = None,
                  source: str | None = None) -> Diagnosis:
@@ -259,11 +297,11 @@ class Client:
         for sess in self._sessions.values():
             if sess.key_id is not None:
                 try:
-                    self._request("DELETE", protocol.key_path(sess.key_id))
+                    self._request("DELETE", protocol.key_path(sess.key_id), headers=sess.key_headers())
                 except ServiceError as exc:
                     if exc.status != 404:
                         raise
-                sess.key_id = None
+                sess.key_id = sess.key_secret = None
 
 
 def _error_from(response: httpx.Response) -> ServiceError:

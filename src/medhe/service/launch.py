@@ -46,11 +46,39 @@ def _die_with_parent():
     return child
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...), read from /proc (Linux; [] elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 class ServerProcess:
     """``with ServerProcess(["pneumoniamnist"], workers=1) as srv: srv.url`` — a real server, stopped on exit."""
 
     def __init__(self, models: list[str], workers: int | None = None, token: str | None = None,
-                 extra_args: list[str] | None = None, host: str = "127.0.0.1", startup_timeout: float = 300.0):
+                 extra_args: list[str] | None = None, host: str = "127.0.0.1", startup_timeout: float = 300.0,
+                 env: dict[str, str] | None = None):
         self.models = list(models)
         self.workers = workers
         self.token = token
@@ -59,6 +87,7 @@ class ServerProcess:
         self.port = free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.startup_timeout = startup_timeout
+        self.env = dict(env or {})  # extra environment for the server (e.g. TMPDIR)
         self.proc: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="medhe-serve-", suffix=".log", delete=False)
 
@@ -77,7 +106,7 @@ class ServerProcess:
         if self.workers is not None:
             cmd += ["--workers", str(self.workers)]
         cmd += self.extra_args
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env.pop(protocol.TOKEN_ENV, None)
         if self.token:
             env[protocol.TOKEN_ENV] = self.token
@@ -95,6 +124,13 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise MedheError(f"medhe serve was not ready after {self.startup_timeout:.0f} s: {self.log()[-2000:]}")
+
+    def worker_pids(self) -> list[int]:
+        """The server's live inference worker processes (Linux /proc), e.g. to kill one in a crash test."""
+        if self.proc is None:
+            return []
+        return [pid for pid in descendants(self.proc.pid)
+                if "spawn_main" in _cmdline(pid) and "resource_tracker" not in _cmdline(pid)]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

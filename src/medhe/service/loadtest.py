@@ -9,10 +9,12 @@ concurrent requests did not corrupt each other. A probe polls ``/v1/health`` mea
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -26,12 +28,14 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
 
 def run_load_test(url: str, model: str | None = None, clients: int = 16, requests: int = 200,
                   images: Sequence[np.ndarray] | None = None, expected: Sequence[int] | None = None,
-                  token: str | None = None, images_per_client: int = 2, data_dir: str | None = None
-                  ) -> dict[str, Any]:
+                  token: str | None = None, images_per_client: int = 2, data_dir: str | None = None,
+                  kill_after: int | None = None, kill: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run the load and return figures (milliseconds, requests per second) plus failure and mismatch counts.
 
     ``images``: uint8 images to send (default: the first 32 test images of the dataset the served model's card
     names). ``expected``: the plaintext class index per image, to check every decrypted result.
+    ``kill``: called once when ``kill_after`` requests have completed (e.g. SIGKILL one server worker); requests
+    that fail because of it are retried by the SDK after re-registering the keys, and ``retries`` counts them.
     """
     if clients < 1 or requests < 1:
         raise MedheError("clients and requests must be at least 1")
@@ -47,6 +51,8 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
     server_ms: list[float] = []
     errors: list[str] = []
     mismatches = 0
+    retries = [0]
+    killed: list[float] = []
     counter = iter(range(requests))
     lock = threading.Lock()
     ready = threading.Barrier(clients + 1)
@@ -73,9 +79,7 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
                 k = n % len(picks)
                 try:
                     start = time.perf_counter()
-                    response = client._request(
-                        "POST", sess.info["endpoints"]["infer"], content=cts[k],
-                        headers={"Content-Type": "application/octet-stream", "X-Medhe-Key-Id": sess.key_id})
+                    response = client.infer_response(sess, cts[k])  # re-registers and retries if keys were lost
                     elapsed = (time.perf_counter() - start) * 1000.0
                     logits = sess.he.decrypt(response.content)
                     bad = expected is not None and int(np.argmax(logits)) != int(expected[picks[k]])
@@ -84,10 +88,17 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
                         latencies.append(elapsed)
                         server_ms.append(float(response.headers.get("X-Medhe-Eval-Ms", "nan")))
                         mismatches += int(bad)
+                        fire = kill is not None and not killed and len(latencies) >= (kill_after or 0)
+                        if fire:
+                            killed.append(time.perf_counter() - t_start[0])
+                    if fire:
+                        kill()
                 except Exception as exc:
                     with lock:
                         errors.append(f"request {n}: {exc}")
         finally:
+            with lock:
+                retries[0] += client.retries
             try:
                 client.forget_keys()  # be a good citizen: free the server's key store
             except MedheError:
@@ -129,6 +140,7 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
         "url": url, "model": model, "clients": clients, "requests": requests,
         "completed": len(latencies), "failures": requests - len(latencies), "errors": errors[:5],
         "mismatches": mismatches if expected is not None else None,
+        "retries": retries[0], "worker_killed_at_s": killed[0] if killed else None,
         "latency_ms": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95),
                        "mean": statistics.fmean(latencies) if latencies else None,
                        "max": max(latencies) if latencies else None},
@@ -163,11 +175,13 @@ def _dataset_images(url: str, model: str | None, token: str | None, data_dir: st
 
 def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist", clients: int = 16,
                           requests: int = 200, data_dir: str | None = None, workers: int | None = None,
-                          n_images: int = 32) -> dict[str, Any]:
+                          n_images: int = 32, kill_worker_after: int | None = None) -> dict[str, Any]:
     """``medhe bench --service``: start a server on 127.0.0.1 (unless ``url`` is given) and load-test it.
 
     Images are the model's own test split; when this function starts the server it also knows the model, so every
-    decrypted prediction is checked against the plaintext prediction.
+    decrypted prediction is checked against the plaintext prediction. The server it starts admits every client's
+    keys at once (key caps raised: this measures throughput, not eviction). ``kill_worker_after``: SIGKILL one
+    worker process once that many requests have completed (needs a server started here with >= 1 process).
     """
     from medhe.data import load_dataset
     from medhe.models.artifact import load_artifact
@@ -185,9 +199,26 @@ def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist",
     images = ds.images[:n_images]
     expected = predict_logits(artifact.model, model_inputs(artifact, images)).argmax(axis=1)
     if url is not None:
+        if kill_worker_after is not None:
+            raise MedheError("--kill-worker-after needs a server started by the benchmark (no --url)")
         result = run_load_test(url, None if ":" in model else artifact.name, clients, requests, images=images,
                                expected=expected)
         return {"server": "external", **result}
-    with ServerProcess([model], workers=workers) as server:
-        result = run_load_test(server.url, None, clients, requests, images=images, expected=expected)
+    if kill_worker_after is not None and workers == 0:
+        raise MedheError("--kill-worker-after needs worker processes (--workers >= 1)")
+    caps = ["--max-keys-per-client", str(clients + 8), "--max-keys", str(max(256, 2 * clients)),
+            "--max-key-bytes", str(max(4 << 30, clients * (256 << 20)))]
+    with ServerProcess([model], workers=workers, extra_args=caps) as server:
+        killed: list[int] = []
+
+        def kill() -> None:
+            pids = server.worker_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+
+        result = run_load_test(server.url, None, clients, requests, images=images, expected=expected,
+                               kill_after=kill_worker_after, kill=kill if kill_worker_after is not None else None)
+        if kill_worker_after is not None:
+            result["worker_killed"] = bool(killed)
     return {"server": {"host": "127.0.0.1", "workers": workers if workers is not None else "default"}, **result}

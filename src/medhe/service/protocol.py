@@ -11,13 +11,17 @@ PREFIX = f"/{API_VERSION}"
 OCTET = "application/octet-stream"
 #: header naming the registered evaluation keys an inference request uses.
 KEY_HEADER = "X-Medhe-Key-Id"
+#: header with the key secret returned at registration: required, with the key id, to use or delete the keys.
+KEY_SECRET_HEADER = "X-Medhe-Key-Secret"
 #: response header with the server-side evaluation time in milliseconds (for benchmarks, not for trust).
 EVAL_MS_HEADER = "X-Medhe-Eval-Ms"
 TOKEN_ENV = "MEDHE_TOKEN"
 
 MiB = 1 << 20
-DEFAULT_MAX_BODY = 256 * MiB       # one encrypted input
-DEFAULT_MAX_KEY_BYTES = 4096 * MiB  # all clients' evaluation keys together (also caps one upload)
+DEFAULT_MAX_BODY = 256 * MiB       # one encrypted input, for schemes whose spec gives no bound (TFHE)
+DEFAULT_MAX_KEY_BYTES = 4096 * MiB  # memory all clients' loaded evaluation keys may hold together
+DEFAULT_MAX_KEYS = 256              # key sets registered at once, all clients together
+DEFAULT_MAX_KEYS_PER_CLIENT = 64    # key sets registered at once from one client address
 DEFAULT_KEY_TTL = 3600.0            # seconds a key set may sit unused
 
 
@@ -43,3 +47,23 @@ def client_stage_path(model_id: str) -> str:
 
 def key_path(key_id: str) -> str:
     return f"{PREFIX}/keys/{key_id}"
+
+
+# -- batch mode (CKKS, one image per slot): see docs/service.md "Batch mode"
+DEFAULT_MAX_BATCH_BODY = 512 * MiB  # one encrypted batch upload (4096 pneumoniamnist images: 145 MB)
+
+
+def batch_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/batch"
+
+
+def batch_keys_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/batch/keys"
+
+
+def batch_key_path(model_id: str, key_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/batch/keys/{key_id}"
+
+
+def batch_infer_path(model_id: str) -> str:
+    return f"{PREFIX}/models/{model_id}/batch/infer"

@@ -12,13 +12,13 @@ import hmac
 import logging
 import os
 import secrets
-import tempfile
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medhe import __version__
@@ -26,7 +26,10 @@ from medhe.errors import CiphertextError, MedheError
 from medhe.service import protocol
 from medhe.service.catalog import ServedModel
 from medhe.service.errors import ServiceError
-from medhe.service.keystore import KeyStore, KeyTooLarge
+from medhe.service import limits
+from medhe.service.keystore import KeyStore, KeyTooLarge, hash_secret
+from medhe.service.spool import SpoolDir
+from medhe.service.upload import StreamCheck
 from medhe.service.worker import WorkerPool
 
 log = logging.getLogger("medhe.service")
@@ -36,53 +39,89 @@ _BINARY_BODY = {"requestBody": {"required": True, "content": {protocol.OCTET: _B
 _ERROR = {"description": "JSON error: {\"error\": {\"code\", \"message\"}}"}
 
 
-def create_app(models: list[ServedModel], token: str | None = None, max_body: int = protocol.DEFAULT_MAX_BODY,
+def create_app(models: list[ServedModel], token: str | None = None, max_body: int | None = None,
                key_ttl: float = protocol.DEFAULT_KEY_TTL, max_key_bytes: int = protocol.DEFAULT_MAX_KEY_BYTES,
-               processes: int = 0, threads: int = 1) -> FastAPI:
+               processes: int = 0, threads: int = 1, max_keys: int = protocol.DEFAULT_MAX_KEYS,
+               max_keys_per_client: int = protocol.DEFAULT_MAX_KEYS_PER_CLIENT,
+               spool_root: str | None = None,
+               max_batch_bytes: int = protocol.DEFAULT_MAX_BATCH_BODY) -> FastAPI:
     """Build the app. Workers compile the models when the app starts (lifespan), so /v1/ready turns true then.
 
     ``processes``: worker processes for inference (0 = a thread pool of ``threads`` in this process).
-    ``max_body`` caps one ciphertext upload; ``max_key_bytes`` caps all stored keys together (and so one upload).
+    ``max_body`` caps one ciphertext upload (``None``: what each model's spec needs, see ``limits``);
+    ``max_key_bytes`` caps the memory all loaded key sets hold together, ``max_keys`` their number and
+    ``max_keys_per_client`` the number per client address (least recently used evicted first).
     """
     catalog = {m.id: m for m in models}
-    pool = WorkerPool([m.ref for m in models], processes=processes, threads=threads, key_cache_bytes=max_key_bytes)
 
-    def release(entry) -> None:  # keys evicted (LRU cap) or expired: free them in their worker too
+    def forget_worker(slot: int, generation: int) -> None:  # a worker died: its keys died with it
+        gone = keys.remove_where(lambda e: e.value == (slot, generation))
+        if gone:
+            log.warning("medhe serve: worker %d was replaced; %d key set(s) it held are forgotten", slot, len(gone))
+
+    pool = WorkerPool([m.ref for m in models], processes=processes, threads=threads, key_cache_bytes=max_key_bytes,
+                      on_replace=forget_worker)
+
+    def release(entry) -> None:  # keys evicted (caps) or expired: free them in their worker too
         slot, generation = entry.value
         pool.drop_keys(slot, generation, entry.key_id, entry.size)
 
-    # The web process keeps only metadata: key id -> (worker slot, worker generation), model, size.
-    keys = KeyStore(max_key_bytes, ttl=key_ttl, on_evict=release)
-    state: dict[str, Any] = {"ready": False}
+    # The web process keeps only metadata: key id -> (worker slot, worker generation), model, size held, owner.
+    keys = KeyStore(max_key_bytes, ttl=key_ttl, on_evict=release, max_count=max_keys,
+                    max_per_owner=max_keys_per_client)
+    state: dict[str, Any] = {"ready": False, "spool": None}
 
     def start_workers() -> None:
         """Compile every model in the workers (blocking, idempotent). ``medhe serve`` calls it before binding the
         port so a model that does not compile is a one-line error, not a half-started server."""
         if state["ready"]:
             return
+        if state["spool"] is None:
+            state["spool"] = SpoolDir.create(spool_root)  # also removes killed servers' leftovers
         specs = pool.start()
         for model_id, spec in specs.items():
             catalog[model_id].spec = spec
+            rules = pool.rules.get(model_id)
+            catalog[model_id].limits = limits.describe(rules, max_body, max_key_bytes)
+            if rules and rules.get("fingerprint"):
+                catalog[model_id].wire = {"params_fingerprint": rules["fingerprint"]}
         state["ready"] = True
         log.info("medhe serve: %d model(s) ready on %d worker slot(s)", len(catalog), pool.size)
+
+    def stop() -> None:
+        """Stop and wait for every worker, remove the spool folder (idempotent)."""
+        state["ready"] = False
+        pool.close()
+        if state["spool"] is not None:
+            state["spool"].close()
+            state["spool"] = None
+
+    async def reaper() -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            pool.reap()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.get_running_loop().run_in_executor(None, start_workers)
+        task = asyncio.create_task(reaper())
         try:
             yield
         finally:
-            state["ready"] = False
-            pool.close()
+            task.cancel()
+            stop()
 
     app = FastAPI(
         title="medhe encrypted diagnosis service", version=__version__, lifespan=lifespan,
         description=("Homomorphic-encryption inference: clients register public evaluation keys, upload "
-                     "ciphertexts and decrypt the encrypted results themselves. Protocol: docs/service.md."),
+                     "ciphertexts and decrypt the encrypted results themselves. Protocol: docs/protocol.md."),
+        # no Swagger UI / ReDoc: they load scripts from a CDN; /openapi.json is served below, behind the token
+        openapi_url=None, docs_url=None, redoc_url=None,
     )
     app.state.keys = keys
     app.state.pool = pool
     app.state.start = start_workers
+    app.state.stop = stop
     app.state.catalog = catalog
 
     # -- errors: every refusal is JSON ---------------------------------------------------------------------------
@@ -92,6 +131,11 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         if exc.status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc)
         return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        log.warning("%s %s: %s", request.method, request.url.path, exc)  # one line: nobody is left to answer
+        return Response(status_code=400)
 
     @app.exception_handler(CiphertextError)
     async def _ciphertext_error(request: Request, exc: CiphertextError):
@@ -135,6 +179,13 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
                                f"no model {model_id!r} on this server; GET {protocol.models_path()} lists "
                                f"{', '.join(sorted(catalog))}") from None
 
+    def key_secret(request: Request) -> str:
+        secret = request.headers.get(protocol.KEY_SECRET_HEADER, "").strip()
+        if not secret:
+            raise ServiceError(400, "missing_key_secret", f"send the key_secret from key registration in the "
+                                                          f"{protocol.KEY_SECRET_HEADER} header")
+        return secret
+
     def require_ready() -> None:
         if not state["ready"]:
             raise ServiceError(503, "not_ready", "the server is still compiling its models; retry shortly")
@@ -150,44 +201,63 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
             try:
                 if int(declared) > limit:
                     raise ServiceError(413, "body_too_large",
-                                       f"{what} of {int(declared)} bytes exceeds this server's limit of {limit} bytes")
+                                       f"{what} of {int(declared)} bytes exceeds this server's limit of {limit} "
+                                       "bytes for this model (GET the model: limits)")
             except ValueError:
                 raise ServiceError(400, "bad_request", "Content-Length is not a number") from None
 
-    async def read_body(request: Request, limit: int, what: str) -> bytes:
-        """The raw binary body, refused with 413 as soon as it passes ``limit`` (never buffered past it)."""
+    async def stream(request: Request, limit: int, what: str, check: StreamCheck):
+        """The body's chunks, each judged by ``check`` and the size limit before the caller keeps it."""
+        size = 0
+        try:
+            async for chunk in request.stream():
+                if not chunk:
+                    continue
+                size += len(chunk)
+                if size > limit:
+                    raise ServiceError(413, "body_too_large", f"{what} exceeds this server's limit of {limit} "
+                                                              "bytes for this model (GET the model: limits)")
+                check.feed(chunk)
+                yield chunk
+        except ClientDisconnect:
+            raise ClientGone(f"the client disconnected during the upload of {what} after {size} bytes; "
+                             "nothing was stored") from None
+        if not size:
+            raise ServiceError(400, "empty_body", f"the request has no body; send the {what} as the body")
+        check.finish()
+
+    async def read_body(request: Request, limit: int, what: str, check: StreamCheck) -> bytes:
+        """The raw binary body, refused with 413 as soon as it passes ``limit`` (never buffered past it) and with
+        422 as soon as its first bytes show it cannot be a message for this model."""
         check_upload(request, limit, what)
         body = bytearray()
-        async for chunk in request.stream():
+        async for chunk in stream(request, limit, what, check):
             body += chunk
-            if len(body) > limit:
-                raise ServiceError(413, "body_too_large", f"{what} exceeds this server's limit of {limit} bytes")
-        if not body:
-            raise ServiceError(400, "empty_body", f"the request has no body; send the {what} as the body")
         return bytes(body)
 
-    async def spool_body(request: Request, limit: int, what: str) -> tuple[str, int]:
-        """Like ``read_body`` but streamed to a private temporary file: (path, size). The caller deletes it.
+    async def spool_body(request: Request, limit: int, what: str, check: StreamCheck) -> tuple[str, int]:
+        """Like ``read_body`` but streamed to a private file in this server's spool folder: (path, size). The
+        caller deletes it. The file is created only once the first bytes have passed ``check``.
 
         Evaluation keys reach hundreds of MB (cxr14-latent at N=32768: 0.56 GB). Held in this process they would
         cost the body, its ``bytes`` copy and the pickled copy sent to a worker, on top of the worker's own;
         spooled, this process holds one chunk and the worker reads the file once.
         """
         check_upload(request, limit, what)
-        fd, path = tempfile.mkstemp(prefix="medhe-keys-", suffix=".bin")  # 0600: only this server reads it
-        size = 0
+        fh, path, size = None, None, 0
         try:
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise ServiceError(413, "body_too_large",
-                                           f"{what} exceeds this server's limit of {limit} bytes")
-                    fh.write(chunk)
-            if not size:
-                raise ServiceError(400, "empty_body", f"the request has no body; send the {what} as the body")
+            async for chunk in stream(request, limit, what, check):
+                if fh is None:
+                    fd, path = state["spool"].new_file()
+                    fh = os.fdopen(fd, "wb")
+                fh.write(chunk)
+                size += len(chunk)
+            fh.close()
         except BaseException:
-            _unlink(path)
+            if fh is not None:
+                fh.close()
+            if path is not None:
+                _unlink(path)
             raise
         return path, size
 
@@ -200,8 +270,14 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
              responses={503: _ERROR})
     async def ready() -> dict:
         require_ready()
+        pool.reap()
         return {"ready": True, "models": sorted(catalog), "workers": pool.size,
-                "keys": len(keys), "key_bytes": keys.total_bytes}
+                "keys": len(keys), "key_bytes": keys.total_bytes, "max_key_bytes": keys.max_bytes}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(app.openapi())
 
     @app.get(protocol.models_path(), tags=["models"],
              summary="Every served model with all a client needs: scheme, parameters, preprocessing, labels.")
@@ -235,24 +311,37 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         authorize(request)
         require_ready()
         model = served(model_id)
-        path, size = await spool_body(request, keys.max_bytes, "evaluation keys")
-        key_id = _new_key_id()
+        pool.reap()
+        rules = pool.rules.get(model.id)
+        held_estimate = rules["held_bytes"] if rules else 0
+        if held_estimate > keys.max_bytes:
+            raise ServiceError(413, "keys_too_large", f"one key set of {model.id!r} holds {held_estimate} bytes once "
+                                                      f"loaded, more than this server's key memory of "
+                                                      f"{keys.max_bytes} bytes; ask the operator to raise "
+                                                      "--max-key-bytes")
+        limit = min(rules["key_bytes"], keys.max_bytes) if rules else keys.max_bytes
+        path, size = await spool_body(request, limit, "evaluation keys",
+                                      StreamCheck(rules, "keys", "evaluation keys"))
+        key_id, secret = _new_key_id(), secrets.token_urlsafe(32)
         try:
-            placement = await pool.load_keys(model.id, key_id, path, size)  # validates: CiphertextError -> 422
+            placement, grown = await pool.load_keys(model.id, key_id, path, size, held_estimate)
         finally:
             _unlink(path)
+        held = max(held_estimate, grown, size)
+        owner = request.client.host if request.client else ""
         try:
-            keys.add(model.id, placement, size, key_id=key_id)  # may evict least recently used keys
+            keys.add(model.id, placement, held, key_id=key_id, owner=owner, secret_hash=hash_secret(secret))
         except KeyTooLarge as exc:
-            pool.drop_keys(*placement, key_id, size)
+            pool.drop_keys(*placement, key_id, held)
             raise ServiceError(413, "keys_too_large", str(exc)) from None
-        return {"key_id": key_id, "model": model.id, "bytes": size, "expires_after_idle_s": keys.ttl}
+        return {"key_id": key_id, "key_secret": secret, "model": model.id, "bytes": size, "held_bytes": held,
+                "expires_after_idle_s": keys.ttl}
 
     @app.delete(protocol.key_path("{key_id}"), tags=["keys"], status_code=204, response_class=Response,
                 summary="Forget registered keys (they also expire after the idle TTL).", responses={404: _ERROR})
     async def delete_keys(key_id: str, request: Request) -> Response:
         authorize(request)
-        entry = keys.remove(key_id)
+        entry = keys.remove(key_id, key_secret(request))
         if entry is None:
             raise ServiceError(404, "unknown_key", "no such key id (already deleted or expired)")
         release(entry)
@@ -272,7 +361,7 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         if not key_id:
             raise ServiceError(400, "missing_key_id", f"send the key id from key registration in the "
                                                       f"{protocol.KEY_HEADER} header")
-        entry = keys.get(key_id)
+        entry = keys.get(key_id, key_secret(request))
         if entry is not None and entry.value[1] != pool.generation[entry.value[0]]:
             keys.remove(key_id)  # its worker was replaced after a crash: the keys died with it
             entry = None
@@ -281,7 +370,9 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         if entry.model != model.id:
             raise ServiceError(422, "key_model_mismatch", f"key id was registered for model {entry.model!r}, "
                                                           f"not {model.id!r}; register keys for this model")
-        ciphertext = await read_body(request, max_body, "ciphertext")
+        rules = pool.rules.get(model.id)
+        limit = model.limits["input_bytes"] if model.limits else (max_body or protocol.DEFAULT_MAX_BODY)
+        ciphertext = await read_body(request, limit, "ciphertext", StreamCheck(rules, "input", "encrypted input"))
         try:
             out, eval_ms = await pool.infer(entry.value[0], model.id, key_id, ciphertext)
         except ServiceError as exc:
@@ -290,7 +381,14 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
             raise
         return Response(out, media_type=protocol.OCTET, headers={protocol.EVAL_MS_HEADER: f"{eval_ms:.1f}"})
 
+    from medhe.service.batch import install_batch_routes
+
+    install_batch_routes(app, catalog, authorize, served, require_ready, max_batch_bytes, key_ttl)
     return app
+
+
+class ClientGone(Exception):
+    """The client hung up mid-request: logged as one line, nothing answered (nobody would read it)."""
 
 
 def _unlink(path: str) -> None:

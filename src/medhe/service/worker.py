@@ -10,6 +10,7 @@ native crash on hostile input — is replaced and the request that killed it get
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import signal
@@ -25,6 +26,12 @@ from medhe.models.artifact import load_artifact
 from medhe.service.catalog import ModelRef
 from medhe.service.errors import ServiceError
 from medhe.service.keystore import KeyStore
+from medhe.service.limits import rules_for
+
+
+log = logging.getLogger("medhe.service")
+REAP_BACKOFF_S = 10.0  # the reaper replaces one slot at most this often (requests that find it broken do at once)
+RECYCLE_GROWTH, RECYCLE_SLACK = 1.10, 64 << 20  # a keyless worker above 110 % of its baseline + 64 MiB is replaced
 
 
 class KeysNotLoaded(MedheError):
@@ -37,24 +44,41 @@ class WorkerState:
     def __init__(self, refs: list[ModelRef], key_cache_bytes: int):
         self.models = {}
         for ref in refs:
-            self.models[ref.id] = compile_model(load_artifact(ref.source), ref.scheme, **dict(ref.options))
+            if ref.encrypted:  # weights exist here only as ciphertexts: the plaintext model is never opened
+                from medhe.he.ckks.encrypted.model import load_encrypted_model
+
+                self.models[ref.id] = load_encrypted_model(ref.source)
+            else:
+                self.models[ref.id] = compile_model(load_artifact(ref.source), ref.scheme, **dict(ref.options))
         self.keys = KeyStore(key_cache_bytes, ttl=None)
+        self.baseline = resident_bytes()  # after compiling: what this worker needs without any client's keys
 
     def specs(self) -> dict[str, dict]:
         return {model_id: model.spec() for model_id, model in self.models.items()}
 
-    def load_keys(self, model_id: str, key_id: str, path: str, size: int) -> None:
+    def rules(self) -> dict[str, dict | None]:
+        """Per model: upload bounds and the memory one loaded key set holds (``limits.rules_for``)."""
+        return {model_id: rules_for(model) for model_id, model in self.models.items()}
+
+    def load_keys(self, model_id: str, key_id: str, path: str, size: int, held: int = 0) -> int:
         """Deserialize and validate keys spooled to ``path`` by the web process (``CiphertextError`` if they do not
-        fit the model) and cache them. A path, not bytes: 0.5 GB of keys pickled through the worker pipe would be
-        two more copies; here the serialized form lives only until the backend has loaded it."""
+        fit the model) and cache them; returns how much this process's resident memory grew meanwhile.
+
+        A path, not bytes: 0.5 GB of keys pickled through the worker pipe would be two more copies; here the
+        serialized form lives only until the backend has loaded it. ``held``: what the caller accounts for them.
+        """
+        before = resident_bytes()
         with open(path, "rb") as fh:
             data = fh.read()
         if len(data) != size:
             raise MedheError(f"spooled evaluation keys are {len(data)} bytes, expected {size} (temporary folder "
                              "full or cleaned?); register the keys again")
-        keys = self.models[model_id].load_keys(data)
-        del data
-        self.keys.add(model_id, keys, size, key_id=key_id)
+        try:
+            keys = self.models[model_id].load_keys(data)
+        finally:
+            del data
+        self.keys.add(model_id, keys, max(held, size), key_id=key_id)
+        return max(0, resident_bytes() - before)
 
     def infer(self, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
         """Evaluate with the cached keys; returns the encrypted result and the evaluation time in ms."""
@@ -65,8 +89,41 @@ class WorkerState:
         out = self.models[model_id].infer(entry.value, ciphertext)
         return out, (time.perf_counter() - start) * 1000.0
 
-    def drop_keys(self, key_id: str) -> None:
-        self.keys.remove(key_id)
+    def drop_keys(self, key_id: str) -> tuple[int, int, int]:
+        """Forget one key set; returns (key sets left, resident bytes now, resident bytes after compiling)."""
+        entry = self.keys.remove(key_id)
+        del entry
+        trim_heap()
+        return len(self.keys), resident_bytes(), self.baseline
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``): SEAL frees a key set's hundreds of small
+    allocations, and glibc otherwise keeps them in its arenas, so the worker's RSS would never come down."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit when the server process is gone (even killed with SIGKILL, which runs no cleanup): a worker holding
+    clients' keys must never outlive the server that started it."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(0)
 
 
 # -- process-side entry points (module level so they pickle by name) ---------------------------------------------
@@ -79,6 +136,7 @@ def _init_process(refs: list[ModelRef], key_cache_bytes: int, threads: int) -> N
     exceptions (a failing initializer only yields an opaque BrokenProcessPool and a traceback on stderr)."""
     global _INIT
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole process group: the parent shuts us down
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True, name="medhe-parent-watch").start()
     import torch
 
     torch.set_num_threads(max(1, threads))
@@ -103,7 +161,7 @@ class WorkerPool:
     """
 
     def __init__(self, refs: list[ModelRef], processes: int = 0, threads: int = 1,
-                 key_cache_bytes: int = 1 << 32):
+                 key_cache_bytes: int = 1 << 32, on_replace=None):
         self.refs = list(refs)
         self.processes = max(0, int(processes))
         self.threads = max(1, int(threads))
@@ -117,6 +175,9 @@ class WorkerPool:
         self._local: WorkerState | None = None
         self._lock = threading.Lock()
         self.restarts = 0
+        self.rules: dict[str, dict | None] = {}
+        self._on_replace = on_replace  # (slot, old generation): the keys that lived in that worker are gone
+        self._replaced_at: dict[int, float] = {}
 
     @property
     def size(self) -> int:
@@ -143,23 +204,58 @@ class WorkerPool:
                 self.close()
                 raise
             if any(s != specs[0] for s in specs[1:]):
+                self.close()
                 raise MedheError("workers compiled different parameters for the same model; compilation must be "
                                  "deterministic (report this as a bug)")
             spec = specs[0]
+            self.rules = self._slots[0].submit(_call, "rules").result()
         else:
             self._local = WorkerState(self.refs, self.key_cache_bytes)
             self._slots = [ThreadPoolExecutor(self.threads, thread_name_prefix="medhe-infer")]
             spec = self._local.specs()
+            self.rules = self._local.rules()
         n = len(self._slots)
         self._busy, self._key_bytes, self.generation = [0] * n, [0] * n, [0] * n
         self._verified = [True] * n
         self._specs = spec
         return spec
 
-    def close(self) -> None:
-        for slot in self._slots:
+    def close(self, grace: float = 5.0) -> None:
+        """Stop every worker process and wait for it: none may outlive the server (issue #16, fault 1).
+
+        Workers get ``grace`` seconds to finish their current call, then are terminated, then killed."""
+        slots, self._slots = self._slots, []
+        procs = [p for slot in slots for p in list((getattr(slot, "_processes", None) or {}).values())]
+        for slot in slots:
             slot.shutdown(wait=False, cancel_futures=True)
-        self._slots = []
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+
+    def reap(self) -> int:
+        """Replace every worker process that died since the last look (e.g. killed by the OOM killer) without
+        waiting for a request to hit it, so its keys leave the accounting at once; returns how many."""
+        if self._local is not None:
+            return 0
+        dead = []
+        now = time.monotonic()
+        with self._lock:
+            for i, slot in enumerate(self._slots):
+                if now - self._replaced_at.get(i, -REAP_BACKOFF_S) < REAP_BACKOFF_S:
+                    continue  # a replacement that keeps dying while compiling: retry at this pace, not every tick
+                procs = list((getattr(slot, "_processes", None) or {}).values())
+                if getattr(slot, "_broken", False) or any(p.exitcode is not None for p in procs):
+                    dead.append((i, self.generation[i]))
+        for slot, generation in dead:
+            self._replace(slot, generation)
+        return len(dead)
 
     # -- dispatch --------------------------------------------------------------------------------------------------
     async def _run(self, slot: int, method: str, *args: Any) -> Any:
@@ -194,25 +290,48 @@ class WorkerPool:
 
     def _replace(self, slot: int, generation: int) -> None:
         with self._lock:
-            if self.generation[slot] != generation:
-                return  # another request already replaced it
-            self._slots[slot].shutdown(wait=False, cancel_futures=True)
-            self._slots[slot] = self._new_process_slot()
+            if self.generation[slot] != generation or slot >= len(self._slots):
+                return  # another request already replaced it (or the pool is closing)
+            old = self._slots[slot]
+            new = self._slots[slot] = self._new_process_slot()
             self.generation[slot] += 1
             self._key_bytes[slot] = 0
             self._verified[slot] = False
             self.restarts += 1
+            self._replaced_at[slot] = time.monotonic()
+            new_generation = self.generation[slot]
+        warm = new.submit(_call, "specs")  # compile now, not in the next client's request
+        warm.add_done_callback(lambda f: self._warmed(slot, new_generation, f))
+        procs = list((getattr(old, "_processes", None) or {}).values())
+        old.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:  # a worker that is merely broken, not dead, must not linger with its keys
+            if proc.is_alive():
+                proc.kill()
+        if self._on_replace is not None:
+            self._on_replace(slot, generation)
 
-    async def load_keys(self, model_id: str, key_id: str, path: str, size: int) -> tuple[int, int]:
+    def _warmed(self, slot: int, generation: int, future) -> None:
+        try:
+            same = future.result() == self._specs
+        except BaseException:
+            return  # the first request will try again and report it
+        with self._lock:
+            if same and slot < len(self._slots) and self.generation[slot] == generation:
+                self._verified[slot] = True
+
+    async def load_keys(self, model_id: str, key_id: str, path: str, size: int, held: int = 0
+                        ) -> tuple[tuple[int, int], int]:
         """Validate and deserialize the keys in file ``path`` (``size`` bytes) in the slot with the least key bytes;
-        returns (slot, generation). The caller deletes the file afterwards."""
+        returns ((slot, generation), growth of that worker's resident memory while loading). The caller deletes
+        the file afterwards. ``held``: the memory the caller accounts for the loaded keys."""
         with self._lock:
             slot = min(range(len(self._slots)), key=lambda i: (self._key_bytes[i], self._busy[i]))
             generation = self.generation[slot]
-        await self._run(slot, "load_keys", model_id, key_id, path, size)
+        grown = await self._run(slot, "load_keys", model_id, key_id, path, size, held)
         with self._lock:
-            self._key_bytes[slot] += size
-        return slot, generation
+            if self.generation[slot] == generation:
+                self._key_bytes[slot] += max(held, size)
+        return (slot, generation), int(grown or 0)
 
     async def infer(self, slot: int, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
         try:
@@ -224,7 +343,7 @@ class WorkerPool:
     def drop_keys(self, slot: int, generation: int, key_id: str, size: int) -> None:
         """Free keys in their worker now (fire and forget); a replaced worker has lost them already."""
         with self._lock:
-            if self.generation[slot] != generation:
+            if slot >= len(self._slots) or self.generation[slot] != generation:
                 return
             self._key_bytes[slot] -= size
             executor = self._slots[slot]
@@ -232,9 +351,31 @@ class WorkerPool:
             self._local.drop_keys(key_id)
             return
         try:
-            executor.submit(_call, "drop_keys", key_id)
+            future = executor.submit(_call, "drop_keys", key_id)
         except (BrokenProcessPool, RuntimeError):
-            pass
+            return
+        future.add_done_callback(lambda f: self._maybe_recycle(slot, generation, f))
+
+    def _maybe_recycle(self, slot: int, generation: int, future) -> None:
+        """Replace a worker that holds no keys any more but whose memory stayed high.
+
+        SEAL allocates key material from its global memory pool, which keeps every block for reuse and never
+        returns it to the OS (seal-python offers no other pool to load keys into), so a worker that once held
+        30 key sets keeps their ~2.5 GB after all are deleted. A process that holds nothing is cheap to replace:
+        the replacement compiles the models again (seconds) and starts at its baseline."""
+        try:
+            left, rss, baseline = future.result()
+        except BaseException:
+            return
+        if left or not baseline or rss <= baseline * RECYCLE_GROWTH + RECYCLE_SLACK:
+            return
+        with self._lock:
+            if (slot >= len(self._slots) or self.generation[slot] != generation or self._key_bytes[slot] > 0
+                    or self._busy[slot] > 0):
+                return
+        log.info("medhe serve: recycling worker %d (no keys left, %d MiB resident vs %d MiB after compiling)",
+                 slot, rss >> 20, baseline >> 20)
+        self._replace(slot, generation)
 
 
 def default_processes() -> int:

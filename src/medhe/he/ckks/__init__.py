@@ -1,6 +1,6 @@
 """CKKS encrypted inference on Microsoft SEAL: compiler (trace + fold + parameters + packing), client and server.
 
-Public API::
+Public API (``compile`` and ``Client`` are the entries every scheme package has, read by ``medhe.he.scheme``)::
 
     server = compile_ckks(artifact, **options)   # CKKSServerModel (a medhe.he.scheme.ServerModel), no secret key
     server = compile_plan(model, (C, H, W))      # ... or from a bare torch nn.Sequential: Plan; wrap with
@@ -21,12 +21,17 @@ so that sibling modules (serialization, benchmarks) can import the package witho
 
 from __future__ import annotations
 
-from typing import Any
+from medhe.he.lazy import lazy_exports
 
-__all__ = ["compile_ckks", "compile_plan", "CKKSClient", "CKKSServerModel", "layer_errors", "layer_report",
+SCHEME = "ckks"
+DEFAULT_MODEL = "pneumoniamnist"
+
+__all__ = ["SCHEME", "DEFAULT_MODEL", "compile", "Client", "compile_ckks", "compile_plan", "CKKSClient", "CKKSServerModel", "layer_errors", "layer_report",
            "dump_server", "load_server", "server_from_model"]
 
 _LAZY = {
+    "compile": ("medhe.he.ckks.server", "compile_ckks"),  # every scheme package's entries (medhe.he.scheme)
+    "Client": ("medhe.he.ckks.client", "CKKSClient"),
     "compile_ckks": "medhe.he.ckks.server",
     "CKKSServerModel": "medhe.he.ckks.server",
     "compile_plan": "medhe.he.ckks.compiler.lower",
@@ -39,9 +44,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'medhe.he.ckks' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -17,7 +17,6 @@ sides: deserialize the input, evaluate, serialize the result (medhe's ``server.i
 from __future__ import annotations
 
 import os
-import platform
 import time
 from typing import Any
 
@@ -26,16 +25,15 @@ import torch
 from torch import nn
 
 from medhe.errors import DataError
-from medhe.machine import load_average
+from medhe.machine import load_average, machine_info
+from medhe.stats import summarize
 
 TARGETS = {"identical_work": 30.0, "default_model": 7.0}  # x faster than TenSEAL (CKKS issue acceptance)
 TUTORIAL4_OUTPUTS = 10
 
 
 def _stats_ms(seconds: list[float]) -> dict[str, float]:
-    ms = np.asarray(seconds, dtype=float) * 1e3
-    return {"median": round(float(np.median(ms)), 3), "p95": round(float(np.percentile(ms, 95)), 3),
-            "mean": round(float(ms.mean()), 3)}
+    return summarize(np.asarray(seconds, dtype=float) * 1e3)
 
 
 def _normalise(images: np.ndarray) -> np.ndarray:
@@ -220,10 +218,8 @@ def _ratio(a: float, b: float) -> float | None:
 def _machine() -> dict[str, Any]:
     import seal
 
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "seal_python": getattr(seal, "__version__", "?"),
-            "load_average_1m": load_average()}
+    info = {**machine_info(), "torch_threads": torch.get_num_threads(),
+            "seal_python": getattr(seal, "__version__", "?")}
     try:
         import tenseal
 

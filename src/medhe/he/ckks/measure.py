@@ -1,109 +1,82 @@
 """Measure one compiled CKKS model on real images: agreement with plaintext, logit error, timings, sizes.
 
-Returns a JSON-able dict, so benchmarks and reports read the same figures. Server time is split into input
-deserialization (``load_ms``) and evaluation proper (``eval_ms``); client time is encryption (layout, encode,
-encrypt, compact serialization) plus decryption. Timings are medians (and minima) over all images, because the
-machines we share are noisy; ``*_cpu_ms`` are this process's CPU seconds (what the work costs without waiting for
-a core on a busy machine).
+The images go through the one loop every report uses (``medhe.he.evaluate.run_encrypted``); this module adds what
+only CKKS can split: server time into input deserialization (``load_ms``), evaluation proper (``eval_ms``) and
+output serialization. Timings are ``medhe.stats`` summaries over all images, because the machines we share are
+noisy; ``eval_cpu_ms`` is this process's CPU time (what the work costs without waiting for a core).
 
-    python -m medhe.he.ckks.measure pneumoniamnist --limit 50 --out report.json
+    medhe bench --scheme ckks --engine-only --model pneumoniamnist -n 50 --json report.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from typing import Any
 
 import numpy as np
-import torch
 
-from medhe.he.ckks.wire import envelope
-from medhe.he.ckks.client import CKKSClient
 from medhe.he.ckks.server import CKKSServerModel
+from medhe.he.ckks.wire import envelope
+from medhe.stats import summarize
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+class _SplitTiming:
+    """The server as ``run_encrypted`` sees it, with ``infer`` timed in its three CKKS steps."""
+
+    def __init__(self, server: CKKSServerModel) -> None:
+        self.server = server
+        self.load_ms: list[float] = []
+        self.eval_ms: list[float] = []
+        self.spec, self.load_keys = server.spec, server.load_keys
+
+    def infer(self, keys: Any, ciphertext: bytes) -> bytes:
+        t0 = time.perf_counter()
+        cts = self.server.load_inputs(ciphertext)
+        t1 = time.perf_counter()
+        out = self.server.evaluate(keys, cts)
+        t2 = time.perf_counter()
+        self.load_ms.append((t1 - t0) * 1e3)
+        self.eval_ms.append((t2 - t1) * 1e3)
+        return envelope.pack(envelope.KIND_OUTPUT, self.server.plan_id, [self.server.backend.serialize(out)])
 
 
 def measure(server: CKKSServerModel, images: np.ndarray, reference_logits: np.ndarray,
             progress: bool = False) -> dict[str, Any]:
     """Encrypt, evaluate and decrypt every image; compare with ``reference_logits`` (plaintext, same model)."""
-    client = CKKSClient(server.spec())
-    t = time.perf_counter()
-    client.keygen()
-    keygen_s = time.perf_counter() - t
-    key_bytes = client.evaluation_keys()
-    keys = server.load_keys(key_bytes)
-    timings: dict[str, list[float]] = {"encrypt_ms": [], "load_ms": [], "eval_ms": [], "decrypt_ms": [],
-                                       "eval_cpu_ms": [], "encrypt_cpu_ms": []}
-    errors, agree, sizes = [], [], {}
-    for i, (x, want) in enumerate(zip(images, reference_logits)):
-        t0, c0 = time.perf_counter(), time.process_time()
-        ct = client.encrypt(x)
-        t1, c1 = time.perf_counter(), time.process_time()
-        cts = server.load_inputs(ct)
-        t2, c2 = time.perf_counter(), time.process_time()
-        out_ct = server.evaluate(keys, cts)
-        t3, c3 = time.perf_counter(), time.process_time()
-        out = envelope.pack(envelope.KIND_OUTPUT, server.plan_id, [server.backend.serialize(out_ct)])
-        t4 = time.perf_counter()
-        got = client.decrypt(out)
-        t5 = time.perf_counter()
-        for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, c3 - c2, c1 - c0)):
-            timings[key].append(1e3 * dt)
-        errors.append(float(np.abs(got - want).max()))
-        agree.append(bool(np.argmax(got) == np.argmax(want)) if len(want) > 1 else bool((got > 0) == (want > 0)))
-        sizes = {"input_bytes": len(ct), "output_bytes": len(out), "evaluation_key_bytes": len(key_bytes)}
-        if progress and (i + 1) % 25 == 0:
-            print(f"{i + 1}/{len(images)} images, max |logit error| so far {max(errors):.2e}", file=sys.stderr)
-    client_ms = [a + b for a, b in zip(timings["encrypt_ms"], timings["decrypt_ms"])]
-    return {"images": len(errors), "agreement": float(np.mean(agree)), "max_abs_logit_error": max(errors),
-            "mean_abs_logit_error": float(np.mean(errors)),
-            **{k: _stats(v) for k, v in timings.items()}, "client_ms": _stats(client_ms),
-            "keygen_s": keygen_s, **sizes, "plan": server.plan.summary()}
+    from medhe.he.evaluate import run_encrypted
+
+    timed = _SplitTiming(server)
+    run = run_encrypted(timed, images, progress=progress, desc="ckks measure")
+    got, want = run["logits"], np.asarray(reference_logits, dtype=np.float64)[: len(images)]
+    errors = np.max(np.abs(got - want), axis=1)
+    agree = got.argmax(1) == want.argmax(1) if want.shape[1] > 1 else (got[:, 0] > 0) == (want[:, 0] > 0)
+    runs = run["images"]
+    return {"images": len(runs), "agreement": float(np.mean(agree)), "max_abs_logit_error": float(errors.max()),
+            "mean_abs_logit_error": float(errors.mean()),
+            "encrypt_ms": summarize(r.encrypt_ms for r in runs), "load_ms": summarize(timed.load_ms),
+            "eval_ms": summarize(timed.eval_ms), "decrypt_ms": summarize(r.decrypt_ms for r in runs),
+            "infer_ms": run["latency_ms"]["eval"], "eval_cpu_ms": summarize(r.eval_cpu_ms for r in runs),
+            "client_ms": summarize(r.encrypt_ms + r.decrypt_ms for r in runs),
+            "keygen_s": run["latency_ms"]["keygen"]["median"] / 1e3,
+            "input_bytes": run["bytes"]["input_ciphertext"], "output_bytes": run["bytes"]["output_ciphertext"],
+            "evaluation_key_bytes": run["bytes"]["evaluation_keys"], "plan": server.plan.summary()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from medhe.he.ckks.server import compile_ckks
+def run_measurement(model: str, n_images: int, data_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """``medhe bench --scheme ckks --engine-only``: compile ``model`` and measure it on its first test images."""
+    from medhe.cli.evaluate import load_eval_data
+    from medhe.he.scheme import compile_model
     from medhe.models.artifact import load_artifact
+    from medhe.models.predict import model_inputs, predict_logits
+    from medhe.progress import busy
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="model directory or shipped model name")
-    parser.add_argument("--data", default=None, help="MedMNIST .npz file (default: MEDHE_DATA/<dataset>.npz)")
-    parser.add_argument("--limit", type=int, default=0, help="first N test images (0: all)")
-    parser.add_argument("--out", default=None, help="write the JSON report here")
-    args = parser.parse_args(argv)
-    import os
-    from pathlib import Path
-
-    from medhe import atomic
-
-    art = load_artifact(args.model)
-    data = args.data or str(Path(os.environ.get("MEDHE_DATA", "~/.medhe/data")).expanduser()
-                            / f"{art.card['dataset']['name']}.npz")
-    with np.load(data) as d:
-        raw = d["test_images"]
-    raw = raw[: args.limit] if args.limit else raw
-    pre = art.card["preprocessing"]
-    x = raw.astype(np.float32) / 255.0
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    x = (x - float(pre.get("mean", 0.0))) / float(pre.get("std", 1.0))
+    art = load_artifact(model)
+    dataset, ds = load_eval_data(art, None, "test", n_images, data_dir)
+    x = model_inputs(art, ds.images)
     t = time.perf_counter()
-    server = compile_ckks(art)
+    with busy(f"compiling {art.name} for ckks", progress):
+        server = compile_model(art, "ckks")
     compile_s = time.perf_counter() - t
-    with torch.no_grad():
-        ref = art.model(torch.from_numpy(x)).double().numpy()
-    report = {"model": art.name, "data": data, "compile_s": compile_s, **measure(server, x, ref, progress=True)}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        atomic.write_text(args.out, text + "\n")
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    return {"model": art.name, "dataset": dataset, "compile_s": round(compile_s, 3),
+            "params": {**server.spec()["params"], **server.report_params()},
+            **measure(server, x, predict_logits(art.model, x), progress=progress)}

@@ -20,37 +20,37 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
                 hook: Callable[[int, Any], None] | None = None) -> Any:
     """Evaluate ``plan`` on encrypted ``inputs`` (one per input ciphertext); returns the output ciphertext."""
     regs: dict[int, Any] = dict(zip(range(len(inputs)), inputs))
+    w = _Weights(be, plains)
     for ins in plan.instrs:
         if ins.op == "linear":
-            out = _linear(be, ins, [regs[s] for s in ins.srcs], plains, plan.key_path)
+            out = _linear(be, ins, [regs[s] for s in ins.srcs], w, plan.key_path)
         elif ins.op == "poly2":
             u = regs[ins.srcs[0]]
-            v = be.add_plain(be.negate(u) if ins.sign < 0 else u, plains[ins.consts["beta"]])
+            v = w.add(be.negate(u) if ins.sign < 0 else u, ins.consts["beta"])
             out = be.rescale(be.relinearize(be.multiply(u, v)))
             if "c" in ins.consts:
-                out = be.add_plain(out, plains[ins.consts["c"]])
+                out = w.add(out, ins.consts["c"])
         elif ins.op == "poly3":
             u = regs[ins.srcs[0]]
-            w = be.add_plain(u, plains[ins.consts["th"]])
-            w2 = be.rescale(be.relinearize(be.multiply(w, w)))
-            z = be.add_plain(w2, plains[ins.consts["kz"]])
+            t = w.add(u, ins.consts["th"])
+            w2 = be.rescale(be.relinearize(be.multiply(t, t)))
+            z = w.add(w2, ins.consts["kz"])
             out = be.rescale(be.relinearize(be.multiply(z, be.mod_switch(u, be.level(z)))))
             if ins.sign < 0:
                 out = be.negate(out)
             if "c" in ins.consts:
-                out = be.add_plain(out, plains[ins.consts["c"]])
+                out = w.add(out, ins.consts["c"])
         elif ins.op == "gate3":
             x, u = regs[ins.srcs[0]], regs[ins.srcs[1]]
             level = be.level(u)
             xp = be.rescale(be.relinearize(be.multiply(be.mod_switch(x, level), u)))
-            w = be.add_plain(u, plains[ins.consts["th"]])
-            z = be.add_plain(be.rescale(be.relinearize(be.multiply(w, w))), plains[ins.consts["kz"]])
+            t = w.add(u, ins.consts["th"])
+            z = w.add(be.rescale(be.relinearize(be.multiply(t, t))), ins.consts["kz"])
             out = be.rescale(be.relinearize(be.multiply(xp, z)))
             if ins.sign < 0:
                 out = be.negate(out)
             if "c" in ins.consts:
-                be.add_inplace(out, be.rescale(be.multiply_plain(be.mod_switch(x, level - 1),
-                                                                 plains[ins.consts["c"]])))
+                be.add_inplace(out, be.rescale(w.relin(w.mul(be.mod_switch(x, level - 1), ins.consts["c"]))))
         elif ins.op in ("mul", "add"):
             a, b = regs[ins.srcs[0]], regs[ins.srcs[1]]
             level = min(be.level(a), be.level(b))
@@ -70,7 +70,31 @@ def _rotate(be: Backend, ct: Any, step: int, key_path: Callable[[int], list[int]
     return ct
 
 
-def _linear(be: Backend, ins, xs: list[Any], plains: list[Any], key_path: Callable[[int], list[int]]) -> Any:
+class _Weights:
+    """The plan's weight operands: plaintexts (the default), or ciphertexts under the client's key when the
+    container says ``encrypted`` (P3's encrypted model, ``ckks.encrypted``). Then every product is ciphertext x
+    ciphertext, and each accumulated sum of products is relinearized once, before its rescale or rotation; all of
+    it through the ``Backend`` interface (multiply, relinearize, rescale), so every backend runs it."""
+
+    def __init__(self, be: Backend, plains: Any) -> None:
+        self.be, self.plains = be, plains
+        self.encrypted = bool(getattr(plains, "encrypted", False))
+
+    def mul(self, ct: Any, index: int) -> Any:
+        if self.encrypted:
+            return self.be.multiply(ct, self.plains[index])
+        return self.be.multiply_plain(ct, self.plains[index])
+
+    def add(self, ct: Any, index: int) -> Any:
+        if self.encrypted:
+            return self.be.add(ct, self.plains[index])
+        return self.be.add_plain(ct, self.plains[index])
+
+    def relin(self, ct: Any) -> Any:
+        return self.be.relinearize(ct) if self.encrypted else ct
+
+
+def _linear(be: Backend, ins, xs: list[Any], w: _Weights, key_path: Callable[[int], list[int]]) -> Any:
     rotated = {0: xs[0]}
     if len(xs) == 1:
         for b in ins.babies:
@@ -80,12 +104,12 @@ def _linear(be: Backend, ins, xs: list[Any], plains: list[Any], key_path: Callab
     for giant, terms in ins.groups:
         acc = None
         for src, baby, pt in terms:
-            prod = be.multiply_plain(xs[src] if len(xs) > 1 else rotated[baby], plains[pt])
+            prod = w.mul(xs[src] if len(xs) > 1 else rotated[baby], pt)
             if acc is None:
                 acc = prod
             else:
                 be.add_inplace(acc, prod)
-        acc = be.rescale(acc)
+        acc = be.rescale(w.relin(acc))
         if giant:
             acc = _rotate(be, acc, giant, key_path)
         if total is None:
@@ -97,7 +121,7 @@ def _linear(be: Backend, ins, xs: list[Any], plains: list[Any], key_path: Callab
     if ins.conjugate:  # real part of a complex-packed product (the weights carry the 1/2)
         be.add_inplace(total, be.conjugate(total))
     if "bias" in ins.consts:
-        total = be.add_plain(total, plains[ins.consts["bias"]])
+        total = w.add(total, ins.consts["bias"])
     return total
 
 

@@ -27,6 +27,16 @@ SCHEME = "ckks"
 SPEC_FORMAT = "medhe-ckks-spec/1"
 
 
+def _seal_library() -> str:
+    """Keys and ciphertexts are SEAL's whatever backend evaluates: name the binding and its version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"SEAL (seal-python {version('seal-python')})"
+    except PackageNotFoundError:
+        return "SEAL (seal-python)"
+
+
 @dataclass
 class CKKSKeys:
     """A client's validated evaluation keys (Galois keys for exactly the plan's steps, relinearization keys)."""
@@ -49,6 +59,8 @@ class CKKSServerModel(ServerModel):
         self.name = name
         self.backend = get_backend(backend, plan.params)  # None: "auto" (native when built, else seal)
         self.plains = EncodedPlains(self.backend, plan, PLAINTEXT_CACHE_BYTES)
+        # backends that run a whole plan in one call (native) compile it once here
+        self._program = self.backend.compile(plan, self.plains) if hasattr(self.backend, "compile") else None
         self._public = plan.public()
         self._lock = threading.Lock()
 
@@ -58,7 +70,8 @@ class CKKSServerModel(ServerModel):
 
     def report_params(self) -> dict[str, Any]:
         params = self.plan.params
-        return {"backend": self.backend.name, "security_bits": security_bits(params.poly_degree, params.prime_bits)}
+        return {"library": _seal_library(), "backend": self.backend.name,
+                "security_bits": security_bits(params.poly_degree, params.prime_bits)}
 
     def spec(self) -> dict[str, Any]:
         return {"scheme": SCHEME, "format": SPEC_FORMAT, "model": self.name, "task": self.task,
@@ -102,6 +115,8 @@ class CKKSServerModel(ServerModel):
         return envelope.pack(envelope.KIND_OUTPUT, self.plan_id, [self.backend.serialize(out)])
 
     def evaluate(self, keys: CKKSKeys, cts: list[Any], hook: Callable[[int, Any], None] | None = None) -> Any:
+        if self._program is not None:  # one native call, GIL released, no shared mutable state: no lock
+            return self._program.evaluate(keys.galois, cts, hook)
         with self._lock:
             self.backend.galois_keys, self.backend.relin_keys = keys.galois, keys.relin
             try:

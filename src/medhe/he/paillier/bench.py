@@ -13,28 +13,59 @@ time per factor is reported separately. Reports medians, p95 and the 1-minute lo
 
 from __future__ import annotations
 
-import os
-import statistics
 import time
+from typing import Any
 
 import numpy as np
 
-from medhe.machine import load_average
+from medhe.machine import load_average, machine_info
+from medhe.stats import summarize
 
 
-def _stats(ms: list[float]) -> dict[str, float]:
-    s = sorted(ms)
-    return {"median": round(statistics.median(s), 2), "p95": round(s[min(len(s) - 1, int(0.95 * len(s)))], 2),
-            "min": round(s[0], 2), "n": len(s)}
+_stats = summarize  # the one statistics helper (medhe.stats): one p95 definition everywhere
+
+
+class _WarmAndCold:
+    """The server as ``run_encrypted`` sees it: each request runs on a warm pool (the reply it returns) and again,
+    on the same ciphertexts, with the pool disabled; the pool is topped up before, outside the timed call."""
+
+    def __init__(self, warm: Any, cold: Any) -> None:
+        self.warm, self.cold = warm, cold
+        self.spec = warm.spec
+        self.warm_ms: list[float] = []
+        self.cold_ms: list[float] = []
+        self.fill_ms: list[float] = []
+        self.warm_replies: list[bytes] = []
+        self.cold_replies: list[bytes] = []
+        self.keys: tuple[Any, Any] | None = None
+
+    def load_keys(self, data: bytes) -> tuple[Any, Any]:
+        self.keys = (self.warm.load_keys(data), self.cold.load_keys(data))
+        return self.keys
+
+    def infer(self, keys: tuple[Any, Any], ciphertext: bytes) -> bytes:
+        t0 = time.perf_counter()
+        if keys[0].pool.fill(1):
+            self.fill_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        reply = self.warm.infer(keys[0], ciphertext)
+        t1 = time.perf_counter()
+        self.cold_replies.append(self.cold.infer(keys[1], ciphertext))
+        self.warm_ms.append((t1 - t0) * 1e3)
+        self.cold_ms.append((time.perf_counter() - t1) * 1e3)
+        self.warm_replies.append(reply)
+        return reply
 
 
 def run_paillier_benchmark(model: str = "covid-cxr", images: int = 10, key_bits: int | None = None,
                            data_dir: str | None = None) -> dict:
+    """Per-stage latencies through the shared loop (``medhe.he.evaluate.run_encrypted``), warm vs empty pool."""
     import torch
 
     from medhe.data import load_dataset, resolve_data_dir
     from medhe.he import client_for
-    from medhe.he.paillier import compile_paillier
+    from medhe.he.evaluate import run_encrypted
+    from medhe.he.paillier import compile_paillier, encoding
     from medhe.models.artifact import load_artifact
 
     art = load_artifact(model)
@@ -43,54 +74,35 @@ def run_paillier_benchmark(model: str = "covid-cxr", images: int = 10, key_bits:
         feats = art.client_model(torch.from_numpy(art.preprocess().batch(ds.images[:images]))).double().numpy()
     load = [load_average()]
     warm_server = compile_paillier(art, key_bits=key_bits)
-    warm_server.pool_background = False  # filled synchronously below, never during a timed call
+    warm_server.pool_background = False  # filled synchronously in _WarmAndCold.infer, never during a timed call
     cold_server = compile_paillier(art, key_bits=key_bits, pool_size=0)
+    both = _WarmAndCold(warm_server, cold_server)
     client = client_for(warm_server.spec())
-    t0 = time.perf_counter()
-    client.keygen()
-    keygen_ms = (time.perf_counter() - t0) * 1e3
-    ek = client.evaluation_keys()
-    warm_keys, cold_keys = warm_server.load_keys(ek), cold_server.load_keys(ek)
-    from medhe.he.paillier import encoding
-
+    run = run_encrypted(both, feats, progress=False, client=client,
+                        on_image=lambda _run: load.append(load_average()))
+    for i, image in enumerate(run["images"]):
+        if both.warm_replies[i] == both.cold_replies[i] or not np.array_equal(
+                image.logits, client.decrypt(both.cold_replies[i])):
+            raise AssertionError("pooled and inline re-randomisation must give different ciphertexts, equal scores")
+    warm_keys, cold_keys = both.keys
+    assert warm_keys.pool.misses == 0 and cold_keys.pool.hits == 0
     pk = client._keys()[0]
-    enc, enc_phe, warm, cold, dec, fill = [], [], [], [], [], []
-    for x in feats:
+    enc_phe = []
+    for x in feats:  # the same residues with phe's raw_encrypt (r^n mod n^2 without the CRT), for comparison
         t0 = time.perf_counter()
-        ct = client.encrypt(x)
-        enc.append((time.perf_counter() - t0) * 1e3)
-        t0 = time.perf_counter()  # the same residues with phe's raw_encrypt (r^n mod n^2 without the CRT)
         [pk.raw_encrypt(encoding.to_residue(v, pk.n)) for v in encoding.encode(x, warm_server.feature_bits)]
         enc_phe.append((time.perf_counter() - t0) * 1e3)
-        t0 = time.perf_counter()
-        added = warm_keys.pool.fill(1)
-        if added:
-            fill.append((time.perf_counter() - t0) * 1e3)
-        t0 = time.perf_counter()
-        r_warm = warm_server.infer(warm_keys, ct)
-        warm.append((time.perf_counter() - t0) * 1e3)
-        t0 = time.perf_counter()
-        r_cold = cold_server.infer(cold_keys, ct)
-        cold.append((time.perf_counter() - t0) * 1e3)
-        t0 = time.perf_counter()
-        s_warm = client.decrypt(r_warm)
-        dec.append((time.perf_counter() - t0) * 1e3)
-        s_cold = client.decrypt(r_cold)
-        if r_warm == r_cold or not np.array_equal(s_warm, s_cold):
-            raise AssertionError("pooled and inline re-randomisation must give different ciphertexts, equal scores")
-        load.append(load_average())
-    assert warm_keys.pool.misses == 0 and cold_keys.pool.hits == 0
     return {
         "model": model, "images": len(feats), "key_bits": warm_keys.n.bit_length(), "features": int(feats.shape[1]),
-        "keygen_ms": round(keygen_ms, 1),
-        "client_encrypt_ms": _stats(enc),
+        "keygen_ms": round(run["keys"]["generate_ms"], 1),
+        "client_encrypt_ms": _stats(r.encrypt_ms for r in run["images"]),
         "client_encrypt_ms_phe_raw_encrypt": _stats(enc_phe),
-        "server_eval_ms_warm_pool": _stats(warm),
-        "server_eval_ms_empty_pool": _stats(cold),
-        "pool_factor_ms": _stats(fill) if fill else None,
-        "client_decrypt_ms": _stats(dec),
-        "bytes": {"input_ciphertext": len(ct), "output_ciphertext": len(r_warm), "evaluation_keys": len(ek)},
+        "server_eval_ms_warm_pool": _stats(both.warm_ms),
+        "server_eval_ms_empty_pool": _stats(both.cold_ms),
+        "pool_factor_ms": _stats(both.fill_ms) if both.fill_ms else None,
+        "client_decrypt_ms": _stats(r.decrypt_ms for r in run["images"]),
+        "bytes": run["bytes"],
         "load_average_1min": {"min": round(min(load), 2), "max": round(max(load), 2)},
-        "cpu_count": os.cpu_count(),
+        "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -104,9 +104,8 @@ class PaillierClient(ClientSession):
         """Scores (logits) as float64, shape (num_outputs,)."""
         pk, sk = self._keys()
         msg = wire.loads(data, wire.KIND_SCORES)
-        if msg.fingerprint != self._fingerprint:
-            raise CiphertextError("this reply was computed under another Paillier key: it belongs to a different "
-                                  "client session")
+        wire.FRAMING.check_binding(wire.KIND_SCORES, msg.fingerprint, self._fingerprint, "another Paillier key",
+                                   "it belongs to a different client session")
         scale = self.feature_bits + self.weight_bits
         if len(msg.values) != 1 or msg.slots != self.num_outputs or msg.slot_bits != self.slot_bits \
                 or msg.scale != scale:

@@ -27,32 +27,23 @@ import phe
 from phe import paillier
 from torch import nn
 
-from medhe.errors import CiphertextError, PlanError, SecurityError
+from medhe.errors import CiphertextError, PlanError
 from medhe.he.paillier import encoding, wire
 from medhe.he.paillier import pool as rerand
 from medhe.he.paillier.multiexp import bit_schedule, multi_pow
 from medhe.he.scheme import ServerModel
+from medhe.he.security import (PAILLIER_DEFAULT_KEY_BITS, PAILLIER_MAX_KEY_BITS, PAILLIER_MIN_KEY_BITS,
+                               check_paillier_key_bits, paillier_security_bits)
 
 SCHEME = "paillier"
-DEFAULT_KEY_BITS = 3072  # ~128-bit security (NIST SP 800-57 equivalence for factoring-based keys)
-MIN_KEY_BITS = 2048  # ~112-bit; the floor medhe accepts at all
-MAX_KEY_BITS = 16384  # refuse absurd keys that would turn one request into minutes of work
+DEFAULT_KEY_BITS = PAILLIER_DEFAULT_KEY_BITS  # ~128-bit security (NIST SP 800-57 equivalence for factoring keys)
+MIN_KEY_BITS = PAILLIER_MIN_KEY_BITS  # ~112-bit; the floor medhe accepts at all
+MAX_KEY_BITS = PAILLIER_MAX_KEY_BITS  # refuse absurd keys that would turn one request into minutes of work
 DEFAULT_FEATURE_BITS = 24
 DEFAULT_WEIGHT_BITS = 24
+SPEC_FORMAT = "medhe-paillier-spec/1"
 
-
-def check_key_bits(bits: int, where: str) -> int:
-    """Refuse moduli below the security floor (SecurityError) or of unusable size."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise SecurityError(f"{where}: Paillier key size must be an integer number of bits, not {bits!r}")
-    bits = int(bits)
-    if bits < MIN_KEY_BITS:
-        raise SecurityError(f"{where}: a {bits}-bit Paillier modulus is below the {MIN_KEY_BITS}-bit floor "
-                            f"(use {DEFAULT_KEY_BITS} bits for 128-bit security)")
-    if bits > MAX_KEY_BITS:
-        raise SecurityError(f"{where}: a {bits}-bit Paillier modulus is larger than the {MAX_KEY_BITS}-bit limit; "
-                            f"use {DEFAULT_KEY_BITS}")
-    return bits
+check_key_bits = check_paillier_key_bits  # the floor lives in medhe.he.security with the other schemes'
 
 
 def affine_map(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +99,7 @@ class PaillierServerModel(ServerModel):
             raise PlanError(f"pool_size must be an integer in 0..{rerand.MAX_POOLED} (default "
                             f"{rerand.DEFAULT_POOL_SIZE}; 0 computes every re-randomisation inline), not {pool_size!r}")
         self.pool_size, self.pool_background = pool_size, bool(pool_background)
-        self.key_bits = check_key_bits(key_bits, "compile_paillier")
+        self.key_bits = check_key_bits(key_bits, "Paillier model")
         for label, bits in (("feature_bits", feature_bits), ("weight_bits", weight_bits)):
             if not isinstance(bits, int) or not 8 <= bits <= 64:
                 raise PlanError(f"{label} must be an integer in 8..64 (default 24), not {bits!r}")
@@ -138,10 +129,13 @@ class PaillierServerModel(ServerModel):
     def spec(self) -> dict[str, Any]:
         return {
             "scheme": SCHEME,
-            "name": self.name,
+            "format": SPEC_FORMAT,
+            "model": self.name,
+            "name": self.name,  # pre-0.x name of "model", kept for clients that read it
             "task": self.task,
             "labels": self.labels,
-            "num_outputs": self.num_outputs,
+            "output": {"count": self.num_outputs},
+            "num_outputs": self.num_outputs,  # pre-0.x name of output.count, kept for clients that read it
             "input": {"kind": "features", "dim": self.dim, "bound": self.feature_bound},
             "params": {
                 "library": f"phe {phe.__version__}",
@@ -155,6 +149,10 @@ class PaillierServerModel(ServerModel):
             },
             **self.extra_spec,
         }
+
+    def report_params(self) -> dict[str, Any]:
+        # the server's evaluation is medhe's gmpy2 multi-exponentiation; phe makes the keys and ciphertexts
+        return {"backend": "gmpy2", "security_bits": paillier_security_bits(self.key_bits)}
 
     def load_keys(self, data: bytes) -> PaillierKeys:
         msg = wire.loads(data, wire.KIND_PUBLIC_KEY)
@@ -185,9 +183,9 @@ class PaillierServerModel(ServerModel):
         if not isinstance(keys, PaillierKeys):
             raise CiphertextError("infer() needs the object returned by load_keys(): load the client's key first")
         msg = wire.loads(ciphertext, wire.KIND_FEATURES)
-        if msg.fingerprint != keys.fingerprint:
-            raise CiphertextError("these ciphertexts were made under a different Paillier key than the one loaded: "
-                                  "send the evaluation key of the session that encrypted them")
+        wire.FRAMING.check_binding(wire.KIND_FEATURES, msg.fingerprint, keys.fingerprint,
+                                   "a different Paillier key than the one loaded",
+                                   "send the evaluation key of the session that encrypted them")
         if len(msg.values) != self.dim:
             raise CiphertextError(f"expected {self.dim} encrypted features, got {len(msg.values)}: run the model's "
                                   "client stage (feature extractor) before encrypting")
@@ -245,12 +243,12 @@ def compile_paillier(artifact: Any, key_bits: int | None = None, feature_bits: i
     card = artifact.card
     scheme_opts = card.get("scheme_options") or {}
     key_bits = DEFAULT_KEY_BITS if key_bits is None else key_bits
-    check_key_bits(key_bits, "compile_paillier")
+    check_key_bits(key_bits, "Paillier model")
     if feature_bound is None:
         feature_bound = scheme_opts.get("feature_bound")
     if feature_bound is None:
         raise PlanError(f"{artifact.name}: the card does not say how large the features can get; add "
-                        "scheme_options.feature_bound to card.json or pass feature_bound=")
+                        "scheme_options.feature_bound (largest |feature| on the training set) to its card.json")
     weight, bias = affine_map(artifact.model)
     stage = card.get("client_stage") or None
     extra = {"preprocessing": card.get("preprocessing"), "client_stage": stage}

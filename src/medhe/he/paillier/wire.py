@@ -63,12 +63,9 @@ def loads(data: bytes, kind: int) -> Message:
         raise CiphertextError(f"{what} header is implausible (count {count}, width {width}): "
                               "the message is corrupted")
     expected = _HEADER.size + count * width + _DIGEST
-    if len(data) != expected:
-        raise CiphertextError(f"{what} is {len(data)} bytes, its header says {expected}: the message was "
-                              "truncated or padded in transit; resend it")
+    FRAMING.check_size(kind, len(data), expected)
     body_end = expected - _DIGEST
-    if hashlib.sha256(data[:body_end]).digest()[:_DIGEST] != data[body_end:]:
-        raise CiphertextError(f"{what} failed its checksum: the bytes were altered in transit; resend them")
+    FRAMING.check_checksum(kind, hashlib.sha256(data[:body_end]).digest()[:_DIGEST] == data[body_end:])
     values = [int.from_bytes(data[_HEADER.size + i * width:_HEADER.size + (i + 1) * width], "big")
               for i in range(count)]
     return Message(got_kind, fp, values, scale, slot_bits, slots)

@@ -18,8 +18,6 @@ average is recorded next to every stage, and CPU time (``time.process_time``, al
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import threading
 import time
@@ -29,10 +27,11 @@ import numpy as np
 import torch
 
 from medhe.errors import DataError
-from medhe.he.evaluate import ImageRun, _stats, run_encrypted
+from medhe.he.evaluate import ImageRun, run_encrypted
 from medhe.he.tfhe import compile_tfhe
 from medhe.he.tfhe.server import TFHEServerModel
-from medhe.machine import load_average
+from medhe.machine import load_average, machine_info
+from medhe.stats import summarize
 from medhe.models.metrics import predictions
 from medhe.models.quant import build_qfcnn
 
@@ -137,7 +136,7 @@ def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.
         "keys_load_s": round(keys["server_load_ms"] / 1e3, 2),
         "load_average_at_keygen": load_keygen,
         "latency_ms": {"encrypt": run["latency_ms"]["encrypt"], "eval": run["latency_ms"]["eval"],
-                       "eval_cpu": _stats([r.eval_cpu_ms for r in runs]), "decrypt": run["latency_ms"]["decrypt"]},
+                       "eval_cpu": summarize([r.eval_cpu_ms for r in runs]), "decrypt": run["latency_ms"]["decrypt"]},
         "eval_ms_median": round(float(np.median(eval_ms)), 3),
         "eval_ms_each": [round(v, 1) for v in eval_ms],
         "load_average_per_image": loads,
@@ -197,7 +196,7 @@ def run_tfhe_benchmark(model: str = "pneumoniamnist-qfcnn", n_images: int = 10, 
                                                         weights="torch default init (seeded), 4-bit symmetric")})
     result: dict[str, Any] = {
         "dataset": flag,
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine_info(),
         "load_average_start": load_start,
         "medhe": ours,
         "baseline": base,

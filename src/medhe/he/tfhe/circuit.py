@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from medhe.errors import PlanError
+from medhe.he.security import TFHE_SECURITY_BITS
 from medhe.models.quant import IntegerFCNN, IntegerLayer
 
 with warnings.catch_warnings():  # concrete's namespace package import warns about pkg_resources
@@ -33,7 +34,7 @@ with warnings.catch_warnings():  # concrete's namespace package import warns abo
     from concrete.fhe.compilation.configuration import SecurityLevel
 
 #: Concrete's default security target; medhe never compiles below it.
-SECURITY_BITS = 128
+SECURITY_BITS = TFHE_SECURITY_BITS  # the floor lives in medhe.he.security
 EXACTNESS = ("exact", "approximate")
 DEFAULT_EXACTNESS = "exact"
 #: Seeded keys and inputs (Concrete's own compression): 274 -> 52 MB of keys and 3.2 MB -> 5 KB per input for

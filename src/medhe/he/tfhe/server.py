@@ -42,6 +42,10 @@ class TFHEServerModel(ServerModel):
             self._client_specs = self.circuit.client.specs.serialize()
             self.fingerprint = wire.fingerprint(self._client_specs)
 
+    def report_params(self) -> dict[str, Any]:
+        # what evaluated: Concrete's simulation (no ciphertexts) or its encrypted execution
+        return {"backend": f"concrete-{self.mode}"}
+
     # -- plain paths --------------------------------------------------------------------------------------------
     def simulate(self, q: np.ndarray) -> np.ndarray:
         """Concrete's simulation of the circuit on quantized inputs: int (N, input_size) -> int (N, outputs)."""
@@ -70,7 +74,9 @@ class TFHEServerModel(ServerModel):
                 "labels": list(self.card.get("labels", [])),
                 "input": {"shape": list(integer.in_shape), "pool": integer.pool, "bits": integer.input_bits,
                           "range": list(integer.input_range), "size": integer.input_size},
-                "output": {"size": int(integer.layers[-1].weight.shape[0]), "scale": integer.output_scale},
+                # "count" as in every scheme's spec; "size" is the pre-schema name, kept for clients that read it
+                "output": {"count": int(integer.layers[-1].weight.shape[0]),
+                           "size": int(integer.layers[-1].weight.shape[0]), "scale": integer.output_scale},
                 "fingerprint": self.fingerprint.hex(),
                 "client_specs": base64.b64encode(self._client_specs).decode("ascii"),
                 "params": self.params,

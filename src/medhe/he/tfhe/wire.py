@@ -34,15 +34,10 @@ def pack(kind: int, fp: bytes, payload: bytes) -> bytes:
 
 def unpack(data: bytes, kind: int, fp: bytes) -> bytes:
     """Check the frame and return the Concrete payload; raises ``CiphertextError`` naming what is wrong."""
-    what = FRAMING.what(kind)
     data, (_magic, _version, _kind, got_fp, length, crc) = FRAMING.open(data, kind, _HEADER)
-    if got_fp != fp:
-        raise CiphertextError(f"{what} was made for another circuit or parameters (fingerprint "
-                              f"{got_fp.hex()[:12]} != {fp.hex()[:12]}): fetch this server's spec and make new keys")
+    FRAMING.check_binding(kind, got_fp, fp, "another circuit or parameters",
+                          "fetch this server's spec and make new keys")
     payload = data[_HEADER.size:]
-    if len(payload) != length:
-        raise CiphertextError(f"{what} is {len(payload)} bytes after its header, which says {length}: "
-                              "it was truncated or padded in transit; resend it")
-    if zlib.crc32(payload) != crc:
-        raise CiphertextError(f"{what} failed its checksum: the bytes were altered in transit; resend them")
+    FRAMING.check_size(kind, len(payload), length)
+    FRAMING.check_checksum(kind, zlib.crc32(payload) == crc)
     return bytes(payload)

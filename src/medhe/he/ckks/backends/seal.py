@@ -76,6 +76,19 @@ class SealBackend(Backend):
             gen.create_galois_keys(list(rotation_steps), self.galois_keys)
         self.relin_keys = gen.create_relin_keys() if relinearization else None
 
+    def use_secret_key(self, secret: seal.SecretKey) -> None:
+        """Adopt an existing secret key (the key holder's KEYDIR) instead of generating one; no evaluation keys."""
+        self._secret = secret
+        self._encryptor = seal.Encryptor(self.context, secret)
+        self._decryptor = seal.Decryptor(self.context, secret)
+        self._seeder = Seeder(self.context, secret)
+
+    def secret_key_bytes(self) -> bytes:
+        """SEAL's serialization of the secret key, for the key holder's own 0600 key file only."""
+        if self._secret is None:
+            raise SecurityError("no secret key: call keygen() first")
+        return self._secret.to_string()
+
     def evaluation_key_bytes(self, levels: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
         """(Galois keys, relinearization keys) in the compact wire format; no secret key material.
 

@@ -38,9 +38,8 @@ def unpack(data: bytes, kind: int, plan_id: str) -> list[bytes]:
     """The parts of a message; ``CiphertextError`` naming the problem when it is not what this plan expects."""
     what = FRAMING.what(kind)
     view, (_magic, _version, _kind, pid, count) = FRAMING.open(data, kind, _HEADER)
-    if pid != plan_id_bytes(plan_id):
-        raise CiphertextError(f"{what} was made for another model or parameter set: fetch this server's spec, "
-                              "then create keys and encrypt again")
+    FRAMING.check_binding(kind, pid, plan_id_bytes(plan_id), "another model or parameter set",
+                          "fetch this server's spec, then create keys and encrypt again")
     data = bytes(view)
     parts, pos = [], _HEADER.size
     for _ in range(count):

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Pretrain the ``covid-cxr`` extractor on the NIH ChestX-ray14 subset (14 findings), minus the images it shares.
 
-    MEDHE_DATA=/work/shared/data python scripts/pretrain_nih.py --out runs/nih-pretrain     # ~3 min, 2 threads
-    python scripts/cv_covid.py --fold 0 --epochs 60 --init-extractor runs/nih-pretrain/extractor.safetensors ...
+    medhe recipe nih-pretrain --out runs/nih-pretrain     # ~3 min, 2 threads
+    medhe recipe covid-cv --fold 0 --epochs 60 --init-extractor runs/nih-pretrain/extractor.safetensors ...
 
 Why: the shipped extractor learns from 688 images with no pretraining (no weights can be fetched here, and
-PneumoniaMNIST shares test images with the subset: ``scripts/overlap_covid_pneumonia.py``). The NIH subset is
+PneumoniaMNIST shares test images with the subset: ``medhe recipe covid-overlap``). The NIH subset is
 adult and labelled with the opacities COVID-19 shows; the COVID database's RSNA Normals come from NIH, so every NIH
 image that correlates >= 0.98 with any subset image (64x64, all splits) is dropped before training. The extractor is
 the shipped one (128 px, width 0.5, 32 features) with a linear head to the 14 findings (binary cross-entropy, the
@@ -24,15 +24,13 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cv_covid import LR, extractor_kwargs  # noqa: E402  (the shipped extractor's shape and rate)
-from overlap_covid_pneumonia import unit_rows  # noqa: E402
-from train_covid import AUGMENTS, DATASET  # noqa: E402
-
-from medhe.atomic import write_bytes, write_json  # noqa: E402
-from medhe.data import Preprocess, load_dataset, resolve_data_dir  # noqa: E402
-from medhe.data.images import resize  # noqa: E402
-from medhe.models.train_extractor import train_split_model  # noqa: E402
+from medhe.atomic import write_bytes, write_json
+from medhe.data import Preprocess, load_dataset, resolve_data_dir
+from medhe.data.images import resize
+from medhe.models.train_extractor import train_split_model
+from medhe.recipes.covid import AUGMENTS, DATASET
+from medhe.recipes.covid_cv import LR, extractor_kwargs  # the shipped extractor's shape and rate
+from medhe.recipes.covid_overlap import unit_rows
 
 NIH = "nih_chestxray14_subset"
 
@@ -48,8 +46,8 @@ def shared_images(nih, covid, threshold: float) -> list[tuple[int, float, str]]:
     return [(int(i), float(best[i]), covid.paths[match[i]]) for i in np.flatnonzero(best >= threshold)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medhe recipe nih-pretrain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/nih-pretrain")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--epochs", type=int, default=30)
@@ -57,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=0.98, help="correlation above which an NIH image is "
                     "taken to be a copy of a COVID-subset image (copies score >= 0.998, others <= 0.94)")
     ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = resolve_data_dir(args.data_dir)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     state = {k: v.contiguous() for k, v in result.extractor.state_dict().items()}
     write_bytes(out / "extractor.safetensors", save(state))
     write_json(out / "pretrain.json", {
-        "command": "python scripts/pretrain_nih.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "medhe recipe nih-pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "images": int(len(keep)),
         "dropped_as_shared_with_covid_subset": [{"nih": nih.paths[i], "correlation": round(c, 4), "covid": p}
                                                for i, c, p in shared],

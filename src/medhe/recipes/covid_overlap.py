@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Near-duplicate check between the COVID-19 Radiography subset and PneumoniaMNIST, before any joint use.
 
-    MEDHE_DATA=/work/shared/data python scripts/overlap_covid_pneumonia.py [--out runs/overlap.json]
+    medhe recipe covid-overlap [--out runs/overlap.json]
 
 Why: PneumoniaMNIST (5,856 chest X-rays) is the only larger chest X-ray set available offline, so it is the
 obvious corpus to pretrain the ``covid-cxr`` extractor on. But the COVID-19 Radiography Database took its first
@@ -48,12 +48,17 @@ def _group(path: str) -> str:
     return "Normal, Kermany-sourced (1..1341)" if number <= KERMANY_NORMALS else "Normal, other sources"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medhe recipe covid-overlap", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threshold", type=float, default=0.95,
                     help="correlation counted as a likely duplicate (the COVID images' maximum is about this)")
     ap.add_argument("--out", help="also write the per-image best matches as JSON")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     pneumonia = [load_dataset("pneumoniamnist", split=s, data_dir=args.data_dir) for s in ("train", "val", "test")]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train and export the shipped ``covid-cxr`` model (public MobileNetV2-style extractor + private linear head).
 
-    MEDHE_DATA=/work/shared/data python scripts/train_covid.py [--out src/medhe/pretrained/covid-cxr]
+    medhe recipe covid [--out src/medhe/pretrained/covid-cxr]
 
 Data: the COVID-19 Radiography subset (COVID vs Normal) with medhe's deterministic stratified split (seed 0,
 70/15/15). Images are resized to 128 px grayscale (the card records the exact ``Preprocess``). The epoch is
@@ -99,7 +99,7 @@ def ensemble(args: argparse.Namespace, argv: list[str] | None) -> int:
         "preprocessing": pre.to_dict(),
         "metrics": scores,
         "training": {
-            "command": "python scripts/train_covid.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "command": "medhe recipe covid " + shlex.join(sys.argv[1:] if argv is None else argv),
             "ensemble_of": [m.card["training"] for m in members], "head": choice, "val_acc_per_head": val_acc,
             "test_time_views": args.views,
             **({"model_selection": json.loads(Path(args.model_selection).read_text())} if args.model_selection else {}),
@@ -113,8 +113,8 @@ def ensemble(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medhe recipe covid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(PRETRAINED_DIR / "covid-cxr"))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--size", type=int, default=128)
@@ -145,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --ensemble: client-side test-time augmentation (features averaged over these views)")
     ap.add_argument("--ensemble", nargs="+", metavar="DIR",
                     help="instead of training: combine trained covid-cxr directories into one ensemble model")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.ensemble:
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": scores,
         "activation_ranges": {},
         "training": {
-            "command": "python scripts/train_covid.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "command": "medhe recipe covid " + shlex.join(sys.argv[1:] if argv is None else argv),
             "seed": args.seed, "epochs": args.epochs, "best_epoch": result.best_epoch,
             "selected_on": "val acc" if args.fit_on == "train" else "none: last epoch (val is training data)",
             "fit_on": args.fit_on,

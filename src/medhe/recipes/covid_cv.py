@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """K-fold cross-validation of the shipped ``covid-cxr`` recipe on train+val, without touching the test split.
 
-    MEDHE_DATA=/work/shared/data python scripts/cv_covid.py --fold 0 --out runs/covid-cv   # one fold (~2 min)
-    MEDHE_DATA=/work/shared/data python scripts/cv_covid.py --summarize --out runs/covid-cv
-    python scripts/cv_covid.py --summarize --out runs/ens --members runs/seed0 runs/seed1   # mean-head ensemble
+    medhe recipe covid-cv --fold 0 --out runs/covid-cv   # one fold (~2 min)
+    medhe recipe covid-cv --summarize --out runs/covid-cv
+    medhe recipe covid-cv --summarize --out runs/ens --members runs/seed0 runs/seed1   # mean-head ensemble
 
 Why: the test split has 122 images, so one image moves test accuracy by 0.8 points and the 0.94 bar sits inside
-the noise of a single split. Refitting a recipe (``scripts/train_covid.py``: 128 px, width 0.5, 30 epochs in
+the noise of a single split. Refitting a recipe (``medhe recipe covid``: 128 px, width 0.5, 30 epochs in
 round 1 and 60 since round 2, last epoch kept, seed 0; features averaged over the image and its ±5° rotations)
 on K-1 folds of the 688 train+val images and scoring the held-out fold gives 688 out-of-fold predictions: an
 accuracy estimate for the recipe with a confidence interval, from images the test split never saw. Folds are
@@ -26,13 +26,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_covid import AUGMENTS, VIEW_SETS, VIEWS, _splits, metrics  # noqa: E402  (the shipped recipe's pieces)
-
-from medhe.atomic import write_json  # noqa: E402
-from medhe.data import Preprocess  # noqa: E402
-from medhe.models.mobilenet import build_mobilenetv2_extractor  # noqa: E402
-from medhe.models.train_extractor import train_split_model  # noqa: E402
+from medhe.atomic import write_json
+from medhe.data import Preprocess
+from medhe.models.mobilenet import build_mobilenetv2_extractor
+from medhe.models.train_extractor import train_split_model
+from medhe.recipes.covid import AUGMENTS, VIEW_SETS, VIEWS, _splits, metrics  # the shipped recipe's pieces
 
 LR, VIEW_SET = 3e-3, "rot"
 
@@ -132,8 +130,8 @@ def summarize(k: int, out: Path, members: list[Path] | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medhe recipe covid-cv", description=__doc__.split("\n\n")[0])
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--fold", type=int, help="run this fold (0..k-1)")
     ap.add_argument("--summarize", action="store_true", help="pool the folds' out-of-fold predictions")
@@ -147,9 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width-mult", type=float, default=0.5, help="MobileNetV2 width (shipped: 0.5)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (shipped: 0)")
     ap.add_argument("--init-extractor", metavar="SAFETENSORS",
-                    help="start the extractor from these pretrained weights (scripts/pretrain_nih.py)")
+                    help="start the extractor from these pretrained weights (medhe recipe nih-pretrain)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--fold must be 0..{args.k - 1} (or use --summarize)")
     init = Path(args.init_extractor) if args.init_extractor else None
     if init is not None and not init.is_file():
-        ap.error(f"--init-extractor {init}: no such file (run scripts/pretrain_nih.py first)")
+        ap.error(f"--init-extractor {init}: no such file (run medhe recipe nih-pretrain first)")
     run_fold(args.fold, args.k, out, args.data_dir, args.size, args.epochs, args.width_mult, args.seed, init)
     return 0
 

@@ -4,7 +4,7 @@ Why a script of its own: the shipped TFHE models must be reproducible from one r
 pieces as ``medhe train`` (medhe.data, the zoo's ``qfcnn``, ``save_artifact``) and records its exact command line.
 The checkpoint is chosen on validation accuracy of the quantized network; the test split is only reported.
 
-    python scripts/train_qfcnn.py --dataset pneumoniamnist --out src/medhe/pretrained/pneumoniamnist-qfcnn
+    medhe recipe qfcnn --dataset pneumoniamnist --out src/medhe/pretrained/pneumoniamnist-qfcnn
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def jitter(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor
     return torch.clamp(x * c + b, -1.0, 1.0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medhe recipe qfcnn", description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="pneumoniamnist")
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default=None)
@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--balanced", action="store_true", help="class-balanced cross-entropy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     q_test = integer.predict_logits(xs["test"].numpy()).argmax(1)
     print(json.dumps({"best_epoch": best_epoch + 1, "quantized": result, "float": result_float,
                       "integer_test_acc": float((q_test == ys["test"]).mean())}), flush=True)
-    command = "python scripts/train_qfcnn.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "medhe recipe qfcnn " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     card = {
         "name": args.name or f"{args.dataset}-qfcnn",
         "arch": "qfcnn",

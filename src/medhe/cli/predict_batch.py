@@ -1,0 +1,98 @@
+"""``medhe predict --batch FOLDER``: every image of a folder through the server's batch mode, one CSV/JSON out.
+
+The folder is read completely before any key generation or upload, so a bad file is reported at once: an
+unreadable file is an error naming it (or, with ``--skip-bad``, listed and skipped), and images of different
+sizes or channel counts are one error naming the first odd file (one batch is one kind of scan). The result file
+is written atomically: either the complete table or nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medhe import atomic
+from medhe.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ""}
+
+
+def _describe(img: np.ndarray) -> str:
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    return f"{img.shape[1]}x{img.shape[0]} with {channels} channel{'s' if channels > 1 else ''}"
+
+
+def read_folder(folder: str | Path, skip_bad: bool = False) -> tuple[list[np.ndarray], list[str], list[dict]]:
+    """(images, their paths, skipped files with the reason) of every image file in ``folder`` (sorted)."""
+    from medhe.data import read_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{folder} is not a folder: pass a folder of PNG/JPEG/DICOM images to --batch")
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES)
+    images, sources, skipped = [], [], []
+    for path in files:
+        try:
+            img = read_image(path)
+        except DataError as exc:
+            if not skip_bad:
+                raise DataError(f"{path}: cannot be read ({exc}); fix or remove it, or pass --skip-bad to skip "
+                                "unreadable files") from None
+            skipped.append({"source": str(path), "error": str(exc)})
+            continue
+        if images and img.shape != images[0].shape:
+            raise DataError(f"{path} is {_describe(img)}, but {sources[0]} is {_describe(images[0])}: all images "
+                            "of a batch need the same size and channels; put different kinds of scans in "
+                            "separate folders")
+        images.append(img)
+        sources.append(str(path))
+    if not images:
+        raise DataError(f"{folder} holds no readable images ({', '.join(sorted(s or 'no suffix' for s in IMAGE_SUFFIXES))})")
+    return images, sources, skipped
+
+
+def render(results: list[Any], skipped: list[dict], fmt: str, server: str, model: str) -> str:
+    if fmt == "json":
+        return json.dumps({"server": server, "model": model, "results": [r.to_dict() for r in results],
+                           "skipped": skipped}, indent=2) + "\n"
+    labels = list(results[0].probabilities) if results else []
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["source", "label", "positive", *[f"p_{name}" for name in labels], "error"])
+    for r in results:
+        writer.writerow([r.source, r.label, ";".join(r.positive), *[f"{r.probabilities[n]:.6f}" for n in labels], ""])
+    for s in skipped:
+        writer.writerow([s["source"], "", "", *[""] * len(labels), s["error"]])
+    return buf.getvalue()
+
+
+def run_batch(args: Any) -> int:
+    from medhe.service.batch_client import BatchDiagnoser
+    from medhe.service.client import Client
+
+    images, sources, skipped = read_folder(args.batch, args.skip_bad)
+    for s in skipped:
+        print(f"skipped {s['source']}: {s['error']}", file=sys.stderr)
+    out = Path(args.out) if args.out else None
+    fmt = "json" if args.json or (out is not None and out.suffix.lower() == ".json") else "csv"
+    with Client(args.server, token=args.token, verify=args.cacert or True) as client:
+        diagnoser = BatchDiagnoser(client, args.model)
+        try:
+            results = diagnoser.diagnose(images, sources, progress=sys.stderr.isatty())
+        finally:
+            diagnoser.forget_keys()
+    text = render(results, skipped, fmt, args.server, diagnoser.id)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        atomic.write_text(out, text)
+        print(f"{len(results)} diagnoses written to {out}" + (f" ({len(skipped)} files skipped)" if skipped else ""),
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,109 @@
+"""What one served model's uploads may weigh, and what a loaded key set costs the worker that holds it.
+
+Computed once per model in the workers (which have the compiled model and its HE library) from the public spec,
+and sent to the web process as plain numbers. The web process then refuses a body from its ``Content-Length``
+or as soon as it streams past what the model can possibly need, and accounts keys at the memory they occupy once
+deserialized, not at their (much smaller, level-trimmed and seeded) size as sent:
+
+- CKKS: a key set is ``len(rotation_steps)`` Galois keys (+1 relinearization key); SEAL holds each as
+  ``d = len(data primes)`` key-switching components of 2 polynomials over all ``d + 1`` primes, 8 bytes per
+  coefficient, trimmed digits refilled with zeros. Uploads are bounded by the same keys whole and unseeded
+  (every coefficient bit-packed to its prime's width), inputs by ``input.ciphertexts`` unseeded ciphertexts at
+  the input level; plus framing and a margin.
+- Paillier: one modulus of at most ``MAX_CLIENT_KEY_BITS`` bits; inputs are ``dim`` integers mod n^2.
+- Other schemes: no model-derived bound; the server's configured fallbacks apply.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+#: Largest Paillier modulus a client may register. A 16384-bit key makes each request ~100x the work of a
+#: 3072-bit one (exponentiations are cubic in the size), so one client could starve the others.
+MAX_CLIENT_KEY_BITS = 4096
+MARGIN = 1.25  # on top of the computed sizes: skeleton/zlib variation and headers
+SLACK = 64 << 10  # bytes on top of that, for tiny models whose framing dominates
+_COMPONENT_OVERHEAD = 256  # SEAL headers and metadata per key component or ciphertext (compact skeleton, generous)
+
+
+def _bits_bytes(bits: int) -> int:
+    return (bits + 7) // 8
+
+
+def ckks_rules(spec: dict[str, Any], fingerprint: bytes) -> dict[str, Any]:
+    params = spec["params"]
+    n, primes = int(params["poly_degree"]), [int(b) for b in params["prime_bits"]]
+    k = len(primes)  # key level: data primes + special prime
+    data = k - 1
+    nkeys = len(spec["rotation_steps"]) + (1 if spec.get("relinearization") else 0)
+    key_whole = data * (2 * _bits_bytes(n * sum(primes)) + _COMPONENT_OVERHEAD)
+    level = int(spec["input"]["level"])
+    ct_whole = 2 * _bits_bytes(n * sum(primes[: level + 1])) + _COMPONENT_OVERHEAD
+    cts = int(spec["input"]["ciphertexts"])
+    header = 24 + 4 * max(2, cts) + 32 * 4
+    return {
+        "scheme": "ckks",
+        "key_bytes": int(header + nkeys * key_whole * MARGIN + SLACK),
+        "input_bytes": int(header + cts * ct_whole * MARGIN + SLACK),
+        "held_bytes": nkeys * data * 2 * k * n * 8,
+        "plan_id": str(spec["plan_id"]),
+        "fingerprint": fingerprint.hex(),
+        "input_ciphertexts": cts,
+        "galois_part_bytes": int(len(spec["rotation_steps"]) * key_whole * MARGIN + SLACK),
+        "relin_part_bytes": int(key_whole * MARGIN + SLACK) if spec.get("relinearization") else 0,
+        "input_part_bytes": int(ct_whole * MARGIN + SLACK),
+    }
+
+
+def paillier_rules(spec: dict[str, Any], pool_size: int) -> dict[str, Any]:
+    dim = int(spec["input"]["dim"])
+    key_width = _bits_bytes(MAX_CLIENT_KEY_BITS)
+    ct_width = _bits_bytes(2 * MAX_CLIENT_KEY_BITS)
+    return {
+        "scheme": "paillier",
+        # room for keys up to 4x the limit, so that those get the message naming the key size limit from the
+        # header check (anything larger is refused by size alone)
+        "key_bytes": 36 + 4 * key_width + 16,
+        "input_bytes": 36 + dim * ct_width + 16,
+        # the key, its precomputations and the re-randomisation pool (one n^2 residue per pooled factor)
+        "held_bytes": (pool_size + 8) * ct_width + (64 << 10),
+        "max_key_bits": MAX_CLIENT_KEY_BITS,
+        "min_key_bits": int(spec["params"].get("min_key_bits", 2048)),
+        "dim": dim,
+    }
+
+
+def rules_for(model: Any) -> dict[str, Any] | None:
+    """Upload bounds and held memory of a compiled ``ServerModel``; ``None`` when its scheme has none."""
+    spec = model.spec()
+    scheme = spec.get("scheme")
+    if scheme == "ckks":
+        from medhe.he.ckks.backends.seal import seal_context
+        from medhe.he.ckks.compiler.params import CKKSParams
+        from medhe.he.ckks.wire.serialize import params_fingerprint
+
+        # from the parameters, not the model's backend: the frames are SEAL's whatever backend evaluates them
+        return ckks_rules(spec, params_fingerprint(seal_context(CKKSParams.from_dict(spec["params"]))))
+    if scheme == "paillier":
+        return paillier_rules(spec, int(getattr(model, "pool_size", 0)))
+    return None
+
+
+def describe(rules: dict[str, Any] | None, max_body: int | None, max_key_upload: int,
+             fallback_body: int = 256 << 20) -> dict[str, int]:
+    """The limits a client sees in the model listing (``limits``): what this server will accept."""
+    keys = min(rules["key_bytes"], max_key_upload) if rules else max_key_upload
+    body = rules["input_bytes"] if rules else None
+    if max_body is not None:
+        body = max_body if body is None else min(body, max_body)
+    out = {"key_bytes": int(keys), "input_bytes": int(body if body is not None else fallback_body)}
+    if rules:
+        out["key_set_held_bytes"] = int(rules["held_bytes"])
+    if rules and "max_key_bits" in rules:
+        out["max_key_bits"] = int(rules["max_key_bits"])
+    return out
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{math.ceil(n / 1024)} KiB"
