@@ -1,7 +1,8 @@
 """``medhe ui`` in a real browser: headless Chromium (OS package) driven by Selenium, the page's backend in this
 process (so its traffic can be inspected) and a real ``medhe serve`` on 127.0.0.1 serving pneumoniamnist (CKKS).
 
-Screenshots of each state go to the test's folder and to ``reports/ui/`` (the README uses one of them).
+Screenshots of each state go to the test's folder; with ``MEDHE_UI_SHOTS=DIR`` they are copied there too (the
+README's come from ``MEDHE_UI_SHOTS=reports/ui``), so a test run never rewrites tracked files by itself.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from test_service import CapturingTransport, SecretIndex, _write_dicom, plain_la
 pytestmark = pytest.mark.slow  # a server, a browser and real CKKS (CI runs it)
 
 REPO = Path(__file__).resolve().parents[1]
-SHOTS = REPO / "reports" / "ui"
+SHOTS = Path(os.environ["MEDHE_UI_SHOTS"]) if os.environ.get("MEDHE_UI_SHOTS") else None
 WAIT = 90  # seconds for one browser state; the whole module stays well under two minutes on 2 cores
 
 
@@ -122,11 +123,13 @@ def scans(tmp_path_factory, data_dir):
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory):
     folder = tmp_path_factory.mktemp("screenshots")
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    if SHOTS is not None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
 
     def shot(driver, name: str) -> None:
         driver.save_screenshot(str(folder / name))
-        shutil.copyfile(folder / name, SHOTS / name)
+        if SHOTS is not None:
+            shutil.copyfile(folder / name, SHOTS / name)
 
     return shot
 
