@@ -28,7 +28,6 @@ from test_service import CapturingTransport, SecretIndex, _write_dicom, plain_la
 
 pytestmark = pytest.mark.slow  # a server, a browser and real CKKS (CI runs it)
 
-REPO = Path(__file__).resolve().parents[1]
 SHOTS = Path(os.environ["MEDHE_UI_SHOTS"]) if os.environ.get("MEDHE_UI_SHOTS") else None
 WAIT = 90  # seconds for one browser state; the whole module stays well under two minutes on 2 cores
 
