@@ -15,8 +15,8 @@ from medhe import __version__
 from medhe.errors import MedheError
 
 #: command modules under medhe.cli, in the order they appear in --help.
-COMMAND_MODULES = ("train", "evaluate", "demo", "bench", "serve", "predict", "experiment", "autoencoder", "encmodel",
-                   "report", "recipe")
+COMMAND_MODULES = ("train", "evaluate", "demo", "bench", "serve", "predict", "ui", "experiment", "autoencoder",
+                   "encmodel", "report", "recipe")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kill-worker-after", type=int, metavar="N",
                    help="--service: SIGKILL one server worker after N completed requests (crash test; the SDK "
                         "re-registers and retries, the JSON reports how often)")
+    p.add_argument("--key-sets", type=int, metavar="N",
+                   help="--service: instead of the load test, register one client's CKKS keys N times on a one-worker "
+                        "server, delete them, and report the worker's memory before, loaded and after")
     p.add_argument("--data-dir")
     p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
     p.set_defaults(handler=run)
@@ -60,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
     json_out = output_file(args.json_out, "--json") if args.json_out else None
     args.data_dir = input_dir(args.data_dir, "--data-dir")
     started = time.time()
-    if args.service:
+    if args.key_sets is not None and (not args.service or args.key_sets < 1):
+        raise MedheError("--key-sets N (N >= 1) goes with --service")
+    if args.service and args.key_sets:
+        from medhe.service.keymemory import measure_key_memory
+
+        result = measure_key_memory(args.model or "pneumoniamnist", args.key_sets)
+    elif args.service:
         from medhe.service.loadtest import run_service_benchmark
 
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON document with every result: per image label (top class), probabilities, "
                         "logits, and positive (multi-label models: the labels at probability >= 0.5; always [] "
-                        "for single-label models, whose answer is label)")
+                        "for single-label models, whose answer is label), and warnings (why an image may be unlike the model's "
+                        "training data; the same checks as medhe ui)")
     p.set_defaults(handler=run)
 
 
@@ -57,13 +58,27 @@ def run(args: argparse.Namespace) -> int:
                  and sys.stderr.isatty()):
         results = client.diagnose_many(args.images, model=args.model,
                                        progress=not args.json and len(args.images) > 1 and sys.stderr.isatty())
+        preprocessing = client.model_info(results[0].model)["preprocessing"]
         client.forget_keys()
+    checks = input_checks(args.images, preprocessing)
     if args.json:
-        print(json.dumps({"server": args.server, "results": [r.to_dict() for r in results]}, indent=2))
+        print(json.dumps({"server": args.server, "results": [{**r.to_dict(), "warnings": w}
+                                                             for r, w in zip(results, checks)]}, indent=2))
         return 0
-    for r in results:
+    for r, warnings in zip(results, checks):
         print(format_result(r))
+        for warning in warnings:
+            print(f"  check: {warning}")
     return 0
+
+
+def input_checks(paths: list[str], preprocessing: dict) -> list[list[str]]:
+    """Per image, why it may be unlike the model's training data (``medhe.data.guard``; the page shows the same)."""
+    from medhe.data import Preprocess, read_image
+    from medhe.data.guard import check_image
+
+    pre = Preprocess.from_dict(preprocessing)
+    return [check_image(read_image(path), pre) for path in paths]
 
 
 def format_result(r) -> str:

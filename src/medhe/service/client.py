@@ -204,6 +204,11 @@ class Client:
             self._models = self._json("GET", protocol.models_path(), "models")
         return self._models
 
+    def refresh_models(self) -> None:
+        """Forget the cached listing so the next ``models()`` asks the server again (after it restarted, or to
+        retry after it was down). Sessions and their keys stay: a changed model is refused by the server."""
+        self._models = None
+
     def model_info(self, model: str | None = None) -> dict[str, Any]:
         models = self.models()
         if model is None:

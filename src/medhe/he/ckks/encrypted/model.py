@@ -133,6 +133,7 @@ class EncryptedServerModel(CKKSServerModel):
         self._program = None
         self._public = {k: v for k, v in spec.items() if k not in ("scheme", "format", "model", "task", "labels")}
         self._lock = threading.Lock()
+        self._program = None  # weights are ciphertexts: run instruction by instruction through the backend
 
     @property
     def key_id(self) -> str:

@@ -1,18 +1,16 @@
-"""Measure what registering and deleting CKKS key sets does to a worker's resident memory (issue #16).
+"""What registering and deleting CKKS key sets does to a worker's resident memory (issue #16).
 
 Starts ``medhe serve`` (one worker) on 127.0.0.1, generates one client's keys, registers them N times (each
 registration is deserialized afresh in the worker, exactly as N clients' keys would be), reads the worker's RSS
-and the server's key accounting, deletes every set, waits, reads the RSS again. Prints one JSON document.
-
-    PYTHONPATH=src python scripts/service_key_memory.py --model pneumoniamnist --sets 30
+and the server's key accounting, deletes every set, waits, reads the RSS again. Behind
+``medhe bench --service --key-sets N``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -28,13 +26,9 @@ def rss(pid: int) -> int:
     return 0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="pneumoniamnist")
-    ap.add_argument("--sets", type=int, default=30)
-    args = ap.parse_args()
-    caps = ["--max-key-bytes", str(64 << 30), "--max-keys-per-client", str(args.sets + 1)]
-    with ServerProcess([args.model], workers=1, extra_args=caps) as srv, Client(srv.url) as client:
+def measure_key_memory(model: str = "pneumoniamnist", sets: int = 30) -> dict[str, Any]:
+    caps = ["--max-key-bytes", str(64 << 30), "--max-keys-per-client", str(sets + 1)]
+    with ServerProcess([model], workers=1, extra_args=caps) as srv, Client(srv.url) as client:
         (worker,) = srv.worker_pids()
         sess = client.session()  # one registration, to warm up (and the SDK's own keys)
         client.forget_keys()
@@ -43,7 +37,7 @@ def main() -> None:
         data = sess.evaluation_keys()
         ids = []
         t0 = time.perf_counter()
-        for _ in range(args.sets):
+        for _ in range(sets):
             r = httpx.post(srv.url + sess.info["endpoints"]["keys"], content=data,
                            headers={"Content-Type": protocol.OCTET}, timeout=600)
             r.raise_for_status()
@@ -62,17 +56,14 @@ def main() -> None:
         time.sleep(2.0)
         (now,) = srv.worker_pids()
         end = rss(now)
-        print(json.dumps({
-            "model": args.model, "sets": args.sets, "bytes_sent_per_set": len(data),
+        return {
+            "model": model, "sets": sets, "bytes_sent_per_set": len(data),
             "held_bytes_accounted_per_set": ids[0]["held_bytes"],
             "worker_rss_start_mib": round(start / 2**20, 1), "worker_rss_loaded_mib": round(full / 2**20, 1),
             "worker_rss_after_delete_mib": round(end / 2**20, 1),
-            "rss_growth_per_set_mib": round((full - start) / args.sets / 2**20, 2),
+            "rss_growth_per_set_mib": round((full - start) / sets / 2**20, 2),
             "accounted_key_bytes_mib": round(ready["key_bytes"] / 2**20, 1),
             "after_delete_vs_start": round(end / start, 3), "register_s_total": round(loaded_s, 1),
             "worker_recycled": now != worker,
-        }, indent=2))
+        }
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,46 @@
+"""``medhe ui``: the clinician's page on this computer; it encrypts here and asks a remote ``medhe serve``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from medhe.errors import MedheError
+from medhe.service import protocol
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="local web page for clinicians: encrypt here, diagnose on a medhe server",
+                       description="Start a web page on 127.0.0.1 for clinicians. Scans are preprocessed and "
+                                   "encrypted in this process, which holds the secret key; the server only sees "
+                                   "public keys and ciphertexts. Open the printed address in a browser.")
+    p.add_argument("--server", required=True, metavar="URL", help="the medhe server, e.g. http://10.0.0.5:8000")
+    p.add_argument("--port", type=int, default=8765, help="local port of the page (default 8765)")
+    p.add_argument("--token", help=f"bearer token of the server (default: ${protocol.TOKEN_ENV})")
+    p.add_argument("--cacert", help="CA bundle to verify the server's self-signed TLS certificate")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from medhe.cli.serve import _check_port_free
+    from medhe.ui.app import create_ui_app
+
+    if not 0 < args.port < 65536:
+        raise MedheError(f"--port {args.port} is not a valid TCP port")
+    token = args.token if args.token is not None else os.environ.get(protocol.TOKEN_ENV) or None
+    if args.cacert and not os.path.isfile(args.cacert):
+        raise MedheError(f"CA bundle not found: {args.cacert}")
+    host = "127.0.0.1"  # the page holds the secret key: never reachable from another machine
+    _check_port_free(host, args.port)
+    app = create_ui_app(args.server, token=token, verify=args.cacert or True)
+    print(f"medhe ui: open http://{host}:{args.port}/ in a browser (server {args.server}; Ctrl-C stops)",
+          file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level=args.log_level))
+    server.run()
+    if not server.started:
+        raise MedheError(f"medhe ui did not start on {host}:{args.port}; see the log above")
+    return 0
