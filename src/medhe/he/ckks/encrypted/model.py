@@ -128,9 +128,6 @@ class EncryptedServerModel(CKKSServerModel):
         self.name = str(spec.get("model", "model"))
         self.backend = backend
         self.plains = weights
-        # the native backend's whole-plan program multiplies by encoded plaintexts; ciphertext weights run
-        # instruction by instruction through run_program (CKKSServerModel.evaluate's other path)
-        self._program = None
         self._public = {k: v for k, v in spec.items() if k not in ("scheme", "format", "model", "task", "labels")}
         self._lock = threading.Lock()
         self._program = None  # weights are ciphertexts: run instruction by instruction through the backend
