@@ -37,6 +37,25 @@ def test_predict_accepts_the_url_serve_prints():
 
 
 @pytest.mark.slow
+def test_strict_predict_refuses_an_image_unlike_the_training_data(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from medhe.service.launch import ServerProcess
+
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.full((1, 1), 128, dtype=np.uint8)).save(tiny)
+    with ServerProcess(["covid-cxr:paillier"], workers=0) as srv:
+        refused = run_cli("predict", "--server", srv.url, "--strict", str(tiny))
+        warned = run_cli("predict", "--server", srv.url, str(tiny))
+        accepted = run_cli("predict", "--server", srv.url, "--strict", COVID)
+    line = one_line_error(refused)
+    assert str(tiny) in line and "nothing was sent" in line
+    assert warned.returncode == 0 and "  check: " in warned.stdout, warned.stderr
+    assert accepted.returncode == 0 and "check:" not in accepted.stdout, accepted.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["paillier", "tfhe"])
 def test_demo_runs_every_scheme_on_its_default_model(scheme):
     proc = run_cli("demo", "--scheme", scheme, "-n", "2", timeout=600)

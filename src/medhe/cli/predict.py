@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", metavar="KEYDIR",
                    help="encrypted models only: the key set (medhe keygen) the served model's weights are "
                         "encrypted under; its secret key stays here")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (before anything is encrypted or sent) an image that looks unlike the model's training "
+                        "data (size, channels, intensity statistics) instead of diagnosing it with a warning")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document with every result: per image label (top class), probabilities, "
                         "logits, and positive (multi-label models: the labels at probability >= 0.5; always [] "
@@ -53,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
         raise MedheError("--out and --skip-bad work with --batch FOLDER only")
     from medhe.progress import busy
 
+    if args.strict:
+        with Client(args.server, token=args.token, verify=args.cacert or True, keys=args.keys) as client:
+            preprocessing = client.model_info(args.model)["preprocessing"]
+        for path, warnings in zip(args.images, input_checks(args.images, preprocessing)):
+            if warnings:
+                raise MedheError(f"{path} looks unlike the model's training data ({warnings[0]}); nothing was sent "
+                                 "- check the file, or drop --strict to diagnose it with a warning")
     with Client(args.server, token=args.token, verify=args.cacert or True, keys=args.keys) as client, \
             busy("keys, encryption and server evaluation", not args.json and len(args.images) == 1
                  and sys.stderr.isatty()):
