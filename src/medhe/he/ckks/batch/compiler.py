@@ -31,7 +31,8 @@ from medhe.errors import PlanError
 from medhe.he.ckks.compiler.lower import prepare_graph
 from medhe.he.ckks.compiler.params import CKKSParams, choose_params, data_primes
 from medhe.he.ckks.compiler.prepare import PolyForm
-from medhe.he.ckks.compiler.trace import Graph, is_finite_range, poly_eval
+from medhe.he.ckks.compiler import trace
+from medhe.he.ckks.compiler.trace import Graph
 from medhe.he.security import MAX_MODULUS_BITS_128
 
 FORMAT = "medhe-ckks-batch-plan/1"
@@ -188,23 +189,8 @@ def _chain(graph: Graph, forms: dict[int, PolyForm]) -> None:
 
 
 def node_bounds(graph: Graph, input_bound: float = 1.0) -> list[float]:
-    """Largest |value| of each node (4-sigma estimate for linear layers, activation ranges for activations)."""
-    bounds: list[np.ndarray] = []
-    for node in graph.nodes:
-        if node.op == "input":
-            bounds.append(np.full(node.size, float(input_bound)))
-        elif node.op == "linear":
-            b_in = bounds[node.inputs[0]]
-            a = abs(node.matrix)
-            worst = a @ b_in
-            sigma = np.sqrt(a.multiply(a) @ (b_in ** 2))
-            bounds.append(np.minimum(worst, 4 * sigma) + np.abs(node.bias))
-        else:
-            b_in = float(bounds[node.inputs[0]].max())
-            lo, hi = node.input_range if is_finite_range(node.input_range) else (-b_in, b_in)
-            xs = np.linspace(lo, hi, 513)
-            bounds.append(np.full(node.size, float(np.abs(poly_eval(node.coeffs, xs)).max())))
-    return [float(b.max()) for b in bounds]
+    """Largest |value| of each node (the compiler's per-element bounds, reduced to one number a node)."""
+    return [float(b.max()) for b in trace.node_bounds(graph, input_bound)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -318,7 +318,12 @@ def run_plain(graph: Graph, x: np.ndarray) -> list[np.ndarray]:
 
 
 def output_bound(graph: Graph, input_bound: float = 1.0) -> float:
-    """A bound on |output| from the recorded activation ranges (each activation's image over its range).
+    """A bound on |output| from the recorded activation ranges (each activation's image over its range)."""
+    return float(node_bounds(graph, input_bound)[-1].max())
+
+
+def node_bounds(graph: Graph, input_bound: float = 1.0) -> list[np.ndarray]:
+    """A bound on |value| of every element of every node.
 
     Linear layers use the smaller of the worst case (sum |w|) and a 4-sigma estimate (4 * sqrt(sum w^2), inputs
     of independent sign): the worst case of a wide layer is far looser than anything a trained network produces.
@@ -342,7 +347,7 @@ def output_bound(graph: Graph, input_bound: float = 1.0) -> float:
             bounds.append(bounds[node.inputs[0]] * bounds[node.inputs[1]])
         else:
             bounds.append(bounds[node.inputs[0]] + bounds[node.inputs[1]])
-    return float(bounds[-1].max())
+    return bounds
 
 
 def is_finite_range(r: tuple[float, float] | None) -> bool:
