@@ -150,7 +150,6 @@ def _pneumonia(n: int, data_dir):
 def test_whole_plan_native_agrees_with_seal_on_50_images(data_dir):
     from medhe.he import client_for
     from medhe.he.ckks.server import compile_ckks
-    from medhe.he.ckks.wire import envelope
     from medhe.models.artifact import load_artifact
 
     art = load_artifact("pneumoniamnist")

@@ -12,7 +12,6 @@ import hashlib
 import struct
 import zlib
 
-from medhe.errors import CiphertextError
 from medhe.he.framing import Framing
 
 MAGIC = b"MHTF"
