@@ -43,6 +43,21 @@ class ImageRun:
     output_bytes: int
 
 
+def against_plain(task: str, labels: np.ndarray, plain_logits: np.ndarray, enc_logits: np.ndarray,
+                  run: dict[str, Any]) -> dict[str, Any]:
+    """The report fields every encrypted run of the float model shares (the one schema, docs/reports.md)."""
+    return {
+        "encrypted": compute_metrics(task, labels, enc_logits),
+        "n_encrypted": int(len(enc_logits)),
+        "reference": "plain",  # the scheme computes the float model itself
+        "agreement": agreement(task, plain_logits, enc_logits),
+        "max_abs_logit_error": float(np.max(np.abs(enc_logits - plain_logits))),
+        "latency_ms": run["latency_ms"],
+        "samples_ms": run["samples_ms"],
+        "logits": logits_block(labels, plain_logits, enc_logits),
+    }
+
+
 def run_encrypted(server: Any, inputs: np.ndarray, progress: bool = True, desc: str = "encrypted inference",
                   on_image: Callable[[ImageRun], None] | None = None,
                   stage: Callable[[str], ContextManager[Any]] | None = None,
@@ -118,15 +133,8 @@ def evaluate_encrypted(artifact: Any, scheme: str, inputs: np.ndarray, labels: n
     enc_logits = run["logits"]
     spec = server.spec()
     report.update({
-        "encrypted": compute_metrics(artifact.task, labels, enc_logits),
-        "n_encrypted": int(len(enc_logits)),
-        "reference": "plain",  # CKKS and Paillier compute the float model itself
-        "agreement": agreement(artifact.task, plain_logits, enc_logits),
-        "max_abs_logit_error": float(np.max(np.abs(enc_logits - plain_logits))),
-        "latency_ms": run["latency_ms"],
-        "samples_ms": run["samples_ms"],
+        **against_plain(artifact.task, labels, plain_logits, enc_logits, run),
         "bytes": run["bytes"],
         "params": {**spec.get("params", {}), **server.report_params()},
-        "logits": logits_block(labels, plain_logits, enc_logits),
     })
     return report

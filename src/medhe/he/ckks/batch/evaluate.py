@@ -11,7 +11,6 @@ from tqdm import tqdm
 
 from medhe.he.ckks.batch.client import CKKSBatchClient
 from medhe.he.ckks.batch.server import CKKSBatchServer, compile_ckks_batch
-from medhe.he.report import logits_block
 from medhe.he.security import MAX_MODULUS_BITS_128, security_bits
 from medhe.stats import summarize
 
@@ -85,27 +84,19 @@ def run_batch_encrypted(server: CKKSBatchServer, inputs: np.ndarray, progress: b
 def evaluate_batch(artifact: Any, inputs: np.ndarray, labels: np.ndarray, report: dict[str, Any],
                    plain_logits: np.ndarray, progress: bool = True) -> dict[str, Any]:
     """Fill ``report`` with the batch-mode encrypted side (same keys as ``evaluate_encrypted`` plus batch info)."""
-    from medhe.he.evaluate import agreement
-    from medhe.models.metrics import compute_metrics
+    from medhe.he.evaluate import against_plain
 
     server = compile_ckks_batch(artifact)
     run = run_batch_encrypted(server, inputs, progress)
     enc = run["logits"]
     report.update({
         "mode": "batch",
-        "encrypted": compute_metrics(artifact.task, labels, enc),
-        "n_encrypted": int(len(enc)),
-        "reference": "plain",  # the batch kernel computes the float model itself
-        "agreement": agreement(artifact.task, plain_logits, enc),
-        "max_abs_logit_error": float(np.max(np.abs(enc - plain_logits))),
-        "latency_ms": run["latency_ms"],
-        "samples_ms": run["samples_ms"],
+        **against_plain(artifact.task, labels, plain_logits, enc, run),
         "batch_ms": run["batch_ms"],
         "bytes": run["bytes"],
         "batch": run["batch"],
         "params": {**server.plan.params.to_dict(), **server.report_params()},
         "plan": server.plan.summary(),
         "security": security(server.plan.params),
-        "logits": logits_block(labels, plain_logits, enc),
     })
     return report

@@ -16,9 +16,7 @@ from medhe.errors import MedheError
 from medhe.he.ckks.encrypted.client import KeyHolderClient
 from medhe.he.ckks.encrypted.keys import load_keydir
 from medhe.he.ckks.encrypted.model import WEIGHTS_FILE, load_encrypted_model
-from medhe.he.evaluate import agreement, evaluate_encrypted, run_encrypted
-from medhe.he.report import logits_block
-from medhe.models.metrics import compute_metrics
+from medhe.he.evaluate import against_plain, evaluate_encrypted, run_encrypted
 
 
 def evaluate_encrypted_model(artifact: Any, encdir: str | os.PathLike, keydir: str | os.PathLike,
@@ -46,16 +44,9 @@ def evaluate_encrypted_model(artifact: Any, encdir: str | os.PathLike, keydir: s
     bytes_["encrypted_model"] = (Path(encdir) / WEIGHTS_FILE).stat().st_size
     report.update({
         "mode": "encrypted-model",
-        "encrypted": compute_metrics(artifact.task, labels, logits),
-        "n_encrypted": int(len(logits)),
-        "reference": "plain",  # the float model; plaintext_weights holds the same plan with plaintext weights
-        "agreement": agreement(artifact.task, plain_logits, logits),
-        "max_abs_logit_error": float(np.max(np.abs(logits - plain_logits))),
-        "latency_ms": run["latency_ms"],
-        "samples_ms": run["samples_ms"],
+        **against_plain(artifact.task, labels, plain_logits, logits, run),  # plaintext_weights: same plan, plain
         "bytes": bytes_,
         "params": {**spec.get("params", {}), **server.report_params()},
-        "logits": logits_block(labels, plain_logits, logits),
         "encrypted_model": {k: v for k, v in enc.items() if k != "format"},
         "plaintext_weights": {k: baseline[k] for k in ("encrypted", "agreement", "max_abs_logit_error",
                                                        "latency_ms", "bytes", "params")},
