@@ -10,7 +10,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train-autoencoder", help="train the VQ autoencoder of the latent pipeline for one factor",
         description="Train a VQ autoencoder (encoder, codebook, decoder) on 256x256 chest X-rays (NIH train split + "
-                    "COVID subset); report PSNR/SSIM on the held-out NIH val+test images.")
+                    "COVID subset *train* splits); report PSNR/SSIM on the held-out NIH val+test images.")
     p.add_argument("--factor", type=int, default=8, choices=(2, 4, 8, 16), help="downsampling factor per side")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--out", default=None, help="output folder (default: runs/vq-f<F>)")
@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
         held_out = held_out[:args.limit]
     metrics = {"held_out": ta.evaluate_reconstruction(ae, held_out)}
     record["command"] = ta.command_line()
-    record["data"] = {"nih_chestxray14_subset": "train split", "covid19_radiography_subset": "all, resized to 256",
+    record["data"] = {"nih_chestxray14_subset": "train split", "covid19_radiography_subset": "train split, resized to 256",
                       "limit": args.limit, "held_out": "nih_chestxray14_subset val+test"}
     ta.save_autoencoder(out, ae, metrics=metrics, training=record)
     if args.recon_png:

@@ -60,8 +60,10 @@ def _latent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-encrypted", action="store_true", help="plain metrics only")
     p.add_argument("--plan-only", action="store_true", help="compile each row for CKKS but do not run it")
     p.add_argument("--reuse", action="store_true", help="score row models already under --out instead of retraining")
-    p.add_argument("--pixel-epochs", type=int, help="epochs for pixel rows larger than 64")
+    p.add_argument("--pixel-epochs", type=int, help="epochs for the 256x256 pixel row (default: every row's 60)")
     p.add_argument("--f8-encrypted", help="JSON report of an encrypted run of the shipped cxr14-latent")
+    p.add_argument("--shipped-f8", action="store_true",
+                   help="score the shipped cxr14-latent as the f8 row instead of training one on --autoencoders' vq-f8")
 
 
 def _latent_run(args: argparse.Namespace) -> int:
@@ -71,7 +73,7 @@ def _latent_run(args: argparse.Namespace) -> int:
         tuple(int(f) for f in args.factors.split(",") if f), args.autoencoders, args.out, args.data_dir,
         encrypted="plan" if args.plan_only else not args.no_encrypted, enc_limit=args.enc_limit,
         pixel_sizes=tuple(int(s) for s in args.pixel_sizes.split(",") if s), reuse=args.reuse,
-        f8_encrypted=args.f8_encrypted, pixel_epochs={256: args.pixel_epochs} if args.pixel_epochs else None)
+        f8_encrypted=args.f8_encrypted, use_shipped_f8=args.shipped_f8, pixel_epochs={256: args.pixel_epochs} if args.pixel_epochs else None)
     print(f"wrote the P1 table to {args.out}/latent_table.md (and .json, latent_plot.png)")
     return 0
 
@@ -103,6 +105,31 @@ def _latent_export_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _covid_ckks_args(p: argparse.ArgumentParser) -> None:
+    from medhe.experiments.covid_latent import VARIANTS
+
+    p.add_argument("--autoencoder", default="runs/latent/vq-f8",
+                   help="f8 VQ autoencoder trained without the COVID val/test images (the client stage)")
+    p.add_argument("--out", default="runs/covid-ckks", help="folder for model/ and selection.json")
+    p.add_argument("--data-dir", help="folder holding covid19_radiography_subset (default: $MEDHE_DATA)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated classifier variants to compare on val (default: all)")
+
+
+def _covid_ckks_run(args: argparse.Namespace) -> int:
+    from medhe.experiments.covid_latent import train_covid_ckks
+
+    result = train_covid_ckks(args.autoencoder, args.out, [v for v in args.variants.split(",") if v],
+                              args.data_dir, command="medhe " + shlex.join(sys.argv[1:]),
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(table(("variant", "val ACC", "val AUC", "best epoch"),
+                [(t["variant"], t["val"]["acc"], t["val"]["auc"], t["best_epoch"]) for t in result["tried"]]))
+    test = result["metrics"]["test"]
+    print(f"chosen on val: {result['chosen']}; test ACC {test['acc']:.4f} AUC {test['auc']:.4f} (scored once)")
+    print(f"model written to {result['model']}")
+    return 0
+
+
 #: name -> (help, add arguments, run)
 EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                              Callable[[argparse.Namespace], int]]] = {
@@ -111,6 +138,8 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                _latent_args, _latent_run),
     "latent-export": ("train and export the shipped latent-space classifier (cxr14-latent) on an autoencoder's "
                       "latents", _latent_export_args, _latent_export_run),
+    "covid-ckks": ("train covid-cxr-ckks: latent-hecnn on f8 latents of the COVID-19 Radiography subset, variants "
+                   "chosen on val, test scored once", _covid_ckks_args, _covid_ckks_run),
 }
 
 

@@ -116,26 +116,36 @@ def _logits(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray
 def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                      arch_kwargs: dict[str, Any] | None = None, epochs: int = 60, lr: float = 3e-3,
                      batch_size: int = 32, weight_decay: float = 1e-3, seed: int = 0, flip: bool = True,
-                     pos_weight: str | None = "sqrt", log: Callable[[str], None] | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
+                     pos_weight: str | None = "sqrt", log: Callable[[str], None] | None = None,
+                     task: str = "multi-label", shift: int = 0) -> tuple[nn.Sequential, dict[str, Any]]:
     """Multi-label BCE (positives re-weighted by neg/pos, its sqrt, or not: ``pos_weight`` "full" | "sqrt" | None, so
-    rare labels are not ignored at threshold 0.5); keep the epoch with
-    the best val macro AUC; re-record activation ranges on train+val in eval mode for the CKKS compiler."""
+    rare labels are not ignored at threshold 0.5), or cross-entropy over the classes for a single-label ``task``
+    (labels (N, 1) class indices); keep the epoch with the best val AUC (single-label: ties broken by val ACC);
+    re-record activation ranges on train+val in eval mode for the CKKS compiler. ``shift``: random translations of
+    up to that many pixels (zero fill) per training input, on top of the optional horizontal ``flip``."""
     n, c, h, _ = x_train.shape
-    kwargs = {"in_channels": c, "num_outputs": y_train.shape[1], "image_size": h,
+    single = task != "multi-label"
+    num_outputs = int(max(y_train.max(), y_val.max())) + 1 if single else y_train.shape[1]
+    kwargs = {"in_channels": c, "num_outputs": num_outputs, "image_size": h,
               **DEFAULT_ARCH_KWARGS, **(arch_kwargs or {})}
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_latent_classifier(**kwargs)
     layers.set_recording(model, False)
-    pos = y_train.sum(0).clip(min=1)
-    ratio = (n - pos) / pos
-    weights = {"full": ratio, "sqrt": np.sqrt(ratio), None: np.ones_like(ratio)}[pos_weight]
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(weights, dtype=torch.float32))
+    if single:
+        loss_fn: nn.Module = nn.CrossEntropyLoss()
+        yt = torch.from_numpy(np.asarray(y_train).reshape(-1).astype(np.int64))
+    else:
+        pos = y_train.sum(0).clip(min=1)
+        ratio = (n - pos) / pos
+        weights = {"full": ratio, "sqrt": np.sqrt(ratio), None: np.ones_like(ratio)}[pos_weight]
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(weights, dtype=torch.float32))
+        yt = torch.from_numpy(y_train.astype(np.float32))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * int(np.ceil(n / batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.float32))
-    best = (-1.0, 0, None)
+    xt = torch.from_numpy(x_train)
+    best: tuple[tuple[float, float], int, Any] = ((-1.0, -1.0), 0, None)
     history = []
     for epoch in range(epochs):
         model.train()
@@ -146,18 +156,22 @@ def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
             if flip:
                 mask = torch.from_numpy(rng.random(len(idx)) < 0.5)
                 xb = torch.where(mask[:, None, None, None], xb.flip(-1), xb)
+            if shift:
+                xb = _random_shift(xb, shift, rng)
             loss = loss_fn(model(xb), yt[idx])
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             sched.step()
-        val_auc = macro_auc(y_val, _logits(model, x_val)) or 0.0
-        history.append(round(val_auc, 4))
-        if val_auc > best[0]:
-            best = (val_auc, epoch + 1, copy.deepcopy(model.state_dict()))
+        val = compute_metrics(task, y_val, _logits(model, x_val))
+        val_auc = val["auc"] or 0.0
+        score = (val_auc, val["acc"] if single else 0.0)
+        history.append(round(val_auc, 4) if not single else [round(val_auc, 4), round(val["acc"], 4)])
+        if score > best[0]:
+            best = (score, epoch + 1, copy.deepcopy(model.state_dict()))
         if log and (epoch + 1) % 10 == 0:
-            log(f"epoch {epoch + 1}/{epochs}: val macro AUC {val_auc:.4f}")
+            log(f"epoch {epoch + 1}/{epochs}: val AUC {val_auc:.4f}" + (f", ACC {val['acc']:.4f}" if single else ""))
     model.load_state_dict(best[2])
     layers.reset_ranges(model)
     layers.set_recording(model, True)
@@ -165,24 +179,37 @@ def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
     model.eval()
     record = {"arch": "latent-hecnn", "arch_kwargs": kwargs, "epochs": epochs, "lr": lr, "batch_size": batch_size,
               "weight_decay": weight_decay, "seed": seed, "flip": flip, "best_epoch": best[1],
-              "best_val_auc": round(best[0], 4), "val_auc_history": history, "n_train": int(n),
-              "loss": "BCEWithLogits", "pos_weight": pos_weight}
+              "best_val_auc": round(best[0][0], 4), "val_auc_history": history, "n_train": int(n),
+              "loss": "CrossEntropy" if single else "BCEWithLogits", "pos_weight": None if single else pos_weight}
+    if single:
+        record.update(task=task, shift=shift, best_val_acc=round(best[0][1], 4))
+    elif shift:
+        record["shift"] = shift
     return model, record
+
+
+def _random_shift(x: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """Translate each input by up to ``k`` pixels per axis, filling with zeros (a small positional jitter)."""
+    h, w = x.shape[-2:]
+    padded = nn.functional.pad(x, (k, k, k, k))
+    dy, dx = rng.integers(0, 2 * k + 1, (2, len(x)))
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(len(x))])
 
 
 # -- export ---------------------------------------------------------------------------------------------------------
 def export_latent_model(out_dir: str | Path, ae: VQAutoencoder, model: nn.Sequential, record: dict[str, Any],
                         metrics: dict[str, Any], labels: list[str], name: str = "cxr14-latent",
                         command: str = "", extra: dict[str, Any] | None = None, image_size: int = 256,
-                        ckks_options: dict[str, Any] | None = None) -> Path:
+                        ckks_options: dict[str, Any] | None = None, task: str = "multi-label",
+                        dataset: dict[str, Any] | None = None) -> Path:
     """Save the latent model: classifier as the server network, the VQ encoder as the public client stage."""
     from medhe.models.artifact import save_artifact
     from medhe.models.train_autoencoder import PREPROCESS
 
     layers.check_he_friendly(model)
     card = {
-        "name": name, "arch": "latent-hecnn", "arch_kwargs": record["arch_kwargs"], "task": "multi-label",
-        "labels": list(labels), "dataset": {"name": NIH, "size": 256},
+        "name": name, "arch": "latent-hecnn", "arch_kwargs": record["arch_kwargs"], "task": task,
+        "labels": list(labels), "dataset": dataset or {"name": NIH, "size": 256},
         "preprocessing": {**PREPROCESS, "size": image_size},
         "metrics": metrics, "activation_ranges": layers.activation_ranges(model),
         "training": {"command": command, **{k: v for k, v in record.items() if k not in ("arch", "arch_kwargs")}},
@@ -290,15 +317,16 @@ def _find_autoencoder(factor: int, ae_root: Path) -> Path:
 def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str | Path = "runs/latent",
                           out_dir: str | Path = "runs/latent/experiment", data_dir: str | None = None,
                           encrypted: bool | str = True, enc_limit: int | None = None, pixel_sizes: tuple[int, ...] = (64, 256),
-                          pixel_epochs: dict[int, int] | None = None, use_shipped_f8: bool = True,
+                          pixel_epochs: dict[int, int] | None = None, use_shipped_f8: bool = False,
                           reuse: bool = False, f8_encrypted: str | Path | None = None,
                           ckks_options: dict[str, Any] | None = DEFAULT_CKKS_OPTIONS,
                           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train/score every row and write ``latent_table.md``, ``latent_table.json`` and ``latent_plot.png``.
 
     ``enc_limit`` caps the encrypted test images per row (None: the whole test split); ``encrypted="plan"`` only
-    compiles each row (parameters and operation counts, no keys), for machines without the time for full runs. With ``use_shipped_f8`` the
-    f8 row scores the shipped ``cxr14-latent`` itself, so that row is the default model's configuration exactly.
+    compiles each row (parameters and operation counts, no keys), for machines without the time for full runs. By default every row,
+    f8 included, trains on ``ae_root``'s autoencoders (trained to one common budget, so the rows compare factors, not
+    training effort); with ``use_shipped_f8`` the f8 row scores the shipped ``cxr14-latent`` itself instead.
     ``reuse`` scores row models already exported under ``out_dir`` instead of retraining them (resuming a run).
     ``f8_encrypted``: a JSON report of ``encrypted_eval`` on the shipped model (e.g. the whole test split) used for
     the f8 row instead of running it again. ``ckks_options`` compile every row with the same CKKS parameters
@@ -355,7 +383,7 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
         rows.append(_score(row, art, x["test"], y["test"], encrypted, enc_limit, log, ckks_options))
     for size in pixel_sizes:
         x = {s: pixel_inputs(splits[s].images, size) for s in splits}
-        epochs = (pixel_epochs or {}).get(size, DEFAULT_TRAIN["epochs"] if size <= 64 else 30)
+        epochs = (pixel_epochs or {}).get(size, DEFAULT_TRAIN["epochs"])
         model_dir = out / f"pixel-{size}"
         if reuse and (model_dir / "card.json").is_file():
             record = load_artifact(model_dir).card["training"]
@@ -387,22 +415,13 @@ def _train_args() -> dict[str, Any]:
     return dict(DEFAULT_TRAIN)
 
 
-#: slots of one ciphertext at the largest secure ring medhe's CKKS engine uses (N=32768); its plans keep every
-#: intermediate tensor in one ciphertext, so a row's classifier is narrowed until its largest tensor fits.
-MAX_SLOTS = 16384
-
-
 def row_arch_kwargs(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
-    """The default classifier, narrowed (width 8 -> 4) for inputs whose first conv output would not fit a ciphertext.
+    """The same classifier (``DEFAULT_ARCH_KWARGS``, width 8) for every row, so the table compares inputs only.
 
-    Inputs too large even at width 4 (f2's 2x128x128, 256x256 pixels) keep width 4 and are scored in plaintext;
-    their encrypted column then carries the engine's reason.
+    Rows whose tensors exceed one ciphertext (f2's 2x128x128, 256x256 pixels) need the engine's multi-ciphertext
+    tensors; where the engine cannot run them, their encrypted column carries its reason.
     """
-    _, h, w = input_shape
-    width = DEFAULT_ARCH_KWARGS["width"]
-    while width > 4 and width * h * w > MAX_SLOTS:
-        width //= 2
-    return {**DEFAULT_ARCH_KWARGS, "width": width}
+    return dict(DEFAULT_ARCH_KWARGS)
 
 
 def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypted: bool, enc_limit: int | None,

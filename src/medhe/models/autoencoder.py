@@ -200,25 +200,30 @@ def build_encoder(factor: int = 8, latent_channels: int | None = None, in_channe
 
 def build_latent_classifier(in_channels: int = 4, num_outputs: int = 14, image_size: int = 32, width: int = 16,
                             groups: int = 1, se_reduction: int = 4, head_size: int = 4,
-                            use_se: bool = True, act_init: str = "relu") -> nn.Sequential:
+                            use_se: bool = True, act_init: str = "relu", blocks: int = 2) -> nn.Sequential:
     """Zoo entry ``latent-hecnn``: a CKKS-cheap CNN for a latent (or a small image), HE-friendly layers only.
 
-    conv -> BN -> quadratic -> avgpool (x2), squeeze-and-excitation with the cubic sigmoid gate (P1), average pool
-    down to ``head_size`` x ``head_size``, linear head. Two convs and early pooling keep the multiplicative depth and
-    the number of rotations low; the same builder serves every factor (and pixel-space baselines) so their costs
-    compare like for like.
+    conv -> BN -> quadratic -> avgpool (x ``blocks``; widths w, 2w, 2w, ...), squeeze-and-excitation with the cubic
+    sigmoid gate (P1), average pool down to ``head_size`` x ``head_size``, linear head. Few convs and early pooling
+    keep the multiplicative depth and the number of rotations low; the same builder serves every factor (and
+    pixel-space baselines) so their costs compare like for like. A third block (``blocks=3``) adds two levels of
+    depth for a deeper receptive field on the 32x32 latent.
     """
-    if image_size % 4 or image_size // 4 < head_size or (image_size // 4) % head_size:
-        raise ValueError(f"image_size {image_size} must be a multiple of 4*head_size ({4 * head_size})")
-    w1, w2 = width, 2 * width
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, w1, 3, padding=1), nn.BatchNorm2d(w1), PolyAct(act_init), nn.AvgPool2d(2),
-        nn.Conv2d(w1, w2, 3, padding=1, groups=groups), nn.BatchNorm2d(w2), PolyAct(act_init), nn.AvgPool2d(2),
-    ]
+    down = 2 ** blocks
+    if blocks < 1 or image_size % down or image_size // down < head_size or (image_size // down) % head_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of {down}*head_size ({down * head_size}) "
+                         f"for {blocks} blocks")
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for i in range(blocks):
+        c_out = width if i == 0 else 2 * width
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, groups=1 if i == 0 else groups), nn.BatchNorm2d(c_out),
+                   PolyAct(act_init), nn.AvgPool2d(2)]
+        c_in = c_out
     if use_se:
-        layers.append(HESqueezeExcite(w2, reduction=se_reduction))
-    rest = image_size // 4 // head_size
+        layers.append(HESqueezeExcite(c_in, reduction=se_reduction))
+    rest = image_size // down // head_size
     if rest > 1:
         layers.append(nn.AvgPool2d(rest))
-    layers += [nn.Flatten(), nn.Linear(w2 * head_size * head_size, num_outputs)]
+    layers += [nn.Flatten(), nn.Linear(c_in * head_size * head_size, num_outputs)]
     return nn.Sequential(*layers)

@@ -1,7 +1,8 @@
 """Train, evaluate, save and load the VQ autoencoders of the latent pipeline (one per downsampling factor).
 
-Training uses unlabeled chest X-rays only: the NIH subset's *train* split plus the COVID subset resized to 256x256;
-the NIH val/test splits stay held out, so the PSNR/SSIM reported here (and the classifier's test metrics) come from
+Training uses unlabeled chest X-rays only: the NIH subset's *train* split plus the COVID subset's *train* split
+(resized to 256x256); both datasets' val/test splits stay held out — test images must not be seen even unlabelled —
+so the PSNR/SSIM reported here and the test metrics of every classifier on these latents (NIH or COVID) come from
 images the autoencoder never saw. It trains on random 128x128 crops (the networks are fully convolutional) because
 that is 4x cheaper per step on a CPU, and is evaluated on whole 256x256 images. Loss: L1 + (1 - SSIM) + VQ losses
 — no perceptual or adversarial term, since those need downloaded weights or far more compute.
@@ -45,7 +46,8 @@ def load_images(data_dir: str | None = None, splits: tuple[str, ...] = ("train",
     parts = [load_dataset(NIH, split=s, size=IMAGE_SIZE, channels=1, data_dir=data_dir).images for s in splits]
     if with_covid:
         try:
-            parts.append(load_dataset(COVID, split="all", size=IMAGE_SIZE, channels=1, data_dir=data_dir).images)
+            # only COVID *train*: its val/test splits score covid-cxr-ckks, whose client stage is this encoder
+            parts.append(load_dataset(COVID, split="train", size=IMAGE_SIZE, channels=1, data_dir=data_dir).images)
         except DataError:
             pass  # optional extra data: the NIH subset alone still trains a usable autoencoder
     return np.concatenate(parts)

@@ -1,0 +1,107 @@
+"""``covid-cxr-ckks``: a whole network under CKKS for the COVID-19 Radiography subset (COVID vs Normal).
+
+P1's pipeline on a second dataset: the client runs the f8 VQ encoder (256x256 X-ray -> 4x32x32 latent), the server
+runs ``latent-hecnn`` on the encrypted latent. The classifier is small enough that every tensor fits one ciphertext
+at N=32768, so it does not depend on multi-ciphertext tensors. The encoder must not have seen this dataset's
+val/test images (``medhe.models.train_autoencoder`` trains on the COVID *train* split only), the variant is chosen
+on the validation split only, and the test split is scored once, for the chosen variant.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from medhe import atomic
+from medhe.errors import DataError
+from medhe.experiments.latent import DEFAULT_CKKS_OPTIONS, DEFAULT_TRAIN, _logits, encode_images, \
+    export_latent_model, train_classifier
+from medhe.models.metrics import compute_metrics
+
+COVID = "covid19_radiography_subset"
+TASK = "binary-class"
+#: the split the covid-cxr card records (medhe.data.folder: stratified by class, seed 0)
+SPLIT_TEXT = "medhe deterministic stratified 70/15/15, seed 0"
+#: the variants compared on validation: (classifier arch_kwargs, training overrides of DEFAULT_TRAIN). Width 16
+#: is the widest whose first conv output (16x32x32 = 16384 values) still fits one N=32768 ciphertext.
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "w8": ({"width": 8}, {}),
+    "w8-flip": ({"width": 8}, {"flip": True}),
+    "w8-shift2": ({"width": 8}, {"shift": 2}),
+    "w8-flip-shift2": ({"width": 8}, {"flip": True, "shift": 2}),
+    "w16-shift2": ({"width": 16}, {"shift": 2}),
+    "w8-shift2-e120": ({"width": 8}, {"shift": 2, "epochs": 120}),
+    "w8-b3-shift2": ({"width": 8, "blocks": 3}, {"shift": 2}),
+    "w16-b3-shift2": ({"width": 16, "blocks": 3}, {"shift": 2}),
+}
+
+
+def load_latents(encoder: torch.nn.Module, data_dir: str | None = None) -> tuple[dict[str, np.ndarray],
+                                                                                    dict[str, np.ndarray], list[str]]:
+    """Latents and labels of the three splits, computed as the client does (``PREPROCESS`` then the encoder)."""
+    from medhe.data import load_dataset
+
+    x, y, names = {}, {}, []
+    for s in ("train", "val", "test"):
+        ds = load_dataset(COVID, split=s, data_dir=data_dir)
+        x[s] = encode_images(encoder, ds.images)
+        y[s] = np.asarray(ds.labels).reshape(-1, 1)
+        names = list(ds.label_names)
+    return x, y, names
+
+
+def train_covid_ckks(ae_dir: str | Path, out_dir: str | Path, variants: list[str] | None = None,
+                     data_dir: str | None = None, command: str = "", log: Callable[[str], None] = print,
+                     ckks_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train every variant on train, pick the best by val (AUC, then ACC), score only that one on test, export it.
+
+    Writes ``out_dir/model`` (the artifact) and ``out_dir/selection.json`` (every variant's val metrics).
+    """
+    from medhe.models.train_autoencoder import load_autoencoder
+
+    names = variants or list(VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise DataError(f"unknown variant(s) {', '.join(unknown)}: use {', '.join(VARIANTS)}")
+    torch.set_num_threads(1)
+    ae, ae_card = load_autoencoder(ae_dir)
+    if ae.factor != 8:
+        raise DataError(f"{ae_dir} is an f{ae.factor} autoencoder; covid-cxr-ckks reads f8 latents")
+    covid_data = str((ae_card.get("training", {}).get("data") or {}).get(COVID, ""))
+    if not covid_data.startswith("train split"):
+        raise DataError(f"{ae_dir} does not record training on the COVID train split only (it may have seen val/test "
+                        "images): retrain it with medhe train-autoencoder --factor 8, which uses the train split only")
+    x, y, labels = load_latents(ae.encoder, data_dir)
+    out = Path(out_dir)
+    tried, models = [], {}
+    for name in names:
+        arch, train = VARIANTS[name]
+        t0 = time.perf_counter()
+        model, record = train_classifier(x["train"], y["train"], x["val"], y["val"], arch_kwargs=arch,
+                                         **{**DEFAULT_TRAIN, **train}, task=TASK, log=log)
+        val = compute_metrics(TASK, y["val"], _logits(model, x["val"]))
+        tried.append({"variant": name, "arch_kwargs": arch, "train": train, "val": val,
+                      "best_epoch": record["best_epoch"], "seconds": round(time.perf_counter() - t0, 1)})
+        models[name] = (model, record)
+        log(f"{name}: val ACC {val['acc']:.4f} AUC {val['auc']:.4f} (epoch {record['best_epoch']})")
+    chosen = max(tried, key=lambda t: (t["val"]["auc"], t["val"]["acc"]))
+    model, record = models[chosen["variant"]]
+    metrics = {s: compute_metrics(TASK, y[s], _logits(model, x[s])) for s in ("val", "test")}
+    log(f"chosen on val: {chosen['variant']}; test (scored once) {metrics['test']}")
+    record["variant"] = chosen["variant"]
+    record["selected_on"] = "val AUC, then val ACC, among the variants in model_selection"
+    record["autoencoder"] = {"dir": str(ae_dir), "factor": ae.factor, "metrics": ae_card.get("metrics"),
+                             "data": ae_card.get("training", {}).get("data")}
+    dataset = {"name": COVID, "split": SPLIT_TEXT, "size": 256,
+               "sizes": {s: int(len(y[s])) for s in ("train", "val", "test")}}
+    extra = {"model_selection": tried}
+    path = export_latent_model(out / "model", ae, model, record, metrics, labels, name="covid-cxr-ckks",
+                               command=command, extra=extra, task=TASK, dataset=dataset,
+                               ckks_options=ckks_options or DEFAULT_CKKS_OPTIONS)
+    summary = {"chosen": chosen["variant"], "tried": tried, "metrics": metrics, "model": str(path)}
+    atomic.write_json(out / "selection.json", summary)
+    return summary
