@@ -114,6 +114,9 @@ def _covid_ckks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding covid19_radiography_subset (default: $MEDHE_DATA)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated classifier variants to compare on val (default: all)")
+    p.add_argument("--only-train", action="store_true",
+                   help="train the variants into --out/variants and stop (no selection, no test split); run again "
+                        "without it to select among every variant on val and score the chosen one on test")
 
 
 def _covid_ckks_run(args: argparse.Namespace) -> int:
@@ -121,7 +124,11 @@ def _covid_ckks_run(args: argparse.Namespace) -> int:
 
     result = train_covid_ckks(args.autoencoder, args.out, [v for v in args.variants.split(",") if v],
                               args.data_dir, command="medhe " + shlex.join(sys.argv[1:]),
-                              log=lambda m: print(m, file=sys.stderr, flush=True))
+                              log=lambda m: print(m, file=sys.stderr, flush=True), only_train=args.only_train)
+    if args.only_train:
+        print(table(("variant", "val ACC", "val AUC", "best epoch"),
+                    [(t["variant"], t["val"]["acc"], t["val"]["auc"], t["best_epoch"]) for t in result["tried"]]))
+        return 0
     print(table(("variant", "val ACC", "val AUC", "best epoch"),
                 [(t["variant"], t["val"]["acc"], t["val"]["auc"], t["best_epoch"]) for t in result["tried"]]))
     test = result["metrics"]["test"]

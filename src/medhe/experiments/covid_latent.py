@@ -9,6 +9,7 @@ on the validation split only, and the test split is scored once, for the chosen 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -56,10 +57,12 @@ def load_latents(encoder: torch.nn.Module, data_dir: str | None = None) -> tuple
 
 def train_covid_ckks(ae_dir: str | Path, out_dir: str | Path, variants: list[str] | None = None,
                      data_dir: str | None = None, command: str = "", log: Callable[[str], None] = print,
-                     ckks_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                     ckks_options: dict[str, Any] | None = None, only_train: bool = False) -> dict[str, Any]:
     """Train every variant on train, pick the best by val (AUC, then ACC), score only that one on test, export it.
 
     Writes ``out_dir/model`` (the artifact) and ``out_dir/selection.json`` (every variant's val metrics).
+    ``only_train``: train the variants and keep them under ``out_dir/variants`` without selecting or touching the
+    test split, so disjoint variant sets can train in parallel processes; a later full call reuses them.
     """
     from medhe.models.train_autoencoder import load_autoencoder
 
@@ -76,18 +79,28 @@ def train_covid_ckks(ae_dir: str | Path, out_dir: str | Path, variants: list[str
         raise DataError(f"{ae_dir} does not record training on the COVID train split only (it may have seen val/test "
                         "images): retrain it with medhe train-autoencoder --factor 8, which uses the train split only")
     x, y, labels = load_latents(ae.encoder, data_dir)
+    ae_sha = hashlib.sha256((Path(load_autoencoder_dir(ae_dir)) / "autoencoder.safetensors").read_bytes()).hexdigest()
     out = Path(out_dir)
     tried, models = [], {}
     for name in names:
-        arch, train = VARIANTS[name]
-        t0 = time.perf_counter()
-        model, record = train_classifier(x["train"], y["train"], x["val"], y["val"], arch_kwargs=arch,
-                                         **{**DEFAULT_TRAIN, **train}, task=TASK, log=log)
-        val = compute_metrics(TASK, y["val"], _logits(model, x["val"]))
-        tried.append({"variant": name, "arch_kwargs": arch, "train": train, "val": val,
-                      "best_epoch": record["best_epoch"], "seconds": round(time.perf_counter() - t0, 1)})
+        cached = _load_variant(out, name, ae_sha)
+        if cached is not None:
+            model, record, entry = cached
+        else:
+            arch, train = VARIANTS[name]
+            t0 = time.perf_counter()
+            model, record = train_classifier(x["train"], y["train"], x["val"], y["val"], arch_kwargs=arch,
+                                             **{**DEFAULT_TRAIN, **train}, task=TASK, log=log)
+            val = compute_metrics(TASK, y["val"], _logits(model, x["val"]))
+            entry = {"variant": name, "arch_kwargs": arch, "train": train, "val": val, "autoencoder_sha256": ae_sha,
+                     "best_epoch": record["best_epoch"], "seconds": round(time.perf_counter() - t0, 1)}
+            if only_train:
+                _save_variant(out, name, model, record, entry)
+        tried.append(entry)
         models[name] = (model, record)
-        log(f"{name}: val ACC {val['acc']:.4f} AUC {val['auc']:.4f} (epoch {record['best_epoch']})")
+        log(f"{name}: val ACC {entry['val']['acc']:.4f} AUC {entry['val']['auc']:.4f} (epoch {entry['best_epoch']})")
+    if only_train:
+        return {"tried": tried}
     chosen = max(tried, key=lambda t: (t["val"]["auc"], t["val"]["acc"]))
     model, record = models[chosen["variant"]]
     metrics = {s: compute_metrics(TASK, y[s], _logits(model, x[s])) for s in ("val", "test")}
@@ -105,3 +118,41 @@ def train_covid_ckks(ae_dir: str | Path, out_dir: str | Path, variants: list[str
     summary = {"chosen": chosen["variant"], "tried": tried, "metrics": metrics, "model": str(path)}
     atomic.write_json(out / "selection.json", summary)
     return summary
+
+
+def load_autoencoder_dir(path: str | Path) -> Path:
+    """The folder ``load_autoencoder`` reads for ``path`` (a folder, or a shipped autoencoder's name)."""
+    from medhe.models.artifact import PRETRAINED_DIR
+
+    p = Path(path).expanduser()
+    return p if p.is_dir() else PRETRAINED_DIR / str(path)
+
+
+def _variant_paths(out: Path, name: str) -> tuple[Path, Path]:
+    return out / "variants" / f"{name}.pt", out / "variants" / f"{name}.json"
+
+
+def _save_variant(out: Path, name: str, model: torch.nn.Module, record: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Keep a trained variant (weights with recorded activation ranges, training record, val entry) for reuse."""
+    import io
+
+    weights, meta = _variant_paths(out, name)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    atomic.write_bytes(weights, buf.getvalue())
+    atomic.write_json(meta, {"record": record, "entry": entry})
+
+
+def _load_variant(out: Path, name: str, ae_sha: str) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]] | None:
+    import json
+
+    weights, meta = _variant_paths(out, name)
+    if not (weights.is_file() and meta.is_file()):
+        return None
+    data = json.loads(meta.read_text())
+    entry = data["entry"]
+    if (entry.get("arch_kwargs"), entry.get("train"), entry.get("autoencoder_sha256")) != (*VARIANTS[name], ae_sha):
+        return None  # the variant's definition or the encoder changed since: train it again
+    model = torch.load(weights, weights_only=False)  # our own file, written by _save_variant above
+    model.eval()
+    return model, data["record"], data["entry"]
