@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "w8-aug8": ({"width": 8}, {"augment_copies": 8, "epochs": 30}),
     "w16-aug8": ({"width": 16}, {"augment_copies": 8, "epochs": 30}),
     "w8-b3-aug8": ({"width": 8, "blocks": 3}, {"augment_copies": 8, "epochs": 30}),
+    "w16-b3-aug8": ({"width": 16, "blocks": 3}, {"augment_copies": 8, "epochs": 30}),
+    "w16-h8-aug8": ({"width": 16, "head_size": 8}, {"augment_copies": 8, "epochs": 30}),
 }
 #: training options handled here rather than by ``train_classifier``
 _OWN_OPTIONS = ("augment_copies",)
