@@ -31,18 +31,15 @@ SPLIT_TEXT = "medhe deterministic stratified 70/15/15, seed 0"
 #: is the widest whose first conv output (16x32x32 = 16384 values) still fits one N=32768 ciphertext.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "w8": ({"width": 8}, {}),
-    "w8-flip": ({"width": 8}, {"flip": True}),
     "w8-shift2": ({"width": 8}, {"shift": 2}),
     "w8-flip-shift2": ({"width": 8}, {"flip": True, "shift": 2}),
     "w16-shift2": ({"width": 16}, {"shift": 2}),
-    "w8-shift2-e120": ({"width": 8}, {"shift": 2, "epochs": 120}),
     "w8-b3-shift2": ({"width": 8, "blocks": 3}, {"shift": 2}),
     "w16-b3-shift2": ({"width": 16, "blocks": 3}, {"shift": 2}),
     # image-space augmentation before the encoder (covid-cxr's Augment: rotation, shift, zoom, brightness,
     # contrast), 8 extra encoded copies of every training image; 30 epochs over the 9x larger set
     "w8-aug8": ({"width": 8}, {"augment_copies": 8, "epochs": 30}),
     "w16-aug8": ({"width": 16}, {"augment_copies": 8, "epochs": 30}),
-    "w8-b3-aug8": ({"width": 8, "blocks": 3}, {"augment_copies": 8, "epochs": 30}),
     "w16-b3-aug8": ({"width": 16, "blocks": 3}, {"augment_copies": 8, "epochs": 30}),
     "w16-h8-aug8": ({"width": 16, "head_size": 8}, {"augment_copies": 8, "epochs": 30}),
 }
