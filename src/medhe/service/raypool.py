@@ -32,14 +32,18 @@ START_TIMEOUT_S = 600.0  # compiling the models in a fresh actor (seconds; minut
 class KeyActor:
     """The body of one Ray actor: a ``WorkerState`` plus batch-mode servers compiled on first use."""
 
-    def __init__(self, refs: list[ModelRef], key_cache_bytes: int, threads: int = 1):
+    def __init__(self, refs: list[ModelRef], key_cache_bytes: int, threads: int = 1, batch: bool = False):
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.threads = max(1, threads)
-        self.state = WorkerState(refs, key_cache_bytes)
         self.refs = {ref.id: ref for ref in refs}
         self.batch: dict[str, Any] = {}
+        self.batch_mode = batch  # medhe score: only the batch plans are compiled (no single-image keys held)
+        self.state = None if batch else WorkerState(refs, key_cache_bytes)
+        if batch:
+            for ref in refs:
+                self.batch_server(ref.id)
 
     def node(self) -> str:
         import ray
@@ -47,9 +51,13 @@ class KeyActor:
         return ray.get_runtime_context().get_node_id()
 
     def specs(self) -> dict[str, dict]:
+        if self.batch_mode:
+            return {model_id: server.spec() for model_id, server in self.batch.items()}
         return self.state.specs()
 
     def rules(self) -> dict[str, dict | None]:
+        if self.batch_mode:
+            return {model_id: None for model_id in self.batch}
         return self.state.rules()
 
     def load_key_bytes(self, model_id: str, key_id: str, data: bytes, held: int) -> int:
@@ -96,13 +104,15 @@ class RayPool:
 
     ``actors``: how many (default: one per CPU of the cluster when it starts); ``per_node``: instead, that many
     on every node alive at start (soft node affinity: a replacement may land elsewhere). ``cpus``: CPUs each
-    actor reserves (its models' evaluation uses that many threads).
+    actor reserves (its models' evaluation uses that many threads). ``batch``: the actors compile each model's
+    batch plan (one image per slot) instead of the single-image model, for ``medhe score``.
     """
 
     def __init__(self, refs: list[ModelRef], key_cache_bytes: int = 1 << 32, on_replace: Callable | None = None,
                  actors: int | None = None, per_node: int | None = None, cpus: int = 1,
-                 start_timeout: float = START_TIMEOUT_S):
+                 start_timeout: float = START_TIMEOUT_S, batch: bool = False):
         self.refs = list(refs)
+        self.batch = batch  # actors compile batch plans instead (medhe score)
         self.key_cache_bytes = key_cache_bytes
         self.actors, self.per_node, self.cpus = actors, per_node, max(1, int(cpus))
         self.start_timeout = start_timeout
@@ -145,7 +155,8 @@ class RayPool:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
         else:
             options["scheduling_strategy"] = "SPREAD"
-        return self._actor_class().options(**options).remote(self.refs, self.key_cache_bytes, self.cpus)
+        return self._actor_class().options(**options).remote(self.refs, self.key_cache_bytes, self.cpus,
+                                                                            self.batch)
 
     def _placement_plan(self) -> list[str | None]:
         ray = require_ray()
