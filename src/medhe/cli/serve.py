@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from medhe.service.worker import default_processes
 
     token = args.token if args.token is not None else os.environ.get(protocol.TOKEN_ENV) or None
+    pool_factory = ray_pool_factory(args)  # --ray without Ray installed: one line, before anything else
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise MedheError("TLS needs both --ssl-certfile and --ssl-keyfile")
     for path in (args.ssl_certfile, args.ssl_keyfile):
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         raise MedheError("--workers must be 0 (threads) or a positive number of processes")
     if args.max_keys < 1 or args.max_keys_per_client < 1:
         raise MedheError("--max-keys and --max-keys-per-client must be at least 1")
-    pool_factory, where = ray_pool_factory(args), f"{workers or 'in-process'} worker(s)"
+    where = f"{workers or 'in-process'} worker(s)"
     if pool_factory is not None:
         where = f"Ray actors ({args.ray or 'local Ray'})"
     app = create_app(models, token=token, max_body=args.max_body, key_ttl=args.key_ttl,

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -29,11 +29,12 @@ ATTEMPTS = 4  # tries per chunk or image: each failed one lost its actor, which 
 
 
 def score(model: str, images: Sequence[np.ndarray], sources: Sequence[str], actors: int | None = None,
-          chunk: int | None = None, progress: bool = True, batch: bool | None = None) -> tuple[list[Diagnosis],
-                                                                                                dict[str, Any]]:
+          chunk: int | None = None, progress: bool = True, batch: bool | None = None,
+          on_result: Callable[[int], Any] | None = None) -> tuple[list[Diagnosis], dict[str, Any]]:
     """Diagnoses of ``images`` (uint8 arrays, named ``sources``) by ``model`` on the connected Ray cluster, and
     run figures. ``batch``: force batch mode on/off (default: batch mode where the model supports it and the folder
-    holds at least ``BATCH_MIN_PER_ACTOR`` images per actor)."""
+    holds at least ``BATCH_MIN_PER_ACTOR`` images per actor). ``on_result(n)``: called with the number of images
+    evaluated so far, after each evaluation (progress reporting)."""
     from medhe.service.catalog import load_catalog
     from medhe.service.raypool import RayPool
 
@@ -55,7 +56,7 @@ def score(model: str, images: Sequence[np.ndarray], sources: Sequence[str], acto
     n_actors = pool.size
     try:
         run = _score_batch if use_batch else _score_single
-        logits, stats = asyncio.run(run(pool, served, specs[served.id], images, chunk, progress))
+        logits, stats = asyncio.run(run(pool, served, specs[served.id], images, chunk, progress, on_result))
     finally:
         pool.close()
     task, labels = served.card["task"], list(served.card["labels"])
@@ -66,25 +67,30 @@ def score(model: str, images: Sequence[np.ndarray], sources: Sequence[str], acto
     return results, stats
 
 
-async def _fan_out(pool: Any, jobs: list[Any], call, bar, wait_s: float = 300.0) -> tuple[list[Any], int]:
+async def _fan_out(pool: Any, jobs: list[Any], call, bar, on_result=None, wait_s: float = 300.0
+                   ) -> tuple[list[Any], int]:
     """Run ``call(slot, job)`` for every job over the pool's live actors, one job per actor at a time; a job whose
     actor was lost goes to another. Returns the results in job order and how many jobs were sent again."""
     results: list[Any] = [None] * len(jobs)
     todo: asyncio.Queue = asyncio.Queue()
     for i in range(len(jobs)):
         todo.put_nowait((i, 0))
-    retries = 0
+    retries = done = 0
     generation: dict[int, int] = {}
 
     async def runner(slot: int) -> None:
-        nonlocal retries
+        nonlocal retries, done
         while not todo.empty():
             if not pool.holds((slot, generation[slot])):
                 return  # this actor was replaced: leave the jobs to live ones
             i, tries = todo.get_nowait()
             try:
                 results[i] = await call(slot, jobs[i])
-                bar.update(getattr(jobs[i], "count", 1))
+                n = jobs[i].count if isinstance(jobs[i], _Chunk) else 1
+                done += n
+                bar.update(n)
+                if on_result is not None:
+                    on_result(done)
             except ServiceError as exc:
                 if exc.code != "worker_crashed" or tries + 1 >= ATTEMPTS:
                     raise
@@ -112,7 +118,7 @@ class _Chunk:
 
 
 async def _score_batch(pool: Any, served: Any, spec: dict, images: Sequence[np.ndarray], chunk: int | None,
-                       progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
+                       progress: bool, on_result=None) -> tuple[np.ndarray, dict[str, Any]]:
     from tqdm import tqdm
 
     from medhe.data import Preprocess
@@ -135,14 +141,14 @@ async def _score_batch(pool: Any, served: Any, spec: dict, images: Sequence[np.n
         return out
 
     with tqdm(total=len(x), unit="img", desc="encrypted scoring (Ray)", disable=not progress) as bar:
-        outs, retries = await _fan_out(pool, jobs, call, bar)
+        outs, retries = await _fan_out(pool, jobs, call, bar, on_result)
     logits = np.concatenate([he.decrypt_one(out)[: job.count] for out, job in zip(outs, jobs)])
     return logits, {"chunks": len(jobs), "images_per_chunk": per, "retries": retries,
                     "encrypt_s": round(encrypt_s, 2), "upload_bytes": sum(len(j.data) for j in jobs)}
 
 
 async def _score_single(pool: Any, served: Any, spec: dict, images: Sequence[np.ndarray], chunk: int | None,
-                        progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
+                        progress: bool, on_result=None) -> tuple[np.ndarray, dict[str, Any]]:
     from tqdm import tqdm
 
     from medhe.service.client import _ModelSession
@@ -166,7 +172,7 @@ async def _score_single(pool: Any, served: Any, spec: dict, images: Sequence[np.
         return out
 
     with tqdm(total=len(cts), unit="img", desc="encrypted scoring (Ray)", disable=not progress) as bar:
-        outs, retries = await _fan_out(pool, cts, call, bar)
+        outs, retries = await _fan_out(pool, cts, call, bar, on_result)
     logits = np.stack([np.asarray(sess.he.decrypt(out), dtype=np.float64).reshape(-1) for out in outs])
     return logits, {"retries": retries, "encrypt_s": round(encrypt_s, 2),
                     "upload_bytes": sum(len(c) for c in cts) + len(eval_keys) * max(1, len(loaded))}
