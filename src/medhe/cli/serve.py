@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="run inference in Ray actors across the cluster whose head is at ADDRESS (host:port, or "
                           "auto); without ADDRESS a one-node Ray on this machine. --workers does not apply")
     ray.add_argument("--ray-actors", type=int, metavar="N",
-                     help="--ray: inference actors in all (default: one per CPU of the cluster at start)")
+                     help="--ray: inference actors in all (default: one per free CPU of the cluster at start)")
     ray.add_argument("--ray-actors-per-node", type=int, metavar="K",
                      help="--ray: instead, K actors on every node alive at start")
     ray.add_argument("--ray-cpus", type=int, default=1, metavar="C",

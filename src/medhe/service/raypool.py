@@ -102,7 +102,7 @@ def actor_errors() -> tuple[type, ...]:
 class RayPool:
     """Ray actors with key affinity, behind the same interface as ``WorkerPool`` (see ``server.create_app``).
 
-    ``actors``: how many (default: one per CPU of the cluster when it starts); ``per_node``: instead, that many
+    ``actors``: how many (default: one per free CPU of the cluster when it starts); ``per_node``: instead, that many
     on every node alive at start (soft node affinity: a replacement may land elsewhere). ``cpus``: CPUs each
     actor reserves (its models' evaluation uses that many threads). ``batch``: the actors compile each model's
     batch plan (one image per slot) instead of the single-image model, for ``medhe score``.
@@ -164,7 +164,7 @@ class RayPool:
             return [node for node in sorted(alive_nodes()) for _ in range(self.per_node)]
         if self.actors:
             return [None] * self.actors
-        cpus = int(ray.cluster_resources().get("CPU", 0)) // self.cpus
+        cpus = int(ray.available_resources().get("CPU", 0)) // self.cpus  # CPUs other jobs hold are not ours
         if cpus < 1:
             raise MedheError(f"the Ray cluster has no free CPU for an actor of {self.cpus} CPU(s); add nodes or "
                              "lower --ray-cpus")
