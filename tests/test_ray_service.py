@@ -169,3 +169,28 @@ def test_plain_serve_never_imports_ray():
             "app.state.start(); app.state.stop(); medhe.cli.build_parser(); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["score", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "{folder}"], ["no Ray head answers", "127.0.0.9:1"]),
+    (["score", "--ray", "not-an-address", "--model", "pneumoniamnist", "{folder}"], ["not host:port"]),
+    (["score", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "{folder}/missing"], ["is not a folder"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist"], ["no Ray head answers"]),
+    (["serve", "--ray-actors", "2", "--model", "pneumoniamnist"], ["go with --ray"]),
+    (["bench", "--service", "--ray", "--compare", "--url", "http://127.0.0.1:9"], ["--url"]),
+])
+def test_ray_user_errors_are_one_line(args, words, tmp_path):
+    """Bad addresses and options fail fast with one line (Ray alone would retry an unreachable head for minutes)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
+    argv = [a.replace("{folder}", str(folder)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "medhe", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("medhe serve: compiling")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    for word in words:
+        assert word in lines[0]

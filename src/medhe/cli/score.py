@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--ray-actors", args.ray_actors), ("--chunk", args.chunk)):
         if value is not None and value < 1:
             raise MedheError(f"{flag} must be at least 1")
+    if not Path(args.folder).is_dir():
+        raise MedheError(f"{args.folder} is not a folder: pass a folder of PNG/JPEG/DICOM images to score")
     images, sources, skipped = read_folder(args.folder, args.skip_bad)
     for s in skipped:
         print(f"skipped {s['source']}: {s['error']}", file=sys.stderr)

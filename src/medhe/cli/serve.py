@@ -154,16 +154,16 @@ def run(args: argparse.Namespace) -> int:
                      max_keys_per_client=args.max_keys_per_client, max_batch_bytes=args.max_batch_bytes,
                      pool_factory=pool_factory)
     _exit_on_sigterm()
+    if pool_factory is not None:
+        from medhe.service.raycluster import connect
+
+        connect(args.ray or None)  # a wrong or unreachable address is one line, before any compiling
     scheme = "https" if args.ssl_certfile else "http"
     print(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme}{_enc(m)})' for m in models)} "
           f"in {where} ...", file=sys.stderr, flush=True)
     from medhe.service.http400 import JSONErrorHTTPProtocol
 
     try:
-        if pool_factory is not None:
-            from medhe.service.raycluster import connect
-
-            connect(args.ray or None)
         app.state.start()  # compile errors are one-line MedheErrors here, before the port is bound
         print(f"medhe serve: ready at {scheme}://{args.host}:{args.port}{protocol.PREFIX}  (Ctrl-C stops)",
               file=sys.stderr, flush=True)

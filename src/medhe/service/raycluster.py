@@ -54,6 +54,7 @@ def connect(address: str | None, namespace: str = "medhe") -> Any:
     if address is None:
         options["include_dashboard"] = False
     else:
+        _check_reachable(address)
         options["address"] = address
         ip = node_ip_for(address)
         if ip:
@@ -65,6 +66,24 @@ def connect(address: str | None, namespace: str = "medhe") -> Any:
         raise MedheError(f"cannot join the Ray cluster at {where} ({str(exc).splitlines()[0][:200]}); start it with "
                          "`ray start --head` and pass its address (host:port)") from None
     return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One TCP connect to the head's GCS port first: Ray itself retries an unreachable address for minutes."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise MedheError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379, the head's `ray start "
+                         "--head --port`), nor auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise MedheError(f"no Ray head answers at {address} ({exc.strerror or type(exc).__name__}): start it with "
+                         "`ray start --head` there, or check the address and the firewall") from None
 
 
 def disconnect() -> None:
