@@ -90,6 +90,23 @@ def test_killing_the_second_node_mid_run_loses_no_diagnosis(cluster, plain):
     assert "keys are forgotten" in log and "Traceback" not in log
 
 
+def test_http_batch_mode_through_serve_ray_equals_plain_inference(cluster, plain, tmp_path):
+    """``medhe predict --batch`` against ``serve --ray``: the encrypted batch is evaluated in a Ray actor."""
+    pytest.importorskip("medhe.he.ckks._batch", reason="batch kernel not built (python setup.py build_ext)")
+    images, _, artifact = plain
+    root = _folder(tmp_path, images[:8])
+    out = tmp_path / "diagnoses.csv"
+    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", cluster.address, "--max-batch-bytes", "150M"],
+                       startup_timeout=240) as srv:
+        assert medhe_main(["predict", "--server", srv.url, "--batch", str(root), "--out", str(out)]) == 0
+        log = srv.log()
+    rows = list(csv.DictReader(out.open()))
+    paths = sorted(root.glob("*.png"))
+    plain_logits = predict_logits(artifact.model, model_inputs(artifact, np.stack([read_image(p) for p in paths])))
+    assert [r["label"] for r in rows] == [artifact.labels[i] for i in plain_logits.argmax(1)]
+    assert "Traceback" not in log
+
+
 def _folder(tmp_path, images):
     root = tmp_path / "scans"
     root.mkdir()

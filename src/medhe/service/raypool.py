@@ -349,6 +349,20 @@ class RayPool:
     async def infer_batch(self, slot: int, model_id: str, keys: Any, data: bytes) -> tuple[bytes, float]:
         return await self._run(slot, "infer_batch", model_id, keys, data)
 
+    async def run_batch(self, model_id: str, keys: bytes, data: bytes) -> tuple[bytes, float]:
+        """One encrypted batch (HTTP batch mode) in the least busy live actor, which needs no registered state: the
+        relinearization keys travel with it. An actor lost meanwhile costs one more try on another actor."""
+        ray = require_ray()
+        keys_ref, data_ref = ray.put(keys), ray.put(data)  # once in the object store, whichever actor reads them
+        for attempt in (0, 1):
+            slot, _ = self._pick()
+            try:
+                return await self._run(slot, "infer_batch", model_id, keys_ref, data_ref)
+            except ServiceError as exc:
+                if exc.code != "worker_crashed" or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
     async def call(self, slot: int, method: str, *args: Any) -> Any:
         return await self._run(slot, method, *args)
 

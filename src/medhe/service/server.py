@@ -390,7 +390,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     from medhe.service.batch import install_batch_routes
 
     install_batch_routes(app, catalog, authorize, served, require_ready, spool_body, key_secret,
-                         lambda prefix: state["spool"].new_file(prefix), max_batch_bytes, key_ttl)
+                         lambda prefix: state["spool"].new_file(prefix), max_batch_bytes, key_ttl,
+                         remote=getattr(pool, "run_batch", None))
     return app
 
 
