@@ -107,6 +107,25 @@ def test_http_batch_mode_through_serve_ray_equals_plain_inference(cluster, plain
     assert "Traceback" not in log
 
 
+def test_a_node_that_joins_gets_its_actors_in_per_node_mode(cluster, plain):
+    """``--ray-actors-per-node 1``: a third node added while serving gets an actor, which then takes key sets."""
+    import time
+
+    import httpx
+
+    images, expected, _ = plain
+    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", cluster.address, "--ray-actors-per-node", "1"],
+                       startup_timeout=240) as srv:
+        assert httpx.get(f"{srv.url}/v1/ready", timeout=10).json()["workers"] == 2
+        cluster.add_node()
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{srv.url}/v1/ready", timeout=10).json()["workers"] < 3:
+            assert time.monotonic() < deadline, "the new node got no actor"
+            time.sleep(0.5)
+        result = run_load_test(srv.url, None, clients=6, requests=12, images=images, expected=expected)
+    assert result["failures"] == 0 and result["mismatches"] == 0
+
+
 def _folder(tmp_path, images):
     root = tmp_path / "scans"
     root.mkdir()

@@ -217,6 +217,14 @@ class LocalCluster:
             if fresh:
                 disconnect()
 
+    def add_node(self) -> LocalNode:
+        """One more node joining the running cluster (as an autoscaler would add one)."""
+        i = len(self.nodes)
+        node = LocalNode(f"127.0.0.{2 + i}", os.path.join(self.root, f"node{i}"), False)
+        self._start(node, ["--address", self.address])
+        self.n_nodes += 1
+        return node
+
     def kill_node(self, index: int = -1) -> int:
         """Kill one node that is not the head (default: the last) outright; returns how many processes died."""
         node = self.nodes[index]

@@ -138,6 +138,8 @@ class RayPool:
 
     @property
     def live(self) -> int:
+        """Actors compiled and verified, able to take key sets now (``/v1/ready`` reports these as workers)."""
+        self._admit()
         return sum(self._ready)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
@@ -209,6 +211,7 @@ class RayPool:
         """Kill every actor this pool created (their keys go with them); the cluster itself stays up."""
         slots, self._slots = self._slots, []
         self._ready = [False] * len(self._ready)
+        self._warm = [None] * len(self._warm)
         try:
             ray = require_ray()
             for actor in slots:
@@ -236,8 +239,29 @@ class RayPool:
                     dead.append((i, self.generation[i]))
         for slot, generation in dead:
             self._replace(slot, generation, "its node left the cluster")
+        if self.per_node:
+            self._grow(nodes)
         self._admit()
         return len(dead)
+
+    def _grow(self, nodes: dict[str, dict]) -> None:
+        """``per_node`` mode: give a node that joined the cluster since the start (by hand, ``ray up``'s or
+        KubeRay's autoscaler) its own actors; they take key sets once compiled and verified."""
+        with self._lock:
+            new = [node for node in sorted(nodes) if node not in self._affinity]
+            for node in new:
+                for _ in range(self.per_node):
+                    actor = self._new_actor(node)
+                    self._slots.append(actor)
+                    self._affinity.append(node)
+                    self._nodes.append(None)
+                    self._ready.append(False)
+                    self._busy.append(0)
+                    self._key_bytes.append(0)
+                    self.generation.append(0)
+                    self._warm.append((0, actor.specs.remote(), actor.node.remote()))
+        for node in new:
+            log.info("medhe serve --ray: node %s joined; starting %d actor(s) there", node[:12], self.per_node)
 
     def _admit(self) -> None:
         """Mark replacements ready once they compiled what the server announced."""

@@ -277,7 +277,7 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     async def ready() -> dict:
         require_ready()
         pool.reap()
-        return {"ready": True, "models": sorted(catalog), "workers": pool.size,
+        return {"ready": True, "models": sorted(catalog), "workers": pool.live,
                 "keys": len(keys), "key_bytes": keys.total_bytes, "max_key_bytes": keys.max_bytes}
 
     @app.get("/openapi.json", include_in_schema=False)

@@ -194,6 +194,11 @@ class WorkerPool:
     def size(self) -> int:
         return len(self._slots)
 
+    @property
+    def live(self) -> int:
+        """Slots that can take work now (a replaced process compiles on its first call, so all of them)."""
+        return len(self._slots)
+
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def _new_process_slot(self) -> Executor:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs an event loop and threads
