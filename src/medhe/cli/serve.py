@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--ray-actors", type=int, metavar="N",
                      help="--ray: inference actors in all (default: one per free CPU of the cluster at start)")
     ray.add_argument("--ray-actors-per-node", type=int, metavar="K",
-                     help="--ray: instead, K actors on every node alive at start")
+                     help="--ray: instead, K actors on every node, also on nodes that join later")
     ray.add_argument("--ray-cpus", type=int, default=1, metavar="C",
                      help="--ray: CPUs each actor reserves and evaluates with (default 1)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
