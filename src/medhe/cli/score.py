@@ -16,8 +16,8 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="encrypted diagnosis of a whole folder across a Ray cluster",
                        description="Encrypt every image of FOLDER here, evaluate the ciphertexts in Ray actors "
-                                   "across the cluster (batch mode, one image per CKKS slot, where the model has "
-                                   "it), decrypt here and write one CSV/JSON of diagnoses. Needs the optional "
+                                   "across the cluster (for large folders in batch mode, one image per CKKS slot, "
+                                   "where the model has it), decrypt here and write one CSV/JSON of diagnoses. Needs the optional "
                                    "extra: pip install -e \".[ray]\". See docs/scale-out.md.")
     p.add_argument("folder", metavar="FOLDER", help="folder of PNG/JPEG/DICOM images (one kind of scan)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", required=True,
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="write the table here (.csv or .json; atomic); default stdout")
     p.add_argument("--json", action="store_true", help="JSON instead of CSV (also chosen by --out *.json)")
     p.add_argument("--skip-bad", action="store_true", help="list and skip unreadable files")
-    p.add_argument("--ray-actors", type=int, metavar="N", help="actors to fan out over (default: one per CPU)")
+    p.add_argument("--ray-actors", type=int, metavar="N", help="actors to fan out over (default: one per free CPU of the cluster)")
     p.add_argument("--chunk", type=int, metavar="IMAGES",
                    help="batch mode: images per evaluation (default: the folder split evenly over the actors, at "
                         "most one full ciphertext batch)")

@@ -103,7 +103,7 @@ class RayPool:
     """Ray actors with key affinity, behind the same interface as ``WorkerPool`` (see ``server.create_app``).
 
     ``actors``: how many (default: one per free CPU of the cluster when it starts); ``per_node``: instead, that many
-    on every node alive at start (soft node affinity: a replacement may land elsewhere). ``cpus``: CPUs each
+    on every node, also on nodes that join later (soft node affinity: a replacement may land elsewhere). ``cpus``: CPUs each
     actor reserves (its models' evaluation uses that many threads). ``batch``: the actors compile each model's
     batch plan (one image per slot) instead of the single-image model, for ``medhe score``.
     """
@@ -194,8 +194,11 @@ class RayPool:
             self.close()
             raise MedheError(f"a Ray actor died while compiling the models ({type(exc).__name__}; out of memory?): "
                              "see the Ray logs, or ask for fewer with --ray-actors") from None
-        except BaseException:
+        except BaseException as exc:
             self.close()
+            cause = getattr(exc, "cause", None)  # RayTaskError: what compiling raised in the actor (one line)
+            if isinstance(cause, MedheError):
+                raise cause from None
             raise
         if any(s != specs[0] for s in specs[1:]):
             self.close()
