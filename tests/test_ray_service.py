@@ -230,3 +230,28 @@ def test_ray_user_errors_are_one_line(args, words, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     for word in words:
         assert word in lines[0]
+
+
+def test_a_killed_owner_leaves_no_ray_node_behind(tmp_path):
+    """``ray start`` detaches its processes: if the test or benchmark that started a local cluster is SIGKILLed
+    (no finalizer runs), its watchdog still kills every node process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medhe.service.raycluster import _processes_under
+
+    code = ("import os, signal\n"
+            "from medhe.service.raycluster import LocalCluster\n"
+            "c = LocalCluster(2, 1).start()\n"
+            "print(c.root, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == -signal.SIGKILL
+    root = done.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 20
+    while (_processes_under(root) or os.path.isdir(root)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_under(root) and not os.path.isdir(root)

@@ -169,6 +169,7 @@ class LocalCluster:
         self.timeout = timeout
         self.root = tempfile.mkdtemp(prefix="medhe-ray-")
         self.nodes: list[LocalNode] = []
+        self._watchdog: subprocess.Popen | None = None
         from medhe.service.launch import free_port
 
         self.port = free_port("127.0.0.1")
@@ -189,6 +190,12 @@ class LocalCluster:
             raise MedheError(f"`ray start` for {node.ip} failed: {' | '.join(tail)}")
 
     def start(self) -> "LocalCluster":
+        os.makedirs(self.root, exist_ok=True)
+        # A watchdog kills the nodes if this process dies without stop() (SIGKILL, the OOM killer): `ray start`
+        # detaches its processes, which would otherwise run on, holding ports and memory.
+        self._watchdog = subprocess.Popen([sys.executable, "-m", "medhe.service.raycluster", str(os.getpid()),
+                                           self.root], env=self.env, start_new_session=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             self._start(LocalNode(LOCAL_HEAD_IP, os.path.join(self.root, "head"), True),
                         ["--head", "--port", str(self.port), "--include-dashboard=false"])
@@ -241,9 +248,39 @@ class LocalCluster:
                 time.sleep(0.3)
         self.nodes = []
         shutil.rmtree(self.root, ignore_errors=True)
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog.poll() is None:
+            watchdog.kill()
+            watchdog.wait(5)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _watch(parent: int, root: str) -> None:
+    """The watchdog's loop: once ``parent`` is gone, kill every process of the cluster under ``root``; once
+    ``root`` is gone (a normal stop), just exit."""
+    while os.path.isdir(root):
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            for _ in range(3):
+                pids = _processes_under(root)
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                if not pids:
+                    break
+                time.sleep(0.3)
+            shutil.rmtree(root, ignore_errors=True)
+            return
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":  # python -m medhe.service.raycluster PARENT_PID ROOT (started by LocalCluster.start)
+    _watch(int(sys.argv[1]), sys.argv[2])

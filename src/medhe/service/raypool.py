@@ -91,12 +91,14 @@ class KeyActor:
 
 
 def actor_errors() -> tuple[type, ...]:
-    """Ray's ways of saying an actor (or its node) is gone or cannot be reached."""
+    """Ray's ways of saying an actor (or its node) is gone or cannot be reached. ``OutOfMemoryError``: Ray's memory
+    monitor killed the actor's process because its node ran short of memory (by default above 95 % used, whoever
+    used it): the actor and its keys are gone as after a crash."""
     from ray import exceptions as rx
 
     return tuple(getattr(rx, name) for name in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
                                                 "NodeDiedError", "WorkerCrashedError", "ObjectLostError",
-                                                "OwnerDiedError") if hasattr(rx, name))
+                                                "OwnerDiedError", "OutOfMemoryError") if hasattr(rx, name))
 
 
 class RayPool:
@@ -356,11 +358,20 @@ class RayPool:
 
     async def load_key_bytes(self, model_id: str, key_id: str, data: bytes, held: int = 0,
                              slot: int | None = None) -> tuple[tuple[int, int], int]:
-        if slot is None:
-            slot, generation = self._pick()
-        else:
-            generation = self.generation[slot]
-        grown = await self._run(slot, "load_key_bytes", model_id, key_id, data, held)
+        """Load keys given as bytes into ``slot`` (default: the live actor with the fewest key bytes). Without a
+        given slot, an actor found lost while loading costs another try on the next live one: when a node dies,
+        its other actors are only noticed one by one, and a client re-registering must not land on them."""
+        ref = require_ray().put(data)  # once in the object store, however many tries
+        tries = 1 if slot is not None else max(1, self.live)
+        for attempt in range(tries):
+            pick, generation = (slot, self.generation[slot]) if slot is not None else self._pick()
+            try:
+                grown = await self._run(pick, "load_key_bytes", model_id, key_id, ref, held)
+                break
+            except ServiceError as exc:
+                if exc.code != "worker_crashed" or attempt + 1 >= tries:
+                    raise
+        slot = pick
         with self._lock:
             if self.generation[slot] == generation:
                 self._key_bytes[slot] += max(held, len(data))
