@@ -21,9 +21,12 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
     """Evaluate ``plan`` on encrypted ``inputs`` (one per input ciphertext); returns the output ciphertext."""
     regs: dict[int, Any] = dict(zip(range(len(inputs)), inputs))
     w = _Weights(be, plains)
-    for ins in plan.instrs:
-        if ins.op == "linear":
-            out = _linear(be, ins, [regs[s] for s in ins.srcs], w, plan.key_path)
+    multi = getattr(plan, "node_blocks", None) is not None
+    shared: dict[tuple[int, int], Any] = {}  # multi-block: (register, baby) -> rotated block, shared by a layer
+    last = _last_reads(plan) if multi else {}
+    for index, ins in enumerate(plan.instrs):
+        if ins.op == "linear" and multi:
+            out = _block_linear(be, ins, regs, w, plan.key_path, shared)
         elif ins.op == "poly2":
             u = regs[ins.srcs[0]]
             v = w.add(be.negate(u) if ins.sign < 0 else u, ins.consts["beta"])
@@ -61,7 +64,64 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
         regs[ins.dst] = out
         if hook is not None:
             hook(ins.dst, out)
+        if multi:  # drop blocks (and their rotations) nothing reads any more: K blocks per value add up
+            for reg in last.get(index, ()):
+                if reg != plan.output_register:
+                    regs.pop(reg, None)
+                    for key in [k for k in shared if k[0] == reg]:
+                        del shared[key]
     return regs[plan.output_register]
+
+
+def _last_reads(plan: Plan) -> dict[int, list[int]]:
+    """Instruction index -> registers read for the last time there."""
+    last: dict[int, int] = {}
+    for index, ins in enumerate(plan.instrs):
+        for reg in ins.srcs:
+            last[reg] = index
+    out: dict[int, list[int]] = {}
+    for reg, index in last.items():
+        out.setdefault(index, []).append(reg)
+    return out
+
+
+def _block_linear(be: Backend, ins, regs: dict[int, Any], w: "_Weights", key_path: Callable[[int], list[int]],
+                  shared: dict[tuple[int, int], Any]) -> Any:
+    """One output block of a multi-block linear map: terms (source, baby, plaintext) per giant step; each source's
+    baby rotations are made once and kept for the other output blocks of the layer."""
+
+    def rotated(src: int, baby: int) -> Any:
+        reg = ins.srcs[src]
+        if not baby:
+            return regs[reg]
+        key = (reg, baby)
+        if key not in shared:
+            shared[key] = _rotate(be, regs[reg], baby, key_path)
+        return shared[key]
+
+    total = None
+    for giant, terms in ins.groups:
+        acc = None
+        for src, baby, pt in terms:
+            prod = w.mul(rotated(src, baby), pt)
+            if acc is None:
+                acc = prod
+            else:
+                be.add_inplace(acc, prod)
+        acc = be.rescale(w.relin(acc))
+        if giant:
+            acc = _rotate(be, acc, giant, key_path)
+        if total is None:
+            total = acc
+        else:
+            be.add_inplace(total, acc)
+    for step in ins.reduce:
+        be.add_inplace(total, _rotate(be, total, step, key_path))
+    if ins.conjugate:
+        be.add_inplace(total, be.conjugate(total))
+    if "bias" in ins.consts:
+        total = w.add(total, ins.consts["bias"])
+    return total
 
 
 def _rotate(be: Backend, ct: Any, step: int, key_path: Callable[[int], list[int]]) -> Any:

@@ -29,7 +29,7 @@ from medhe.he.ckks.compiler.params import (PRESETS, choose_params, data_primes, 
                                            params_for_ring)
 from medhe.he.ckks.compiler.prepare import PolyForm, factor_polys, linearize_polys
 from medhe.he.ckks.compiler.program import Instr, Plan, PlainVec, Register
-from medhe.he.ckks.compiler.trace import Graph, Node, trace
+from medhe.he.ckks.compiler.trace import Graph, Node, keep_large_kernels, trace
 from medhe.he.ckks.compiler.trace import output_bound as estimate_output_bound
 
 
@@ -335,8 +335,10 @@ class _TooWide(Exception):
 
 
 def prepare_graph(model: nn.Module, input_shape: tuple[int, ...],
-                  activation_ranges: dict[str, Any] | None = None) -> tuple[Graph, dict[int, PolyForm]]:
-    graph = linearize_polys(trace(model, input_shape, activation_ranges))
+                  activation_ranges: dict[str, Any] | None = None,
+                  multi_block: bool = False) -> tuple[Graph, dict[int, PolyForm]]:
+    keep = keep_large_kernels if multi_block else None
+    graph = linearize_polys(trace(model, input_shape, activation_ranges, keep=keep), keep)
     if len(graph.nodes) < 2:
         raise PlanError("the model has no layers to evaluate")
     return factor_polys(graph)
@@ -367,6 +369,33 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
     graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
     max_abs = output_bound if output_bound is not None else estimate_output_bound(graph, input_bound)
     degrees = [int(poly_degree)] if poly_degree else sorted(PRESETS)
+    opts = dict(poly_degree=poly_degree, scale_bits=scale_bits, prime_bits=prime_bits, max_key_bytes=max_key_bytes,
+                max_input_bytes=max_input_bytes, clean_output=clean_output)
+    plan, needed = _compile_rings(graph, forms, max_abs, degrees, None, **opts)
+    if plan is None and needed is None:
+        # No ring holds the largest value in one ciphertext: values span several (``blocklower``). Pools stay
+        # separate from the convs after them there (see ``keep_large_kernels``).
+        from medhe.he.ckks.compiler.blocklower import BlockLowering
+
+        graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges, multi_block=True)
+        max_abs = output_bound if output_bound is not None else estimate_output_bound(graph, input_bound)
+        plan, needed = _compile_rings(graph, forms, max_abs, degrees, BlockLowering, **opts)
+    if plan is not None:
+        return plan
+    if needed is None:
+        raise PlanError(f"the model's values (largest {max(n.size for n in graph.nodes)} elements) do not fit the "
+                        f"slots of any secure CKKS ring (at most {max(PRESETS) // 2}); use smaller images")
+    biggest = max(degrees)
+    raise PlanError(f"the model needs multiplicative depth {needed} but the largest secure CKKS parameters "
+                    f"(N={biggest}, 128-bit) allow depth {max_depth(biggest)}; use fewer activation layers "
+                    "or a smaller model")
+
+
+def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, degrees: list[int], cls: Any, *,
+                   poly_degree: int | None, scale_bits: int | None, prime_bits: list[int] | None,
+                   max_key_bytes: int, max_input_bytes: int, clean_output: bool) -> tuple[Plan | None, int | None]:
+    """The plan on the smallest ring that fits (``cls``: the lowering, None for one ciphertext per value), or
+    (None, depth needed) / (None, None) when no ring holds the values."""
     needed = None
     for n in degrees:
         slots = n // 2
@@ -374,7 +403,7 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         probe_depth = 64
         try:
             probe = _lower(graph, forms, slots, _fake_primes(probe_depth, sb), float(2 ** sb), probe_depth,
-                           None, clean_output=clean_output)
+                           None, clean_output=clean_output, cls=cls)
         except _TooWide:
             continue
         needed = probe_depth - min(r.level for r in probe.registers)
@@ -390,31 +419,34 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
         # once instead and the first layer is evaluated with rotations like any other (same depth either way).
         n_ct = len([r for r in probe.registers if r.level == probe_depth])
         pack = n_ct * ciphertext_bytes_as_sent(params) > max_input_bytes and n_ct > 1
+        if cls is not None and len(probe.gather) * ciphertext_bytes_as_sent(params) > max_input_bytes:
+            raise PlanError(f"the packed input needs {len(probe.gather)} ciphertexts "
+                            f"({len(probe.gather) * ciphertext_bytes_as_sent(params) / 1e6:.1f} MB), over the "
+                            f"input budget of {max_input_bytes / 1e6:.1f} MB: raise max_input_bytes or use "
+                            "smaller images")
         plan_low = _lower(graph, forms, slots, primes, params.scale, top,
-                          float(2 ** output_scale_bits(params, max_abs)), pack, clean_output)
+                          float(2 ** output_scale_bits(params, max_abs)), pack, clean_output, cls=cls)
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
         plan = Plan(params, graph, plan_low.instrs, plan_low.registers, plan_low.plains, plan_low.gather,
                     top, out_reg, graph.nodes[-1].size, plan_low.node_reg, plan_low.strategies,
                     tuple(graph.input_shape))
+        if cls is not None:
+            plan.node_blocks = plan_low.node_blocks
+            plan.choices = plan_low.choices
         levels = key_levels_of(plan)  # with one key per step; keys are sent trimmed to these levels
         per_key = {int(s): key_bytes_as_sent(params, lv) for s, lv in levels["galois"].items()}
         fixed = per_key.pop(0, 0) + (key_bytes_as_sent(params, levels["relin"]) if levels["relin"] >= 0 else 0)
         plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, per_key, max_key_bytes - fixed)
         plan.output_bound = float(max_abs)
         plan.key_levels = key_levels_of(plan)  # once, with the final key paths
-        return plan
-    if needed is None:
-        raise PlanError(f"the model's values (largest {max(n.size for n in graph.nodes)} elements) do not fit the "
-                        f"slots of any secure CKKS ring (at most {max(PRESETS) // 2}); use smaller images")
-    biggest = max(degrees)
-    raise PlanError(f"the model needs multiplicative depth {needed} but the largest secure CKKS parameters "
-                    f"(N={biggest}, 128-bit) allow depth {max_depth(biggest)}; use fewer activation layers "
-                    "or a smaller model")
+        return plan, needed
+    return None, needed
 
 
 def _lower(graph: Graph, forms: dict[int, PolyForm], slots: int, primes: list[int], scale: float, top: int,
-           output_scale: float | None, pack_input: bool = False, clean_output: bool = True) -> _Lowering:
-    low = _Lowering(graph, forms, slots, primes, scale, top)
+           output_scale: float | None, pack_input: bool = False, clean_output: bool = True,
+           cls: Any = None) -> _Lowering:
+    low = (cls or _Lowering)(graph, forms, slots, primes, scale, top)
     low.output_scale = output_scale or scale
     low.pack_only = pack_input
     low.clean_output = clean_output
