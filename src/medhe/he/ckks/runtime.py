@@ -27,6 +27,8 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
     for index, ins in enumerate(plan.instrs):
         if ins.op == "linear" and multi:
             out = _block_linear(be, ins, regs, w, plan.key_path, shared)
+        elif ins.op == "linear":
+            out = _linear(be, ins, [regs[s] for s in ins.srcs], w, plan.key_path)
         elif ins.op == "poly2":
             u = regs[ins.srcs[0]]
             v = w.add(be.negate(u) if ins.sign < 0 else u, ins.consts["beta"])

@@ -74,13 +74,19 @@ def image_layouts(inp: Layout, shape: tuple[int, int, int], stride: tuple[int, i
     out: list[tuple[str, tuple[int, ...]]] = []
     if c <= len(offs):
         out.append(("same", tuple(offs[:c])))
-    sub = [dy * rs + dx * cs for dy in range(stride[0]) for dx in range(stride[1])]
+    # the gaps of the output grid: column gaps (cs2 > 1) and gap rows (rs2 a multiple of cs2 * w)
+    rows_gap = rs2 // (cs2 * w) if rs2 % (cs2 * w) == 0 else 1
+    sub = [dy * (rs2 // rows_gap) + dx for dy in range(rows_gap) for dx in range(cs2)]
     if len(sub) > 1:
         per = len(sub)
         step = offs[1] - offs[0] if len(offs) > 1 else -(-extent // slots) * slots
         places = [o + s for o in offs for s in sub]
         places += [offs[-1] + step * (k + 1) + s for k in range(-(-c // per)) for s in sub]
         out.append(("multiplex", tuple(places[:c])))
+        # the gaps are taken (the input multiplexed already): fresh groups of ``per`` channels, block-aligned
+        group = -(-(extent + max(sub)) // slots) * slots
+        first = offs[0] - offs[0] % slots
+        out.append(("multiplex-new", tuple(first + (k // per) * group + sub[k % per] for k in range(c))))
     per_channel = -(-extent // slots) * slots
     first = origin - origin % slots
     out.append(("block", tuple(first + k * per_channel for k in range(c))))

@@ -161,7 +161,8 @@ class Plan:
 
     def rotation_count(self) -> int:
         if self.multi_block:
-            return sum(self.instr_rotations(ins, set()) for ins in self.instrs)
+            seen: set = set()
+            return sum(self.instr_rotations(ins, seen) for ins in self.instrs)
         n = 0
         for ins in self.instrs:
             if ins.op == "linear":
