@@ -387,22 +387,15 @@ def _train_args() -> dict[str, Any]:
     return dict(DEFAULT_TRAIN)
 
 
-#: slots of one ciphertext at the largest secure ring medhe's CKKS engine uses (N=32768); its plans keep every
-#: intermediate tensor in one ciphertext, so a row's classifier is narrowed until its largest tensor fits.
+#: slots of one ciphertext at the largest secure ring medhe's CKKS engine uses (N=32768). Tensors larger than this
+#: span several ciphertexts (``he.ckks.compiler.blocks``), so every row keeps the same classifier width.
 MAX_SLOTS = 16384
 
 
 def row_arch_kwargs(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
-    """The default classifier, narrowed (width 8 -> 4) for inputs whose first conv output would not fit a ciphertext.
-
-    Inputs too large even at width 4 (f2's 2x128x128, 256x256 pixels) keep width 4 and are scored in plaintext;
-    their encrypted column then carries the engine's reason.
-    """
-    _, h, w = input_shape
-    width = DEFAULT_ARCH_KWARGS["width"]
-    while width > 4 and width * h * w > MAX_SLOTS:
-        width //= 2
-    return {**DEFAULT_ARCH_KWARGS, "width": width}
+    """The default classifier for every row (f2's 2x128x128 and 256x256 pixels included): the CKKS engine spreads
+    tensors over as many ciphertexts as they need, so the rows compare factors with one classifier family."""
+    return dict(DEFAULT_ARCH_KWARGS)
 
 
 def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypted: bool, enc_limit: int | None,
