@@ -184,3 +184,17 @@ def test_256_pixel_width_8_classifier_compiles_at_128_bits():
     x = _x(9, (1, 256, 256))
     want = model(torch.tensor(x)[None]).detach().double().numpy()[0]
     assert np.abs(simulate(plan, x) - want).max() < 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_multi_block_plan_files_round_trip_and_run(shallow):
+    from medhe.he.ckks.planfile import dump_server, load_server
+
+    model, plan = shallow
+    srv, client, keys = _session(plan, "seal")
+    loaded = load_server(dump_server(srv), backend="seal")
+    assert loaded.plan_id == srv.plan_id and loaded.plan.multi_block
+    assert loaded.plan.node_blocks == plan.node_blocks and loaded.plan.choices == plan.choices
+    x = _x(4)
+    want = model(torch.tensor(x)[None]).detach().double().numpy()[0]
+    got = client.decrypt(loaded.infer(loaded.load_keys(client.key_bytes), client.encrypt(x)))
+    assert np.abs(got - want).max() <= 1e-2
