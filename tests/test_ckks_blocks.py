@@ -198,3 +198,36 @@ def test_multi_block_plan_files_round_trip_and_run(shallow):
     want = model(torch.tensor(x)[None]).detach().double().numpy()[0]
     got = client.decrypt(loaded.infer(loaded.load_keys(client.key_bytes), client.encrypt(x)))
     assert np.abs(got - want).max() <= 1e-2
+
+
+@pytest.mark.slow
+def test_service_and_sdk_serve_a_multi_block_model(tmp_path, data_dir):
+    """A real ``medhe serve`` on 127.0.0.1 with a model whose tensors span ciphertexts: the SDK sends the input as
+    several ciphertexts in one envelope and gets the plaintext model's logits back."""
+    from medhe.data import Preprocess, load_dataset
+    from medhe.models import layers
+    from medhe.models.artifact import load_artifact, save_artifact
+    from medhe.models.predict import model_inputs, predict_logits
+    from medhe.models.train import record_ranges
+    from medhe.service.client import Client
+    from medhe.service.launch import ServerProcess
+
+    torch.manual_seed(11)
+    kwargs = {"in_channels": 1, "num_outputs": 2, "image_size": 128, "width": 2}
+    model = build_latent_classifier(**kwargs)
+    pre = Preprocess(channels=1, size=128)
+    images = load_dataset("pneumoniamnist", split="val", size=28, data_dir=data_dir).images  # resized by Preprocess
+    record_ranges(model, pre.batch(images[:32]))
+    card = {"name": "blocks128", "arch": "latent-hecnn", "arch_kwargs": kwargs, "task": "binary-class",
+            "labels": ["normal", "pneumonia"], "dataset": {"name": "pneumoniamnist", "size": 28},
+            "preprocessing": pre.to_dict(), "activation_ranges": layers.activation_ranges(model)}
+    model_dir = save_artifact(tmp_path / "blocks128", model.eval(), card)
+    art = load_artifact(model_dir)
+    test = images[32:34]
+    plain = predict_logits(art.model, model_inputs(art, np.asarray(test)))
+    with ServerProcess([str(model_dir)], workers=1, token="blocks-token") as srv:
+        with Client(srv.url, token="blocks-token") as client:
+            assert client.session("blocks128").he.gather.shape[0] >= 2  # the input itself spans ciphertexts
+            results = client.diagnose_many(list(test), progress=False, model="blocks128")
+    for got, want in zip(results, plain):
+        assert np.abs(np.asarray(got.logits) - want).max() <= 1e-2

@@ -183,30 +183,57 @@ def _read_slots(inp: Layout, so_global: np.ndarray, cols: np.ndarray, slots: int
     return si
 
 
+def _per_output_block(matrix: sp.csr_matrix, inp: Layout, out: Layout, slots: int):
+    """(output block, its entries as (input block, local out slot, rotation d, value)), one block at a time: a wide
+    layer has tens of millions of entries, and a block's share keeps the compiler's memory small."""
+    matrix = sp.csr_matrix(matrix)
+    row_block = out.slots[: matrix.shape[0]] // slots
+    order = np.argsort(row_block, kind="stable")
+    bounds = np.searchsorted(row_block[order], np.arange(int(row_block.max()) + 2))
+    for bo in range(len(bounds) - 1):
+        rows_b = order[bounds[bo]:bounds[bo + 1]]
+        if not len(rows_b):
+            continue
+        coo = matrix[rows_b].tocoo()
+        keep = coo.data != 0
+        rows, cols, vals = rows_b[coo.row[keep]], coo.col[keep].astype(np.int64), coo.data[keep]
+        so = out.slots[rows]
+        si = _read_slots(inp, so, cols, slots)
+        lo = so % slots
+        bi, li = np.divmod(si, slots)
+        yield bo, bi, lo, (li - lo) % slots, vals
+
+
+def _giant_and_pairs(matrix: sp.csr_matrix, inp: Layout, out: Layout, slots: int) -> tuple[int, int, int]:
+    keys = []
+    for bo, bi, _, d, _ in _per_output_block(matrix, inp, out, slots):
+        keys.append(np.unique(bi * slots + d) + bo * slots * max(1, int(inp.blocks)))
+    key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+    pair, d = np.divmod(key, slots)
+    bo, bi = np.divmod(pair, max(1, int(inp.blocks)))
+    g, rot = choose_giant(bi, bo, d, slots)
+    return g, rot, len(key)
+
+
 def pair_stats(matrix: sp.csr_matrix, inp: Layout, out: Layout, slots: int) -> tuple[int, int]:
     """(rotations, products) of :func:`lower_blocks` without building the diagonals (for choosing layouts)."""
-    rows, cols, _ = _entries(matrix)
-    so = out.slots[rows]
-    si = _read_slots(inp, so, cols, slots)
-    bo, lo = np.divmod(so, slots)
-    bi, li = np.divmod(si, slots)
-    d = (li - lo) % slots
-    g, rot = choose_giant(bi, bo, d, slots)
-    n_in = int(bi.max()) + 1 if len(bi) else 1
-    products = len(np.unique((bo * n_in + bi) * slots + d))
+    _, rot, products = _giant_and_pairs(matrix, inp, out, slots)
     return rot, products
 
 
 def lower_blocks(matrix: sp.csr_matrix, inp: Layout, out: Layout, slots: int) -> BlockLowered:
     """Diagonal method across blocks with a fixed output layout (the input may be one replicated ciphertext)."""
-    rows, cols, vals = _entries(matrix)
-    so = out.slots[rows]
-    si = _read_slots(inp, so, cols, slots)
-    bo, lo = np.divmod(so, slots)
-    bi, li = np.divmod(si, slots)
-    d = (li - lo) % slots
-    g, _ = choose_giant(bi, bo, d, slots)
-    terms = _split(inp, bo, si, lo, vals, max(1, int(out.blocks)), slots)
+    g, _, _ = _giant_and_pairs(matrix, inp, out, slots)
+    terms: list[dict[tuple[int, int], np.ndarray]] = [dict() for _ in range(max(1, int(out.blocks)))]
+    for bo, bi, lo, d, vals in _per_output_block(matrix, inp, out, slots):
+        key = bi * slots + d
+        order = np.argsort(key, kind="stable")
+        key, lo_s, vals = key[order], lo[order], vals[order]
+        cuts = np.flatnonzero(np.diff(key)) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(key)]):
+            vec = np.zeros(slots)
+            np.add.at(vec, lo_s[a:b], vals[a:b])
+            terms[bo][divmod(int(key[a]), slots)] = vec
     return BlockLowered("blocks", out, terms, [], g)
 
 
