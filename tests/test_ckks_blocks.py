@@ -231,3 +231,15 @@ def test_service_and_sdk_serve_a_multi_block_model(tmp_path, data_dir):
             results = client.diagnose_many(list(test), progress=False, model="blocks128")
     for got, want in zip(results, plain):
         assert np.abs(np.asarray(got.logits) - want).max() <= 1e-2
+
+
+def test_inspect_command_prints_the_plan(capsys):
+    from medhe.cli import main
+
+    assert main(["inspect", "pneumoniamnist", "--scheme", "ckks"]) == 0
+    text = capsys.readouterr().out
+    assert "128-bit security" in text and "rotations" in text and "total:" in text
+    assert main(["inspect", "pneumoniamnist", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layers"] and info["totals"]["rotations"] > 0 and not info["multi_block"]
+    assert main(["inspect", "no-such-model"]) == 2  # one-line error, no traceback
