@@ -3,9 +3,7 @@
 Per IR node: the operation, its layout (ciphertexts x slots, and how channels and space were blocked), key switches
 (rotations; a layer's baby rotations of one input block are counted once, as the interpreter shares them),
 plaintext and ciphertext products, the levels it runs between, predicted milliseconds and bytes. Predicted times
-come from a per-operation model (``OP_US_PER_PRIME_SLOT``: microseconds per prime and per 1024 coefficients, fitted
-to SEAL's operation times on this project's CPU in ``medhe bench --scheme ckks --ops``); they rank layouts and
-layers, the benchmarks measure.
+come from the planner's per-operation model (``compiler.cost``); they rank layouts and layers, benchmarks measure.
 """
 
 from __future__ import annotations
@@ -13,15 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from medhe.he.ckks.compiler.keybudget import ciphertext_bytes_as_sent, key_bytes_as_sent
+from medhe.he.ckks.compiler.cost import op_ms
 from medhe.he.ckks.compiler.program import Plan
 
-# microseconds per (prime x 1024 coefficients) of one operation on a 2-polynomial ciphertext (SEAL, generic build:
-# rotation 4.7 ms at 6 primes and N=8192; multiply_plain and rescale a few percent of it)
-OP_US_PER_PRIME_SLOT = {"rotation": 98.0, "product": 2.5, "ct_product": 12.0, "relin": 98.0, "rescale": 5.0}
-
-
 def _op_ms(kind: str, n: int, level: int) -> float:
-    return OP_US_PER_PRIME_SLOT[kind] * (level + 1) * (n / 1024) / 1e3
+    return op_ms(kind, n, level)
 
 
 def describe(plan: Plan) -> dict[str, Any]:

@@ -14,19 +14,16 @@ import numpy as np
 
 from medhe.errors import PlanError
 from medhe.he.ckks.compiler import blocks, packing
+from medhe.he.ckks.compiler.cost import op_ms
 from medhe.he.ckks.compiler.lower import _Lowering, _TooDeep
 from medhe.he.ckks.compiler.packing import Layout
 from medhe.he.ckks.compiler.program import Instr, Register
 from medhe.he.ckks.compiler.trace import Node
 
-# Predicted cost weights (milliseconds at N=32768, mid-chain, this project's CPU; docs: opcost / ckks-engine-v2):
-# a rotation (key switch) is worth about 20 plaintext products.
-ROTATION_MS = 40.0
-PRODUCT_MS = 2.0
-
-
-def predicted_ms(rotations: int, products: int) -> float:
-    return rotations * ROTATION_MS + products * PRODUCT_MS
+def predicted_ms(rotations: int, products: int, poly_degree: int, level: int) -> float:
+    """Rotations, plaintext products and the encoding of each product's weights, at the layer's level."""
+    return (rotations * op_ms("rotation", poly_degree, level)
+            + products * (op_ms("product", poly_degree, level) + op_ms("encode", poly_degree, level)))
 
 
 class BlockLowering(_Lowering):
@@ -163,7 +160,8 @@ class BlockLowering(_Lowering):
             scored = []
             for name, lay in cands:
                 rot, prods = blocks.pair_stats(node.matrix, inp, lay, self.slots)
-                scored.append((predicted_ms(rot, prods), name, lay, rot, prods))
+                level = self.registers[srcs[0]].level
+                scored.append((predicted_ms(rot, prods, 2 * self.slots, level), name, lay, rot, prods))
             best = min(scored, key=lambda t: t[0])
             low = blocks.lower_blocks(node.matrix, inp, best[2], self.slots)
             others = ", ".join(f"{n} {ms / 1e3:.1f}s" for ms, n, *_ in scored if n != best[1])
