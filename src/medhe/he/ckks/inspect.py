@@ -47,7 +47,7 @@ def describe(plan: Plan) -> dict[str, Any]:
             row["products"] += prods
             row["predicted_ms"] += (rot * _op_ms("rotation", n, src_level) + prods * _op_ms("product", n, src_level)
                                     + len(ins.groups) * _op_ms("rescale", n, src_level))
-            row["plaintext_bytes"] += prods * n * (src_level + 1) * 8
+            row.setdefault("_plains", set()).update(pt for _, t in ins.groups for _, _, pt in t)
         else:
             k = {"poly2": 1, "mul": 1, "add": 0, "poly3": 2, "gate3": 3}.get(ins.op, 0)
             row["ct_products"] += k
@@ -63,6 +63,9 @@ def describe(plan: Plan) -> dict[str, Any]:
         if row["name"] in choices:
             row["blocking"] = choices[row["name"]]
         row["predicted_ms"] = round(row["predicted_ms"], 1)
+        distinct = row.pop("_plains", set())  # a plaintext several blocks share is encoded once
+        row["plaintext_bytes"] = sum(n * (plan.plains[p].level + 1) * 8 for p in distinct)
+        row["plaintexts"] = len(distinct)
         row["ciphertext_bytes"] = row["ciphertexts"] * 2 * n * (row["level_out"] + 1) * 8
         rows.append(row)
     levels = plan.require_key_levels()

@@ -10,6 +10,8 @@ cost many times the input budget.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from medhe.errors import PlanError
@@ -32,6 +34,21 @@ class BlockLowering(_Lowering):
         self.node_blocks: dict[int, list[int]] = {}
         self.deferred_blocks: dict[int, list[int]] = {}
         self.choices: list[str] = []
+        self.unique_plains: dict[tuple, int] = {}
+
+    def plain(self, values, level: int, scale: float) -> int:
+        """One plaintext per distinct (vector, level, scale): a conv's diagonals repeat in every block of a channel
+        (same weights, same padding pattern), so the server encodes and keeps each once."""
+        if np.isscalar(values):
+            return super().plain(values, level, scale)
+        vec = np.ascontiguousarray(values)
+        key = (level, float(scale), vec.dtype.str, hashlib.blake2b(vec.tobytes(), digest_size=20).digest())
+        hit = self.unique_plains.get(key)
+        if hit is not None and np.array_equal(self.plains[hit].values, vec):
+            return hit
+        index = super().plain(vec, level, scale)
+        self.unique_plains[key] = index
+        return index
 
     # -- helpers
     def reg(self, layout: Layout, level: int, scale: float, block: int = 0) -> int:
