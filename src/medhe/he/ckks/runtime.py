@@ -202,13 +202,24 @@ class EncodedPlains:
         self.specs = plan.plains
         n = plan.params.poly_degree
         self.cache: dict[int, Any] = {}
+        sizes = [(p.level + 1) * n * 8 for p in self.specs]
+        order: Any = range(len(self.specs))
+        if sum(sizes) > budget_bytes:  # keep the plaintexts used most often (multi-block plans share many)
+            uses = [0] * len(self.specs)
+            for ins in plan.instrs:
+                for _, terms in ins.groups:
+                    for _, _, pt in terms:
+                        uses[pt] += 1
+                for pt in ins.consts.values():
+                    uses[pt] += 1
+            order = sorted(range(len(self.specs)), key=lambda i: -uses[i] / sizes[i])
         used = 0
-        for i, p in enumerate(self.specs):
-            size = (p.level + 1) * n * 8
-            if used + size > budget_bytes:
-                break
+        for i in order:
+            if used + sizes[i] > budget_bytes:
+                continue
+            p = self.specs[i]
             self.cache[i] = backend.encode(p.values, p.level, p.scale)
-            used += size
+            used += sizes[i]
         self.cached_bytes = used
 
     def __len__(self) -> int:
