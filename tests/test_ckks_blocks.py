@@ -243,3 +243,15 @@ def test_inspect_command_prints_the_plan(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["layers"] and info["totals"]["rotations"] > 0 and not info["multi_block"]
     assert main(["inspect", "no-such-model"]) == 2  # one-line error, no traceback
+
+
+@pytest.mark.slow
+def test_blockbench_measures_the_server_alone(tmp_path, capsys):
+    from medhe.he.ckks import blockbench
+
+    out = tmp_path / "b.json"
+    assert blockbench.main(["--shape", "1x64x64", "--width", "8", "--backend", "native", "--images", "1",
+                            "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["max_abs_logit_err"] <= 1e-2 and report["backend"] == "native"
+    assert report["server_peak_rss_gb"] > 0 and len(report["server_eval_s"]) == 1
