@@ -24,6 +24,7 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
     multi = getattr(plan, "node_blocks", None) is not None
     shared: dict[tuple[int, int], Any] = {}  # multi-block: (register, baby) -> rotated block, shared by a layer
     last = _last_reads(plan) if multi else {}
+    last_rotation = _last_rotations(plan) if multi else {}
     for index, ins in enumerate(plan.instrs):
         if ins.op == "linear" and multi:
             out = _block_linear(be, ins, regs, w, plan.key_path, shared)
@@ -66,12 +67,12 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
         regs[ins.dst] = out
         if hook is not None:
             hook(ins.dst, out)
-        if multi:  # drop blocks (and their rotations) nothing reads any more: K blocks per value add up
+        if multi:  # drop blocks and rotated blocks nothing reads any more: K blocks per value add up
             for reg in last.get(index, ()):
                 if reg != plan.output_register:
                     regs.pop(reg, None)
-                    for key in [k for k in shared if k[0] == reg]:
-                        del shared[key]
+            for key in last_rotation.get(index, ()):
+                shared.pop(key, None)
     return regs[plan.output_register]
 
 
@@ -84,6 +85,22 @@ def _last_reads(plan: Plan) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for reg, index in last.items():
         out.setdefault(index, []).append(reg)
+    return out
+
+
+def _last_rotations(plan: Plan) -> dict[int, list[tuple[int, int]]]:
+    """Instruction index -> (register, baby) rotations read for the last time there (an output block reads only
+    the input blocks near it, so most rotated blocks can go long before the layer ends)."""
+    last: dict[tuple[int, int], int] = {}
+    for index, ins in enumerate(plan.instrs):
+        if ins.op == "linear":
+            for _, terms in ins.groups:
+                for src, baby, _ in terms:
+                    if baby:
+                        last[(ins.srcs[src], baby)] = index
+    out: dict[int, list[tuple[int, int]]] = {}
+    for key, index in last.items():
+        out.setdefault(index, []).append(key)
     return out
 
 

@@ -203,8 +203,12 @@ class BlockLowering(_Lowering):
         layout = low.layout
         g_step = low.giant
         bias = node.bias if node.bias is not None and np.any(node.bias) else None
-        outs = []
-        for bo, terms in enumerate(low.terms):
+        outs: dict[int, int] = {}
+        # Output blocks in the order of the input blocks they read last: each input block's rotations can then be
+        # dropped soon after (channel groups of one spatial part run together instead of part after part per group).
+        order = sorted(range(len(low.terms)), key=lambda k: (max((bi for bi, _ in low.terms[k]), default=0), k))
+        for bo in order:
+            terms = low.terms[bo]
             used = sorted({bi for bi, _ in terms})
             index = {bi: k for k, bi in enumerate(used)}
             groups: dict[int, list[tuple[int, int, int]]] = {}
@@ -235,9 +239,9 @@ class BlockLowering(_Lowering):
             self.instrs.append(Instr("linear", out, in_regs, node.name, babies=sorted(babies),
                                      groups=sorted(groups.items()), reduce=list(low.reduce), consts=consts,
                                      node=i))
-            outs.append(out)
+            outs[bo] = out
         self.strategies.append(f"{node.name}:{low.strategy}x{len(outs)}")
-        return outs
+        return [outs[bo] for bo in range(len(low.terms))]
 
 
 __all__ = ["BlockLowering", "Register", "predicted_ms"]
