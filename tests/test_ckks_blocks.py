@@ -255,3 +255,26 @@ def test_blockbench_measures_the_server_alone(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["max_abs_logit_err"] <= 1e-2 and report["backend"] == "native"
     assert report["server_peak_rss_gb"] > 0 and len(report["server_eval_s"]) == 1
+
+
+@pytest.mark.parametrize("hoist", ["1", "0"])
+def test_native_runs_plans_whose_weights_exceed_the_memory_budget(shallow, monkeypatch, hoist):
+    """Past the plaintext budget the native backend encodes weights on use through the interpreter (hoisting baby
+    rotations unless MEDHE_NATIVE_HOIST=0, which stays SEAL's bits)."""
+    import medhe.he.ckks.server as server_module
+
+    model, plan = shallow
+    monkeypatch.setattr(server_module, "PLAINTEXT_CACHE_BYTES", 8 << 20)
+    monkeypatch.setenv("MEDHE_NATIVE_HOIST", hoist)
+    srv, client, keys = _session(plan, "native")
+    assert srv._program.program is None and len(srv.plains.cache) < len(srv.plains)
+    x = _x(5)
+    ct = client.encrypt(x)
+    want = model(torch.tensor(x)[None]).detach().double().numpy()[0]
+    got = client.decrypt(srv.infer(keys, ct))
+    assert np.abs(got - want).max() <= 1e-2
+    if hoist == "0":
+        seal_srv = CKKSServerModel(plan, backend="seal")
+        out_seal = seal_srv.evaluate(seal_srv.load_keys(client.key_bytes), seal_srv.load_inputs(ct))
+        out_nat = srv.evaluate(keys, srv.load_inputs(ct))
+        assert srv.backend.serialize(out_nat) == seal_srv.backend.serialize(out_seal)

@@ -17,8 +17,11 @@ if TYPE_CHECKING:
 
 
 def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
-                hook: Callable[[int, Any], None] | None = None) -> Any:
-    """Evaluate ``plan`` on encrypted ``inputs`` (one per input ciphertext); returns the output ciphertext."""
+                hook: Callable[[int, Any], None] | None = None, hoist: bool = False) -> Any:
+    """Evaluate ``plan`` on encrypted ``inputs`` (one per input ciphertext); returns the output ciphertext.
+
+    ``hoist``: a multi-block layer's baby rotations of one input block share one decomposition on backends that
+    offer ``rotate_hoisted`` (native; results decrypt alike but are not SEAL's bits)."""
     regs: dict[int, Any] = dict(zip(range(len(inputs)), inputs))
     w = _Weights(be, plains)
     multi = getattr(plan, "node_blocks", None) is not None
@@ -27,7 +30,8 @@ def run_program(plan: Plan, be: Backend, plains: list[Any], inputs: list[Any],
     last_rotation = _last_rotations(plan) if multi else {}
     for index, ins in enumerate(plan.instrs):
         if ins.op == "linear" and multi:
-            out = _block_linear(be, ins, regs, w, plan.key_path, shared)
+            out = _block_linear(be, ins, regs, w, plan.key_path, shared,
+                                hoist and hasattr(be, "rotate_hoisted"))
         elif ins.op == "linear":
             out = _linear(be, ins, [regs[s] for s in ins.srcs], w, plan.key_path)
         elif ins.op == "poly2":
@@ -105,9 +109,20 @@ def _last_rotations(plan: Plan) -> dict[int, list[tuple[int, int]]]:
 
 
 def _block_linear(be: Backend, ins, regs: dict[int, Any], w: "_Weights", key_path: Callable[[int], list[int]],
-                  shared: dict[tuple[int, int], Any]) -> Any:
+                  shared: dict[tuple[int, int], Any], hoist: bool = False) -> Any:
     """One output block of a multi-block linear map: terms (source, baby, plaintext) per giant step; each source's
     baby rotations are made once and kept for the other output blocks of the layer."""
+    if hoist:  # every missing one-key baby rotation of a source in one call
+        missing: dict[int, list[int]] = {}
+        for _, terms in ins.groups:
+            for src, baby, _ in terms:
+                reg = ins.srcs[src]
+                if baby and (reg, baby) not in shared and len(key_path(baby)) == 1 and baby not in missing.get(reg, []):
+                    missing.setdefault(reg, []).append(baby)
+        for reg, babies in missing.items():
+            if len(babies) > 1:
+                for baby, ct in zip(babies, be.rotate_hoisted(regs[reg], [key_path(b)[0] for b in babies])):
+                    shared[(reg, baby)] = ct
 
     def rotated(src: int, baby: int) -> Any:
         reg = ins.srcs[src]

@@ -306,7 +306,7 @@ class NativeProgram:
 
             be = self.backend.fresh()
             be.keys = keys
-            return run_program(self.plan, be, self.plains, cts)
+            return run_program(self.plan, be, self.plains, cts, hoist=self.hoist in (True, "all", "many"))
         if hook is not None:
             from medhe.he.ckks.runtime import run_program
 
