@@ -24,10 +24,6 @@ import scipy.sparse as sp
 from medhe.he.ckks.compiler.packing import Layout, _entries, next_pow2
 
 
-def blocks_of(layout: Layout, slots: int) -> int:
-    return max(1, int(layout.blocks))
-
-
 def packed_layout(shape: tuple[int, ...], slots: int) -> Layout:
     """A fresh input too large for one ciphertext: row-major over ceil(size / slots) blocks."""
     size = int(np.prod(shape))
@@ -41,7 +37,7 @@ def packed_layout(shape: tuple[int, ...], slots: int) -> Layout:
 
 def input_gather(layout: Layout, slots: int) -> np.ndarray:
     """Gather map of a packed multi-block input: row k is ciphertext k (element per slot, -1: zero)."""
-    k = blocks_of(layout, slots)
+    k = max(1, int(layout.blocks))
     gather = np.full(k * slots, -1, dtype=np.int64)
     gather[layout.slots] = np.arange(len(layout.slots))
     return gather.reshape(k, slots)
@@ -104,11 +100,6 @@ def image_layouts(inp: Layout, shape: tuple[int, int, int], stride: tuple[int, i
     return result
 
 
-def flat_layout(size: int, slots: int) -> Layout:
-    k = -(-size // slots)
-    return Layout(np.arange(size), k * slots, False, blocks=k)
-
-
 @dataclass
 class BlockLowered:
     """A linear map across blocks: per output block, {(input block, rotation d): length-``slots`` diagonal}."""
@@ -118,20 +109,6 @@ class BlockLowered:
     terms: list[dict[tuple[int, int], np.ndarray]]
     reduce: list[int] = field(default_factory=list)
     giant: int = 1
-
-    def counts(self, slots: int) -> tuple[int, int]:
-        """(rotations, plaintext products) this lowering costs (babies shared by output blocks)."""
-        babies, giants, products = set(), 0, 0
-        for bo, terms in enumerate(self.terms):
-            gs = set()
-            for bi, d in terms:
-                if d % self.giant:
-                    babies.add((bi, d % self.giant))
-                if d - d % self.giant:
-                    gs.add(d - d % self.giant)
-            giants += len(gs)
-            products += len(terms)
-        return len(babies) + giants + len(self.reduce) * len(self.terms), products
 
 
 def choose_giant(bi: np.ndarray, bo: np.ndarray, d: np.ndarray, slots: int) -> tuple[int, int]:

@@ -439,6 +439,14 @@ def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, deg
         plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, per_key, max_key_bytes - fixed)
         plan.output_bound = float(max_abs)
         plan.key_levels = key_levels_of(plan)  # once, with the final key paths
+        if cls is not None:
+            sent = sum(key_bytes_as_sent(params, lv) for lv in plan.key_levels["galois"].values())
+            sent += key_bytes_as_sent(params, plan.key_levels["relin"]) if plan.key_levels["relin"] >= 0 else 0
+            plan.choices.append(f"ring N={n}: the smallest with the depth ({needed}); "
+                                f"{len(plan.rotation_steps)} keys, {sent / 1e6:.1f} MB as sent "
+                                + (f"(budget {max_key_bytes / 1e6:.0f} MB: rotations composed from fewer keys)"
+                                   if plan.key_paths else f"(within the {max_key_bytes / 1e6:.0f} MB budget)")
+                                + (", over budget even so" if sent > max_key_bytes else ""))
         return plan, needed
     return None, needed
 
