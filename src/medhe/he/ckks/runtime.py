@@ -7,6 +7,7 @@ every register.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 from medhe.errors import PlanError
@@ -219,7 +220,8 @@ def _linear(be: Backend, ins, xs: list[Any], w: _Weights, key_path: Callable[[in
     return total
 
 
-PLAINTEXT_CACHE_BYTES = 1 << 30  # encoded weights kept in memory; beyond this they are encoded on use
+# encoded weights kept in memory; beyond this they are encoded on use (MEDHE_PLAINTEXT_CACHE_MB sizes it to the host)
+PLAINTEXT_CACHE_BYTES = int(os.environ.get("MEDHE_PLAINTEXT_CACHE_MB", "1024")) << 20
 
 
 class EncodedPlains:
