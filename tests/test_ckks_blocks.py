@@ -278,3 +278,13 @@ def test_native_runs_plans_whose_weights_exceed_the_memory_budget(shallow, monke
         out_seal = seal_srv.evaluate(seal_srv.load_keys(client.key_bytes), seal_srv.load_inputs(ct))
         out_nat = srv.evaluate(keys, srv.load_inputs(ct))
         assert srv.backend.serialize(out_nat) == seal_srv.backend.serialize(out_seal)
+
+
+def test_layer_errors_cover_every_block(shallow):
+    from medhe.he.ckks import layer_errors
+
+    _, plan = shallow
+    srv, client, keys = _session(plan, "seal")
+    rows = layer_errors(srv, client, _x(6), keys)
+    assert len(rows) >= 3 and all(r["max_abs_error"] < 1e-2 * max(1.0, r["max_abs_value"]) for r in rows)
+    assert any(r["shape"] == [8, 64, 64] for r in rows)  # the 8-block conv output, compared element by element
