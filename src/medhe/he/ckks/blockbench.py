@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model")
     p.add_argument("--backend", default="native", choices=("native", "seal"))
     p.add_argument("--images", type=int, default=1)
+    p.add_argument("--poly-degree", type=int, help="force the ring (P1's table uses 32768)")
+    p.add_argument("--scale-bits", type=int, help="force the scale (P1's table uses 36)")
     p.add_argument("--json", dest="json_out")
     p.add_argument("--serve", help=argparse.SUPPRESS)  # child mode: the folder to serve
     args = p.parse_args(argv)
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, shape, ranges = _model(args)
     start = time.perf_counter()
-    plan = compile_plan(model, shape, ranges)
+    options = {k: v for k, v in (("poly_degree", args.poly_degree), ("scale_bits", args.scale_bits)) if v}
+    plan = compile_plan(model, shape, ranges, **options)
     compile_s = time.perf_counter() - start
     info = describe(plan)
     rng = np.random.default_rng(1)
