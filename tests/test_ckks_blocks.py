@@ -289,3 +289,18 @@ def test_layer_errors_cover_every_block(shallow):
     rows = layer_errors(srv, client, _x(6), keys)
     assert len(rows) >= 3 and all(r["max_abs_error"] < 1e-2 * max(1.0, r["max_abs_value"]) for r in rows)
     assert any(r["shape"] == [8, 64, 64] for r in rows)  # the 8-block conv output, compared element by element
+
+
+def test_residual_across_blocks_is_exact_in_the_simulator():
+    """A residual whose operands come back at different scales: each block is brought back on its own."""
+    from medhe.models.layers import Residual
+
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), PolyAct((0.1, 0.5, 0.1)), nn.AvgPool2d(2),
+                          Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), PolyAct((0.1, 0.5, 0.0)))),
+                          nn.AvgPool2d(8), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    plan = compile_plan(model, (1, 128, 128))
+    assert plan.multi_block
+    x = _x(7, (1, 128, 128))
+    want = model(torch.tensor(x)[None]).detach().double().numpy()[0]
+    assert np.abs(simulate(plan, x) - want).max() < 1e-6 * max(1.0, np.abs(want).max())

@@ -147,6 +147,23 @@ class BlockLowering(_Lowering):
         self.deferred_gates.pop(gate, None)
         return outs
 
+    def normalize(self, src: int, want: Layout | None, name: str) -> int:
+        """One block back at the standard scale (a residual's operands): its slots times one, one level down."""
+        reg = self.registers[src]
+        if not self.multi(reg.layout):
+            return super().normalize(src, want, name)
+        if want is not None and not np.array_equal(want.slots, reg.layout.slots):
+            raise PlanError(f"layer {name!r}: re-laying out a value across ciphertexts is not supported")
+        if reg.level < 1:
+            raise _TooDeep()
+        mask = np.zeros(self.slots)
+        mine = reg.layout.slots // self.slots == reg.block
+        mask[reg.layout.slots[mine] % self.slots] = 1.0
+        pt = self.plain(mask, reg.level, self.primes[reg.level] * self.scale / reg.scale)
+        out = self.reg(reg.layout, reg.level - 1, self.scale, reg.block)
+        self.instrs.append(Instr("linear", out, (src,), name, babies=[0], groups=[(0, [(0, 0, pt)])], node=-1))
+        return out
+
     def _match_layouts(self, a: int, b: int, name: str):
         la, lb = self.registers[a].layout, self.registers[b].layout
         if self.multi(la) or self.multi(lb):
