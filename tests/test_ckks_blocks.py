@@ -6,10 +6,13 @@ sending the wrong number of blocks gets a clear error; one-ciphertext plans are 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from medhe.errors import CiphertextError
@@ -20,6 +23,8 @@ from medhe.he.ckks.simulate import simulate
 from medhe.he.ckks.wire import envelope
 from medhe.models.autoencoder import build_latent_classifier
 from medhe.models.layers import PolyAct
+
+sys.path.insert(0, str(Path(__file__).parent))  # the docs-only protocol client lives beside this file
 
 
 def _bn(n: int) -> nn.Module:
@@ -203,8 +208,9 @@ def test_multi_block_plan_files_round_trip_and_run(shallow):
 
 @pytest.mark.slow
 def test_service_and_sdk_serve_a_multi_block_model(tmp_path, data_dir):
-    """A real ``medhe serve`` on 127.0.0.1 with a model whose tensors span ciphertexts: the SDK sends the input as
-    several ciphertexts in one envelope and gets the plaintext model's logits back."""
+    """A real ``medhe serve`` on 127.0.0.1 with a model whose tensors span ciphertexts: the SDK, and the client
+    written only from docs/protocol.md, send the input as several ciphertexts in one envelope and get the plaintext
+    model's logits back."""
     from medhe.data import Preprocess, load_dataset
     from medhe.models import layers
     from medhe.models.artifact import load_artifact, save_artifact
@@ -226,12 +232,24 @@ def test_service_and_sdk_serve_a_multi_block_model(tmp_path, data_dir):
     art = load_artifact(model_dir)
     test = images[32:34]
     plain = predict_logits(art.model, model_inputs(art, np.asarray(test)))
-    with ServerProcess([str(model_dir)], workers=1, token="blocks-token") as srv:
-        with Client(srv.url, token="blocks-token") as client:
+    import test_protocol_conformance as doc  # the client written only from docs/protocol.md
+
+    with ServerProcess([str(model_dir)], workers=1, token=doc.TOKEN) as srv:
+        with Client(srv.url, token=doc.TOKEN) as client:
             assert client.session("blocks128").he.gather.shape[0] >= 2  # the input itself spans ciphertexts
             results = client.diagnose_many(list(test), progress=False, model="blocks128")
-    for got, want in zip(results, plain):
+        info = doc.models(srv.url)["blocks128"]
+        assert info["spec"]["input"]["blocks"] == info["spec"]["input"]["ciphertexts"] >= 2
+        paths = []
+        for i, img in enumerate(test):
+            paths.append(tmp_path / f"b{i}.png")
+            Image.fromarray(np.asarray(img)).save(paths[-1])
+        doc_client = doc.CKKSClient(info)
+        bodies = [doc_client.encrypt(doc.preprocess(p, info["preprocessing"])) for p in paths]
+        doc_logits = [doc_client.decrypt(r) for r in doc.register_and_infer(srv.url, info, doc_client.keys(), bodies)]
+    for got, by_docs, want in zip(results, doc_logits, plain):
         assert np.abs(np.asarray(got.logits) - want).max() <= 1e-2
+        assert np.abs(np.asarray(by_docs) - want).max() <= 1e-2
 
 
 def test_inspect_command_prints_the_plan(capsys):
