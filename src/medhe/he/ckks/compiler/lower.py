@@ -397,8 +397,12 @@ def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, deg
     """The plan on the smallest ring that fits (``cls``: the lowering, None for one ciphertext per value), or
     (None, depth needed) / (None, None) when no ring holds the values."""
     needed = None
+    bound = _depth_lower_bound(graph, forms) if cls is not None else 0
     for n in degrees:
         slots = n // 2
+        if poly_degree is None and prime_bits is None and bound > max_depth(n):
+            needed = bound
+            continue  # a block lowering at this ring would only show that it is too shallow (tens of seconds)
         sb = scale_bits or PRESETS.get(n, (28, 0))[0]
         probe_depth = 64
         try:
@@ -449,6 +453,26 @@ def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, deg
                                 + (", over budget even so" if sent > max_key_bytes else ""))
         return plan, needed
     return None, needed
+
+
+def _depth_lower_bound(graph: Graph, forms: dict[int, PolyForm]) -> int:
+    """Levels the longest path of the graph needs at least (linear 1, square 1, cubic 2, product 1, a cubic gate
+    and its product 2; rescalings to match a residual's operands not counted)."""
+    depth = [0] * len(graph.nodes)
+    gates = {n.inputs[1] for n in graph.nodes if n.op == "mul"}
+    for i, node in enumerate(graph.nodes):
+        ins = [depth[k] for k in node.inputs]
+        if node.op == "linear":
+            depth[i] = ins[0] + 1
+        elif node.op == "poly":
+            cubic = forms[i].degree == 3 if i in forms else len(node.coeffs) > 3
+            depth[i] = ins[0] + (0 if cubic and i in gates else 2 if cubic else 1)
+        elif node.op == "mul":
+            gate = graph.nodes[node.inputs[1]]
+            depth[i] = max(ins) + (2 if gate.op == "poly" and len(gate.coeffs) > 3 else 1)
+        elif node.op == "add":
+            depth[i] = max(ins)
+    return max(depth)
 
 
 def _lower(graph: Graph, forms: dict[int, PolyForm], slots: int, primes: list[int], scale: float, top: int,
