@@ -366,12 +366,14 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
     if unknown:
         raise PlanError(f"unknown CKKS option(s) {', '.join(sorted(unknown))}: use poly_degree, scale_bits, "
                         "prime_bits, max_key_bytes, max_input_bytes, output_bound, input_bound or clean_output")
-    graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
-    max_abs = output_bound if output_bound is not None else estimate_output_bound(graph, input_bound)
     degrees = [int(poly_degree)] if poly_degree else sorted(PRESETS)
     opts = dict(poly_degree=poly_degree, scale_bits=scale_bits, prime_bits=prime_bits, max_key_bytes=max_key_bytes,
                 max_input_bytes=max_input_bytes, clean_output=clean_output)
-    plan, needed = _compile_rings(graph, forms, max_abs, degrees, None, **opts)
+    plan = needed = None
+    if _may_fit_one_ciphertext(model, tuple(input_shape), activation_ranges, max(degrees) // 2):
+        graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
+        max_abs = output_bound if output_bound is not None else estimate_output_bound(graph, input_bound)
+        plan, needed = _compile_rings(graph, forms, max_abs, degrees, None, **opts)
     if plan is None and needed is None:
         # No ring holds the largest value in one ciphertext: values span several (``blocklower``). Pools stay
         # separate from the convs after them there (see ``keep_large_kernels``).
@@ -453,6 +455,15 @@ def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, deg
                                 + (", over budget even so" if sent > max_key_bytes else ""))
         return plan, needed
     return None, needed
+
+
+def _may_fit_one_ciphertext(model: nn.Module, input_shape: tuple[int, ...], activation_ranges: Any,
+                            slots: int) -> bool:
+    """False when an activation's (or a product's) input is larger than ``slots``: such a value survives every
+    folding, so no one-ciphertext plan exists, and folding that graph (a pool into a 3x3 conv at 256 px makes
+    tens of millions of products) would only cost memory."""
+    graph = trace(model, input_shape, activation_ranges, fold=False)
+    return all(packing.next_pow2(n.size) <= slots for n in graph.nodes if n.op in ("poly", "mul", "add"))
 
 
 def _depth_lower_bound(graph: Graph, forms: dict[int, PolyForm]) -> int:
