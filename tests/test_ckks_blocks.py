@@ -81,6 +81,8 @@ def test_pool_se_and_head_across_blocks_are_exact_in_the_simulator():
     plan = compile_plan(model, (1, 64, 64))
     assert plan.multi_block
     assert any("block-hybrid" in s for s in plan.strategies)  # SE mean and head gather blocks into one
+    ring = [c for c in plan.choices if c.startswith("ring N=")]  # the cheapest deep-enough ring, and why
+    assert len(ring) == 1 and "predicted" in ring[0] and "rejected: N=32768" in ring[0]
     for seed in range(2):
         x = _x(seed)
         want = model(torch.tensor(x)[None]).detach().double().numpy()[0]

@@ -22,6 +22,7 @@ from torch import nn
 
 from medhe.errors import PlanError
 from medhe.he.ckks.compiler import packing
+from medhe.he.ckks.compiler.cost import plan_ms
 from medhe.he.ckks.compiler.keybudget import (INPUT_BUDGET_BYTES, KEY_BUDGET_BYTES, choose_key_paths,
                                               ciphertext_bytes_as_sent, key_bytes_as_sent, key_levels_of)
 from medhe.he.ckks.compiler.packing import Layout, Lowered
@@ -399,6 +400,9 @@ def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, deg
     """The plan on the smallest ring that fits (``cls``: the lowering, None for one ciphertext per value), or
     (None, depth needed) / (None, None) when no ring holds the values."""
     needed = None
+    candidates: list[tuple[float, int, int, Plan, int]] = []
+    too_big = ""
+    skipped: list[str] = []
     bound = _depth_lower_bound(graph, forms) if cls is not None else 0
     for n in degrees:
         slots = n // 2
@@ -426,10 +430,12 @@ def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, deg
         n_ct = len([r for r in probe.registers if r.level == probe_depth])
         pack = n_ct * ciphertext_bytes_as_sent(params) > max_input_bytes and n_ct > 1
         if cls is not None and len(probe.gather) * ciphertext_bytes_as_sent(params) > max_input_bytes:
-            raise PlanError(f"the packed input needs {len(probe.gather)} ciphertexts "
-                            f"({len(probe.gather) * ciphertext_bytes_as_sent(params) / 1e6:.1f} MB), over the "
-                            f"input budget of {max_input_bytes / 1e6:.1f} MB: raise max_input_bytes or use "
-                            "smaller images")
+            too_big = (f"the packed input needs {len(probe.gather)} ciphertexts "
+                       f"({len(probe.gather) * ciphertext_bytes_as_sent(params) / 1e6:.1f} MB at N={n}), over the "
+                       f"input budget of {max_input_bytes / 1e6:.1f} MB: raise max_input_bytes or use smaller images")
+            skipped.append(f"N={n} input {len(probe.gather) * ciphertext_bytes_as_sent(params) / 1e6:.1f} MB over "
+                           "the input budget")
+            continue
         plan_low = _lower(graph, forms, slots, primes, params.scale, top,
                           float(2 ** output_scale_bits(params, max_abs)), pack, clean_output, cls=cls)
         out_reg = plan_low.node_reg[len(graph.nodes) - 1]
@@ -445,16 +451,28 @@ def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, deg
         plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, per_key, max_key_bytes - fixed)
         plan.output_bound = float(max_abs)
         plan.key_levels = key_levels_of(plan)  # once, with the final key paths
-        if cls is not None:
-            sent = sum(key_bytes_as_sent(params, lv) for lv in plan.key_levels["galois"].values())
-            sent += key_bytes_as_sent(params, plan.key_levels["relin"]) if plan.key_levels["relin"] >= 0 else 0
-            plan.choices.append(f"ring N={n}: the smallest with the depth ({needed}); "
-                                f"{len(plan.rotation_steps)} keys, {sent / 1e6:.1f} MB as sent "
-                                + (f"(budget {max_key_bytes / 1e6:.0f} MB: rotations composed from fewer keys)"
-                                   if plan.key_paths else f"(within the {max_key_bytes / 1e6:.0f} MB budget)")
-                                + (", over budget even so" if sent > max_key_bytes else ""))
-        return plan, needed
-    return None, needed
+        if cls is None:
+            return plan, needed
+        # Multi-block plans: every ring deep enough is a candidate; the cheapest predicted one wins.
+        sent = sum(key_bytes_as_sent(params, lv) for lv in plan.key_levels["galois"].values())
+        sent += key_bytes_as_sent(params, plan.key_levels["relin"]) if plan.key_levels["relin"] >= 0 else 0
+        candidates.append((plan_ms(plan), sent, n, plan, needed))
+        if poly_degree is not None or prime_bits is not None:
+            break
+    if not candidates:
+        if too_big and needed is not None:
+            raise PlanError(too_big)
+        return None, needed
+    ms, sent, n, plan, needed = min(candidates, key=lambda c: (c[0], c[1]))
+    others = "; ".join([f"N={c[2]} {c[0] / 1e3:.1f} s, keys {c[1] / 1e6:.0f} MB" for c in candidates
+                        if c[3] is not plan] + skipped)
+    plan.choices.append(f"ring N={n} (depth {needed}): predicted {ms / 1e3:.1f} s; {len(plan.rotation_steps)} keys, "
+                        f"{sent / 1e6:.1f} MB as sent "
+                        + (f"(budget {max_key_bytes / 1e6:.0f} MB: rotations composed from fewer keys)"
+                           if plan.key_paths else f"(within the {max_key_bytes / 1e6:.0f} MB budget)")
+                        + (", over budget even so" if sent > max_key_bytes else "")
+                        + (f" (rejected: {others})" if others else ""))
+    return plan, needed
 
 
 def _may_fit_one_ciphertext(model: nn.Module, input_shape: tuple[int, ...], activation_ranges: Any,
