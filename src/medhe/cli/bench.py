@@ -48,6 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-sets", type=int, metavar="N",
                    help="--service: instead of the load test, register one client's CKKS keys N times on a one-worker "
                         "server, delete them, and report the worker's memory before, loaded and after")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="--service: the server runs inference in Ray actors (medhe serve --ray) on the cluster at "
+                        "ADDRESS; without ADDRESS the benchmark starts a local cluster of --ray-nodes loopback nodes")
+    p.add_argument("--ray-nodes", type=int, default=2, help="--ray, local cluster: nodes (default 2)")
+    p.add_argument("--ray-cpus-per-node", type=int, default=1, help="--ray, local cluster: CPUs per node (default 1)")
+    p.add_argument("--kill-node-after", type=int, metavar="N",
+                   help="--ray, local cluster: kill one node (not the head) outright after N completed requests")
+    p.add_argument("--compare", action="store_true",
+                   help="--ray: first run plain medhe serve with one worker per cluster CPU under the same load, and "
+                        "report per-core throughput side by side")
     p.add_argument("--data-dir")
     p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
     p.set_defaults(handler=run)
@@ -60,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         raise MedheError("--batch works with --scheme ckks only")
     if args.engine_only and args.scheme != "ckks":
         raise MedheError("--engine-only applies to --scheme ckks only")
+    if (args.ray is not None or args.kill_node_after is not None or args.compare) and not args.service:
+        raise MedheError("--ray, --kill-node-after and --compare go with --service")
     json_out = output_file(args.json_out, "--json") if args.json_out else None
     args.data_dir = input_dir(args.data_dir, "--data-dir")
     started = time.time()
@@ -69,8 +81,21 @@ def run(args: argparse.Namespace) -> int:
         from medhe.service.keymemory import measure_key_memory
 
         result = measure_key_memory(args.model or "pneumoniamnist", args.key_sets)
+    elif args.service and args.ray is not None:
+        from medhe.service.loadtest import run_ray_benchmark
+
+        if args.url or args.workers is not None or args.kill_worker_after is not None:
+            raise MedheError("--ray starts its own server on the cluster: --url, --workers and --kill-worker-after "
+                             "do not apply (use --kill-node-after)")
+        result = run_ray_benchmark(args.ray or None, model=args.model or "pneumoniamnist", clients=args.clients,
+                                   requests=args.requests, data_dir=args.data_dir, nodes=args.ray_nodes,
+                                   cpus_per_node=args.ray_cpus_per_node, kill_node_after=args.kill_node_after,
+                                   compare=args.compare)
     elif args.service:
         from medhe.service.loadtest import run_service_benchmark
+
+        if args.kill_node_after is not None or args.compare:
+            raise MedheError("--kill-node-after and --compare go with --service --ray")
 
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
                                        requests=args.requests, data_dir=args.data_dir, workers=args.workers,

@@ -43,6 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="forget keys unused for this long (default 3600)")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile serves https")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    ray = p.add_argument_group("scale-out on Ray (optional extra: pip install -e \".[ray]\"; docs/scale-out.md)")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run inference in Ray actors across the cluster whose head is at ADDRESS (host:port, or "
+                          "auto); without ADDRESS a one-node Ray on this machine. --workers does not apply")
+    ray.add_argument("--ray-actors", type=int, metavar="N",
+                     help="--ray: inference actors in all (default: one per free CPU of the cluster at start)")
+    ray.add_argument("--ray-actors-per-node", type=int, metavar="K",
+                     help="--ray: instead, K actors on every node, also on nodes that join later")
+    ray.add_argument("--ray-cpus", type=int, default=1, metavar="C",
+                     help="--ray: CPUs each actor reserves and evaluates with (default 1)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(handler=run)
 
@@ -113,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from medhe.service.worker import default_processes
 
     token = args.token if args.token is not None else os.environ.get(protocol.TOKEN_ENV) or None
+    pool_factory = ray_pool_factory(args)  # --ray without Ray installed: one line, before anything else
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise MedheError("TLS needs both --ssl-certfile and --ssl-keyfile")
     for path in (args.ssl_certfile, args.ssl_keyfile):
@@ -135,13 +146,21 @@ def run(args: argparse.Namespace) -> int:
         raise MedheError("--workers must be 0 (threads) or a positive number of processes")
     if args.max_keys < 1 or args.max_keys_per_client < 1:
         raise MedheError("--max-keys and --max-keys-per-client must be at least 1")
+    where = f"{workers or 'in-process'} worker(s)"
+    if pool_factory is not None:
+        where = f"Ray actors ({args.ray or 'local Ray'})"
     app = create_app(models, token=token, max_body=args.max_body, key_ttl=args.key_ttl,
                      max_key_bytes=args.max_key_bytes, processes=workers, max_keys=args.max_keys,
-                     max_keys_per_client=args.max_keys_per_client, max_batch_bytes=args.max_batch_bytes)
+                     max_keys_per_client=args.max_keys_per_client, max_batch_bytes=args.max_batch_bytes,
+                     pool_factory=pool_factory)
     _exit_on_sigterm()
+    if pool_factory is not None:
+        from medhe.service.raycluster import connect
+
+        connect(args.ray or None)  # a wrong or unreachable address is one line, before any compiling
     scheme = "https" if args.ssl_certfile else "http"
     print(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme}{_enc(m)})' for m in models)} "
-          f"in {workers or 'in-process'} worker(s) ...", file=sys.stderr, flush=True)
+          f"in {where} ...", file=sys.stderr, flush=True)
     from medhe.service.http400 import JSONErrorHTTPProtocol
 
     try:
@@ -155,7 +174,36 @@ def run(args: argparse.Namespace) -> int:
         server.run()
     finally:
         app.state.stop()  # every worker stopped and waited for, however we got here
+        if pool_factory is not None:
+            from medhe.service.raycluster import disconnect
+
+            disconnect()
     if not server.started:
         raise MedheError(f"the server did not start on {args.host}:{args.port} (port in use, or models failed "
                          "to compile; see the log above)")
     return 0
+
+
+def ray_pool_factory(args: argparse.Namespace):
+    """``--ray``: a factory of ``RayPool`` for ``create_app`` (``None`` without it); a one-line error naming the
+    extra to install when Ray is missing, before anything is compiled."""
+    if args.ray is None:
+        if args.ray_actors is not None or args.ray_actors_per_node is not None:
+            raise MedheError("--ray-actors and --ray-actors-per-node go with --ray")
+        return None
+    from medhe.service.raycluster import require_ray
+
+    require_ray()
+    if args.ray_actors is not None and args.ray_actors_per_node is not None:
+        raise MedheError("give --ray-actors N or --ray-actors-per-node K, not both")
+    for flag, value in (("--ray-actors", args.ray_actors), ("--ray-actors-per-node", args.ray_actors_per_node),
+                        ("--ray-cpus", args.ray_cpus)):
+        if value is not None and value < 1:
+            raise MedheError(f"{flag} must be at least 1")
+    from medhe.service.raypool import RayPool
+
+    def factory(refs, key_cache_bytes, on_replace):
+        return RayPool(refs, key_cache_bytes, on_replace, actors=args.ray_actors,
+                       per_node=args.ray_actors_per_node, cpus=args.ray_cpus)
+
+    return factory

@@ -77,10 +77,12 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
                          spool_body: Callable[..., Any], key_secret: Callable[[Request], str],
                          new_file: Callable[[str], tuple[int, str]],
                          max_batch_bytes: int = protocol.DEFAULT_MAX_BATCH_BODY,
-                         key_ttl: float = protocol.DEFAULT_KEY_TTL) -> None:
+                         key_ttl: float = protocol.DEFAULT_KEY_TTL, remote: Callable[..., Any] | None = None) -> None:
     """Add the batch endpoints to ``app``. The helpers are create_app's own: auth, model lookup, readiness, the
     streamed upload into the server's locked spool folder (``spool_body``), the key-secret header and
-    ``new_file`` in that spool folder, so batch keys follow the same capability rule as single-image keys."""
+    ``new_file`` in that spool folder, so batch keys follow the same capability rule as single-image keys.
+    ``remote(model_id, key_bytes, batch_bytes)``: evaluate elsewhere (``medhe serve --ray``: a Ray actor) instead
+    of this process's evaluation thread; keys are still validated here."""
     models = BatchModels(catalog)
     keys = KeyStore(MAX_BATCH_KEY_BYTES, ttl=key_ttl)
     evaluator = ThreadPoolExecutor(1, thread_name_prefix="medhe-batch")  # one batch at a time: it uses all cores
@@ -126,6 +128,8 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
             discard(path)
         loaded = await run(server.load_keys, data)  # CiphertextError -> 422
         secret = secrets.token_urlsafe(32)  # returned once; only its hash is kept
+        if remote is not None:
+            loaded = data  # an actor elsewhere loads them again from these (validated) bytes
         try:
             entry = keys.add(model_id, loaded, size, key_id=secrets.token_urlsafe(18), secret_hash=hash_secret(secret))
         except KeyTooLarge as exc:
@@ -180,6 +184,16 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
                 fh.write(out)
             return out_path, ms
 
+        if remote is not None:
+            def read() -> bytes:
+                try:
+                    with open(path, "rb") as fh:
+                        return fh.read()
+                finally:
+                    discard(path)
+
+            out, ms = await remote(model_id, entry.value, await run(read))
+            return Response(out, media_type=protocol.OCTET, headers={protocol.EVAL_MS_HEADER: f"{ms:.1f}"})
         out_path, ms = await run(evaluate)
         return StreamingResponse(_stream_file(out_path), media_type=protocol.OCTET,
                                  headers={protocol.EVAL_MS_HEADER: f"{ms:.1f}",

@@ -173,15 +173,72 @@ def _dataset_images(url: str, model: str | None, token: str | None, data_dir: st
     return load_dataset(name, split="test", size=ds.get("size"), data_dir=data_dir).images[:n]
 
 
+def run_ray_benchmark(address: str | None = None, model: str = "pneumoniamnist", clients: int = 32,
+                      requests: int = 128, data_dir: str | None = None, nodes: int = 2, cpus_per_node: int = 1,
+                      kill_node_after: int | None = None, compare: bool = False,
+                      object_store_bytes: int = 256 << 20) -> dict[str, Any]:
+    """``medhe bench --service --ray``: the same load test against ``medhe serve --ray``.
+
+    ``address``: an existing cluster's head; ``None``: start ``nodes`` local nodes of ``cpus_per_node`` CPUs each
+    on loopback addresses (``LocalCluster``), stopped afterwards. ``kill_node_after``: kill the last local node
+    outright once that many requests completed (its actors and their keys die; the SDK re-registers and retries).
+    ``compare``: first run plain ``medhe serve`` with as many worker processes as the cluster has CPUs, same
+    model and load, and report the per-core throughput of both side by side.
+    """
+    from medhe.service.raycluster import LocalCluster, require_ray
+
+    require_ray()
+    if address is not None and kill_node_after is not None:
+        raise MedheError("--kill-node-after needs the local cluster the benchmark starts (no address): it will not "
+                         "kill a node of a cluster it did not start")
+    if nodes < 1 or cpus_per_node < 1:
+        raise MedheError("--ray-nodes and --ray-cpus-per-node must be at least 1")
+    out: dict[str, Any] = {}
+    cores = nodes * cpus_per_node
+    if compare:
+        if address is not None:
+            raise MedheError("--compare starts both servers itself: leave out the Ray address")
+        plain = run_service_benchmark(None, model, clients, requests, data_dir, workers=cores)
+        out["plain"] = plain
+    cluster = LocalCluster(nodes, cpus_per_node, object_store_bytes) if address is None else None
+    try:
+        if cluster is not None:
+            cluster.start()
+            address = cluster.address
+        result = run_service_benchmark(None, model, clients, requests, data_dir, workers=None,
+                                       ray_address=address, kill_worker_after=kill_node_after,
+                                       kill=cluster.kill_node if cluster is not None else None)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    result["server"]["ray"] = {"address": address, "local_nodes": nodes if cluster is not None else None,
+                               "cpus_per_node": cpus_per_node if cluster is not None else None}
+    if kill_node_after is not None:
+        result["node_killed"] = result.pop("worker_killed", None)
+        result["node_killed_at_s"] = result.pop("worker_killed_at_s", None)
+    if not compare:
+        return result
+    out["ray"] = result
+    rate = {k: (out[k]["throughput_rps"] or 0.0) / cores for k in ("plain", "ray")}
+    out["per_core_rps"] = rate
+    out["cores"] = cores
+    out["ray_vs_plain"] = rate["ray"] / rate["plain"] if rate["plain"] else None
+    out["within_15_percent"] = out["ray_vs_plain"] is not None and out["ray_vs_plain"] >= 0.85
+    return out
+
+
 def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist", clients: int = 16,
                           requests: int = 200, data_dir: str | None = None, workers: int | None = None,
-                          n_images: int = 32, kill_worker_after: int | None = None) -> dict[str, Any]:
+                          n_images: int = 32, kill_worker_after: int | None = None, ray_address: str | None = None,
+                          kill: Callable[[], Any] | None = None) -> dict[str, Any]:
     """``medhe bench --service``: start a server on 127.0.0.1 (unless ``url`` is given) and load-test it.
 
     Images are the model's own test split; when this function starts the server it also knows the model, so every
     decrypted prediction is checked against the plaintext prediction. The server it starts admits every client's
     keys at once (key caps raised: this measures throughput, not eviction). ``kill_worker_after``: SIGKILL one
     worker process once that many requests have completed (needs a server started here with >= 1 process).
+    ``ray_address``: the server runs its inference in Ray actors on that cluster (``medhe serve --ray``); ``kill``
+    then replaces the worker kill (e.g. kill one node of a local cluster).
     """
     from medhe.data import load_dataset
     from medhe.models.artifact import load_artifact
@@ -204,21 +261,28 @@ def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist",
         result = run_load_test(url, None if ":" in model else artifact.name, clients, requests, images=images,
                                expected=expected)
         return {"server": "external", **result}
-    if kill_worker_after is not None and workers == 0:
+    if kill_worker_after is not None and workers == 0 and ray_address is None:
         raise MedheError("--kill-worker-after needs worker processes (--workers >= 1)")
     caps = ["--max-keys-per-client", str(clients + 8), "--max-keys", str(max(256, 2 * clients)),
             "--max-key-bytes", str(max(4 << 30, clients * (256 << 20)))]
+    if ray_address is not None:
+        caps += ["--ray", ray_address]
     with ServerProcess([model], workers=workers, extra_args=caps) as server:
-        killed: list[int] = []
+        killed: list[Any] = []
 
-        def kill() -> None:
+        def kill_worker() -> None:
+            if kill is not None:
+                killed.append(kill())
+                return
             pids = server.worker_pids()
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
 
         result = run_load_test(server.url, None, clients, requests, images=images, expected=expected,
-                               kill_after=kill_worker_after, kill=kill if kill_worker_after is not None else None)
+                               kill_after=kill_worker_after,
+                               kill=kill_worker if kill_worker_after is not None else None)
         if kill_worker_after is not None:
             result["worker_killed"] = bool(killed)
-    return {"server": {"host": "127.0.0.1", "workers": workers if workers is not None else "default"}, **result}
+    where = "ray actors" if ray_address is not None else (workers if workers is not None else "default")
+    return {"server": {"host": "127.0.0.1", "workers": where}, **result}

@@ -44,13 +44,16 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
                processes: int = 0, threads: int = 1, max_keys: int = protocol.DEFAULT_MAX_KEYS,
                max_keys_per_client: int = protocol.DEFAULT_MAX_KEYS_PER_CLIENT,
                spool_root: str | None = None,
-               max_batch_bytes: int = protocol.DEFAULT_MAX_BATCH_BODY) -> FastAPI:
+               max_batch_bytes: int = protocol.DEFAULT_MAX_BATCH_BODY, pool_factory=None) -> FastAPI:
     """Build the app. Workers compile the models when the app starts (lifespan), so /v1/ready turns true then.
 
     ``processes``: worker processes for inference (0 = a thread pool of ``threads`` in this process).
     ``max_body`` caps one ciphertext upload (``None``: what each model's spec needs, see ``limits``);
     ``max_key_bytes`` caps the memory all loaded key sets hold together, ``max_keys`` their number and
     ``max_keys_per_client`` the number per client address (least recently used evicted first).
+    ``pool_factory(refs, key_cache_bytes, on_replace)``: another place to run inference with the ``WorkerPool``
+    interface (``medhe serve --ray``: ``RayPool``, Ray actors across a cluster); ``processes``/``threads`` then
+    do not apply.
     """
     catalog = {m.id: m for m in models}
 
@@ -59,8 +62,11 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         if gone:
             log.warning("medhe serve: worker %d was replaced; %d key set(s) it held are forgotten", slot, len(gone))
 
-    pool = WorkerPool([m.ref for m in models], processes=processes, threads=threads, key_cache_bytes=max_key_bytes,
-                      on_replace=forget_worker)
+    if pool_factory is None:
+        pool = WorkerPool([m.ref for m in models], processes=processes, threads=threads,
+                          key_cache_bytes=max_key_bytes, on_replace=forget_worker)
+    else:
+        pool = pool_factory([m.ref for m in models], max_key_bytes, forget_worker)
 
     def release(entry) -> None:  # keys evicted (caps) or expired: free them in their worker too
         slot, generation = entry.value
@@ -271,7 +277,7 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     async def ready() -> dict:
         require_ready()
         pool.reap()
-        return {"ready": True, "models": sorted(catalog), "workers": pool.size,
+        return {"ready": True, "models": sorted(catalog), "workers": pool.live,
                 "keys": len(keys), "key_bytes": keys.total_bytes, "max_key_bytes": keys.max_bytes}
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -362,7 +368,7 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
             raise ServiceError(400, "missing_key_id", f"send the key id from key registration in the "
                                                       f"{protocol.KEY_HEADER} header")
         entry = keys.get(key_id, key_secret(request))
-        if entry is not None and entry.value[1] != pool.generation[entry.value[0]]:
+        if entry is not None and not pool.holds(entry.value):
             keys.remove(key_id)  # its worker was replaced after a crash: the keys died with it
             entry = None
         if entry is None:
@@ -384,7 +390,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     from medhe.service.batch import install_batch_routes
 
     install_batch_routes(app, catalog, authorize, served, require_ready, spool_body, key_secret,
-                         lambda prefix: state["spool"].new_file(prefix), max_batch_bytes, key_ttl)
+                         lambda prefix: state["spool"].new_file(prefix), max_batch_bytes, key_ttl,
+                         remote=getattr(pool, "run_batch", None))
     return app
 
 

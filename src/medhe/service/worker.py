@@ -67,12 +67,13 @@ class WorkerState:
         A path, not bytes: 0.5 GB of keys pickled through the worker pipe would be two more copies; here the
         serialized form lives only until the backend has loaded it. ``held``: what the caller accounts for them.
         """
+        return self.load_key_bytes(model_id, key_id, read_spooled(path, size), held)
+
+    def load_key_bytes(self, model_id: str, key_id: str, data: bytes, held: int = 0) -> int:
+        """``load_keys`` for keys that arrive as bytes (a Ray actor on another machine cannot open the web
+        process's spool file); returns the resident memory growth."""
         before = resident_bytes()
-        with open(path, "rb") as fh:
-            data = fh.read()
-        if len(data) != size:
-            raise MedheError(f"spooled evaluation keys are {len(data)} bytes, expected {size} (temporary folder "
-                             "full or cleaned?); register the keys again")
+        size = len(data)
         try:
             keys = self.models[model_id].load_keys(data)
         finally:
@@ -95,6 +96,16 @@ class WorkerState:
         del entry
         trim_heap()
         return len(self.keys), resident_bytes(), self.baseline
+
+
+def read_spooled(path: str, size: int) -> bytes:
+    """The evaluation keys the web process spooled to ``path``, checked to be the ``size`` bytes it wrote."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if len(data) != size:
+        raise MedheError(f"spooled evaluation keys are {len(data)} bytes, expected {size} (temporary folder "
+                         "full or cleaned?); register the keys again")
+    return data
 
 
 def resident_bytes() -> int:
@@ -181,6 +192,11 @@ class WorkerPool:
 
     @property
     def size(self) -> int:
+        return len(self._slots)
+
+    @property
+    def live(self) -> int:
+        """Slots that can take work now (a replaced process compiles on its first call, so all of them)."""
         return len(self._slots)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
@@ -339,6 +355,11 @@ class WorkerPool:
         except KeysNotLoaded:
             raise ServiceError(404, "unknown_key", "the server no longer holds these keys (worker restarted "
                                                    "or memory cap reached); register your keys again") from None
+
+    def holds(self, placement: tuple[int, int]) -> bool:
+        """Whether the worker a key set was loaded into (``(slot, generation)`` from ``load_keys``) still runs."""
+        slot, generation = placement
+        return slot < len(self.generation) and self.generation[slot] == generation
 
     def drop_keys(self, slot: int, generation: int, key_id: str, size: int) -> None:
         """Free keys in their worker now (fire and forget); a replaced worker has lost them already."""

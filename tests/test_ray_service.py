@@ -1,0 +1,257 @@
+"""Scale-out on Ray, end to end on a real local cluster: a head and a second node started here with ``ray start`` on
+loopback addresses, ``medhe serve --ray`` (a real HTTP server on 127.0.0.1), the SDK with real CKKS encryption, a
+node killed mid-run, and ``medhe score --ray`` on a folder of real test images. Every Ray process the cluster
+started is killed at the end (fixture finalizer), whatever happened.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medhe.cli import main as medhe_main
+from medhe.data import load_dataset, read_image
+from medhe.models.artifact import load_artifact
+from medhe.models.predict import model_inputs, predict_logits
+from medhe.service.launch import ServerProcess
+from medhe.service.loadtest import run_load_test
+
+pytest.importorskip("ray", reason='Ray is the optional extra: pip install -e ".[ray]" (make test installs it)')
+
+from medhe.service.raycluster import LocalCluster, connect, disconnect  # noqa: E402
+
+pytestmark = pytest.mark.slow  # starts Ray nodes and a server, runs real CKKS (CI runs it)
+
+N_IMAGES = 24
+
+
+@pytest.fixture()
+def cluster():
+    """Head on 127.0.0.2 and a second node on 127.0.0.3, one CPU and a small object store each; stopped even if
+    the test fails. Function-scoped: the node-kill test must not leave a degraded cluster to the next test."""
+    c = LocalCluster(nodes=2, cpus_per_node=1, object_store_bytes=128 << 20, timeout=120)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        assert not any(node.pids() for node in c.nodes)
+
+
+@pytest.fixture(scope="module")
+def plain(data_dir):
+    """Real test images and the plaintext model's predictions for them."""
+    artifact = load_artifact("pneumoniamnist")
+    images = load_dataset("pneumoniamnist", split="test", size=28, data_dir=data_dir).images[:N_IMAGES]
+    logits = predict_logits(artifact.model, model_inputs(artifact, images))
+    return images, logits.argmax(1), artifact
+
+
+def test_cluster_has_two_loopback_nodes(cluster):
+    ray = connect(cluster.address)
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert sorted(n["NodeManagerAddress"] for n in nodes) == ["127.0.0.2", "127.0.0.3"]
+        assert ray.cluster_resources()["CPU"] == 2
+    finally:
+        disconnect()
+
+
+def test_sdk_diagnoses_through_serve_ray_equal_plain_inference(cluster, plain):
+    images, expected, _ = plain
+    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", cluster.address], startup_timeout=240) as srv:
+        import httpx
+
+        ready = httpx.get(f"{srv.url}/v1/ready", timeout=10).json()
+        assert ready["workers"] == 2  # one actor per cluster CPU: one on each node
+        result = run_load_test(srv.url, None, clients=4, requests=N_IMAGES, images=images, expected=expected,
+                               images_per_client=N_IMAGES // 4)
+    assert result["failures"] == 0 and result["errors"] == []
+    assert result["mismatches"] == 0 and result["completed"] == N_IMAGES
+    assert result["retries"] == 0
+
+
+def test_killing_the_second_node_mid_run_loses_no_diagnosis(cluster, plain):
+    images, expected, _ = plain
+    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", cluster.address], startup_timeout=240) as srv:
+        killed = []
+        result = run_load_test(srv.url, None, clients=4, requests=32, images=images, expected=expected,
+                               images_per_client=N_IMAGES // 4, kill_after=6,
+                               kill=lambda: killed.append(cluster.kill_node()))
+        log = srv.log()
+    assert killed and killed[0] > 0  # the node's raylet and workers really died
+    assert result["failures"] == 0, result["errors"]
+    assert result["mismatches"] == 0 and result["completed"] == 32
+    assert result["retries"] >= 1  # clients whose keys lived on the dead node re-registered and retried
+    assert "keys are forgotten" in log and "Traceback" not in log
+
+
+def test_http_batch_mode_through_serve_ray_equals_plain_inference(cluster, plain, tmp_path):
+    """``medhe predict --batch`` against ``serve --ray``: the encrypted batch is evaluated in a Ray actor."""
+    pytest.importorskip("medhe.he.ckks._batch", reason="batch kernel not built (python setup.py build_ext)")
+    images, _, artifact = plain
+    root = _folder(tmp_path, images[:8])
+    out = tmp_path / "diagnoses.csv"
+    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", cluster.address, "--max-batch-bytes", "150M"],
+                       startup_timeout=240) as srv:
+        assert medhe_main(["predict", "--server", srv.url, "--batch", str(root), "--out", str(out)]) == 0
+        log = srv.log()
+    rows = list(csv.DictReader(out.open()))
+    paths = sorted(root.glob("*.png"))
+    plain_logits = predict_logits(artifact.model, model_inputs(artifact, np.stack([read_image(p) for p in paths])))
+    assert [r["label"] for r in rows] == [artifact.labels[i] for i in plain_logits.argmax(1)]
+    assert "Traceback" not in log
+
+
+def test_a_node_that_joins_gets_its_actors_in_per_node_mode(cluster, plain):
+    """``--ray-actors-per-node 1``: a third node added while serving gets an actor, which then takes key sets."""
+    import time
+
+    import httpx
+
+    images, expected, _ = plain
+    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", cluster.address, "--ray-actors-per-node", "1"],
+                       startup_timeout=240) as srv:
+        assert httpx.get(f"{srv.url}/v1/ready", timeout=10).json()["workers"] == 2
+        cluster.add_node()
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{srv.url}/v1/ready", timeout=10).json()["workers"] < 3:
+            assert time.monotonic() < deadline, "the new node got no actor"
+            time.sleep(0.5)
+        result = run_load_test(srv.url, None, clients=6, requests=12, images=images, expected=expected)
+    assert result["failures"] == 0 and result["mismatches"] == 0
+
+
+def _folder(tmp_path, images):
+    root = tmp_path / "scans"
+    root.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(np.asarray(img).reshape(28, 28).astype(np.uint8)).save(root / f"scan{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["--single", "--batch"])
+def test_score_ray_equals_plain_inference(cluster, plain, tmp_path, mode):
+    images, _, artifact = plain
+    if mode == "--batch":
+        pytest.importorskip("medhe.he.ckks._batch", reason="batch kernel not built (python setup.py build_ext)")
+        images = images[:8]  # one full ciphertext set per chunk whatever its fill: keep the uploads few
+    root = _folder(tmp_path, images)
+    out, stats = tmp_path / "diagnoses.csv", tmp_path / "stats.json"
+    assert medhe_main(["score", "--ray", cluster.address, "--model", "pneumoniamnist", str(root), "--out", str(out),
+                       "--stats", str(stats), mode]) == 0
+    rows = list(csv.DictReader(out.open()))
+    paths = sorted(root.glob("*.png"))
+    plain_logits = predict_logits(artifact.model, model_inputs(artifact, np.stack([read_image(p) for p in paths])))
+    assert [r["source"] for r in rows] == [str(p) for p in paths]
+    assert [r["label"] for r in rows] == [artifact.labels[i] for i in plain_logits.argmax(1)]
+    z = np.exp(plain_logits - plain_logits.max(1, keepdims=True))
+    p_plain = (z / z.sum(1, keepdims=True))[:, 1]
+    assert np.max(np.abs(np.array([float(r["p_pneumonia"]) for r in rows]) - p_plain)) < 1e-3
+    figures = json.loads(stats.read_text())
+    assert figures["mode"] == mode.strip("-") and figures["actors"] == 2 and figures["retries"] == 0
+    if mode == "--batch":
+        assert figures["chunks"] == 2  # fanned out: one chunk per actor, on both nodes
+
+
+def test_score_ray_survives_a_node_killed_mid_run(cluster, plain):
+    """The second node dies after the first few images are back: every image is still diagnosed, correctly."""
+    from medhe.service.rayscore import score
+
+    images, expected, artifact = plain
+    killed = []
+
+    def kill_after_four(done: int) -> None:
+        if done >= 4 and not killed:
+            killed.append(cluster.kill_node())
+
+    connect(cluster.address)
+    try:
+        results, stats = score("pneumoniamnist", images, [f"img{i}" for i in range(len(images))], progress=False,
+                               batch=False, on_result=kill_after_four)
+    finally:
+        disconnect()
+    assert killed and killed[0] > 0
+    assert [r.label for r in results] == [artifact.labels[i] for i in expected]
+    assert stats["retries"] >= 1 and stats["replaced_actors"] >= 1  # the lost actor's image was sent again
+
+
+def test_without_ray_serve_works_and_ray_flag_names_the_extra(tmp_path, monkeypatch, capsys):
+    """A machine without the extra: ``--ray`` is one line naming it (simulated by hiding the module)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as on a machine without it
+    assert medhe_main(["serve", "--model", "pneumoniamnist", "--ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'pip install -e ".[ray]"' in err[0]
+    assert medhe_main(["score", "--ray", "--model", "pneumoniamnist", str(tmp_path)]) == 2
+    assert 'pip install -e ".[ray]"' in capsys.readouterr().err
+
+
+def test_plain_serve_never_imports_ray():
+    """``medhe serve`` without --ray (and every other command) works on a machine without the extra."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import medhe.cli, medhe.cli.serve, medhe.cli.score, medhe.cli.bench, medhe.service.server\n"
+            "from medhe.service.catalog import load_catalog\n"
+            "from medhe.service.server import create_app\n"
+            "app = create_app(load_catalog(['pneumoniamnist']), processes=0)\n"
+            "app.state.start(); app.state.stop(); medhe.cli.build_parser(); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["score", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "{folder}"], ["no Ray head answers", "127.0.0.9:1"]),
+    (["score", "--ray", "not-an-address", "--model", "pneumoniamnist", "{folder}"], ["not host:port"]),
+    (["score", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "{folder}/missing"], ["is not a folder"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist"], ["no Ray head answers"]),
+    (["serve", "--ray-actors", "2", "--model", "pneumoniamnist"], ["go with --ray"]),
+    (["bench", "--service", "--ray", "--compare", "--url", "http://127.0.0.1:9"], ["--url"]),
+])
+def test_ray_user_errors_are_one_line(args, words, tmp_path):
+    """Bad addresses and options fail fast with one line (Ray alone would retry an unreachable head for minutes)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
+    argv = [a.replace("{folder}", str(folder)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "medhe", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("medhe serve: compiling")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_a_killed_owner_leaves_no_ray_node_behind(tmp_path):
+    """``ray start`` detaches its processes: if the test or benchmark that started a local cluster is SIGKILLed
+    (no finalizer runs), its watchdog still kills every node process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medhe.service.raycluster import _processes_under
+
+    code = ("import os, signal\n"
+            "from medhe.service.raycluster import LocalCluster\n"
+            "c = LocalCluster(2, 1).start()\n"
+            "print(c.root, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == -signal.SIGKILL
+    root = done.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 20
+    while (_processes_under(root) or os.path.isdir(root)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_under(root) and not os.path.isdir(root)
