@@ -111,7 +111,8 @@ def render(info: dict[str, Any]) -> str:
     """The table as text."""
     p = info["params"]
     t = info["totals"]
-    lines = [f"CKKS plan: N={p['poly_degree']} ({p['slots']} slots), primes {p['prime_bits']}, scale 2^{p['scale_bits']}, "
+    lines = [f"CKKS plan: N={p['poly_degree']} ({p['slots']} slots), primes {p['prime_bits']}, "
+             f"scale 2^{p['scale_bits']}, "
              f"{p['security_bits']}-bit security, depth {info['depth']}, input {tuple(info['input_shape'])}"
              + (", values over several ciphertexts" if info["multi_block"] else "")]
     head = f"{'node':>4} {'layer':<28} {'op':<7} {'shape':<14} {'cts':>4} {'rot':>6} {'pt x':>7} {'levels':>7} " \

@@ -200,7 +200,8 @@ class BlockLowering(_Lowering):
             low = blocks.lower_blocks(node.matrix, inp, best[2], self.slots)
             others = ", ".join(f"{n} {ms / 1e3:.1f}s" for ms, n, *_ in scored if n != best[1])
             self.choices.append(f"{node.name}: {best[1]} layout, {best[2].blocks} blocks, {best[3]} rotations, "
-                                f"{best[4]} products (rotations before key-path composition), predicted {best[0] / 1e3:.1f}s"
+                                f"{best[4]} products (rotations before key-path composition), "
+                                f"predicted {best[0] / 1e3:.1f}s"
                                 + (f" (rejected: {others})" if others else ""))
         elif fits:
             low = blocks.lower_block_hybrid(node.matrix, inp, self.slots)
