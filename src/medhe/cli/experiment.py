@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import Callable
 
 from medhe.cli._format import table
@@ -137,6 +138,45 @@ def _covid_ckks_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _covid_pixel_args(p: argparse.ArgumentParser) -> None:
+    from medhe.experiments.covid_pixel import VARIANTS
+
+    p.add_argument("--out", default="runs/covid-px", help="folder for variants/, model/ and selection.json")
+    p.add_argument("--data-dir", help="folder holding covid19_radiography_subset (default: $MEDHE_DATA)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated pixel variants to train and compare on val (default: all)")
+    p.add_argument("--latent", default="covid-cxr-ckks",
+                   help="the latent family's model (name or folder): its model_selection val scores join the "
+                        "comparison (its test score is not read); '' for pixel variants only")
+    p.add_argument("--only-train", action="store_true",
+                   help="train the variants into --out/variants and stop (no selection, no test split)")
+
+
+def _covid_pixel_run(args: argparse.Namespace) -> int:
+    from medhe.experiments.covid_pixel import train_covid_pixel
+    from medhe.models.artifact import PRETRAINED_DIR
+
+    latent = args.latent or None
+    if latent and not Path(latent).expanduser().exists():
+        latent = PRETRAINED_DIR / latent
+    result = train_covid_pixel(args.out, [v for v in args.variants.split(",") if v], args.data_dir,
+                               command="medhe " + shlex.join(sys.argv[1:]),
+                               log=lambda m: print(m, file=sys.stderr, flush=True), only_train=args.only_train,
+                               latent_card=latent)
+    rows = result["tried"] + result.get("latent", [])
+    print(table(("variant", "val ACC", "val AUC", "best epoch"),
+                [(t["variant"], t["val"]["acc"], t["val"]["auc"], t["best_epoch"]) for t in rows]))
+    if args.only_train:
+        return 0
+    if "metrics" not in result:
+        print(f"chosen on val: {result['chosen']} (latent family); no pixel model exported, no test split scored")
+        return 0
+    test = result["metrics"]["test"]
+    print(f"chosen on val: {result['chosen']}; test ACC {test['acc']:.4f} AUC {test['auc']:.4f} (scored once)")
+    print(f"model written to {result['model']}")
+    return 0
+
+
 #: name -> (help, add arguments, run)
 EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                              Callable[[argparse.Namespace], int]]] = {
@@ -147,6 +187,8 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                       "latents", _latent_export_args, _latent_export_run),
     "covid-ckks": ("train covid-cxr-ckks: latent-hecnn on f8 latents of the COVID-19 Radiography subset, variants "
                    "chosen on val, test scored once", _covid_ckks_args, _covid_ckks_run),
+    "covid-ckks-pixel": ("covid-cxr-ckks' pixel route: latent-hecnn on 128 px X-rays, chosen on val together with the "
+                         "latent variants, test scored once", _covid_pixel_args, _covid_pixel_run),
 }
 
 
