@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,16 +29,18 @@ from medhe.models.metrics import compute_metrics
 #: the input side: the issue's floor for the pixel route
 SIZE = 128
 #: (classifier arch_kwargs, training overrides of DEFAULT_TRAIN); ``augment_copies`` as in covid_latent. Width 8
-#: keeps the 128 px plan's server time near the latent model's (blockbench: 2x128x128, width 8, ~6-8 s/image on a
-#: shared CPU).
+#: keeps the 128 px plan's server time near the latent model's (``medhe inspect``, SEAL cost model: 2 blocks 5.2 s at
+#: depth 12, 3 blocks 9.7 s at depth 15, both N=32768; the latent w16 model 6.2 s).
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "px128-w8-aug4": ({"width": 8}, {"augment_copies": 4, "epochs": 30}),
     "px128-w8-b3-aug4": ({"width": 8, "blocks": 3}, {"augment_copies": 4, "epochs": 30}),
-    "px128-w4-aug4": ({"width": 4}, {"augment_copies": 4, "epochs": 30}),
+    "px128-w8-b3-aug8": ({"width": 8, "blocks": 3}, {"augment_copies": 8, "epochs": 30}),
 }
 _OWN_OPTIONS = ("augment_copies",)
-#: CKKS compile options: none forced, the planner picks the cheapest ring deep enough (docs/results.md)
-CKKS_OPTIONS: dict[str, Any] = {}
+#: CKKS compile options. The planner's cheapest ring (N=16384, 2^29) left logit errors up to 0.78 on 5 val images of
+#: px128-w8-aug4 (its train logits reach 5.8e4, so the output bound is 2^17); N=32768 at 2^40 brought them to 6.6e-3
+#: (docs/latent.md). Chosen on val images only.
+CKKS_OPTIONS: dict[str, Any] = {"poly_degree": 32768, "scale_bits": 40}
 
 
 def load_pixels(data_dir: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str],
@@ -127,6 +130,7 @@ def train_covid_pixel(out_dir: str | Path, variants: list[str] | None = None, da
     record["variant"] = chosen["variant"]
     record["selected_on"] = ("val AUC, then val ACC, among the pixel variants and the latent variants in "
                              "model_selection")
+    record["ckks_output_bound"] = logit_bound(model, [x["train"], x["val"]])
     path = export_pixel_covid(out / "model", model, record, metrics, labels, command,
                               {"model_selection": latent + tried})
     summary.update(metrics=metrics, model=str(path))
@@ -141,6 +145,7 @@ def export_pixel_covid(out_dir: str | Path, model: torch.nn.Module, record: dict
     from medhe.models.artifact import save_artifact
 
     layers.check_he_friendly(model)
+    bound = {"output_bound": record["ckks_output_bound"]["value"]} if "ckks_output_bound" in record else {}
     card = {"name": "covid-cxr-ckks", "arch": "latent-hecnn", "arch_kwargs": record["arch_kwargs"], "task": TASK,
             "labels": list(labels),
             "dataset": {"name": COVID, "split": SPLIT_TEXT, "size": 256,
@@ -148,8 +153,19 @@ def export_pixel_covid(out_dir: str | Path, model: torch.nn.Module, record: dict
             "preprocessing": {**PIXEL_PREPROCESS, "size": SIZE}, "metrics": metrics,
             "activation_ranges": layers.activation_ranges(model),
             "training": {"command": command, **{k: v for k, v in record.items() if k not in ("arch", "arch_kwargs")}},
-            "scheme_options": {"default_scheme": "ckks", "ckks": dict(CKKS_OPTIONS)}, **extra}
+            "scheme_options": {"default_scheme": "ckks", "ckks": {**CKKS_OPTIONS, **bound}}, **extra}
     return save_artifact(out_dir, model, card)
+
+
+def logit_bound(model: torch.nn.Module, xs: list[np.ndarray]) -> dict[str, Any]:
+    """The CKKS output bound from the logits train+val show (2x margin, next power of two), never the test split.
+
+    The compiler's own estimate from the activation ranges is loose for the cubic SE gate (covid-cxr-ckks: ~3e8),
+    which leaves the logits a ~2^20 output scale and errors ~1 (the latent route found this; same rule there).
+    """
+    seen = max(float(np.abs(_logits(model, x)).max()) for x in xs)
+    return {"value": float(2 ** math.ceil(math.log2(2 * seen))), "max_abs_logit_train_val": round(seen, 3),
+            "rule": "2 x max |logit| on train + val, rounded up to a power of two"}
 
 
 def _latent_entries(card: str | Path | None) -> list[dict[str, Any]]:
