@@ -62,3 +62,11 @@ def test_pixel_variant_losing_on_val_leaves_test_unscored(tmp_path, data_dir, mo
     assert "test" not in json.dumps(saved)
     assert saved["tried"][0]["variant"] == "px-tiny" and 0 <= saved["tried"][0]["val"]["auc"] <= 1
     assert cp._load_variant(out, "px-tiny") is not None
+
+
+def test_cli_names_an_unknown_pixel_variant(tmp_path, capsys):
+    from medhe.cli import main
+
+    rc = main(["experiment", "covid-ckks-pixel", "--variants", "px-nope", "--out", str(tmp_path), "--only-train"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "px-nope" in err and "px128-w8-aug4" in err and "Traceback" not in err
