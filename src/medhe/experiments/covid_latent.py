@@ -10,7 +10,6 @@ on the validation split only, and the test split is scored once, for the chosen 
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +20,7 @@ import torch
 from medhe import atomic
 from medhe.errors import DataError
 from medhe.experiments.latent import DEFAULT_CKKS_OPTIONS, DEFAULT_TRAIN, _logits, encode_images, \
-    export_latent_model, train_classifier
+    export_latent_model, logit_bound, train_classifier
 from medhe.models.metrics import compute_metrics
 
 COVID = "covid19_radiography_subset"
@@ -131,7 +130,7 @@ def train_covid_ckks(ae_dir: str | Path, out_dir: str | Path, variants: list[str
     # The engine's logit bound estimated from the activation ranges (the cubic gate's range gives ~3e8) leaves a
     # 2^20 output scale and logit errors ~1; bound the logits by what train+val show instead, with a 2x margin.
     seen = max(float(np.abs(_logits(model, x[s])).max()) for s in ("train", "val"))
-    bound = float(2 ** math.ceil(math.log2(2 * seen)))
+    bound = logit_bound(model, (x["train"], x["val"]))
     record["ckks_output_bound"] = {"value": bound, "max_abs_logit_train_val": round(seen, 3),
                                    "rule": "2 x max |logit| on train + val, rounded up to a power of two"}
     extra = {"model_selection": tried}
