@@ -100,3 +100,16 @@ def test_shipped_covid_cxr_ckks_fits_one_ciphertext(shipped):
     """Compiles at the card's CKKS options with a single input ciphertext (no multi-ciphertext tensors needed)."""
     stats = lt.plan_stats(shipped, shipped.card["scheme_options"]["ckks"])
     assert stats["plan"]["input_ciphertexts"] == 1 and stats["plan"]["poly_degree"] == 32768
+
+
+def test_output_bound_from_train_and_val_logits():
+    """2 x the largest |logit| seen, rounded up to a power of two; a bound the caller gave is kept."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)
+        model[1].bias.zero_()
+    x = np.full((3, 1, 2, 2), 2.5, dtype=np.float32)  # logits 10
+    assert lt.logit_bound(model, (x, x[:1])) == 32.0
+    assert lt.with_output_bound({"scale_bits": 36}, model, (x,)) == {"scale_bits": 36, "output_bound": 32.0}
+    assert lt.with_output_bound({"output_bound": 7.0}, model, (x,)) == {"output_bound": 7.0}
+    assert lt.with_output_bound(None, model, (x,)) is None
