@@ -418,12 +418,14 @@ def _train_args() -> dict[str, Any]:
     return dict(DEFAULT_TRAIN)
 
 
-def row_arch_kwargs(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
-    """The same classifier (``DEFAULT_ARCH_KWARGS``, width 8) for every row, so the table compares inputs only.
+#: slots of one ciphertext at the largest secure ring medhe's CKKS engine uses (N=32768). Tensors larger than this
+#: span several ciphertexts (``he.ckks.compiler.blocks``), so every row keeps the same classifier width.
+MAX_SLOTS = 16384
 
-    Rows whose tensors exceed one ciphertext (f2's 2x128x128, 256x256 pixels) need the engine's multi-ciphertext
-    tensors; where the engine cannot run them, their encrypted column carries its reason.
-    """
+
+def row_arch_kwargs(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
+    """The default classifier for every row (f2's 2x128x128 and 256x256 pixels included): the CKKS engine spreads
+    tensors over as many ciphertexts as they need, so the rows compare factors with one classifier family."""
     return dict(DEFAULT_ARCH_KWARGS)
 
 

@@ -31,7 +31,11 @@ def layer_errors(server: CKKSServerModel, client: CKKSClient, x: np.ndarray, key
         if reg not in captured:
             continue  # input ciphertexts, or a gate evaluated together with its product
         slots = plan.registers[reg].layout.slots
-        got = client.backend.decrypt(captured[reg])[slots]
+        blocks = plan.node_blocks.get(node_index, [reg]) if plan.multi_block else [reg]
+        if any(b not in captured for b in blocks):
+            continue
+        # a multi-block value: its blocks side by side form the global slot space its layout addresses
+        got = np.concatenate([client.backend.decrypt(captured[b]) for b in blocks])[slots]
         want = reference[node_index]
         node = plan.graph.nodes[node_index]
         rows.append({"node": node_index, "name": node.name, "op": node.op, "shape": list(node.shape),

@@ -50,10 +50,18 @@ def dump_server(server: CKKSServerModel) -> bytes:
     arrays["vectors"] = np.stack(vectors) if vectors else np.zeros((0, plan.params.slots))
     arrays["cvectors"] = np.stack(cvectors) if cvectors else np.zeros((0, plan.params.slots), dtype=np.complex128)
     registers = []
+    shared: dict[int, int] = {}  # multi-block plans: the K registers of a value share one layout, stored once
     for i, r in enumerate(plan.registers):
-        arrays[f"slots{i}"] = np.asarray(r.layout.slots, dtype=np.int64)
-        registers.append({"level": r.level, "scale": r.scale, "period": r.layout.period,
-                          "replicated": r.layout.replicated, "batch": r.layout.batch})
+        entry = {"level": r.level, "scale": r.scale, "period": r.layout.period,
+                 "replicated": r.layout.replicated, "batch": r.layout.batch}
+        if plan.multi_block:
+            if id(r.layout) not in shared:
+                shared[id(r.layout)] = len(shared)
+                arrays[f"layout{shared[id(r.layout)]}"] = np.asarray(r.layout.slots, dtype=np.int64)
+            entry.update(layout=shared[id(r.layout)], block=r.block, blocks=int(r.layout.blocks))
+        else:
+            arrays[f"slots{i}"] = np.asarray(r.layout.slots, dtype=np.int64)
+        registers.append(entry)
     meta = {"format": VERSION, "params": plan.params.to_dict(), "input_shape": list(plan.input_shape),
             "input_level": plan.input_level, "output_register": plan.output_register,
             "output_count": plan.output_count, "node_register": {str(k): v for k, v in plan.node_register.items()},
@@ -61,6 +69,9 @@ def dump_server(server: CKKSServerModel) -> bytes:
             "output_bound": plan.output_bound, "key_levels": plan.require_key_levels(), "batch": plan.batch,
             "instrs": [asdict(ins) for ins in plan.instrs], "registers": registers, "plains": plains,
             "task": server.task, "labels": server.labels, "name": server.name, "plan_id": server.plan_id}
+    if plan.multi_block:
+        meta["node_blocks"] = {str(k): v for k, v in plan.node_blocks.items()}
+        meta["choices"] = plan.choices
     text = json.dumps(meta).encode()
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -119,12 +130,21 @@ def _rebuild(meta: dict, arrays: dict[str, np.ndarray], params: CKKSParams) -> P
             values = vectors[int(p["vector"])]
         plains.append(PlainVec(values, int(p["level"]), float(p["scale"])))
     registers = []
+    layouts: dict[int, Layout] = {}
     for i, r in enumerate(meta["registers"]):
-        s = arrays[f"slots{i}"]
-        if s.size and (s.min() < 0 or s.max() >= slots):
+        blocks = int(r.get("blocks", 1))
+        s = arrays[f"layout{int(r['layout'])}"] if "layout" in r else arrays[f"slots{i}"]
+        if blocks < 1 or s.size and (s.min() < 0 or s.max() >= slots * blocks):
             raise ValueError(f"register {i} has slots outside the ring")
-        layout = Layout(s, int(r["period"]), bool(r["replicated"]), batch=int(r.get("batch", 1)))
-        registers.append(Register(layout, int(r["level"]), float(r["scale"])))
+        if "layout" in r:
+            layout = layouts.setdefault(int(r["layout"]), Layout(s, int(r["period"]), bool(r["replicated"]),
+                                                                 batch=int(r.get("batch", 1)), blocks=blocks))
+        else:
+            layout = Layout(s, int(r["period"]), bool(r["replicated"]), batch=int(r.get("batch", 1)))
+        block = int(r.get("block", 0))
+        if not 0 <= block < blocks:
+            raise ValueError(f"register {i} names block {block} of a {blocks}-block value")
+        registers.append(Register(layout, int(r["level"]), float(r["scale"]), block))
     instrs = []
     for d in meta["instrs"]:
         ins = Instr(op=d["op"], dst=int(d["dst"]), srcs=tuple(int(x) for x in d["srcs"]), name=d["name"],
@@ -150,6 +170,11 @@ def _rebuild(meta: dict, arrays: dict[str, np.ndarray], params: CKKSParams) -> P
                 {int(k): [int(x) for x in v] for k, v in meta["key_paths"].items()},
                 None if meta.get("output_bound") is None else float(meta["output_bound"]),  # absent in old files
                 batch=int(meta.get("batch", 1)))
+    if "node_blocks" in meta:
+        plan.node_blocks = {int(k): [int(x) for x in v] for k, v in meta["node_blocks"].items()}
+        if any(not 0 <= x < len(registers) for v in plan.node_blocks.values() for x in v):
+            raise ValueError("a value's blocks refer to missing registers")
+        plan.choices = [str(c) for c in meta.get("choices", [])]
     levels = meta.get("key_levels")  # absent in old files: derive them as the compiler does
     plan.key_levels = key_levels_of(plan) if levels is None else {
         "galois": {str(int(k)): int(v) for k, v in levels["galois"].items()}, "relin": int(levels["relin"])}

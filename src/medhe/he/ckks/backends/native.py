@@ -288,14 +288,25 @@ class NativeProgram:
                                                 os.environ.get("MEDHE_NATIVE_HOIST"))
         self.plan = plan
         self.backend = backend
-        self.plains = [plains[i] for i in range(len(plains))]
-        self.program, self.lowered = compile_program(self.backend, plan, self.plains, hoist)
         self.hoist = hoist
         self.threads = ThreadChooser()
+        if len(getattr(plains, "cache", range(len(plains)))) < len(plains):
+            # The encoded weights exceed the server's plaintext budget (``runtime.EncodedPlains``): the one-call
+            # program needs them all in memory, so run the interpreter on this backend, encoding on use.
+            self.plains, self.program, self.lowered = plains, None, None
+            return
+        self.plains = [plains[i] for i in range(len(plains))]
+        self.program, self.lowered = compile_program(self.backend, plan, self.plains, hoist)
 
     def evaluate(self, keys, cts: list[Any], hook=None):
         if keys is None:
             raise CiphertextError("keys must come from load_keys() of this server model")
+        if hook is None and self.program is None:
+            from medhe.he.ckks.runtime import run_program
+
+            be = self.backend.fresh()
+            be.keys = keys
+            return run_program(self.plan, be, self.plains, cts, hoist=self.hoist in (True, "all", "many"))
         if hook is not None:
             from medhe.he.ckks.runtime import run_program
 

@@ -44,6 +44,7 @@ class Layout:
     grid: tuple[tuple[int, ...], int, int] | None = None
     box: list[tuple[int, int]] | None = None
     batch: int = 1  # images per ciphertext: 1 = one image tiled over the slots (slot-batched layouts set > 1)
+    blocks: int = 1  # ciphertexts holding the value (> 1: ``slots`` address block * slot count + local slot)
 
     def to_dict(self) -> dict:
         return {"slots": [int(s) for s in self.slots], "period": int(self.period), "replicated": self.replicated}

@@ -48,7 +48,7 @@ def _trim_negligible(coeffs: tuple[float, ...], input_range: tuple[float, float]
     return coeffs
 
 
-def linearize_polys(graph: Graph) -> Graph:
+def linearize_polys(graph: Graph, keep=None) -> Graph:
     """Degree <= 1 activations are affine maps: make them linear nodes and fold them into their neighbours."""
     nodes = []
     for node in graph.nodes:
@@ -59,7 +59,7 @@ def linearize_polys(graph: Graph) -> Graph:
             nodes.append(_diag_linear(node.inputs[0], node, c[1], c[0], node.name))
         else:
             nodes.append(node)
-    return fold_linear(Graph(nodes))
+    return fold_linear(Graph(nodes), keep)
 
 
 def factor_polys(graph: Graph) -> tuple[Graph, dict[int, PolyForm]]:

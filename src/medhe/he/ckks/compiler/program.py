@@ -59,6 +59,7 @@ class Register:
     layout: Layout
     level: int
     scale: float
+    block: int = 0  # which ciphertext of a multi-block value (``layout.blocks`` > 1) this register holds
 
 
 @dataclass
@@ -81,6 +82,13 @@ class Plan:
     # {"galois": {key step (str): level}, "relin": level or -1 without relinearization}
     key_levels: dict[str, Any] | None = None
     batch: int = 1  # images per ciphertext (1: one image tiled over the slots; see the module docstring)
+    # multi-block plans (values spanning several ciphertexts): IR node -> its registers, one per block
+    node_blocks: dict[int, list[int]] | None = None
+    choices: list[str] = field(default_factory=list)  # multi-block: the layout chosen per layer, and why
+
+    @property
+    def multi_block(self) -> bool:
+        return self.node_blocks is not None
 
     @property
     def input_scale(self) -> float:
@@ -152,12 +160,30 @@ class Plan:
         return usage
 
     def rotation_count(self) -> int:
+        if self.multi_block:
+            seen: set = set()
+            return sum(self.instr_rotations(ins, seen) for ins in self.instrs)
         n = 0
         for ins in self.instrs:
             if ins.op == "linear":
                 for step in [b for b in ins.babies if b] + [g for g, _ in ins.groups if g] + ins.reduce:
                     n += len(self.key_path(step))
         return n
+
+    def instr_rotations(self, ins: Instr, seen: set) -> int:
+        """Key switches of one multi-block linear instruction; ``seen``: (register, baby) rotations already
+        made (the interpreter shares them between the output blocks of a layer)."""
+        if ins.op != "linear":
+            return 0
+        n = 0
+        for _, terms in ins.groups:
+            for src, baby, _ in terms:
+                if baby and (ins.srcs[src], baby) not in seen:
+                    seen.add((ins.srcs[src], baby))
+                    n += len(self.key_path(baby))
+        for step in [g for g, _ in ins.groups if g] + ins.reduce:
+            n += len(self.key_path(step))
+        return n + bool(ins.conjugate)
 
     def public(self) -> dict[str, Any]:
         """JSON-able public plan: everything the client needs, nothing about the weights."""
@@ -179,6 +205,8 @@ class Plan:
         }
         if self.batch != 1:
             pub["input"]["batch"] = int(self.batch)
+        if self.multi_block:  # ciphertext k holds slots k*slots .. (k+1)*slots-1 of the packed input
+            pub["input"]["blocks"] = int(self.input_ciphertexts)
         if self.output_bound is not None:
             pub["output"]["bound"] = float(self.output_bound)
         pub["plan_id"] = hashlib.sha256(json.dumps(pub, sort_keys=True).encode()).hexdigest()[:32]

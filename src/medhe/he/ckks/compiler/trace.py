@@ -75,14 +75,15 @@ class Graph:
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...],
-          activation_ranges: dict[str, Any] | None = None, fold: bool = True) -> Graph:
-    """The IR of ``model`` for inputs of ``input_shape`` (without batch axis); folded unless ``fold=False``."""
+          activation_ranges: dict[str, Any] | None = None, fold: bool = True, keep: Any = None) -> Graph:
+    """The IR of ``model`` for inputs of ``input_shape`` (without batch axis); folded unless ``fold=False``
+    (``keep``: see :func:`fold_linear`)."""
     L.check_he_friendly(model)
     graph = Graph()
     cur = graph.add(Node("input", (), tuple(int(s) for s in input_shape), name="input"))
     tracer = _Tracer(graph, activation_ranges or {})
     tracer.sequence(model, cur, "")
-    return fold_linear(graph) if fold else graph
+    return fold_linear(graph, keep) if fold else graph
 
 
 class _Tracer:
@@ -255,8 +256,10 @@ def _compose_stride(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tup
     return (a[0] * b[0], a[1] * b[1])
 
 
-def fold_linear(graph: Graph) -> Graph:
-    """Multiply every linear node into its single linear consumer (BN, biases, means, broadcasts fold away)."""
+def fold_linear(graph: Graph, keep: Any = None) -> Graph:
+    """Multiply every linear node into its single linear consumer (BN, biases, means, broadcasts fold away).
+
+    ``keep(prev, node)``: True leaves the pair unfolded (a level spent to keep the product's diagonals few)."""
     nodes = [replace(n) for n in graph.nodes]
     alive = [True] * len(nodes)
     for j, node in enumerate(nodes):
@@ -265,7 +268,7 @@ def fold_linear(graph: Graph) -> Graph:
         i = node.inputs[0]
         prev = nodes[i]
         users = [k for k, n in enumerate(nodes) if alive[k] and i in n.inputs]
-        if prev.op != "linear" or users != [j]:
+        if prev.op != "linear" or users != [j] or (keep is not None and keep(prev, node)):
             continue
         node.bias = node.matrix @ prev.bias + node.bias
         node.matrix = sp.csr_matrix(node.matrix @ prev.matrix)
@@ -275,6 +278,19 @@ def fold_linear(graph: Graph) -> Graph:
         node.inputs = prev.inputs
         alive[i] = False
     return _compact(nodes, alive)
+
+
+def keep_large_kernels(prev: Node, node: Node, sample: int = 256) -> bool:
+    """Folding rule of multi-ciphertext plans: an image map into an image map (a pool into the next conv) stays
+    separate when the product has more non-zeros than both factors together (its kernel grows: 2x2 pool then 3x3
+    conv is a 6x6 kernel, 4x the diagonals of both). Estimated on a sample of rows."""
+    if prev.stride is None or node.stride is None or len(node.shape) != 3:
+        return False
+    rows = node.pattern.shape[0]
+    pick = np.linspace(0, rows - 1, min(rows, sample)).astype(np.int64)
+    part = node.pattern[pick].astype(np.int64) @ prev.pattern.astype(np.int64)
+    estimate = part.nnz * rows / len(pick)
+    return estimate > prev.pattern.nnz + node.pattern.nnz
 
 
 def _compact(nodes: list[Node], alive: list[bool]) -> Graph:

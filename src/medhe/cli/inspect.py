@@ -1,0 +1,36 @@
+"""``medhe inspect MODEL --scheme ckks``: the compiled plan layer by layer (layouts, ciphertexts, rotations, levels,
+predicted time and bytes) without running anything encrypted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="show what a model's encrypted plan costs, layer by layer",
+                       description="Compile MODEL for the scheme (no keys, no encryption) and print per layer: "
+                                   "operation, layout (ciphertexts x slots, channel/space blocking), rotations, "
+                                   "levels, predicted milliseconds and bytes; then totals, parameters, security.")
+    p.add_argument("model", help="shipped model name or model directory")
+    p.add_argument("--scheme", choices=("ckks",), default="ckks")
+    p.add_argument("--poly-degree", type=int, help="force the ring degree N (still 128-bit checked)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medhe.he.ckks.compiler.lower import compile_plan
+    from medhe.he.ckks.inspect import describe, render
+    from medhe.he.ckks.server import input_shape_of
+    from medhe.models.artifact import load_artifact
+
+    art = load_artifact(args.model)
+    options = dict((art.card.get("scheme_options") or {}).get("ckks") or {})
+    if args.poly_degree:
+        options["poly_degree"] = args.poly_degree
+    plan = compile_plan(art.model, input_shape_of(art), art.card.get("activation_ranges"), **options)
+    info = describe(plan)
+    info["model"] = art.card.get("name", args.model)
+    print(json.dumps(info, indent=1) if args.json else render(info))
+    return 0
