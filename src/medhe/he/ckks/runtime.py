@@ -204,8 +204,19 @@ def _linear(be: Backend, ins, xs: list[Any], w: _Weights, key_path: Callable[[in
     return _sum_terms(be, ins, lambda src, baby: xs[src] if len(xs) > 1 else rotated[baby], w, key_path)
 
 
-# encoded weights kept in memory; beyond this they are encoded on use (MEDHE_PLAINTEXT_CACHE_MB sizes it to the host)
-PLAINTEXT_CACHE_BYTES = int(os.environ.get("MEDHE_PLAINTEXT_CACHE_MB", "1024")) << 20
+def _default_cache_bytes() -> int:
+    """An eighth of the host's memory, clamped to 1-4 GiB: deep models' weights (2-3 GB encoded at N=32768) stay
+    encoded and run in one native call on a typical server, while one model cannot take a small host's memory."""
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        host = 8 << 30
+    return int(min(4 << 30, max(1 << 30, host // 8)))
+
+
+# encoded weights kept in memory; beyond this they are encoded on use (MEDHE_PLAINTEXT_CACHE_MB overrides)
+PLAINTEXT_CACHE_BYTES = (int(os.environ["MEDHE_PLAINTEXT_CACHE_MB"]) << 20 if os.environ.get("MEDHE_PLAINTEXT_CACHE_MB")
+                         else _default_cache_bytes())
 
 
 class EncodedPlains:
