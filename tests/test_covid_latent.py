@@ -87,7 +87,10 @@ def test_shipped_covid_cxr_ckks(shipped, data_dir):
     assert chosen["variant"] == card["training"]["variant"]
     for split in ("val", "test"):
         ds = load_dataset(cl.COVID, split=split, data_dir=str(data_dir))
-        m = compute_metrics("binary-class", ds.labels, lt._logits(shipped.model, model_inputs(shipped, ds.images)))
+        logits = lt._logits(shipped.model, model_inputs(shipped, ds.images))
+        m = compute_metrics("binary-class", ds.labels, logits)
+        if split == "val":  # the CKKS output scale is sized for logits up to output_bound, with a 2x margin
+            assert card["scheme_options"]["ckks"]["output_bound"] >= 2 * np.abs(logits).max()
         assert m["acc"] == pytest.approx(card["metrics"][split]["acc"], abs=1e-9)
         assert m["auc"] == pytest.approx(card["metrics"][split]["auc"], abs=1e-6)
     assert card["metrics"]["test"]["acc"] >= 0.75 and card["metrics"]["test"]["auc"] >= 0.85  # far above chance
@@ -97,3 +100,16 @@ def test_shipped_covid_cxr_ckks_fits_one_ciphertext(shipped):
     """Compiles at the card's CKKS options with a single input ciphertext (no multi-ciphertext tensors needed)."""
     stats = lt.plan_stats(shipped, shipped.card["scheme_options"]["ckks"])
     assert stats["plan"]["input_ciphertexts"] == 1 and stats["plan"]["poly_degree"] == 32768
+
+
+def test_output_bound_from_train_and_val_logits():
+    """2 x the largest |logit| seen, rounded up to a power of two; a bound the caller gave is kept."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)
+        model[1].bias.zero_()
+    x = np.full((3, 1, 2, 2), 2.5, dtype=np.float32)  # logits 10
+    assert lt.logit_bound(model, (x, x[:1])) == 32.0
+    assert lt.with_output_bound({"scale_bits": 36}, model, (x,)) == {"scale_bits": 36, "output_bound": 32.0}
+    assert lt.with_output_bound({"output_bound": 7.0}, model, (x,)) == {"output_bound": 7.0}
+    assert lt.with_output_bound(None, model, (x,)) is None

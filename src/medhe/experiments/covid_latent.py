@@ -20,7 +20,7 @@ import torch
 from medhe import atomic
 from medhe.errors import DataError
 from medhe.experiments.latent import DEFAULT_CKKS_OPTIONS, DEFAULT_TRAIN, _logits, encode_images, \
-    export_latent_model, train_classifier
+    export_latent_model, logit_bound, train_classifier
 from medhe.models.metrics import compute_metrics
 
 COVID = "covid19_radiography_subset"
@@ -127,10 +127,16 @@ def train_covid_ckks(ae_dir: str | Path, out_dir: str | Path, variants: list[str
                              "data": ae_card.get("training", {}).get("data")}
     dataset = {"name": COVID, "split": SPLIT_TEXT, "size": 256,
                "sizes": {s: int(len(y[s])) for s in ("train", "val", "test")}}
+    # The engine's logit bound estimated from the activation ranges (the cubic gate's range gives ~3e8) leaves a
+    # 2^20 output scale and logit errors ~1; bound the logits by what train+val show instead, with a 2x margin.
+    seen = max(float(np.abs(_logits(model, x[s])).max()) for s in ("train", "val"))
+    bound = logit_bound(model, (x["train"], x["val"]))
+    record["ckks_output_bound"] = {"value": bound, "max_abs_logit_train_val": round(seen, 3),
+                                   "rule": "2 x max |logit| on train + val, rounded up to a power of two"}
     extra = {"model_selection": tried}
     path = export_latent_model(out / "model", ae, model, record, metrics, labels, name="covid-cxr-ckks",
                                command=command, extra=extra, task=TASK, dataset=dataset,
-                               ckks_options=ckks_options or DEFAULT_CKKS_OPTIONS)
+                               ckks_options=ckks_options or {**DEFAULT_CKKS_OPTIONS, "output_bound": bound})
     summary = {"chosen": chosen["variant"], "tried": tried, "metrics": metrics, "model": str(path)}
     atomic.write_json(out / "selection.json", summary)
     return summary

@@ -14,6 +14,7 @@ row of the experiment uses exactly that configuration (``DEFAULT_ARCH_KWARGS``, 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from pathlib import Path
@@ -380,7 +381,8 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
             row["encrypted"] = {**report, "source": str(f8_encrypted)}
             rows.append(row)
             continue
-        rows.append(_score(row, art, x["test"], y["test"], encrypted, enc_limit, log, ckks_options))
+        rows.append(_score(row, art, x["test"], y["test"], encrypted, enc_limit, log,
+                           with_output_bound(ckks_options, art.model, (x["train"], x["val"]))))
     for size in pixel_sizes:
         x = {s: pixel_inputs(splits[s].images, size) for s in splits}
         epochs = (pixel_epochs or {}).get(size, DEFAULT_TRAIN["epochs"])
@@ -399,8 +401,9 @@ def run_latent_experiment(factors: tuple[int, ...] = (2, 4, 8, 16), ae_root: str
                "input_values": int(np.prod(x["test"].shape[1:])), "model_dir": str(model_dir), "psnr": None,
                "ssim": None, "best_epoch": record["best_epoch"],
                "width": record["arch_kwargs"]["width"]}
-        rows.append(_score(row, load_artifact(model_dir), x["test"], y["test"], encrypted, enc_limit, log,
-                           ckks_options))
+        pixel_art = load_artifact(model_dir)
+        rows.append(_score(row, pixel_art, x["test"], y["test"], encrypted, enc_limit, log,
+                           with_output_bound(ckks_options, pixel_art.model, (x["train"], x["val"]))))
     result = {"dataset": NIH, "split": "test", "n_test": int(len(y["test"])), "classifier": "latent-hecnn",
               "ckks_options": ckks_options, "enc_limit": enc_limit,
               "arch_kwargs": DEFAULT_ARCH_KWARGS, "train": DEFAULT_TRAIN, "rows": rows,
@@ -415,19 +418,42 @@ def _train_args() -> dict[str, Any]:
     return dict(DEFAULT_TRAIN)
 
 
-def row_arch_kwargs(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
-    """The same classifier (``DEFAULT_ARCH_KWARGS``, width 8) for every row, so the table compares inputs only.
+#: slots of one ciphertext at the largest secure ring medhe's CKKS engine uses (N=32768). Tensors larger than this
+#: span several ciphertexts (``he.ckks.compiler.blocks``), so every row keeps the same classifier width.
+MAX_SLOTS = 16384
 
-    Rows whose tensors exceed one ciphertext (f2's 2x128x128, 256x256 pixels) need the engine's multi-ciphertext
-    tensors; where the engine cannot run them, their encrypted column carries its reason.
-    """
+
+def row_arch_kwargs(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
+    """The default classifier for every row (f2's 2x128x128 and 256x256 pixels included): the CKKS engine spreads
+    tensors over as many ciphertexts as they need, so the rows compare factors with one classifier family."""
     return dict(DEFAULT_ARCH_KWARGS)
+
+
+def logit_bound(model: nn.Module, inputs: tuple[np.ndarray, ...]) -> float:
+    """2 x the largest |logit| on ``inputs`` (train + val, never test), rounded up to a power of two.
+
+    The CKKS compiler sizes the output scale from a logit bound; its own estimate, propagated through the
+    activation ranges, can be orders of magnitude loose (a trained cubic SE gate: 3e8 for covid-cxr-ckks), which
+    leaves a small output scale and logit errors ~1. What the data show, with a 2x margin, is tight and safe.
+    """
+    seen = max(float(np.abs(_logits(model, x)).max()) for x in inputs)
+    return float(2 ** math.ceil(math.log2(max(2 * seen, 1.0))))
+
+
+def with_output_bound(options: dict[str, Any] | None, model: nn.Module,
+                      inputs: tuple[np.ndarray, ...]) -> dict[str, Any] | None:
+    """``options`` plus ``output_bound`` from ``logit_bound`` unless the caller set one."""
+    if options is None or "output_bound" in options:
+        return options
+    return {**options, "output_bound": logit_bound(model, inputs)}
 
 
 def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypted: bool, enc_limit: int | None,
            log: Callable[[str], None], ckks_options: dict[str, Any] | None = None) -> dict[str, Any]:
     plain = _logits(art.model, x)
     row["plain"] = {**compute_metrics("multi-label", y, plain), "auc_bootstrap": bootstrap_macro_auc(y, plain)}
+    if encrypted:
+        row["ckks_options"] = ckks_options
     try:
         if encrypted == "plan":
             row["encrypted"] = plan_stats(art, ckks_options)

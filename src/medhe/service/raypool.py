@@ -22,7 +22,7 @@ from medhe.errors import MedheError
 from medhe.service.catalog import ModelRef
 from medhe.service.errors import ServiceError
 from medhe.service.raycluster import alive_nodes, require_ray
-from medhe.service.worker import KeysNotLoaded, WorkerState, read_spooled
+from medhe.service.worker import KeysNotLoaded, SlotGenerations, WorkerState, read_spooled
 
 log = logging.getLogger("medhe.service")
 REAP_EVERY_S = 1.0  # ask the cluster for its live nodes at most this often (a GCS round trip)
@@ -101,7 +101,7 @@ def actor_errors() -> tuple[type, ...]:
                                                 "OwnerDiedError", "OutOfMemoryError") if hasattr(rx, name))
 
 
-class RayPool:
+class RayPool(SlotGenerations):
     """Ray actors with key affinity, behind the same interface as ``WorkerPool`` (see ``server.create_app``).
 
     ``actors``: how many (default: one per free CPU of the cluster when it starts); ``per_node``: instead, that many
@@ -409,17 +409,11 @@ class RayPool:
         with self._lock:
             return [(i, self.generation[i]) for i in range(len(self._slots)) if self._ready[i]]
 
-    def holds(self, placement: tuple[int, int]) -> bool:
-        slot, generation = placement
-        return slot < len(self.generation) and self.generation[slot] == generation
-
     def drop_keys(self, slot: int, generation: int, key_id: str, size: int) -> None:
         """Free keys in their actor now (fire and forget); a replaced actor has lost them already."""
-        with self._lock:
-            if slot >= len(self._slots) or self.generation[slot] != generation:
-                return
-            self._key_bytes[slot] -= size
-            actor = self._slots[slot]
+        actor = self._release_key_bytes(slot, generation, size)
+        if actor is None:
+            return
         try:
             actor.drop_keys.remote(key_id)
         except Exception:

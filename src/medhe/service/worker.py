@@ -162,7 +162,30 @@ def _call(method: str, *args: Any) -> Any:
     return getattr(_STATE, method)(*args)
 
 
-class WorkerPool:
+class SlotGenerations:
+    """What every pool (local processes, Ray actors) shares: slots whose ``generation`` is bumped when the process
+    or actor behind them is replaced, so a key set placed as ``(slot, generation)`` is known lost afterwards."""
+
+    generation: list[int]
+    _slots: list[Any]
+    _key_bytes: list[int]
+    _lock: threading.Lock
+
+    def holds(self, placement: tuple[int, int]) -> bool:
+        """Whether the worker a key set was loaded into (``(slot, generation)`` from ``load_keys``) still runs."""
+        slot, generation = placement
+        return slot < len(self.generation) and self.generation[slot] == generation
+
+    def _release_key_bytes(self, slot: int, generation: int, size: int) -> Any:
+        """Uncount a dropped key set; the slot's worker to free it in, or None when that worker was replaced."""
+        with self._lock:
+            if slot >= len(self._slots) or self.generation[slot] != generation:
+                return None
+            self._key_bytes[slot] -= size
+            return self._slots[slot]
+
+
+class WorkerPool(SlotGenerations):
     """Worker slots with key affinity: a client's keys are deserialized in one slot and its requests go there.
 
     Deserializing evaluation keys costs several inferences' worth of time and their in-memory form is larger than
@@ -356,18 +379,11 @@ class WorkerPool:
             raise ServiceError(404, "unknown_key", "the server no longer holds these keys (worker restarted "
                                                    "or memory cap reached); register your keys again") from None
 
-    def holds(self, placement: tuple[int, int]) -> bool:
-        """Whether the worker a key set was loaded into (``(slot, generation)`` from ``load_keys``) still runs."""
-        slot, generation = placement
-        return slot < len(self.generation) and self.generation[slot] == generation
-
     def drop_keys(self, slot: int, generation: int, key_id: str, size: int) -> None:
         """Free keys in their worker now (fire and forget); a replaced worker has lost them already."""
-        with self._lock:
-            if slot >= len(self._slots) or self.generation[slot] != generation:
-                return
-            self._key_bytes[slot] -= size
-            executor = self._slots[slot]
+        executor = self._release_key_bytes(slot, generation, size)
+        if executor is None:
+            return
         if self._local is not None:
             self._local.drop_keys(key_id)
             return

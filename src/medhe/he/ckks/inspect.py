@@ -11,12 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from medhe.he.ckks.compiler.keybudget import ciphertext_bytes_as_sent, key_bytes_as_sent
-from medhe.he.ckks.compiler.cost import op_ms
+from medhe.he.ckks.compiler.cost import instr_cost
 from medhe.he.ckks.compiler.program import Plan
-
-def _op_ms(kind: str, n: int, level: int) -> float:
-    return op_ms(kind, n, level)
-
 
 def describe(plan: Plan) -> dict[str, Any]:
     """The per-layer table and totals of ``plan`` (JSON-able)."""
@@ -36,23 +32,13 @@ def describe(plan: Plan) -> dict[str, Any]:
         row["ciphertexts"] += 1
         layout = out.layout
         row["layout"] = {"blocks": int(layout.blocks), "slots": slots, "replicated": bool(layout.replicated)}
+        rot, prods, ct_prods, ms = instr_cost(plan, ins, seen)
+        row["rotations"] += rot
+        row["products"] += prods
+        row["ct_products"] += ct_prods
+        row["predicted_ms"] += ms
         if ins.op == "linear":
-            if plan.multi_block:
-                rot = plan.instr_rotations(ins, seen)
-            else:
-                rot = sum(len(plan.key_path(s)) for s in [b for b in ins.babies if b]
-                          + [g for g, _ in ins.groups if g] + ins.reduce) + bool(ins.conjugate)
-            prods = sum(len(t) for _, t in ins.groups)
-            row["rotations"] += rot
-            row["products"] += prods
-            row["predicted_ms"] += (rot * _op_ms("rotation", n, src_level) + prods * _op_ms("product", n, src_level)
-                                    + len(ins.groups) * _op_ms("rescale", n, src_level))
             row.setdefault("_plains", set()).update(pt for _, t in ins.groups for _, _, pt in t)
-        else:
-            k = {"poly2": 1, "mul": 1, "add": 0, "poly3": 2, "gate3": 3}.get(ins.op, 0)
-            row["ct_products"] += k
-            row["predicted_ms"] += k * (_op_ms("ct_product", n, src_level) + _op_ms("relin", n, src_level)
-                                        + _op_ms("rescale", n, src_level))
         row["op"] = ins.op if row["op"] == ins.op else row["op"]
     choices = {c.split(":", 1)[0]: c.split(":", 1)[1].strip() for c in plan.choices}
     rows = []

@@ -134,11 +134,17 @@ def _block_linear(be: Backend, ins, regs: dict[int, Any], w: "_Weights", key_pat
             shared[key] = _rotate(be, regs[reg], baby, key_path)
         return shared[key]
 
+    return _sum_terms(be, ins, rotated, w, key_path)
+
+
+def _sum_terms(be: Backend, ins, operand: Callable[[int, int], Any], w: "_Weights",
+               key_path: Callable[[int], list[int]]) -> Any:
+    """The giant-step sum every linear instruction ends with; ``operand(src, baby)`` supplies the rotated input."""
     total = None
     for giant, terms in ins.groups:
         acc = None
         for src, baby, pt in terms:
-            prod = w.mul(rotated(src, baby), pt)
+            prod = w.mul(operand(src, baby), pt)
             if acc is None:
                 acc = prod
             else:
@@ -152,7 +158,7 @@ def _block_linear(be: Backend, ins, regs: dict[int, Any], w: "_Weights", key_pat
             be.add_inplace(total, acc)
     for step in ins.reduce:
         be.add_inplace(total, _rotate(be, total, step, key_path))
-    if ins.conjugate:
+    if ins.conjugate:  # real part of a complex-packed product (the weights carry the 1/2)
         be.add_inplace(total, be.conjugate(total))
     if "bias" in ins.consts:
         total = w.add(total, ins.consts["bias"])
@@ -195,33 +201,22 @@ def _linear(be: Backend, ins, xs: list[Any], w: _Weights, key_path: Callable[[in
         for b in ins.babies:
             if b:
                 rotated[b] = _rotate(be, xs[0], b, key_path)
-    total = None
-    for giant, terms in ins.groups:
-        acc = None
-        for src, baby, pt in terms:
-            prod = w.mul(xs[src] if len(xs) > 1 else rotated[baby], pt)
-            if acc is None:
-                acc = prod
-            else:
-                be.add_inplace(acc, prod)
-        acc = be.rescale(w.relin(acc))
-        if giant:
-            acc = _rotate(be, acc, giant, key_path)
-        if total is None:
-            total = acc
-        else:
-            be.add_inplace(total, acc)
-    for step in ins.reduce:
-        be.add_inplace(total, _rotate(be, total, step, key_path))
-    if ins.conjugate:  # real part of a complex-packed product (the weights carry the 1/2)
-        be.add_inplace(total, be.conjugate(total))
-    if "bias" in ins.consts:
-        total = w.add(total, ins.consts["bias"])
-    return total
+    return _sum_terms(be, ins, lambda src, baby: xs[src] if len(xs) > 1 else rotated[baby], w, key_path)
 
 
-# encoded weights kept in memory; beyond this they are encoded on use (MEDHE_PLAINTEXT_CACHE_MB sizes it to the host)
-PLAINTEXT_CACHE_BYTES = int(os.environ.get("MEDHE_PLAINTEXT_CACHE_MB", "1024")) << 20
+def _default_cache_bytes() -> int:
+    """An eighth of the host's memory, clamped to 1-4 GiB: deep models' weights (2-3 GB encoded at N=32768) stay
+    encoded and run in one native call on a typical server, while one model cannot take a small host's memory."""
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        host = 8 << 30
+    return int(min(4 << 30, max(1 << 30, host // 8)))
+
+
+# encoded weights kept in memory; beyond this they are encoded on use (MEDHE_PLAINTEXT_CACHE_MB overrides)
+PLAINTEXT_CACHE_BYTES = (int(os.environ["MEDHE_PLAINTEXT_CACHE_MB"]) << 20 if os.environ.get("MEDHE_PLAINTEXT_CACHE_MB")
+                         else _default_cache_bytes())
 
 
 class EncodedPlains:

@@ -212,12 +212,7 @@ class BlockLowering(_Lowering):
         return self.emit_blocks(node, i, srcs, low)
 
     def emit_blocks(self, node: Node, i: int, srcs: list[int], low: blocks.BlockLowered) -> list[int]:
-        src_reg = self.registers[srcs[0]]
-        level, in_scale = src_reg.level, src_reg.scale
-        if level < 1:
-            raise _TooDeep()
-        target = self.output_scale if i == len(self.graph.nodes) - 1 else self.scale
-        pt_scale = self.primes[level] * target / in_scale
+        level, target, pt_scale = self.linear_scales(srcs[0], i)
         layout = low.layout
         g_step = low.giant
         bias = node.bias if node.bias is not None and np.any(node.bias) else None

@@ -17,23 +17,29 @@ def op_ms(kind: str, poly_degree: int, level: int) -> float:
     return OP_US_PER_PRIME_SLOT[kind] * (level + 1) * (poly_degree / 1024) / 1e3
 
 
+CT_PRODUCTS = {"poly2": 1, "mul": 1, "add": 0, "poly3": 2, "gate3": 3}  # ciphertext products per instruction
+
+
+def instr_cost(plan, ins, seen: set) -> tuple[int, int, int, float]:
+    """(key switches, plaintext products, ciphertext products, predicted ms) of one instruction; ``seen`` carries
+    the baby rotations of input blocks already made (the interpreter shares them across output blocks)."""
+    n = plan.params.poly_degree
+    level = plan.registers[ins.srcs[0]].level
+    if ins.op == "linear":
+        if plan.multi_block:
+            rot = plan.instr_rotations(ins, seen)
+        else:
+            rot = sum(len(plan.key_path(s)) for s in [b for b in ins.babies if b]
+                      + [g for g, _ in ins.groups if g] + ins.reduce) + bool(ins.conjugate)
+        products = sum(len(t) for _, t in ins.groups)
+        ms = (rot * op_ms("rotation", n, level) + products * op_ms("product", n, level)
+              + len(ins.groups) * op_ms("rescale", n, level))
+        return rot, products, 0, ms
+    k = CT_PRODUCTS.get(ins.op, 0)
+    return 0, 0, k, k * (op_ms("ct_product", n, level) + op_ms("relin", n, level) + op_ms("rescale", n, level))
+
+
 def plan_ms(plan) -> float:
     """Predicted server milliseconds of a whole plan (what ``medhe inspect`` totals)."""
-    n = plan.params.poly_degree
     seen: set = set()
-    total = 0.0
-    for ins in plan.instrs:
-        level = plan.registers[ins.srcs[0]].level
-        if ins.op == "linear":
-            if plan.multi_block:
-                rot = plan.instr_rotations(ins, seen)
-            else:
-                rot = sum(len(plan.key_path(s)) for s in [b for b in ins.babies if b]
-                          + [g for g, _ in ins.groups if g] + ins.reduce) + bool(ins.conjugate)
-            products = sum(len(t) for _, t in ins.groups)
-            total += (rot * op_ms("rotation", n, level) + products * op_ms("product", n, level)
-                      + len(ins.groups) * op_ms("rescale", n, level))
-        else:
-            k = {"poly2": 1, "mul": 1, "poly3": 2, "gate3": 3}.get(ins.op, 0)
-            total += k * (op_ms("ct_product", n, level) + op_ms("relin", n, level) + op_ms("rescale", n, level))
-    return total
+    return sum(instr_cost(plan, ins, seen)[3] for ins in plan.instrs)

@@ -128,13 +128,18 @@ class _Lowering:
         self.gather = gather[None, :]
         self.node_reg[0] = self.reg(layout, self.top, self.input_scale)
 
-    def emit_linear(self, node: Node, i: int, srcs: tuple[int, ...], low: Lowered, name: str) -> int:
-        src_reg = self.registers[srcs[0]]
+    def linear_scales(self, src: int, i: int) -> tuple[int, float, float]:
+        """(level, output scale, plaintext scale) of a linear layer reading register ``src``: the plaintext scale
+        makes the product land on the target scale after one rescale (the output scale for the last node)."""
+        src_reg = self.registers[src]
         level, in_scale = src_reg.level, src_reg.scale
         if level < 1:
             raise _TooDeep()
         target = self.output_scale if i == len(self.graph.nodes) - 1 else self.scale
-        pt_scale = self.primes[level] * target / in_scale
+        return level, target, self.primes[level] * target / in_scale
+
+    def emit_linear(self, node: Node, i: int, srcs: tuple[int, ...], low: Lowered, name: str) -> int:
+        level, target, pt_scale = self.linear_scales(srcs[0], i)
         groups: dict[int, list[tuple[int, int, int]]] = {}
         babies: set[int] = set()
         if low.strategy.startswith("gather"):
