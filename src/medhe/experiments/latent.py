@@ -458,7 +458,7 @@ def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypte
         if encrypted == "plan":
             row["encrypted"] = plan_stats(art, ckks_options)
         elif encrypted:
-            enc = encrypted_eval(art, x, y, limit=enc_limit, log=log, options=ckks_options)
+            enc = encrypted_eval_isolated(art, x, y, limit=enc_limit, verbose=log is not None, options=ckks_options)
             enc.pop("logits")
             # the encrypted AUC covers only the first n images: compare it with plain on those same images
             enc["plain_auc_same_images"] = macro_auc(y[:enc["n"]], plain[:enc["n"]]) if enc["n"] > 1 else None
@@ -468,6 +468,34 @@ def _score(row: dict[str, Any], art: Any, x: np.ndarray, y: np.ndarray, encrypte
     log(f"{row['row']}: plain macro AUC {row['plain']['auc']:.4f}"
         + (f", encrypted {(row['encrypted'].get('metrics') or {}).get('auc')}" if encrypted else ""))
     return row
+
+
+def _encrypted_eval_child(path: str, x: np.ndarray, y: np.ndarray, limit: int | None, verbose: bool,
+                          options: dict[str, Any] | None) -> dict[str, Any]:
+    import resource
+
+    from medhe.models.artifact import load_artifact
+
+    result = encrypted_eval(load_artifact(path), x, y, limit=limit, options=options,
+                            log=(lambda m: print(m, flush=True)) if verbose else None)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # client and server
+    return result
+
+
+def encrypted_eval_isolated(art: Any, x: np.ndarray, y: np.ndarray, limit: int | None = None, verbose: bool = False,
+                            options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``encrypted_eval`` in a fresh process: each row's peak memory is its own (reported as ``peak_rss_bytes``),
+    and the keys and weights of the rows before it (~10 GB at N=32768) cannot pile up in one process."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    import multiprocessing
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_encrypted_eval_child, str(art.path), x, y, limit, verbose, options).result()
+        except BrokenProcessPool:
+            raise MedheError(f"the encrypted run of {art.path} was killed (out of memory?): run fewer rows at "
+                             "once or on a machine with more memory") from None
 
 
 def plan_stats(artifact: Any, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -526,16 +554,22 @@ def _param_text(p: Any) -> str:
     return text or str(p)[:80]
 
 
+def _scaled(value: float | None, unit: float) -> float | None:
+    return None if value is None else value / unit
+
+
 def write_table(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Markdown + JSON table and a PNG plot of macro AUC and server latency per row."""
     out = Path(out_dir)
     head = ("| row | input shape | width | PSNR dB | SSIM | plain macro AUC [95% CI] | encrypted macro AUC | agree | "
-            "max abs logit err | server s median: wall (CPU) | vs f8 | input ct bytes | CKKS params |")
+            "max abs logit err | server s median: wall (CPU) | vs f8 | input ct bytes | eval keys MB | peak RSS GB | "
+            "CKKS params |")
     lines = ["# Latent-space encrypted chest X-ray classification (P1 table)", "",
              f"NIH ChestX-ray14 subset, test split (n={result['n_test']}), classifier `latent-hecnn` "
              f"{result['arch_kwargs']}; machine: {_machine_text(result.get('machine'))}. Encrypted columns: "
              + (f"the first {result['enc_limit']} test images per row" if result.get("enc_limit") else "all test images")
-             + f" unless the row says otherwise (n); macro AUC only from n >= {MIN_AUC_N}.", "", head, "|" + "---|" * 13]
+             + f" unless the row says otherwise (n); macro AUC only from n >= {MIN_AUC_N}. Peak RSS: the row's own process, "
+             "client and server together.", "", head, "|" + "---|" * 15]
     for r in result["rows"]:
         b = r["plain"]["auc_bootstrap"]
         e = r.get("encrypted") or {}
@@ -568,7 +602,8 @@ def write_table(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
             f"{_fmt(b['auc'])} [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}] | {enc_text} | "
             f"{agree} | {_fmt(e.get('max_abs_logit_error'), '.1e')} | "
             f"{_fmt(wall, '.2f')} ({_fmt(cpu, '.2f')}) | {_fmt(r.get('latency_vs_f8'), '.2f')} | "
-            f"{e.get('input_ciphertext_bytes', '—')} | {params} |")
+            f"{e.get('input_ciphertext_bytes', '—')} | {_fmt(_scaled(e.get('evaluation_key_bytes'), 1e6), '.0f')} | "
+            f"{_fmt(_scaled(e.get('peak_rss_bytes'), 1e9), '.1f')} | {params} |")
     paths = {"md": atomic.write_text(out / "latent_table.md", "\n".join(lines) + "\n"),
              "json": atomic.write_json(out / "latent_table.json", result)}
     paths["png"] = draw_plot(result, out / "latent_plot.png")
