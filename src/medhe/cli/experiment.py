@@ -10,7 +10,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from medhe.cli._format import table
 
@@ -106,15 +106,19 @@ def _latent_export_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _covid_common_args(p: argparse.ArgumentParser, out: str, out_help: str, variants: Any, variants_help: str) -> None:
+    p.add_argument("--out", default=out, help=out_help)
+    p.add_argument("--data-dir", help="folder holding covid19_radiography_subset (default: $MEDHE_DATA)")
+    p.add_argument("--variants", default=",".join(variants), help=variants_help)
+
+
 def _covid_ckks_args(p: argparse.ArgumentParser) -> None:
     from medhe.experiments.covid_latent import VARIANTS
 
     p.add_argument("--autoencoder", default="runs/latent/vq-f8",
                    help="f8 VQ autoencoder trained without the COVID val/test images (the client stage)")
-    p.add_argument("--out", default="runs/covid-ckks", help="folder for model/ and selection.json")
-    p.add_argument("--data-dir", help="folder holding covid19_radiography_subset (default: $MEDHE_DATA)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated classifier variants to compare on val (default: all)")
+    _covid_common_args(p, "runs/covid-ckks", "folder for model/ and selection.json", VARIANTS,
+                       "comma-separated classifier variants to compare on val (default: all)")
     p.add_argument("--only-train", action="store_true",
                    help="train the variants into --out/variants and stop (no selection, no test split); run again "
                         "without it to select among every variant on val and score the chosen one on test")
@@ -126,12 +130,10 @@ def _covid_ckks_run(args: argparse.Namespace) -> int:
     result = train_covid_ckks(args.autoencoder, args.out, [v for v in args.variants.split(",") if v],
                               args.data_dir, command="medhe " + shlex.join(sys.argv[1:]),
                               log=lambda m: print(m, file=sys.stderr, flush=True), only_train=args.only_train)
-    if args.only_train:
-        print(table(("variant", "val ACC", "val AUC", "best epoch"),
-                    [(t["variant"], t["val"]["acc"], t["val"]["auc"], t["best_epoch"]) for t in result["tried"]]))
-        return 0
     print(table(("variant", "val ACC", "val AUC", "best epoch"),
                 [(t["variant"], t["val"]["acc"], t["val"]["auc"], t["best_epoch"]) for t in result["tried"]]))
+    if args.only_train:
+        return 0
     test = result["metrics"]["test"]
     print(f"chosen on val: {result['chosen']}; test ACC {test['acc']:.4f} AUC {test['auc']:.4f} (scored once)")
     print(f"model written to {result['model']}")
@@ -141,10 +143,8 @@ def _covid_ckks_run(args: argparse.Namespace) -> int:
 def _covid_pixel_args(p: argparse.ArgumentParser) -> None:
     from medhe.experiments.covid_pixel import VARIANTS
 
-    p.add_argument("--out", default="runs/covid-px", help="folder for variants/, model/ and selection.json")
-    p.add_argument("--data-dir", help="folder holding covid19_radiography_subset (default: $MEDHE_DATA)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated pixel variants to train and compare on val (default: all)")
+    _covid_common_args(p, "runs/covid-px", "folder for variants/, model/ and selection.json", VARIANTS,
+                       "comma-separated pixel variants to train and compare on val (default: all)")
     p.add_argument("--latent", default="covid-cxr-ckks",
                    help="the latent family's model (name or folder): its model_selection val scores join the "
                         "comparison (its test score is not read); '' for pixel variants only")

@@ -10,7 +10,6 @@ model is chosen on validation across both families (the latent variants' val sco
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -22,7 +21,7 @@ import torch
 
 from medhe import atomic
 from medhe.errors import DataError
-from medhe.experiments.covid_latent import COVID, SPLIT_TEXT, TASK
+from medhe.experiments.covid_latent import COVID, SPLIT_TEXT, TASK, _save_variant, _variant_paths
 from medhe.experiments.latent import DEFAULT_TRAIN, PIXEL_PREPROCESS, _logits, pixel_inputs, train_classifier
 from medhe.models.metrics import compute_metrics
 
@@ -180,18 +179,6 @@ def _latent_entries(card: str | Path | None) -> list[dict[str, Any]]:
     return [{"variant": f"latent-f8-{e['variant']}", "input": "f8 latent 4x32x32", "arch_kwargs": e["arch_kwargs"],
              "train": e.get("train", {}), "val": e["val"], "best_epoch": e.get("best_epoch")}
             for e in entries if "variant" in e and not str(e["variant"]).startswith("px")]
-
-
-def _variant_paths(out: Path, name: str) -> tuple[Path, Path]:
-    return out / "variants" / f"{name}.pt", out / "variants" / f"{name}.json"
-
-
-def _save_variant(out: Path, name: str, model: torch.nn.Module, record: dict[str, Any], entry: dict[str, Any]) -> None:
-    weights, meta = _variant_paths(out, name)
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    atomic.write_bytes(weights, buf.getvalue())
-    atomic.write_json(meta, {"record": record, "entry": entry})
 
 
 def _load_variant(out: Path, name: str) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]] | None:
