@@ -11,7 +11,6 @@ model is chosen on validation across both families (the latent variants' val sco
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +21,8 @@ import torch
 from medhe import atomic
 from medhe.errors import DataError
 from medhe.experiments.covid_latent import COVID, SPLIT_TEXT, TASK, _save_variant, _variant_paths
-from medhe.experiments.latent import DEFAULT_TRAIN, PIXEL_PREPROCESS, _logits, pixel_inputs, train_classifier
+from medhe.experiments.latent import (DEFAULT_TRAIN, PIXEL_PREPROCESS, _logits, bound_for, max_abs_logit, pixel_inputs,
+                                      train_classifier)
 from medhe.models.metrics import compute_metrics
 
 #: the input side: the issue's floor for the pixel route
@@ -162,8 +162,8 @@ def logit_bound(model: torch.nn.Module, xs: list[np.ndarray]) -> dict[str, Any]:
     The compiler's own estimate from the activation ranges is loose for the cubic SE gate (covid-cxr-ckks: ~3e8),
     which leaves the logits a ~2^20 output scale and errors ~1 (the latent route found this; same rule there).
     """
-    seen = max(float(np.abs(_logits(model, x)).max()) for x in xs)
-    return {"value": float(2 ** math.ceil(math.log2(2 * seen))), "max_abs_logit_train_val": round(seen, 3),
+    seen = max_abs_logit(model, xs)
+    return {"value": bound_for(seen), "max_abs_logit_train_val": round(seen, 3),
             "rule": "2 x max |logit| on train + val, rounded up to a power of two"}
 
 

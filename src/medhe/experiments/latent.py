@@ -436,7 +436,15 @@ def logit_bound(model: nn.Module, inputs: tuple[np.ndarray, ...]) -> float:
     activation ranges, can be orders of magnitude loose (a trained cubic SE gate: 3e8 for covid-cxr-ckks), which
     leaves a small output scale and logit errors ~1. What the data show, with a 2x margin, is tight and safe.
     """
-    seen = max(float(np.abs(_logits(model, x)).max()) for x in inputs)
+    return bound_for(max_abs_logit(model, inputs))
+
+
+def max_abs_logit(model: nn.Module, inputs: tuple[np.ndarray, ...] | list[np.ndarray]) -> float:
+    return max(float(np.abs(_logits(model, x)).max()) for x in inputs)
+
+
+def bound_for(seen: float) -> float:
+    """2 x ``seen``, rounded up to a power of two (``logit_bound``'s rule)."""
     return float(2 ** math.ceil(math.log2(max(2 * seen, 1.0))))
 
 

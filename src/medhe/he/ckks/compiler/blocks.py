@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from medhe.he.ckks.compiler.packing import Layout, _entries, next_pow2
+from medhe.he.ckks.compiler.packing import Layout, _entries, grid_slots, next_pow2
 
 
 def packed_layout(shape: tuple[int, ...], slots: int) -> Layout:
@@ -41,11 +41,6 @@ def input_gather(layout: Layout, slots: int) -> np.ndarray:
     gather = np.full(k * slots, -1, dtype=np.int64)
     gather[layout.slots] = np.arange(len(layout.slots))
     return gather.reshape(k, slots)
-
-
-def _grid(offsets: tuple[int, ...], rs: int, cs: int, h: int, w: int) -> np.ndarray:
-    base = np.add.outer(np.arange(h) * rs, np.arange(w) * cs).ravel()
-    return np.concatenate([off + base for off in offsets])
 
 
 def image_layouts(inp: Layout, shape: tuple[int, int, int], stride: tuple[int, int] | None,
@@ -91,7 +86,7 @@ def image_layouts(inp: Layout, shape: tuple[int, int, int], stride: tuple[int, i
     result = []
     seen = set()
     for name, cand in out:
-        slots_g = _grid(cand, rs2, cs2, h, w)
+        slots_g = grid_slots(cand, rs2, cs2, h, w)
         if slots_g.min() < 0 or len(np.unique(slots_g)) != len(slots_g) or cand in seen:
             continue
         seen.add(cand)
