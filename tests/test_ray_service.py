@@ -51,6 +51,27 @@ def plain(data_dir):
     return images, logits.argmax(1), artifact
 
 
+def _actor_pids() -> list[int]:
+    """Processes Ray titled ``ray::KeyActor...`` (one per live actor of ``medhe serve --ray``)."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::KeyActor"):
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _nice(pid: int) -> int:
+    import os
+
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
 def test_cluster_has_two_loopback_nodes(cluster):
     ray = connect(cluster.address)
     try:
@@ -68,6 +89,8 @@ def test_sdk_diagnoses_through_serve_ray_equal_plain_inference(cluster, plain):
 
         ready = httpx.get(f"{srv.url}/v1/ready", timeout=10).json()
         assert ready["workers"] == 2  # one actor per cluster CPU: one on each node
+        # the actors do the inference: they run at a plain worker's priority, not Ray's default niceness 15
+        assert sorted(_nice(pid) for pid in _actor_pids()) == [0, 0]
         result = run_load_test(srv.url, None, clients=4, requests=N_IMAGES, images=images, expected=expected,
                                images_per_client=N_IMAGES // 4)
     assert result["failures"] == 0 and result["errors"] == []
