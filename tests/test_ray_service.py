@@ -149,6 +149,24 @@ def test_a_node_that_joins_gets_its_actors_in_per_node_mode(cluster, plain):
     assert result["failures"] == 0 and result["mismatches"] == 0
 
 
+def test_compare_loads_plain_and_ray_in_turns(cluster, data_dir):
+    """``bench --service --ray --compare``: both servers up at once, each round loads plain then Ray; the ratio
+    reported is the median of the rounds' per-core ratios, and every decrypted answer is checked."""
+    import statistics
+
+    from medhe.service.loadtest import _compare
+
+    out = _compare("pneumoniamnist", clients=2, requests=6, data_dir=data_dir, address=cluster.address, cores=2,
+                   rounds=2)
+    assert [row["round"] for row in out["rounds"]] == [1, 2]
+    for row in out["rounds"]:
+        for side in ("plain", "ray"):
+            assert row[side]["completed"] == 6 and row[side]["mismatches"] == 0
+    assert out["failures"] == 0 and out["wrong"] == 0
+    assert out["ray_vs_plain"] == statistics.median(out["ray_vs_plain_per_round"]) > 0
+    assert out["within_15_percent"] == (out["ray_vs_plain"] >= 0.85)
+
+
 def _folder(tmp_path, images):
     root = tmp_path / "scans"
     root.mkdir()
@@ -237,6 +255,7 @@ def test_plain_serve_never_imports_ray():
     (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist"], ["no Ray head answers"]),
     (["serve", "--ray-actors", "2", "--model", "pneumoniamnist"], ["go with --ray"]),
     (["bench", "--service", "--ray", "--compare", "--url", "http://127.0.0.1:9"], ["--url"]),
+    (["bench", "--service", "--ray", "--compare", "--rounds", "0"], ["--rounds"]),
 ])
 def test_ray_user_errors_are_one_line(args, words, tmp_path):
     """Bad addresses and options fail fast with one line (Ray alone would retry an unreachable head for minutes)."""

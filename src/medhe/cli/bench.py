@@ -56,8 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kill-node-after", type=int, metavar="N",
                    help="--ray, local cluster: kill one node (not the head) outright after N completed requests")
     p.add_argument("--compare", action="store_true",
-                   help="--ray: first run plain medhe serve with one worker per cluster CPU under the same load, and "
-                        "report per-core throughput side by side")
+                   help="--ray: also start plain medhe serve with one worker per cluster CPU, load both in turns "
+                        "(--rounds times) and report per-core throughput side by side (median of the rounds)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--compare: load rounds, each plain then Ray (default 3)")
     p.add_argument("--data-dir")
     p.add_argument("--json", dest="json_out", help="write the JSON result to this file")
     p.set_defaults(handler=run)
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_ray_benchmark(args.ray or None, model=args.model or "pneumoniamnist", clients=args.clients,
                                    requests=args.requests, data_dir=args.data_dir, nodes=args.ray_nodes,
                                    cpus_per_node=args.ray_cpus_per_node, kill_node_after=args.kill_node_after,
-                                   compare=args.compare)
+                                   compare=args.compare, rounds=args.rounds)
     elif args.service:
         from medhe.service.loadtest import run_service_benchmark
 
