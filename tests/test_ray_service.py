@@ -149,6 +149,87 @@ def test_a_node_that_joins_gets_its_actors_in_per_node_mode(cluster, plain):
     assert result["failures"] == 0 and result["mismatches"] == 0
 
 
+def test_replicas_per_model_give_each_model_its_own_actors(cluster, plain, data_dir):
+    """``--ray-replicas pneumoniamnist=1,breastmnist=1`` on 2 CPUs: one actor per model, each compiling and holding
+    only its model (as the actors themselves report), the server announcing the same models as without the flag,
+    and each model's key sets routed to its own actor (a wrong route fails: the other actor lacks the model)."""
+    import httpx
+    from fastapi.encoders import jsonable_encoder
+
+    from medhe.service.catalog import load_catalog
+    from medhe.service.raypool import RayPool
+    from medhe.service.server import create_app
+
+    images, expected, _ = plain
+    breast = load_artifact("breastmnist")
+    b_images = load_dataset("breastmnist", split="test", size=28, data_dir=data_dir).images[:8]
+    b_expected = predict_logits(breast.model, model_inputs(breast, b_images)).argmax(1)
+    models = load_catalog(["pneumoniamnist", "breastmnist"])
+    app = create_app(models, processes=0)  # the same two models served without Ray: what clients must see
+    app.state.start()
+    app.state.stop()
+    plain_listing = json.loads(json.dumps(jsonable_encoder({m.id: m.describe() for m in models})))  # as served
+
+    replicas = ["--ray-replicas", "pneumoniamnist=1,breastmnist=1"]
+    with ServerProcess(["pneumoniamnist", "breastmnist"], extra_args=["--ray", cluster.address, *replicas],
+                       startup_timeout=300) as srv:
+        ready = httpx.get(f"{srv.url}/v1/ready", timeout=10).json()
+        assert ready["workers"] == 2 and ready["workers_by_model"] == {"pneumoniamnist": 1, "breastmnist": 1}
+        assert len(_actor_pids()) == 2  # no default actors: every served model is listed
+        listing = httpx.get(f"{srv.url}/v1/models", timeout=10).json()["models"]
+        assert {m["id"]: m for m in listing} == plain_listing
+        results = [run_load_test(srv.url, "pneumoniamnist", clients=2, requests=8, images=images[:8],
+                                 expected=expected[:8], images_per_client=4),
+                   run_load_test(srv.url, "breastmnist", clients=2, requests=8, images=b_images,
+                                 expected=b_expected, images_per_client=4)]
+        log = srv.log()
+    for result in results:
+        assert result["failures"] == 0 and result["errors"] == [], result["errors"]
+        assert result["mismatches"] == 0 and result["completed"] == 8 and result["retries"] == 0
+    assert "Ray actors per model: pneumoniamnist 1, breastmnist 1" in log and "Traceback" not in log
+
+    # the actors themselves: each compiled exactly the model it was placed for (asked directly, not the server)
+    import time
+
+    ray = connect(cluster.address)
+    try:
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < 2:  # the server's actors leave with its driver
+            assert time.monotonic() < deadline, "the server's actors did not release their CPUs"
+            time.sleep(0.5)
+        pool = RayPool([m.ref for m in models], replicas={"pneumoniamnist": 1, "breastmnist": 1})
+        pool.start()
+        try:
+            held = sorted(tuple(ray.get(actor.specs.remote(), timeout=60)) for actor in pool._slots)
+            assert held == [("breastmnist",), ("pneumoniamnist",)]
+        finally:
+            pool.close()
+    finally:
+        disconnect()
+
+
+def test_ray_replicas_values_parse_and_check():
+    """``--ray-replicas`` as typed: comma lists and the repeated flag merge; bad items are one-line errors."""
+    from medhe.cli.serve import parse_replicas
+    from medhe.errors import MedheError
+    from medhe.service.raypool import check_replicas
+
+    assert parse_replicas(["pneumoniamnist=2, breastmnist=1", "retinamnist=3"]) == {
+        "pneumoniamnist": 2, "breastmnist": 1, "retinamnist": 3}
+    assert parse_replicas([]) == {}
+    for values, words in ((["pneumoniamnist"], "not MODEL=N"), (["pneumoniamnist=x"], "not MODEL=N"),
+                          (["=2"], "not MODEL=N"), (["pneumoniamnist=0"], "at least 1"),
+                          (["pneumoniamnist=1,pneumoniamnist=2"], "twice"), (["a=1", "a=1"], "twice")):
+        with pytest.raises(MedheError, match=words):
+            parse_replicas(values)
+    served = ["pneumoniamnist", "breastmnist"]
+    assert check_replicas({"breastmnist": 2}, served, actors=3) == {"breastmnist": 2}
+    with pytest.raises(MedheError, match="'nosuch', which is not served here"):
+        check_replicas({"nosuch": 1}, served)
+    with pytest.raises(MedheError, match="no default actors"):
+        check_replicas({"pneumoniamnist": 1, "breastmnist": 1}, served, per_node=1)
+
+
 def _folder(tmp_path, images):
     root = tmp_path / "scans"
     root.mkdir()
@@ -236,6 +317,17 @@ def test_plain_serve_never_imports_ray():
     (["score", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "{folder}/missing"], ["is not a folder"]),
     (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist"], ["no Ray head answers"]),
     (["serve", "--ray-actors", "2", "--model", "pneumoniamnist"], ["go with --ray"]),
+    (["serve", "--ray-replicas", "pneumoniamnist=1", "--model", "pneumoniamnist"], ["--ray-replicas", "go with --ray"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "pneumoniamnist=0"],
+     ["--ray-replicas pneumoniamnist=0", "at least 1"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "pneumoniamnist=1",
+      "--ray-replicas", "pneumoniamnist=2"], ["--ray-replicas", "twice"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "pneumonia:2"],
+     ["--ray-replicas", "MODEL=N"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "breastmnist=1"],
+     ["--ray-replicas", "'breastmnist'", "not served"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "pneumoniamnist=1",
+      "--ray-actors", "2"], ["--ray-replicas lists every served model"]),
     (["bench", "--service", "--ray", "--compare", "--url", "http://127.0.0.1:9"], ["--url"]),
 ])
 def test_ray_user_errors_are_one_line(args, words, tmp_path):
