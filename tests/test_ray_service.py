@@ -194,20 +194,27 @@ def test_replicas_per_model_give_each_model_its_own_actors(cluster, plain, data_
         assert result["mismatches"] == 0 and result["completed"] == 8 and result["retries"] == 0
     assert "Ray actors per model: pneumoniamnist 1, breastmnist 1" in log and "Traceback" not in log
 
-    # the actors themselves: each compiled exactly the model it was placed for (asked directly, not the server)
+    # A mixed plan, asked of the actors directly: breastmnist's replica takes one of the 2 CPUs, the default
+    # one-per-free-CPU rule puts the unlisted pneumoniamnist on the other; each actor compiled only its model.
     import time
 
+    from medhe.errors import MedheError
+
+    refs = [m.ref for m in models]
     ray = connect(cluster.address)
     try:
         deadline = time.monotonic() + 60
         while ray.available_resources().get("CPU", 0) < 2:  # the server's actors leave with its driver
             assert time.monotonic() < deadline, "the server's actors did not release their CPUs"
             time.sleep(0.5)
-        pool = RayPool([m.ref for m in models], replicas={"pneumoniamnist": 1, "breastmnist": 1})
+        with pytest.raises(MedheError, match="all taken by the 2 actor"):  # no CPU left for pneumoniamnist
+            RayPool(refs, replicas={"breastmnist": 2}).start()
+        pool = RayPool(refs, replicas={"breastmnist": 1})
         pool.start()
         try:
             held = sorted(tuple(ray.get(actor.specs.remote(), timeout=60)) for actor in pool._slots)
             assert held == [("breastmnist",), ("pneumoniamnist",)]
+            assert pool.live_by_model() == {"pneumoniamnist": 1, "breastmnist": 1}
         finally:
             pool.close()
     finally:
