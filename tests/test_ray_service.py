@@ -51,12 +51,16 @@ def plain(data_dir):
     return images, logits.argmax(1), artifact
 
 
-def _actor_pids() -> list[int]:
-    """Processes Ray titled ``ray::KeyActor...`` (one per live actor of ``medhe serve --ray``)."""
+def _actor_pids(cluster: LocalCluster) -> list[int]:
+    """Processes Ray titled ``ray::KeyActor...`` (one per live actor of ``medhe serve --ray``) among ``cluster``'s
+    own: another Ray cluster on this machine (a benchmark running alongside) has actors of its own."""
     import os
 
+    ours = {pid for node in cluster.nodes for pid in node.pids()}
     pids = []
     for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) not in ours:
+            continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 if f.read().startswith(b"ray::KeyActor"):
@@ -89,8 +93,10 @@ def test_sdk_diagnoses_through_serve_ray_equal_plain_inference(cluster, plain):
 
         ready = httpx.get(f"{srv.url}/v1/ready", timeout=10).json()
         assert ready["workers"] == 2  # one actor per cluster CPU: one on each node
-        # the actors do the inference: they run at a plain worker's priority, not Ray's default niceness 15
-        assert sorted(_nice(pid) for pid in _actor_pids()) == [0, 0]
+        # the actors do the inference: they run at a plain worker's priority, not Ray's default niceness 15 (Ray
+        # adds its niceness to what the nodes inherit: this process's, 0 unless the tests run under `nice`)
+        base = _nice(0)
+        assert sorted(_nice(pid) for pid in _actor_pids(cluster)) == [base, base]
         result = run_load_test(srv.url, None, clients=4, requests=N_IMAGES, images=images, expected=expected,
                                images_per_client=N_IMAGES // 4)
     assert result["failures"] == 0 and result["errors"] == []
@@ -165,6 +171,94 @@ def test_compare_loads_plain_and_ray_in_turns(cluster, data_dir):
     assert out["failures"] == 0 and out["wrong"] == 0
     assert out["ray_vs_plain"] == statistics.median(out["ray_vs_plain_per_round"]) > 0
     assert out["within_15_percent"] == (out["ray_vs_plain"] >= 0.85)
+
+
+def test_replicas_per_model_give_each_model_its_own_actors(cluster, plain, data_dir):
+    """``--ray-replicas pneumoniamnist=1,breastmnist=1`` on 2 CPUs: one actor per model, each compiling and holding
+    only its model (as the actors themselves report), the server announcing the same models as without the flag,
+    and each model's key sets routed to its own actor (a wrong route fails: the other actor lacks the model)."""
+    import httpx
+    from fastapi.encoders import jsonable_encoder
+
+    from medhe.service.catalog import load_catalog
+    from medhe.service.raypool import RayPool
+    from medhe.service.server import create_app
+
+    images, expected, _ = plain
+    breast = load_artifact("breastmnist")
+    b_images = load_dataset("breastmnist", split="test", size=28, data_dir=data_dir).images[:8]
+    b_expected = predict_logits(breast.model, model_inputs(breast, b_images)).argmax(1)
+    models = load_catalog(["pneumoniamnist", "breastmnist"])
+    app = create_app(models, processes=0)  # the same two models served without Ray: what clients must see
+    app.state.start()
+    app.state.stop()
+    plain_listing = json.loads(json.dumps(jsonable_encoder({m.id: m.describe() for m in models})))  # as served
+
+    replicas = ["--ray-replicas", "pneumoniamnist=1,breastmnist=1"]
+    with ServerProcess(["pneumoniamnist", "breastmnist"], extra_args=["--ray", cluster.address, *replicas],
+                       startup_timeout=300) as srv:
+        ready = httpx.get(f"{srv.url}/v1/ready", timeout=10).json()
+        assert ready["workers"] == 2 and ready["workers_by_model"] == {"pneumoniamnist": 1, "breastmnist": 1}
+        assert len(_actor_pids(cluster)) == 2  # no default actors: every served model is listed
+        listing = httpx.get(f"{srv.url}/v1/models", timeout=10).json()["models"]
+        assert {m["id"]: m for m in listing} == plain_listing
+        results = [run_load_test(srv.url, "pneumoniamnist", clients=2, requests=8, images=images[:8],
+                                 expected=expected[:8], images_per_client=4),
+                   run_load_test(srv.url, "breastmnist", clients=2, requests=8, images=b_images,
+                                 expected=b_expected, images_per_client=4)]
+        log = srv.log()
+    for result in results:
+        assert result["failures"] == 0 and result["errors"] == [], result["errors"]
+        assert result["mismatches"] == 0 and result["completed"] == 8 and result["retries"] == 0
+    assert "Ray actors per model: pneumoniamnist 1, breastmnist 1" in log and "Traceback" not in log
+
+    # A mixed plan, asked of the actors directly: breastmnist's replica takes one of the 2 CPUs, the default
+    # one-per-free-CPU rule puts the unlisted pneumoniamnist on the other; each actor compiled only its model.
+    import time
+
+    from medhe.errors import MedheError
+
+    refs = [m.ref for m in models]
+    ray = connect(cluster.address)
+    try:
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < 2:  # the server's actors leave with its driver
+            assert time.monotonic() < deadline, "the server's actors did not release their CPUs"
+            time.sleep(0.5)
+        with pytest.raises(MedheError, match="all taken by the 2 actor"):  # no CPU left for pneumoniamnist
+            RayPool(refs, replicas={"breastmnist": 2}).start()
+        pool = RayPool(refs, replicas={"breastmnist": 1})
+        pool.start()
+        try:
+            held = sorted(tuple(ray.get(actor.specs.remote(), timeout=60)) for actor in pool._slots)
+            assert held == [("breastmnist",), ("pneumoniamnist",)]
+            assert pool.live_by_model() == {"pneumoniamnist": 1, "breastmnist": 1}
+        finally:
+            pool.close()
+    finally:
+        disconnect()
+
+
+def test_ray_replicas_values_parse_and_check():
+    """``--ray-replicas`` as typed: comma lists and the repeated flag merge; bad items are one-line errors."""
+    from medhe.cli.serve import parse_replicas
+    from medhe.errors import MedheError
+    from medhe.service.raypool import check_replicas
+
+    assert parse_replicas(["pneumoniamnist=2, breastmnist=1", "retinamnist=3"]) == {
+        "pneumoniamnist": 2, "breastmnist": 1, "retinamnist": 3}
+    assert parse_replicas([]) == {}
+    for values, words in ((["pneumoniamnist"], "not MODEL=N"), (["pneumoniamnist=x"], "not MODEL=N"),
+                          (["=2"], "not MODEL=N"), (["pneumoniamnist=0"], "at least 1"),
+                          (["pneumoniamnist=1,pneumoniamnist=2"], "twice"), (["a=1", "a=1"], "twice")):
+        with pytest.raises(MedheError, match=words):
+            parse_replicas(values)
+    served = ["pneumoniamnist", "breastmnist"]
+    assert check_replicas({"breastmnist": 2}, served, actors=3) == {"breastmnist": 2}
+    with pytest.raises(MedheError, match="'nosuch', which is not served here"):
+        check_replicas({"nosuch": 1}, served)
+    with pytest.raises(MedheError, match="no default actors"):
+        check_replicas({"pneumoniamnist": 1, "breastmnist": 1}, served, per_node=1)
 
 
 def _folder(tmp_path, images):
@@ -254,6 +348,17 @@ def test_plain_serve_never_imports_ray():
     (["score", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "{folder}/missing"], ["is not a folder"]),
     (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist"], ["no Ray head answers"]),
     (["serve", "--ray-actors", "2", "--model", "pneumoniamnist"], ["go with --ray"]),
+    (["serve", "--ray-replicas", "pneumoniamnist=1", "--model", "pneumoniamnist"], ["--ray-replicas", "go with --ray"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "pneumoniamnist=0"],
+     ["--ray-replicas pneumoniamnist=0", "at least 1"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "pneumoniamnist=1",
+      "--ray-replicas", "pneumoniamnist=2"], ["--ray-replicas", "twice"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "pneumonia:2"],
+     ["--ray-replicas", "MODEL=N"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "breastmnist=1"],
+     ["--ray-replicas", "'breastmnist'", "not served"]),
+    (["serve", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "--ray-replicas", "pneumoniamnist=1",
+      "--ray-actors", "2"], ["--ray-replicas lists every served model"]),
     (["bench", "--service", "--ray", "--compare", "--url", "http://127.0.0.1:9"], ["--url"]),
     (["bench", "--service", "--ray", "--compare", "--rounds", "0"], ["--rounds"]),
 ])

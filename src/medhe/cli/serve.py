@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="--ray: instead, K actors on every node, also on nodes that join later")
     ray.add_argument("--ray-cpus", type=int, default=1, metavar="C",
                      help="--ray: CPUs each actor reserves and evaluates with (default 1)")
+    ray.add_argument("--ray-replicas", action="append", default=[], metavar="MODEL=N[,MODEL=N...]",
+                     help="--ray: N dedicated actors for MODEL that hold only it (repeatable); unlisted models share "
+                          "the actors that --ray-actors / --ray-actors-per-node / one per free CPU place")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(handler=run)
 
@@ -165,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         app.state.start()  # compile errors are one-line MedheErrors here, before the port is bound
+        if pool_factory is not None:
+            per_model = app.state.pool.live_by_model()
+            print("medhe serve: Ray actors per model: " + ", ".join(f"{m} {n}" for m, n in per_model.items()),
+                  file=sys.stderr, flush=True)
         print(f"medhe serve: ready at {scheme}://{args.host}:{args.port}{protocol.PREFIX}  (Ctrl-C stops)",
               file=sys.stderr, flush=True)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -187,9 +194,10 @@ def run(args: argparse.Namespace) -> int:
 def ray_pool_factory(args: argparse.Namespace):
     """``--ray``: a factory of ``RayPool`` for ``create_app`` (``None`` without it); a one-line error naming the
     extra to install when Ray is missing, before anything is compiled."""
+    replicas = parse_replicas(args.ray_replicas)
     if args.ray is None:
-        if args.ray_actors is not None or args.ray_actors_per_node is not None:
-            raise MedheError("--ray-actors and --ray-actors-per-node go with --ray")
+        if args.ray_actors is not None or args.ray_actors_per_node is not None or replicas:
+            raise MedheError("--ray-actors, --ray-actors-per-node and --ray-replicas go with --ray")
         return None
     from medhe.service.raycluster import require_ray
 
@@ -204,6 +212,27 @@ def ray_pool_factory(args: argparse.Namespace):
 
     def factory(refs, key_cache_bytes, on_replace):
         return RayPool(refs, key_cache_bytes, on_replace, actors=args.ray_actors,
-                       per_node=args.ray_actors_per_node, cpus=args.ray_cpus)
+                       per_node=args.ray_actors_per_node, cpus=args.ray_cpus, replicas=replicas)
 
     return factory
+
+
+def parse_replicas(values: list[str]) -> dict[str, int]:
+    """``--ray-replicas`` values (``MODEL=N``, comma-separated, the flag repeatable) as model id -> N; a one-line
+    error for a malformed item, a count below one, or a model given twice. Model names are checked against the
+    served models once they are loaded (``raypool.check_replicas``)."""
+    replicas: dict[str, int] = {}
+    for value in values:
+        for item in value.split(","):
+            model_id, sep, count = item.strip().partition("=")
+            model_id, count = model_id.strip(), count.strip()
+            if not sep or not model_id or not count.lstrip("-").isdigit():
+                raise MedheError(f"--ray-replicas {item.strip()!r} is not MODEL=N (e.g. --ray-replicas "
+                                 "pneumoniamnist=2,breastmnist=1)")
+            if int(count) < 1:
+                raise MedheError(f"--ray-replicas {model_id}={count}: each model needs at least 1 actor; leave the "
+                                 "model out to put it on the default actors")
+            if model_id in replicas:
+                raise MedheError(f"--ray-replicas lists {model_id} twice; give each model one count")
+            replicas[model_id] = int(count)
+    return replicas

@@ -8,6 +8,11 @@ or the node leaves the cluster), the slot's generation is bumped, the server for
 the request gets ``worker_crashed`` and the SDK re-registers (into a live actor) and retries, exactly as after a
 worker crash. A replacement actor is requested at once; Ray places it when some node has a free CPU, and it takes
 key sets only once it has compiled the same parameters the server announced.
+
+By default every actor compiles and holds every served model. ``replicas`` (``--ray-replicas MODEL=N``) gives a
+listed model N dedicated actors that hold only it (a big CKKS model's key sets then never crowd out small models'
+actors, and each actor compiles and keeps in memory one model instead of all); the unlisted models share the
+default actors. A key set goes to an actor holding its model, and a replacement holds what the lost actor held.
 """
 
 from __future__ import annotations
@@ -112,13 +117,18 @@ class RayPool(SlotGenerations):
     ``actors``: how many (default: one per free CPU of the cluster when it starts); ``per_node``: instead, that many
     on every node, also on nodes that join later (soft node affinity: a replacement may land elsewhere). ``cpus``: CPUs each
     actor reserves (its models' evaluation uses that many threads). ``batch``: the actors compile each model's
-    batch plan (one image per slot) instead of the single-image model, for ``medhe score``.
+    batch plan (one image per slot) instead of the single-image model, for ``medhe score``. ``replicas``: model id
+    -> N dedicated actors holding only that model; ``actors``/``per_node``/the free-CPU rule then place the
+    default actors, which hold only the unlisted models (none when every model is listed).
     """
 
     def __init__(self, refs: list[ModelRef], key_cache_bytes: int = 1 << 32, on_replace: Callable | None = None,
                  actors: int | None = None, per_node: int | None = None, cpus: int = 1,
-                 start_timeout: float = START_TIMEOUT_S, batch: bool = False):
+                 start_timeout: float = START_TIMEOUT_S, batch: bool = False,
+                 replicas: dict[str, int] | None = None):
         self.refs = list(refs)
+        self.replicas = check_replicas(replicas or {}, [ref.id for ref in self.refs], actors, per_node)
+        self.shared_models = tuple(ref.id for ref in self.refs if ref.id not in self.replicas)  # default actors'
         self.batch = batch  # actors compile batch plans instead (medhe score)
         self.key_cache_bytes = key_cache_bytes
         self.actors, self.per_node, self.cpus = actors, per_node, max(1, int(cpus))
@@ -131,6 +141,7 @@ class RayPool(SlotGenerations):
         self._busy: list[int] = []
         self._key_bytes: list[int] = []
         self._affinity: list[str | None] = []
+        self._models: list[tuple[str, ...]] = []  # model ids each slot's actor holds (a replacement: the same)
         self.generation: list[int] = []
         self._specs: dict[str, dict] = {}
         self.rules: dict[str, dict | None] = {}
@@ -149,6 +160,13 @@ class RayPool(SlotGenerations):
         self._admit()
         return sum(self._ready)
 
+    def live_by_model(self) -> dict[str, int]:
+        """Model id -> actors holding it that can take key sets now (what ``--ray-replicas`` placed)."""
+        self._admit()
+        with self._lock:
+            return {ref.id: sum(1 for i in range(len(self._slots)) if self._ready[i] and ref.id in self._models[i])
+                    for ref in self.refs}
+
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def _actor_class(self) -> Any:
         if self._remote is None:
@@ -156,7 +174,7 @@ class RayPool(SlotGenerations):
             self._remote = ray.remote(num_cpus=self.cpus, max_restarts=0, max_task_retries=0)(KeyActor)
         return self._remote
 
-    def _new_actor(self, node: str | None) -> Any:
+    def _new_actor(self, node: str | None, models: tuple[str, ...]) -> Any:
         options: dict[str, Any] = {}
         if node is not None:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -165,39 +183,54 @@ class RayPool(SlotGenerations):
         else:
             options["scheduling_strategy"] = "SPREAD"
         options["runtime_env"] = {"env_vars": dict(ACTOR_ENV)}
-        return self._actor_class().options(**options).remote(self.refs, self.key_cache_bytes, self.cpus,
-                                                                            self.batch)
+        refs = [ref for ref in self.refs if ref.id in models]
+        return self._actor_class().options(**options).remote(refs, self.key_cache_bytes, self.cpus, self.batch)
 
-    def _placement_plan(self) -> list[str | None]:
+    def _placement_plan(self) -> list[tuple[str | None, tuple[str, ...]]]:
+        """(node affinity, models held) of every actor to start: the dedicated replicas first, then the default
+        actors for the unlisted models."""
         ray = require_ray()
+        plan: list[tuple[str | None, tuple[str, ...]]] = [(None, (model_id,)) for model_id, n in
+                                                          self.replicas.items() for _ in range(n)]
+        shared = self.shared_models
+        if not shared:
+            return plan
         if self.per_node:
-            return [node for node in sorted(alive_nodes()) for _ in range(self.per_node)]
+            return plan + [(node, shared) for node in sorted(alive_nodes()) for _ in range(self.per_node)]
         if self.actors:
-            return [None] * self.actors
-        cpus = int(ray.available_resources().get("CPU", 0)) // self.cpus  # CPUs other jobs hold are not ours
+            return plan + [(None, shared)] * self.actors
+        free = int(ray.available_resources().get("CPU", 0)) // self.cpus  # CPUs other jobs hold are not ours
+        cpus = free - len(plan)  # the dedicated replicas take theirs first
         if cpus < 1:
+            if plan:
+                raise MedheError(f"the Ray cluster has {free} free CPU slot(s) of {self.cpus} CPU(s), all taken by the "
+                                 f"{len(plan)} actor(s) of --ray-replicas, none left for "
+                                 f"{', '.join(shared)}: add nodes, list those models in --ray-replicas too, or ask "
+                                 "for fewer replicas")
             raise MedheError(f"the Ray cluster has no free CPU for an actor of {self.cpus} CPU(s); add nodes or "
                              "lower --ray-cpus")
-        return [None] * cpus
+        return plan + [(None, shared)] * cpus
 
     def start(self) -> dict[str, dict]:
         """Create the actors, compile every model in each (in parallel, blocking) and return the specs."""
         ray = require_ray()
         plan = self._placement_plan()
-        self._slots = [self._new_actor(node) for node in plan]
-        self._affinity = list(plan)
+        self._slots = [self._new_actor(node, models) for node, models in plan]
+        self._affinity = [node for node, _ in plan]
+        self._models = [models for _, models in plan]
         n = len(self._slots)
         specs_refs = [a.specs.remote() for a in self._slots]
         node_refs = [a.node.remote() for a in self._slots]
+        firsts = sorted({models: i for i, models in reversed(list(enumerate(self._models)))}.values())
         try:
             specs = ray.get(specs_refs, timeout=self.start_timeout)
             nodes = ray.get(node_refs, timeout=60)
-            self.rules = ray.get(self._slots[0].rules.remote(), timeout=60)
+            rules = ray.get([self._slots[i].rules.remote() for i in firsts], timeout=60)  # one actor per model set
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise MedheError(f"{n} Ray actor(s) of {self.cpus} CPU(s) were not all placed and compiled within "
                              f"{self.start_timeout:.0f} s: the cluster has too few free CPUs (see `ray status`); "
-                             "ask for fewer with --ray-actors") from None
+                             "ask for fewer with --ray-actors or --ray-replicas") from None
         except actor_errors() as exc:
             self.close()
             raise MedheError(f"a Ray actor died while compiling the models ({type(exc).__name__}; out of memory?): "
@@ -208,11 +241,19 @@ class RayPool(SlotGenerations):
             if isinstance(cause, MedheError):
                 raise cause from None
             raise
-        if any(s != specs[0] for s in specs[1:]):
-            self.close()
-            raise MedheError("Ray actors compiled different parameters for the same model (different medhe "
-                             "versions on the nodes?); install the same medhe everywhere")
-        self._specs = specs[0]
+        merged: dict[str, dict] = {}
+        for held, got in zip(self._models, specs):
+            if sorted(got) != sorted(held):  # what each actor reports it compiled, not what it was asked to
+                self.close()
+                raise MedheError(f"a Ray actor compiled {sorted(got)} instead of {sorted(held)} (different medhe "
+                                 "versions on the nodes?); install the same medhe everywhere")
+            for model_id, spec in got.items():
+                if merged.setdefault(model_id, spec) != spec:
+                    self.close()
+                    raise MedheError("Ray actors compiled different parameters for the same model (different "
+                                     "medhe versions on the nodes?); install the same medhe everywhere")
+        self._specs = {ref.id: merged[ref.id] for ref in self.refs}
+        self.rules = {ref.id: r[ref.id] for r in rules for ref in self.refs if ref.id in r}
         self._nodes = list(nodes)
         self._ready, self._warm = [True] * n, [None] * n
         self._busy, self._key_bytes, self.generation = [0] * n, [0] * n, [0] * n
@@ -250,7 +291,7 @@ class RayPool(SlotGenerations):
                     dead.append((i, self.generation[i]))
         for slot, generation in dead:
             self._replace(slot, generation, "its node left the cluster")
-        if self.per_node:
+        if self.per_node and self.shared_models:
             self._grow(nodes)
         self._admit()
         return len(dead)
@@ -262,9 +303,10 @@ class RayPool(SlotGenerations):
             new = [node for node in sorted(nodes) if node not in self._affinity]
             for node in new:
                 for _ in range(self.per_node):
-                    actor = self._new_actor(node)
+                    actor = self._new_actor(node, self.shared_models)
                     self._slots.append(actor)
                     self._affinity.append(node)
+                    self._models.append(self.shared_models)
                     self._nodes.append(None)
                     self._ready.append(False)
                     self._busy.append(0)
@@ -297,7 +339,7 @@ class RayPool(SlotGenerations):
                 if self.generation[i] != generation:
                     continue
                 self._warm[i] = None
-                if specs != self._specs:
+                if specs != {model_id: self._specs[model_id] for model_id in self._models[i]}:
                     log.error("medhe serve --ray: a replacement actor compiled other parameters than announced "
                               "(different medhe on that node?); slot %d stays out of service", i)
                     continue
@@ -309,7 +351,7 @@ class RayPool(SlotGenerations):
             if slot >= len(self._slots) or self.generation[slot] != generation:
                 return  # already replaced by another request (or closing)
             old = self._slots[slot]
-            new = self._slots[slot] = self._new_actor(self._affinity[slot])
+            new = self._slots[slot] = self._new_actor(self._affinity[slot], self._models[slot])
             self.generation[slot] += 1
             self._ready[slot], self._nodes[slot] = False, None
             self._key_bytes[slot] = 0
@@ -345,13 +387,15 @@ class RayPool(SlotGenerations):
             with self._lock:
                 self._busy[slot] -= 1
 
-    def _pick(self) -> tuple[int, int]:
+    def _pick(self, model_id: str) -> tuple[int, int]:
+        """The live actor holding ``model_id`` with the fewest key bytes, then the least busy."""
         self._admit()
         with self._lock:
-            ready = [i for i in range(len(self._slots)) if self._ready[i]]
+            ready = [i for i in range(len(self._slots)) if self._ready[i] and model_id in self._models[i]]
             if not ready:
-                raise ServiceError(503, "no_workers", "no Ray actor is available (nodes lost, replacements not "
-                                                      "placed yet); retry shortly or add nodes to the cluster")
+                raise ServiceError(503, "no_workers", f"no Ray actor holding {model_id} is available (nodes lost, "
+                                                      "replacements not placed yet); retry shortly or add nodes "
+                                                      "to the cluster")
             slot = min(ready, key=lambda i: (self._key_bytes[i], self._busy[i]))
             return slot, self.generation[slot]
 
@@ -364,13 +408,14 @@ class RayPool(SlotGenerations):
 
     async def load_key_bytes(self, model_id: str, key_id: str, data: bytes, held: int = 0,
                              slot: int | None = None) -> tuple[tuple[int, int], int]:
-        """Load keys given as bytes into ``slot`` (default: the live actor with the fewest key bytes). Without a
-        given slot, an actor found lost while loading costs another try on the next live one: when a node dies,
-        its other actors are only noticed one by one, and a client re-registering must not land on them."""
+        """Load keys given as bytes into ``slot`` (default: the live actor holding the model with the fewest key
+        bytes). Without a given slot, an actor found lost while loading costs another try on the next live one:
+        when a node dies, its other actors are only noticed one by one, and a client re-registering must not land
+        on them."""
         ref = require_ray().put(data)  # once in the object store, however many tries
-        tries = 1 if slot is not None else max(1, self.live)
+        tries = 1 if slot is not None else max(1, self.live_by_model().get(model_id, 0))
         for attempt in range(tries):
-            pick, generation = (slot, self.generation[slot]) if slot is not None else self._pick()
+            pick, generation = (slot, self.generation[slot]) if slot is not None else self._pick(model_id)
             try:
                 grown = await self._run(pick, "load_key_bytes", model_id, key_id, ref, held)
                 break
@@ -394,12 +439,13 @@ class RayPool(SlotGenerations):
         return await self._run(slot, "infer_batch", model_id, keys, data)
 
     async def run_batch(self, model_id: str, keys: bytes, data: bytes) -> tuple[bytes, float]:
-        """One encrypted batch (HTTP batch mode) in the least busy live actor, which needs no registered state: the
-        relinearization keys travel with it. An actor lost meanwhile costs one more try on another actor."""
+        """One encrypted batch (HTTP batch mode) in the least busy live actor holding the model, which needs no
+        registered state: the relinearization keys travel with it. An actor lost meanwhile costs one more try on
+        another actor."""
         ray = require_ray()
         keys_ref, data_ref = ray.put(keys), ray.put(data)  # once in the object store, whichever actor reads them
         for attempt in (0, 1):
-            slot, _ = self._pick()
+            slot, _ = self._pick(model_id)
             try:
                 return await self._run(slot, "infer_batch", model_id, keys_ref, data_ref)
             except ServiceError as exc:
@@ -424,3 +470,20 @@ class RayPool(SlotGenerations):
             actor.drop_keys.remote(key_id)
         except Exception:
             pass
+
+
+def check_replicas(replicas: dict[str, int], model_ids: list[str], actors: int | None = None,
+                   per_node: int | None = None) -> dict[str, int]:
+    """``--ray-replicas`` against the served models: a one-line error for an unknown model, a count below one, or
+    --ray-actors/--ray-actors-per-node when every model is listed (there would be no default actors to size)."""
+    for model_id, n in replicas.items():
+        if model_id not in model_ids:
+            raise MedheError(f"--ray-replicas names {model_id!r}, which is not served here (served: "
+                             f"{', '.join(model_ids)}); use one of those ids")
+        if int(n) < 1:
+            raise MedheError(f"--ray-replicas {model_id}={n}: each model needs at least 1 actor; leave the model out "
+                             "to put it on the default actors")
+    if replicas and all(m in replicas for m in model_ids) and (actors is not None or per_node is not None):
+        raise MedheError("--ray-replicas lists every served model, so there are no default actors for --ray-actors "
+                         "or --ray-actors-per-node to size: drop that flag, or leave a model out of --ray-replicas")
+    return {model_id: int(n) for model_id, n in replicas.items()}

@@ -277,7 +277,9 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     async def ready() -> dict:
         require_ready()
         pool.reap()
+        by_model = getattr(pool, "live_by_model", None)  # Ray actors may hold some models only (--ray-replicas)
         return {"ready": True, "models": sorted(catalog), "workers": pool.live,
+                **({"workers_by_model": by_model()} if by_model else {}),
                 "keys": len(keys), "key_bytes": keys.total_bytes, "max_key_bytes": keys.max_bytes}
 
     @app.get("/openapi.json", include_in_schema=False)
