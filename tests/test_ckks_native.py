@@ -54,6 +54,24 @@ def threads(request):
     _runtime.set_threads(1)
 
 
+def test_thread_pool_runs_every_index_of_back_to_back_jobs_exactly_once():
+    """The pool's contract under the pattern of a real evaluation: thousands of jobs of changing sizes back to back,
+    while another process competes for the cores (a worker scheduled late must never run into the next job: that
+    once ran an index twice and hung a Ray actor's evaluation)."""
+    import subprocess
+    import sys
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 20\nwhile time.time() < t: pass"])
+    try:
+        for count in (2, 3):
+            _runtime.set_threads(count)
+            assert _runtime.pool_selftest(4000, 64) == 0
+    finally:
+        _runtime.set_threads(1)
+        spin.kill()
+        spin.wait()
+
+
 @pytest.mark.parametrize("level", range(5, -1, -1))
 def test_every_operation_is_bit_exact_with_seal(nb, isa, threads, level):
     sb, ev = nb.seal, nb.seal.evaluator

@@ -106,6 +106,9 @@ PYBIND11_MODULE(_runtime, m) {
     m.def("set_isa", &set_isa, py::arg("name"), "auto | portable | ifma (MEDHE_NATIVE_ISA sets the start value)");
     m.def("set_threads", &set_threads, py::arg("count"));
     m.def("threads", &threads);
+    m.def("pool_selftest", &pool_selftest, py::arg("jobs"), py::arg("max_count"),
+          py::call_guard<py::gil_scoped_release>(),
+          "Run back-to-back parallel jobs of changing sizes; returns how many indices ran a wrong number of times.");
 
     py::class_<Ciphertext>(m, "Ciphertext")
         .def_property_readonly("level", [](const Ciphertext& c) { return c.level; })

@@ -77,6 +77,7 @@ std::string isa_name();
 void parallel_for(std::size_t count, const std::function<void(std::size_t)>& fn);
 void set_threads(int count);
 int threads();
+std::size_t pool_selftest(std::size_t jobs, std::size_t max_count);  // indices run a wrong number of times
 
 // ---- the prime chain
 struct Context {
