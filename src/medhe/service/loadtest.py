@@ -231,7 +231,10 @@ def _compare(model: str, clients: int, requests: int, data_dir: str | None, addr
     So both servers are started first and stay up (an idle one costs next to nothing), each gets one warm-up load
     (one request per client, not counted: first calls pay one-off costs such as Ray's first object transfers
     between nodes), then each round loads plain, then Ray, with the same clients, images and request count; the
-    ratio is taken per round and the median of the rounds is reported, beside every round's figures.
+    ratio is taken per round and the median of the rounds is reported, beside every round's figures. Before each
+    load both servers must report all their workers live (``/v1/ready``): plain serve replaces a worker whose keys
+    are all gone but whose memory stayed high, and keys registered meanwhile would all land on the other worker,
+    measuring one worker instead of two (seen: plain fell from 57 to 31 req/s from the third round on).
     """
     from medhe.service.launch import ServerProcess
 
@@ -240,12 +243,16 @@ def _compare(model: str, clients: int, requests: int, data_dir: str | None, addr
     per_round: list[dict[str, Any]] = []
     with ServerProcess([model], workers=cores, extra_args=caps) as plain_srv, \
             ServerProcess([model], workers=None, extra_args=[*caps, "--ray", address]) as ray_srv:
-        warmup = {name: run_load_test(srv.url, None, clients, clients, images=images, expected=expected)
-                  for name, srv in (("plain", plain_srv), ("ray", ray_srv))}
+        warmup = {}
+        for name, srv in (("plain", plain_srv), ("ray", ray_srv)):
+            _wait_workers(srv.url, cores)
+            warmup[name] = run_load_test(srv.url, None, clients, clients, images=images, expected=expected)
         for r in tqdm(range(rounds), desc="rounds (plain, then Ray)", unit="round"):
             row: dict[str, Any] = {"round": r + 1}
             for name, srv in (("plain", plain_srv), ("ray", ray_srv)):
+                waited = _wait_workers(srv.url, cores)
                 result = run_load_test(srv.url, None, clients, requests, images=images, expected=expected)
+                result["waited_for_workers_s"] = waited
                 result["load_average"] = os.getloadavg()
                 row[name] = result
             rate = {k: (row[k]["throughput_rps"] or 0.0) / cores for k in ("plain", "ray")}
@@ -265,6 +272,23 @@ def _compare(model: str, clients: int, requests: int, data_dir: str | None, addr
         "ray_vs_plain": ratio,
         "within_15_percent": ratio is not None and ratio >= 0.85,
     }
+
+
+def _wait_workers(url: str, workers: int, timeout: float = 300.0) -> float:
+    """Seconds until the server at ``url`` reports ``workers`` live workers (``/v1/ready``)."""
+    import httpx
+
+    start = time.monotonic()
+    while True:
+        try:
+            live = httpx.get(f"{url}/v1/ready", timeout=10).json().get("workers", 0)
+        except (httpx.HTTPError, ValueError):
+            live = 0
+        if live >= workers:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise MedheError(f"the server at {url} still has {live} of {workers} workers live after {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def _benchmark_images(model: str, data_dir: str | None, n_images: int = 32) -> tuple[np.ndarray, np.ndarray]:
