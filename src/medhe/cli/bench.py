@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "ADDRESS; without ADDRESS the benchmark starts a local cluster of --ray-nodes loopback nodes")
     p.add_argument("--ray-nodes", type=int, default=2, help="--ray, local cluster: nodes (default 2)")
     p.add_argument("--ray-cpus-per-node", type=int, default=1, help="--ray, local cluster: CPUs per node (default 1)")
+    p.add_argument("--ray-object-store-mb", type=int, default=1024, metavar="MB",
+                   help="--ray, local cluster: object store per node in MiB (default 1024)")
     p.add_argument("--kill-node-after", type=int, metavar="N",
                    help="--ray, local cluster: kill one node (not the head) outright after N completed requests")
     p.add_argument("--compare", action="store_true",
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         result = run_ray_benchmark(args.ray or None, model=args.model or "pneumoniamnist", clients=args.clients,
                                    requests=args.requests, data_dir=args.data_dir, nodes=args.ray_nodes,
                                    cpus_per_node=args.ray_cpus_per_node, kill_node_after=args.kill_node_after,
-                                   compare=args.compare, rounds=args.rounds)
+                                   compare=args.compare, rounds=args.rounds,
+                                   object_store_bytes=args.ray_object_store_mb << 20)
     elif args.service:
         from medhe.service.loadtest import run_service_benchmark
 

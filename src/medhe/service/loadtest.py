@@ -177,7 +177,7 @@ def _dataset_images(url: str, model: str | None, token: str | None, data_dir: st
 def run_ray_benchmark(address: str | None = None, model: str = "pneumoniamnist", clients: int = 32,
                       requests: int = 128, data_dir: str | None = None, nodes: int = 2, cpus_per_node: int = 1,
                       kill_node_after: int | None = None, compare: bool = False, rounds: int = 3,
-                      object_store_bytes: int = 256 << 20) -> dict[str, Any]:
+                      object_store_bytes: int = 1 << 30) -> dict[str, Any]:
     """``medhe bench --service --ray``: the same load test against ``medhe serve --ray``.
 
     ``address``: an existing cluster's head; ``None``: start ``nodes`` local nodes of ``cpus_per_node`` CPUs each
@@ -199,6 +199,8 @@ def run_ray_benchmark(address: str | None = None, model: str = "pneumoniamnist",
                          "--kill-node-after")
     if rounds < 1:
         raise MedheError("--rounds must be at least 1")
+    if object_store_bytes < (80 << 20):
+        raise MedheError("--ray-object-store-mb must be at least 80 (Ray's minimum)")
     cluster = LocalCluster(nodes, cpus_per_node, object_store_bytes) if address is None else None
     try:
         if cluster is not None:
