@@ -16,3 +16,27 @@ def data_dir() -> Path:
     if not (path / "pneumoniamnist.npz").is_file():
         pytest.fail(f"real data not found in {path}: set MEDHE_DATA to the folder holding pneumoniamnist.npz")
     return path
+
+
+# -- the exit status must survive interpreter shutdown ------------------------------------------------------------
+# After the TFHE tests have loaded concrete-python's compiled runtime, the interpreter's shutdown ends the process
+# with status 0 whatever pytest returned (measured: a failing test after `tests/test_tfhe.py` left `make test`, and
+# so `.ci/run`, exiting 0). So once pytest has reported a failing session, the process ends right after the other
+# plugins' unconfigure with that status (stdout and stderr flushed), skipping the shutdown that would overwrite it.
+_SESSION_STATUS: dict[str, int] = {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    _SESSION_STATUS["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    import sys
+
+    status = _SESSION_STATUS.get("status", 0)
+    if status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)

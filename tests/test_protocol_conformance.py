@@ -528,8 +528,17 @@ def test_ckks_client_from_the_docs_agrees_with_the_sdk(server, tmp_path):
     logits = [client.decrypt(r) for r in results]
     sdk = sdk_diagnoses(server, "pneumoniamnist", paths)
     assert [interpret(info["task"], info["labels"], lg) for lg in logits] == [d["label"] for d in sdk]
-    for lg, d in zip(logits, sdk):
-        assert np.allclose(lg, d["logits"], atol=5e-3), (lg, d["logits"])
+    # Both are CKKS decryptions with their own fresh noise (~3e-3 on these logits), so each is held to 5e-3 of the
+    # plaintext model's logits; holding them to 5e-3 of *each other* failed once on the sum of two such errors
+    # (docs client 3.3e-3 off, SDK 2.0e-3 off, 5.3e-3 apart).
+    from medhe.models.artifact import load_artifact
+    from medhe.models.predict import model_inputs, predict_logits
+
+    artifact = load_artifact("pneumoniamnist")
+    plain = predict_logits(artifact.model, model_inputs(artifact, images))
+    for lg, d, want in zip(logits, sdk, plain):
+        assert np.allclose(lg, want, atol=5e-3), (lg, want)
+        assert np.allclose(d["logits"], want, atol=5e-3), (d["logits"], want)
 
 
 def test_paillier_client_from_the_docs_agrees_with_the_sdk(server):
