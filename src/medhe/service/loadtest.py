@@ -234,9 +234,9 @@ def _compare(model: str, clients: int, requests: int, data_dir: str | None, addr
     (one request per client, not counted: first calls pay one-off costs such as Ray's first object transfers
     between nodes), then each round loads plain, then Ray, with the same clients, images and request count; the
     ratio is taken per round and the median of the rounds is reported, beside every round's figures. Before each
-    load both servers must report all their workers live (``/v1/ready``): plain serve replaces a worker whose keys
-    are all gone but whose memory stayed high, and keys registered meanwhile would all land on the other worker,
-    measuring one worker instead of two (seen: plain fell from 57 to 31 req/s from the third round on).
+    load both servers must report all their workers live (``/v1/ready``): a Ray actor still compiling (a
+    replacement) takes no key sets, so the round would measure fewer actors. Plain serve counts a worker being
+    replaced as live (it compiles on its first call), so this does not guard plain serve's own worker recycling.
     """
     from medhe.service.launch import ServerProcess
 
