@@ -221,7 +221,7 @@ class RayPool(SlotGenerations):
         n = len(self._slots)
         specs_refs = [a.specs.remote() for a in self._slots]
         node_refs = [a.node.remote() for a in self._slots]
-        firsts = sorted({models: i for i, models in reversed(list(enumerate(self._models)))}.values())
+        firsts = [self._models.index(models) for models in dict.fromkeys(self._models)]  # first actor per model set
         try:
             specs = ray.get(specs_refs, timeout=self.start_timeout)
             nodes = ray.get(node_refs, timeout=60)
