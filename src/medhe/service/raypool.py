@@ -140,6 +140,7 @@ class RayPool(SlotGenerations):
         self._warm: list[Any] = []  # a replacement's pending (specs, node) object refs, or None
         self._busy: list[int] = []
         self._key_bytes: list[int] = []
+        self._counted = {}
         self._affinity: list[str | None] = []
         self._models: list[tuple[str, ...]] = []  # model ids each slot's actor holds (a replacement: the same)
         self.generation: list[int] = []
@@ -354,7 +355,7 @@ class RayPool(SlotGenerations):
             new = self._slots[slot] = self._new_actor(self._affinity[slot], self._models[slot])
             self.generation[slot] += 1
             self._ready[slot], self._nodes[slot] = False, None
-            self._key_bytes[slot] = 0
+            self._forget_slot_keys(slot)
             self.restarts += 1
             self._warm[slot] = (self.generation[slot], new.specs.remote(), new.node.remote())
         log.warning("medhe serve --ray: actor %d lost (%s); its keys are forgotten, a replacement is requested",
@@ -422,11 +423,9 @@ class RayPool(SlotGenerations):
             except ServiceError as exc:
                 if exc.code != "worker_crashed" or attempt + 1 >= tries:
                     raise
-        slot = pick
-        with self._lock:
-            if self.generation[slot] == generation:
-                self._key_bytes[slot] += max(held, len(data))
-        return (slot, generation), int(grown or 0)
+        grown = int(grown or 0)
+        self._count_key_bytes(pick, generation, key_id, max(held, len(data)))
+        return (pick, generation), grown
 
     async def infer(self, slot: int, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
         try:
@@ -461,9 +460,9 @@ class RayPool(SlotGenerations):
         with self._lock:
             return [(i, self.generation[i]) for i in range(len(self._slots)) if self._ready[i]]
 
-    def drop_keys(self, slot: int, generation: int, key_id: str, size: int) -> None:
+    def drop_keys(self, slot: int, generation: int, key_id: str) -> None:
         """Free keys in their actor now (fire and forget); a replaced actor has lost them already."""
-        actor = self._release_key_bytes(slot, generation, size)
+        actor = self._release_key_bytes(slot, generation, key_id)
         if actor is None:
             return
         try:

@@ -70,7 +70,7 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
 
     def release(entry) -> None:  # keys evicted (caps) or expired: free them in their worker too
         slot, generation = entry.value
-        pool.drop_keys(slot, generation, entry.key_id, entry.size)
+        pool.drop_keys(slot, generation, entry.key_id)
 
     # The web process keeps only metadata: key id -> (worker slot, worker generation), model, size held, owner.
     keys = KeyStore(max_key_bytes, ttl=key_ttl, on_evict=release, max_count=max_keys,
@@ -340,7 +340,7 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         try:
             keys.add(model.id, placement, held, key_id=key_id, owner=owner, secret_hash=hash_secret(secret))
         except KeyTooLarge as exc:
-            pool.drop_keys(*placement, key_id, held)
+            pool.drop_keys(*placement, key_id)
             raise ServiceError(413, "keys_too_large", str(exc)) from None
         return {"key_id": key_id, "key_secret": secret, "model": model.id, "bytes": size, "held_bytes": held,
                 "expires_after_idle_s": keys.ttl}

@@ -176,13 +176,34 @@ class SlotGenerations:
         slot, generation = placement
         return slot < len(self.generation) and self.generation[slot] == generation
 
-    def _release_key_bytes(self, slot: int, generation: int, size: int) -> Any:
+    _counted: dict[str, tuple[int, int, int]]  # key id -> (slot, generation, bytes counted in _key_bytes)
+
+    def _count_key_bytes(self, slot: int, generation: int, key_id: str, size: int) -> None:
+        """Count a loaded key set in its slot, remembering the amount: ``_release_key_bytes`` takes back exactly
+        that. (Taking back the server's accounted size instead, which includes the measured memory growth, let a
+        slot drift below zero whenever the growth exceeded the estimate counted at load; placement, fewest key
+        bytes first, then sent every new key set to that one slot: one worker's throughput for the whole server.)
+        The count is the model's estimate or the upload, not the measured growth: growth is noisy (a worker's
+        first key set grows it most, later ones reuse freed memory) and would skew placement by itself."""
+        with self._lock:
+            if slot < len(self._slots) and self.generation[slot] == generation:
+                self._key_bytes[slot] += size
+                self._counted[key_id] = (slot, generation, size)
+
+    def _release_key_bytes(self, slot: int, generation: int, key_id: str) -> Any:
         """Uncount a dropped key set; the slot's worker to free it in, or None when that worker was replaced."""
         with self._lock:
+            counted = self._counted.pop(key_id, None)
             if slot >= len(self._slots) or self.generation[slot] != generation:
                 return None
-            self._key_bytes[slot] -= size
+            if counted is not None and counted[:2] == (slot, generation):
+                self._key_bytes[slot] -= counted[2]
             return self._slots[slot]
+
+    def _forget_slot_keys(self, slot: int) -> None:
+        """A replaced worker holds nothing: zero its count (call with the lock held)."""
+        self._key_bytes[slot] = 0
+        self._counted = {k: v for k, v in self._counted.items() if v[0] != slot}
 
 
 class WorkerPool(SlotGenerations):
@@ -203,6 +224,7 @@ class WorkerPool(SlotGenerations):
         self._slots: list[Executor] = []
         self._busy: list[int] = []
         self._key_bytes: list[int] = []
+        self._counted = {}
         self.generation: list[int] = []  # bumped when a slot's process is replaced (its keys are gone)
         self._specs: dict[str, dict] = {}
         self._verified: list[bool] = []  # a replacement process must compile exactly what clients were told
@@ -334,7 +356,7 @@ class WorkerPool(SlotGenerations):
             old = self._slots[slot]
             new = self._slots[slot] = self._new_process_slot()
             self.generation[slot] += 1
-            self._key_bytes[slot] = 0
+            self._forget_slot_keys(slot)
             self._verified[slot] = False
             self.restarts += 1
             self._replaced_at[slot] = time.monotonic()
@@ -366,11 +388,9 @@ class WorkerPool(SlotGenerations):
         with self._lock:
             slot = min(range(len(self._slots)), key=lambda i: (self._key_bytes[i], self._busy[i]))
             generation = self.generation[slot]
-        grown = await self._run(slot, "load_keys", model_id, key_id, path, size, held)
-        with self._lock:
-            if self.generation[slot] == generation:
-                self._key_bytes[slot] += max(held, size)
-        return (slot, generation), int(grown or 0)
+        grown = int(await self._run(slot, "load_keys", model_id, key_id, path, size, held) or 0)
+        self._count_key_bytes(slot, generation, key_id, max(held, size))
+        return (slot, generation), grown
 
     async def infer(self, slot: int, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
         try:
@@ -379,9 +399,9 @@ class WorkerPool(SlotGenerations):
             raise ServiceError(404, "unknown_key", "the server no longer holds these keys (worker restarted "
                                                    "or memory cap reached); register your keys again") from None
 
-    def drop_keys(self, slot: int, generation: int, key_id: str, size: int) -> None:
+    def drop_keys(self, slot: int, generation: int, key_id: str) -> None:
         """Free keys in their worker now (fire and forget); a replaced worker has lost them already."""
-        executor = self._release_key_bytes(slot, generation, size)
+        executor = self._release_key_bytes(slot, generation, key_id)
         if executor is None:
             return
         if self._local is not None:
