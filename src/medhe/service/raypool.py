@@ -388,8 +388,9 @@ class RayPool(SlotGenerations):
             with self._lock:
                 self._busy[slot] -= 1
 
-    def _pick(self, model_id: str) -> tuple[int, int]:
-        """The live actor holding ``model_id`` with the fewest key bytes, then the least busy."""
+    def _pick(self, model_id: str, key_id: str | None = None, size: int = 0) -> tuple[int, int]:
+        """The live actor holding ``model_id`` with the fewest key bytes, then the least busy; with ``key_id``,
+        ``size`` key bytes are counted there at once (see ``_reserve_key_bytes``)."""
         self._admit()
         with self._lock:
             ready = [i for i in range(len(self._slots)) if self._ready[i] and model_id in self._models[i]]
@@ -398,6 +399,8 @@ class RayPool(SlotGenerations):
                                                       "replacements not placed yet); retry shortly or add nodes "
                                                       "to the cluster")
             slot = min(ready, key=lambda i: (self._key_bytes[i], self._busy[i]))
+            if key_id is not None:
+                self._reserve_key_bytes(slot, self.generation[slot], key_id, size)
             return slot, self.generation[slot]
 
     async def load_keys(self, model_id: str, key_id: str, path: str, size: int, held: int = 0
@@ -415,17 +418,22 @@ class RayPool(SlotGenerations):
         on them."""
         ref = require_ray().put(data)  # once in the object store, however many tries
         tries = 1 if slot is not None else max(1, self.live_by_model().get(model_id, 0))
+        counted = max(held, len(data))
         for attempt in range(tries):
-            pick, generation = (slot, self.generation[slot]) if slot is not None else self._pick(model_id)
+            if slot is None:
+                pick, generation = self._pick(model_id, key_id, counted)
+            else:
+                with self._lock:
+                    pick, generation = slot, self.generation[slot]
+                    self._reserve_key_bytes(pick, generation, key_id, counted)
             try:
                 grown = await self._run(pick, "load_key_bytes", model_id, key_id, ref, held)
                 break
-            except ServiceError as exc:
-                if exc.code != "worker_crashed" or attempt + 1 >= tries:
+            except BaseException as exc:
+                self._release_key_bytes(pick, generation, key_id)
+                if not isinstance(exc, ServiceError) or exc.code != "worker_crashed" or attempt + 1 >= tries:
                     raise
-        grown = int(grown or 0)
-        self._count_key_bytes(pick, generation, key_id, max(held, len(data)))
-        return (pick, generation), grown
+        return (pick, generation), int(grown or 0)
 
     async def infer(self, slot: int, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
         try:

@@ -178,17 +178,19 @@ class SlotGenerations:
 
     _counted: dict[str, tuple[int, int, int]]  # key id -> (slot, generation, bytes counted in _key_bytes)
 
-    def _count_key_bytes(self, slot: int, generation: int, key_id: str, size: int) -> None:
-        """Count a loaded key set in its slot, remembering the amount: ``_release_key_bytes`` takes back exactly
-        that. (Taking back the server's accounted size instead, which includes the measured memory growth, let a
-        slot drift below zero whenever the growth exceeded the estimate counted at load; placement, fewest key
-        bytes first, then sent every new key set to that one slot: one worker's throughput for the whole server.)
-        The count is the model's estimate or the upload, not the measured growth: growth is noisy (a worker's
-        first key set grows it most, later ones reuse freed memory) and would skew placement by itself."""
-        with self._lock:
-            if slot < len(self._slots) and self.generation[slot] == generation:
-                self._key_bytes[slot] += size
-                self._counted[key_id] = (slot, generation, size)
+    def _reserve_key_bytes(self, slot: int, generation: int, key_id: str, size: int) -> None:
+        """Count a key set in the slot chosen for it, at the choice (call with the lock held), remembering the
+        amount: ``_release_key_bytes`` takes back exactly that.
+
+        At the choice, not after the load: 32 clients registering together would otherwise all see the same
+        counts and pile onto one slot while the first loads are still running. Exactly that amount: taking back
+        the server's accounted size instead (which includes the measured memory growth) drove a slot below zero
+        whenever the growth exceeded the estimate, and placement, fewest key bytes first, then sent every new key
+        set to that slot: one worker's throughput for the whole server. And the estimate or the upload, not the
+        growth: growth is noisy (a worker's first key set grows it most, later ones reuse freed memory)."""
+        if slot < len(self._slots) and self.generation[slot] == generation:
+            self._key_bytes[slot] += size
+            self._counted[key_id] = (slot, generation, size)
 
     def _release_key_bytes(self, slot: int, generation: int, key_id: str) -> Any:
         """Uncount a dropped key set; the slot's worker to free it in, or None when that worker was replaced."""
@@ -388,8 +390,12 @@ class WorkerPool(SlotGenerations):
         with self._lock:
             slot = min(range(len(self._slots)), key=lambda i: (self._key_bytes[i], self._busy[i]))
             generation = self.generation[slot]
-        grown = int(await self._run(slot, "load_keys", model_id, key_id, path, size, held) or 0)
-        self._count_key_bytes(slot, generation, key_id, max(held, size))
+            self._reserve_key_bytes(slot, generation, key_id, max(held, size))
+        try:
+            grown = int(await self._run(slot, "load_keys", model_id, key_id, path, size, held) or 0)
+        except BaseException:
+            self._release_key_bytes(slot, generation, key_id)
+            raise
         return (slot, generation), grown
 
     async def infer(self, slot: int, model_id: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
