@@ -97,6 +97,11 @@ def test_sdk_diagnoses_through_serve_ray_equal_plain_inference(cluster, plain):
         # adds its niceness to what the nodes inherit: this process's, 0 unless the tests run under `nice`)
         base = _nice(0)
         assert sorted(_nice(pid) for pid in _actor_pids(cluster)) == [base, base]
+        # ciphertexts and results travel inline in the calls, not through the object stores (raylets' CPU)
+        inline = f"RAY_max_direct_call_object_size={4 << 20}".encode()
+        for pid in _actor_pids(cluster):  # (the web process sets it in its own environment before ray.init)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                assert inline in f.read().split(b"\0"), pid
         result = run_load_test(srv.url, None, clients=4, requests=N_IMAGES, images=images, expected=expected,
                                images_per_client=N_IMAGES // 4)
     assert result["failures"] == 0 and result["errors"] == []

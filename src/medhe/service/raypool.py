@@ -26,7 +26,7 @@ from typing import Any, Callable
 from medhe.errors import MedheError
 from medhe.service.catalog import ModelRef
 from medhe.service.errors import ServiceError
-from medhe.service.raycluster import alive_nodes, require_ray
+from medhe.service.raycluster import alive_nodes, inline_env, require_ray
 from medhe.service.worker import KeysNotLoaded, SlotGenerations, WorkerState, read_spooled
 
 log = logging.getLogger("medhe.service")
@@ -183,7 +183,7 @@ class RayPool(SlotGenerations):
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
         else:
             options["scheduling_strategy"] = "SPREAD"
-        options["runtime_env"] = {"env_vars": dict(ACTOR_ENV)}
+        options["runtime_env"] = {"env_vars": {**ACTOR_ENV, **inline_env()}}  # results inline too
         refs = [ref for ref in self.refs if ref.id in models]
         return self._actor_class().options(**options).remote(refs, self.key_cache_bytes, self.cpus, self.batch)
 
