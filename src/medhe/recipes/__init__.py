@@ -10,5 +10,7 @@ RECIPES = {
     "covid": ("covid", "covid-cxr: MobileNetV2-style extractor + linear head for Paillier, and its ensembles"),
     "covid-cv": ("covid_cv", "cross-validated comparison of covid-cxr recipes (model selection on train+val)"),
     "nih-pretrain": ("nih_pretrain", "pretrain the covid-cxr extractor on the NIH ChestX-ray14 subset"),
+    "cxr-ckks": ("cxr_ckks", "whole-network CKKS chest X-ray models on the larger folders (covid-cxr-ckks, "
+                             "pneumonia-cxr-ckks, cxr14-ckks)"),
     "covid-overlap": ("covid_overlap", "check for images shared between the COVID subset and PneumoniaMNIST"),
 }
