@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", metavar="KEYDIR", help="with --encrypted-model: the key set its weights are encrypted "
                                                     "under (medhe keygen)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--coverage", type=float,
+                   help="models with a calibration record (medhe calibrate): coverage of the conformal prediction "
+                        "sets measured in the report's calibration block (default: the record's, 0.9)")
     p.set_defaults(handler=run)
 
 
@@ -189,13 +192,18 @@ def run(args: argparse.Namespace) -> int:
     from medhe.cli._paths import input_dir, output_dir, output_file
 
     json_out = output_file(args.json_out, "--json") if args.json_out else None
+    calibration = calibration_record(args.model, args.coverage)  # a malformed record fails before any encryption
     report_dir = output_dir(args.report_dir, "--report") if args.report_dir else None
     args.data_dir = input_dir(args.data_dir, "--data-dir")
     report = evaluate(args.model, args.scheme, args.dataset, args.split, args.limit, args.data_dir,
                       progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
                       debug_layers=args.debug_layers, n_execute=args.n_execute, batch=args.batch,
                       encrypted_model=args.encrypted_model, keys=args.keys)
+    if calibration is not None:
+        add_calibration(report, calibration, args.model, args.dataset, args.split, args.limit, args.data_dir,
+                        args.coverage)
     print_report(report)
+    print_calibration(report)
     if report["plain"].get("auc") is None and report["task"] != "multi-label":
         print(f"note: the {report['n']} images evaluated hold a single class, so AUC is undefined and F1 may be 0; "
               "raise --limit or drop it to evaluate the whole split")
@@ -207,6 +215,62 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"Markdown report written to {write_report([], report_dir, runs=[_jsonable(report)])}")
     return 0
+
+
+def calibration_record(model: str, coverage: float | None = None) -> dict[str, Any] | None:
+    """The model card's calibration record (checked), or None when it has none (a note says so if --coverage
+    asked for sets)."""
+    from medhe.models.artifact import read_card, resolve_model_dir
+    from medhe.models.calibration import _check_coverage, check_record
+
+    if coverage is not None:
+        _check_coverage(coverage)
+    path = resolve_model_dir(model)
+    card = read_card(path)
+    if card.get("calibration") is None:
+        if coverage is not None:
+            print(f"note: {card['name']} has no calibration record, so --coverage measures nothing; fit one with "
+                  f"medhe calibrate {path}")
+        return None
+    return check_record(card["calibration"], card["task"], len(card["labels"]), where=f"{path}/card.json")
+
+
+def add_calibration(report: dict[str, Any], record: dict[str, Any], model: str, dataset: str | None, split: str,
+                    limit: int | None, data_dir: str | None, coverage: float | None = None) -> None:
+    """``report["calibration"]``: ECE before/after and conformal set statistics, plain and encrypted.
+
+    Uses the report's own per-image logits (5 decimals) when it has them, so plain and encrypted sets are compared
+    at the same precision and anyone can recompute the block from the JSON; a plain run has none, so its logits
+    are computed again here."""
+    from medhe.models.calibration import evaluation_block
+
+    logits = report.get("logits") or {}
+    if "plain" in logits and "labels" in logits:
+        labels, plain = np.asarray(logits["labels"]), np.asarray(logits["plain"], dtype=np.float64)
+    else:
+        from medhe.models.artifact import load_artifact
+        from medhe.models.predict import model_inputs, predict_logits
+
+        artifact = load_artifact(model)
+        _, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
+        labels, plain = ds.labels, predict_logits(artifact.model, model_inputs(artifact, ds.images))
+    enc = logits.get("encrypted")
+    enc = np.asarray(enc, dtype=np.float64) if enc is not None and len(enc) else None
+    report["calibration"] = evaluation_block(record, report["task"], labels, plain, enc, coverage)
+
+
+def print_calibration(report: dict[str, Any]) -> None:
+    block = report.get("calibration")
+    if not isinstance(block, dict):
+        return
+    t = np.atleast_1d(block["temperature"])
+    print(f"calibration (temperature {'%.3f' % t[0] if len(t) == 1 else 'per label'}, fitted on "
+          f"{block.get('fitted_on')}), prediction sets at coverage {block['coverage_target']:g}:")
+    rows = [[side, b["ece_before"], b["ece_after"], b["coverage"], b["mean_set_size"], b["singletons"], b["empty"]]
+            for side in ("plain", "encrypted") if isinstance(b := block.get(side), dict)]
+    print(table(["", "ECE before", "ECE after", "coverage", "mean size", "singletons", "empty"], rows))
+    if block.get("sets_identical_plain_encrypted") is not None:
+        print(f"sets identical plain vs encrypted: {block['sets_identical_plain_encrypted']}")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -76,6 +76,8 @@ class ServedModel:
             "preprocessing": card["preprocessing"],
             "client_stage": stage,
             "metrics": card.get("metrics", {}),
+            # public like the metrics: the client applies it to its decrypted logits (docs/calibration.md)
+            **({"calibration": card["calibration"]} if card.get("calibration") is not None else {}),
             "dataset": card.get("dataset"),
             "arch": card["arch"],
             "spec": self.spec,
