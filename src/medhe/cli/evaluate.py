@@ -73,14 +73,66 @@ def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | 
         if limit < 1:
             raise DataError("--limit must be at least 1")
         ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
+        ds.paths = None if ds.paths is None else ds.paths[:limit]
     return str(name), ds
 
 
 def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",
-             limit: int | None = None, data_dir: str | None = None, progress: bool = True,
-             fhe: str | None = None, key_bits: int = 3072, debug_layers: bool = False,
-             n_execute: int = 50, batch: bool = False, encrypted_model: str | None = None,
-             keys: str | None = None) -> dict[str, Any]:
+             limit: int | None = None, data_dir: str | None = None, progress: bool = True, **options: Any
+             ) -> dict[str, Any]:
+    """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included), with the card's
+    audit subgroup (e.g. adult-only COVID images) scored beside the whole split when the card names one."""
+    report = _evaluate(model, scheme, dataset, split, limit, data_dir, progress, **options)
+    _add_audit(report, model, dataset, split, limit, data_dir)
+    _add_clinical(report, model)
+    return report
+
+
+def _add_clinical(report: dict[str, Any], model: str) -> None:
+    """``report["clinical"]``: threshold, sensitivity/specificity, confusion matrix (binary) or P1's multi-label
+    set, each with a bootstrap 95 % interval, per logit set (docs/reports.md); the card may name the positive
+    class (``positive_label``)."""
+    from medhe.he.report import clinical_block
+    from medhe.models.artifact import read_card, resolve_model_dir
+
+    block = clinical_block(report, read_card(resolve_model_dir(model)).get("positive_label"))
+    if block is not None:
+        report["clinical"] = block
+
+
+def _add_audit(report: dict[str, Any], model: str, dataset: str | None, split: str, limit: int | None,
+               data_dir: str | None) -> None:
+    """``report["audit"]``: plain (and encrypted) metrics on the rows of the card's audit subgroup."""
+    from medhe.data.folder import audit_mask
+    from medhe.models.artifact import load_artifact
+    from medhe.models.metrics import compute_metrics
+    from medhe.models.predict import model_inputs, predict_logits
+
+    artifact = load_artifact(model)
+    audit = artifact.card.get("audit")
+    if not audit or dataset not in (None, (artifact.card.get("dataset") or {}).get("name")):
+        return
+    _, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
+    mask = audit_mask(ds, audit, data_dir)
+    if mask is None or not mask.any():
+        return
+    block: dict[str, Any] = {"name": audit.get("name"), "column": audit.get("column"), "value": audit.get("value"),
+                             "why": audit.get("why"), "n": int(mask.sum())}
+    logits = report.get("logits") or {}
+    plain = np.asarray(logits["plain"]) if "plain" in logits else predict_logits(artifact.model,
+                                                                                 model_inputs(artifact, ds.images))
+    block["plain"] = compute_metrics(artifact.task, ds.labels[mask], plain[mask])
+    enc = logits.get("encrypted")
+    if enc is not None and len(enc) == len(mask):
+        block["encrypted"] = compute_metrics(artifact.task, ds.labels[mask], np.asarray(enc)[mask])
+    report["audit"] = block
+
+
+def _evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",
+              limit: int | None = None, data_dir: str | None = None, progress: bool = True,
+              fhe: str | None = None, key_bits: int = 3072, debug_layers: bool = False,
+              n_execute: int = 50, batch: bool = False, encrypted_model: str | None = None,
+              keys: str | None = None) -> dict[str, Any]:
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included)."""
     from medhe.models.artifact import load_artifact
     from medhe.models.metrics import compute_metrics
@@ -103,7 +155,7 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
     name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
     inputs = model_inputs(artifact, ds.images)
     plain_logits = predict_logits(artifact.model, inputs)
-    from medhe.he.report import SCHEMA
+    from medhe.he.report import SCHEMA, compact
     from medhe.machine import machine_info
 
     report: dict[str, Any] = {
@@ -111,7 +163,8 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
         "n": int(len(ds.labels)), "task": artifact.task, "labels": list(artifact.labels),
         "plain": compute_metrics(artifact.task, ds.labels, plain_logits), "machine": machine_info(),
     }
-    if scheme == "plain":
+    if scheme == "plain":  # per-image labels and logits, as encrypted reports have: ROC and clinical view
+        report["logits"] = {"labels": np.asarray(ds.labels).astype(int).tolist(), "plain": compact(plain_logits)}
         return report
     if batch:
         from medhe.he.ckks.batch.evaluate import evaluate_batch
@@ -157,6 +210,12 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"\n{report['model']} on {report['dataset']} ({report['split']}, n={report['n']}), "
           f"scheme {report['scheme']}")
     print(table(["", "ACC", "AUC", "F1"], rows))
+    audit = report.get("audit")
+    if isinstance(audit, dict):
+        rows = [[k, audit[k].get("acc"), audit[k].get("auc"), audit[k].get("f1")]
+                for k in ("plain", "encrypted") if isinstance(audit.get(k), dict)]
+        print(f"{audit.get('name')} subgroup ({audit.get('column')} = {audit.get('value')}, n={audit['n']}):")
+        print(table(["", "ACC", "AUC", "F1"], rows))
     sim = report.get("simulated_vs_quantized")
     if isinstance(sim, dict):
         print(f"simulated vs quantized program: bit-exact on {sim.get('bit_exact', 0):.1%} of {report['n']} images")
@@ -186,6 +245,34 @@ def print_report(report: dict[str, Any]) -> None:
               f"(encrypted weights: {lat['eval']['median']:.0f} ms)")
     for row in report.get("debug_layers") or []:
         print(f"  layer {row.get('layer')}: max |error| {row.get('max_abs_error', float('nan')):.2e}")
+    print_clinical(report)
+
+
+def _ci(entry: dict[str, Any] | None) -> str:
+    """``0.912 [0.887, 0.934]``: a metric with its bootstrap 95 % interval."""
+    if not entry or entry.get("value") is None:
+        return "-"
+    ci = entry.get("ci95")
+    return f"{entry['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def print_clinical(report: dict[str, Any]) -> None:
+    """The clinician's block in a few terminal lines (the full block, per label too, is in the JSON)."""
+    sets = {k: v for k, v in (report.get("clinical") or {}).items() if isinstance(v, dict)}
+    if not sets:
+        return
+    first = next(iter(sets.values()))
+    if first["kind"] == "binary":
+        print(f"clinician's view: positive = {first['positive']['label']}, decision {first['threshold']['rule']}; "
+              "95 % bootstrap intervals")
+        rows = [[k, m["n"], _ci(m["sensitivity"]), _ci(m["specificity"]), _ci(m["ppv"]), _ci(m["npv"]),
+                 "{tp}/{fn}/{fp}/{tn}".format(**m["confusion"])] for k, m in sets.items()]
+        print(table(["", "n", "sensitivity", "specificity", "PPV", "NPV", "TP/FN/FP/TN"], rows))
+    else:
+        print(f"multi-label metrics ({first['threshold']['rule']}); 95 % bootstrap intervals, per label in the JSON")
+        rows = [[k, m["n"], _ci(m["subset_accuracy"]), _ci(m["auc"]["macro"]), _ci(m["auc"]["micro"]),
+                 _ci(m["f1"]["macro"])] for k, m in sets.items()]
+        print(table(["", "n", "subset ACC", "macro AUC", "micro AUC", "macro F1"], rows))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,10 +308,10 @@ def calibration_record(model: str, coverage: float | None = None) -> dict[str, A
     """The model card's calibration record (checked), or None when it has none (a note says so if --coverage
     asked for sets)."""
     from medhe.models.artifact import read_card, resolve_model_dir
-    from medhe.models.calibration import _check_coverage, check_record
+    from medhe.models.calibration import check_coverage, check_record
 
     if coverage is not None:
-        _check_coverage(coverage)
+        check_coverage(coverage)
     path = resolve_model_dir(model)
     card = read_card(path)
     if card.get("calibration") is None:

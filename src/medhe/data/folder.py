@@ -319,3 +319,23 @@ def folder_info(folder: str | os.PathLike) -> dict:
         "n_images": len(table.paths),
         "group_column": table.spec.group_column,
     }
+
+
+def audit_mask(ds: Dataset, audit: dict, data_dir: str | os.PathLike | None = None) -> np.ndarray | None:
+    """Rows of ``ds`` in a card's audit subgroup (``{"column", "value"}`` of the folder's labels.csv), e.g. the
+    adult-only COVID images: a shortcut check reads the metrics there beside the whole split. ``None`` when the
+    dataset is no folder or lacks the column."""
+    from medhe.data.medmnist import resolve_data_dir
+
+    if ds.paths is None or not audit.get("column"):
+        return None
+    folder = Path(ds.name) if Path(ds.name).is_dir() else resolve_data_dir(data_dir) / ds.name
+    if not (folder / LABELS_CSV).is_file():
+        return None
+    with open(folder / LABELS_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    column = str(audit["column"])
+    if not rows or column not in rows[0]:
+        return None
+    value = {r["path"]: r[column] for r in rows}
+    return np.array([value.get(p) == str(audit.get("value")) for p in ds.paths], dtype=bool)

@@ -27,6 +27,9 @@ from medhe.models.mobilenet import FEATURE_BOUND
 from medhe.models.train_extractor import predict_logits, train_split_model
 
 DATASET = "covid19_radiography_subset"
+#: how medhe.data.folder splits each COVID folder (the large one has a group column: near-twins stay together)
+SPLIT_TEXT = {DATASET: "medhe deterministic stratified 70/15/15, seed 0",
+              "covid19_radiography_large": "medhe deterministic 70/15/15, seed 0, grouped by group_id (dataset.json)"}
 AUGMENTS = {"default": Augment(), "light": Augment(rotate_deg=5, translate=0.05, scale=0.05, brightness=0.05,
                                                    contrast=0.1),
             "flip": Augment(hflip=True)}
@@ -45,8 +48,8 @@ def metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     return {k: float(v) for k, v in compute_metrics("binary-class", labels.reshape(-1, 1), logits).items()}
 
 
-def _splits(data_dir: str | None):
-    folder = resolve_data_dir(data_dir) / DATASET
+def _splits(data_dir: str | None, dataset: str = DATASET):
+    folder = resolve_data_dir(data_dir) / dataset
     return {s: load_dataset(folder, split=s, channels=1) for s in ("train", "val", "test")}
 
 
@@ -117,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medhe recipe covid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(PRETRAINED_DIR / "covid-cxr"))
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--dataset", default=DATASET, choices=sorted(SPLIT_TEXT),
+                    help="the COVID folder to train on (v2: the 6,381-image covid19_radiography_large)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--width-mult", type=float, default=0.5)
     ap.add_argument("--feature-dim", type=int, default=32)
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return ensemble(args, argv)
 
     pre = Preprocess(channels=1, size=args.size, crop=None, mean=0.5, std=0.5)
-    splits = _splits(args.data_dir)
+    splits = _splits(args.data_dir, args.dataset)
     x = {s: pre.batch(d.images) for s, d in splits.items()}
     y = {s: d.labels.reshape(-1) for s, d in splits.items()}
     print({s: len(d) for s, d in splits.items()}, flush=True)
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "arch_kwargs": {"in_features": args.feature_dim, "num_outputs": 2},
         "task": splits["train"].task,
         "labels": list(splits["train"].label_names),
-        "dataset": {"name": DATASET, "split": "medhe deterministic stratified 70/15/15, seed 0",
+        "dataset": {"name": args.dataset, "split": SPLIT_TEXT.get(args.dataset, SPLIT_TEXT[DATASET]),
                     "sizes": {s: len(d) for s, d in splits.items()}},
         "preprocessing": pre.to_dict(),
         "metrics": scores,
@@ -212,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         "client_stage": {"arch": "mobilenetv2-he", "arch_kwargs": extractor_kwargs},
         "scheme_options": {"default_scheme": "paillier", "feature_bound": FEATURE_BOUND},
     }
+    if args.dataset != DATASET:  # v2: the shortcut audit beside the whole split, as covid-cxr-ckks v2 does
+        from medhe.data.folder import audit_mask
+        from medhe.recipes.cxr_ckks import TARGETS
+
+        audit = TARGETS["covid-cxr-ckks"].audit
+        card.update(version="2", positive_label="COVID", audit=dict(audit))
+        for s in scored:
+            keep = audit_mask(splits[s], audit, args.data_dir)
+            z = predict_logits(result.extractor, result.head, x[s][keep])
+            card["metrics"][f"{s}_{audit['name']}"] = {"n": int(keep.sum()), **metrics(y[s][keep], z)}
+        print({k: v for k, v in card["metrics"].items() if audit["name"] in k})
     out = save_artifact(args.out, result.head, card, client_model=result.extractor)
     print(f"wrote {out}")
     return 0

@@ -19,7 +19,6 @@ test metrics on the ones it did not see beside the whole split.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import shlex
@@ -132,15 +131,6 @@ def augmented(target: Target, images: np.ndarray, copies: int, encoder: torch.nn
     np.save(buf, z)
     atomic.write_bytes(cache, buf.getvalue())
     return z
-
-
-def csv_column(folder: Path, column: str) -> dict[str, str]:
-    """``path -> value`` of one labels.csv column (audit subgroups live beside the labels)."""
-    with open(folder / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and column not in rows[0]:
-        raise DataError(f"{folder / 'labels.csv'} has no column {column!r}")
-    return {r["path"]: r[column] for r in rows}
 
 
 def encoder_overlap(splits: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
@@ -272,15 +262,15 @@ def load_subset_train_paths(data_dir: str | None) -> list[str]:
 
 def audit_metrics(target: Target, splits: dict, y: dict, logits: dict, data_dir: str | None) -> dict[str, Any]:
     """Metrics on the audit subgroup of val and test (e.g. adult-only COVID images), beside the whole split."""
-    from medhe.data import resolve_data_dir
+    from medhe.data.folder import audit_mask
     from medhe.models.metrics import compute_metrics
 
-    if not target.audit:
-        return {}
-    col = csv_column(resolve_data_dir(data_dir) / target.dataset, target.audit["column"])
     out = {}
-    for s in ("val", "test"):
-        keep = np.array([col[p] == target.audit["value"] for p in splits[s].paths])
+    for s in ("val", "test") if target.audit else ():
+        keep = audit_mask(splits[s], target.audit, data_dir)
+        if keep is None:
+            raise DataError(f"{target.dataset} has no column {target.audit['column']!r} for the "
+                            f"{target.audit['name']} audit")
         out[f"{s}_{target.audit['name']}"] = {"n": int(keep.sum()),
                                               **compute_metrics(target.task, y[s][keep], logits[s][keep])}
     return out
