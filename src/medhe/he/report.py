@@ -39,6 +39,34 @@ def logits_block(labels: np.ndarray, plain: np.ndarray, encrypted: np.ndarray,
     return block
 
 
+def clinical_block(report: dict[str, Any], positive_label: str | None = None) -> dict[str, Any] | None:
+    """``report["clinical"]``: the clinician's metrics (``medhe.models.clinical``) of every logit set in
+    ``report["logits"]``, keyed like the metric blocks (``plain``; ``encrypted``, or ``simulated`` for a TFHE
+    simulation; ``quantized`` for TFHE's reference). Computed from the JSON's own labels and logits, so an older
+    report without the block gets the same one back (``medhe report``). ``None``: no logits, or a task the block
+    does not cover (multi-class, ordinal)."""
+    from medhe.models.clinical import clinical_metrics, positive_class
+
+    lg = report.get("logits")
+    if not isinstance(lg, dict) or lg.get("labels") is None or lg.get("plain") is None:
+        return None
+    names = [str(n) for n in report.get("labels") or []] or None
+    task = report.get("task")
+    positive: tuple[int | None, str | None] = (None, None)
+    if task == "binary-class" and names and len(names) == 2:
+        positive = positive_class(names, positive_label)
+    sets = {"plain": lg["plain"]}
+    if lg.get("encrypted"):
+        simulated = report.get("encrypted") is None and isinstance(report.get("simulated"), dict)
+        sets["simulated" if simulated else "encrypted"] = lg["encrypted"]
+    if lg.get("reference"):
+        sets["quantized"] = lg["reference"]
+    labels = np.asarray(lg["labels"])
+    block = {key: clinical_metrics(task, labels[:len(z)], np.asarray(z, dtype=np.float64), names, *positive)
+             for key, z in sets.items()}
+    return block if any(v is not None for v in block.values()) else None
+
+
 def check_report(report: dict[str, Any]) -> list[str]:
     """What ``report`` lacks or gets wrong against the shared schema (empty: conforms)."""
     problems = [f"missing {k}" for k in ENCRYPTED_FIELDS if k not in report]

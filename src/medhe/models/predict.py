@@ -64,7 +64,8 @@ def model_inputs(artifact: Any, images: np.ndarray) -> np.ndarray:
 
 def evaluate_plain(artifact: Any, dataset: str | None = None, split: str = "test", limit: int | None = None,
                    data_dir: str | None = None) -> dict[str, Any]:
-    """The shared JSON report of plaintext inference: ``{"dataset","model","scheme":"plain","split","n","plain"}``."""
+    """The shared JSON report of plaintext inference: ``{"dataset","model","scheme":"plain","split","n","plain"}``
+    plus ``clinical`` (``{"plain": ...}``, binary and multi-label tasks: ``medhe.models.clinical``)."""
     from medhe.data import dataset_info, load_dataset
     from medhe.models.metrics import compute_metrics
 
@@ -82,5 +83,12 @@ def evaluate_plain(artifact: Any, dataset: str | None = None, split: str = "test
     logits = predict_logits(artifact.model, model_inputs(artifact, images))
     if logits.shape[1] != len(artifact.labels):
         raise DataError(f"model {artifact.name!r} gives {logits.shape[1]} outputs for {len(artifact.labels)} labels")
+    from medhe.models.clinical import clinical_metrics, positive_class
+
+    positive: tuple[int | None, str | None] = (None, None)
+    if artifact.task == "binary-class" and len(artifact.labels) == 2:
+        positive = positive_class(artifact.labels, artifact.card.get("positive_label"))
+    clinical = clinical_metrics(artifact.task, labels, logits, artifact.labels, *positive)
     return {"dataset": str(ds.name), "model": artifact.name, "scheme": "plain", "split": split,
-            "n": int(len(labels)), "plain": compute_metrics(artifact.task, labels, logits)}
+            "n": int(len(labels)), "plain": compute_metrics(artifact.task, labels, logits),
+            **({"clinical": {"plain": clinical}} if clinical is not None else {})}
