@@ -11,6 +11,7 @@ from medhe import atomic
 from medhe.cli._format import human_bytes, ms
 from medhe.errors import DataError
 from medhe.reporting import plots
+from medhe.reporting.clinical import clinical_lines
 
 FIGURES = (("roc", "ROC curves, plain vs encrypted", plots.roc),
            ("scatter", "Encrypted vs plaintext logits", plots.scatter),
@@ -76,13 +77,18 @@ def _summary(runs: Sequence[dict[str, Any]]) -> list[str]:
 def _section(report: dict[str, Any], slug: str, out: Path) -> list[str]:
     lines = [f"## {report.get('model')} — {report['scheme']}", "",
              f"{report.get('dataset')} ({report.get('split')}, n={report['n']}, task {report.get('task')})."]
-    if report["scheme"] == "plain":
-        return lines + ["", "Plaintext run only: nothing to plot."]
+    if report["scheme"] == "plain":  # no encryption: the clinician's view and, with per-image logits, the ROC
+        lines += clinical_lines(report)
+        png = plots.roc(report, out / f"{slug}-roc.png") if isinstance(report.get("logits"), dict) else None
+        if png is None:
+            return lines + ["", "Plaintext run only: nothing to plot."]
+        return lines + ["", "### ROC curve, plain", "", f"![ROC curve, plain]({png.name})"]
     if report.get("reference") == "quantized":
         lines.append("The encrypted side computes the quantized integer program; agreement and logit error are "
                      "measured against it (the scatter's x axis), ROC curves against the float model.")
     if report.get("encrypted") is None:
         lines.append("Concrete's simulation (`--fhe simulate`): no ciphertexts, so no bytes and no key generation.")
+    lines += clinical_lines(report)
     for key, title, draw in FIGURES:
         png = draw(report, out / f"{slug}-{key}.png")
         if png is not None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from medhe import atomic
-from medhe.models.metrics import probabilities
+from medhe.models.metrics import predictions, probabilities
 
 _STAGE_COLOURS = {"encrypt": "tab:blue", "eval": "tab:orange", "decrypt": "tab:green"}
 
@@ -39,50 +39,80 @@ def _encrypted_label(report: dict[str, Any]) -> str:
     return "simulated" if report.get("encrypted") is None else "encrypted"
 
 
-def _curves(task: str, labels: np.ndarray, logits: np.ndarray, names: list[str]) -> list[tuple[str, Any, Any]]:
-    """(name, y_true, score) per ROC curve: the positive class for two classes, one-vs-rest or per label else."""
+def _positive(report: dict[str, Any], names: list[str]) -> int:
+    """The finding's class of a two-class report: its clinical block's, else ``positive_class`` on the names."""
+    from medhe.models.clinical import positive_class
+
+    for block in (report.get("clinical") or {}).values():
+        if isinstance(block, dict) and "positive" in block:
+            return int(block["positive"]["index"])
+    return positive_class(names)[0] if len(names) == 2 else 1
+
+
+def _curves(task: str, labels: np.ndarray, logits: np.ndarray, names: list[str],
+            positive: int = 1) -> list[tuple[str, Any, Any, Any]]:
+    """(name, y_true, score, decided) per ROC curve: the positive class (the finding) for two classes, one-vs-rest
+    or per label else; ``decided`` is the model's own decision, whose (FPR, TPR) is the operating point."""
     prob = probabilities(task, logits)
+    pred = predictions(task, logits)
     if task == "multi-label":
-        cols = [(names[k], labels[:, k], prob[:, k]) for k in range(prob.shape[1])]
+        cols = [(names[k], labels[:, k], prob[:, k], pred[:, k]) for k in range(prob.shape[1])]
     elif prob.shape[1] == 2:
-        cols = [(names[1], labels[:, 0] == 1, prob[:, 1])]
+        cols = [(names[positive], labels[:, 0] == positive, prob[:, positive], pred == positive)]
     else:
-        cols = [(names[k], labels[:, 0] == k, prob[:, k]) for k in range(prob.shape[1])]
-    return [(n, np.asarray(y, dtype=int), s) for n, y, s in cols if 0 < np.sum(y) < len(y)]
+        cols = [(names[k], labels[:, 0] == k, prob[:, k], pred == k) for k in range(prob.shape[1])]
+    return [(n, np.asarray(y, dtype=int), s, np.asarray(d, dtype=bool)) for n, y, s, d in cols
+            if 0 < np.sum(y) < len(y)]
+
+
+def _operating_point(y: np.ndarray, decided: np.ndarray) -> tuple[float, float]:
+    """(FPR, TPR) of the model's decision threshold."""
+    return float(decided[y == 0].mean()), float(decided[y == 1].mean())
 
 
 def roc(report: dict[str, Any], path: Path) -> Path | None:
-    """ROC curves, plain (solid) vs encrypted (dashed), on the images that ran encrypted."""
+    """ROC curves, plain (solid) vs encrypted (dashed), on the images that ran encrypted (a plain run: plain
+    alone, all images); a dot (plain) and a cross (encrypted) mark the decision threshold's operating point."""
     from sklearn.metrics import auc, roc_curve
 
     lg = report["logits"]
-    m = len(lg["encrypted"])
+    has_enc = bool(lg.get("encrypted"))
+    m = len(lg["encrypted"]) if has_enc else len(lg["plain"])
     labels = np.asarray(lg["labels"]).reshape(len(lg["labels"]), -1)[:m]
     names = [str(n) for n in report.get("labels") or range(np.asarray(lg["plain"]).shape[1])]
+    positive = _positive(report, names) if report.get("task") != "multi-label" else 1
     enc_name = _encrypted_label(report)
-    plain = _curves(report["task"], labels, np.asarray(lg["plain"])[:m], names)
-    enc = _curves(report["task"], labels, np.asarray(lg["encrypted"]), names)
+    plain = _curves(report["task"], labels, np.asarray(lg["plain"])[:m], names, positive)
+    enc = _curves(report["task"], labels, np.asarray(lg["encrypted"]), names, positive) if has_enc else []
     if not plain:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     colours = plt.get_cmap("tab10" if len(plain) <= 10 else "tab20")
-    for k, ((name, y, s_plain), (_, _, s_enc)) in enumerate(zip(plain, enc)):
+    for k, curve in enumerate(plain):
         c = colours(k % colours.N)
+        name = curve[0]
         # plain wide and pale underneath, encrypted thin and dashed on top: identical curves stay both visible
-        for scores, style, width, alpha, which in ((s_plain, "-", 4.0, 0.35, "plain"),
-                                                   (s_enc, "--", 1.4, 1.0, enc_name)):
+        sides = [(curve, "-", 4.0, 0.35, "plain", "o")]
+        if has_enc:
+            sides.append((enc[k], "--", 1.4, 1.0, enc_name, "x"))
+        for (_, y, scores, decided), style, width, alpha, which, marker in sides:
             fpr, tpr, _ = roc_curve(y, scores)
             label = f"{name}, {which} (AUC {auc(fpr, tpr):.3f})" if len(plain) <= 4 else None
             ax.plot(fpr, tpr, style, color=c, lw=width, alpha=alpha, label=label)
+            op_fpr, op_tpr = _operating_point(y, decided)
+            ax.plot([op_fpr], [op_tpr], marker, color=c, ms=8 if marker == "o" else 9, mew=2,
+                    label=f"{name}, {which}: decision threshold (FPR {op_fpr:.2f}, TPR {op_tpr:.2f})"
+                    if len(plain) <= 2 else None)
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"ROC, {report['model']} ({report['scheme']}, {m} images)")
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
+           xlim=(0, 1), ylim=(0, 1.01), title=f"ROC, {report['model']} ({report['scheme']}, {m} images)")
     if len(plain) <= 4:
-        ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(0.98, 0.02, f"{len(plain)} labels; wide pale: plain, dashed: {enc_name}", ha="right", fontsize=8,
-                transform=ax.transAxes)
+        ax.legend(loc="lower right", fontsize=7)
+    if len(plain) > 2:
+        ax.text(0.98, 0.02 if len(plain) > 4 else 0.98, f"{len(plain)} curves; wide pale: plain"
+                + (f", dashed: {enc_name}" if has_enc else "") + "; o / x: decision threshold",
+                ha="right", va="bottom" if len(plain) > 4 else "top", fontsize=8, transform=ax.transAxes)
     return _save(fig, path)
 
 
