@@ -30,11 +30,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true",
                    help="refuse (before anything is encrypted or sent) an image that looks unlike the model's training "
                         "data (size, channels, intensity statistics) instead of diagnosing it with a warning")
+    p.add_argument("--coverage", type=float, metavar="C",
+                   help="models with a calibration record: coverage of the prediction set shown beside the "
+                        "calibrated probability, e.g. 0.95 (default: the record's, 0.9); the set holds the true "
+                        "label for that share of images like the model's validation images")
+    p.add_argument("--abstain", action="store_true",
+                   help="give no diagnosis unless the prediction set is a single label (multi-label: every label's "
+                        "set is); the image is reported as 'no diagnosis (abstained)' with its set. Needs a model "
+                        "with a calibration record")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document with every result: per image label (top class), probabilities, "
                         "logits, and positive (multi-label models: the labels at probability >= 0.5; always [] "
                         "for single-label models, whose answer is label), and warnings (why an image may be unlike the model's "
-                        "training data; the same checks as medhe ui)")
+                        "training data; the same checks as medhe ui); calibrated models add "
+                        "calibrated_probabilities, prediction_set, prediction_set_text, coverage and abstained "
+                        "(label null when abstained)")
     p.set_defaults(handler=run)
 
 
@@ -67,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
             busy("keys, encryption and server evaluation", not args.json and len(args.images) == 1
                  and sys.stderr.isatty()):
         results = client.diagnose_many(args.images, model=args.model,
-                                       progress=not args.json and len(args.images) > 1 and sys.stderr.isatty())
+                                       progress=not args.json and len(args.images) > 1 and sys.stderr.isatty(),
+                                       coverage=args.coverage, abstain=args.abstain)
         preprocessing = client.model_info(results[0].model)["preprocessing"]
         client.forget_keys()
     checks = input_checks(args.images, preprocessing)
@@ -92,8 +103,25 @@ def input_checks(paths: list[str], preprocessing: dict) -> list[list[str]]:
 
 
 def format_result(r) -> str:
-    """One line per image: the top label and its probability, or every positive label for multi-label tasks."""
+    """One line per image: the top label and its probability, or every positive label for multi-label tasks;
+    calibrated models: the calibrated probability and the prediction set (or that it abstained)."""
+    if r.calibrated is not None:
+        return format_calibrated(r)
     if r.task == "multi-label":
         found = ", ".join(f"{name} {r.probabilities[name]:.3f}" for name in r.positive) or "no finding"
         return f"{r.source}: {found}"
     return f"{r.source}: {r.label} (p={r.probabilities[r.label]:.3f})"
+
+
+def format_calibrated(r) -> str:
+    """``scan.png: pneumonia (calibrated p=0.962; 90% set: pneumonia)``, or ``no diagnosis (abstained: ...)``."""
+    pct = f"{r.coverage:.0%}" if round(r.coverage * 100, 6).is_integer() else f"{r.coverage:.1%}"
+    if r.task == "multi-label":
+        found = ", ".join(f"{name} {r.calibrated[name]:.3f}" for name in r.positive) or "no finding"
+        head = "no diagnosis (abstained)" if r.abstained else found
+        return f"{r.source}: {head}  [calibrated; {pct} sets: {r.set_text}]"
+    if r.abstained:
+        top = max(r.calibrated, key=r.calibrated.get)
+        return (f"{r.source}: no diagnosis (abstained: the {pct} prediction set is not a single label - "
+                f"{r.set_text}; top label {top}, calibrated p={r.calibrated[top]:.3f})")
+    return f"{r.source}: {r.label} (calibrated p={r.calibrated[r.label]:.3f}; {pct} set: {r.set_text})"

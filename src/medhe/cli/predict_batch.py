@@ -63,13 +63,19 @@ def render(results: list[Any], skipped: list[dict], fmt: str, server: str, model
         return json.dumps({"server": server, "model": model, "results": [r.to_dict() for r in results],
                            "skipped": skipped}, indent=2) + "\n"
     labels = list(results[0].probabilities) if results else []
+    calibrated = bool(results) and results[0].calibrated is not None  # extra columns only for calibrated models
+    extra = [*[f"calibrated_p_{name}" for name in labels], "prediction_set", "coverage", "abstained"] \
+        if calibrated else []
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["source", "label", "positive", *[f"p_{name}" for name in labels], "error"])
+    writer.writerow(["source", "label", "positive", *[f"p_{name}" for name in labels], *extra, "error"])
     for r in results:
-        writer.writerow([r.source, r.label, ";".join(r.positive), *[f"{r.probabilities[n]:.6f}" for n in labels], ""])
+        more = [*[f"{r.calibrated[n]:.6f}" for n in labels], r.set_text, f"{r.coverage:g}",
+                str(r.abstained).lower()] if calibrated else []
+        writer.writerow([r.source, r.label or "", ";".join(r.positive),
+                         *[f"{r.probabilities[n]:.6f}" for n in labels], *more, ""])
     for s in skipped:
-        writer.writerow([s["source"], "", "", *[""] * len(labels), s["error"]])
+        writer.writerow([s["source"], "", "", *[""] * (len(labels) + len(extra)), s["error"]])
     return buf.getvalue()
 
 
@@ -85,7 +91,8 @@ def run_batch(args: Any) -> int:
     with Client(args.server, token=args.token, verify=args.cacert or True) as client:
         diagnoser = BatchDiagnoser(client, args.model)
         try:
-            results = diagnoser.diagnose(images, sources, progress=sys.stderr.isatty())
+            results = diagnoser.diagnose(images, sources, progress=sys.stderr.isatty(),
+                                         coverage=args.coverage, abstain=args.abstain)
         finally:
             diagnoser.forget_keys()
     text = render(results, skipped, fmt, args.server, diagnoser.id)

@@ -151,7 +151,7 @@ def _scores(task: str, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return 1.0 - probs[np.arange(len(y)), y]
 
 
-def _check_coverage(coverage: float) -> float:
+def check_coverage(coverage: float) -> float:
     try:
         c = float(coverage)
     except (TypeError, ValueError):
@@ -164,7 +164,7 @@ def _check_coverage(coverage: float) -> float:
 def quantile(sorted_scores: Sequence[float], coverage: float) -> float:
     """Split-conformal threshold: the ceil((n + 1) * coverage)-th smallest score (finite-sample correction). When
     that rank exceeds n (too few validation images for the coverage asked) the threshold is 1: every label."""
-    c = _check_coverage(coverage)
+    c = check_coverage(coverage)
     n = len(sorted_scores)
     k = math.ceil((n + 1) * c - 1e-9)  # 1e-9: (n + 1) * 0.9 must not become k + 1 by rounding
     return 1.0 if k > n else float(sorted_scores[k - 1])
@@ -175,7 +175,7 @@ def fit_calibration(task: str, labels: Any, logits: Any, coverage: float = DEFAU
     """The JSON-able calibration record for ``card["calibration"]`` from validation ``logits`` and ``labels``."""
     if fitted_on == "test":
         raise DataError("calibration is fitted on the validation split, never on test (test measures it)")
-    coverage = _check_coverage(coverage)
+    coverage = check_coverage(coverage)
     z = _logits(task, logits)
     y = _labels(task, labels, z)
     temperature = fit_temperature(task, y, z)
@@ -212,7 +212,7 @@ def _nll(task: str, z: np.ndarray, y: np.ndarray, temperature: Any) -> float:
 def check_record(record: Any, task: str, num_outputs: int | None = None, where: str = "the model card") -> dict:
     """``record`` if it is a calibration record usable for ``task`` (and ``num_outputs``), else an ArtifactError
     naming what is wrong: a malformed record must not quietly give wrong probabilities or sets."""
-    fix = "re-run `medhe calibrate MODEL_DIR` (or delete the calibration entry)"
+    fix = "the model owner re-runs `medhe calibrate MODEL_DIR` (or deletes the calibration entry)"
 
     def bad(why: str) -> ArtifactError:
         return ArtifactError(f"the calibration record in {where} is malformed ({why}); {fix}")
@@ -248,7 +248,7 @@ def check_record(record: Any, task: str, num_outputs: int | None = None, where: 
             raise bad(f"it was fitted for {count} outputs, the model has {num_outputs}")
     if "default_coverage" in conf:
         try:
-            _check_coverage(conf["default_coverage"])
+            check_coverage(conf["default_coverage"])
         except DataError:
             raise bad(f"default_coverage {conf['default_coverage']!r} is not between 0 and 1") from None
     return record
@@ -331,7 +331,7 @@ def evaluation_block(record: dict, task: str, labels: Any, plain_logits: Any, en
     z = _logits(task, plain_logits)
     check_record(record, task, z.shape[1])
     conf = record["conformal"]
-    coverage = _check_coverage(conf.get("default_coverage", DEFAULT_COVERAGE) if coverage is None else coverage)
+    coverage = check_coverage(conf.get("default_coverage", DEFAULT_COVERAGE) if coverage is None else coverage)
     y = np.asarray(labels)
 
     def side(logits: np.ndarray, y_part: np.ndarray) -> tuple[dict[str, Any], list]:

@@ -59,9 +59,13 @@ class BatchDiagnoser:
         return np.stack([np.asarray(self.preprocess(img), dtype=np.float32) for img in images])
 
     def diagnose(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None,
-                 progress: bool = False) -> list[Diagnosis]:
+                 progress: bool = False, coverage: float | None = None, abstain: bool = False) -> list[Diagnosis]:
+        """Diagnoses of ``images`` (``coverage``, ``abstain``: as in ``Client.diagnose``)."""
         from tqdm import tqdm
 
+        from medhe.service.client import calibration_for
+
+        record = calibration_for(self.info, coverage, abstain)  # before anything is encrypted
         sources = list(sources) if sources is not None else [f"image {i + 1}" for i in range(len(images))]
         x = self.inputs(images)
         batch = self.he.batch
@@ -75,7 +79,8 @@ class BatchDiagnoser:
                 raise OutOfRangeError(f"batch {first} .. {last}: {exc}") from None
         out = np.concatenate(logits)[: len(x)]
         task, labels = self.info["task"], self.info["labels"]
-        return [interpret(task, labels, out[i], self.id, sources[i]) for i in range(len(x))]
+        return [interpret(task, labels, out[i], self.id, sources[i], calibration=record, coverage=coverage,
+                          abstain=abstain) for i in range(len(x))]
 
     def forget_keys(self) -> None:
         if self.key_id is not None:

@@ -33,15 +33,32 @@ class Diagnosis:
     logits: list[float]
     positive: list[str] = field(default_factory=list)  # multi-label: labels at probability >= 0.5
     source: str | None = None
+    # Only for models whose card has a calibration record (medhe calibrate), computed here from the decrypted
+    # logits: temperature-scaled probabilities and the conformal prediction set at ``coverage``.
+    calibrated: dict[str, float] | None = None
+    prediction_set: list[str] | dict[str, list[str]] | None = None  # multi-label: per label "negative"/"positive"
+    set_text: str | None = None  # "pneumonia", "uncertain: both", "uncertain: neither label reaches ..."
+    coverage: float | None = None
+    abstained: bool = False  # abstain asked and the set is not one label: label is None, positive []
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "model": self.model, "task": self.task, "label": self.label,
-                "positive": self.positive, "probabilities": self.probabilities, "logits": self.logits}
+        out = {"source": self.source, "model": self.model, "task": self.task, "label": self.label,
+               "positive": self.positive, "probabilities": self.probabilities, "logits": self.logits}
+        if self.calibrated is not None:
+            out.update({"calibrated_probabilities": self.calibrated, "prediction_set": self.prediction_set,
+                        "prediction_set_text": self.set_text, "coverage": self.coverage,
+                        "abstained": self.abstained})
+        return out
 
 
-def interpret(task: str, labels: Sequence[str], logits: np.ndarray, model: str, source: str | None = None
+def interpret(task: str, labels: Sequence[str], logits: np.ndarray, model: str, source: str | None = None,
+              calibration: dict[str, Any] | None = None, coverage: float | None = None, abstain: bool = False
               ) -> Diagnosis:
-    """Decrypted logits -> probabilities and labels with the same conventions as training and evaluation."""
+    """Decrypted logits -> probabilities and labels with the same conventions as training and evaluation.
+
+    ``calibration``: the model's calibration record (its listing's ``calibration``); adds the calibrated
+    probabilities and the prediction set at ``coverage`` (default the record's). ``abstain``: no label unless the set
+    is a single label (multi-label: every label's set is). Both need a record; without one nothing changes."""
     from medhe.models.metrics import predictions, probabilities
 
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)
@@ -56,9 +73,59 @@ def interpret(task: str, labels: Sequence[str], logits: np.ndarray, model: str, 
     else:
         positive = []
         top = labels[int(pred)]
-    return Diagnosis(model=model, task=task, label=top, positive=positive, source=source,
-                     probabilities={name: float(p) for name, p in zip(labels, prob)},
-                     logits=[float(v) for v in logits])
+    result = Diagnosis(model=model, task=task, label=top, positive=positive, source=source,
+                       probabilities={name: float(p) for name, p in zip(labels, prob)},
+                       logits=[float(v) for v in logits])
+    if calibration is None:
+        if abstain or coverage is not None:
+            raise MedheError(f"model {model!r} has no calibration record, so there is no prediction set for "
+                             f"{'--abstain' if abstain else '--coverage'} to use; its owner can fit one with "
+                             "medhe calibrate MODEL_DIR (or drop the option)")
+        return result
+    return _calibrate(result, list(labels), logits, calibration, coverage, abstain)
+
+
+def calibration_for(info: dict[str, Any], coverage: float | None = None, abstain: bool = False
+                    ) -> dict[str, Any] | None:
+    """The checked calibration record of a listed model, or None when it has none and neither ``coverage`` nor
+    ``abstain`` asks for prediction sets (then: a one-line error, before anything is encrypted or sent)."""
+    from medhe.models import calibration as cal
+
+    record = info.get("calibration")
+    if record is None:
+        if abstain or coverage is not None:
+            raise MedheError(f"model {info['id']!r} has no calibration record, so there is no prediction set for "
+                             f"{'--abstain' if abstain else '--coverage'} (SDK: abstain=/coverage=) to use; its "
+                             "owner can fit one with medhe calibrate MODEL_DIR (or drop the option)")
+        return None
+    if coverage is not None:
+        cal.check_coverage(coverage)
+    return cal.check_record(record, info["task"], len(info["labels"]), where=f"the listing of model {info['id']!r}")
+
+
+def _calibrate(result: Diagnosis, labels: list[str], logits: np.ndarray, record: dict[str, Any],
+               coverage: float | None, abstain: bool) -> Diagnosis:
+    """Fill the calibrated fields of ``result`` (medhe.models.calibration; the record comes from the listing)."""
+    from medhe.models import calibration as cal
+
+    task = result.task
+    cal.check_record(record, task, len(labels), where=f"the listing of model {result.model!r}")
+    coverage = float(record["conformal"].get("default_coverage", cal.DEFAULT_COVERAGE)
+                     if coverage is None else cal.check_coverage(coverage))
+    probs = cal.calibrated_probabilities(record, task, logits[None])[0]
+    pset = cal.prediction_sets(record, task, logits[None], coverage)[0]
+    result.calibrated = {name: float(p) for name, p in zip(labels, probs)}
+    result.coverage = coverage
+    result.set_text = cal.describe_set(task, labels, pset)
+    if task == "multi-label":
+        names = ("negative", "positive")
+        result.prediction_set = {name: [names[c] for c in s] for name, s in zip(labels, pset)}
+    else:
+        result.prediction_set = [labels[k] for k in pset]
+    if abstain and not cal.is_decided(task, pset):
+        result.abstained = True
+        result.label, result.positive = None, []
+    return result
 
 
 class _ModelSession:
@@ -260,34 +327,43 @@ class Client:
         return self.infer_response(sess, ciphertext).content
 
     def diagnose(self, image: str | os.PathLike | np.ndarray, model: str | None = None,
-                 source: str | None = None) -> Diagnosis:
-        """Diagnose one image (a PNG/JPEG/DICOM path, or a uint8 array named ``source``) under encryption."""
+                 source: str | None = None, coverage: float | None = None, abstain: bool = False) -> Diagnosis:
+        """Diagnose one image (a PNG/JPEG/DICOM path, or a uint8 array named ``source``) under encryption.
+
+        Models with a calibration record also get calibrated probabilities and a prediction set at ``coverage``
+        (default the record's, 0.9), computed here from the decrypted logits; ``abstain=True`` withholds the label
+        (``label`` None, ``abstained`` True) unless that set is a single label."""
         from medhe.data import read_image
 
         if not isinstance(image, np.ndarray):
             source = str(image)
             image = read_image(Path(image))
         sess = self.session(model)
+        record = calibration_for(sess.info, coverage, abstain)  # a missing or bad record fails before any upload
         ciphertext = sess.he.encrypt(sess.inputs(image))
         try:
             logits = sess.he.decrypt(self.infer_encrypted(sess, ciphertext))
         except OutOfRangeError as exc:
             raise OutOfRangeError(f"{source or 'image'}: {exc}") from None
-        return interpret(sess.info["task"], sess.info["labels"], logits, sess.id, source)
+        return interpret(sess.info["task"], sess.info["labels"], logits, sess.id, source,
+                         calibration=record, coverage=coverage, abstain=abstain)
 
     def diagnose_many(self, images: Iterable[str | os.PathLike | np.ndarray], model: str | None = None,
-                      progress: bool = True) -> list[Diagnosis]:
-        """Diagnose several images in turn with one key registration, showing a progress bar."""
+                      progress: bool = True, coverage: float | None = None, abstain: bool = False
+                      ) -> list[Diagnosis]:
+        """Diagnose several images in turn with one key registration, showing a progress bar (``coverage``,
+        ``abstain``: as in ``diagnose``)."""
         from tqdm import tqdm
 
         from medhe.data import read_image
 
         # Read everything first: a bad file fails before any key generation or upload.
         items = [(img, None) if isinstance(img, np.ndarray) else (read_image(Path(img)), str(img)) for img in images]
-        self.session(model)  # keys first, so the bar measures diagnoses only
+        calibration_for(self.session(model).info, coverage, abstain)  # keys first: the bar measures diagnoses
         results = []
         for i, (img, source) in enumerate(tqdm(items, desc="encrypted diagnosis", unit="img", disable=not progress)):
-            result = self.diagnose(img, model, source=source or f"image {i + 1}")  # errors name the image
+            result = self.diagnose(img, model, source=source or f"image {i + 1}",  # errors name the image
+                                   coverage=coverage, abstain=abstain)
             result.source = source
             results.append(result)
         return results

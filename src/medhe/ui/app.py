@@ -23,6 +23,7 @@ from medhe import __version__
 from medhe.data import Preprocess
 from medhe.data.guard import check_image, image_stats
 from medhe.errors import MedheError
+from medhe.service.client import calibration_for
 from medhe.ui import render
 from medhe.ui.pipeline import Diagnoser
 from medhe.ui.scans import ScanStore, decode, display_name
@@ -121,11 +122,13 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
         try:
             body = await request.json()
             scan_id, model_id = str(body["scan"]), str(body["model"])
+            coverage = None if body.get("coverage") is None else float(body["coverage"])
         except (ValueError, KeyError, TypeError):
             raise PageError(400, "the page sent a malformed request; reload it") from None
         name, image = scans.get(scan_id)
-        model_info(model_id)  # an unknown model is refused now, not inside the job
-        return diagnoser.submit(scan_id, name, image, model_id).to_dict()
+        info = model_info(model_id)  # an unknown model is refused now, not inside the job
+        calibration_for(info, coverage)  # a coverage outside (0, 1), or for an uncalibrated model: refused now
+        return diagnoser.submit(scan_id, name, image, model_id, coverage).to_dict()
 
     @app.get("/api/jobs/{job_id}")
     async def job(job_id: str) -> dict:

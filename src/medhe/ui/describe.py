@@ -53,4 +53,8 @@ def summary(info: dict[str, Any]) -> dict[str, Any]:
         "server_learns": server_learns(info),
         "decision": DECISION.get(info["task"], "the class with the highest probability"),
         "threshold": THRESHOLD,
+        # calibrated models only: the page then offers a coverage field and shows prediction sets
+        **({"calibration": {"default_coverage": (info["calibration"].get("conformal") or {}).get(
+            "default_coverage", 0.9), "fitted_on": info["calibration"].get("fitted_on"),
+            "n": info["calibration"].get("n")}} if isinstance(info.get("calibration"), dict) else {}),
     }

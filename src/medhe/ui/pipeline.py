@@ -21,7 +21,7 @@ import numpy as np
 from medhe.errors import MedheError
 from medhe.models import metrics as _metrics  # noqa: F401  loaded now, so its import is not timed as "decrypt"
 from medhe.service import protocol
-from medhe.service.client import Client, interpret
+from medhe.service.client import Client, calibration_for, interpret
 from medhe.ui import describe, render
 from medhe.ui.metered import MeteredTransport
 
@@ -68,6 +68,7 @@ class Job:
     scan: str
     name: str
     model: str
+    coverage: float | None = None  # calibrated models: the prediction set's coverage (None: the record's)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     steps: dict[str, Step] = field(default_factory=lambda: {k: Step(k, t) for k, t in STEPS})
     state: str = "queued"  # queued | running | done | failed
@@ -102,8 +103,8 @@ class Diagnoser:
         return [describe.summary(info) for info in self.client.models()]
 
     # -- jobs ----------------------------------------------------------------------------------------------------
-    def submit(self, scan_id: str, name: str, image: np.ndarray, model: str) -> Job:
-        job = Job(scan=scan_id, name=name, model=model)
+    def submit(self, scan_id: str, name: str, image: np.ndarray, model: str, coverage: float | None = None) -> Job:
+        job = Job(scan=scan_id, name=name, model=model, coverage=coverage)
         with self.lock:
             self.jobs[job.id] = job
             while len(self.jobs) > self.max_jobs:  # oldest first
@@ -160,6 +161,7 @@ class Diagnoser:
                 keygen.finish()
             if job.steps["keys"].state == "pending":  # registered by an earlier diagnosis: nothing sent now
                 job.steps["keys"].finish("reused", nbytes=sess.key_bytes, ms=0.0)
+            record = calibration_for(sess.info, job.coverage)  # a bad record or coverage: before any upload
             prepare = step("prepare")
             if sess.stage is not None:
                 prepare.title = "Preprocess, run the public extractor"
@@ -174,7 +176,8 @@ class Diagnoser:
             dec = step("decrypt")
             dec.start()
             logits = sess.he.decrypt(result)
-            diagnosis = interpret(sess.info["task"], sess.info["labels"], logits, sess.id, job.name)
+            diagnosis = interpret(sess.info["task"], sess.info["labels"], logits, sess.id, job.name,
+                                  calibration=record, coverage=job.coverage)
             dec.finish()
             summary = describe.summary(sess.info)
             job.result = {

@@ -55,6 +55,7 @@ async function loadModels(refresh) {
     showError(e.message);
   }
   renderModels();
+  updateCoverage();
   updateButtons();
 }
 
@@ -75,7 +76,9 @@ function renderModels() {
         el("dt", { text: "labels" }), el("dd", { text: m.labels.join(", ") }),
         el("dt", { text: "input" }), el("dd", { text: m.input + (m.dataset ? ` (trained on ${m.dataset})` : "") }),
         el("dt", { text: "test" }), el("dd", { text: metrics || "-" }),
-        el("dt", { text: "encryption" }), el("dd", { text: m.scheme_text })),
+        el("dt", { text: "encryption" }), el("dd", { text: m.scheme_text }),
+        ...(m.calibration ? [el("dt", { text: "calibrated" }), el("dd", {
+          text: `yes, on ${m.calibration.fitted_on} (n=${m.calibration.n}): calibrated probabilities and prediction sets` })] : [])),
       el("p", { class: "learns", text: m.server_learns }));
     card.addEventListener("click", () => selectModel(m.id));
     card.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); selectModel(m.id); } });
@@ -83,10 +86,27 @@ function renderModels() {
   }));
 }
 
+function selectedModel() { return state.models.find((m) => m.id === state.model) || null; }
+
+function updateCoverage() {  // the coverage field only for models with a calibration record
+  const m = selectedModel();
+  $("coverage-box").hidden = !(m && m.calibration);
+  if (m && m.calibration && !$("coverage").dataset.touched) $("coverage").value = String(m.calibration.default_coverage);
+}
+
+function coverage() {
+  const m = selectedModel();
+  if (!(m && m.calibration)) return null;
+  const c = Number($("coverage").value);
+  if (!(c > 0 && c < 1)) throw new Error("The prediction set coverage must lie between 0 and 1 (e.g. 0.9 for 90%).");
+  return c;
+}
+
 async function selectModel(id) {
   if (id === state.model || state.busy) return;
   state.model = id;
   renderModels();
+  updateCoverage();
   for (const scan of state.scans) {  // the preview and the checks depend on the model
     scan.job = null;
     try { scan.view = await api("GET", `/api/scans/${scan.id}?model=${encodeURIComponent(id)}`); }
@@ -132,16 +152,27 @@ function renderResult(scan) {
   const r = job.result;
   const multi = r.task === "multi-label";
   const headline = multi ? (r.positive.length ? r.positive.join(", ") : "no finding") : r.label;
+  const cal = r.calibrated_probabilities || null;
   const bars = Object.entries(r.probabilities).map(([label, p]) => {
     const positive = multi ? r.positive.includes(label) : label === r.label;
-    return el("div", { class: "bar" + (positive ? " positive" : ""), "data-label": label, "data-p": String(p) },
+    return el("div", { class: "bar" + (positive ? " positive" : "") + (cal ? " calibrated" : ""), "data-label": label,
+                       "data-p": String(p), ...(cal ? { "data-calibrated": String(cal[label]) } : {}) },
       el("span", { text: label }),
       el("span", { class: "track" }, el("span", { class: "fill", style: `width:${(100 * p).toFixed(1)}%;display:block` }),
          el("span", { class: "thr", title: `threshold ${r.threshold}` })),
-      el("span", { class: "n", text: p.toFixed(3) }));
+      el("span", { class: "n", text: p.toFixed(3) }),
+      cal ? el("span", { class: "cal", title: "calibrated probability", text: `cal. ${cal[label].toFixed(3)}` }) : null);
   });
+  let pset = null;
+  if (cal) {  // the conformal prediction set: one label is a diagnosis, anything else is said to be uncertain
+    const pct = `${+(100 * r.coverage).toFixed(1)}%`;
+    const unsure = r.prediction_set_text.includes("uncertain");
+    pset = el("p", { class: "pset" + (unsure ? " uncertain" : ""), "data-set": r.prediction_set_text },
+      `Prediction set (${pct} coverage): ${r.prediction_set_text}`);
+  }
   return el("div", { class: "result", "data-label": r.label },
     el("h4", { text: headline }),
+    pset,
     ...bars,
     el("p", { class: "rule", text: `Decision: ${r.decision} (dashed line: threshold ${r.threshold}). ` +
       `Server evaluation ${ms(r.eval_ms)} on the ciphertext.` }),
@@ -185,7 +216,7 @@ async function diagnose() {
     for (const scan of state.scans) {
       if (scan.job && scan.job.state !== "failed") continue;
       try {
-        scan.job = await api("POST", "/api/jobs", JSON.stringify({ scan: scan.id, model: state.model }),
+        scan.job = await api("POST", "/api/jobs", JSON.stringify({ scan: scan.id, model: state.model, coverage: coverage() }),
                              { "Content-Type": "application/json" });
       } catch (e) { showError(e.message); continue; }
       renderScans();
@@ -216,11 +247,15 @@ function toJSON() { return JSON.stringify({ server: state.server, results: resul
 function toCSV() {
   const rows = results();
   const labels = [...new Set(rows.flatMap((r) => Object.keys(r.probabilities)))];
+  const calibrated = rows.some((r) => r.calibrated_probabilities);  // extra columns only for calibrated models
   const head = ["source", "model", "scheme", "task", "label", "positive", ...labels.map((l) => `p_${l}`),
+                ...(calibrated ? [...labels.map((l) => `calibrated_p_${l}`), "prediction_set", "coverage"] : []),
                 "threshold", "eval_ms", "bytes_sent", "bytes_received"];
   const q = (v) => { const s = v == null ? "" : String(v); return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s; };
   const lines = rows.map((r) => [r.source, r.model, r.scheme, r.task, r.label, r.positive.join(";"),
-    ...labels.map((l) => r.probabilities[l]), r.threshold, r.eval_ms, r.bytes_sent, r.bytes_received].map(q).join(","));
+    ...labels.map((l) => r.probabilities[l]),
+    ...(calibrated ? [...labels.map((l) => (r.calibrated_probabilities || {})[l]), r.prediction_set_text, r.coverage] : []),
+    r.threshold, r.eval_ms, r.bytes_sent, r.bytes_received].map(q).join(","));
   return [head.join(","), ...lines].join("\n") + "\n";
 }
 
@@ -240,6 +275,7 @@ drop.addEventListener("drop", (e) => { e.preventDefault(); addFiles([...e.dataTr
 $("diagnose").addEventListener("click", diagnose);
 $("refresh").addEventListener("click", () => loadModels(true));
 $("error-close").addEventListener("click", clearError);
+$("coverage").addEventListener("input", () => { $("coverage").dataset.touched = "1"; });
 $("clear").addEventListener("click", () => { state.scans = []; renderScans(); updateButtons(); clearError(); });
 $("export-csv").addEventListener("click", () => download("medhe-results.csv", "text/csv", toCSV()));
 $("export-json").addEventListener("click", () => download("medhe-results.json", "application/json", toJSON()));
