@@ -69,6 +69,22 @@ def test_plain_is_the_float_model_and_tfhe_simulate_says_so(report):
         assert check_report({**report, **report["plaintext_weights"]}) == []  # the baseline has the same shape
 
 
+@pytest.mark.slow
+def test_clinical_block_per_logit_set(report):
+    """Plain and what ran encrypted (TFHE simulate: simulated; plus the quantized reference) each get the
+    clinician's view of the same eight images, the finding as positive class."""
+    c = report["clinical"]
+    expected = {"plain", "simulated", "quantized"} if report["scheme"] == "tfhe" else {"plain", "encrypted"}
+    assert set(c) == expected
+    positive = "COVID" if report["model"] == "covid-cxr" else "pneumonia"
+    for block in c.values():
+        assert block["kind"] == "binary" and block["positive"]["label"] == positive and block["n"] == 8
+        cm = block["confusion"]
+        assert cm["tp"] + cm["fn"] + cm["fp"] + cm["tn"] == 8
+        assert block["bootstrap"]["resamples"] == 1000 and block["threshold"]["probability"] == 0.5
+    assert c["plain"]["acc"]["value"] == pytest.approx(report["plain"]["acc"], abs=1e-6)
+
+
 def test_check_report_names_what_is_missing():
     assert "missing params" in check_report({"schema": SCHEMA})
     assert check_report({}) and all(p.startswith("missing ") for p in check_report({}))
@@ -97,6 +113,7 @@ def test_medhe_report_writes_markdown_and_plots(report, tmp_path):
     assert {"scatter.png", "latency.png"} <= kinds
     assert ("bytes.png" in kinds) == (report["encrypted"] is not None)
     assert "roc.png" in kinds or "single class" in md
+    assert "### Clinician's view" in md and "(TP)" in md and "| specificity |" in md
     for name in pngs:
         with Image.open(tmp_path / "rep" / name) as img:
             assert img.format == "PNG" and min(img.size) > 200
