@@ -179,6 +179,9 @@ def test_evaluate_reports_calibration_and_a_bad_record_fails_first(calibrated_di
                        "--json", str(out), "--coverage", "0.95"]) == 0
     report = json.loads(out.read_text())
     block = report["calibration"]
+    from medhe.he.report import check_calibration
+
+    assert check_calibration(report) == []
     assert block["coverage_target"] == 0.95 and block["fitted_on"] == "val" and block["encrypted"] is None
     assert set(block["plain"]) >= {"ece_before", "ece_after", "coverage", "mean_set_size", "singletons", "empty"}
     assert block["plain"]["n"] == report["n"] == 624
@@ -207,6 +210,9 @@ def test_plain_and_ckks_give_identical_sets(calibrated_dir, tmp_path, data_dir):
     assert medhe_main(["evaluate", "--model", str(calibrated_dir), "--scheme", "ckks", "--split", "test",
                        "--limit", "48", "--data-dir", str(data_dir), "--json", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
+    from medhe.he.report import check_report
+
+    assert check_report(report) == []  # the shared schema, calibration block included
     block = report["calibration"]
     assert block["sets_identical_plain_encrypted"] is True
     assert block["encrypted"]["n"] == 48 and block["encrypted"]["coverage"] == block["plain"]["coverage"]
@@ -260,6 +266,27 @@ def test_predict_coverage_and_abstain_through_a_real_server(calibrated_dir, spli
             many = client.diagnose_many(paths, progress=False, coverage=0.99)
         assert [d.prediction_set for d in many] == [
             [labels[k] for k in s] for s in cal.prediction_sets(rec, "binary-class", zt[picked], 0.99)]
+        # the clinician page's backend: the listing says the model is calibrated, a job carries its coverage
+        import time
+
+        from medhe.ui.pipeline import Diagnoser
+
+        diagnoser = Diagnoser(srv.url)
+        try:
+            (summary,) = diagnoser.models()
+            assert summary["calibration"]["default_coverage"] == 0.9
+            i = picked[-1]
+            job = diagnoser.submit("scan", "scan.png", images[i], MODEL, coverage=0.95)
+            deadline = time.monotonic() + 120
+            while job.state in ("queued", "running") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert job.state == "done", job.error
+            expected = cal.prediction_sets(rec, "binary-class", zt[i:i + 1], 0.95)[0]
+            assert job.result["prediction_set"] == [labels[k] for k in expected]
+            assert job.result["prediction_set_text"] == cal.describe_set("binary-class", labels, expected)
+            assert job.result["coverage"] == 0.95 and set(job.result["calibrated_probabilities"]) == set(labels)
+        finally:
+            diagnoser.close()
     # a model without a record: --abstain is refused before anything is sent, plain predict is unchanged
     with ServerProcess([MODEL], workers=1) as srv:
         capsys.readouterr()

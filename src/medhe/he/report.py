@@ -17,6 +17,10 @@ LATENCY_STAGES = ("keygen", "encrypt", "eval", "decrypt")
 BYTES_FIELDS = ("input_ciphertext", "output_ciphertext", "evaluation_keys")
 PARAMS_FIELDS = ("library", "security_bits", "backend")
 MACHINE_FIELDS = ("platform", "processor", "cpus", "python", "load_average_1m")
+#: the optional ``calibration`` block (cards with a calibration record; medhe.models.calibration.evaluation_block)
+CALIBRATION_FIELDS = ("method", "temperature", "fitted_on", "coverage_target", "plain", "encrypted",
+                      "sets_identical_plain_encrypted")
+CALIBRATION_SIDE_FIELDS = ("ece_before", "ece_after", "coverage", "mean_set_size", "singletons", "empty", "n")
 #: top-level fields of every encrypted report; ``encrypted`` may be null (TFHE --fhe simulate: see ``simulated``)
 ENCRYPTED_FIELDS = ("schema", "model", "dataset", "scheme", "split", "n", "task", "labels", "plain", "encrypted",
                     "reference", "agreement", "max_abs_logit_error", "latency_ms", "bytes", "params", "machine",
@@ -91,4 +95,18 @@ def check_report(report: dict[str, Any]) -> list[str]:
         problems.append("logits needs labels, plain and encrypted")
     elif len(logits["plain"]) != report["n"] or not 0 < len(logits["encrypted"]) <= report["n"]:
         problems.append("logits do not cover the report's images")
+    return problems + check_calibration(report)
+
+
+def check_calibration(report: dict[str, Any]) -> list[str]:
+    """What the optional ``calibration`` block lacks (empty: absent or conforming)."""
+    block = report.get("calibration")
+    if block is None:
+        return []
+    problems = [f"missing calibration.{k}" for k in CALIBRATION_FIELDS if k not in block]
+    for side in ("plain", "encrypted"):
+        if isinstance(block.get(side), dict):
+            problems += [f"missing calibration.{side}.{k}" for k in CALIBRATION_SIDE_FIELDS if k not in block[side]]
+    if not problems and block["plain"] is None:
+        problems.append("calibration.plain is null")
     return problems

@@ -28,7 +28,7 @@ class Diagnosis:
 
     model: str
     task: str
-    label: str
+    label: str | None  # None only when abstain was asked and the prediction set is not one label
     probabilities: dict[str, float]
     logits: list[float]
     positive: list[str] = field(default_factory=list)  # multi-label: labels at probability >= 0.5
