@@ -69,31 +69,7 @@ def shipped():
     return load_artifact("covid-cxr-ckks")
 
 
-def test_shipped_covid_cxr_ckks(shipped, data_dir):
-    """HE-friendly server network on the f8 latent, CKKS by default, its recorded val/test metrics are what the
-    shipped weights give, and every variant tried is recorded with the chosen one best on val. (The issue's test
-    targets, ACC >= 0.94 and AUC >= 0.97, are not asserted: docs/latent.md reports how far the model falls short.)"""
-    from medhe.data import load_dataset
-    from medhe.models.layers import check_he_friendly
-    from medhe.models.predict import model_inputs
-
-    check_he_friendly(shipped.model)
-    card = shipped.card
-    assert card["scheme_options"]["default_scheme"] == "ckks" and shipped.task == "binary-class"
-    assert card["client_stage"]["arch_kwargs"]["factor"] == 8 and shipped.labels == ["COVID", "Normal"]
-    assert "train split" in card["training"]["autoencoder"]["data"]["covid19_radiography_subset"]
-    assert len(card["model_selection"]) >= 2
-    chosen = max(card["model_selection"], key=lambda t: (t["val"]["auc"], t["val"]["acc"]))
-    assert chosen["variant"] == card["training"]["variant"]
-    for split in ("val", "test"):
-        ds = load_dataset(cl.COVID, split=split, data_dir=str(data_dir))
-        logits = lt._logits(shipped.model, model_inputs(shipped, ds.images))
-        m = compute_metrics("binary-class", ds.labels, logits)
-        if split == "val":  # the CKKS output scale is sized for logits up to output_bound, with a 2x margin
-            assert card["scheme_options"]["ckks"]["output_bound"] >= 2 * np.abs(logits).max()
-        assert m["acc"] == pytest.approx(card["metrics"][split]["acc"], abs=1e-9)
-        assert m["auc"] == pytest.approx(card["metrics"][split]["auc"], abs=1e-6)
-    assert card["metrics"]["test"]["acc"] >= 0.75 and card["metrics"]["test"]["auc"] >= 0.85  # far above chance
+# v2 of the shipped covid-cxr-ckks (trained on covid19_radiography_large): tests/test_cxr_ckks.py checks its card
 
 
 def test_shipped_covid_cxr_ckks_fits_one_ciphertext(shipped):

@@ -79,3 +79,53 @@ def test_recipe_trains_selects_on_val_and_exports_an_audited_card(tmp_path, monk
     assert report["audit"]["name"] == "adult-only"
     assert report["audit"]["n"] == card["metrics"]["test_adult-only"]["n"]
     assert np.isclose(report["audit"]["plain"]["auc"], card["metrics"]["test_adult-only"]["auc"])
+
+
+SHIPPED = ("covid-cxr-ckks", "pneumonia-cxr-ckks", "cxr14-ckks")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_v2_model_matches_its_card(name):
+    """Each shipped v2 model: HE-friendly, CKKS by default, trained on its recipe's folder, the chosen variant best
+    on val among those recorded, and the card's val/test metrics are what the shipped weights give."""
+    from medhe.experiments.latent import _logits
+    from medhe.models.artifact import load_artifact
+    from medhe.models.layers import check_he_friendly
+    from medhe.models.metrics import compute_metrics
+    from medhe.models.predict import model_inputs
+
+    target = cxr_ckks.TARGETS[name]
+    root = resolve_data_dir(None)
+    if not (root / target.dataset / "labels.csv").is_file():
+        pytest.skip(f"{target.dataset} is not in the data folder")
+    art = load_artifact(name)
+    card = art.card
+    check_he_friendly(art.model)
+    assert card["dataset"]["name"] == target.dataset and card["version"] == "2"
+    assert card["scheme_options"]["default_scheme"] == "ckks" and card["task"] == target.task
+    assert card["training"]["command"].startswith(f"medhe recipe cxr-ckks {name} ")
+    chosen = max(card["model_selection"], key=lambda t: (t["val"]["auc"], t["val"]["acc"]))
+    assert chosen["variant"] == card["training"]["variant"]
+    for split in ("val", "test"):
+        ds = load_dataset(target.dataset, split=split)
+        assert len(ds) == card["dataset"]["sizes"][split]
+        logits = _logits(art.model, model_inputs(art, ds.images))
+        m = compute_metrics(target.task, ds.labels, logits)
+        assert m["auc"] == pytest.approx(card["metrics"][split]["auc"], abs=1e-4)
+        if split == "val":
+            assert card["scheme_options"]["ckks"]["output_bound"] >= 2 * np.abs(logits).max()
+    if target.audit:
+        assert card["metrics"][f"test_{target.audit['name']}"]["n"] > 0
+
+
+def test_evaluate_sample_spreads_over_the_split_and_keeps_the_audit():
+    """--sample N takes every k-th image, so a class-sorted folder still gives both classes (--limit would not)."""
+    _large_or_skip()
+    from medhe.cli.evaluate import evaluate
+
+    report = evaluate("covid-cxr-ckks", "plain", sample=30, progress=False)
+    assert report["n"] == 30 and report["sample"]["requested"] == 30
+    labels = np.asarray(report["logits"]["labels"]).reshape(-1)
+    assert set(labels.tolist()) == {0, 1}
+    assert report["plain"]["auc"] is not None  # both classes are in
+    assert 0 < report["audit"]["n"] <= 30

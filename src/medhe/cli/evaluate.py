@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int,
                    help="evaluate only the first N images of the split (in file order: a small N may hold a "
                         "single class, which leaves AUC undefined)")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="evaluate N images spread evenly over the split (every k-th in file order, so every class "
+                        "of a sorted folder is in); for long encrypted runs where the whole split takes hours")
     p.add_argument("--data-dir", help="folder with dataset files (default: $MEDHE_DATA or ~/.medhe/data)")
     p.add_argument("--json", dest="json_out", help="write the report to this file (its folder must exist)")
     p.add_argument("--report", dest="report_dir", metavar="DIR",
@@ -55,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | None,
-                   data_dir: str | None) -> tuple[str, Any]:
+                   data_dir: str | None, sample: int | None = None) -> tuple[str, Any]:
     """The dataset split to evaluate, checked against the model's label layout."""
     from medhe.data import dataset_info, load_dataset
 
@@ -74,16 +77,24 @@ def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | 
             raise DataError("--limit must be at least 1")
         ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
         ds.paths = None if ds.paths is None else ds.paths[:limit]
+    if sample is not None:
+        if sample < 1:
+            raise DataError("--sample must be at least 1")
+        keep = np.unique(np.linspace(0, len(ds.labels) - 1, min(sample, len(ds.labels))).round().astype(int))
+        ds.images, ds.labels = ds.images[keep], ds.labels[keep]
+        ds.paths = None if ds.paths is None else [ds.paths[i] for i in keep]
     return str(name), ds
 
 
 def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",
-             limit: int | None = None, data_dir: str | None = None, progress: bool = True, **options: Any
-             ) -> dict[str, Any]:
+             limit: int | None = None, data_dir: str | None = None, progress: bool = True,
+             sample: int | None = None, **options: Any) -> dict[str, Any]:
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included), with the card's
     audit subgroup (e.g. adult-only COVID images) scored beside the whole split when the card names one."""
-    report = _evaluate(model, scheme, dataset, split, limit, data_dir, progress, **options)
-    _add_audit(report, model, dataset, split, limit, data_dir)
+    report = _evaluate(model, scheme, dataset, split, limit, data_dir, progress, sample=sample, **options)
+    if sample is not None:
+        report["sample"] = {"requested": sample, "rule": "evenly spaced over the split in file order"}
+    _add_audit(report, model, dataset, split, limit, data_dir, sample)
     _add_clinical(report, model)
     return report
 
@@ -101,7 +112,7 @@ def _add_clinical(report: dict[str, Any], model: str) -> None:
 
 
 def _add_audit(report: dict[str, Any], model: str, dataset: str | None, split: str, limit: int | None,
-               data_dir: str | None) -> None:
+               data_dir: str | None, sample: int | None = None) -> None:
     """``report["audit"]``: plain (and encrypted) metrics on the rows of the card's audit subgroup."""
     from medhe.data.folder import audit_mask
     from medhe.models.artifact import load_artifact
@@ -112,7 +123,7 @@ def _add_audit(report: dict[str, Any], model: str, dataset: str | None, split: s
     audit = artifact.card.get("audit")
     if not audit or dataset not in (None, (artifact.card.get("dataset") or {}).get("name")):
         return
-    _, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
+    _, ds = load_eval_data(artifact, dataset, split, limit, data_dir, sample)
     mask = audit_mask(ds, audit, data_dir)
     if mask is None or not mask.any():
         return
@@ -132,7 +143,7 @@ def _evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spl
               limit: int | None = None, data_dir: str | None = None, progress: bool = True,
               fhe: str | None = None, key_bits: int = 3072, debug_layers: bool = False,
               n_execute: int = 50, batch: bool = False, encrypted_model: str | None = None,
-              keys: str | None = None) -> dict[str, Any]:
+              keys: str | None = None, sample: int | None = None) -> dict[str, Any]:
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included)."""
     from medhe.models.artifact import load_artifact
     from medhe.models.metrics import compute_metrics
@@ -152,7 +163,7 @@ def _evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spl
     if encrypted_model is not None and batch:
         raise MedheError("--batch and --encrypted-model are separate modes: pass one of them")
     artifact = load_artifact(model)
-    name, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
+    name, ds = load_eval_data(artifact, dataset, split, limit, data_dir, sample)
     inputs = model_inputs(artifact, ds.images)
     plain_logits = predict_logits(artifact.model, inputs)
     from medhe.he.report import SCHEMA, compact
@@ -285,10 +296,10 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(args.model, args.scheme, args.dataset, args.split, args.limit, args.data_dir,
                       progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
                       debug_layers=args.debug_layers, n_execute=args.n_execute, batch=args.batch,
-                      encrypted_model=args.encrypted_model, keys=args.keys)
+                      encrypted_model=args.encrypted_model, keys=args.keys, sample=args.sample)
     if calibration is not None:
         add_calibration(report, calibration, args.model, args.dataset, args.split, args.limit, args.data_dir,
-                        args.coverage)
+                        args.coverage, args.sample)
     print_report(report)
     print_calibration(report)
     if report["plain"].get("auc") is None and report["task"] != "multi-label":
@@ -323,7 +334,8 @@ def calibration_record(model: str, coverage: float | None = None) -> dict[str, A
 
 
 def add_calibration(report: dict[str, Any], record: dict[str, Any], model: str, dataset: str | None, split: str,
-                    limit: int | None, data_dir: str | None, coverage: float | None = None) -> None:
+                    limit: int | None, data_dir: str | None, coverage: float | None = None,
+                    sample: int | None = None) -> None:
     """``report["calibration"]``: ECE before/after and conformal set statistics, plain and encrypted.
 
     Uses the report's own per-image logits (5 decimals) when it has them, so plain and encrypted sets are compared
@@ -339,7 +351,7 @@ def add_calibration(report: dict[str, Any], record: dict[str, Any], model: str, 
         from medhe.models.predict import model_inputs, predict_logits
 
         artifact = load_artifact(model)
-        _, ds = load_eval_data(artifact, dataset, split, limit, data_dir)
+        _, ds = load_eval_data(artifact, dataset, split, limit, data_dir, sample)
         labels, plain = ds.labels, predict_logits(artifact.model, model_inputs(artifact, ds.images))
     enc = logits.get("encrypted")
     enc = np.asarray(enc, dtype=np.float64) if enc is not None and len(enc) else None

@@ -10,10 +10,11 @@ epoch by val AUC, chooses the variant by val AUC (then val ACC), scores the test
 exports it with the CKKS output bound taken from train + val logits. ``--only-train`` trains a subset of variants
 without selecting (parallel processes); a later full call reuses the cached variants.
 
-Inputs: ``latent`` runs the shipped f8 VQ encoder on the client (256 px -> 4x32x32, P1's route); ``pixel`` feeds
-the preprocessed image itself. The f8 encoder was trained (unsupervised, no labels) on the COVID *subset*'s train
-split and the NIH subset; the card records how many of this folder's val/test images that encoder saw, and the
-test metrics on the ones it did not see beside the whole split.
+Inputs: ``latent`` runs covid-cxr-ckks' f8 VQ encoder on the client (256 px -> 4x32x32, P1's route); ``pixel``
+feeds the preprocessed image itself. That encoder was trained (unsupervised, no labels) on the NIH subset's and the
+COVID *subset*'s train splits only (the shipped ``vq-f8`` saw every COVID subset image, so it is not used); the card
+records how many of this folder's val/test images the encoder saw, and the test metrics on the ones it did not see
+beside the whole split.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ TARGETS: dict[str, Target] = {
         variants={
             "w16-shift2": ({"width": 16}, {"shift": 2, "epochs": 24}),
             "w16-aug1-shift2": ({"width": 16}, {"shift": 2, "epochs": 16, "augment_copies": 1}),
-            "w16-b3-shift2": ({"width": 16, "blocks": 3}, {"shift": 2, "epochs": 24}),
+            "w16-shift2-e48": ({"width": 16}, {"shift": 2, "epochs": 48}),
         },
         ckks={"poly_degree": 32768, "scale_bits": 36},
         audit={"name": "adult-only", "column": "pediatric_kermany", "value": "0",
@@ -88,7 +89,8 @@ TARGETS: dict[str, Target] = {
 }
 #: training options handled here rather than by ``train_classifier``
 _OWN_OPTIONS = ("augment_copies",)
-ENCODER = "vq-f8"
+#: the model whose client stage is the f8 encoder (v1 and v2 of covid-cxr-ckks carry the same encoder weights)
+ENCODER = "covid-cxr-ckks"
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
@@ -190,7 +192,8 @@ def train_variant(target: Target, name: str, x: dict, y: dict, raw_train: np.nda
 
 
 def run(target_name: str, out_dir: str | Path, variants: list[str] | None = None, data_dir: str | None = None,
-        command: str = "", only_train: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+        command: str = "", only_train: bool = False, log: Callable[[str], None] = print,
+        encoder_dir: str | None = None) -> dict[str, Any]:
     """Train (or reuse) the variants; unless ``only_train``, select on val, score test once, export the model."""
     from medhe.experiments.latent import _logits, bound_for, max_abs_logit
     from medhe.models.metrics import compute_metrics
@@ -206,10 +209,13 @@ def run(target_name: str, out_dir: str | Path, variants: list[str] | None = None
     splits = load_splits(target, data_dir)
     encoder, ae = None, None
     if target.route == "latent":
-        from medhe.models.train_autoencoder import load_autoencoder
+        from medhe.models.artifact import load_artifact
 
-        ae, _ = load_autoencoder(ENCODER)
-        encoder = ae.encoder.eval()
+        source = load_artifact(encoder_dir or ENCODER)
+        if source.client_model is None or (source.card.get("client_stage") or {}).get("arch") != "vq-encoder":
+            raise DataError(f"{encoder_dir or ENCODER} has no VQ encoder client stage to take the latents from")
+        encoder = source.client_model.eval()
+        ae = dict(source.card["client_stage"])
     cache = out / "variants" / "inputs.npz"
     if cache.is_file():
         with np.load(cache) as f:
@@ -248,7 +254,8 @@ def run(target_name: str, out_dir: str | Path, variants: list[str] | None = None
                                                         "max_abs_logit_train_val": round(seen_max, 3),
                                                         "rule": "2 x max |logit| on train + val, rounded up to a "
                                                                 "power of two"})
-    path = export(target_name, target, out / "model", model, record, metrics, splits, command, tried, ae, overlap)
+    path = export(target_name, target, out / "model", model, record, metrics, splits, command, tried, ae, overlap,
+                  encoder)
     summary = {"chosen": chosen["variant"], "tried": tried, "metrics": metrics, "model": str(path)}
     atomic.write_json(out / "selection.json", summary)
     return summary
@@ -277,7 +284,7 @@ def audit_metrics(target: Target, splits: dict, y: dict, logits: dict, data_dir:
 
 
 def export(name: str, target: Target, out_dir: Path, model, record: dict, metrics: dict, splits: dict, command: str,
-           tried: list, ae, overlap: dict | None) -> Path:
+           tried: list, ae: dict | None, overlap: dict | None, encoder=None) -> Path:
     from medhe.experiments.latent import PIXEL_PREPROCESS
     from medhe.models import layers
     from medhe.models.artifact import save_artifact
@@ -303,10 +310,9 @@ def export(name: str, target: Target, out_dir: Path, model, record: dict, metric
     client = None
     if target.route == "latent":
         card["preprocessing"] = {**PREPROCESS, "size": target.size}
-        card["client_stage"] = {"arch": "vq-encoder", "arch_kwargs": ae.encoder_kwargs(), "name": ENCODER,
-                                "latent_shape": [ae.latent_channels, target.size // ae.factor,
-                                                 target.size // ae.factor], "encoder_data_overlap": overlap}
-        client = ae.encoder
+        card["client_stage"] = {"arch": "vq-encoder", "arch_kwargs": ae["arch_kwargs"],
+                                "latent_shape": ae["latent_shape"], "encoder_data_overlap": overlap}
+        client = encoder
     else:
         card["preprocessing"] = {**PIXEL_PREPROCESS, "size": target.size}
     return save_artifact(out_dir, model, card, client_model=client)
@@ -320,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", nargs="+", default=None, help="a subset of the target's variants")
     ap.add_argument("--only-train", action="store_true", help="train the variants only (no selection, no test)")
     ap.add_argument("--data-dir", default=None, help="data folder (default: MEDHE_DATA)")
+    ap.add_argument("--encoder", default=None, metavar="MODEL",
+                    help=f"latent route: the model folder whose VQ encoder client stage makes the latents "
+                         f"(default: the shipped {ENCODER}, whose encoder never saw the COVID subset's val/test)")
     return ap
 
 
@@ -329,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "medhe recipe cxr-ckks " + " ".join(shlex.quote(a) for a in argv)
     t0 = time.perf_counter()
     summary = run(args.target, args.out, args.variants, args.data_dir, command, args.only_train,
-                  log=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
+                  log=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True),
+                  encoder_dir=args.encoder)
     print(json.dumps({k: v for k, v in summary.items() if k != "tried"}, indent=1, default=str))
     return 0
