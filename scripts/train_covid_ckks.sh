@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce covid-cxr-ckks: latent-hecnn under CKKS on f8 latents of the COVID-19 Radiography subset.
+# Reproduce covid-cxr-ckks v1 (the COVID-19 Radiography subset, superseded by v2: scripts/train_cxr_v2.sh).
 # Usage: MEDHE_DATA=/path/to/data scripts/train_covid_ckks.sh [runs/latent] [runs/covid-ckks]
 # The client stage is the f8 encoder of scripts/train_latent.sh (trained on the NIH and COVID *train* splits only).
 set -euo pipefail

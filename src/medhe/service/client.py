@@ -78,11 +78,16 @@ def interpret(task: str, labels: Sequence[str], logits: np.ndarray, model: str, 
                        logits=[float(v) for v in logits])
     if calibration is None:
         if abstain or coverage is not None:
-            raise MedheError(f"model {model!r} has no calibration record, so there is no prediction set for "
-                             f"{'--abstain' if abstain else '--coverage'} to use; its owner can fit one with "
-                             "medhe calibrate MODEL_DIR (or drop the option)")
+            raise _no_calibration(model, abstain)
         return result
     return _calibrate(result, list(labels), logits, calibration, coverage, abstain)
+
+
+def _no_calibration(model: str, abstain: bool) -> MedheError:
+    """The one error for asking an uncalibrated model for prediction sets (CLI option and SDK argument named)."""
+    return MedheError(f"model {model!r} has no calibration record, so there is no prediction set for "
+                      f"{'--abstain' if abstain else '--coverage'} (SDK: abstain=/coverage=) to use; its owner can "
+                      "fit one with medhe calibrate MODEL_DIR (or drop the option)")
 
 
 def calibration_for(info: dict[str, Any], coverage: float | None = None, abstain: bool = False
@@ -94,9 +99,7 @@ def calibration_for(info: dict[str, Any], coverage: float | None = None, abstain
     record = info.get("calibration")
     if record is None:
         if abstain or coverage is not None:
-            raise MedheError(f"model {info['id']!r} has no calibration record, so there is no prediction set for "
-                             f"{'--abstain' if abstain else '--coverage'} (SDK: abstain=/coverage=) to use; its "
-                             "owner can fit one with medhe calibrate MODEL_DIR (or drop the option)")
+            raise _no_calibration(info["id"], abstain)
         return None
     if coverage is not None:
         cal.check_coverage(coverage)
