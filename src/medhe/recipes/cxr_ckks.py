@@ -62,7 +62,8 @@ TARGETS: dict[str, Target] = {
             "w16-aug1-shift2": ({"width": 16}, {"shift": 2, "epochs": 16, "augment_copies": 1}),
             "w16-shift2-e48": ({"width": 16}, {"shift": 2, "epochs": 48}),
         },
-        ckks={"poly_degree": 32768, "scale_bits": 36},
+        # 2^40: a few train+val outliers (|logit| up to 1.3e4) set a 2^15 output bound; 2^36 left 3.4e-2 errors
+        ckks={"poly_degree": 32768, "scale_bits": 40},
         audit={"name": "adult-only", "column": "pediatric_kermany", "value": "0",
                "why": "the database's Normal class mixes in pediatric Kermany scans; COVID images are adults"},
         positive_label="COVID",
