@@ -136,20 +136,20 @@ def augmented(target: Target, images: np.ndarray, copies: int, encoder: torch.nn
     return z
 
 
-def encoder_overlap(splits: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
-    """How many val/test images of this folder the shipped f8 encoder trained on (it used the COVID subset's train
-    split; same file names in the large folder, identical pixels per the data README)."""
+def encoder_overlap(splits: dict[str, Any], data_dir: str | None) -> tuple[dict[str, Any], set[str]]:
+    """How many val/test images of this folder the f8 encoder trained on (it used the COVID subset's train split;
+    same file names in the large folder, identical pixels per the data README), and those file names."""
     from medhe.data import load_dataset
 
     try:
         seen = set(load_dataset(COVID_SUBSET, split="train", data_dir=data_dir).paths or [])
     except DataError:
-        return {"checked": False, "why": f"{COVID_SUBSET} not found"}
+        return {"checked": False, "why": f"{COVID_SUBSET} not found"}, set()
     out: dict[str, Any] = {"checked": True, "encoder_train": f"{COVID_SUBSET} train split ({len(seen)} images)"}
     for s in ("val", "test"):
         paths = splits[s].paths or []
         out[f"{s}_seen_by_encoder"] = int(sum(p in seen for p in paths))
-    return out
+    return out, seen
 
 
 # -- training --------------------------------------------------------------------------------------------------------
@@ -241,9 +241,8 @@ def run(target_name: str, out_dir: str | Path, variants: list[str] | None = None
     logits = {s: _logits(model, x[s]) for s in ("val", "test")}
     metrics: dict[str, Any] = {s: compute_metrics(target.task, y[s], logits[s]) for s in ("val", "test")}
     subgroups = audit_metrics(target, splits, y, logits, data_dir)
-    overlap = encoder_overlap(splits, data_dir) if target.route == "latent" else None
+    overlap, seen = encoder_overlap(splits, data_dir) if target.route == "latent" else (None, set())
     if overlap and overlap.get("checked"):
-        seen = set(load_subset_train_paths(data_dir))
         keep = np.array([p not in seen for p in splits["test"].paths])
         metrics["test_unseen_by_encoder"] = {"n": int(keep.sum()),
                                              **compute_metrics(target.task, y["test"][keep], logits["test"][keep])}
@@ -260,12 +259,6 @@ def run(target_name: str, out_dir: str | Path, variants: list[str] | None = None
     summary = {"chosen": chosen["variant"], "tried": tried, "metrics": metrics, "model": str(path)}
     atomic.write_json(out / "selection.json", summary)
     return summary
-
-
-def load_subset_train_paths(data_dir: str | None) -> list[str]:
-    from medhe.data import load_dataset
-
-    return list(load_dataset(COVID_SUBSET, split="train", data_dir=data_dir).paths or [])
 
 
 def audit_metrics(target: Target, splits: dict, y: dict, logits: dict, data_dir: str | None) -> dict[str, Any]:
