@@ -67,3 +67,15 @@ def test_missing_dataset_file_names_the_fix(tmp_path):
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert "pneumoniamnist.npz" in line and str(tmp_path) in line and "MEDHE_DATA" in line
+
+
+def test_version_answers_without_importing_torch():
+    """``medhe --version`` is what a packager or a health check runs first: it must not pay torch's 5 s import."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from medhe.cli import main; rc = main(['--version']); "
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("medhe ")
