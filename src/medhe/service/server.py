@@ -27,6 +27,8 @@ from medhe.service import protocol
 from medhe.service.catalog import ServedModel
 from medhe.service.errors import ServiceError
 from medhe.service import limits
+from medhe.service.audit import AuditLog
+from medhe.service.audit_middleware import AuditMiddleware
 from medhe.service.keystore import KeyStore, KeyTooLarge, hash_secret
 from medhe.service.spool import SpoolDir, discard
 from medhe.service.upload import StreamCheck
@@ -44,7 +46,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
                processes: int = 0, threads: int = 1, max_keys: int = protocol.DEFAULT_MAX_KEYS,
                max_keys_per_client: int = protocol.DEFAULT_MAX_KEYS_PER_CLIENT,
                spool_root: str | None = None,
-               max_batch_bytes: int = protocol.DEFAULT_MAX_BATCH_BODY, pool_factory=None) -> FastAPI:
+               max_batch_bytes: int = protocol.DEFAULT_MAX_BATCH_BODY, pool_factory=None,
+               audit: AuditLog | None = None) -> FastAPI:
     """Build the app. Workers compile the models when the app starts (lifespan), so /v1/ready turns true then.
 
     ``processes``: worker processes for inference (0 = a thread pool of ``threads`` in this process).
@@ -53,7 +56,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     ``max_keys_per_client`` the number per client address (least recently used evicted first).
     ``pool_factory(refs, key_cache_bytes, on_replace)``: another place to run inference with the ``WorkerPool``
     interface (``medhe serve --ray``: ``RayPool``, Ray actors across a cluster); ``processes``/``threads`` then
-    do not apply.
+    do not apply. ``audit``: where every key registration, inference, batch and refusal is recorded
+    (``audit_middleware``; ``medhe serve --audit-log``).
     """
     catalog = {m.id: m for m in models}
 
@@ -129,6 +133,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     app.state.start = start_workers
     app.state.stop = stop
     app.state.catalog = catalog
+    if audit is not None:
+        app.add_middleware(AuditMiddleware, audit=audit, version_of=lambda model_id: model_version(catalog, model_id))
 
     # -- errors: every refusal is JSON ---------------------------------------------------------------------------
     @app.exception_handler(ServiceError)
@@ -399,6 +405,13 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
 
 class ClientGone(Exception):
     """The client hung up mid-request: logged as one line, nothing answered (nobody would read it)."""
+
+
+def model_version(catalog: dict[str, ServedModel], model_id: str) -> str | None:
+    """The served model's card ``version`` (``None`` for a model not served, or a card without one)."""
+    model = catalog.get(model_id)
+    version = model.card.get("version") if model is not None else None
+    return None if version is None else str(version)
 
 
 def _new_key_id() -> str:
