@@ -41,7 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medhe {__version__}")
         return 0
     parser = build_parser()
+    applied = None
+    if any(t.startswith("--co") for t in args_in):  # serve / ui --config: a TOML file sets defaults, flags override
+        from medhe.cli._config import apply_config
+
+        try:
+            applied = apply_config(parser, args_in)
+        except MedheError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) != applied:
+        print("error: write --config FILE in full (an abbreviated flag is not read)", file=sys.stderr)
+        return 2
     if not getattr(args, "handler", None):
         parser.print_help()
         return 1

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import sys
 
+from medhe.cli._config import add_config_argument
 from medhe.errors import MedheError
 from medhe.service import protocol
 
@@ -56,8 +57,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--ray-replicas", action="append", default=[], metavar="MODEL=N[,MODEL=N...]",
                      help="--ray: N dedicated actors for MODEL that hold only it (repeatable); unlisted models share "
                           "the actors that --ray-actors / --ray-actors-per-node / one per free CPU place")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_operations_arguments(p, default_level="info")
+    p.add_argument("--audit-log", metavar="PATH",
+                   help="append one JSON line per key registration, inference, batch and refused request (time, "
+                        "key id, client, model@version, route, outcome, bytes; never an image, ciphertext or key)")
+    add_config_argument(p)
     p.set_defaults(handler=run)
+
+
+def add_operations_arguments(p: argparse.ArgumentParser, default_level: str) -> None:
+    """--log-level, --log-format, --log-file: shared by ``serve`` and ``ui``."""
+    from medhe.service.logs import FORMATS
+
+    p.add_argument("--log-level", default=default_level, choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="text (default) or json: one JSON object per line (time, level, logger, message, event)")
+    p.add_argument("--log-file", metavar="PATH", help="append the log to this file (default: stderr)")
 
 
 def _size(text: str) -> int:
@@ -121,10 +136,13 @@ def _exit_on_sigterm() -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from medhe.service.audit import AuditLog
     from medhe.service.catalog import load_catalog, load_encrypted_catalog
+    from medhe.service.logs import configure
     from medhe.service.server import create_app
     from medhe.service.worker import default_processes
 
+    say = configure(args.log_format, args.log_file, args.log_level)
     token = args.token if args.token is not None else os.environ.get(protocol.TOKEN_ENV) or None
     pool_factory = ray_pool_factory(args)  # --ray without Ray installed: one line, before anything else
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
@@ -135,10 +153,11 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise MedheError(f"--port {args.port} is not a valid TCP port")
     if args.host not in LOOPBACK and not token:
-        print(f"warning: serving on {args.host} without --token: anyone who can reach it may use your models",
-              file=sys.stderr)
+        say(f"warning: serving on {args.host} without --token: anyone who can reach it may use your models",
+            "no_token", logging.WARNING)
     if args.host not in LOOPBACK and not args.ssl_certfile:
-        print("warning: no TLS: put medhe behind a TLS proxy or pass --ssl-certfile/--ssl-keyfile", file=sys.stderr)
+        say("warning: no TLS: put medhe behind a TLS proxy or pass --ssl-certfile/--ssl-keyfile", "no_tls",
+            logging.WARNING)
     _check_port_free(args.host, args.port)  # fail now, not after minutes of compiling
     if not args.model and not args.encrypted_model:
         raise MedheError("nothing to serve: pass --model NAME|DIR[:SCHEME] or --encrypted-model ENCDIR")
@@ -152,31 +171,33 @@ def run(args: argparse.Namespace) -> int:
     where = f"{workers or 'in-process'} worker(s)"
     if pool_factory is not None:
         where = f"Ray actors ({args.ray or 'local Ray'})"
+    audit = AuditLog(args.audit_log) if args.audit_log else None  # an unwritable path: one line, now
     app = create_app(models, token=token, max_body=args.max_body, key_ttl=args.key_ttl,
                      max_key_bytes=args.max_key_bytes, processes=workers, max_keys=args.max_keys,
                      max_keys_per_client=args.max_keys_per_client, max_batch_bytes=args.max_batch_bytes,
-                     pool_factory=pool_factory)
+                     pool_factory=pool_factory, audit=audit)
     _exit_on_sigterm()
     if pool_factory is not None:
         from medhe.service.raycluster import connect
 
         connect(args.ray or None)  # a wrong or unreachable address is one line, before any compiling
     scheme = "https" if args.ssl_certfile else "http"
-    print(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme}{_enc(m)})' for m in models)} "
-          f"in {where} ...", file=sys.stderr, flush=True)
+    say(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme}{_enc(m)})' for m in models)} "
+        f"in {where} ...", "compiling", models=[m.id for m in models])
     from medhe.service.http400 import JSONErrorHTTPProtocol
 
     try:
         app.state.start()  # compile errors are one-line MedheErrors here, before the port is bound
         if pool_factory is not None:
             per_model = app.state.pool.live_by_model()
-            print("medhe serve: Ray actors per model: " + ", ".join(f"{m} {n}" for m, n in per_model.items()),
-                  file=sys.stderr, flush=True)
-        print(f"medhe serve: ready at {scheme}://{args.host}:{args.port}{protocol.PREFIX}  (Ctrl-C stops)",
-              file=sys.stderr, flush=True)
+            say("medhe serve: Ray actors per model: " + ", ".join(f"{m} {n}" for m, n in per_model.items()),
+                "ray_actors", actors=per_model)
+        url = f"{scheme}://{args.host}:{args.port}{protocol.PREFIX}"
+        say(f"medhe serve: ready at {url}  (Ctrl-C stops)", "ready", url=url)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                                timeout_keep_alive=30, http=JSONErrorHTTPProtocol)
+                                timeout_keep_alive=30, http=JSONErrorHTTPProtocol,
+                                log_config=None)  # logging is set up above (--log-format, --log-file)
         server = uvicorn.Server(config)
         server.run()
     finally:
@@ -185,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
             from medhe.service.raycluster import disconnect
 
             disconnect()
+        if audit is not None:
+            audit.close()
     if not server.started:
         raise MedheError(f"the server did not start on {args.host}:{args.port} (port in use, or models failed "
                          "to compile; see the log above)")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from medhe.cli._config import add_config_argument
+from medhe.cli.serve import add_operations_arguments
 from medhe.errors import MedheError
 from medhe.service import protocol
 
@@ -19,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8765, help="local port of the page (default 8765)")
     p.add_argument("--token", help=f"bearer token of the server (default: ${protocol.TOKEN_ENV})")
     p.add_argument("--cacert", help="CA bundle to verify the server's self-signed TLS certificate")
-    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    add_operations_arguments(p, default_level="warning")
+    add_config_argument(p)
     p.set_defaults(handler=run)
 
 
@@ -27,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from medhe.cli.serve import _check_port_free
+    from medhe.service.logs import configure
     from medhe.ui.app import create_ui_app
 
+    say = configure(args.log_format, args.log_file, args.log_level)
     if not 0 < args.port < 65536:
         raise MedheError(f"--port {args.port} is not a valid TCP port")
     token = args.token if args.token is not None else os.environ.get(protocol.TOKEN_ENV) or None
@@ -37,9 +41,11 @@ def run(args: argparse.Namespace) -> int:
     host = "127.0.0.1"  # the page holds the secret key: never reachable from another machine
     _check_port_free(host, args.port)
     app = create_ui_app(args.server, token=token, verify=args.cacert or True)
-    print(f"medhe ui: open http://{host}:{args.port}/ in a browser (server {args.server}; Ctrl-C stops)",
-          file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level=args.log_level))
+    url = f"http://{host}:{args.port}/"
+    say(f"medhe ui: open {url} in a browser (server {args.server}; Ctrl-C stops)", "ready", url=url,
+        server=args.server)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level=args.log_level,
+                                           log_config=None))  # set up above (--log-format, --log-file)
     server.run()
     if not server.started:
         raise MedheError(f"medhe ui did not start on {host}:{args.port}; see the log above")
