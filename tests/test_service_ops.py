@@ -256,3 +256,31 @@ def test_json_formatter_fields():
     out = json.loads(JsonFormatter().format(record))
     assert out["event"] == "http_access" and out["status"] == 200 and out["path"] == "/v1/x"
     assert out["message"] == '127.0.0.1:5 - "POST /v1/x HTTP/1.1" 200' and out["time"].endswith("Z")
+
+
+def test_the_documented_medhe_toml_is_valid(tmp_path):
+    from pathlib import Path
+
+    from medhe.cli._config import _subparser, load_config
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    block = doc.split("# medhe.toml: medhe serve --config medhe.toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "medhe.toml").write_text(block)
+    values = load_config(tmp_path / "medhe.toml", _subparser(build_parser(), "serve"))
+    assert values["model"] == ["pneumoniamnist", "covid-cxr:paillier"] and values["max_key_bytes"] == 4 << 30
+    assert values["audit_log"] and values["log_format"] == "json"
+
+
+def test_logging_set_up_is_undone(tmp_path):
+    """``medhe serve`` run in-process (tests, notebooks) gives logging back as it found it, so caplog still works."""
+    from medhe.service.logs import configure, reset
+
+    before = [(logging.getLogger(n).propagate, logging.getLogger(n).level, list(logging.getLogger(n).handlers))
+              for n in ("medhe", "uvicorn", "medhe.cli")]
+    say = configure("json", str(tmp_path / "x.log"), "debug")
+    say("hello", "greeting", who="ops")
+    assert json.loads((tmp_path / "x.log").read_text())["who"] == "ops"
+    reset()
+    after = [(logging.getLogger(n).propagate, logging.getLogger(n).level, list(logging.getLogger(n).handlers))
+             for n in ("medhe", "uvicorn", "medhe.cli")]
+    assert after == before

@@ -134,15 +134,23 @@ def _exit_on_sigterm() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medhe.service.logs import configure, reset
+
+    say = configure(args.log_format, args.log_file, args.log_level)
+    try:
+        return _serve(args, say)
+    finally:
+        reset()  # logging as it was: the command may run inside another program (the tests)
+
+
+def _serve(args: argparse.Namespace, say) -> int:
     import uvicorn
 
     from medhe.service.audit import AuditLog
     from medhe.service.catalog import load_catalog, load_encrypted_catalog
-    from medhe.service.logs import configure
     from medhe.service.server import create_app
     from medhe.service.worker import default_processes
 
-    say = configure(args.log_format, args.log_file, args.log_level)
     token = args.token if args.token is not None else os.environ.get(protocol.TOKEN_ENV) or None
     pool_factory = ray_pool_factory(args)  # --ray without Ray installed: one line, before anything else
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):

@@ -26,13 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medhe.service.logs import configure, reset
+
+    say = configure(args.log_format, args.log_file, args.log_level)
+    try:
+        return _ui(args, say)
+    finally:
+        reset()  # logging as it was: the command may run inside another program (the tests)
+
+
+def _ui(args: argparse.Namespace, say) -> int:
     import uvicorn
 
     from medhe.cli.serve import _check_port_free
-    from medhe.service.logs import configure
     from medhe.ui.app import create_ui_app
 
-    say = configure(args.log_format, args.log_file, args.log_level)
     if not 0 < args.port < 65536:
         raise MedheError(f"--port {args.port} is not a valid TCP port")
     token = args.token if args.token is not None else os.environ.get(protocol.TOKEN_ENV) or None

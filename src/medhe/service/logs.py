@@ -20,7 +20,7 @@ FORMATS = ("text", "json")
 #: the loggers medhe's servers write through: uvicorn's (server and access lines) and medhe's own.
 LOGGERS = ("uvicorn", "medhe")
 _STANDARD = set(vars(logging.LogRecord("x", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
-_installed: list[tuple[logging.Logger, logging.Handler]] = []
+_installed: list[tuple[logging.Logger, logging.Handler, bool, int]] = []  # what to undo
 
 
 def utc_now() -> str:
@@ -76,7 +76,8 @@ def configure(log_format: str = "text", log_file: str | None = None, level: str 
     """Send uvicorn's and medhe's loggers to one handler (``log_file`` appended to, else stderr) in ``log_format``.
 
     Pass ``log_config=None`` to uvicorn afterwards so it keeps this set-up (it still applies ``--log-level`` to
-    its own loggers). Calling it again replaces what an earlier call installed. Returns ``say(message, event)``
+    its own loggers). Calling it again replaces what an earlier call installed; ``reset()`` undoes it (a command
+    run in-process, as the tests do, leaves logging as it found it). Returns ``say(message, event)``
     for the command's own start-up lines: printed to stderr as before with text logs on the terminal, a log
     record (JSON, or in the log file) otherwise, so a JSON log stream holds only JSON.
     """
@@ -91,18 +92,17 @@ def configure(log_format: str = "text", log_file: str | None = None, level: str 
         handler = logging.StreamHandler(sys.stderr)
     tty = not log_file and sys.stderr.isatty()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(use_colors=tty))
-    for logger, old in _installed:
-        logger.removeHandler(old)
-        old.close()
-    _installed.clear()
+    reset()
     numeric = logging.getLevelName(level.upper())
+    announce = logging.getLogger("medhe.cli")
+    for name in (*LOGGERS, announce.name):
+        logger = logging.getLogger(name)
+        _installed.append((logger, handler, logger.propagate, logger.level))
     for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.propagate = False
         logger.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
-        _installed.append((logger, handler))
-    announce = logging.getLogger("medhe.cli")
     announce.setLevel(logging.INFO)  # start-up lines show whatever --log-level, as they do on a terminal
     plain = log_format == "text" and not log_file
 
@@ -113,3 +113,15 @@ def configure(log_format: str = "text", log_file: str | None = None, level: str 
             announce.log(level, message, extra={"event": event, **fields})
 
     return say
+
+
+def reset() -> None:
+    """Remove what ``configure`` installed and give the loggers back their earlier propagation and levels."""
+    handlers = set()
+    for logger, handler, propagate, level in reversed(_installed):
+        logger.removeHandler(handler)
+        logger.propagate, logger.level = propagate, level
+        handlers.add(handler)
+    for handler in handlers:
+        handler.close()
+    _installed.clear()
