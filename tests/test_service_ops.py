@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 import httpx
 import numpy as np
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 
 from medhe.cli import build_parser, main as medhe_main
 from medhe.cli._config import apply_config
@@ -284,3 +286,48 @@ def test_logging_set_up_is_undone(tmp_path):
     after = [(logging.getLogger(n).propagate, logging.getLogger(n).level, list(logging.getLogger(n).handlers))
              for n in ("medhe", "uvicorn", "medhe.cli")]
     assert after == before
+
+
+def test_middleware_audits_batch_routes_crashes_and_unknown_routes(tmp_path):
+    """The batch routes, an internal error and a route that does not exist, without starting a server."""
+    import asyncio
+
+    from medhe.service.audit_middleware import AuditMiddleware
+
+    app = FastAPI()
+
+    @app.post(protocol.batch_keys_path("{model_id}"), status_code=201)
+    async def batch_keys(model_id: str, request: Request) -> dict:
+        await request.body()
+        return {"key_id": "bk-1", "key_secret": "never-logged-secret", "model": model_id}
+
+    @app.post(protocol.batch_infer_path("{model_id}"))
+    async def batch_infer(model_id: str) -> Response:
+        raise RuntimeError("boom")
+
+    @app.get(protocol.models_path())
+    async def listing() -> JSONResponse:
+        return JSONResponse({"models": []})
+
+    audit = AuditLog(tmp_path / "audit.log")
+    app.add_middleware(AuditMiddleware, audit=audit, version_of=lambda m: "7" if m == MODEL else None)
+    async def requests() -> list[int]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return [(await http.post(protocol.batch_keys_path(MODEL), content=b"k" * 10)).status_code,
+                    (await http.post(protocol.batch_infer_path(MODEL), content=b"c" * 5,
+                                     headers={protocol.KEY_HEADER: "bk-1"})).status_code,
+                    (await http.get(protocol.models_path())).status_code,  # a plain listing: not audited
+                    (await http.get("/v1/nowhere")).status_code]
+
+    assert asyncio.run(requests()) == [201, 500, 200, 404]
+    audit.close()
+    text = (tmp_path / "audit.log").read_text()
+    keys, crash, nowhere = (json.loads(line) for line in text.splitlines())
+    assert (keys["event"], keys["key_id"], keys["model"], keys["request_bytes"]) == ("register_batch_keys", "bk-1",
+                                                                                    f"{MODEL}@7", 10)
+    assert (crash["event"], crash["action"], crash["outcome"], crash["status"], crash["key_id"]) == (
+        "refused", "batch", "internal_error", 500, "bk-1")
+    assert (nowhere["event"], nowhere["action"], nowhere["route"], nowhere["status"]) == (
+        "refused", None, "GET /v1/nowhere", 404)
+    assert "never-logged-secret" not in text
