@@ -109,6 +109,7 @@ def audit_lines(path, want: int, timeout: float = 10.0) -> list[dict]:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # one server process, real CKKS (about 10 s)
 def test_audit_log_records_registration_inference_refusals_and_deletion(server, traffic, files):
     records = audit_lines(files["audit"], 6)
     version = str(read_card(resolve_model_dir(MODEL)).get("version", "unknown"))
@@ -136,6 +137,7 @@ def test_audit_log_records_registration_inference_refusals_and_deletion(server, 
     assert not [r for r in records if "/ready" in r["route"] or "/health" in r["route"]]  # probes are not audited
 
 
+@pytest.mark.slow  # one server process, real CKKS (about 10 s)
 def test_json_log_lines_parse_and_carry_uvicorns_access_lines(server, traffic, files):
     lines = files["log"].read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line is one JSON object
@@ -158,6 +160,7 @@ def _forms(data: bytes, n: int = 4, width: int = 48) -> list[bytes]:
     return [f for s in slices for f in (s, base64.b64encode(s), s.hex().encode())]
 
 
+@pytest.mark.slow  # one server process, real CKKS (about 10 s)
 def test_no_image_ciphertext_key_secret_or_logit_in_any_log(server, traffic, files):
     audit_lines(files["audit"], 6)
     logs = {"audit": files["audit"].read_bytes(), "json log": files["log"].read_bytes(),
