@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     record["command"] = ta.command_line()
     record["data"] = {"nih_chestxray14_subset": "train split", "covid19_radiography_subset": "train split, resized to 256",
                       "limit": args.limit, "held_out": "nih_chestxray14_subset val+test"}
-    ta.save_autoencoder(out, ae, metrics=metrics, training=record)
+    ta.save_autoencoder(out, ae, metrics=metrics, training=record, data=ta.training_data(args.data_dir, args.limit))
     if args.recon_png:
         ta.save_recon_grid(ae, held_out, args.recon_png)
     print(json.dumps({"out": str(out), "factor": args.factor, **metrics["held_out"],

@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate", choices=("none", "youden", "acc"), default="none",
                    help="binary tasks: choose the decision threshold on the validation set (recorded in the card)")
     p.add_argument("--limit", type=int, help="use a seeded random subset of N images of each split (quick runs)")
+    p.add_argument("--model-version", metavar="V",
+                   help="the card's version (default 1); raise it whenever retrained weights replace a model of "
+                        "the same name (docs/model-cards.md)")
+    p.add_argument("--license", metavar="SPDX",
+                   help="the weights' license in the card (default: unspecified; you own the weights you train)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
@@ -132,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, arch_kwargs=arch_kwargs, data_dir=args.data_dir, size=args.size, augment=not args.no_augment,
         command=command_line(args), progress=not args.no_progress, weight_decay=args.weight_decay,
         class_balanced=args.class_balanced, label_smoothing=args.label_smoothing, ema=args.ema, mixup=args.mixup,
-        calibrate=None if args.calibrate == "none" else args.calibrate, name=args.name, limit=args.limit)
+        calibrate=None if args.calibrate == "none" else args.calibrate, name=args.name, limit=args.limit,
+        card_extras={k: v for k, v in (("version", args.model_version), ("license", args.license)) if v})
     print_summary(artifact)
     return 0
 
@@ -149,6 +155,9 @@ def print_summary(artifact: Any) -> None:
     print(f"\nmodel {card['name']!r} ({card['arch']}, {params:,} parameters) written to {artifact.path}")
     print(f"dataset {card['dataset'].get('name')} ({card['task']}, {label_list(card['labels'])}); "
           f"best epoch {training.get('best_epoch')} of {training.get('epochs')}, {training.get('elapsed_s')} s")
+    data = card.get("training_data") or {}
+    print(f"card v{card.get('version')}, license {card.get('license')}, code {str(card.get('code_revision'))[:12]}; "
+          f"training data {data.get('dataset')} ({data.get('n')} images, sha256 {str(data.get('sha256'))[:16]}...)")
     if training.get("calibration"):
         cal = training["calibration"]
         print(f"decision threshold chosen by {cal['method']}: logit margin {cal['logit_margin_threshold']}")

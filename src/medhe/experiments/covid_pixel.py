@@ -142,6 +142,7 @@ def export_pixel_covid(out_dir: str | Path, model: torch.nn.Module, record: dict
     """Save the pixel model as ``covid-cxr-ckks``: the whole network on the server, no client stage."""
     from medhe.models import layers
     from medhe.models.artifact import save_artifact
+    from medhe.models.modelcard import complete_card
 
     layers.check_he_friendly(model)
     bound = {"output_bound": record["ckks_output_bound"]["value"]} if "ckks_output_bound" in record else {}
@@ -153,7 +154,7 @@ def export_pixel_covid(out_dir: str | Path, model: torch.nn.Module, record: dict
             "activation_ranges": layers.activation_ranges(model),
             "training": {"command": command, **{k: v for k, v in record.items() if k not in ("arch", "arch_kwargs")}},
             "scheme_options": {"default_scheme": "ckks", "ckks": {**CKKS_OPTIONS, **bound}}, **extra}
-    return save_artifact(out_dir, model, card)
+    return save_artifact(out_dir, model, complete_card(card))
 
 
 def logit_bound(model: torch.nn.Module, xs: list[np.ndarray]) -> dict[str, Any]:

@@ -205,6 +205,7 @@ def export_latent_model(out_dir: str | Path, ae: VQAutoencoder, model: nn.Sequen
                         dataset: dict[str, Any] | None = None) -> Path:
     """Save the latent model: classifier as the server network, the VQ encoder as the public client stage."""
     from medhe.models.artifact import save_artifact
+    from medhe.models.modelcard import complete_card
     from medhe.models.train_autoencoder import PREPROCESS
 
     layers.check_he_friendly(model)
@@ -220,12 +221,13 @@ def export_latent_model(out_dir: str | Path, ae: VQAutoencoder, model: nn.Sequen
                            "ckks": dict(DEFAULT_CKKS_OPTIONS if ckks_options is None else ckks_options)},
         **(extra or {}),
     }
-    return save_artifact(out_dir, model, card, client_model=ae.encoder)
+    return save_artifact(out_dir, model, complete_card(card), client_model=ae.encoder)
 
 
 def export_pixel_model(out_dir: str | Path, model: nn.Sequential, record: dict[str, Any], metrics: dict[str, Any],
                        labels: list[str], size: int, name: str) -> Path:
     from medhe.models.artifact import save_artifact
+    from medhe.models.modelcard import complete_card
 
     card = {"name": name, "arch": "latent-hecnn", "arch_kwargs": record["arch_kwargs"], "task": "multi-label",
             "labels": list(labels), "dataset": {"name": NIH, "size": 256},
@@ -233,7 +235,7 @@ def export_pixel_model(out_dir: str | Path, model: nn.Sequential, record: dict[s
             "activation_ranges": layers.activation_ranges(model),
             "training": {k: v for k, v in record.items() if k not in ("arch", "arch_kwargs")},
             "scheme_options": {"default_scheme": "ckks"}}
-    return save_artifact(out_dir, model, card)
+    return save_artifact(out_dir, model, complete_card(card))
 
 
 # -- encrypted ------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from medhe import atomic
 from medhe.errors import ArtifactError
 from medhe.models.layers import set_recording
+from medhe.models.modelcard import warn_if_old
 from medhe.models.zoo import build_model
 
 FORMAT = "medhe-model/1"
@@ -150,6 +151,7 @@ def read_card(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{where}: card.json is not valid JSON ({exc}); restore it or retrain") from None
     validate_card(card, where)
+    warn_if_old(card, where)  # a card from before v2 still loads; its version, license, ... read as "unknown"
     return card
 
 

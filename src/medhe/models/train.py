@@ -28,6 +28,7 @@ from medhe.models import layers
 from medhe.models.artifact import ModelArtifact, load_artifact, save_artifact
 from medhe.models.augment import Augment
 from medhe.models.metrics import compute_metrics
+from medhe.models.modelcard import complete_card, loaded_entry
 from medhe.models.predict import predict_logits
 from medhe.models.zoo import build_model
 
@@ -106,6 +107,10 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     if hasattr(model, "quantization_card"):  # QAT models: the TFHE compiler reads the integer program from here
         card["quantization"] = model.quantization_card()
         card.setdefault("scheme_options", {"default_scheme": "tfhe"})
+    sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test)}
+    note = f"--limit {limit}: a seeded subset of every split" if limit is not None else None
+    card = complete_card(card, training_data=loaded_entry(data.card_entry["name"], data.train, sizes,
+                                                          data.card_entry.get("size"), note))
     save_artifact(out_dir, model, card)
     return load_artifact(out_dir)
 
@@ -159,6 +164,7 @@ def _load_splits(dataset: str | os.PathLike, size: int, data_dir: Any, limit: in
         if limit is not None:
             keep = subset_indices(len(ds), limit, seed)
             ds.images, ds.labels = ds.images[keep], ds.labels[keep]
+            ds.paths = None if ds.paths is None else [ds.paths[i] for i in keep]  # the card's fingerprint lists them
         if len(ds) == 0:
             raise DataError(f"dataset {dataset} has no {split} images: add images or use a larger dataset")
         splits.append(ds)

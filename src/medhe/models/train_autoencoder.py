@@ -198,15 +198,32 @@ def train_autoencoder(factor: int = 8, epochs: int = 15, data_dir: str | None = 
 
 
 # -- artifact -------------------------------------------------------------------------------------------------------
+def training_data(data_dir: str | None = None, limit: int | None = None) -> dict[str, Any]:
+    """The card's ``training_data`` for :func:`load_images`' default sources (model cards v2, docs/model-cards.md)."""
+    from medhe.models.modelcard import data_entry
+
+    block: dict[str, Any] = {"parts": [data_entry(NIH, ["train"], data_dir=data_dir),
+                                       data_entry(COVID, ["train"], data_dir=data_dir)]}
+    if limit is not None:
+        block["note"] = f"--limit {limit}: the first {limit} images of these parts, in this order; the hashes cover " \
+                        "the whole parts"
+    return block
+
+
 def save_autoencoder(out_dir: str | Path, ae: VQAutoencoder, metrics: dict | None = None,
-                     training: dict | None = None) -> Path:
-    """``autoencoder.safetensors`` (encoder, codebook, decoder) + ``autoencoder.json`` (config, metrics, command)."""
+                     training: dict | None = None, data: dict | None = None) -> Path:
+    """``autoencoder.safetensors`` (encoder, codebook, decoder) + ``autoencoder.json`` (config, metrics, command);
+    with ``data`` (:func:`training_data`), the model card v2 fields too."""
     out = Path(out_dir)
     tensors = {k: v.detach().clone().contiguous() for k, v in ae.state_dict().items()}
     atomic.write_bytes(out / WEIGHTS, save(tensors))
     card = {"format": FORMAT, "config": ae.config, "encoder": {"arch": "vq-encoder", "arch_kwargs": ae.encoder_kwargs()},
             "latent_shape": [ae.latent_channels, IMAGE_SIZE // ae.factor, IMAGE_SIZE // ae.factor],
             "preprocessing": dict(PREPROCESS), "metrics": metrics or {}, "training": training or {}}
+    if data is not None:
+        from medhe.models.modelcard import complete_card
+
+        card = complete_card(card, training_data=data)
     atomic.write_json(out / CARD, card)
     return out
 

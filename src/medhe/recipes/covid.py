@@ -22,6 +22,7 @@ import torch
 
 from medhe.data import Preprocess, load_dataset, resolve_data_dir
 from medhe.models.artifact import PRETRAINED_DIR, save_artifact
+from medhe.models.modelcard import complete_card
 from medhe.models.augment import Augment
 from medhe.models.mobilenet import FEATURE_BOUND
 from medhe.models.train_extractor import predict_logits, train_split_model
@@ -111,7 +112,9 @@ def ensemble(args: argparse.Namespace, argv: list[str] | None) -> int:
         "client_stage": {"arch": "mobilenetv2-he", "arch_kwargs": kwargs},
     })
     card.pop("format", None)
-    out = save_artifact(args.out, head, card, client_model=extractor)
+    for key in ("training_data", "limitations", "code_revision", "code_revision_source", "created"):
+        card.pop(key, None)  # the members' record: the ensemble's is written now
+    out = save_artifact(args.out, head, complete_card(card, data_dir=args.data_dir), client_model=extractor)
     print(f"wrote {out}")
     return 0
 
@@ -228,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             z = predict_logits(result.extractor, result.head, x[s][keep])
             card["metrics"][f"{s}_{audit['name']}"] = {"n": int(keep.sum()), **metrics(y[s][keep], z)}
         print({k: v for k, v in card["metrics"].items() if audit["name"] in k})
-    out = save_artifact(args.out, result.head, card, client_model=result.extractor)
+    out = save_artifact(args.out, result.head, complete_card(card, data_dir=args.data_dir),
+                        client_model=result.extractor)
     print(f"wrote {out}")
     return 0
 

@@ -217,6 +217,7 @@ def run(target_name: str, out_dir: str | Path, variants: list[str] | None = None
             raise DataError(f"{encoder_dir or ENCODER} has no VQ encoder client stage to take the latents from")
         encoder = source.client_model.eval()
         ae = dict(source.card["client_stage"])
+        ae["training_data"] = (source.card.get("training_data") or {}).get("client_stage")
     cache = out / "variants" / "inputs.npz"
     if cache.is_file():
         with np.load(cache) as f:
@@ -282,6 +283,7 @@ def export(name: str, target: Target, out_dir: Path, model, record: dict, metric
     from medhe.experiments.latent import PIXEL_PREPROCESS
     from medhe.models import layers
     from medhe.models.artifact import save_artifact
+    from medhe.models.modelcard import complete_card, loaded_entry
     from medhe.models.train_autoencoder import PREPROCESS
 
     layers.check_he_friendly(model)
@@ -309,7 +311,11 @@ def export(name: str, target: Target, out_dir: Path, model, record: dict, metric
         client = encoder
     else:
         card["preprocessing"] = {**PIXEL_PREPROCESS, "size": target.size}
-    return save_artifact(out_dir, model, card, client_model=client)
+    data = loaded_entry(target.dataset, splits["train"], {s: len(splits[s]) for s in ("train", "val", "test")})
+    data["split"] = dataset["split"]
+    if ae and ae.get("training_data"):  # the encoder's own images (unsupervised), from the card it was taken from
+        data["client_stage"] = ae["training_data"]
+    return save_artifact(out_dir, model, complete_card(card, training_data=data), client_model=client)
 
 
 # -- command line ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 
 from medhe.data import Preprocess, load_dataset
 from medhe.models.artifact import save_artifact
+from medhe.models.modelcard import complete_card
 from medhe.models.metrics import compute_metrics
 from medhe.models.zoo import build_model
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantization": model.quantization_card(),
         "scheme_options": {"default_scheme": "tfhe"},
     }
-    save_artifact(args.out, model, card)
+    save_artifact(args.out, model, complete_card(card))
     print(f"saved {args.out}")
     return 0
 
