@@ -5,7 +5,9 @@ import json
 import pytest
 
 from medhe.cli.evaluate import dumps, evaluate
-from medhe.he.report import SCHEMA, check_report
+from medhe.he.report import SCHEMA, check_provenance, check_report
+from medhe.models.artifact import read_card, resolve_model_dir
+from medhe.revision import code_revision
 from medhe.stats import STAT_KEYS, summarize
 
 CASES = [("ckks", "pneumoniamnist", {}), ("tfhe", "pneumoniamnist-qfcnn", {"fhe": "simulate"}),
@@ -46,6 +48,11 @@ def test_report_has_the_shared_schema(report):
         report["params"]["security_bits"] >= 128
     assert len(report["logits"]["plain"]) == report["n"] == 8
     assert len(report["logits"]["labels"]) == report["n"]
+    # which model and code produced it (model cards v2): the card's version and revision, this checkout's revision
+    card = read_card(resolve_model_dir(report["model"]))
+    assert report["model_version"] == report["provenance"]["model_version"] == card["version"]
+    assert report["provenance"]["model_code_revision"] == card["code_revision"]
+    assert report["provenance"]["code_revision"] == code_revision() and report["provenance"]["weights_sha256"]
 
 
 @pytest.mark.slow
@@ -88,6 +95,10 @@ def test_clinical_block_per_logit_set(report):
 def test_check_report_names_what_is_missing():
     assert "missing params" in check_report({"schema": SCHEMA})
     assert check_report({}) and all(p.startswith("missing ") for p in check_report({}))
+    assert {"missing model_version", "missing provenance"} <= set(check_report({"schema": SCHEMA}))
+    assert check_provenance({"model_version": "1", "provenance": {"model": "m", "model_version": "1"}}) == [
+        "missing provenance.model_code_revision", "missing provenance.code_revision",
+        "missing provenance.medhe_version", "missing provenance.weights_sha256"]
 
 
 def test_one_p95_definition():

@@ -92,11 +92,22 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included), with the card's
     audit subgroup (e.g. adult-only COVID images) scored beside the whole split when the card names one."""
     report = _evaluate(model, scheme, dataset, split, limit, data_dir, progress, sample=sample, **options)
+    _add_provenance(report, model)
     if sample is not None:
         report["sample"] = {"requested": sample, "rule": "evenly spaced over the split in file order"}
     _add_audit(report, model, dataset, split, limit, data_dir, sample)
     _add_clinical(report, model)
     return report
+
+
+def _add_provenance(report: dict[str, Any], model: str) -> None:
+    """``model_version`` beside ``model``, and ``provenance``: the card's and this checkout's code revision, medhe's
+    version, the weights' SHA-256 (docs/model-cards.md), so a report names exactly which model produced it."""
+    from medhe.models.modelcard import provenance
+
+    block = provenance(model)
+    report["model_version"] = block["model_version"]
+    report["provenance"] = block
 
 
 def _add_clinical(report: dict[str, Any], model: str) -> None:
@@ -218,7 +229,8 @@ def print_report(report: dict[str, Any]) -> None:
             if key == "encrypted" and report.get("n_encrypted", report["n"]) < report["n"]:
                 label = f"encrypted (first {report['n_encrypted']})"  # TFHE executes a prefix, simulates them all
             rows.append([label, m.get("acc"), m.get("auc"), m.get("f1")])
-    print(f"\n{report['model']} on {report['dataset']} ({report['split']}, n={report['n']}), "
+    version = f" v{report['model_version']}" if report.get("model_version") else ""
+    print(f"\n{report['model']}{version} on {report['dataset']} ({report['split']}, n={report['n']}), "
           f"scheme {report['scheme']}")
     print(table(["", "ACC", "AUC", "F1"], rows))
     audit = report.get("audit")

@@ -22,9 +22,12 @@ CALIBRATION_FIELDS = ("method", "temperature", "fitted_on", "coverage_target", "
                       "sets_identical_plain_encrypted")
 CALIBRATION_SIDE_FIELDS = ("ece_before", "ece_after", "coverage", "mean_set_size", "singletons", "empty", "n")
 #: top-level fields of every encrypted report; ``encrypted`` may be null (TFHE --fhe simulate: see ``simulated``)
-ENCRYPTED_FIELDS = ("schema", "model", "dataset", "scheme", "split", "n", "task", "labels", "plain", "encrypted",
-                    "reference", "agreement", "max_abs_logit_error", "latency_ms", "bytes", "params", "machine",
-                    "logits")
+ENCRYPTED_FIELDS = ("schema", "model", "model_version", "dataset", "scheme", "split", "n", "task", "labels", "plain",
+                    "encrypted", "reference", "agreement", "max_abs_logit_error", "latency_ms", "bytes", "params",
+                    "machine", "logits", "provenance")
+#: which model and code produced a report (medhe.models.modelcard.provenance); every report has it, plain included
+PROVENANCE_FIELDS = ("model", "model_version", "model_code_revision", "code_revision", "medhe_version",
+                     "weights_sha256")
 
 
 def compact(values: Any, digits: int = 5) -> list:
@@ -90,12 +93,24 @@ def check_report(report: dict[str, Any]) -> list[str]:
     problems += [f"missing bytes.{k}" for k in BYTES_FIELDS if k not in report["bytes"]]
     problems += [f"missing params.{k}" for k in PARAMS_FIELDS if report["params"].get(k) is None]
     problems += [f"missing machine.{k}" for k in MACHINE_FIELDS if k not in report["machine"]]
+    problems += check_provenance(report)
     logits = report["logits"]
     if not all(k in logits for k in ("labels", "plain", "encrypted")):
         problems.append("logits needs labels, plain and encrypted")
     elif len(logits["plain"]) != report["n"] or not 0 < len(logits["encrypted"]) <= report["n"]:
         problems.append("logits do not cover the report's images")
     return problems + check_calibration(report)
+
+
+def check_provenance(report: dict[str, Any]) -> list[str]:
+    """What the ``provenance`` block lacks (plain reports have it too; reports from before model cards v2 do not)."""
+    block = report.get("provenance")
+    if not isinstance(block, dict):
+        return ["missing provenance"]
+    problems = [f"missing provenance.{k}" for k in PROVENANCE_FIELDS if block.get(k) in (None, "")]
+    if not problems and block["model_version"] != report.get("model_version"):
+        problems.append("provenance.model_version differs from model_version")
+    return problems
 
 
 def check_calibration(report: dict[str, Any]) -> list[str]:

@@ -1,7 +1,7 @@
 """Add the model card v2 fields to every shipped card (src/medhe/pretrained/*), reproducibly; weights untouched.
 
-    MEDHE_DATA=/work/shared/data MEDHE_OFFLINE=1 python scripts/upgrade_cards.py          # add missing fields
-    MEDHE_DATA=/work/shared/data MEDHE_OFFLINE=1 python scripts/upgrade_cards.py --check  # recompute, compare
+    MEDHE_DATA=/path/to/data python -m medhe.models.shipped_cards          # add missing fields
+    MEDHE_DATA=/path/to/data python -m medhe.models.shipped_cards --check  # recompute, compare
 
 Fields a card already has are kept (so a second run changes nothing, and "version": "2" stays "2"); --force
 rewrites them. The shipped weights recorded no training commit, so ``code_revision`` is the checkout this script
