@@ -16,7 +16,7 @@ from medhe.errors import MedheError
 
 #: command modules under medhe.cli, in the order they appear in --help.
 COMMAND_MODULES = ("train", "evaluate", "calibrate", "demo", "bench", "serve", "predict", "ui", "experiment",
-                   "autoencoder", "encmodel", "report", "recipe", "score", "inspect")
+                   "autoencoder", "encmodel", "report", "recipe", "score", "inspect", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,5 +32,27 @@ def run(args: argparse.Namespace) -> int:
     plan = compile_plan(art.model, input_shape_of(art), art.card.get("activation_ranges"), **options)
     info = describe(plan)
     info["model"] = art.card.get("name", args.model)
-    print(json.dumps(info, indent=1) if args.json else render(info))
+    info["card"] = card_block(art.card)
+    print(json.dumps(info, indent=1) if args.json else card_header(info["card"]) + "\n" + render(info))
     return 0
+
+
+def card_block(card: dict) -> dict:
+    """The card v2 fields that say which model this plan is (``"unknown"`` for a card from before v2)."""
+    from medhe.models.modelcard import parts, summary
+
+    fields = summary(card)
+    data = fields["training_data"] if isinstance(fields["training_data"], dict) else {}
+    return {"version": fields["version"], "license": fields["license"], "created": fields["created"],
+            "code_revision": fields["code_revision"], "intended_use": fields["intended_use"],
+            "training_data": [{"part": label, "dataset": p.get("dataset"), "n": p.get("n"), "sha256": p.get("sha256")}
+                              for label, p in parts(data)]}
+
+
+def card_header(block: dict) -> str:
+    lines = [f"card: version {block['version']}, license {block['license']}, created {block['created']}, "
+             f"code {block['code_revision']}"]
+    lines += [f"  trained on ({d['part']}): {d['dataset']}, {d['n']} images, sha256 {d['sha256']}"
+              for d in block["training_data"]]
+    lines.append(f"  intended use: {block['intended_use']}")
+    return "\n".join(lines)

@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "set is); the image is reported as 'no diagnosis (abstained)' with its set. Needs a model "
                         "with a calibration record")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON document with every result: per image label (top class), probabilities, "
+                   help="print one JSON document naming model and model_version, with every result: per image "
+                        "model, model_version, label (top class), probabilities, "
                         "logits, and positive (multi-label models: the labels at probability >= 0.5; always [] "
                         "for single-label models, whose answer is label), and warnings (why an image may be unlike the model's "
                         "training data; the same checks as medhe ui); calibrated models add "
@@ -79,13 +80,15 @@ def run(args: argparse.Namespace) -> int:
         results = client.diagnose_many(args.images, model=args.model,
                                        progress=not args.json and len(args.images) > 1 and sys.stderr.isatty(),
                                        coverage=args.coverage, abstain=args.abstain)
-        preprocessing = client.model_info(results[0].model)["preprocessing"]
+        info = client.model_info(results[0].model)
         client.forget_keys()
-    checks = input_checks(args.images, preprocessing)
-    if args.json:
-        print(json.dumps({"server": args.server, "results": [{**r.to_dict(), "warnings": w}
-                                                             for r, w in zip(results, checks)]}, indent=2))
+    checks = input_checks(args.images, info["preprocessing"])
+    if args.json:  # the model and its card version (model cards v2) at the top and in every result
+        print(json.dumps({"server": args.server, "model": results[0].model,
+                          "model_version": str(info.get("version") or "unknown"),
+                          "results": [{**r.to_dict(), "warnings": w} for r, w in zip(results, checks)]}, indent=2))
         return 0
+    print(f"model {results[0].model} v{info.get('version') or 'unknown'}", file=sys.stderr)
     for r, warnings in zip(results, checks):
         print(format_result(r))
         for warning in warnings:

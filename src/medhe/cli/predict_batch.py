@@ -58,24 +58,28 @@ def read_folder(folder: str | Path, skip_bad: bool = False) -> tuple[list[np.nda
     return images, sources, skipped
 
 
-def render(results: list[Any], skipped: list[dict], fmt: str, server: str, model: str) -> str:
+def render(results: list[Any], skipped: list[dict], fmt: str, server: str, model: str,
+           version: str | None = None) -> str:
+    """The table as JSON or CSV; both name the model and its card version (model cards v2) on every row."""
+    version = version or "unknown"
     if fmt == "json":
-        return json.dumps({"server": server, "model": model, "results": [r.to_dict() for r in results],
-                           "skipped": skipped}, indent=2) + "\n"
+        return json.dumps({"server": server, "model": model, "model_version": version,
+                           "results": [r.to_dict() for r in results], "skipped": skipped}, indent=2) + "\n"
     labels = list(results[0].probabilities) if results else []
     calibrated = bool(results) and results[0].calibrated is not None  # extra columns only for calibrated models
     extra = [*[f"calibrated_p_{name}" for name in labels], "prediction_set", "coverage", "abstained"] \
         if calibrated else []
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["source", "label", "positive", *[f"p_{name}" for name in labels], *extra, "error"])
+    writer.writerow(["source", "model", "model_version", "label", "positive", *[f"p_{name}" for name in labels],
+                     *extra, "error"])
     for r in results:
         more = [*[f"{r.calibrated[n]:.6f}" for n in labels], r.set_text, f"{r.coverage:g}",
                 str(r.abstained).lower()] if calibrated else []
-        writer.writerow([r.source, r.label or "", ";".join(r.positive),
+        writer.writerow([r.source, model, version, r.label or "", ";".join(r.positive),
                          *[f"{r.probabilities[n]:.6f}" for n in labels], *more, ""])
     for s in skipped:
-        writer.writerow([s["source"], "", "", *[""] * (len(labels) + len(extra)), s["error"]])
+        writer.writerow([s["source"], model, version, "", "", *[""] * (len(labels) + len(extra)), s["error"]])
     return buf.getvalue()
 
 
@@ -95,7 +99,7 @@ def run_batch(args: Any) -> int:
                                          coverage=args.coverage, abstain=args.abstain)
         finally:
             diagnoser.forget_keys()
-    text = render(results, skipped, fmt, args.server, diagnoser.id)
+    text = render(results, skipped, fmt, args.server, diagnoser.id, diagnoser.info.get("version"))
     if out is None:
         sys.stdout.write(text)
     else:

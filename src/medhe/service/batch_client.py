@@ -80,7 +80,7 @@ class BatchDiagnoser:
         out = np.concatenate(logits)[: len(x)]
         task, labels = self.info["task"], self.info["labels"]
         return [interpret(task, labels, out[i], self.id, sources[i], calibration=record, coverage=coverage,
-                          abstain=abstain) for i in range(len(x))]
+                          abstain=abstain, version=self.info.get("version")) for i in range(len(x))]
 
     def forget_keys(self) -> None:
         if self.key_id is not None:

@@ -70,6 +70,9 @@ class ServedModel:
         return {
             "id": self.id,
             "name": card["name"],
+            # model cards v2 (docs/model-cards.md): results name model@version; "unknown" for an older card
+            "version": str(card.get("version") or "unknown"),
+            "card": {k: card.get(k) or "unknown" for k in ("license", "code_revision", "created", "intended_use")},
             "scheme": self.ref.scheme,
             "task": card["task"],
             "labels": list(card["labels"]),

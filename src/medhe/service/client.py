@@ -40,9 +40,11 @@ class Diagnosis:
     set_text: str | None = None  # "pneumonia", "uncertain: both", "uncertain: neither label reaches ..."
     coverage: float | None = None
     abstained: bool = False  # abstain asked and the set is not one label: label is None, positive []
+    model_version: str | None = None  # the card's version from the listing (model cards v2), so a result names it
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"source": self.source, "model": self.model, "task": self.task, "label": self.label,
+        out = {"source": self.source, "model": self.model, "model_version": self.model_version or "unknown",
+               "task": self.task, "label": self.label,
                "positive": self.positive, "probabilities": self.probabilities, "logits": self.logits}
         if self.calibrated is not None:
             out.update({"calibrated_probabilities": self.calibrated, "prediction_set": self.prediction_set,
@@ -52,13 +54,14 @@ class Diagnosis:
 
 
 def interpret(task: str, labels: Sequence[str], logits: np.ndarray, model: str, source: str | None = None,
-              calibration: dict[str, Any] | None = None, coverage: float | None = None, abstain: bool = False
-              ) -> Diagnosis:
+              calibration: dict[str, Any] | None = None, coverage: float | None = None, abstain: bool = False,
+              version: str | None = None) -> Diagnosis:
     """Decrypted logits -> probabilities and labels with the same conventions as training and evaluation.
 
     ``calibration``: the model's calibration record (its listing's ``calibration``); adds the calibrated
     probabilities and the prediction set at ``coverage`` (default the record's). ``abstain``: no label unless the set
-    is a single label (multi-label: every label's set is). Both need a record; without one nothing changes."""
+    is a single label (multi-label: every label's set is). Both need a record; without one nothing changes.
+    ``version``: the model's card version (its listing's ``version``), recorded in the result."""
     from medhe.models.metrics import predictions, probabilities
 
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)
@@ -75,7 +78,7 @@ def interpret(task: str, labels: Sequence[str], logits: np.ndarray, model: str, 
         top = labels[int(pred)]
     result = Diagnosis(model=model, task=task, label=top, positive=positive, source=source,
                        probabilities={name: float(p) for name, p in zip(labels, prob)},
-                       logits=[float(v) for v in logits])
+                       logits=[float(v) for v in logits], model_version=version)
     if calibration is None:
         if abstain or coverage is not None:
             raise _no_calibration(model, abstain)
@@ -349,7 +352,7 @@ class Client:
         except OutOfRangeError as exc:
             raise OutOfRangeError(f"{source or 'image'}: {exc}") from None
         return interpret(sess.info["task"], sess.info["labels"], logits, sess.id, source,
-                         calibration=record, coverage=coverage, abstain=abstain)
+                         calibration=record, coverage=coverage, abstain=abstain, version=sess.info.get("version"))
 
     def diagnose_many(self, images: Iterable[str | os.PathLike | np.ndarray], model: str | None = None,
                       progress: bool = True, coverage: float | None = None, abstain: bool = False

@@ -60,7 +60,8 @@ def score(model: str, images: Sequence[np.ndarray], sources: Sequence[str], acto
     finally:
         pool.close()
     task, labels = served.card["task"], list(served.card["labels"])
-    results = [interpret(task, labels, logits[i], served.id, sources[i]) for i in range(len(images))]
+    version = str(served.card.get("version") or "unknown")
+    results = [interpret(task, labels, logits[i], served.id, sources[i], version=version) for i in range(len(images))]
     stats.update({"model": served.id, "mode": "batch" if use_batch else "single", "images": len(images),
                   "actors": n_actors, "replaced_actors": pool.restarts,
                   "compile_s": round(compiled - started, 2), "score_s": round(time.perf_counter() - compiled, 2)})

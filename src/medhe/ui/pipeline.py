@@ -177,7 +177,7 @@ class Diagnoser:
             dec.start()
             logits = sess.he.decrypt(result)
             diagnosis = interpret(sess.info["task"], sess.info["labels"], logits, sess.id, job.name,
-                                  calibration=record, coverage=job.coverage)
+                                  calibration=record, coverage=job.coverage, version=sess.info.get("version"))
             dec.finish()
             summary = describe.summary(sess.info)
             job.result = {
