@@ -22,7 +22,8 @@ from medhe.models import modelcard as mc
 from medhe.models.artifact import PRETRAINED_DIR, load_artifact, read_card
 from medhe.revision import code_revision
 
-SHIPPED = sorted(p for p in PRETRAINED_DIR.iterdir() if (p / "card.json").is_file() or (p / "autoencoder.json").is_file())
+SHIPPED = sorted(p for p in PRETRAINED_DIR.iterdir()
+                 if (p / "card.json").is_file() or (p / "autoencoder.json").is_file())
 SMALL = ("pneumoniamnist", "pneumoniamnist-p3", "pneumoniamnist-qfcnn", "breastmnist", "breastmnist-qfcnn")
 HEX40, HEX64 = re.compile(r"[0-9a-f]{40}"), re.compile(r"[0-9a-f]{64}")
 

@@ -1,9 +1,9 @@
 """Model cards v2: version, license, intended use, limitations, training-data fingerprint, code revision, date.
 
 A hospital must be able to tell, months later, which model produced a diagnosis, what it was trained on and what it
-must not be used for. These fields are filled here (``complete_card``) by ``medhe train`` and the recipes, and were
-added to the shipped cards by ``python -m medhe.models.shipped_cards``. Older user-trained cards without them still load: the
-readers below show ``"unknown"`` for what is missing (docs/model-cards.md).
+must not be used for. These fields are filled here (``complete_card``) by ``medhe train`` and the recipes, and
+were added to the shipped cards by ``python -m medhe.models.shipped_cards``. Older user-trained cards without them
+still load: the readers below show ``"unknown"`` for what is missing (docs/model-cards.md).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ NIH, COVID = "nih_chestxray14_subset", "covid19_radiography_subset"
 
 #: client-stage encoders' own (unsupervised) training images: only recorded in prose before v2
 ENCODER_DATA = {
-    # covid-cxr-ckks' encoder is the v1 covid-cxr-ckks encoder: NIH subset train + COVID subset train (recipes/cxr_ckks.py)
+    # covid-cxr-ckks' encoder is the v1 covid-cxr-ckks encoder: NIH subset + COVID subset train (recipes/cxr_ckks.py)
     "covid-cxr-ckks": ([(NIH, ["train"]), (COVID, ["train"])],
                        "the f8 VQ encoder (client stage), trained without labels on these images; "
                        "client_stage.encoder_data_overlap counts the val/test images of this model it saw"),
