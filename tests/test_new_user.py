@@ -63,7 +63,7 @@ def test_demo_runs_every_scheme_on_its_default_model(scheme):
     assert f"Encrypted diagnosis ({scheme.upper()})" in proc.stdout and "agreement 1.000" in proc.stdout
 
 
-@pytest.mark.parametrize("args, words", [
+ERROR_CASES = [
     (["demo", "-n", "0"], ["-n/--images"]),
     (["evaluate", "--scheme", "ckks", "--fhe", "execute", "--limit", "1"], ["--fhe", "tfhe only"]),
     (["evaluate", "--limit", "1", "--json", "/no/such/folder/r.json"], ["/no/such/folder", "does not exist"]),
@@ -72,9 +72,20 @@ def test_demo_runs_every_scheme_on_its_default_model(scheme):
     (["bench", "--scheme", "paillier", "--json", "/no/such/folder/b.json"], ["/no/such/folder", "does not exist"]),
     (["serve", "--host", "192.0.2.1", "--port", "8123", "--model", "covid-cxr:paillier"], ["--host 192.0.2.1", "not an address"]),
     (["evaluate", "--model", "pneumoniamnist-qfcnn", "--scheme", "ckks", "--limit", "1"], ["--scheme tfhe"]),
-])
-def test_errors_name_the_option_not_python_internals(args, words):
-    line = one_line_error(run_cli(*args))
+]
+
+
+@pytest.fixture(scope="module")
+def error_runs() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """Every ERROR_CASES command line, run once in one fresh interpreter (tests/cli_cases.py)."""
+    from cli_cases import run_cases
+
+    return {tuple(args): proc for (args, _), proc in zip(ERROR_CASES, run_cases([a for a, _ in ERROR_CASES]))}
+
+
+@pytest.mark.parametrize("args, words", ERROR_CASES)
+def test_errors_name_the_option_not_python_internals(args, words, error_runs):
+    line = one_line_error(error_runs[tuple(args)])
     for word in words:
         assert word in line, line
     for internal in ("QFCNN", "nn.Sequential", "compile_", "evaluate_tfhe", "feature_bound="):

@@ -16,7 +16,7 @@ from medhe.cli._format import table
 
 
 def _p4_args(p: argparse.ArgumentParser) -> None:
-    from medhe.experiments.p4 import MODES
+    from medhe.experiments.p4_modes import MODES
 
     p.add_argument("--data-dir", help="folder holding covid19_radiography_subset (default: $MEDHE_DATA)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels before encryption (default 64)")
@@ -80,44 +80,44 @@ def _latent_run(args: argparse.Namespace) -> int:
 
 
 def _latent_export_args(p: argparse.ArgumentParser) -> None:
-    from medhe.experiments.latent import DEFAULT_TRAIN
-
     p.add_argument("--autoencoder", default="vq-f8", help="the VQ autoencoder whose latents the classifier reads")
     p.add_argument("--out", default="runs/latent/cxr14-latent", help="folder for the exported model")
     p.add_argument("--data-dir", help="folder holding nih_chestxray14_subset (default: $MEDHE_DATA)")
     p.add_argument("--arch-kwargs", default="{}", help="JSON overriding the classifier's DEFAULT_ARCH_KWARGS")
-    p.add_argument("--epochs", type=int, default=DEFAULT_TRAIN["epochs"])
+    p.add_argument("--epochs", type=int, help="training epochs (default: the shipped model's, DEFAULT_TRAIN)")
 
 
 def _latent_export_run(args: argparse.Namespace) -> int:
     import json
 
     from medhe.errors import MedheError
-    from medhe.experiments.latent import train_default_model
+    from medhe.experiments.latent import DEFAULT_TRAIN, train_default_model
 
     try:
         arch_kwargs = json.loads(args.arch_kwargs)
     except json.JSONDecodeError as exc:
         raise MedheError(f"--arch-kwargs is not JSON ({exc.msg}): e.g. '{{\"width\": 16}}'") from None
     path = train_default_model(args.autoencoder, args.out, args.data_dir, command="medhe " + shlex.join(sys.argv[1:]),
-                               arch_kwargs=arch_kwargs, train={"epochs": args.epochs},
+                               arch_kwargs=arch_kwargs, train={"epochs": DEFAULT_TRAIN["epochs"] if args.epochs is None else args.epochs},
                                log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"model written to {path}")
     return 0
 
 
-def _covid_common_args(p: argparse.ArgumentParser, out: str, out_help: str, variants: Any, variants_help: str) -> None:
+def _covid_common_args(p: argparse.ArgumentParser, out: str, out_help: str, variants_help: str) -> None:
     p.add_argument("--out", default=out, help=out_help)
     p.add_argument("--data-dir", help="folder holding covid19_radiography_subset (default: $MEDHE_DATA)")
-    p.add_argument("--variants", default=",".join(variants), help=variants_help)
+    p.add_argument("--variants", help=variants_help)  # the default (all) resolves in the run: no torch for --help
+
+
+def _variants(args: argparse.Namespace, known: Any) -> list[str]:
+    return list(known) if args.variants is None else [v for v in args.variants.split(",") if v]
 
 
 def _covid_ckks_args(p: argparse.ArgumentParser) -> None:
-    from medhe.experiments.covid_latent import VARIANTS
-
     p.add_argument("--autoencoder", default="runs/latent/vq-f8",
                    help="f8 VQ autoencoder trained without the COVID val/test images (the client stage)")
-    _covid_common_args(p, "runs/covid-ckks", "folder for model/ and selection.json", VARIANTS,
+    _covid_common_args(p, "runs/covid-ckks", "folder for model/ and selection.json",
                        "comma-separated classifier variants to compare on val (default: all)")
     p.add_argument("--only-train", action="store_true",
                    help="train the variants into --out/variants and stop (no selection, no test split); run again "
@@ -125,9 +125,9 @@ def _covid_ckks_args(p: argparse.ArgumentParser) -> None:
 
 
 def _covid_ckks_run(args: argparse.Namespace) -> int:
-    from medhe.experiments.covid_latent import train_covid_ckks
+    from medhe.experiments.covid_latent import VARIANTS, train_covid_ckks
 
-    result = train_covid_ckks(args.autoencoder, args.out, [v for v in args.variants.split(",") if v],
+    result = train_covid_ckks(args.autoencoder, args.out, _variants(args, VARIANTS),
                               args.data_dir, command="medhe " + shlex.join(sys.argv[1:]),
                               log=lambda m: print(m, file=sys.stderr, flush=True), only_train=args.only_train)
     print(table(("variant", "val ACC", "val AUC", "best epoch"),
@@ -141,9 +141,7 @@ def _covid_ckks_run(args: argparse.Namespace) -> int:
 
 
 def _covid_pixel_args(p: argparse.ArgumentParser) -> None:
-    from medhe.experiments.covid_pixel import VARIANTS
-
-    _covid_common_args(p, "runs/covid-px", "folder for variants/, model/ and selection.json", VARIANTS,
+    _covid_common_args(p, "runs/covid-px", "folder for variants/, model/ and selection.json",
                        "comma-separated pixel variants to train and compare on val (default: all)")
     p.add_argument("--latent", default="covid-cxr-ckks",
                    help="the latent family's model (name or folder): its model_selection val scores join the "
@@ -153,13 +151,13 @@ def _covid_pixel_args(p: argparse.ArgumentParser) -> None:
 
 
 def _covid_pixel_run(args: argparse.Namespace) -> int:
-    from medhe.experiments.covid_pixel import train_covid_pixel
+    from medhe.experiments.covid_pixel import VARIANTS, train_covid_pixel
     from medhe.models.artifact import PRETRAINED_DIR
 
     latent = args.latent or None
     if latent and not Path(latent).expanduser().exists():
         latent = PRETRAINED_DIR / latent
-    result = train_covid_pixel(args.out, [v for v in args.variants.split(",") if v], args.data_dir,
+    result = train_covid_pixel(args.out, _variants(args, VARIANTS), args.data_dir,
                                command="medhe " + shlex.join(sys.argv[1:]),
                                log=lambda m: print(m, file=sys.stderr, flush=True), only_train=args.only_train,
                                latent_card=latent)

@@ -37,7 +37,7 @@ from medhe.errors import DataError, SecurityError
 from medhe.models.metrics import compute_metrics
 from medhe.models.train_extractor import predict_logits, train_split_model
 
-MODES = ("fresh", "image", "global")
+from medhe.experiments.p4_modes import MODES  # noqa: E402  (re-exported)
 DATASET = "covid19_radiography_subset"
 PUBLISHED = {"plain_acc": 0.942, "encrypted_acc": 0.933, "model": "MobileNetV2 (ImageNet-size)",
              "source": "Boulila et al., SMARTTECH 2022, arXiv 2203.07728"}
