@@ -178,10 +178,30 @@ def test_compare_loads_plain_and_ray_in_turns(cluster, data_dir):
     assert out["within_15_percent"] == (out["ray_vs_plain"] >= 0.85)
 
 
-def test_replicas_per_model_give_each_model_its_own_actors(cluster, plain, data_dir):
-    """``--ray-replicas pneumoniamnist=1,breastmnist=1`` on 2 CPUs: one actor per model, each compiling and holding
-    only its model (as the actors themselves report), the server announcing the same models as without the flag,
-    and each model's key sets routed to its own actor (a wrong route fails: the other actor lacks the model)."""
+TWIN = "pneumonia-twin"
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    """The shipped pneumoniamnist under another card name: a second model that costs as little as the first."""
+    import shutil
+
+    from medhe.models.artifact import resolve_model_dir
+
+    path = tmp_path_factory.mktemp("twin") / TWIN
+    shutil.copytree(resolve_model_dir("pneumoniamnist"), path)
+    card = json.loads((path / "card.json").read_text())
+    card["name"] = TWIN
+    (path / "card.json").write_text(json.dumps(card))
+    return path
+
+
+def test_replicas_per_model_give_each_model_its_own_actors(cluster, plain, twin):
+    """``--ray-replicas pneumoniamnist=1,pneumonia-twin=1`` on 2 CPUs: one actor per model, each compiling and
+    holding only its model (as the actors themselves report), the server announcing the same models as without the
+    flag, and each model's key sets routed to its own actor (a wrong route fails: the other actor lacks the model).
+    The second model is a renamed copy of the first: routing is what is tested, and a second architecture (the
+    LeNet-5 of breastmnist, 19 s per image on this CPU) made this test take 6 minutes."""
     import httpx
     from fastapi.encoders import jsonable_encoder
 
@@ -190,34 +210,31 @@ def test_replicas_per_model_give_each_model_its_own_actors(cluster, plain, data_
     from medhe.service.server import create_app
 
     images, expected, _ = plain
-    breast = load_artifact("breastmnist")
-    b_images = load_dataset("breastmnist", split="test", size=28, data_dir=data_dir).images[:8]
-    b_expected = predict_logits(breast.model, model_inputs(breast, b_images)).argmax(1)
-    models = load_catalog(["pneumoniamnist", "breastmnist"])
+    models = load_catalog(["pneumoniamnist", str(twin)])
     app = create_app(models, processes=0)  # the same two models served without Ray: what clients must see
     app.state.start()
     app.state.stop()
     plain_listing = json.loads(json.dumps(jsonable_encoder({m.id: m.describe() for m in models})))  # as served
 
-    replicas = ["--ray-replicas", "pneumoniamnist=1,breastmnist=1"]
-    with ServerProcess(["pneumoniamnist", "breastmnist"], extra_args=["--ray", cluster.address, *replicas],
+    replicas = ["--ray-replicas", f"pneumoniamnist=1,{TWIN}=1"]
+    with ServerProcess(["pneumoniamnist", str(twin)], extra_args=["--ray", cluster.address, *replicas],
                        startup_timeout=300) as srv:
         ready = httpx.get(f"{srv.url}/v1/ready", timeout=10).json()
-        assert ready["workers"] == 2 and ready["workers_by_model"] == {"pneumoniamnist": 1, "breastmnist": 1}
+        assert ready["workers"] == 2 and ready["workers_by_model"] == {"pneumoniamnist": 1, TWIN: 1}
         assert len(_actor_pids(cluster)) == 2  # no default actors: every served model is listed
         listing = httpx.get(f"{srv.url}/v1/models", timeout=10).json()["models"]
         assert {m["id"]: m for m in listing} == plain_listing
         results = [run_load_test(srv.url, "pneumoniamnist", clients=2, requests=8, images=images[:8],
                                  expected=expected[:8], images_per_client=4),
-                   run_load_test(srv.url, "breastmnist", clients=2, requests=8, images=b_images,
-                                 expected=b_expected, images_per_client=4)]
+                   run_load_test(srv.url, TWIN, clients=2, requests=8, images=images[8:16],
+                                 expected=expected[8:16], images_per_client=4)]
         log = srv.log()
     for result in results:
         assert result["failures"] == 0 and result["errors"] == [], result["errors"]
         assert result["mismatches"] == 0 and result["completed"] == 8 and result["retries"] == 0
-    assert "Ray actors per model: pneumoniamnist 1, breastmnist 1" in log and "Traceback" not in log
+    assert f"Ray actors per model: pneumoniamnist 1, {TWIN} 1" in log and "Traceback" not in log
 
-    # A mixed plan, asked of the actors directly: breastmnist's replica takes one of the 2 CPUs, the default
+    # A mixed plan, asked of the actors directly: the twin's replica takes one of the 2 CPUs, the default
     # one-per-free-CPU rule puts the unlisted pneumoniamnist on the other; each actor compiled only its model.
     import time
 
@@ -231,13 +248,13 @@ def test_replicas_per_model_give_each_model_its_own_actors(cluster, plain, data_
             assert time.monotonic() < deadline, "the server's actors did not release their CPUs"
             time.sleep(0.5)
         with pytest.raises(MedheError, match="all taken by the 2 actor"):  # no CPU left for pneumoniamnist
-            RayPool(refs, replicas={"breastmnist": 2}).start()
-        pool = RayPool(refs, replicas={"breastmnist": 1})
+            RayPool(refs, replicas={TWIN: 2}).start()
+        pool = RayPool(refs, replicas={TWIN: 1})
         pool.start()
         try:
             held = sorted(tuple(ray.get(actor.specs.remote(), timeout=60)) for actor in pool._slots)
-            assert held == [("breastmnist",), ("pneumoniamnist",)]
-            assert pool.live_by_model() == {"pneumoniamnist": 1, "breastmnist": 1}
+            assert held == sorted([("pneumoniamnist",), (TWIN,)])
+            assert pool.live_by_model() == {"pneumoniamnist": 1, TWIN: 1}
         finally:
             pool.close()
     finally:
@@ -347,7 +364,7 @@ def test_plain_serve_never_imports_ray():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("args, words", [
+RAY_ERROR_CASES = [
     (["score", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "{folder}"], ["no Ray head answers", "127.0.0.9:1"]),
     (["score", "--ray", "not-an-address", "--model", "pneumoniamnist", "{folder}"], ["not host:port"]),
     (["score", "--ray", "127.0.0.9:1", "--model", "pneumoniamnist", "{folder}/missing"], ["is not a folder"]),
@@ -366,17 +383,25 @@ def test_plain_serve_never_imports_ray():
       "--ray-actors", "2"], ["--ray-replicas lists every served model"]),
     (["bench", "--service", "--ray", "--compare", "--url", "http://127.0.0.1:9"], ["--url"]),
     (["bench", "--service", "--ray", "--compare", "--rounds", "0"], ["--rounds"]),
-])
-def test_ray_user_errors_are_one_line(args, words, tmp_path):
-    """Bad addresses and options fail fast with one line (Ray alone would retry an unreachable head for minutes)."""
-    import subprocess
-    import sys
+]
 
-    folder = tmp_path / "scans"
+
+@pytest.fixture(scope="module")
+def ray_error_runs(tmp_path_factory):
+    """Every RAY_ERROR_CASES command line, run once in one fresh interpreter (tests/cli_cases.py)."""
+    from cli_cases import run_cases
+
+    folder = tmp_path_factory.mktemp("errors") / "scans"
     folder.mkdir()
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
-    argv = [a.replace("{folder}", str(folder)) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "medhe", *argv], capture_output=True, text=True, timeout=120)
+    argvs = [[a.replace("{folder}", str(folder)) for a in args] for args, _ in RAY_ERROR_CASES]
+    return {tuple(args): proc for (args, _), proc in zip(RAY_ERROR_CASES, run_cases(argvs))}
+
+
+@pytest.mark.parametrize("args, words", RAY_ERROR_CASES)
+def test_ray_user_errors_are_one_line(args, words, ray_error_runs):
+    """Bad addresses and options fail fast with one line (Ray alone would retry an unreachable head for minutes)."""
+    proc = ray_error_runs[tuple(args)]
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("medhe serve: compiling")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
