@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install wheel docs clean
 
 NATIVE_SRC := $(wildcard src/medhe/he/ckks/csrc/*/*.cpp src/medhe/he/ckks/csrc/*/*.h)
 
@@ -25,6 +25,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	MEDHE_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
+# dist/medhe-*.whl with the compiled runtime, the shipped models and the page's files. After `make install` it reuses
+# the modules that install compiled (setup.py), so it takes seconds; without .venv it compiles (~2 min). Files left
+# in build/lib by an earlier build would go into the wheel too, so all but the compiled modules are removed first.
+WHEEL_PIP := $(if $(wildcard $(BIN)/pip),$(BIN)/pip,$(PYTHON) -m pip)
+wheel:
+	if [ -d build ]; then find build -path 'build/lib.*' -type f ! -name '*.so' -delete; fi
+	$(WHEEL_PIP) wheel . --no-deps -w dist
+
+# the API reference and guides into site/ (mkdocs.yml); --strict: any warning (a broken link, a bad docstring) fails
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache
 	find src -name '*.so' -delete
