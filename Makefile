@@ -19,11 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medhe demo
 
+# tests/suite.py: one pytest process per test file (small ones packed), two at a time; see its docstring for why
 test: $(STAMP)
-	MEDHE_OFFLINE=1 $(BIN)/python -m pytest -q
+	MEDHE_OFFLINE=1 $(BIN)/python tests/suite.py
 
 test-fast: $(STAMP)
-	MEDHE_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	MEDHE_OFFLINE=1 $(BIN)/python tests/suite.py -m "not slow"
 
 # dist/medhe-*.whl with the compiled runtime, the shipped models and the page's files. After `make install` it reuses
 # the modules that install compiled (setup.py), so it takes seconds; without .venv it compiles (~2 min). Files left

@@ -40,3 +40,27 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+# -- memory per test (MEDHE_TEST_RSS=path): which tests grow the pytest process ------------------------------------
+def _rss_kb() -> tuple[int, int]:
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0])
+    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    path = os.environ.get("MEDHE_TEST_RSS")
+    if not path:
+        yield
+        return
+    before = _rss_kb()
+    yield
+    after = _rss_kb()
+    with open(path, "a") as f:
+        f.write(f"{item.nodeid}\t{before[0] // 1024}\t{after[0] // 1024}\t{after[1] // 1024}\n")

@@ -268,10 +268,12 @@ def test_inspect_command_prints_the_plan(capsys):
 
 @pytest.mark.slow
 def test_blockbench_measures_the_server_alone(tmp_path, capsys):
+    """The bench's parent/child split and its report; a small plan (the 64x64 width-8 one runs encrypted in
+    test_conv_pool_se_and_head_across_blocks_run_encrypted, twice)."""
     from medhe.he.ckks import blockbench
 
     out = tmp_path / "b.json"
-    assert blockbench.main(["--shape", "1x64x64", "--width", "8", "--backend", "native", "--images", "1",
+    assert blockbench.main(["--shape", "1x32x32", "--width", "4", "--backend", "native", "--images", "1",
                             "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["max_abs_logit_err"] <= 1e-2 and report["backend"] == "native"

@@ -22,17 +22,16 @@ from medhe.service.loadtest import run_load_test
 
 pytest.importorskip("ray", reason='Ray is the optional extra: pip install -e ".[ray]" (make test installs it)')
 
-from medhe.service.raycluster import LocalCluster, connect, disconnect  # noqa: E402
+from medhe.service.raycluster import LocalCluster, alive_nodes, connect, disconnect  # noqa: E402
 
 pytestmark = pytest.mark.slow  # starts Ray nodes and a server, runs real CKKS (CI runs it)
 
 N_IMAGES = 24
 
 
-@pytest.fixture()
-def cluster():
+def _local_cluster():
     """Head on 127.0.0.2 and a second node on 127.0.0.3, one CPU and a small object store each; stopped even if
-    the test fails. Function-scoped: the node-kill test must not leave a degraded cluster to the next test."""
+    the test fails."""
     c = LocalCluster(nodes=2, cpus_per_node=1, object_store_bytes=128 << 20, timeout=120)
     try:
         c.start()
@@ -40,6 +39,59 @@ def cluster():
     finally:
         c.stop()
         assert not any(node.pids() for node in c.nodes)
+
+
+class _Shared:
+    """The cluster the tests that leave it whole share (starting one costs ~12 s); one cluster at a time, since two
+    would both want 127.0.0.2/3 and Ray's fixed ports."""
+
+    run = None  # the _local_cluster generator while its cluster is up
+    cluster: LocalCluster | None = None
+
+    @classmethod
+    def get(cls) -> LocalCluster:
+        if cls.run is None:
+            run = _local_cluster()
+            cls.cluster, cls.run = next(run), run
+        return cls.cluster
+
+    @classmethod
+    def stop(cls) -> None:
+        run, cls.run, cls.cluster = cls.run, None, None
+        if run is not None:
+            run.close()  # runs the generator's finally: every node process killed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_cluster_stops_with_the_module():
+    yield
+    _Shared.stop()
+    assert _Shared.run is None
+
+
+@pytest.fixture()
+def cluster():
+    """The shared cluster, handed to each test with both nodes alive and both CPUs free: the previous test's
+    server took its actors with it when its driver left, which takes a moment."""
+    import time
+
+    shared = _Shared.get()
+    ray = connect(shared.address)
+    try:
+        deadline = time.monotonic() + 60
+        while len(alive_nodes()) != 2 or ray.available_resources().get("CPU", 0) < 2:
+            assert time.monotonic() < deadline, "the shared Ray cluster did not come back to 2 nodes with 2 free CPUs"
+            time.sleep(0.3)
+    finally:
+        disconnect()
+    return shared
+
+
+@pytest.fixture()
+def own_cluster():
+    """A cluster of the test's own, for tests that kill or add nodes (the next test must not get a degraded one)."""
+    _Shared.stop()
+    yield from _local_cluster()
 
 
 @pytest.fixture(scope="module")
@@ -109,21 +161,6 @@ def test_sdk_diagnoses_through_serve_ray_equal_plain_inference(cluster, plain):
     assert result["retries"] == 0
 
 
-def test_killing_the_second_node_mid_run_loses_no_diagnosis(cluster, plain):
-    images, expected, _ = plain
-    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", cluster.address], startup_timeout=240) as srv:
-        killed = []
-        result = run_load_test(srv.url, None, clients=4, requests=32, images=images, expected=expected,
-                               images_per_client=N_IMAGES // 4, kill_after=6,
-                               kill=lambda: killed.append(cluster.kill_node()))
-        log = srv.log()
-    assert killed and killed[0] > 0  # the node's raylet and workers really died
-    assert result["failures"] == 0, result["errors"]
-    assert result["mismatches"] == 0 and result["completed"] == 32
-    assert result["retries"] >= 1  # clients whose keys lived on the dead node re-registered and retried
-    assert "keys are forgotten" in log and "Traceback" not in log
-
-
 def test_http_batch_mode_through_serve_ray_equals_plain_inference(cluster, plain, tmp_path):
     """``medhe predict --batch`` against ``serve --ray``: the encrypted batch is evaluated in a Ray actor."""
     pytest.importorskip("medhe.he.ckks._batch", reason="batch kernel not built (python setup.py build_ext)")
@@ -139,25 +176,6 @@ def test_http_batch_mode_through_serve_ray_equals_plain_inference(cluster, plain
     plain_logits = predict_logits(artifact.model, model_inputs(artifact, np.stack([read_image(p) for p in paths])))
     assert [r["label"] for r in rows] == [artifact.labels[i] for i in plain_logits.argmax(1)]
     assert "Traceback" not in log
-
-
-def test_a_node_that_joins_gets_its_actors_in_per_node_mode(cluster, plain):
-    """``--ray-actors-per-node 1``: a third node added while serving gets an actor, which then takes key sets."""
-    import time
-
-    import httpx
-
-    images, expected, _ = plain
-    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", cluster.address, "--ray-actors-per-node", "1"],
-                       startup_timeout=240) as srv:
-        assert httpx.get(f"{srv.url}/v1/ready", timeout=10).json()["workers"] == 2
-        cluster.add_node()
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{srv.url}/v1/ready", timeout=10).json()["workers"] < 3:
-            assert time.monotonic() < deadline, "the new node got no actor"
-            time.sleep(0.5)
-        result = run_load_test(srv.url, None, clients=6, requests=12, images=images, expected=expected)
-    assert result["failures"] == 0 and result["mismatches"] == 0
 
 
 def test_compare_loads_plain_and_ray_in_turns(cluster, data_dir):
@@ -315,7 +333,41 @@ def test_score_ray_equals_plain_inference(cluster, plain, tmp_path, mode):
         assert figures["chunks"] == 2  # fanned out: one chunk per actor, on both nodes
 
 
-def test_score_ray_survives_a_node_killed_mid_run(cluster, plain):
+def test_killing_the_second_node_mid_run_loses_no_diagnosis(own_cluster, plain):
+    images, expected, _ = plain
+    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", own_cluster.address], startup_timeout=240) as srv:
+        killed = []
+        result = run_load_test(srv.url, None, clients=4, requests=32, images=images, expected=expected,
+                               images_per_client=N_IMAGES // 4, kill_after=6,
+                               kill=lambda: killed.append(own_cluster.kill_node()))
+        log = srv.log()
+    assert killed and killed[0] > 0  # the node's raylet and workers really died
+    assert result["failures"] == 0, result["errors"]
+    assert result["mismatches"] == 0 and result["completed"] == 32
+    assert result["retries"] >= 1  # clients whose keys lived on the dead node re-registered and retried
+    assert "keys are forgotten" in log and "Traceback" not in log
+
+
+def test_a_node_that_joins_gets_its_actors_in_per_node_mode(own_cluster, plain):
+    """``--ray-actors-per-node 1``: a third node added while serving gets an actor, which then takes key sets."""
+    import time
+
+    import httpx
+
+    images, expected, _ = plain
+    with ServerProcess(["pneumoniamnist"], extra_args=["--ray", own_cluster.address, "--ray-actors-per-node", "1"],
+                       startup_timeout=240) as srv:
+        assert httpx.get(f"{srv.url}/v1/ready", timeout=10).json()["workers"] == 2
+        own_cluster.add_node()
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{srv.url}/v1/ready", timeout=10).json()["workers"] < 3:
+            assert time.monotonic() < deadline, "the new node got no actor"
+            time.sleep(0.5)
+        result = run_load_test(srv.url, None, clients=6, requests=12, images=images, expected=expected)
+    assert result["failures"] == 0 and result["mismatches"] == 0
+
+
+def test_score_ray_survives_a_node_killed_mid_run(own_cluster, plain):
     """The second node dies after the first few images are back: every image is still diagnosed, correctly."""
     from medhe.service.rayscore import score
 
@@ -324,9 +376,9 @@ def test_score_ray_survives_a_node_killed_mid_run(cluster, plain):
 
     def kill_after_four(done: int) -> None:
         if done >= 4 and not killed:
-            killed.append(cluster.kill_node())
+            killed.append(own_cluster.kill_node())
 
-    connect(cluster.address)
+    connect(own_cluster.address)
     try:
         results, stats = score("pneumoniamnist", images, [f"img{i}" for i in range(len(images))], progress=False,
                                batch=False, on_result=kill_after_four)
@@ -412,6 +464,7 @@ def test_ray_user_errors_are_one_line(args, words, ray_error_runs):
 def test_a_killed_owner_leaves_no_ray_node_behind(tmp_path):
     """``ray start`` detaches its processes: if the test or benchmark that started a local cluster is SIGKILLed
     (no finalizer runs), its watchdog still kills every node process."""
+    _Shared.stop()  # its cluster takes the same loopback addresses
     import os
     import signal
     import subprocess
