@@ -13,7 +13,7 @@ with one summary (counts, wall time, largest process) and a non-zero exit status
 SIGINT to the running pytest processes (they run their finalizers, which stop any Ray cluster they started) and
 ends with the summary so far.
 
-    python tests/suite.py [--jobs N] [--record] [pytest args, e.g. -m "not slow" or -k expr]
+    python tests/suite.py [--jobs N] [--record] [test files] [pytest args, e.g. -m "not slow" or -k expr]
 """
 
 from __future__ import annotations
@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="pytest processes at once (default: 2, or 1 on a 1-core machine)")
     parser.add_argument("--record", action="store_true", help=f"write this run's times and peaks to {DURATIONS.name}")
     args, pytest_args = parser.parse_known_args(argv)
-    files = sorted(str(p.relative_to(REPO)) for p in TESTS.glob("test_*.py"))
+    given = [a for a in pytest_args if a.endswith(".py") and Path(a).is_file()]  # `suite.py tests/test_x.py ...`
+    pytest_args = [a for a in pytest_args if a not in given]
+    files = ([str(Path(a).resolve()) for a in given] if given
+             else sorted(str(p.relative_to(REPO)) for p in TESTS.glob("test_*.py")))
     jobs = plan_jobs(files, _known())
     budget = _memory_budget_mb()
     logdir = Path(tempfile.mkdtemp(prefix="medhe-tests-"))
