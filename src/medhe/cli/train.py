@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default="hecnn", help="architecture from the zoo (default: hecnn)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--out", help="model directory to write (default: models/<dataset>-<arch>)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a trained model already in --out (it stays intact until the new one is written)")
     p.add_argument("--name", help="model name in the card (default: the --out folder name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         command=command_line(args), progress=not args.no_progress, weight_decay=args.weight_decay,
         class_balanced=args.class_balanced, label_smoothing=args.label_smoothing, ema=args.ema, mixup=args.mixup,
         calibrate=None if args.calibrate == "none" else args.calibrate, name=args.name, limit=args.limit,
-        card_extras={k: v for k, v in (("version", args.model_version), ("license", args.license)) if v})
+        card_extras={k: v for k, v in (("version", args.model_version), ("license", args.license)) if v},
+        overwrite=args.force)
     print_summary(artifact)
     return 0
 

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from medhe import atomic
+from medhe.atomic_folder import note, writing_folder
 from medhe.errors import ArtifactError
 from medhe.models.layers import set_recording
 from medhe.models.modelcard import warn_if_old
@@ -83,19 +84,62 @@ def _state_dict_bytes(module: torch.nn.Module) -> bytes:
     return save(tensors)
 
 
+MODEL_FILES = (WEIGHTS, CLIENT_WEIGHTS, CARD)
+
+
+def check_model_target(out_dir: str | Path, overwrite: bool, force_hint: str = "pass --force") -> None:
+    """Refuse (one line) to write a model into ``out_dir`` when that would lose something: a trained model there
+    (unless ``overwrite``) or any file that is not part of a medhe model (always). Cheap: callers run it before
+    training, and :func:`save_artifact` again just before the folder is replaced."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} is a file, not a model folder: choose another --out")
+    if not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in names if n not in MODEL_FILES and not _is_write_leftover(n)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ArtifactError(f"{out} holds files that are not part of a medhe model ({shown}); writing a model "
+                            "there would replace them: move them away or choose another --out")
+    if CARD in names and not overwrite:
+        try:
+            name = json.loads((out / CARD).read_text()).get("name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        what = f"model {name!r}" if isinstance(name, str) else "a trained model"
+        raise ArtifactError(f"{out} already holds {what}: {force_hint} to replace it (the old one stays intact "
+                            "until the new one is complete), or choose another --out")
+
+
+def _is_write_leftover(name: str) -> bool:
+    """Temp files an older medhe left when killed mid-write (``.model.safetensors.abc123.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp") and name[1:].split(".tmp")[0].rsplit(".", 1)[0] in MODEL_FILES
+
+
 def save_artifact(out_dir: str | Path, model: torch.nn.Module, card: dict[str, Any],
-                  client_model: torch.nn.Module | None = None) -> Path:
-    """Write weights and card atomically; the card is validated first so a broken artifact is never written."""
+                  client_model: torch.nn.Module | None = None, *, overwrite: bool = True,
+                  command: str | None = None) -> Path:
+    """Write weights and card as one folder: the card is validated first so a broken artifact is never written,
+    and every file goes to a temp folder beside ``out_dir`` that is renamed over it as a whole
+    (``medhe.atomic_folder``), so an existing model there stays intact until the new one is complete and weights
+    never end up beside another model's card. ``overwrite=False`` refuses to replace a trained model."""
     card = {"format": FORMAT, **card}
     validate_card(card, where=str(out_dir))
     if client_model is not None and "client_stage" not in card:
         raise ArtifactError("a client model was given but the card has no 'client_stage' (arch, arch_kwargs)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(out / WEIGHTS, _state_dict_bytes(model))
-    if client_model is not None:
-        atomic.write_bytes(out / CLIENT_WEIGHTS, _state_dict_bytes(client_model))
-    atomic.write_json(out / CARD, card)
+    out = Path(out_dir).expanduser()
+    weights = _state_dict_bytes(model)
+    client = _state_dict_bytes(client_model) if client_model is not None else None
+    check_model_target(out, overwrite)
+    incomplete = out.is_dir() and any(out.iterdir()) and not (out / CARD).is_file()
+    with writing_folder(out, command, replace=True) as tmp:
+        atomic.write_bytes(tmp / WEIGHTS, weights)
+        if client is not None:
+            atomic.write_bytes(tmp / CLIENT_WEIGHTS, client)
+        atomic.write_json(tmp / CARD, card)
+    if incomplete:
+        note(f"{out} held an incomplete model (no card.json: an interrupted write); replaced it")
     return out
 
 

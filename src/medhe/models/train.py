@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from medhe.errors import DataError, MedheError
 from medhe.models import layers
-from medhe.models.artifact import ModelArtifact, load_artifact, save_artifact
+from medhe.models.artifact import ModelArtifact, check_model_target, load_artifact, save_artifact
 from medhe.models.augment import Augment
 from medhe.models.metrics import compute_metrics
 from medhe.models.modelcard import complete_card, loaded_entry
@@ -42,7 +42,7 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
                 *, weight_decay: float = 1e-4, class_balanced: bool = False, label_smoothing: float = 0.0,
                 calibrate: str | None = None, name: str | None = None, limit: int | None = None,
                 grad_clip: float = 5.0, ema: float | None = None, mixup: float = 0.0,
-                card_extras: dict[str, Any] | None = None) -> ModelArtifact:
+                card_extras: dict[str, Any] | None = None, overwrite: bool = True) -> ModelArtifact:
     """Train ``arch`` on ``dataset`` and write the artifact to ``out_dir``; returns it reloaded from disk.
 
     ``calibrate``: for binary tasks, move the decision threshold (the last layer's bias) to the point on the
@@ -51,10 +51,13 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     select/ship the averaged model, which is steadier on small datasets. ``limit`` keeps N images of every split
     (a seeded random subset; quick runs and tests). ``card_extras`` is merged into the card (e.g. a backend's
     quantization section). ``mixup``: Beta(alpha, alpha) mixup strength (0 = off), a regulariser for small sets.
+    ``overwrite=False`` refuses, before training, to replace a trained model in ``out_dir`` (``medhe train``
+    without ``--force``); either way the folder is replaced as a whole only once the new model is complete.
     """
     _check_args(epochs, batch_size, lr, size, calibrate, limit, mixup)
     if out_dir is None:
         raise MedheError("no output folder given: pass --out DIR")
+    check_model_target(out_dir, overwrite)  # before the minutes of training, not after
     started = time.perf_counter()
     data = _load_splits(dataset, size, data_dir, limit, (arch_kwargs or {}).get("in_channels"), seed)
     if calibrate and data.train.task != "binary-class":
@@ -111,7 +114,7 @@ def train_model(dataset: str | os.PathLike, arch: str = "hecnn", epochs: int = 3
     note = f"--limit {limit}: a seeded subset of every split" if limit is not None else None
     card = complete_card(card, training_data=loaded_entry(data.card_entry["name"], data.train, sizes,
                                                           data.card_entry.get("size"), note))
-    save_artifact(out_dir, model, card)
+    save_artifact(out_dir, model, card, overwrite=overwrite, command="medhe train")
     return load_artifact(out_dir)
 
 
