@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install wheel docs clean
+.PHONY: demo test test-fast install orthanc wheel docs clean
 
 NATIVE_SRC := $(wildcard src/medhe/he/ckks/csrc/*/*.cpp src/medhe/he/ckks/csrc/*/*.h)
 
@@ -14,13 +14,24 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SRC)
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) orthanc
+
+# Orthanc + its DICOMweb plugin (Debian packages): the real PACS tests/test_pacs.py runs medhe pacs against. Installed
+# when missing and possible (root with apt-get); otherwise a note, and tests/test_pacs.py fails saying what to install.
+ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+orthanc:
+	@if [ -x /usr/sbin/Orthanc ] && [ -e $(ORTHANC_DICOMWEB) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb >/dev/null || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb >/dev/null; } || \
+	  echo "note: apt-get could not install orthanc orthanc-dicomweb; tests/test_pacs.py needs them"; \
+	else echo "note: Orthanc is missing and cannot be installed here (needs root and apt-get: apt-get install orthanc orthanc-dicomweb); tests/test_pacs.py needs it"; fi
 
 demo: $(STAMP)
 	$(BIN)/medhe demo
 
 # tests/suite.py: one pytest process per test file (small ones packed), two at a time; see its docstring for why
-test: $(STAMP)
+test: $(STAMP) orthanc
 	MEDHE_OFFLINE=1 $(BIN)/python tests/suite.py
 
 test-fast: $(STAMP)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import medhe
 
-ORDER = ("data", "models", "he", "service", "ui", "cli")
+ORDER = ("data", "models", "he", "service", "pacs", "ui", "cli")
 #: found when this test was written; to fix by moving ``load_eval_data`` below the CLI (e.g. into medhe.data), then
 #: delete the entries. New code must not add any.
 KNOWN = {
@@ -34,4 +34,4 @@ def test_no_module_imports_a_higher_layer():
                         and ORDER.index(parts[1]) > ORDER.index(layer):
                     wrong.append(f"{path.relative_to(root)} imports {name}")
     new = sorted(set(wrong) - KNOWN)
-    assert not new, "imports against data -> models -> he -> service -> ui -> cli: " + "; ".join(new)
+    assert not new, "imports against data -> models -> he -> service -> pacs -> ui -> cli: " + "; ".join(new)

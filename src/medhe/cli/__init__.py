@@ -15,8 +15,8 @@ from medhe import __version__
 from medhe.errors import MedheError
 
 #: command modules under medhe.cli, in the order they appear in --help.
-COMMAND_MODULES = ("train", "evaluate", "calibrate", "demo", "bench", "serve", "predict", "ui", "experiment",
-                   "autoencoder", "encmodel", "report", "recipe", "score", "inspect", "models")
+COMMAND_MODULES = ("train", "evaluate", "calibrate", "demo", "bench", "serve", "predict", "ui", "pacs",
+                   "experiment", "autoencoder", "encmodel", "report", "recipe", "score", "inspect", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:
