@@ -46,9 +46,10 @@ def _compile(model: str, options: dict):
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from medhe.he.ckks.encrypted.keys import SECRET_FILE, create_keydir
+    from medhe.he.ckks.encrypted.keys import SECRET_FILE, create_keydir, prepare_keydir
     from medhe.he.ckks.encrypted.model import spec_for
 
+    prepare_keydir(args.out)  # refuse or clean up before the seconds of compiling and key generation
     options = {k: v for k, v in (("poly_degree", args.poly_degree), ("scale_bits", args.scale_bits)) if v}
     artifact, plan = _compile(args.model, options)
     keys = create_keydir(spec_for(plan, artifact.card), args.out, options)
@@ -66,8 +67,9 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 def run_encrypt(args: argparse.Namespace) -> int:
     from medhe.he.ckks.encrypted.keys import load_keydir
-    from medhe.he.ckks.encrypted.model import write_encrypted_model
+    from medhe.he.ckks.encrypted.model import prepare_encdir, write_encrypted_model
 
+    prepare_encdir(args.out)
     keys = load_keydir(args.keys)
     artifact, plan = _compile(args.model, keys.compile_options)
     spec = write_encrypted_model(plan, artifact.card, keys, args.out, progress=not args.no_progress)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from medhe import atomic
+from medhe.atomic_folder import clear_interrupted, note, writing_folder
 from medhe.errors import MedheError, SecurityError
 
 SECRET_FILE = "secret.key"
@@ -142,29 +143,67 @@ def load_keydir(path: str | os.PathLike) -> KeyDir:
     return kd
 
 
+KEYDIR_FILES = (SECRET_FILE, EVAL_FILE, KEYSET_FILE)
+
+
+def _leftovers_of(names: list[str], files: tuple[str, ...]) -> bool:
+    """Every name is one of ``files`` or an older medhe's temp file of one (``.secret.key.abc123.tmp``)."""
+    return all(n in files or (n.startswith(".") and n.endswith(".tmp") and n[1:-4].rsplit(".", 1)[0] in files)
+               for n in names)
+
+
+def prepare_keydir(out: str | os.PathLike) -> Path:
+    """Check a KEYDIR-to-be before the slow part (compiling, key generation): what interrupted runs left is removed
+    with one line each, anything else in the way is refused with one line."""
+    root = Path(out).expanduser()
+    clear_interrupted(root)
+    clear_interrupted_keydir(root)
+    return root
+
+
+def clear_interrupted_keydir(root: Path) -> None:
+    """An older medhe killed during keygen left the key set half written in KEYDIR itself (secret key, maybe in a
+    ``.secret.key.*.tmp`` file, but no keyset.json): no command could use it, so it is removed with one line.
+    A complete key set, or a folder with other files, is refused: keys are never overwritten."""
+    if not root.is_dir():
+        if root.exists():
+            raise MedheError(f"{root} is a file, not a key folder: choose a new --out folder")
+        return
+    names = sorted(p.name for p in root.iterdir())
+    if not names:
+        return
+    if KEYSET_FILE not in names and _leftovers_of(names, KEYDIR_FILES):
+        for name in names:
+            (root / name).unlink()
+        secrets = [n for n in names if SECRET_FILE in n]
+        note(f"{root} held an interrupted medhe keygen (no {KEYSET_FILE}; {', '.join(secrets) or 'no secret key'}"
+             "): removed it, no key set was ever made from it")
+        return
+    raise MedheError(f"{root} exists and is not empty: keys are never overwritten; choose a new --out folder")
+
+
 def create_keydir(spec_without_key: dict[str, Any], out: str | os.PathLike,
                   compile_options: dict[str, Any] | None = None) -> KeyDir:
     """SEAL key generation for an encrypted-model spec, written to a new KEYDIR; returns it loaded.
 
     ``spec_without_key`` comes from ``spec.encrypted_spec(plan, ...)``; the returned key set's spec is the same
     with the key id filled in and the plan id recomputed over it. ``compile_options``: those the plan was compiled
-    with (recorded, so that the model can be compiled and encrypted again exactly).
+    with (recorded, so that the model can be compiled and encrypted again exactly). The folder is written as a
+    whole (``medhe.atomic_folder``, mode 0700): a run killed midway leaves only a ``.KEYDIR.partial-*`` folder beside
+    it, which the next keygen to the same KEYDIR removes with one line.
     """
     from medhe.he.ckks.backends.seal import SealBackend
     from medhe.he.ckks.encrypted.spec import bind_key
     from medhe.he.ckks.compiler.params import CKKSParams
 
-    root = Path(out).expanduser()
-    if root.exists() and any(root.iterdir()):
-        raise MedheError(f"{root} exists and is not empty: keys are never overwritten; choose a new --out folder")
+    root = prepare_keydir(out)
     be = SealBackend(CKKSParams.from_dict(spec_without_key["params"]))
     be.keygen([int(s) for s in spec_without_key["rotation_steps"]], True)
     galois, relin = be.evaluation_key_bytes(spec_without_key["key_levels"])
     spec = bind_key(spec_without_key, key_id_of(galois, relin))
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
-    atomic.write_bytes(root / SECRET_FILE, be.secret_key_bytes(), mode=0o600)
-    atomic.write_bytes(root / EVAL_FILE, pack_evaluation_keys(galois, relin))
-    atomic.write_json(root / KEYSET_FILE, {"format": KEYSET_FORMAT, "spec": spec,
-                                           "compile_options": dict(compile_options or {})})
+    with writing_folder(root, "medhe keygen", private=True) as tmp:
+        atomic.write_bytes(tmp / SECRET_FILE, be.secret_key_bytes(), mode=0o600)
+        atomic.write_bytes(tmp / EVAL_FILE, pack_evaluation_keys(galois, relin))
+        atomic.write_json(tmp / KEYSET_FILE, {"format": KEYSET_FORMAT, "spec": spec,
+                                              "compile_options": dict(compile_options or {})})
     return load_keydir(root)

@@ -24,6 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medhe import atomic
+from medhe.atomic_folder import clear_interrupted, note, writing_folder
 from medhe.errors import ArtifactError, CiphertextError, MedheError
 from medhe.he.ckks.wire import envelope
 from medhe.he.ckks.encrypted import program as program_mod
@@ -71,19 +72,47 @@ def write_encrypted_model(plan: Plan, card: dict[str, Any], keys: KeyDir, out: s
     if spec["encrypted_model"]["base_plan_id"] != keys.spec["encrypted_model"]["base_plan_id"]:
         raise MedheError(f"the keys in {keys.path} were made for another model or compile options "
                          f"(model {keys.spec.get('model')!r}): run medhe keygen --model {card.get('name')} first")
-    root = Path(out).expanduser()
-    if root.exists() and any(root.iterdir()):
-        raise MedheError(f"{root} exists and is not empty: choose a new --out folder for the encrypted model")
+    root = prepare_encdir(out)
     blob = encrypt_weights(plan, keys, progress)
     doc = program_mod.program_dict(plan)
     doc["weights_file"] = {"name": WEIGHTS_FILE, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
                            "count": len(plan.plains)}
     public_spec = keys.spec
-    atomic.write_bytes(root / WEIGHTS_FILE, blob)
-    atomic.write_json(root / PROGRAM_FILE, doc)
-    atomic.write_json(root / SPEC_FILE, public_spec)
-    atomic.write_json(root / CARD_FILE, {k: card[k] for k in PUBLIC_CARD_KEYS if k in card})
+    with writing_folder(root, "medhe encrypt-model") as tmp:  # whole folder or nothing (medhe.atomic_folder)
+        atomic.write_bytes(tmp / WEIGHTS_FILE, blob)
+        atomic.write_json(tmp / PROGRAM_FILE, doc)
+        atomic.write_json(tmp / SPEC_FILE, public_spec)
+        atomic.write_json(tmp / CARD_FILE, {k: card[k] for k in PUBLIC_CARD_KEYS if k in card})
     return public_spec
+
+
+def prepare_encdir(out: str | os.PathLike) -> Path:
+    """Check an ENCDIR-to-be before encrypting: leftovers of interrupted runs removed (one line each), anything
+    else in the way refused (one line)."""
+    root = Path(out).expanduser()
+    clear_interrupted(root)
+    _clear_interrupted_encdir(root)
+    return root
+
+
+def _clear_interrupted_encdir(root: Path) -> None:
+    """An older medhe killed during encrypt-model left a half ENCDIR (no card, written last): removed with one
+    line, since no server could load it. A complete one or other files are refused, as before."""
+    if not root.is_dir():
+        if root.exists():
+            raise MedheError(f"{root} is a file, not a folder: choose a new --out folder for the encrypted model")
+        return
+    names = sorted(p.name for p in root.iterdir())
+    if not names:
+        return
+    files = (WEIGHTS_FILE, PROGRAM_FILE, SPEC_FILE, CARD_FILE)
+    if CARD_FILE not in names and all(n in files or (n.startswith(".") and n.endswith(".tmp") and
+                                                     n[1:-4].rsplit(".", 1)[0] in files) for n in names):
+        for name in names:
+            (root / name).unlink()
+        note(f"{root} held an interrupted medhe encrypt-model (no {CARD_FILE}): removed it")
+        return
+    raise MedheError(f"{root} exists and is not empty: choose a new --out folder for the encrypted model")
 
 
 def _read_json(path: Path) -> Any:
