@@ -81,6 +81,20 @@ def _check_date(value: str | None, flag: str) -> str | None:
 
 
 def _pacs(args: argparse.Namespace):
+    import importlib
+
+    from medhe.errors import MedheError
+
+    missing = []
+    for name, module in (("dicomweb-client", "dicomweb_client"), ("highdicom", "highdicom"),
+                         ("fhir.resources", "fhir.resources.R4B")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MedheError(f"medhe pacs needs {', '.join(missing)}: pip install 'medhe[pacs]' (from a clone: "
+                         "pip install -e '.[pacs]')")
     from medhe.pacs.dicomweb import Pacs
 
     return Pacs(args.pacs, timeout=args.pacs_timeout)

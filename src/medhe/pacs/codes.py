@@ -18,6 +18,7 @@ LOINC_URL = "http://loinc.org"
 UCUM_URL = "http://unitsofmeasure.org"
 LOCAL = "99MEDHE"
 LOCAL_URL = "urn:medhe:codes"
+DCM_URL = "http://dicom.nema.org/resources/ontology/DCM"
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Concept:
 
     @property
     def fhir_system(self) -> str:
-        return {SNOMED: SNOMED_URL, LOINC: LOINC_URL, LOCAL: LOCAL_URL}.get(self.scheme, "http://dicom.nema.org/resources/ontology/DCM")
+        return {SNOMED: SNOMED_URL, LOINC: LOINC_URL, LOCAL: LOCAL_URL}.get(self.scheme, DCM_URL)
 
     def fhir(self) -> dict:
         return {"system": self.fhir_system, "code": self.value, "display": self.meaning}

@@ -7,6 +7,7 @@ worth retrying (PACS down, timed out, 5xx), which the watch loop backs off on. R
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,8 @@ class Pacs:
         session.mount("http://", _Timeout())
         session.mount("https://", _Timeout())
         self.url = str(url).rstrip("/")
+        # dicomweb-client logs request URLs, which hold study UIDs: medhe reports every failure itself, by ref
+        logging.getLogger("dicomweb_client").setLevel(logging.CRITICAL + 1)
         self._dw = DICOMwebClient(self.url, session=session)
         self._dw.set_http_retry_params(retry=False)
 

@@ -22,6 +22,7 @@ OBSERVATION_CATEGORY = {"system": "http://terminology.hl7.org/CodeSystem/observa
                         "code": "imaging", "display": "Imaging"}
 REPORT_CATEGORY = {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+THORAX = {"system": "http://snomed.info/sct", "code": "51185008", "display": "Thoracic structure"}
 
 
 def _when(ds) -> str | None:
@@ -57,7 +58,8 @@ def build_bundle(results: list[ImageResult], sr_uid: str, model: str, version: s
         for label, p in r.probabilities.items():
             concept = codes.finding(label)
             full = f"urn:uuid:{uuid.uuid4()}"
-            obs = {"resourceType": "Observation", "status": "preliminary", "category": [{"coding": [OBSERVATION_CATEGORY]}],
+            obs = {"resourceType": "Observation", "status": "preliminary",
+                   "category": [{"coding": [OBSERVATION_CATEGORY]}],
                    "code": {"coding": [concept.fhir()], "text": f"Probability of {concept.meaning} (medhe {model})"},
                    "subject": subject, "valueQuantity": {"value": float(p), "unit": "probability",
                                                          "system": codes.UCUM_URL, "code": "1"},
@@ -65,7 +67,7 @@ def build_bundle(results: list[ImageResult], sr_uid: str, model: str, version: s
                                                    "code": "POS" if label in r.present else "NEG",
                                                    "display": "Positive" if label in r.present else "Negative"}]}],
                    "method": method, "device": device, "derivedFrom": [study],
-                   "bodySite": {"coding": [{"system": codes.SNOMED_URL, "code": "51185008", "display": "Thorax"}]},
+                   "bodySite": {"coding": [THORAX]},
                    "note": [{"text": f"source image urn:oid:{r.source.SOPInstanceUID}"}]}
             if effective:
                 obs["effectiveDateTime"] = effective

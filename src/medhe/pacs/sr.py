@@ -115,7 +115,7 @@ def read_sr(ds) -> list[dict]:
     for group in sr.content.get_image_measurement_groups():
         measurement = group.get_measurements()[0]
         texts: dict[str, list[str]] = {}
-        for item in measurement[0].get("ContentSequence", []):  # TID 4019 Algorithm Identification, under the measurement
+        for item in measurement[0].get("ContentSequence", []):  # TID 4019 Algorithm Identification
             if item.ValueType == "TEXT":
                 texts.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(str(item.TextValue))
         out.append({"sop_instance_uid": group.source_images[0].referenced_sop_instance_uid,
