@@ -67,6 +67,38 @@ Ciphertext ciphertext_from(const NativeContext& c, U64Array arr, int level, doub
     return ct;
 }
 
+// A hybrid key from a (digits, 2, L + k, n) array of residues (NTT form), each checked against its prime.
+SwitchKey hybrid_key_from(const NativeContext& c, U64Array arr, std::size_t alpha) {
+    const Context& ctx = *c.ctx;
+    const std::size_t limbs = ctx.primes.size(), n = ctx.n;
+    const std::size_t digits = (ctx.data_count + alpha - 1) / (alpha ? alpha : 1);
+    if (alpha == 0 || alpha > ctx.data_count) throw InputError("hybrid keys need 1 to L data primes per digit");
+    if (arr.ndim() != 4 || std::size_t(arr.shape(0)) != digits || arr.shape(1) != 2 ||
+        std::size_t(arr.shape(2)) != limbs || std::size_t(arr.shape(3)) != n)
+        throw InputError("hybrid key has the wrong shape: expected (" + std::to_string(digits) + ", 2, " +
+                         std::to_string(limbs) + ", " + std::to_string(n) + ")");
+    SwitchKey key;
+    key.digits = digits;
+    key.key_limbs = limbs;
+    key.n = n;
+    key.alpha = alpha;
+    key.max_level = int(ctx.data_count) - 1;
+    key.data.resize(digits * 2 * limbs * n);
+    const uint64_t* src = arr.data();
+    u64* dst = key.data.data();
+    u64 bad = 0;
+    for (std::size_t row = 0; row < digits * 2 * limbs; ++row) {
+        const u64 q = ctx.primes[row % limbs];
+        for (std::size_t j = 0; j < n; ++j) {
+            const u64 v = src[row * n + j];
+            bad |= (v >= q);
+            dst[row * n + j] = v;
+        }
+    }
+    if (bad) throw InputError("hybrid key holds a coefficient outside its prime: it is corrupted");
+    return key;
+}
+
 py::array_t<uint64_t> to_array(const Ciphertext& ct) {
     py::array_t<uint64_t> out({py::ssize_t(ct.size), py::ssize_t(ct.limbs()), py::ssize_t(ct.n)});
     std::memcpy(out.mutable_data(), ct.data.data(), ct.data.size() * 8);
@@ -134,9 +166,9 @@ PYBIND11_MODULE(_runtime, m) {
 
     py::class_<NativeContext>(m, "Context")
         .def(py::init([](const std::vector<u64>& primes, int log_n, const std::vector<py::bytes>& level_pids,
-                         const py::bytes& key_pid, int major, int minor) {
+                         const py::bytes& key_pid, int major, int minor, std::size_t special_count) {
                  auto c = std::make_unique<NativeContext>();
-                 c->ctx = std::make_shared<Context>(primes, log_n);
+                 c->ctx = std::make_shared<Context>(primes, log_n, special_count);
                  for (const auto& b : level_pids) c->ids.level_pids.push_back(std::string(b));
                  c->ids.key_pid = std::string(key_pid);
                  c->ids.major = uint8_t(major);
@@ -145,7 +177,9 @@ PYBIND11_MODULE(_runtime, m) {
                  return c;
              }),
              py::arg("primes"), py::arg("log_n"), py::arg("level_pids"), py::arg("key_pid"), py::arg("major") = 4,
-             py::arg("minor") = 0)
+             py::arg("minor") = 0, py::arg("special_count") = 1,
+             "primes: the data primes then special_count special primes (SEAL's format: 1)")
+        .def_property_readonly("special_count", [](const NativeContext& c) { return c.ctx->special_count; })
         .def_property_readonly("n", [](const NativeContext& c) { return c.ctx->n; })
         .def_property_readonly("primes", [](const NativeContext& c) { return c.ctx->primes; })
         .def("galois_element", [](const NativeContext& c, long step) { return galois_elt_from_step(*c.ctx, step); })
@@ -177,6 +211,43 @@ PYBIND11_MODULE(_runtime, m) {
             }
             return keys;
         }, py::arg("galois"), py::arg("relin"))
+        .def("hybrid_keys", [](const NativeContext& c, const std::map<uint32_t, U64Array>& galois,
+                               py::object relin, std::size_t alpha) {
+            auto keys = std::make_shared<KeySet>();
+            for (const auto& kv : galois) {
+                if (!(kv.first & 1) || kv.first >= 2 * c.ctx->n) throw InputError("invalid Galois element");
+                keys->galois.emplace(kv.first, hybrid_key_from(c, kv.second, alpha));
+            }
+            if (!relin.is_none())
+                keys->relin = std::make_shared<SwitchKey>(hybrid_key_from(c, relin.cast<U64Array>(), alpha));
+            return keys;
+        }, py::arg("galois"), py::arg("relin"), py::arg("alpha"),
+           "hybrid evaluation keys: Galois element -> (digits, 2, L + k, n) residues, relin the same or None")
+        .def("add_hybrid_key", [](const NativeContext& c, KeySet& keys, uint32_t element, U64Array arr,
+                                  std::size_t alpha) {
+            SwitchKey key = hybrid_key_from(c, arr, alpha);
+            for (const auto& kv : keys.galois)
+                if (kv.second.alpha != alpha) throw InputError("keys of mixed formats");
+            if (keys.relin && keys.relin->alpha != alpha) throw InputError("keys of mixed formats");
+            if (element == 0) {
+                keys.relin = std::make_shared<SwitchKey>(std::move(key));
+            } else {
+                if (!(element & 1) || element >= 2 * c.ctx->n) throw InputError("invalid Galois element");
+                keys.galois[element] = std::move(key);
+            }
+        }, py::arg("keys"), py::arg("element"), py::arg("residues"), py::arg("alpha"),
+           "add one hybrid key to a key set, one at a time (element 0: the relinearization key)")
+        .def("seal_keys_as_hybrid", [](const NativeContext& c, const KeySet& k) {
+            // SEAL's keys are hybrid keys with one prime per digit and one special prime (tests: same bytes)
+            if (c.ctx->special_count != 1) throw InputError("SEAL's keys have one special prime");
+            auto out = std::make_shared<KeySet>(k);
+            for (auto& kv : out->galois) kv.second.alpha = 1;
+            if (out->relin) {
+                out->relin = std::make_shared<SwitchKey>(*k.relin);
+                out->relin->alpha = 1;
+            }
+            return out;
+        })
         // ---- arrays
         .def("plaintext", [](const NativeContext& c, U64Array a, int level, double scale) {
             return std::make_shared<Plaintext>(plaintext_from(c, a, level, scale));

@@ -1,4 +1,5 @@
-// Key switching (relinearization, rotations, conjugation) in SEAL's hybrid RNS form with one special prime P.
+// Key switching (relinearization, rotations, conjugation) in SEAL's RNS form with one special prime P; keys in
+// the hybrid format (several primes per digit, k special primes) go through hybrid.cpp's three steps instead.
 //
 // For a polynomial c at level l: digit j is c mod q_j (coefficient form), lifted to every prime of q_0..q_l, P
 // and brought back to NTT form (the digit's own prime keeps c's NTT limb); the key product sums digit_j * key_j
@@ -20,6 +21,8 @@ void decompose(const Context& ctx, const u64* poly, int level, Decomposed& out, 
     const std::size_t n = ctx.n, digits = std::size_t(level) + 1, targets = digits + 1;
     out.level = level;
     out.n = n;
+    out.digits = digits;
+    out.width = targets;
     out.data.resize(digits * targets * n);
     Words coeff(digits * n);
     parallel_for(digits, [&](std::size_t j) {
@@ -56,6 +59,7 @@ void decompose(const Context& ctx, const u64* poly, int level, Decomposed& out, 
 }
 
 static void check_key(const SwitchKey& key, int level, std::size_t n) {
+    if (key.alpha != 0) throw InputError("key switch: a hybrid key reached SEAL's key product");
     if (key.max_level < level || key.digits < std::size_t(level) + 1 || key.n != n)
         throw InputError("evaluation key does not cover level " + std::to_string(level) +
                          ": create keys with this server's spec");
@@ -66,11 +70,13 @@ void key_product(const Context& ctx, const Decomposed& d, const SwitchKey& key, 
     const int level = d.level;
     const std::size_t n = ctx.n, digits = std::size_t(level) + 1, targets = digits + 1;
     check_key(key, level, n);
+    if (d.width != targets) throw InputError("key switch: decomposition does not match the key's format");
     if (!accumulate) {
         acc.level = level;
         acc.n = n;
+        acc.width = targets;
         acc.data.resize(2 * targets * n);
-    } else if (acc.level != level) {
+    } else if (acc.level != level || acc.width != targets) {
         throw InputError("key switch: accumulating across levels");
     }
     constexpr std::size_t B = 256;
@@ -139,7 +145,8 @@ void key_product(const Context& ctx, const Decomposed& d, const SwitchKey& key, 
 void mod_down_add(const Context& ctx, const Extended& acc, Ciphertext& ct) {
     const int level = acc.level;
     const std::size_t n = ctx.n, digits = std::size_t(level) + 1;
-    if (ct.level != level || ct.size < 2) throw InputError("key switch: ciphertext does not match");
+    if (ct.level != level || ct.size < 2 || acc.width != digits + 1)
+        throw InputError("key switch: ciphertext does not match");
     const NTTTables& sp = ctx.special();
     const u64 p = sp.mod.q, half = p >> 1;
     Words last(2 * n);
@@ -184,19 +191,37 @@ void mod_down_add(const Context& ctx, const Extended& acc, Ciphertext& ct) {
     });
 }
 
+// The three steps in whichever format `key` has (SEAL's or hybrid); one key set is always one format.
+static void split(const Context& ctx, const u64* poly, int level, const SwitchKey& key, bool centered, Decomposed& d) {
+    if (key.alpha) hybrid_mod_up(ctx, poly, level, key.alpha, d);
+    else decompose(ctx, poly, level, d, centered);
+}
+
+static void product(const Context& ctx, const Decomposed& d, const SwitchKey& key, const uint32_t* perm, Extended& acc,
+                    bool accumulate) {
+    if (key.alpha) hybrid_key_product(ctx, d, key, perm, acc, accumulate);
+    else key_product(ctx, d, key, perm, acc, accumulate);
+}
+
+static void down(const Context& ctx, const Extended& acc, const SwitchKey& key, Ciphertext& ct) {
+    if (key.alpha) hybrid_mod_down_add(ctx, acc, ct);
+    else mod_down_add(ctx, acc, ct);
+}
+
 Ciphertext relinearize(const Context& ctx, const Ciphertext& a, const KeySet& keys) {
     if (a.size == 2) return a;
     if (a.size != 3) throw InputError("relinearize: expects a ciphertext with 3 polynomials");
     if (!keys.has_relin()) throw InputError("relinearization keys are missing: create them with this server's spec");
+    const SwitchKey& key = *keys.relin;
     Decomposed d;
-    decompose(ctx, a.poly(2), a.level, d, false);
+    split(ctx, a.poly(2), a.level, key, false, d);
     Extended acc;
-    key_product(ctx, d, *keys.relin, nullptr, acc, false);
+    product(ctx, d, key, nullptr, acc, false);
     Ciphertext out;
     out.allocate(2, a.level, a.n);
     out.scale = a.scale;
     std::memcpy(out.data.data(), a.data.data(), std::size_t(2) * a.limbs() * a.n * 8);
-    mod_down_add(ctx, acc, out);
+    down(ctx, acc, key, out);
     return out;
 }
 
@@ -215,19 +240,23 @@ Ciphertext rotate_galois(const Context& ctx, const Ciphertext& a, uint32_t elt, 
     apply_galois(ctx, a.poly(1), rotated.data(), a.limbs(), elt);
     std::memset(out.poly(1), 0, std::size_t(a.limbs()) * a.n * 8);
     Decomposed d;
-    decompose(ctx, rotated.data(), a.level, d, false);
+    split(ctx, rotated.data(), a.level, key, false, d);
     Extended acc;
-    key_product(ctx, d, key, nullptr, acc, false);
-    mod_down_add(ctx, acc, out);
+    product(ctx, d, key, nullptr, acc, false);
+    down(ctx, acc, key, out);
     return out;
 }
 
 std::vector<Ciphertext> rotate_hoisted(const Context& ctx, const Ciphertext& a, const std::vector<uint32_t>& elts,
                                        const KeySet& keys) {
     check_two(a, "rotate");
+    if (elts.empty()) return {};
     for (uint32_t e : elts) keys.galois_key(e);  // fail before any work
+    const SwitchKey& first = keys.galois_key(elts[0]);
+    for (uint32_t e : elts)
+        if (keys.galois_key(e).alpha != first.alpha) throw InputError("rotate: Galois keys of mixed formats");
     Decomposed d;
-    decompose(ctx, a.poly(1), a.level, d, true);
+    split(ctx, a.poly(1), a.level, first, true, d);
     std::vector<Ciphertext> outs(elts.size());
     Extended acc;
     for (std::size_t g = 0; g < elts.size(); ++g) {
@@ -236,8 +265,9 @@ std::vector<Ciphertext> rotate_hoisted(const Context& ctx, const Ciphertext& a, 
         out.scale = a.scale;
         apply_galois(ctx, a.poly(0), out.poly(0), a.limbs(), elts[g]);
         std::memset(out.poly(1), 0, std::size_t(a.limbs()) * a.n * 8);
-        key_product(ctx, d, keys.galois_key(elts[g]), ctx.galois_table(elts[g]).data(), acc, false);
-        mod_down_add(ctx, acc, out);
+        const SwitchKey& key = keys.galois_key(elts[g]);
+        product(ctx, d, key, ctx.galois_table(elts[g]).data(), acc, false);
+        down(ctx, acc, key, out);
     }
     return outs;
 }
@@ -250,7 +280,13 @@ Ciphertext rotate_sum(const Context& ctx, const std::vector<const Ciphertext*>& 
         check_two(*c, "rotate");
         check_same(first, *c, "add");
     }
-    for (uint32_t e : elts) if (e != 1) keys.galois_key(e);
+    const SwitchKey* format = nullptr;
+    for (uint32_t e : elts) {
+        if (e == 1) continue;
+        const SwitchKey& k = keys.galois_key(e);
+        if (format && format->alpha != k.alpha) throw InputError("rotate: Galois keys of mixed formats");
+        format = &k;
+    }
     Ciphertext out;
     out.allocate(2, first.level, first.n, true);
     out.scale = first.scale;
@@ -265,15 +301,16 @@ Ciphertext rotate_sum(const Context& ctx, const std::vector<const Ciphertext*>& 
             add_inplace(ctx, out, c);
             continue;
         }
+        const SwitchKey& key = keys.galois_key(elts[g]);
         apply_galois(ctx, c.poly(0), tmp.data(), int(limbs), elts[g]);
         for (std::size_t i = 0; i < limbs; ++i)
             poly_add(out.limb(0, int(i)), out.limb(0, int(i)), tmp.data() + i * n, n, ctx.primes[i]);
         apply_galois(ctx, c.poly(1), tmp.data(), int(limbs), elts[g]);
-        decompose(ctx, tmp.data(), c.level, d, true);
-        key_product(ctx, d, keys.galois_key(elts[g]), nullptr, acc, have_acc);
+        split(ctx, tmp.data(), c.level, key, true, d);
+        product(ctx, d, key, nullptr, acc, have_acc);
         have_acc = true;
     }
-    if (have_acc) mod_down_add(ctx, acc, out);
+    if (have_acc) down(ctx, acc, *format, out);
     return out;
 }
 

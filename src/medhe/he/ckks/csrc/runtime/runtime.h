@@ -1,8 +1,9 @@
 // medhe's native CKKS runtime: SEAL-layout RNS ciphertexts and the operations a compiled plan runs on them.
 //
 // Layout (SEAL's): a ciphertext at level l (SEAL chain index) has size polynomials, each l+1 residue limbs of n
-// words in NTT form, limb i modulo data prime i. Evaluation keys: for each decomposition digit j (one per data
-// prime), two polynomials over all data primes plus the special prime P ("key level").
+// words in NTT form, limb i modulo data prime i. Evaluation keys, SEAL's format: for each decomposition digit j
+// (one per data prime), two polynomials over all data primes plus the special prime P ("key level"). Hybrid format
+// (hybrid.cpp): digits over groups of `alpha` data primes, k special primes whose product P covers each group.
 #pragma once
 
 #include <atomic>
@@ -86,6 +87,7 @@ struct Context {
     std::vector<u64> primes;  // data primes (level 0 first), then the special prime
     std::vector<NTTTables> tables;
     std::size_t data_count = 0;  // L: data primes; levels are 0..L-1
+    std::size_t special_count = 1;  // k: special primes after the data primes (SEAL's format: 1)
     int top_level() const { return int(data_count) - 1; }
     const NTTTables& special() const { return tables[data_count]; }
     // inv_last[l][i] = q_l^-1 mod q_i (rescale from level l), i < l
@@ -93,8 +95,15 @@ struct Context {
     // inv_special[i] = P^-1 mod q_i
     std::vector<ShoupConst> inv_special;
     std::vector<int> bits_at;  // total coefficient modulus bit count per level
+    // Hybrid key switching, P = product of the special primes p_m:
+    std::vector<ShoupConst> inv_p_all;             // P^-1 mod q_i
+    std::vector<ShoupConst> p_hat_inv;             // (P/p_m)^-1 mod p_m
+    std::vector<std::vector<u64>> p_hat_mod_q;     // [m][i] = (P/p_m) mod q_i
+    std::vector<u64> half_p_mod_q, half_p_mod_p;   // floor(P/2) mod q_i, mod p_m
+    std::vector<u64> p_mod_q;                      // P mod q_i
+    const NTTTables& special_table(std::size_t m) const { return tables[data_count + m]; }
 
-    Context(const std::vector<u64>& primes, int log_n);
+    Context(const std::vector<u64>& primes, int log_n, std::size_t special_count = 1);
     Context(const Context&) = delete;
     Context& operator=(const Context&) = delete;
     const std::vector<uint32_t>& galois_table(uint32_t elt) const;  // NTT-domain permutation (SEAL's order)
@@ -131,9 +140,12 @@ struct Plaintext {
 
 // One key-switching key: digits x 2 x (L+1) x n, NTT form, at the key level. `levels` = highest level the key can
 // serve (trimmed keys carry zeros above it).
+// Hybrid keys (alpha > 0): digit j covers data primes [j alpha, (j+1) alpha), limbs are the L data primes then the
+// k special primes.
 struct SwitchKey {
     std::size_t digits = 0, key_limbs = 0, n = 0;
     int max_level = -1;
+    std::size_t alpha = 0;  // data primes per digit; 0 = SEAL's format (one special prime, a digit per prime)
     Words data;
     const u64* part(std::size_t digit, int k, std::size_t limb) const {
         return data.data() + ((digit * 2 + std::size_t(k)) * key_limbs + limb) * n;
@@ -166,26 +178,22 @@ void check_scale_bound(const Context& ctx, double scale, int level, const char* 
 // ---- keyswitch.cpp
 // Digits of one polynomial at level l, each raised to every target prime (0..l and P), NTT form:
 // (l+1) digits x (l+2) targets x n.
+// Hybrid keys: digits x (l+1+k) targets (0..l, then the special primes).
 struct Decomposed {
     int level = 0;
     Words data;
     std::size_t n = 0;
-    u64* at(std::size_t digit, std::size_t target) {
-        return data.data() + (digit * std::size_t(level + 2) + target) * n;
-    }
-    const u64* at(std::size_t digit, std::size_t target) const {
-        return data.data() + (digit * std::size_t(level + 2) + target) * n;
-    }
+    std::size_t digits = 0, width = 0;  // width: target primes per digit
+    u64* at(std::size_t digit, std::size_t target) { return data.data() + (digit * width + target) * n; }
+    const u64* at(std::size_t digit, std::size_t target) const { return data.data() + (digit * width + target) * n; }
 };
-// A key switch result before the division by P: 2 polynomials over (l+2) primes (0..l, then P).
+// A key switch result before the division by P: 2 polynomials over (l+2) primes (0..l, then P); hybrid: (l+1+k).
 struct Extended {
     int level = 0;
-    std::size_t n = 0;
-    Words data;  // 2 x (l+2) x n
-    u64* at(int k, std::size_t target) { return data.data() + (std::size_t(k) * (level + 2) + target) * n; }
-    const u64* at(int k, std::size_t target) const {
-        return data.data() + (std::size_t(k) * (level + 2) + target) * n;
-    }
+    std::size_t n = 0, width = 0;
+    Words data;  // 2 x width x n
+    u64* at(int k, std::size_t target) { return data.data() + (std::size_t(k) * width + target) * n; }
+    const u64* at(int k, std::size_t target) const { return data.data() + (std::size_t(k) * width + target) * n; }
 };
 // centered: lift digits to (-q_j/2, q_j/2] (hoisting) instead of SEAL's [0, q_j) (exact)
 void decompose(const Context& ctx, const u64* poly, int level, Decomposed& out, bool centered);
@@ -204,6 +212,15 @@ Ciphertext rotate_sum(const Context& ctx, const std::vector<const Ciphertext*>& 
                       const std::vector<uint32_t>& elts, const KeySet& keys);
 
 uint32_t galois_elt_from_step(const Context& ctx, long step);
+
+// ---- hybrid.cpp: key switching with hybrid keys (key.alpha > 0)
+// ModUp: digit j = c mod Q_j (Q_j: the digit's primes at this level), raised by fast base conversion to every
+// other prime of q_0..q_l and the special primes, NTT form.
+void hybrid_mod_up(const Context& ctx, const u64* poly, int level, std::size_t alpha, Decomposed& out);
+void hybrid_key_product(const Context& ctx, const Decomposed& d, const SwitchKey& key, const uint32_t* perm,
+                        Extended& acc, bool accumulate);
+// ModDown: ct.poly(0..1) += round(acc / P) (fast base conversion of the special limbs, error below k).
+void hybrid_mod_down_add(const Context& ctx, const Extended& acc, Ciphertext& ct);
 
 }  // namespace medhe
 

@@ -148,6 +148,9 @@ std::string save_seal_ciphertext(const Context& ctx, const SealIds& ids, const C
 std::map<uint32_t, SwitchKey> load_seal_kswitch(const Context& ctx, const SealIds& ids, const char* data,
                                                 std::size_t size, const char* what) {
     Reader r{data, size, 0, what};
+    if (ctx.special_count != 1)
+        throw InputError(std::string(what) + " are in SEAL's format, but this model's chain uses hybrid keys: "
+                         "create keys with this server's spec");
     std::size_t total = header(r);
     if (total != size) throw InputError(std::string(what) + " has a wrong size field");
     std::string pid(r.take(32), 32);
