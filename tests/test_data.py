@@ -302,7 +302,9 @@ def test_read_dicom(tmp_path):
     pixels = np.tile(np.arange(0, 4096, 256, dtype=np.uint16), (8, 1))  # 8x16 ramp 0..3840
     plain = read_image(_write_dicom(tmp_path / "a.dcm", pixels))
     assert plain.dtype == np.uint8 and plain.shape == (8, 16)
-    assert plain[0, 0] == 0 and plain[0, -1] == 255 and np.all(np.diff(plain[0].astype(int)) > 0)
+    # no window: the declared stored range (16 bits here) maps onto 0..255, not the image's own min..max (issue 32)
+    assert np.array_equal(plain, np.rint(pixels * (255 / 65535)).astype(np.uint8))
+    assert plain[0, 0] == 0 and np.all(np.diff(plain[0].astype(int)) > 0)
     inverted = read_image(_write_dicom(tmp_path / "b.dcm", pixels, "MONOCHROME1"))
     assert np.array_equal(inverted, 255 - plain)
     # rescale to "HU" -1000..2840 and window 0 +- 500: below the window black, above white

@@ -2,17 +2,33 @@
 
 DICOM pixel values are not display values: the modality LUT (rescale slope/intercept), the VOI LUT or window and
 MONOCHROME1 inversion must be applied first, otherwise a model sees an image nobody trained it on.
+
+One intensity rule for every format, so that the same scan gives the model the same input whatever file it came
+in (``intensity.py`` holds it): a VOI LUT or window when the DICOM has one, otherwise the file's declared range of
+stored values mapped linearly onto 0..255 (8-bit pixels unchanged, 16-bit divided by 257, a 12-bit DICOM by
+4095/255); never a stretch of the image's own min..max, which would make the input depend on its content.
+
+Decoding is bounded: an image of more than ``MAX_PIXELS`` pixels is refused from its header, before any pixel is
+decoded (a 400 KB PNG can declare 20000x20000 pixels, 400 MB once decoded).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from .intensity import dicom_to_uint8, stored_range, stored_range_to_uint8
+
+#: the most pixels (width x height x frames) medhe decodes from one file: 40 megapixels is twice the largest
+#: digital mammogram or flat-panel radiograph; a bigger file is a mistake (a whole-slide image, a mosaic) or an
+#: attack on the memory of the process that holds the secret key.
+MAX_PIXELS = 40_000_000
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom", ".npy")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -42,19 +58,29 @@ def _has_dicom_magic(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def too_large(path: Path, pixels: int, what: str = "") -> DataError:
+    """The one line for an image over ``MAX_PIXELS`` (``what``: its size in words, when known)."""
+    size = f"it is {what} ({pixels / 1e6:.0f} megapixels)" if what else f"it declares {pixels / 1e6:.0f} megapixels"
+    return DataError(f"cannot read image {path}: {size}, more than the {MAX_PIXELS // 1_000_000} megapixels medhe "
+                     "decodes; export the scan at a smaller size")
+
+
 def _read_pil(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            if mode in ("1", "L", "RGB"):
-                arr = np.array(img.convert("L") if mode == "1" else img)
-            elif mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                arr = scale_to_uint8(np.array(img, dtype=np.float64))  # 16-bit / float: stretch to 0..255
-            elif mode in ("LA", "La"):
-                arr = np.array(img.convert("L"))
-            else:  # P, RGBA, CMYK, YCbCr, ...
-                arr = np.array(img.convert("RGB"))
+        with warnings.catch_warnings():
+            # PIL warns (and above twice its limit raises) for huge images: both become one clear line
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                pixels = width * height  # load() decodes the first frame only
+                if pixels > MAX_PIXELS:
+                    raise too_large(path, pixels, f"{width}x{height} pixels")
+                img.load()
+                arr = _pil_to_uint8(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = int(found.group(1)) if found else MAX_PIXELS + 1
+        raise too_large(path, pixels) from None
     except Image.UnidentifiedImageError:
         raise DataError(
             f"cannot read image {path}: unknown format (use PNG, JPEG, DICOM .dcm or .npy)"
@@ -64,9 +90,32 @@ def _read_pil(path: Path) -> np.ndarray:
     return arr
 
 
+def _pil_to_uint8(img: Image.Image) -> np.ndarray:
+    """A decoded PIL image -> uint8 grey or RGB, by the intensity rule: 8-bit as is, 16-bit by its range."""
+    mode = img.mode
+    if mode in ("1", "L", "RGB"):
+        return np.array(img.convert("L") if mode == "1" else img)
+    if mode.startswith("I;16"):  # 16-bit grey (PNG, TIFF): 0..65535 -> 0..255
+        return stored_range_to_uint8(np.array(img, dtype=np.float64), 0, 65535)
+    if mode == "I":  # 32-bit integer: 16-bit files opened this way keep their 0..65535 range
+        values = np.array(img, dtype=np.float64)
+        if values.size and values.min() >= 0 and values.max() <= 65535:
+            return stored_range_to_uint8(values, 0, 65535)
+        return scale_to_uint8(values)  # no declared range to map from
+    if mode == "F":  # floating point has no declared range either
+        return scale_to_uint8(np.array(img, dtype=np.float64))
+    if mode in ("LA", "La"):
+        return np.array(img.convert("L"))
+    return np.array(img.convert("RGB"))  # P, RGBA, CMYK, YCbCr, ...
+
+
 def _read_npy(path: Path) -> np.ndarray:
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")  # the header first: nothing read yet
+        pixels = arr.size // (min(arr.shape[0], arr.shape[-1]) if arr.ndim == 3 else 1)  # (H, W, C) or (C, H, W)
+        if pixels > MAX_PIXELS:
+            raise too_large(path, pixels, f"an array of {'x'.join(map(str, arr.shape))}")
+        arr = np.array(arr)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read image {path}: not a valid .npy array ({err})") from None
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
@@ -89,7 +138,7 @@ def _read_npy(path: Path) -> np.ndarray:
 def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import pixel_array
 
     try:
         ds = pydicom.dcmread(path)
@@ -100,42 +149,22 @@ def _read_dicom(path: Path) -> np.ndarray:
     if "PixelData" not in ds:
         raise DataError(f"cannot read image {path}: DICOM file has no pixel data")
     try:
-        arr = ds.pixel_array
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(f"cannot read image {path}: DICOM file has no valid Rows/Columns") from None
+    if rows * cols > MAX_PIXELS:  # from the header, before any pixel is decoded
+        raise too_large(path, rows * cols, f"{cols}x{rows} pixels")
+    try:
+        # multi-frame: medhe classifies one 2D image, the first frame, and decodes only that one
+        arr = pixel_array(ds, index=0) if int(ds.get("NumberOfFrames", 1) or 1) > 1 else ds.pixel_array
     except Exception as err:
         raise DataError(
             f"cannot decode DICOM pixel data in {path} ({err}); compressed files need "
             "`pip install pylibjpeg pylibjpeg-libjpeg` or `pip install python-gdcm`"
         ) from None
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        arr = arr[0]  # multi-frame: medhe classifies one 2D image, the first frame
     if int(ds.get("SamplesPerPixel", 1) or 1) == 3:  # colour (pydicom already converted YBR to RGB)
-        return arr if arr.dtype == np.uint8 else scale_to_uint8(arr.astype(np.float64))
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    if "VOILUTSequence" in ds:
-        out = scale_to_uint8(np.asarray(apply_voi_lut(values, ds), dtype=np.float64))
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        out = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
-    else:
-        out = scale_to_uint8(values)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
-        out = 255 - out  # MONOCHROME1: low values are white
-    return out
-
-
-def _first(value) -> float:
-    """WindowCenter/Width may hold several windows; the first is the default one."""
-    try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
-
-
-def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM linear windowing (PS3.3 C.11.2.1.2) straight to 0..255."""
-    width = max(width, 1.0)
-    lo = center - 0.5 - (width - 1) / 2
-    scaled = (values - lo) / max(width - 1, 1e-9)
-    return np.rint(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+        return arr if arr.dtype == np.uint8 else stored_range_to_uint8(arr, *stored_range(ds))
+    return dicom_to_uint8(arr, ds)
 
 
 def scale_to_uint8(values: np.ndarray) -> np.ndarray:
