@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from medhe import temproot
 from medhe.errors import PlanError
 from medhe.he.security import TFHE_SECURITY_BITS
 from medhe.models.quant import IntegerFCNN, IntegerLayer
@@ -110,12 +111,23 @@ def compile_circuit(integer: IntegerFCNN, *, simulate_only: bool = False, exactn
         p_error=p_error, global_p_error=global_p_error, security_level=SecurityLevel.SECURITY_128_BITS,
         fhe_simulation=True, fhe_execution=not simulate_only, show_progress=False, show_optimizer=False,
         show_statistics=False, **config)
+    # Concrete writes each compiled library (sharedlib.so: the private weights as machine code) to a mkdtemp()
+    # folder it never removes; it goes under medhe's temp root and is removed with the circuit (medhe.temproot)
+    folder = temproot.scratch("concrete")
     try:
         inputset = default_inputset(integer, calibration, n_random=32 if hints else 0)
-        return compiler.compile(inputset if hints else inputset[2:], configuration)
+        with temproot.tempfile_redirected(folder):
+            circuit = compiler.compile(inputset if hints else inputset[2:], configuration)
     except (RuntimeError, ValueError) as exc:
+        temproot.remove(folder)
         raise PlanError(f"Concrete could not compile this model ({str(exc).splitlines()[0]}); "
                         "lower acc_bits, act_bits or the hidden width and retrain") from None
+    except BaseException:
+        temproot.remove(folder)
+        raise
+    circuit.medhe_scratch = folder  # where its libraries live, for tests and debugging
+    temproot.remove_with(circuit, folder)
+    return circuit
 
 
 def params_report(circuit: Any, integer: IntegerFCNN, exactness: str, requested_p_error: float | None,
