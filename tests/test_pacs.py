@@ -190,28 +190,38 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-# -- the tests -----------------------------------------------------------------------------------------------------
-def test_diagnose_stores_sr_and_writes_fhir(orthanc, server, data_dir, tmp_path):
-    import highdicom as hd
-    import pydicom
-    from dicomweb_client.api import DICOMwebClient
-    from fhir.resources.R4B.bundle import Bundle
-
+@pytest.fixture(scope="module")
+def reported(orthanc, server, data_dir, tmp_path_factory):
+    """One study diagnosed in this process through the SDK: (source dataset, outcome, second outcome, FHIR dir)."""
     from medhe.pacs.dicomweb import Pacs
-    from medhe.pacs.privacy import study_ref
-    from medhe.pacs.sr import read_sr
     from medhe.pacs.workflow import diagnose_study
     from medhe.service.client import Client
 
     dicomweb, _ = orthanc
+    out = tmp_path_factory.mktemp("fhir")
     source = make_study(_xray(data_dir, "PNEUMONIA", 0), 1)
     upload(dicomweb, source)
     pacs = Pacs(dicomweb)
     with Client(server.url) as client:
-        outcome = diagnose_study(pacs, client, source.StudyInstanceUID, tmp_path / "fhir")
+        outcome = diagnose_study(pacs, client, source.StudyInstanceUID, out)
         # idempotent: the SR in the PACS marks the study as reported, nothing is written twice
-        again = diagnose_study(pacs, client, source.StudyInstanceUID, tmp_path / "fhir")
+        again = diagnose_study(pacs, client, source.StudyInstanceUID, out)
         client.forget_keys()
+    return source, outcome, again, out
+
+
+# -- the tests -----------------------------------------------------------------------------------------------------
+def test_diagnose_stores_sr_and_writes_fhir(orthanc, server, reported, tmp_path):
+    import highdicom as hd
+    from dicomweb_client.api import DICOMwebClient
+    from fhir.resources.R4B.bundle import Bundle
+
+    from medhe.pacs.privacy import study_ref
+    from medhe.pacs.sr import read_sr
+    from medhe.service.client import Client
+
+    dicomweb, _ = orthanc
+    source, outcome, again, out = reported
     assert outcome.status == "reported" and again.status == "skipped"
     ref = study_ref(source.StudyInstanceUID)
     assert outcome.line.startswith(f"study {ref}: ") and "SR stored" in outcome.line
@@ -242,7 +252,7 @@ def test_diagnose_stores_sr_and_writes_fhir(orthanc, server, data_dir, tmp_path)
         assert any("encrypted" in text for text in group["parameters"])
 
     # the FHIR bundle validates and carries the same numbers, the study and the SR
-    path = tmp_path / "fhir" / f"{ref}.fhir.json"
+    path = out / f"{ref}.fhir.json"
     assert outcome.fhir_path == path and sorted(p.name for p in path.parent.iterdir()) == [path.name]
     bundle = Bundle.model_validate_json(path.read_text())
     report = bundle.entry[0].resource
@@ -319,7 +329,7 @@ def test_cli_diagnose_find_and_bad_input(orthanc, server, data_dir, tmp_path, ca
         assert_no_phi(text)
 
 
-def test_watch_picks_up_a_new_study_once(orthanc, server, data_dir, tmp_path):
+def test_watch_picks_up_a_new_study_once(orthanc, server, reported, data_dir, tmp_path):
     """A real ``medhe pacs watch`` process: a study uploaded after it started is reported once; studies reported
     before (by other processes) are skipped, the unreadable one is named once, and it keeps polling."""
     from medhe.pacs.privacy import study_ref
@@ -348,7 +358,8 @@ def test_watch_picks_up_a_new_study_once(orthanc, server, data_dir, tmp_path):
     assert len([s for s in series_of(dicomweb, new.StudyInstanceUID) if s["modality"] == "SR"]) == 1
     assert (out / f"{ref}.fhir.json").is_file()
     assert len(lines) == len(set(lines))  # one line per study, never two
-    assert any("skipped (already reported" in line for line in lines), lines  # the studies reported earlier
+    skipped = f"study {study_ref(reported[0].StudyInstanceUID)}: skipped (already reported"
+    assert [line for line in lines if line.startswith(skipped)], lines  # reported before, by another process
     assert "6 polls" in stderr and "1 reported" in stderr
     assert "Traceback" not in stdout + stderr
     assert_no_phi(stdout + stderr)
@@ -366,3 +377,26 @@ def test_watch_backs_off_while_the_pacs_is_down(server, tmp_path, capsys):
     # exponential backoff, capped at --max-backoff
     assert [line.rsplit("retrying in ", 1)[1] for line in lines] == ["0.1 s", "0.2 s", "0.4 s", "0.4 s"]
     assert "0 reported" in stderr and not list(tmp_path.iterdir())
+
+
+def test_watch_retries_while_the_medhe_server_is_down(orthanc, data_dir, tmp_path):
+    """A diagnosable study while the medhe server is unreachable: retried with backoff, never marked done, nothing
+    written (runs last: it leaves an unreported study in the PACS)."""
+    from medhe.pacs.dicomweb import Pacs
+    from medhe.pacs.privacy import study_ref
+    from medhe.pacs.workflow import watch
+    from medhe.service.client import Client
+
+    dicomweb, _ = orthanc
+    study = make_study(_xray(data_dir, "NORMAL", 3), 7)
+    upload(dicomweb, study)
+    lines: list[str] = []
+    with Client(f"http://127.0.0.1:{free_port()}") as down:
+        counts = watch(Pacs(dicomweb), down, tmp_path, TODAY, interval=0.1, max_polls=3, max_backoff=0.2,
+                       emit=lines.append)
+    ref = study_ref(study.StudyInstanceUID)
+    retries = [line for line in lines if line.startswith(f"study {ref}: will retry")]
+    assert len(retries) == 3 and "cannot reach the medhe server" in retries[0], lines
+    assert counts["reported"] == 0 and not list(tmp_path.iterdir())
+    assert not [s for s in series_of(dicomweb, study.StudyInstanceUID) if s["modality"] == "SR"]
+    assert_no_phi("\n".join(lines))

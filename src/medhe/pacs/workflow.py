@@ -124,7 +124,10 @@ def diagnose_study(pacs: Pacs, client, study_uid: str, out_dir: str | os.PathLik
 
 
 def _transient(pacs: Pacs, client, exc: BaseException) -> bool:
-    """Whether a failure is worth retrying: the PACS or the medhe server is unreachable now."""
+    """Whether a failure is worth retrying: the PACS or the medhe server is unreachable now. A study medhe
+    refused for what it is (modality, frames, pixels) stays refused whatever else is down."""
+    if isinstance(exc, inst.NotDiagnosable):
+        return False
     if isinstance(exc, PacsUnavailable):
         return True
     if not pacs.reachable():
