@@ -37,7 +37,8 @@ def test_predict_accepts_the_url_serve_prints():
 
 
 @pytest.mark.slow
-def test_strict_predict_refuses_an_image_unlike_the_training_data(tmp_path):
+def test_predict_refuses_an_image_unlike_the_training_data_by_default(tmp_path):
+    """Refusal is the default since issue 32 (it took --strict before); --allow-unusual diagnoses, marked."""
     import numpy as np
     from PIL import Image
 
@@ -46,12 +47,12 @@ def test_strict_predict_refuses_an_image_unlike_the_training_data(tmp_path):
     tiny = tmp_path / "tiny.png"
     Image.fromarray(np.full((1, 1), 128, dtype=np.uint8)).save(tiny)
     with ServerProcess(["covid-cxr:paillier"], workers=0) as srv:
-        refused = run_cli("predict", "--server", srv.url, "--strict", str(tiny))
-        warned = run_cli("predict", "--server", srv.url, str(tiny))
-        accepted = run_cli("predict", "--server", srv.url, "--strict", COVID)
+        refused = run_cli("predict", "--server", srv.url, str(tiny))
+        warned = run_cli("predict", "--server", srv.url, "--allow-unusual", str(tiny))
+        accepted = run_cli("predict", "--server", srv.url, "--strict", COVID)  # --strict: still accepted
     line = one_line_error(refused)
-    assert str(tiny) in line and "nothing was sent" in line
-    assert warned.returncode == 0 and "  check: " in warned.stdout, warned.stderr
+    assert str(tiny) in line and "nothing was sent" in line and "--allow-unusual" in line
+    assert warned.returncode == 0 and "  check: " in warned.stdout and "unreliable" in warned.stdout, warned.stderr
     assert accepted.returncode == 0 and "check:" not in accepted.stdout, accepted.stderr
 
 

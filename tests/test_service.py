@@ -204,7 +204,11 @@ def test_cli_predict_refuses_a_result_outside_the_plans_range(server, tmp_path, 
     path = tmp_path / "checkerboard.png"
     Image.fromarray((np.indices((28, 28)).sum(0) % 2 * 255).astype(np.uint8)).save(path)
     monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
+    # the input checks refuse a checkerboard by default; --allow-unusual sends it, to reach the range check
     assert medhe_main(["predict", "--server", server.url, "--model", "pneumoniamnist", str(path)]) == 2
+    assert "looks unlike the model's training data" in capsys.readouterr().err
+    assert medhe_main(["predict", "--server", server.url, "--model", "pneumoniamnist", "--allow-unusual",
+                       str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: the decrypted scores reach") and "no diagnosis is given" in err
 

@@ -44,7 +44,12 @@ def folder(tmp_path_factory, data_dir):
     ds = load_dataset("pneumoniamnist", split="test", size=28, data_dir=data_dir)
     root = tmp_path_factory.mktemp("scans")
     for i, img in enumerate(ds.images[:N_IMAGES]):
-        Image.fromarray(np.asarray(img).reshape(28, 28).astype(np.uint8)).save(root / f"scan{i:03d}.png")
+        img = np.asarray(img).reshape(28, 28).astype(np.uint8)
+        if i % 50 == 1:  # mixed exports: larger, non-square and RGB copies, resized like single images (issue 32)
+            side = 28 + 12 * (i // 50 + 1)
+            img = np.asarray(Image.fromarray(img).resize((side, side - 2 * (i % 3)), Image.Resampling.BICUBIC))
+            img = np.repeat(img[..., None], 3, axis=-1) if i // 50 == 2 else img
+        Image.fromarray(img).save(root / f"scan{i:03d}.png")
     return root
 
 
@@ -68,7 +73,8 @@ def test_predict_batch_matches_plain_inference(server, folder, tmp_path, monkeyp
     assert rows[-1]["source"].endswith("zz-broken.png") and rows[-1]["error"] and not rows[-1]["label"]
     artifact = load_artifact("pneumoniamnist")
     paths = sorted(folder.glob("*.png"))
-    plain = predict_logits(artifact.model, model_inputs(artifact, np.stack([read_image(p) for p in paths])))
+    assert len({read_image(p).shape for p in paths}) > 1  # a folder of mixed sizes
+    plain = predict_logits(artifact.model, model_inputs(artifact, [read_image(p) for p in paths]))
     want = [artifact.labels[i] for i in plain.argmax(1)]
     assert [r["source"] for r in rows[:-1]] == [str(p) for p in paths]
     assert [r["label"] for r in rows[:-1]] == want
@@ -153,15 +159,16 @@ def test_predict_batch_folder_errors(tmp_path, capsys):
     good = np.zeros((28, 28), dtype=np.uint8)
     Image.fromarray(good).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "b.png")
-    # no server is contacted: the folder is checked first
+    Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    # mixed sizes and channels pass the folder step (they are resized like single images, issue 32): the next
+    # step contacts the server, absent here
     assert medhe_main(["predict", "--server", "http://127.0.0.1:9", "--batch", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "b.png" in err[0] and "same size" in err[0] and "a.png" in err[0]
-    (tmp_path / "b.png").unlink()
-    Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    assert len(err) == 1 and "cannot reach the medhe server" in err[0], err
+    (tmp_path / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # an unreadable file: before the server
     assert medhe_main(["predict", "--server", "http://127.0.0.1:9", "--batch", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "c.png" in err and "3 channels" in err
+    assert "d.png" in err and "--skip-bad" in err
     assert medhe_main(["predict", "--server", "http://127.0.0.1:9", "--batch", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert medhe_main(["predict", "--server", "http://127.0.0.1:9", str(tmp_path / "a.png"), "--skip-bad"]) == 2

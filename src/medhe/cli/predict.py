@@ -19,7 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="every image in FOLDER through the server's batch mode (CKKS, thousands of images per "
                         "request); writes one CSV (or JSON) of diagnoses")
     p.add_argument("--out", metavar="FILE", help="--batch: write the table here (.csv or .json; atomic)")
-    p.add_argument("--skip-bad", action="store_true", help="--batch: list and skip unreadable files")
     p.add_argument("--server", required=True, metavar="URL", help="e.g. http://127.0.0.1:8000")
     p.add_argument("--model", help="served model id (needed when the server offers several)")
     p.add_argument("--token", help=f"bearer token (default: ${protocol.TOKEN_ENV})")
@@ -27,9 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", metavar="KEYDIR",
                    help="encrypted models only: the key set (medhe keygen) the served model's weights are "
                         "encrypted under; its secret key stays here")
-    p.add_argument("--strict", action="store_true",
-                   help="refuse (before anything is encrypted or sent) an image that looks unlike the model's training "
-                        "data (size, channels, intensity statistics) instead of diagnosing it with a warning")
+    unusual = p.add_mutually_exclusive_group()
+    unusual.add_argument("--allow-unusual", action="store_true",
+                         help="diagnose images that look unlike the model's training data (size, channels, "
+                              "intensity statistics: a 1x1 PNG, a colour photo, a blank frame) instead of refusing "
+                              "them before anything is encrypted or sent; their results are marked unreliable "
+                              "('unreliable: true' in --json and in --batch tables)")
+    unusual.add_argument("--strict", action="store_true",
+                         help="refuse such images (the default now; kept so that older scripts keep working)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="--batch: list and skip unreadable files and images unlike the training data")
     p.add_argument("--coverage", type=float, metavar="C",
                    help="models with a calibration record: coverage of the prediction set shown beside the "
                         "calibrated probability, e.g. 0.95 (default: the record's, 0.9); the set holds the true "
@@ -42,8 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print one JSON document naming model and model_version, with every result: per image "
                         "model, model_version, label (top class), probabilities, "
                         "logits, and positive (multi-label models: the labels at probability >= 0.5; always [] "
-                        "for single-label models, whose answer is label), and warnings (why an image may be unlike the model's "
-                        "training data; the same checks as medhe ui); calibrated models add "
+                        "for single-label models, whose answer is label), warnings (why an image may be unlike the "
+                        "model's training data; the same checks as medhe ui) and unreliable (true when there are "
+                        "any, with --allow-unusual); calibrated models add "
                         "calibrated_probabilities, prediction_set, prediction_set_text, coverage and abstained "
                         "(label null when abstained)")
     p.set_defaults(handler=run)
@@ -67,42 +74,50 @@ def run(args: argparse.Namespace) -> int:
         raise MedheError("--out and --skip-bad work with --batch FOLDER only")
     from medhe.progress import busy
 
-    if args.strict:
-        with Client(args.server, token=args.token, verify=args.cacert or True, keys=args.keys) as client:
-            preprocessing = client.model_info(args.model)["preprocessing"]
-        for path, warnings in zip(args.images, input_checks(args.images, preprocessing)):
-            if warnings:
-                raise MedheError(f"{path} looks unlike the model's training data ({warnings[0]}); nothing was sent "
-                                 "- check the file, or drop --strict to diagnose it with a warning")
-    with Client(args.server, token=args.token, verify=args.cacert or True, keys=args.keys) as client, \
-            busy("keys, encryption and server evaluation", not args.json and len(args.images) == 1
-                 and sys.stderr.isatty()):
-        results = client.diagnose_many(args.images, model=args.model,
-                                       progress=not args.json and len(args.images) > 1 and sys.stderr.isatty(),
-                                       coverage=args.coverage, abstain=args.abstain)
+    from medhe.data import read_image
+
+    images = [read_image(path) for path in args.images]  # an unreadable or oversized file fails here, locally
+    with Client(args.server, token=args.token, verify=args.cacert or True, keys=args.keys) as client:
+        # the input checks first (medhe.data.guard, the page's too): an unusual image is refused before any key
+        # is generated or anything is sent, unless --allow-unusual
+        checks = input_checks(images, client.model_info(args.model)["preprocessing"])
+        del images  # diagnose_many reads each file again, one at a time
+        flagged = [(path, w) for path, w in zip(args.images, checks) if w]
+        if flagged and not args.allow_unusual:
+            from medhe.data.guard import refusal
+
+            path, warnings = flagged[0]
+            more = len(flagged) - 1
+            others = f" (and {more} more image{'s' if more > 1 else ''})" if more else ""
+            raise MedheError(refusal(f"{path}{others}", warnings, "pass --allow-unusual"))
+        with busy("keys, encryption and server evaluation", not args.json and len(args.images) == 1
+                  and sys.stderr.isatty()):
+            results = client.diagnose_many(args.images, model=args.model,
+                                           progress=not args.json and len(args.images) > 1 and sys.stderr.isatty(),
+                                           coverage=args.coverage, abstain=args.abstain)
         info = client.model_info(results[0].model)
         client.forget_keys()
-    checks = input_checks(args.images, info["preprocessing"])
     if args.json:  # the model and its card version (model cards v2) at the top and in every result
         print(json.dumps({"server": args.server, "model": results[0].model,
                           "model_version": str(info.get("version") or "unknown"),
-                          "results": [{**r.to_dict(), "warnings": w} for r, w in zip(results, checks)]}, indent=2))
+                          "results": [{**r.to_dict(), "warnings": w, "unreliable": bool(w)}
+                                      for r, w in zip(results, checks)]}, indent=2))
         return 0
     print(f"model {results[0].model} v{info.get('version') or 'unknown'}", file=sys.stderr)
     for r, warnings in zip(results, checks):
-        print(format_result(r))
+        print(format_result(r) + ("  [unreliable: unlike the training data]" if warnings else ""))
         for warning in warnings:
             print(f"  check: {warning}")
     return 0
 
 
-def input_checks(paths: list[str], preprocessing: dict) -> list[list[str]]:
+def input_checks(images: list, preprocessing: dict) -> list[list[str]]:
     """Per image, why it may be unlike the model's training data (``medhe.data.guard``; the page shows the same)."""
-    from medhe.data import Preprocess, read_image
+    from medhe.data import Preprocess
     from medhe.data.guard import check_image
 
     pre = Preprocess.from_dict(preprocessing)
-    return [check_image(read_image(path), pre) for path in paths]
+    return [check_image(image, pre) for image in images]
 
 
 def format_result(r) -> str:
