@@ -120,7 +120,7 @@ def test_numbers_print_cleanly():
 
 
 def test_evaluate_prints_latencies_without_noise(tmp_path, capsys):
-    assert main(["evaluate", "--model", "covid-cxr", "--scheme", "paillier", "--key-bits", "2048", "--limit", "2",
+    assert main(["evaluate", "--model", "covid-cxr", "--scheme", "paillier", "--key-bits", "3072", "--limit", "2",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith(("encrypt ", "eval ", "decrypt "))]

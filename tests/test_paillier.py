@@ -46,8 +46,8 @@ def session(artifact):
 
 @pytest.fixture(scope="module")
 def small_session(artifact):
-    """2048 bits, the smallest key accepted: used where only the checks matter, to keep the tests fast."""
-    server = compile_model(artifact, "paillier", key_bits=2048)
+    """The smallest key accepted (3072 bits since 2048, ~112-bit, is refused): where only the checks matter."""
+    server = compile_model(artifact, "paillier", key_bits=3072)
     client = client_for(server.spec())
     client.keygen()
     return server, client, server.load_keys(client.evaluation_keys())
@@ -87,7 +87,7 @@ def test_spec_keys_and_sizes(session):
 
 def test_small_keys_are_refused(artifact, session):
     server, _, _ = session
-    with pytest.raises(SecurityError, match="2048"):
+    with pytest.raises(SecurityError, match="3072"):
         compile_paillier(artifact, key_bits=1024)
     spec = dict(server.spec(), params=dict(server.spec()["params"], key_bits=1024))
     with pytest.raises(SecurityError):
@@ -228,7 +228,7 @@ def test_replies_are_rerandomised_from_the_pool_and_without_it(artifact, small_s
     assert before > 0
     warm = [server.infer(keys, ct) for _ in range(2)]
     assert keys.pool.hits >= 2
-    cold_server = compile_paillier(artifact, key_bits=2048, pool_size=0)
+    cold_server = compile_paillier(artifact, key_bits=3072, pool_size=0)
     cold_keys = cold_server.load_keys(client.evaluation_keys())
     cold = [cold_server.infer(cold_keys, ct) for _ in range(2)]
     assert cold_keys.pool.misses == 2 and len(cold_keys.pool) == 0
@@ -238,7 +238,7 @@ def test_replies_are_rerandomised_from_the_pool_and_without_it(artifact, small_s
     for s in scores[1:]:
         assert np.array_equal(s, scores[0])  # decryption is exact: pool and inline paths agree bit for bit
     with pytest.raises(PlanError, match="pool_size"):
-        compile_paillier(artifact, key_bits=2048, pool_size=-1)
+        compile_paillier(artifact, key_bits=3072, pool_size=-1)
 
 
 def test_background_refill_tops_up_the_pool(small_session):
@@ -320,8 +320,8 @@ def test_paillier_benchmark_reports_warm_and_empty_pool(data_dir):
     """medhe bench --scheme paillier: both pool states on the same ciphertexts, equal scores, sizes recorded."""
     from medhe.he.paillier.bench import run_paillier_benchmark
 
-    report = run_paillier_benchmark("covid-cxr", images=2, key_bits=2048, data_dir=str(data_dir))
-    assert report["images"] == 2 and report["key_bits"] == 2048
+    report = run_paillier_benchmark("covid-cxr", images=2, key_bits=3072, data_dir=str(data_dir))
+    assert report["images"] == 2 and report["key_bits"] == 3072
     for key in ("client_encrypt_ms", "server_eval_ms_warm_pool", "server_eval_ms_empty_pool", "client_decrypt_ms"):
         assert report[key]["n"] == 2 and report[key]["median"] > 0
     assert report["bytes"]["input_ciphertext"] > 0 and report["bytes"]["evaluation_keys"] > 0

@@ -11,7 +11,7 @@ from medhe.revision import code_revision
 from medhe.stats import STAT_KEYS, summarize
 
 CASES = [("ckks", "pneumoniamnist", {}), ("tfhe", "pneumoniamnist-qfcnn", {"fhe": "simulate"}),
-         ("paillier", "covid-cxr", {"key_bits": 2048}),
+         ("paillier", "covid-cxr", {"key_bits": 3072}),
          # the two other CKKS modes write the same schema: batch mode and the encrypted-weight model (P3)
          ("ckks", "pneumoniamnist", {"batch": True}), ("ckks", "pneumoniamnist", {"encrypted_model": True})]
 IDS = ["ckks", "tfhe", "paillier", "ckks-batch", "ckks-encrypted-model"]

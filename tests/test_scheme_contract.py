@@ -11,7 +11,7 @@ from medhe.errors import CiphertextError, PlanError
 from medhe.he.scheme import SCHEMES, ClientSession, ServerModel, client_for, compile_model, default_model
 
 #: the only per-scheme knobs: smaller (still >= floor) keys keep the test quick
-OPTIONS = {"ckks": {}, "tfhe": {}, "paillier": {"key_bits": 2048}}
+OPTIONS = {"ckks": {}, "tfhe": {}, "paillier": {"key_bits": 3072}}
 SPEC_FIELDS = ("scheme", "format", "model", "task", "labels", "input", "output", "params")
 
 

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-execute", type=int, default=50,
                    help="TFHE --fhe execute only: how many of the images (the first ones) run encrypted; the "
                         "simulation always covers them all (default 50)")
-    p.add_argument("--key-bits", type=int, default=3072, help="Paillier only: modulus size (>= 2048)")
+    p.add_argument("--key-bits", type=int, default=3072,
+                   help="Paillier only: modulus size (>= 3072, 128-bit security; 2048 is refused)")
     p.add_argument("--debug-layers", action="store_true",
                    help="CKKS only: decrypt after every layer of the first image and compare with plaintext")
     p.add_argument("--batch", action="store_true",

@@ -7,7 +7,8 @@ same table; checking it ourselves first gives a one-line message that names the 
 
 TFHE: Concrete picks parameters for a requested level; medhe always asks for :data:`TFHE_SECURITY_BITS`.
 
-Paillier (factoring): :func:`check_paillier_key_bits` refuses moduli below :data:`PAILLIER_MIN_KEY_BITS`;
+Paillier (factoring): :func:`check_paillier_key_bits` refuses moduli below :data:`PAILLIER_MIN_KEY_BITS` (3072 bits,
+128-bit; 2048-bit keys, ~112-bit, are refused since issue 32);
 :func:`paillier_security_bits` maps a modulus size to its NIST SP 800-57 equivalent strength.
 """
 
@@ -19,9 +20,10 @@ from medhe.errors import SecurityError
 
 #: the level medhe asks Concrete for (and refuses to lower)
 TFHE_SECURITY_BITS = 128
-#: Paillier modulus sizes: the default (~128-bit), the floor medhe accepts (~112-bit) and a sanity ceiling
+#: Paillier modulus sizes: the default, the floor medhe accepts (both ~128-bit: the threat model promises >= 128
+#: bits for every parameter set, and 2048 bits is only ~112) and a sanity ceiling
 PAILLIER_DEFAULT_KEY_BITS = 3072
-PAILLIER_MIN_KEY_BITS = 2048
+PAILLIER_MIN_KEY_BITS = 3072
 PAILLIER_MAX_KEY_BITS = 16384
 #: NIST SP 800-57 Part 1, Table 2: factoring modulus bits -> comparable symmetric strength
 _NIST_FACTORING = ((15360, 256), (7680, 192), (3072, 128), (2048, 112))
@@ -70,8 +72,11 @@ def check_paillier_key_bits(bits: int, where: str) -> int:
         raise SecurityError(f"{where}: Paillier key size must be an integer number of bits, not {bits!r}")
     bits = int(bits)
     if bits < PAILLIER_MIN_KEY_BITS:
-        raise SecurityError(f"{where}: a {bits}-bit Paillier modulus is below the {PAILLIER_MIN_KEY_BITS}-bit floor "
-                            f"(use {PAILLIER_DEFAULT_KEY_BITS} bits for 128-bit security)")
+        strength = next((level for size, level in _NIST_FACTORING if bits >= size), None)
+        about = f"about {strength}-bit security" if strength else "far below 112-bit security"
+        raise SecurityError(f"{where}: a {bits}-bit Paillier modulus gives {about}, below medhe's 128-bit floor of "
+                            f"{PAILLIER_MIN_KEY_BITS} bits (NIST SP 800-57): use {PAILLIER_DEFAULT_KEY_BITS} bits "
+                            "or more")
     if bits > PAILLIER_MAX_KEY_BITS:
         raise SecurityError(f"{where}: a {bits}-bit Paillier modulus is larger than the {PAILLIER_MAX_KEY_BITS}-bit "
                             f"limit; use {PAILLIER_DEFAULT_KEY_BITS}")

@@ -37,7 +37,7 @@ from medhe.he.security import (PAILLIER_DEFAULT_KEY_BITS, PAILLIER_MAX_KEY_BITS,
 
 SCHEME = "paillier"
 DEFAULT_KEY_BITS = PAILLIER_DEFAULT_KEY_BITS  # ~128-bit security (NIST SP 800-57 equivalence for factoring keys)
-MIN_KEY_BITS = PAILLIER_MIN_KEY_BITS  # ~112-bit; the floor medhe accepts at all
+MIN_KEY_BITS = PAILLIER_MIN_KEY_BITS  # 128-bit: the floor medhe accepts at all (2048 bits, ~112, is refused)
 MAX_KEY_BITS = PAILLIER_MAX_KEY_BITS  # refuse absurd keys that would turn one request into minutes of work
 DEFAULT_FEATURE_BITS = 24
 DEFAULT_WEIGHT_BITS = 24
