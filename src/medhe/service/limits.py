@@ -11,7 +11,13 @@ deserialized, not at their (much smaller, level-trimmed and seeded) size as sent
   (every coefficient bit-packed to its prime's width), inputs by ``input.ciphertexts`` unseeded ciphertexts at
   the input level; plus framing and a margin.
 - Paillier: one modulus of at most ``MAX_CLIENT_KEY_BITS`` bits; inputs are ``dim`` integers mod n^2.
+- TFHE: Concrete reports the uncompressed sizes of the circuit's bootstrap and key-switching keys and of its
+  input ciphertexts; uploads (compressed, seeded) are bounded by those plus medhe's 34-byte frame and a margin, and
+  a key set is accounted at the uncompressed key size (an upper bound: pneumoniamnist-qfcnn's set grew a worker by
+  330 MiB after its first inference, 545 MiB accounted).
 - Other schemes: no model-derived bound; the server's configured fallbacks apply.
+
+Every figure is a function of the public spec alone, so the same key set is always accounted the same.
 """
 
 from __future__ import annotations
@@ -56,6 +62,13 @@ def ckks_rules(spec: dict[str, Any], fingerprint: bytes) -> dict[str, Any]:
     }
 
 
+def ckks_key_held_bytes(params: dict[str, Any], nkeys: int = 1) -> int:
+    """What ``nkeys`` CKKS key-switching keys hold once SEAL has loaded them: every key refilled to full size,
+    ``d = len(data primes)`` components of 2 polynomials over all ``d + 1`` primes, 8 bytes a coefficient."""
+    n, k = int(params["poly_degree"]), len(params["prime_bits"])
+    return nkeys * (k - 1) * 2 * k * n * 8
+
+
 def paillier_rules(spec: dict[str, Any], pool_size: int) -> dict[str, Any]:
     dim = int(spec["input"]["dim"])
     key_width = _bits_bytes(MAX_CLIENT_KEY_BITS)
@@ -74,6 +87,22 @@ def paillier_rules(spec: dict[str, Any], pool_size: int) -> dict[str, Any]:
     }
 
 
+TFHE_HEADER = 34  # medhe.he.tfhe.wire: magic, version, kind, fingerprint, payload length, CRC-32
+
+
+def tfhe_rules(spec: dict[str, Any]) -> dict[str, Any]:
+    params = spec["params"]
+    keys = int(params["bootstrap_key_bytes"]) + int(params["keyswitch_key_bytes"])
+    inputs = int(params["input_ciphertext_bytes"])
+    return {
+        "scheme": "tfhe",
+        "key_bytes": int(TFHE_HEADER + keys * MARGIN + SLACK),
+        "input_bytes": int(TFHE_HEADER + inputs * MARGIN + SLACK),
+        "held_bytes": keys,
+        "fingerprint": str(spec["fingerprint"]),
+    }
+
+
 def rules_for(model: Any) -> dict[str, Any] | None:
     """Upload bounds and held memory of a compiled ``ServerModel``; ``None`` when its scheme has none."""
     spec = model.spec()
@@ -87,6 +116,8 @@ def rules_for(model: Any) -> dict[str, Any] | None:
         return ckks_rules(spec, params_fingerprint(seal_context(CKKSParams.from_dict(spec["params"]))))
     if scheme == "paillier":
         return paillier_rules(spec, int(getattr(model, "pool_size", 0)))
+    if scheme == "tfhe" and "bootstrap_key_bytes" in spec.get("params", {}):
+        return tfhe_rules(spec)
     return None
 
 

@@ -25,6 +25,9 @@ _FRAME = struct.Struct("<4sBBH16sII")  # 32 bytes
 PAILLIER_MAGIC, PAILLIER_VERSION = b"MHPL", 1
 PAILLIER_KIND_KEY, PAILLIER_KIND_FEATURES = 1, 2
 _PAILLIER = struct.Struct(">4sBB16sIHHHI")  # 36 bytes
+TFHE_MAGIC, TFHE_VERSION = b"MHTF", 1
+TFHE_KIND_KEYS, TFHE_KIND_INPUT = 1, 2
+_TFHE = struct.Struct("<4sBB16sQI")  # 34 bytes: medhe.he.tfhe.wire's frame (the Concrete payload follows)
 
 
 def _bad(what: str, why: str) -> ServiceError:
@@ -40,7 +43,7 @@ class StreamCheck:
         self.seen = 0
         self.expected_total: int | None = None
         scheme = rules.get("scheme") if rules else None
-        self._step = {"ckks": self._ckks, "paillier": self._paillier}.get(scheme)
+        self._step = {"ckks": self._ckks, "paillier": self._paillier, "tfhe": self._tfhe}.get(scheme)
         self._state: Any = None
 
     def feed(self, chunk: bytes) -> None:
@@ -196,5 +199,34 @@ class StreamCheck:
         if width == 0:
             raise _bad(what, "declares integers of width 0")
         self.expected_total = _PAILLIER.size + count * width + 16
+        if self.seen > self.expected_total:
+            raise _bad(what, f"has bytes past the {self.expected_total} its header declares")
+
+    # -- TFHE: medhe's frame around Concrete's bytes declares the circuit and exactly how long the payload is --------
+    def _tfhe(self, chunk: bytes, start: int) -> None:
+        if self._state is not None:
+            return
+        need = _TFHE.size - len(self.buf)
+        self.buf += chunk[:need]
+        if len(self.buf) < _TFHE.size:
+            return
+        r, what = self.rules, self.what
+        magic, version, kind, fp, length, _crc = _TFHE.unpack(bytes(self.buf))
+        self.buf.clear()
+        self._state = True
+        want = TFHE_KIND_KEYS if self.kind == "keys" else TFHE_KIND_INPUT
+        if magic != TFHE_MAGIC or version != TFHE_VERSION:
+            raise _bad(what, f"is not a protocol v1 TFHE message ({TFHE_MAGIC!r} version {TFHE_VERSION}): send "
+                             "the bytes of a medhe TFHE client (docs/protocol.md)")
+        if kind != want:
+            raise _bad(what, f"is TFHE kind {kind}, expected {want} ({self.kind})")
+        if fp.hex() != r["fingerprint"][:32]:
+            raise _bad(what, "was made for another circuit or parameters (fingerprint differs): fetch this "
+                             "server's spec and make new keys")
+        limit = r["key_bytes"] if self.kind == "keys" else r["input_bytes"]
+        if _TFHE.size + length > limit:
+            raise ServiceError(413, "body_too_large", f"{what} declares a {length}-byte payload, more than this "
+                                                      f"model's {self.kind} can have ({limit - _TFHE.size})")
+        self.expected_total = _TFHE.size + length
         if self.seen > self.expected_total:
             raise _bad(what, f"has bytes past the {self.expected_total} its header declares")
