@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kill-worker-after", type=int, metavar="N",
                    help="--service: SIGKILL one server worker after N completed requests (crash test; the SDK "
                         "re-registers and retries, the JSON reports how often)")
+    p.add_argument("--sigterm-after", type=int, metavar="N",
+                   help="--service: send the server SIGTERM after N completed requests (drain test; the JSON's "
+                        "failed_requests splits retryable 503s, refused connections and lost requests)")
     p.add_argument("--key-sets", type=int, metavar="N",
                    help="--service: instead of the load test, register one client's CKKS keys N times on a one-worker "
                         "server, delete them, and report the worker's memory before, loaded and after")
@@ -104,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_service_benchmark(url=args.url, model=args.model or "pneumoniamnist", clients=args.clients,
                                        requests=args.requests, data_dir=args.data_dir, workers=args.workers,
-                                       kill_worker_after=args.kill_worker_after)
+                                       kill_worker_after=args.kill_worker_after,
+                                       sigterm_after=args.sigterm_after)
     elif args.scheme == "ckks" and args.ops:
         from medhe.he.ckks.opcost import run_op_costs
 

@@ -42,6 +42,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"its own least recently used set (default {protocol.DEFAULT_MAX_KEYS_PER_CLIENT})")
     p.add_argument("--key-ttl", type=float, default=protocol.DEFAULT_KEY_TTL, metavar="SECONDS",
                    help="forget keys unused for this long (default 3600)")
+    lim = p.add_argument_group("connections and uploads (memory bounded by design; docs/service.md)")
+    lim.add_argument("--max-uploads", type=int, default=protocol.DEFAULT_MAX_UPLOADS, metavar="N",
+                     help="requests with a body (keys, inference, batch) in progress at once; more wait for a slot "
+                          f"(default {protocol.DEFAULT_MAX_UPLOADS})")
+    lim.add_argument("--upload-wait", type=float, default=protocol.DEFAULT_UPLOAD_WAIT, metavar="SECONDS",
+                     help="how long a request waits for an upload slot before 503 busy with Retry-After "
+                          f"(default {protocol.DEFAULT_UPLOAD_WAIT:g})")
+    lim.add_argument("--header-timeout", type=float, default=protocol.DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                     help="a connection must send a complete request head this soon, else 408 and closed "
+                          f"(default {protocol.DEFAULT_HEADER_TIMEOUT:g})")
+    lim.add_argument("--body-timeout", type=float, default=protocol.DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                     help="longest stall between two chunks of a body (bodies must also average "
+                          f"{protocol.MIN_BODY_RATE >> 10} KiB/s after that long), else 408 (default "
+                          f"{protocol.DEFAULT_BODY_TIMEOUT:g})")
+    lim.add_argument("--max-connections", type=int, default=protocol.DEFAULT_MAX_CONNECTIONS, metavar="N",
+                     help="open connections; the next gets 503 and is closed (default "
+                          f"{protocol.DEFAULT_MAX_CONNECTIONS})")
+    lim.add_argument("--drain-timeout", type=float, default=protocol.DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
+                     help="on SIGTERM, answer requests in flight for up to this long while new ones get 503 "
+                          f"shutting_down (default {protocol.DEFAULT_DRAIN_TIMEOUT:g}; 0: stop at once)")
+    lim.add_argument("--max-batch-key-bytes", type=_size, default=protocol.DEFAULT_MAX_BATCH_KEY_BYTES,
+                     metavar="BYTES", help="memory all batch-mode key sets hold together once loaded, least "
+                                           "recently used evicted first (default 256M)")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile serves https")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     ray = p.add_argument_group("scale-out on Ray (optional extra: pip install -e \".[ray]\"; docs/scale-out.md)")
@@ -176,6 +199,14 @@ def _serve(args: argparse.Namespace, say) -> int:
         raise MedheError("--workers must be 0 (threads) or a positive number of processes")
     if args.max_keys < 1 or args.max_keys_per_client < 1:
         raise MedheError("--max-keys and --max-keys-per-client must be at least 1")
+    if args.max_uploads < 1 or args.max_connections < 1:
+        raise MedheError("--max-uploads and --max-connections must be at least 1")
+    for flag, value in (("--upload-wait", args.upload_wait), ("--header-timeout", args.header_timeout),
+                        ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            raise MedheError(f"{flag} must be a positive number of seconds")
+    if args.drain_timeout < 0:
+        raise MedheError("--drain-timeout must be 0 (stop at once) or a positive number of seconds")
     where = f"{workers or 'in-process'} worker(s)"
     if pool_factory is not None:
         where = f"Ray actors ({args.ray or 'local Ray'})"
@@ -183,7 +214,9 @@ def _serve(args: argparse.Namespace, say) -> int:
     app = create_app(models, token=token, max_body=args.max_body, key_ttl=args.key_ttl,
                      max_key_bytes=args.max_key_bytes, processes=workers, max_keys=args.max_keys,
                      max_keys_per_client=args.max_keys_per_client, max_batch_bytes=args.max_batch_bytes,
-                     pool_factory=pool_factory, audit=audit)
+                     pool_factory=pool_factory, audit=audit, max_uploads=args.max_uploads,
+                     upload_wait=args.upload_wait, body_timeout=args.body_timeout,
+                     max_batch_key_bytes=args.max_batch_key_bytes)
     _exit_on_sigterm()
     if pool_factory is not None:
         from medhe.service.raycluster import connect
@@ -192,7 +225,8 @@ def _serve(args: argparse.Namespace, say) -> int:
     scheme = "https" if args.ssl_certfile else "http"
     say(f"medhe serve: compiling {', '.join(f'{m.id} ({m.ref.scheme}{_enc(m)})' for m in models)} "
         f"in {where} ...", "compiling", models=[m.id for m in models])
-    from medhe.service.http400 import JSONErrorHTTPProtocol
+    from medhe.service.connections import guarded_protocol
+    from medhe.service.drain import DrainingServer
 
     try:
         app.state.start()  # compile errors are one-line MedheErrors here, before the port is bound
@@ -204,9 +238,10 @@ def _serve(args: argparse.Namespace, say) -> int:
         say(f"medhe serve: ready at {url}  (Ctrl-C stops)", "ready", url=url)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                                timeout_keep_alive=30, http=JSONErrorHTTPProtocol,
+                                timeout_keep_alive=30, timeout_graceful_shutdown=5,
+                                http=guarded_protocol(args.header_timeout, args.max_connections),
                                 log_config=None)  # logging is set up above (--log-format, --log-file)
-        server = uvicorn.Server(config)
+        server = DrainingServer(config, app.state.admission, args.drain_timeout)
         server.run()
     finally:
         app.state.stop()  # every worker stopped and waited for, however we got here

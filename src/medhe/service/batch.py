@@ -4,7 +4,9 @@ An encrypted batch is large (145 MB for 4096 pneumoniamnist images), so the uplo
 file in the server's locked spool folder (never held twice in memory, refused with 413 as soon as it passes the configured cap), evaluated
 by medhe's batch kernel in a single evaluation thread (the kernel already uses every core), and the result is
 streamed back from a temporary file. Batch plans are compiled in this process on first use; their keys
-(relinearization only, ~0.65 MB) live in their own key store, separate from the single-image workers' keys.
+(relinearization only, ~0.65 MB as sent, 5.5 MB as SEAL holds them) live in their own key store, separate from
+the single-image workers' keys, counted at what they hold once loaded (``limits.ckks_key_held_bytes``, a function
+of the batch spec: the same set always counts the same) under ``--max-batch-key-bytes`` and the per-client cap.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from medhe.service.keystore import KeyStore, KeyTooLarge, hash_secret
 from medhe.service.spool import discard
 from medhe.service.upload import StreamCheck
 
-MAX_BATCH_KEY_BYTES = 64 * protocol.MiB  # one batch key set is ~0.65 MB (relinearization keys only)
+MAX_BATCH_KEY_BYTES = 64 * protocol.MiB  # largest batch key upload; one set is ~0.65 MB (relinearization keys)
 STREAM_CHUNK = 1 << 20
 
 
@@ -77,14 +79,27 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
                          spool_body: Callable[..., Any], key_secret: Callable[[Request], str],
                          new_file: Callable[[str], tuple[int, str]],
                          max_batch_bytes: int = protocol.DEFAULT_MAX_BATCH_BODY,
-                         key_ttl: float = protocol.DEFAULT_KEY_TTL, remote: Callable[..., Any] | None = None) -> None:
+                         key_ttl: float = protocol.DEFAULT_KEY_TTL, remote: Callable[..., Any] | None = None,
+                         max_key_bytes: int = protocol.DEFAULT_MAX_BATCH_KEY_BYTES,
+                         max_keys_per_client: int = protocol.DEFAULT_MAX_KEYS_PER_CLIENT) -> None:
     """Add the batch endpoints to ``app``. The helpers are create_app's own: auth, model lookup, readiness, the
     streamed upload into the server's locked spool folder (``spool_body``), the key-secret header and
     ``new_file`` in that spool folder, so batch keys follow the same capability rule as single-image keys.
     ``remote(model_id, key_bytes, batch_bytes)``: evaluate elsewhere (``medhe serve --ray``: a Ray actor) instead
-    of this process's evaluation thread; keys are still validated here."""
+    of this process's evaluation thread; keys are still validated here. ``max_key_bytes``: memory all batch key
+    sets hold together (as loaded), ``max_keys_per_client``: sets per client address (least recently used evicted
+    first, for the per-client cap that client's own)."""
+    from medhe.service.limits import ckks_key_held_bytes
+    from medhe.service.worker import trim_heap
+
     models = BatchModels(catalog)
-    keys = KeyStore(MAX_BATCH_KEY_BYTES, ttl=key_ttl)
+
+    def freed(_entry) -> None:  # evicted or expired: SEAL gives the memory back to its pool, glibc to the OS
+        trim_heap()
+
+    keys = KeyStore(max_key_bytes, ttl=key_ttl, on_evict=freed, max_per_owner=max_keys_per_client)
+    app.state.batch_accounting = lambda: {"batch_keys": len(keys), "batch_key_bytes": keys.total_bytes,
+                                          "max_batch_key_bytes": keys.max_bytes}
     evaluator = ThreadPoolExecutor(1, thread_name_prefix="medhe-batch")  # one batch at a time: it uses all cores
     app.state.batch_models = models
 
@@ -126,15 +141,25 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
                 data = fh.read()
         finally:
             discard(path)
+        held = max(size, ckks_key_held_bytes(server.spec()["params"]))
+        if held > keys.max_bytes:  # refused before SEAL allocates anything
+            raise ServiceError(413, "keys_too_large", f"one batch key set of {model_id!r} holds {held} bytes once "
+                                                      f"loaded, more than this server's batch key memory of "
+                                                      f"{keys.max_bytes} bytes; ask the operator to raise "
+                                                      "--max-batch-key-bytes")
         loaded = await run(server.load_keys, data)  # CiphertextError -> 422
-        secret = secrets.token_urlsafe(32)  # returned once; only its hash is kept
         if remote is not None:
             loaded = data  # an actor elsewhere loads them again from these (validated) bytes
+        del data
+        secret = secrets.token_urlsafe(32)  # returned once; only its hash is kept
+        owner = request.client.host if request.client else ""
         try:
-            entry = keys.add(model_id, loaded, size, key_id=secrets.token_urlsafe(18), secret_hash=hash_secret(secret))
+            entry = keys.add(model_id, loaded, held, key_id=secrets.token_urlsafe(18), owner=owner,
+                             secret_hash=hash_secret(secret))
         except KeyTooLarge as exc:
             raise ServiceError(413, "keys_too_large", str(exc)) from None
-        return {"key_id": entry.key_id, "key_secret": secret, "model": model_id, "bytes": size, "expires_after_idle_s": keys.ttl}
+        return {"key_id": entry.key_id, "key_secret": secret, "model": model_id, "bytes": size, "held_bytes": held,
+                "expires_after_idle_s": keys.ttl}
 
     @app.delete(protocol.batch_key_path("{model_id}", "{key_id}"), tags=["batch"], status_code=204,
                 response_class=Response, summary="Forget batch keys (they also expire after the idle TTL).")
@@ -145,6 +170,8 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
         if entry is None or entry.model != model_id:
             raise ServiceError(404, "unknown_key", "no such batch key id (already deleted or expired)")
         keys.remove(key_id, secret)
+        del entry
+        trim_heap()
         return Response(status_code=204)
 
     @app.post(protocol.batch_infer_path("{model_id}"), tags=["batch"], response_class=StreamingResponse,

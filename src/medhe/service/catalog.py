@@ -70,6 +70,7 @@ class ServedModel:
         return {
             "id": self.id,
             "name": card["name"],
+            "protocol_version": protocol.PROTOCOL_VERSION,  # the revision of protocol v1 the SDK checks
             # model cards v2 (docs/model-cards.md): results name model@version; "unknown" for an older card
             "version": str(card.get("version") or "unknown"),
             "card": {k: card.get(k) or "unknown" for k in ("license", "code_revision", "created", "intended_use")},

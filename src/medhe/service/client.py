@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -244,8 +245,20 @@ class Client:
         self._http.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request; a ``503 busy`` (every upload slot taken) is sent again after its ``Retry-After``, up to
+        ``BUSY_RETRIES`` times. Other refusals raise ``ServiceError``."""
+        for attempt in range(BUSY_RETRIES + 1):
+            response = self._send(method, path, **kwargs)
+            if response.status_code != 503 or attempt == BUSY_RETRIES or _code(response) != "busy":
+                break
+            time.sleep(_retry_after(response))
+        if response.status_code >= 400:
+            raise _error_from(response)
+        return response
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._http.request(method, path, **kwargs)
+            return self._http.request(method, path, **kwargs)
         except httpx.TimeoutException:
             raise MedheError(f"the server at {self.url} did not answer in time; it may be overloaded") from None
         except httpx.TransportError as exc:
@@ -254,9 +267,6 @@ class Client:
                                  "certificate or CA bundle with --cacert FILE (SDK: Client(url, verify=FILE))") from None
             raise MedheError(f"cannot reach the medhe server at {self.url} ({type(exc).__name__}: {exc}); "
                              "is `medhe serve` running there?") from None
-        if response.status_code >= 400:
-            raise _error_from(response)
-        return response
 
     # -- public API ------------------------------------------------------------------------------------------------
     def _json(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> Any:
@@ -269,12 +279,25 @@ class Client:
                              f"{protocol.API_VERSION}); check the URL and that both sides run compatible medhe") from None
 
     def health(self) -> dict[str, Any]:
-        return self._json("GET", f"{protocol.PREFIX}/health")
+        """The server's liveness answer (medhe version, ``protocol_version``), checked to be a revision of the
+        protocol this client speaks."""
+        answer = self._json("GET", f"{protocol.PREFIX}/health")
+        check_protocol(answer, self.url)
+        return answer
 
     def models(self) -> list[dict[str, Any]]:
         """Public descriptions of every served model (scheme, parameters, preprocessing, labels, metrics)."""
         if self._models is None:
-            self._models = self._json("GET", protocol.models_path(), "models")
+            listing = self._json("GET", protocol.models_path())
+            check_protocol(listing, self.url)
+            try:
+                models = listing["models"]
+                for info in models:
+                    check_protocol(info, self.url)
+            except (KeyError, TypeError):
+                raise MedheError(f"{self.url}{protocol.models_path()} did not answer like a medhe server (protocol "
+                                 f"{protocol.API_VERSION}); check the URL") from None
+            self._models = models
         return self._models
 
     def refresh_models(self) -> None:
@@ -384,6 +407,37 @@ class Client:
                     if exc.status != 404:
                         raise
                 sess.key_id = sess.key_secret = None
+
+
+BUSY_RETRIES = 3  # a 503 busy is retried this often (after its Retry-After, at most MAX_RETRY_AFTER s each)
+MAX_RETRY_AFTER = 10.0
+
+
+def check_protocol(announced: Any, url: str) -> None:
+    """Refuse, in one line, a server that announces a revision of protocol v1 this client does not speak. A
+    server that announces none predates the field (medhe before issue 32) and speaks revision 2 or older."""
+    version = announced.get("protocol_version") if isinstance(announced, dict) else None
+    if version is None or version in protocol.SUPPORTED_PROTOCOL_VERSIONS:
+        return
+    speaks = ", ".join(str(v) for v in protocol.SUPPORTED_PROTOCOL_VERSIONS)
+    what = f"model {announced['id']!r} on " if "id" in announced else ""
+    raise MedheError(f"{what}the server at {url} speaks medhe protocol {protocol.API_VERSION} revision {version}, "
+                     f"this client revision {speaks}: install the medhe version the server's operator names "
+                     "(GET /v1/health shows its version)")
+
+
+def _code(response: httpx.Response) -> str | None:
+    try:
+        return str(response.json()["error"]["code"])
+    except Exception:
+        return None
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return min(MAX_RETRY_AFTER, max(0.0, float(response.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
 
 
 def _error_from(response: httpx.Response) -> ServiceError:

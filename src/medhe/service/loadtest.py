@@ -51,6 +51,7 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
     t_start = [0.0]
     server_ms: list[float] = []
     errors: list[str] = []
+    outcomes = {"refused_retryable": 0, "not_accepted": 0, "lost": 0}  # the failed requests, by what happened
     mismatches = 0
     retries = [0]
     killed: list[float] = []
@@ -97,6 +98,7 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
                 except Exception as exc:
                     with lock:
                         errors.append(f"request {n}: {exc}")
+                        outcomes[failure_kind(exc)] += 1
         finally:
             with lock:
                 retries[0] += client.retries
@@ -142,6 +144,9 @@ def run_load_test(url: str, model: str | None = None, clients: int = 16, request
         "completed": len(latencies), "failures": requests - len(latencies), "errors": errors[:5],
         "mismatches": mismatches if expected is not None else None,
         "retries": retries[0], "worker_killed_at_s": killed[0] if killed else None,
+        # failures split: a 503 with Retry-After (busy, shutting_down), a connection refused once the server had
+        # stopped (nothing was sent), and lost: sent, but no answer (a reset or closed connection, a timeout)
+        "failed_requests": dict(outcomes),
         "latency_ms": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95),
                        "mean": statistics.fmean(latencies) if latencies else None,
                        "max": max(latencies) if latencies else None},
@@ -311,16 +316,28 @@ def _benchmark_images(model: str, data_dir: str | None, n_images: int = 32) -> t
     return images, predict_logits(artifact.model, model_inputs(artifact, images)).argmax(axis=1)
 
 
+def failure_kind(exc: Exception) -> str:
+    """How a request failed, for the load test's accounting: ``refused_retryable``, ``not_accepted`` or ``lost``."""
+    from medhe.service.errors import ServiceError
+
+    if isinstance(exc, ServiceError):
+        return "refused_retryable" if exc.status == 503 else "lost"
+    text = str(exc)
+    return "not_accepted" if "cannot reach" in text and "ConnectError" in text else "lost"
+
+
 def _key_caps(clients: int) -> list[str]:
-    """A benchmark server admits every client's keys at once: this measures throughput, not eviction."""
+    """A benchmark server admits every client's keys and uploads at once: this measures throughput, not eviction."""
     return ["--max-keys-per-client", str(clients + 8), "--max-keys", str(max(256, 2 * clients)),
+            "--max-uploads", str(clients + 8),
             "--max-key-bytes", str(max(4 << 30, clients * (256 << 20)))]
 
 
 def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist", clients: int = 16,
                           requests: int = 200, data_dir: str | None = None, workers: int | None = None,
                           n_images: int = 32, kill_worker_after: int | None = None, ray_address: str | None = None,
-                          kill: Callable[[], Any] | None = None) -> dict[str, Any]:
+                          kill: Callable[[], Any] | None = None, sigterm_after: int | None = None
+                          ) -> dict[str, Any]:
     """``medhe bench --service``: start a server on 127.0.0.1 (unless ``url`` is given) and load-test it.
 
     Images are the model's own test split; when this function starts the server it also knows the model, so every
@@ -328,7 +345,8 @@ def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist",
     keys at once (key caps raised: this measures throughput, not eviction). ``kill_worker_after``: SIGKILL one
     worker process once that many requests have completed (needs a server started here with >= 1 process).
     ``ray_address``: the server runs its inference in Ray actors on that cluster (``medhe serve --ray``); ``kill``
-    then replaces the worker kill (e.g. kill one node of a local cluster).
+    then replaces the worker kill (e.g. kill one node of a local cluster). ``sigterm_after``: instead, send the
+    server SIGTERM once that many requests have completed (it drains: ``failed_requests`` tells refused from lost).
     """
     from medhe.models.artifact import load_artifact
     from medhe.service.catalog import parse_model_arg
@@ -342,6 +360,8 @@ def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist",
         result = run_load_test(url, None if ":" in model else name, clients, requests, images=images,
                                expected=expected)
         return {"server": "external", **result}
+    if sigterm_after is not None and (kill_worker_after is not None or url is not None):
+        raise MedheError("--sigterm-after needs a server started by the benchmark, and no --kill-worker-after")
     if kill_worker_after is not None and workers == 0 and ray_address is None:
         raise MedheError("--kill-worker-after needs worker processes (--workers >= 1)")
     caps = _key_caps(clients)
@@ -351,6 +371,10 @@ def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist",
         killed: list[Any] = []
 
         def kill_worker() -> None:
+            if sigterm_after is not None:
+                server.proc.send_signal(signal.SIGTERM)
+                killed.append(server.proc.pid)
+                return
             if kill is not None:
                 killed.append(kill())
                 return
@@ -359,10 +383,17 @@ def run_service_benchmark(url: str | None = None, model: str = "pneumoniamnist",
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
 
+        trigger = sigterm_after if sigterm_after is not None else kill_worker_after
         result = run_load_test(server.url, None, clients, requests, images=images, expected=expected,
-                               kill_after=kill_worker_after,
-                               kill=kill_worker if kill_worker_after is not None else None)
+                               kill_after=trigger, kill=kill_worker if trigger is not None else None)
         if kill_worker_after is not None:
             result["worker_killed"] = bool(killed)
+        if sigterm_after is not None:
+            result["server_sigtermed"] = bool(killed)
+            result["sigterm_at_s"] = result.pop("worker_killed_at_s", None)
+            try:
+                result["server_exit_status"] = server.proc.wait(timeout=60)
+            except Exception:
+                result["server_exit_status"] = None
     where = "ray actors" if ray_address is not None else (workers if workers is not None else "default")
     return {"server": {"host": "127.0.0.1", "workers": where}, **result}

@@ -7,6 +7,11 @@ Everything is under a versioned prefix. Ciphertexts and keys travel as raw ``app
 from __future__ import annotations
 
 API_VERSION = "v1"
+#: revision of protocol v1 this server and SDK speak, announced in /v1/health, /v1/models and every model's
+#: description (``protocol_version``) so a client can tell before anything fails: 1 = as first published, 2 = key
+#: secrets required (issue #16). A client refuses a server of a revision it does not speak, in one line.
+PROTOCOL_VERSION = 2
+SUPPORTED_PROTOCOL_VERSIONS = (2,)
 PREFIX = f"/{API_VERSION}"
 OCTET = "application/octet-stream"
 #: header naming the registered evaluation keys an inference request uses.
@@ -23,6 +28,15 @@ DEFAULT_MAX_KEY_BYTES = 4096 * MiB  # memory all clients' loaded evaluation keys
 DEFAULT_MAX_KEYS = 256              # key sets registered at once, all clients together
 DEFAULT_MAX_KEYS_PER_CLIENT = 64    # key sets registered at once from one client address
 DEFAULT_KEY_TTL = 3600.0            # seconds a key set may sit unused
+# -- how long and how many (issue 32): memory and sockets bounded by design, slow clients cut off
+DEFAULT_MAX_UPLOADS = 32            # requests with a body in progress at once (each holds one slot to its answer)
+DEFAULT_UPLOAD_WAIT = 60.0          # seconds a request waits for an upload slot before 503 busy
+DEFAULT_HEADER_TIMEOUT = 10.0       # seconds from connection (or last answer) to a complete request head
+DEFAULT_BODY_TIMEOUT = 30.0         # seconds a body may stall between two chunks
+MIN_BODY_RATE = 64 << 10            # bytes/s a body must average after its first DEFAULT_BODY_TIMEOUT seconds
+DEFAULT_MAX_CONNECTIONS = 1024      # open connections; the next one gets 503 and is closed
+DEFAULT_DRAIN_TIMEOUT = 30.0        # seconds SIGTERM waits for in-flight requests before stopping anyway
+DEFAULT_MAX_BATCH_KEY_BYTES = 256 * MiB  # memory all batch key sets hold together (as loaded)
 
 
 def models_path() -> str:

@@ -27,6 +27,7 @@ from medhe.service import protocol
 from medhe.service.catalog import ServedModel
 from medhe.service.errors import ServiceError
 from medhe.service import limits
+from medhe.service.admission import AdmissionMiddleware, AdmissionState
 from medhe.service.audit import AuditLog
 from medhe.service.audit_middleware import AuditMiddleware
 from medhe.service.keystore import KeyStore, KeyTooLarge, hash_secret
@@ -47,7 +48,10 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
                max_keys_per_client: int = protocol.DEFAULT_MAX_KEYS_PER_CLIENT,
                spool_root: str | None = None,
                max_batch_bytes: int = protocol.DEFAULT_MAX_BATCH_BODY, pool_factory=None,
-               audit: AuditLog | None = None) -> FastAPI:
+               audit: AuditLog | None = None, max_uploads: int = protocol.DEFAULT_MAX_UPLOADS,
+               upload_wait: float = protocol.DEFAULT_UPLOAD_WAIT,
+               body_timeout: float = protocol.DEFAULT_BODY_TIMEOUT,
+               max_batch_key_bytes: int = protocol.DEFAULT_MAX_BATCH_KEY_BYTES) -> FastAPI:
     """Build the app. Workers compile the models when the app starts (lifespan), so /v1/ready turns true then.
 
     ``processes``: worker processes for inference (0 = a thread pool of ``threads`` in this process).
@@ -57,7 +61,10 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     ``pool_factory(refs, key_cache_bytes, on_replace)``: another place to run inference with the ``WorkerPool``
     interface (``medhe serve --ray``: ``RayPool``, Ray actors across a cluster); ``processes``/``threads`` then
     do not apply. ``audit``: where every key registration, inference, batch and refusal is recorded
-    (``audit_middleware``; ``medhe serve --audit-log``).
+    (``audit_middleware``; ``medhe serve --audit-log``). ``max_uploads``/``upload_wait``: requests with a body
+    in progress at once, and how long one waits for a slot (``admission``); ``body_timeout``: the longest stall
+    between two chunks of a body (and, with ``protocol.MIN_BODY_RATE``, its whole deadline).
+    ``max_batch_key_bytes``: memory all batch key sets hold together, as loaded.
     """
     catalog = {m.id: m for m in models}
 
@@ -133,6 +140,9 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     app.state.start = start_workers
     app.state.stop = stop
     app.state.catalog = catalog
+    admission = app.state.admission = AdmissionState(max_uploads=max(1, int(max_uploads)),
+                                                     upload_wait=float(upload_wait))
+    app.add_middleware(AdmissionMiddleware, state=admission, body_timeout=body_timeout)
     if audit is not None:
         app.add_middleware(AuditMiddleware, audit=audit, version_of=lambda model_id: model_version(catalog, model_id))
 
@@ -143,6 +153,12 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         if exc.status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc)
         return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(BodyTimeout)
+    async def _body_timeout(request: Request, exc: BodyTimeout):
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(ServiceError(408, "body_timeout", str(exc)).to_json(), status_code=408,
+                            headers={"Connection": "close"})
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone):
@@ -218,11 +234,37 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
             except ValueError:
                 raise ServiceError(400, "bad_request", "Content-Length is not a number") from None
 
+    async def chunks(request: Request, limit: int, what: str):
+        """The body as it arrives, cut off with ``408 body_timeout`` when it stalls ``body_timeout`` s between two
+        chunks or falls behind ``protocol.MIN_BODY_RATE`` after its first ``body_timeout`` s (a client trickling a
+        byte at a time would otherwise hold its upload slot, spool file and socket for as long as it likes)."""
+        declared = request.headers.get("content-length")
+        expected = min(int(declared), limit) if declared and declared.isdigit() else limit
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + body_timeout + expected / protocol.MIN_BODY_RATE
+        while True:
+            wait = min(body_timeout, deadline - loop.time())
+            try:
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                message = await asyncio.wait_for(request.receive(), wait)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"the {what} did not arrive in time (no data for {body_timeout:g} s, or slower "
+                                  f"than {protocol.MIN_BODY_RATE >> 10} KiB/s); nothing was stored: send it "
+                                  "again on a faster link") from None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            body = message.get("body", b"")
+            if body:
+                yield body
+            if not message.get("more_body", False):
+                return
+
     async def stream(request: Request, limit: int, what: str, check: StreamCheck):
         """The body's chunks, each judged by ``check`` and the size limit before the caller keeps it."""
         size = 0
         try:
-            async for chunk in request.stream():
+            async for chunk in chunks(request, limit, what):
                 if not chunk:
                     continue
                 size += len(chunk)
@@ -242,10 +284,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         """The raw binary body, refused with 413 as soon as it passes ``limit`` (never buffered past it) and with
         422 as soon as its first bytes show it cannot be a message for this model."""
         check_upload(request, limit, what)
-        body = bytearray()
-        async for chunk in stream(request, limit, what, check):
-            body += chunk
-        return bytes(body)
+        parts = [chunk async for chunk in stream(request, limit, what, check)]
+        return b"".join(parts)  # at most twice the limit for a moment, never a growing buffer's spare capacity
 
     async def spool_body(request: Request, limit: int, what: str, check: StreamCheck) -> tuple[str, int]:
         """Like ``read_body`` but streamed to a private file in this server's spool folder: (path, size). The
@@ -276,7 +316,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     # -- endpoints -----------------------------------------------------------------------------------------------
     @app.get(f"{protocol.PREFIX}/health", tags=["ops"], summary="Liveness: the web process answers.")
     async def health() -> dict:
-        return {"status": "ok", "version": __version__}
+        return {"status": "draining" if admission.draining else "ok", "version": __version__,
+                "api": protocol.API_VERSION, "protocol_version": protocol.PROTOCOL_VERSION}
 
     @app.get(f"{protocol.PREFIX}/ready", tags=["ops"], summary="Readiness: models compiled, workers up (503 before).",
              responses={503: _ERROR})
@@ -286,7 +327,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
         by_model = getattr(pool, "live_by_model", None)  # Ray actors may hold some models only (--ray-replicas)
         return {"ready": True, "models": sorted(catalog), "workers": pool.live,
                 **({"workers_by_model": by_model()} if by_model else {}),
-                "keys": len(keys), "key_bytes": keys.total_bytes, "max_key_bytes": keys.max_bytes}
+                "keys": len(keys), "key_bytes": keys.total_bytes, "max_key_bytes": keys.max_bytes,
+                **app.state.batch_accounting(), "uploads": admission.uploads, "max_uploads": admission.max_uploads}
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
@@ -298,7 +340,8 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
     async def list_models(request: Request) -> dict:
         authorize(request)
         require_ready()
-        return {"api": protocol.API_VERSION, "models": [m.describe() for m in catalog.values()]}
+        return {"api": protocol.API_VERSION, "protocol_version": protocol.PROTOCOL_VERSION,
+                "models": [m.describe() for m in catalog.values()]}
 
     @app.get(protocol.model_path("{model_id}"), tags=["models"], summary="One served model.",
              responses={404: _ERROR})
@@ -341,7 +384,9 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
             placement, grown = await pool.load_keys(model.id, key_id, path, size, held_estimate)
         finally:
             discard(path)
-        held = max(held_estimate, grown, size)
+        # the model's estimate of the loaded set, a function of its public spec: the same set always counts the
+        # same (the worker's RSS growth, 84-281 MiB for identical CKKS sets, let 3 of 25 fit where 12 should)
+        held = held_estimate or max(grown, size)
         owner = request.client.host if request.client else ""
         try:
             keys.add(model.id, placement, held, key_id=key_id, owner=owner, secret_hash=hash_secret(secret))
@@ -399,8 +444,13 @@ def create_app(models: list[ServedModel], token: str | None = None, max_body: in
 
     install_batch_routes(app, catalog, authorize, served, require_ready, spool_body, key_secret,
                          lambda prefix: state["spool"].new_file(prefix), max_batch_bytes, key_ttl,
-                         remote=getattr(pool, "run_batch", None))
+                         remote=getattr(pool, "run_batch", None), max_key_bytes=max_batch_key_bytes,
+                         max_keys_per_client=max_keys_per_client)
     return app
+
+
+class BodyTimeout(Exception):
+    """A request body stalled or trickled in too slowly: answered ``408 body_timeout`` and the connection closed."""
 
 
 class ClientGone(Exception):
