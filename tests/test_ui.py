@@ -62,7 +62,9 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1250", "--force-device-scale-factor=1"):
+                "--window-size=1280,1250", "--force-device-scale-factor=1",
+                # no traffic beyond 127.0.0.1 (issue 32): no background requests, component updates or sync
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
     driver.set_page_load_timeout(30)
@@ -236,6 +238,20 @@ def test_unreadable_file_is_one_sentence_and_the_page_stays_usable(browser, ui, 
     assert warning.startswith("Check: the image is 20x20 pixels, smaller than the model's 28x28 input")
     browser.execute_script("arguments[0].scrollIntoView()", css(browser, ".scan")[-1])
     shots(browser, "6-warning.png")
+    # an unusual scan is not diagnosed unless asked for (issue 32); then its result is marked unreliable
+    css(browser, "#diagnose")[0].click()
+    wait_for(browser, lambda d: d.find_element("id", "error").is_displayed(), "the refusal")
+    refusal = browser.find_element("id", "error-text").text
+    assert refusal.startswith("thumbnail.png looks unlike the model's training data") and "anyway" in refusal
+    assert css(browser, ".scan")[-1].get_attribute("data-state") == "new"
+    css(browser, "#allow-unusual")[0].click()
+    css(browser, "#diagnose")[0].click()
+    wait_for(browser, lambda d: css(d, '.scan[data-state="done"] .result.is-unreliable'), "the unreliable result")
+    marked = css(browser, ".result.is-unreliable")[-1]
+    assert marked.get_attribute("data-unreliable") == "true" and "Unreliable:" in marked.text
+    assert [e.get_attribute("data-unreliable") for e in css(browser, ".scan .result")][:2] == ["false", "false"]
+    browser.execute_script("arguments[0].scrollIntoView()", css(browser, ".scan")[-1])
+    shots(browser, "7-unreliable.png")
 
 
 def test_keys_forgotten_by_the_server_are_sent_again_not_regenerated(ui, scans):
@@ -246,9 +262,12 @@ def test_keys_forgotten_by_the_server_are_sent_again_not_regenerated(ui, scans):
     diagnoser = app.state.diagnoser
     assert "pneumoniamnist" in diagnoser.keyed, "run with the browser test: no keys yet"
     diagnoser.client.forget_keys()
-    scan = httpx.post(f"{url}/api/scans?model=pneumoniamnist", content=scans["png"].read_bytes(),
-                      headers={"X-Filename": "again.png"}, timeout=30).json()
-    job = httpx.post(f"{url}/api/jobs", json={"scan": scan["id"], "model": "pneumoniamnist"}, timeout=30).json()
+    token = page_token(httpx.get(url + "/", timeout=30).text)  # what the page's own script sends
+    scan = httpx.post(f"{url}/api/scans?model=pneumoniamnist", content=scans["png"].read_bytes(), timeout=30,
+                      headers={"X-Filename": "again.png", "X-Medhe-Page-Token": token,
+                               "Content-Type": "application/octet-stream"}).json()
+    job = httpx.post(f"{url}/api/jobs", json={"scan": scan["id"], "model": "pneumoniamnist"}, timeout=30,
+                     headers={"X-Medhe-Page-Token": token}).json()
     deadline = time.monotonic() + WAIT
     while job["state"] in ("queued", "running") and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -273,15 +292,21 @@ def test_server_down_unknown_model_and_foreign_pages(server):
         # only pages of this machine: DNS rebinding (foreign Host) and cross-site requests (foreign Origin) refused
         assert page.get("/api/models", headers={"Host": "evil.example"}).status_code == 403
         foreign = page.post("/api/jobs", json={}, headers={"Origin": "https://evil.example"})
-        assert foreign.status_code == 403 and "only pages opened from this computer" in foreign.json()["error"]
+        assert foreign.status_code == 403 and "answers only its own page" in foreign.json()["error"]
         assert page.get("/api/models", headers={"Origin": local}).status_code == 200
-        png = page.post("/api/scans?model=pneumoniamnist", content=checkerboard_png(), headers={"X-Filename": "a.png"})
+        page.headers["X-Medhe-Page-Token"] = page_token(page.get("/").text)  # as the page's script does
+        png = page.post("/api/scans?model=pneumoniamnist", content=checkerboard_png(),
+                        headers={"X-Filename": "a.png", "Content-Type": "application/octet-stream"})
         assert png.status_code == 200 and png.json()["warnings"]  # a checkerboard is flagged
         answer = page.post("/api/jobs", json={"scan": png.json()["id"], "model": "nope"})
         assert answer.status_code == 422
         assert answer.json()["error"] == "the server has no model 'nope'; it offers pneumoniamnist"
-        # a checkerboard's scores leave the range the CKKS plan is sized for: a clear refusal, no diagnosis
-        job = page.post("/api/jobs", json={"scan": png.json()["id"], "model": "pneumoniamnist"}).json()
+        # flagged, it is refused by default (issue 32); diagnosed anyway, its scores leave the range the CKKS plan
+        # is sized for: a clear refusal, no diagnosis
+        refused = page.post("/api/jobs", json={"scan": png.json()["id"], "model": "pneumoniamnist"})
+        assert refused.status_code == 422 and "looks unlike the model's training data" in refused.json()["error"]
+        job = page.post("/api/jobs", json={"scan": png.json()["id"], "model": "pneumoniamnist",
+                                           "allow_unusual": True}).json()
         deadline = time.monotonic() + WAIT
         while job["state"] in ("queued", "running") and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -289,6 +314,12 @@ def test_server_down_unknown_model_and_foreign_pages(server):
         assert job["state"] == "failed" and job["result"] is None
         assert job["error"].startswith("a.png: the decrypted scores reach") and "\n" not in job["error"]
         assert [s["state"] for s in job["steps"]][-1] == "failed"
+
+
+def page_token(html: str) -> str:
+    import re
+
+    return re.search(r'<meta name="medhe-page-token" content="([^"]+)">', html).group(1)
 
 
 def checkerboard_png() -> bytes:
@@ -347,6 +378,8 @@ def test_medhe_ui_command_serves_the_page(server, tmp_path, capsys):
 
     small = tmp_path / "thumbnail.png"
     Image.fromarray(np.full((20, 20), 90, dtype=np.uint8) + np.eye(20, dtype=np.uint8) * 60).save(small)
-    assert medhe_main(["predict", "--server", server.url, str(small)]) == 0
+    assert medhe_main(["predict", "--server", server.url, str(small)]) == 2  # refused by default (issue 32)
+    assert "looks unlike the model's training data" in capsys.readouterr().err
+    assert medhe_main(["predict", "--server", server.url, "--allow-unusual", str(small)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{small}: ") and lines[1].startswith("  check: the image is 20x20 pixels")

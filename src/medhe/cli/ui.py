@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8765, help="local port of the page (default 8765)")
     p.add_argument("--token", help=f"bearer token of the server (default: ${protocol.TOKEN_ENV})")
     p.add_argument("--cacert", help="CA bundle to verify the server's self-signed TLS certificate")
+    p.add_argument("--scan-store-mb", type=int, default=512, metavar="MB",
+                   help="decoded scans the page keeps in memory, in MB of pixels (default 512); the oldest are "
+                        "dropped beyond it or beyond 64 scans")
     add_operations_arguments(p, default_level="warning")
     add_config_argument(p)
     p.set_defaults(handler=run)
@@ -48,7 +51,9 @@ def _ui(args: argparse.Namespace, say) -> int:
         raise MedheError(f"CA bundle not found: {args.cacert}")
     host = "127.0.0.1"  # the page holds the secret key: never reachable from another machine
     _check_port_free(host, args.port)
-    app = create_ui_app(args.server, token=token, verify=args.cacert or True)
+    if args.scan_store_mb < 1:
+        raise MedheError(f"--scan-store-mb {args.scan_store_mb} must be at least 1")
+    app = create_ui_app(args.server, token=token, verify=args.cacert or True, store_bytes=args.scan_store_mb << 20)
     url = f"http://{host}:{args.port}/"
     say(f"medhe ui: open {url} in a browser (server {args.server}; Ctrl-C stops)", "ready", url=url,
         server=args.server)

@@ -8,29 +8,32 @@ which a test can watch. Scans travel from the browser to this process only (both
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from medhe import __version__
 from medhe.data import Preprocess
-from medhe.data.guard import check_image, image_stats
+from medhe.data.guard import check_image, image_stats, refusal
 from medhe.errors import MedheError
 from medhe.service.client import calibration_for
-from medhe.ui import render
+from medhe.ui import origin, render
 from medhe.ui.pipeline import Diagnoser
-from medhe.ui.scans import ScanStore, decode, display_name
+from medhe.ui.scans import STORE_BYTES, ScanStore, decode, display_name
 
 STATIC = Path(__file__).parent / "static"
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = 256 << 20  # one scan file; large DICOM series frames stay well below
+UPLOADS = 2  # scan uploads in flight at once (the page sends one at a time): memory <= UPLOADS x MAX_UPLOAD
+#: the content type each state-changing route takes (origin.refusal refuses any other, forms included)
+BODY_TYPES = {"/api/scans": "application/octet-stream", "/api/jobs": "application/json"}
+ALLOW_UNUSUAL = "tick \"Diagnose unusual scans anyway\""
 
 
 class PageError(Exception):
@@ -42,9 +45,12 @@ class PageError(Exception):
 
 
 def create_ui_app(server: str, token: str | None = None, verify: Any = True,
-                  transport: httpx.BaseTransport | None = None) -> FastAPI:
+                  transport: httpx.BaseTransport | None = None, store_bytes: int = STORE_BYTES) -> FastAPI:
     diagnoser = Diagnoser(server, token=token, verify=verify, transport=transport)
-    scans = ScanStore()
+    scans = ScanStore(max_bytes=store_bytes)
+    page_token = origin.new_token()
+    index_html = (STATIC / "index.html").read_text().replace("__MEDHE_PAGE_TOKEN__", page_token)
+    uploads = asyncio.Semaphore(UPLOADS)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -58,13 +64,16 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.middleware("http")
-    async def local_only(request: Request, call_next):
-        """Answer only pages of this machine: a Host other than loopback is a DNS-rebinding attempt by some web
-        site (it could read scans and results), an Origin other than loopback a cross-site request."""
-        origin = request.headers.get("origin")
-        if request.url.hostname not in LOOPBACK_NAMES or (origin and urlsplit(origin).hostname not in LOOPBACK_NAMES):
-            return JSONResponse({"error": "medhe ui answers only pages opened from this computer "
-                                          "(http://127.0.0.1:PORT/)"}, status_code=403)
+    async def own_page_only(request: Request, call_next):
+        """Answer only this page (``medhe.ui.origin``): its exact Host and Origin (scheme, host and port of the
+        socket it was served from), and, for every state change, its token and the route's content type."""
+        server_addr = request.scope.get("server") or (None, None)
+        headers = request.headers
+        refused = origin.refusal(request.method, headers.get("host"), headers.get("origin"),
+                                 headers.get(origin.TOKEN_HEADER), headers.get("content-type"), server_addr[1],
+                                 page_token, BODY_TYPES.get(request.url.path))
+        if refused is not None:
+            return JSONResponse({"error": refused[1]}, status_code=refused[0])
         return await call_next(request)
 
     @app.exception_handler(PageError)
@@ -90,8 +99,8 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
                 "stats": image_stats(image, pre).to_dict(), "warnings": check_image(image, pre)}
 
     @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+    async def index() -> HTMLResponse:
+        return HTMLResponse(index_html, headers={"Cache-Control": "no-store"})
 
     @app.get("/api/models")
     async def models(refresh: bool = False) -> dict:
@@ -104,12 +113,19 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
     @app.post("/api/scans")
     async def add_scan(request: Request, model: str) -> dict:
         name = display_name(request.headers.get("x-filename"))
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_UPLOAD:
+        if uploads.locked():
+            raise PageError(503, f"{name}: the page is still adding {UPLOADS} other scans; add it again in a moment")
+        async with uploads:
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > MAX_UPLOAD:
                 raise PageError(413, f"{name} is larger than {MAX_UPLOAD >> 20} MB; export a single image")
-        image = await run_in_threadpool(decode, name, bytes(body))
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_UPLOAD:
+                    raise PageError(413, f"{name} is larger than {MAX_UPLOAD >> 20} MB; export a single image")
+            image = await run_in_threadpool(decode, name, bytes(body))
+            del body
         scan_id = scans.add(name, image)
         return await run_in_threadpool(view, scan_id, model)
 
@@ -123,12 +139,20 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
             body = await request.json()
             scan_id, model_id = str(body["scan"]), str(body["model"])
             coverage = None if body.get("coverage") is None else float(body["coverage"])
-        except (ValueError, KeyError, TypeError):
+            allow_unusual = body.get("allow_unusual", False)
+            if not isinstance(allow_unusual, bool):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise PageError(400, "the page sent a malformed request; reload it") from None
         name, image = scans.get(scan_id)
         info = model_info(model_id)  # an unknown model is refused now, not inside the job
         calibration_for(info, coverage)  # a coverage outside (0, 1), or for an uncalibrated model: refused now
-        return diagnoser.submit(scan_id, name, image, model_id, coverage).to_dict()
+        # the input checks again, here, on the pixels this process holds: an unusual scan is refused unless the
+        # clinician asked for it, and its result is then marked unreliable
+        warnings = await run_in_threadpool(check_image, image, Preprocess.from_dict(info["preprocessing"]))
+        if warnings and not allow_unusual:
+            raise PageError(422, refusal(name, warnings, ALLOW_UNUSUAL))
+        return diagnoser.submit(scan_id, name, image, model_id, coverage, warnings=warnings).to_dict()
 
     @app.get("/api/jobs/{job_id}")
     async def job(job_id: str) -> dict:

@@ -69,6 +69,7 @@ class Job:
     name: str
     model: str
     coverage: float | None = None  # calibrated models: the prediction set's coverage (None: the record's)
+    warnings: list[str] = field(default_factory=list)  # why the scan is unusual (diagnosed anyway: unreliable)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     steps: dict[str, Step] = field(default_factory=lambda: {k: Step(k, t) for k, t in STEPS})
     state: str = "queued"  # queued | running | done | failed
@@ -103,8 +104,10 @@ class Diagnoser:
         return [describe.summary(info) for info in self.client.models()]
 
     # -- jobs ----------------------------------------------------------------------------------------------------
-    def submit(self, scan_id: str, name: str, image: np.ndarray, model: str, coverage: float | None = None) -> Job:
-        job = Job(scan=scan_id, name=name, model=model, coverage=coverage)
+    def submit(self, scan_id: str, name: str, image: np.ndarray, model: str, coverage: float | None = None,
+               warnings: list[str] | None = None) -> Job:
+        """Queue one diagnosis; ``warnings``: the input checks' reasons, for a scan diagnosed although unusual."""
+        job = Job(scan=scan_id, name=name, model=model, coverage=coverage, warnings=list(warnings or []))
         with self.lock:
             self.jobs[job.id] = job
             while len(self.jobs) > self.max_jobs:  # oldest first
@@ -186,6 +189,7 @@ class Diagnoser:
                 "eval_ms": job.steps["evaluate"].ms, "ciphertext_bytes": len(ciphertext),
                 "result_bytes": len(result), "key_bytes": sess.key_bytes,
                 "server_saw": render.data_url(render.ciphertext_view(ciphertext)),
+                "warnings": job.warnings, "unreliable": bool(job.warnings),
             }
             job.state = "done"
         except MedheError as exc:

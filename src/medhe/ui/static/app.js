@@ -19,8 +19,12 @@ function showError(message) {
 }
 function clearError() { $("error").hidden = true; $("error-text").textContent = ""; }
 
+// The backend answers only this page: every state-changing call carries the token it wrote into index.html.
+const PAGE_TOKEN = document.querySelector('meta[name="medhe-page-token"]').content;
+
 async function api(method, path, body, headers) {
   let response;
+  if (method !== "GET") headers = { ...(headers || {}), "X-Medhe-Page-Token": PAGE_TOKEN };
   try {
     response = await fetch(path, { method, body, headers });
   } catch (e) {
@@ -170,8 +174,13 @@ function renderResult(scan) {
     pset = el("p", { class: "pset" + (unsure ? " uncertain" : ""), "data-set": r.prediction_set_text },
       `Prediction set (${pct} coverage): ${r.prediction_set_text}`);
   }
-  return el("div", { class: "result", "data-label": r.label },
-    el("h4", { text: headline }),
+  const unreliable = r.unreliable ? el("p", { class: "unreliable", role: "alert",
+    text: "Unreliable: this scan looks unlike the model's training data (" + r.warnings.join("; ") +
+          "). It was diagnosed only because \"Diagnose unusual scans anyway\" was ticked." }) : null;
+  return el("div", { class: "result" + (r.unreliable ? " is-unreliable" : ""), "data-label": r.label,
+                     "data-unreliable": String(Boolean(r.unreliable)) },
+    unreliable,
+    el("h4", { text: headline + (r.unreliable ? " (unreliable)" : "") }),
     pset,
     ...bars,
     el("p", { class: "rule", text: `Decision: ${r.decision} (dashed line: threshold ${r.threshold}). ` +
@@ -216,7 +225,8 @@ async function diagnose() {
     for (const scan of state.scans) {
       if (scan.job && scan.job.state !== "failed") continue;
       try {
-        scan.job = await api("POST", "/api/jobs", JSON.stringify({ scan: scan.id, model: state.model, coverage: coverage() }),
+        scan.job = await api("POST", "/api/jobs", JSON.stringify({ scan: scan.id, model: state.model, coverage: coverage(),
+                                                                   allow_unusual: $("allow-unusual").checked }),
                              { "Content-Type": "application/json" });
       } catch (e) { showError(e.message); continue; }
       renderScans();
@@ -250,12 +260,13 @@ function toCSV() {
   const calibrated = rows.some((r) => r.calibrated_probabilities);  // extra columns only for calibrated models
   const head = ["source", "model", "scheme", "task", "label", "positive", ...labels.map((l) => `p_${l}`),
                 ...(calibrated ? [...labels.map((l) => `calibrated_p_${l}`), "prediction_set", "coverage"] : []),
-                "threshold", "eval_ms", "bytes_sent", "bytes_received"];
+                "threshold", "eval_ms", "bytes_sent", "bytes_received", "unreliable", "warnings"];
   const q = (v) => { const s = v == null ? "" : String(v); return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s; };
   const lines = rows.map((r) => [r.source, r.model, r.scheme, r.task, r.label, r.positive.join(";"),
     ...labels.map((l) => r.probabilities[l]),
     ...(calibrated ? [...labels.map((l) => (r.calibrated_probabilities || {})[l]), r.prediction_set_text, r.coverage] : []),
-    r.threshold, r.eval_ms, r.bytes_sent, r.bytes_received].map(q).join(","));
+    r.threshold, r.eval_ms, r.bytes_sent, r.bytes_received, Boolean(r.unreliable),
+    (r.warnings || []).join("; ")].map(q).join(","));
   return [head.join(","), ...lines].join("\n") + "\n";
 }
 
