@@ -172,8 +172,9 @@ def writing_folder(target: str | os.PathLike, command: str | None = None, *, rep
                                 dir=target.parent))
     try:
         os.chmod(tmp, 0o700 if private else _umask_dir_mode())
-        (tmp / MARKER).write_text(json.dumps({"command": command or running_command(), "target": str(target), "pid": pid,
-                                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        marker = {"command": command or running_command(), "target": str(target), "pid": pid,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
         yield tmp
         (tmp / MARKER).unlink()
         _fsync_dir(tmp)

@@ -214,9 +214,17 @@ def save_autoencoder(out_dir: str | Path, ae: VQAutoencoder, metrics: dict | Non
                      training: dict | None = None, data: dict | None = None) -> Path:
     """``autoencoder.safetensors`` (encoder, codebook, decoder) + ``autoencoder.json`` (config, metrics, command);
     with ``data`` (:func:`training_data`), the model card v2 fields too."""
-    out = Path(out_dir)
+    from medhe.atomic_folder import writing_folder
+    from medhe.errors import ArtifactError
+
+    out = Path(out_dir).expanduser()
+    if out.is_dir():  # the folder is replaced as a whole (the old one intact until then): never lose other files
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (WEIGHTS, CARD) and not p.name.endswith(".tmp"))
+        if foreign:
+            raise ArtifactError(f"{out} holds files that are not part of an autoencoder ({', '.join(foreign[:3])}): "
+                                "move them away or choose another --out")
     tensors = {k: v.detach().clone().contiguous() for k, v in ae.state_dict().items()}
-    atomic.write_bytes(out / WEIGHTS, save(tensors))
+    weights = save(tensors)
     card = {"format": FORMAT, "config": ae.config, "encoder": {"arch": "vq-encoder", "arch_kwargs": ae.encoder_kwargs()},
             "latent_shape": [ae.latent_channels, IMAGE_SIZE // ae.factor, IMAGE_SIZE // ae.factor],
             "preprocessing": dict(PREPROCESS), "metrics": metrics or {}, "training": training or {}}
@@ -224,7 +232,9 @@ def save_autoencoder(out_dir: str | Path, ae: VQAutoencoder, metrics: dict | Non
         from medhe.models.modelcard import complete_card
 
         card = complete_card(card, training_data=data)
-    atomic.write_json(out / CARD, card)
+    with writing_folder(out, "medhe train-autoencoder", replace=True) as tmp:
+        atomic.write_bytes(tmp / WEIGHTS, weights)
+        atomic.write_json(tmp / CARD, card)
     return out
 
 
