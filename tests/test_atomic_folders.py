@@ -144,3 +144,26 @@ def test_replacing_swaps_the_whole_folder_in_one_step(tmp_path):
         assert (target / "model.safetensors").read_text() == "old weights"
     assert sorted(os.listdir(target)) == ["model.safetensors"] and leftovers(target) == []
     assert (target / "model.safetensors").read_text() == "new weights"
+
+
+def test_without_an_atomic_exchange_a_replacement_killed_between_renames_is_restored(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Where renameat2 is missing the old folder is first moved to .NAME.old-*; a run killed right then leaves no
+    target, and the next write puts the old model back before anything else (one line)."""
+    import medhe.atomic_folder as af
+
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "card.json").write_text("old card")
+    monkeypatch.setattr(af, "_exchange", lambda a, b: False)
+    with writing_folder(target, "test", replace=True) as tmp:
+        (tmp / "card.json").write_text("new card")
+    assert (target / "card.json").read_text() == "new card" and leftovers(target) == []
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = tmp_path / f".m.old-{int(dead.stdout)}-1-abc123"  # what a kill between the two renames leaves
+    old.mkdir()
+    target.rename(old / "content")
+    af.clear_interrupted(target)
+    assert (target / "card.json").read_text() == "new card" and leftovers(target) == []
+    assert "restored" in capsys.readouterr().err
