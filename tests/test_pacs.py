@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -60,25 +61,25 @@ def _install_orthanc() -> None:
         pass
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    """A real Orthanc with DICOMweb on 127.0.0.1: (DICOMweb root URL, REST root URL)."""
+@contextmanager
+def running_orthanc(root: Path, **config):
+    """A real Orthanc with DICOMweb on a free 127.0.0.1 port, storage under ``root``, killed on exit: yields
+    (DICOMweb root URL, REST root URL). ``config``: Orthanc settings over the defaults (e.g. authentication)."""
+    import httpx
+
     _install_orthanc()
     binary, plugin = _found(ORTHANC), _found(DICOMWEB_PLUGIN)
     if not binary or not plugin:
         pytest.fail(f"{INSTALL_HINT} (looked for {ORTHANC[0]} and {DICOMWEB_PLUGIN[0]})")
-    root = tmp_path_factory.mktemp("orthanc")
     port = free_port()
-    config = {"Name": "medhe-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-              "HttpPort": port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-              "DicomServerEnabled": False, "OrthancExplorerEnabled": False, "WebDavEnabled": False,
-              "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (root / "orthanc.json").write_text(json.dumps(config))
+    settings = {"Name": "medhe-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+                "HttpPort": port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+                "DicomServerEnabled": False, "OrthancExplorerEnabled": False, "WebDavEnabled": False,
+                "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, **config}
+    (root / "orthanc.json").write_text(json.dumps(settings))
     log = open(root / "orthanc.log", "wb")
     proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
     rest = f"http://127.0.0.1:{port}"
-    import httpx
-
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -86,7 +87,7 @@ def orthanc(tmp_path_factory):
                 pytest.fail(f"Orthanc exited with status {proc.returncode}: "
                             f"{(root / 'orthanc.log').read_text(errors='replace')[-1500:]}")
             try:
-                if httpx.get(f"{rest}/dicom-web/studies", timeout=2).status_code == 200:
+                if httpx.get(f"{rest}/system", timeout=2).status_code in (200, 401):
                     break
             except httpx.TransportError:
                 pass
@@ -102,6 +103,12 @@ def orthanc(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")
@@ -400,3 +407,26 @@ def test_watch_retries_while_the_medhe_server_is_down(orthanc, data_dir, tmp_pat
     assert counts["reported"] == 0 and not list(tmp_path.iterdir())
     assert not [s for s in series_of(dicomweb, study.StudyInstanceUID) if s["modality"] == "SR"]
     assert_no_phi("\n".join(lines))
+
+
+def test_pacs_with_authentication(tmp_path, capsys, monkeypatch):
+    """An Orthanc that requires HTTP basic authentication: without credentials one line naming the fix; with
+    --pacs-user and $MEDHE_PACS_PASSWORD the search works; a user without the password variable is told so."""
+    with running_orthanc(tmp_path, AuthenticationEnabled=True, RegisteredUsers={"medhe": "pacs-s3cret"}) as urls:
+        dicomweb, _ = urls
+        monkeypatch.delenv("MEDHE_PACS_PASSWORD", raising=False)
+        monkeypatch.delenv("MEDHE_PACS_TOKEN", raising=False)
+        rc, stdout, stderr = run_cli(capsys, "pacs", "find", "--pacs", dicomweb)
+        lines = stderr.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and "refused a study search (QIDO-RS) (401)" in lines[0], stderr
+        assert "--pacs-user" in lines[0]
+        rc, stdout, stderr = run_cli(capsys, "pacs", "find", "--pacs", dicomweb, "--pacs-user", "medhe")
+        assert rc == 2 and "set MEDHE_PACS_PASSWORD" in stderr and len(stderr.strip().splitlines()) == 1
+        monkeypatch.setenv("MEDHE_PACS_PASSWORD", "wrong")
+        rc, stdout, stderr = run_cli(capsys, "pacs", "find", "--pacs", dicomweb, "--pacs-user", "medhe")
+        assert rc == 2 and "(401)" in stderr
+        monkeypatch.setenv("MEDHE_PACS_PASSWORD", "pacs-s3cret")
+        rc, stdout, stderr = run_cli(capsys, "pacs", "find", "--pacs", dicomweb, "--pacs-user", "medhe", "--json")
+        assert rc == 0, stderr
+        assert json.loads(stdout)["studies"] == []
+        assert "pacs-s3cret" not in stdout + stderr

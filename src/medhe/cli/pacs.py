@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--pacs", required=True, metavar="URL",
                        help="DICOMweb root of the PACS, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)")
         q.add_argument("--pacs-timeout", type=float, default=60.0, metavar="S", help="per request (default 60)")
+        q.add_argument("--pacs-user", metavar="USER",
+                       help="HTTP basic authentication at the PACS; the password comes from $MEDHE_PACS_PASSWORD "
+                            "(a bearer token instead: $MEDHE_PACS_TOKEN)")
+        q.add_argument("--pacs-cacert", metavar="FILE", help="CA bundle to verify the PACS's TLS certificate")
         if server:
             q.add_argument("--server", required=True, metavar="URL", help="medhe server, e.g. http://127.0.0.1:8000")
             q.add_argument("--model", help="served model id (needed when the server offers several)")
@@ -97,7 +101,14 @@ def _pacs(args: argparse.Namespace):
                          "pip install -e '.[pacs]')")
     from medhe.pacs.dicomweb import Pacs
 
-    return Pacs(args.pacs, timeout=args.pacs_timeout)
+    import os
+
+    from medhe.pacs.dicomweb import PASSWORD_ENV, TOKEN_ENV
+
+    return Pacs(args.pacs, timeout=args.pacs_timeout, user=args.pacs_user,
+                password=os.environ.get(PASSWORD_ENV) if args.pacs_user else None,
+                token=None if args.pacs_user else os.environ.get(TOKEN_ENV) or None,
+                verify=args.pacs_cacert or True)
 
 
 def _client(args: argparse.Namespace):

@@ -13,6 +13,9 @@ from typing import Any
 
 from medhe.errors import MedheError
 
+#: environment variables holding the PACS's credentials (kept off the command line)
+PASSWORD_ENV = "MEDHE_PACS_PASSWORD"
+TOKEN_ENV = "MEDHE_PACS_TOKEN"
 #: DICOM modalities of chest radiographs: computed (CR) and digital (DX) radiography
 CXR_MODALITIES = ("CR", "DX")
 EXPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -64,7 +67,10 @@ def _attr(item: dict[str, Any], tag: str) -> str:
 class Pacs:
     """``Pacs("http://127.0.0.1:8042/dicom-web")``: the DICOMweb root of the hospital's PACS."""
 
-    def __init__(self, url: str, timeout: float = 60.0):
+    def __init__(self, url: str, timeout: float = 60.0, user: str | None = None, password: str | None = None,
+                 token: str | None = None, verify: Any = True):
+        """``user``/``password``: HTTP basic authentication; ``token``: a bearer token (never both); ``verify``:
+        a CA bundle path for a PACS with a self-signed TLS certificate (as requests takes it)."""
         if not str(url).startswith(("http://", "https://")):
             raise MedheError(f"PACS URL {url!r} must start with http:// or https:// (Orthanc: "
                              "http://HOST:8042/dicom-web)")
@@ -77,7 +83,17 @@ class Pacs:
                 kwargs["timeout"] = kwargs.get("timeout") or timeout
                 return super().send(request, **kwargs)
 
+        if token and user:
+            raise MedheError("give the PACS either a user (basic authentication) or a token, not both")
+        if user and password is None:
+            raise MedheError(f"no password for PACS user {user!r}: set {PASSWORD_ENV} (a password is never taken "
+                             "on the command line, where other users of the machine could read it)")
         session = requests.Session()
+        session.verify = verify
+        if user:
+            session.auth = (user, password)
+        if token:
+            session.headers["Authorization"] = f"Bearer {token}"
         session.mount("http://", _Timeout())
         session.mount("https://", _Timeout())
         self.url = str(url).rstrip("/")
@@ -96,6 +112,9 @@ class Pacs:
         except requests.exceptions.Timeout:
             raise PacsUnavailable(f"the PACS at {self.url} did not answer {what} in time; check that it is "
                                   "running and not overloaded") from None
+        except requests.exceptions.SSLError:
+            raise PacsError(f"the TLS certificate of the PACS at {self.url} is not trusted ({what}); pass its "
+                            "certificate or CA bundle with --pacs-cacert FILE") from None
         except requests.exceptions.ConnectionError:
             raise PacsUnavailable(f"cannot reach the PACS at {self.url} ({what}): connection failed; check "
                                   "--pacs (the DICOMweb root, e.g. http://HOST:8042/dicom-web) and that the PACS "
@@ -103,8 +122,9 @@ class Pacs:
         except requests.exceptions.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             if status in (401, 403):
-                raise PacsError(f"the PACS at {self.url} refused {what} ({status}): medhe has no access; ask the "
-                                "PACS administrator for DICOMweb access from this machine") from None
+                raise PacsError(f"the PACS at {self.url} refused {what} ({status}): medhe has no access; pass "
+                                f"--pacs-user USER with ${PASSWORD_ENV}, or ${TOKEN_ENV}, or ask the PACS "
+                                "administrator for DICOMweb access from this machine", status) from None
             if status == 404:
                 raise PacsError(f"the PACS at {self.url} has no such resource ({what}, 404); check --pacs (the "
                                 "DICOMweb root, e.g. http://HOST:8042/dicom-web) and the study") from None
