@@ -181,8 +181,15 @@ def test_bad_hybrid_keys_are_refused_in_one_line():
     ctx = server_keys.native_context(layout)
     elt = ctx.galois_element(1)
     frames = gen.compact_key(gen.galois_key(elt))
-    with pytest.raises(CiphertextError, match="has 2 digits where this model's chain has 3"):
-        server_keys.native_keys(ctx, layout, {elt: frames[:2]}, None)
+    with pytest.raises(CiphertextError, match="has 4 digits where this model's chain has 3"):
+        server_keys.native_keys(ctx, layout, {elt: frames + frames[:1]}, None)
+    # a key of fewer digits serves only the levels they cover
+    short = server_keys.native_keys(ctx, layout, {elt: frames[:1]}, None)
+    x = np.random.default_rng(1).uniform(-1, 1, N // 2)
+    enc, encoder = seal.Encryptor(gen.context, gen.secret_key), seal.CKKSEncoder(gen.context)
+    top = ctx.load_ciphertext(enc.encrypt_symmetric(encoder.encode(x, 2.0 ** 25)).to_string())
+    with pytest.raises(_runtime.InputError, match="does not cover level"):
+        ctx.rotate(top, 1, short)
     garbled = frames[1][:-40] + bytes(40)
     with pytest.raises(CiphertextError, match="checksum"):
         server_keys.native_keys(ctx, layout, {elt: [frames[0], garbled, frames[2]]}, None)

@@ -64,10 +64,22 @@ class CKKSClient(ClientSession):
                             "image at a time: update medhe")
         if self.gather.max(initial=-1) >= int(np.prod(self.input_shape)):
             raise PlanError("the CKKS spec's input layout points outside the input; fetch the spec again")
+        envelope_version = int((spec.get("key_envelope") or {}).get("version", envelope.KEY_ENVELOPE_SEAL))
+        if envelope_version != (envelope.KEY_ENVELOPE_HYBRID if self.params.hybrid else envelope.KEY_ENVELOPE_SEAL):
+            raise PlanError(f"the CKKS spec announces key envelope version {envelope_version}, which this medhe "
+                            "does not make for these parameters: update medhe")
+        self._spec = spec
+        self._hybrid = None  # hybrid.keygen.HybridKeyGenerator for hybrid chains
         self._keyed = False
 
     def keygen(self) -> None:
-        self.backend.keygen(self.rotation_steps, self.relinearization)
+        if self.params.hybrid:  # the secret is SEAL's, sampled in the key context; SEAL encrypts with it here
+            from medhe.he.ckks.hybrid.keygen import HybridKeyGenerator
+
+            self._hybrid = HybridKeyGenerator(self.params.layout())
+            self.backend.use_secret_key(self._hybrid.secret_key)
+        else:
+            self.backend.keygen(self.rotation_steps, self.relinearization)
         self._keyed = True
 
     def _need_keys(self) -> None:
@@ -78,6 +90,10 @@ class CKKSClient(ClientSession):
         """Serialized on each call and not kept: callers send them once (up to ~0.5 GB for latent models), and the
         service SDK and ``run_encrypted`` drop them as soon as the server holds them. Each call draws fresh seeds."""
         self._need_keys()
+        if self._hybrid is not None:  # key envelope version 2
+            from medhe.he.ckks.hybrid import wire
+
+            return self._hybrid.evaluation_keys(self.plan_id, wire.needed(self._spec, self.backend.galois_element))
         galois, relin = self.backend.evaluation_key_bytes(self.key_levels)
         return envelope.pack(envelope.KIND_KEYS, self.plan_id, [galois, relin])
 

@@ -117,6 +117,15 @@ def render(info: dict[str, Any]) -> str:
     lines.append(f"client: {t['input_ciphertexts']} input ciphertext(s) {_mb(t['input_bytes_as_sent'])}, "
                  f"{t['rotation_keys']} rotation keys + relinearization {_mb(t['key_bytes_as_sent'])} as sent, "
                  f"result {_mb(t['output_bytes'])}")
+    if p.get("alpha"):  # hybrid key switching (issue 29): digits, special primes, keys as sent
+        k, alpha = int(p["specials"]), int(p["alpha"])
+        data = len(p["prime_bits"]) - k
+        lines.append(f"key switching: hybrid, {-(-data // alpha)} digits of {alpha} data primes, {k} special primes "
+                     f"{p['prime_bits'][-k:]} (counted in the {p['security_bits']}-bit check), keys "
+                     f"{_mb(t['key_bytes_as_sent'])} as sent (key envelope version 2)")
+    else:
+        lines.append(f"key switching: SEAL's format, {len(p['prime_bits']) - 1} digits, 1 special prime "
+                     f"[{p['prime_bits'][-1]}]")
     if info["choices"]:
         lines.append("layouts chosen:")
         lines += [f"  {c}" for c in info["choices"]]

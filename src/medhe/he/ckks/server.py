@@ -58,6 +58,9 @@ class CKKSServerModel(ServerModel):
         self.labels = list(labels) if labels else [str(i) for i in range(plan.output_count)]
         self.name = name
         self.backend = get_backend(backend, plan.params)  # None: "auto" (native when built, else seal)
+        if plan.params.hybrid and self.backend.name != "native":
+            raise PlanError("this plan uses hybrid key switching, which only medhe's native runtime evaluates: "
+                            "build the runtime (make install) or compile with key_switching='seal'")
         self.plains = EncodedPlains(self.backend, plan, PLAINTEXT_CACHE_BYTES)
         # backends that run a whole plan in one call (native) compile it once here
         self._program = self.backend.compile(plan, self.plains) if hasattr(self.backend, "compile") else None
@@ -70,14 +73,20 @@ class CKKSServerModel(ServerModel):
 
     def report_params(self) -> dict[str, Any]:
         params = self.plan.params
-        return {"library": _seal_library(), "backend": self.backend.name,
-                "security_bits": security_bits(params.poly_degree, params.prime_bits)}
+        out = {"library": _seal_library(), "backend": self.backend.name,
+               "security_bits": security_bits(params.poly_degree, params.prime_bits)}  # special primes counted
+        if params.hybrid:
+            out["key_switching"] = {"format": "hybrid", "special_primes": params.specials, "alpha": params.alpha,
+                                    "dnum": params.layout().dnum}
+        return out
 
     def spec(self) -> dict[str, Any]:
         return {"scheme": SCHEME, "format": SPEC_FORMAT, "model": self.name, "task": self.task,
                 "labels": self.labels, **self._public}
 
     def load_keys(self, data: bytes) -> CKKSKeys:
+        if self.plan.params.hybrid:
+            return self._load_hybrid_keys(data)
         parts = envelope.unpack(data, envelope.KIND_KEYS, self.plan_id)
         if len(parts) != 2:
             raise CiphertextError(f"evaluation keys must have 2 parts (Galois, relinearization), got {len(parts)}")
@@ -89,6 +98,17 @@ class CKKSServerModel(ServerModel):
         if self.plan.needs_relin and not probe.has_relinearization():
             raise CiphertextError("evaluation keys lack relinearization keys: create them with this server's spec")
         return CKKSKeys(probe.galois_keys, probe.relin_keys, len(data))
+
+    def _load_hybrid_keys(self, data: bytes) -> CKKSKeys:
+        """Key envelope version 2: every key the plan uses, sent for at least the levels it is used at."""
+        from medhe.he.ckks.hybrid import wire
+        from medhe.he.ckks.hybrid.keys import native_keys
+
+        layout = self.plan.params.layout()
+        found = wire.unpack_keys(data, self.plan_id, layout.alpha, wire.needed(self._public, self.backend.galois_element))
+        relin = found.pop(wire.RELIN, None)
+        keys = native_keys(self.backend.ctx, layout, found, relin if self.plan.needs_relin else None)
+        return CKKSKeys(keys, keys if keys.has_relin else None, len(data))
 
     def load_inputs(self, ciphertext: bytes) -> list[Any]:
         parts = envelope.unpack(ciphertext, envelope.KIND_INPUT, self.plan_id)

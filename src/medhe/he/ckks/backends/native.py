@@ -47,6 +47,10 @@ def _native_errors(fn):
 def native_context(seal_backend: SealBackend):
     """The runtime's context for ``seal_backend``'s chain (same primes, SEAL's parms_ids for the byte boundary)."""
     rt = _runtime
+    if seal_backend.params.hybrid:
+        from medhe.he.ckks.hybrid.keys import native_context as hybrid_context
+
+        return hybrid_context(seal_backend.params.layout())
     ctx = seal_backend.context
     key_parms = ctx.key_context_data().parms()
     primes = [m.value() for m in key_parms.coeff_modulus()]

@@ -31,8 +31,13 @@ def _context(poly_degree: int, prime_bits: tuple[int, ...]) -> seal.SEALContext:
 
 
 def seal_context(params: CKKSParams) -> seal.SEALContext:
-    """The (cached) SEAL context of ``params``, built with SEAL's own 128-bit check switched on."""
+    """The (cached) SEAL context of ``params``, built with SEAL's own 128-bit check switched on (hybrid chains:
+    the client context of ``hybrid.sealctx``, data primes + the first special prime)."""
     params.validate()
+    if params.hybrid:
+        from medhe.he.ckks.hybrid import sealctx
+
+        return sealctx.client_context(params.layout())
     return _context(params.poly_degree, tuple(params.prime_bits))
 
 

@@ -65,6 +65,10 @@ def key_bytes_as_sent(params: Any, level: int | None = None) -> int:
     """One seeded Galois/relinearization key on the wire, trimmed to ``level`` (None: whole): level + 1
     components, each a single bit-packed polynomial over primes 0..level and the special prime (the other half is
     a 64-byte seed)."""
+    if getattr(params, "hybrid", False):  # hybrid keys: whole digits over every prime (medhe.he.ckks.hybrid)
+        from medhe.he.ckks.hybrid.planner import key_bytes
+
+        return key_bytes(params, len(params.data_bits) - 1 if level is None else int(level))
     n, bits = params.poly_degree, list(params.prime_bits)
     top = len(bits) - 2
     lv = top if level is None else min(max(int(level), 0), top)
@@ -73,7 +77,7 @@ def key_bytes_as_sent(params: Any, level: int | None = None) -> int:
 
 def ciphertext_bytes_as_sent(params: Any) -> int:
     """One fresh seeded input ciphertext on the wire: a single bit-packed polynomial over the data primes."""
-    return params.poly_degree * sum(params.prime_bits[:-1]) // 8
+    return params.poly_degree * sum(params.prime_bits[:-getattr(params, "specials", 1)]) // 8
 
 
 def choose_key_paths(usage: dict[int, float], slots: int, key_bytes: dict[int, int] | int,

@@ -359,7 +359,8 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
                  *, poly_degree: int | None = None, scale_bits: int | None = None,
                  prime_bits: list[int] | None = None,
                  output_bound: float | None = None, input_bound: float = 1.0, max_key_bytes: int = KEY_BUDGET_BYTES,
-                 max_input_bytes: int = INPUT_BUDGET_BYTES, clean_output: bool = True, **unknown: Any) -> Plan:
+                 max_input_bytes: int = INPUT_BUDGET_BYTES, clean_output: bool = True,
+                 key_switching: str = "seal", **unknown: Any) -> Plan:
     """Compile a torch ``nn.Sequential`` of medhe layers into a CKKS plan for inputs of ``input_shape``.
 
     Options: ``poly_degree``/``scale_bits``/``prime_bits`` force parameters (still 128-bit checked),
@@ -367,14 +368,19 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
     (default: estimated from the activation ranges), ``input_bound`` the largest |input| (1 for medhe's
     normalisation), ``max_key_bytes`` the evaluation-key budget, ``max_input_bytes`` the encrypted-input budget
     (beyond it the first layer is not laid out by the client), ``clean_output`` (default on) a final linear layer
-    whose result holds nothing but copies of the logits in every slot (see ``_Lowering.lower_linear``).
+    whose result holds nothing but copies of the logits in every slot (see ``_Lowering.lower_linear``),
+    ``key_switching`` "seal" (SEAL's key format) or "hybrid" (few digits and several special primes, chosen by
+    ``hybrid.planner`` from predicted time and keys' size within ``max_key_bytes``; native runtime only).
     """
     if unknown:
         raise PlanError(f"unknown CKKS option(s) {', '.join(sorted(unknown))}: use poly_degree, scale_bits, "
-                        "prime_bits, max_key_bytes, max_input_bytes, output_bound, input_bound or clean_output")
+                        "prime_bits, max_key_bytes, max_input_bytes, output_bound, input_bound, clean_output or "
+                        "key_switching")
+    if key_switching not in ("seal", "hybrid"):
+        raise PlanError(f"key_switching must be 'seal' or 'hybrid', not {key_switching!r}")
     degrees = [int(poly_degree)] if poly_degree else sorted(PRESETS)
     opts = dict(poly_degree=poly_degree, scale_bits=scale_bits, prime_bits=prime_bits, max_key_bytes=max_key_bytes,
-                max_input_bytes=max_input_bytes, clean_output=clean_output)
+                max_input_bytes=max_input_bytes, clean_output=clean_output, key_switching=key_switching)
     plan = needed = None
     if _may_fit_one_ciphertext(model, tuple(input_shape), activation_ranges, max(degrees) // 2):
         graph, forms = prepare_graph(model, tuple(input_shape), activation_ranges)
@@ -401,7 +407,8 @@ def compile_plan(model: nn.Module, input_shape: tuple[int, ...], activation_rang
 
 def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, degrees: list[int], cls: Any, *,
                    poly_degree: int | None, scale_bits: int | None, prime_bits: list[int] | None,
-                   max_key_bytes: int, max_input_bytes: int, clean_output: bool) -> tuple[Plan | None, int | None]:
+                   max_key_bytes: int, max_input_bytes: int, clean_output: bool,
+                   key_switching: str = "seal") -> tuple[Plan | None, int | None]:
     """The plan on the smallest ring that fits (``cls``: the lowering, None for one ciphertext per value), or
     (None, depth needed) / (None, None) when no ring holds the values."""
     needed = None
@@ -451,6 +458,12 @@ def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, deg
             plan.node_blocks = plan_low.node_blocks
             plan.choices = plan_low.choices
         levels = key_levels_of(plan)  # with one key per step; keys are sent trimmed to these levels
+        if key_switching == "hybrid":  # same data primes, so the lowering above stands; new special primes
+            from medhe.he.ckks.hybrid.planner import choose as choose_hybrid
+
+            hybrid = choose_hybrid(params, levels, max_key_bytes)
+            params = plan.params = hybrid.params
+            plan.choices = list(plan.choices) + [hybrid.describe()]
         per_key = {int(s): key_bytes_as_sent(params, lv) for s, lv in levels["galois"].items()}
         fixed = per_key.pop(0, 0) + (key_bytes_as_sent(params, levels["relin"]) if levels["relin"] >= 0 else 0)
         plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, per_key, max_key_bytes - fixed)

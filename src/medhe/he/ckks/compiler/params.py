@@ -27,20 +27,36 @@ MIN_OUTPUT_SCALE_BITS = 20  # the output keeps >= 20 fractional bits (absolute p
 
 @dataclass(frozen=True)
 class CKKSParams:
-    """A concrete CKKS parameter set (JSON-able through :meth:`to_dict`)."""
+    """A concrete CKKS parameter set (JSON-able through :meth:`to_dict`).
+
+    ``specials``/``alpha``: SEAL's key format has one special prime and a digit per data prime (``alpha`` 0). A
+    hybrid chain (issue 29, ``medhe.he.ckks.hybrid``) ends in ``specials`` special primes and groups ``alpha``
+    data primes per key digit; its keys travel in key envelope version 2. Both fields stay out of
+    :meth:`to_dict` for SEAL's format, so those specs and plan ids are unchanged.
+    """
 
     poly_degree: int
-    prime_bits: tuple[int, ...]  # data primes, first (kept to the end) first, then the special prime last
+    prime_bits: tuple[int, ...]  # data primes, first (kept to the end) first, then the special prime(s) last
     scale_bits: int
+    specials: int = 1
+    alpha: int = 0
 
     @property
     def slots(self) -> int:
         return self.poly_degree // 2
 
     @property
+    def data_bits(self) -> tuple[int, ...]:
+        return tuple(self.prime_bits[:-self.specials])
+
+    @property
     def depth(self) -> int:
         """Rescales available: one per data prime after the first."""
-        return len(self.prime_bits) - 2
+        return len(self.prime_bits) - self.specials - 1
+
+    @property
+    def hybrid(self) -> bool:
+        return self.alpha > 0
 
     @property
     def scale(self) -> float:
@@ -49,24 +65,42 @@ class CKKSParams:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["prime_bits"] = list(self.prime_bits)
+        if not self.hybrid:
+            del d["specials"], d["alpha"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CKKSParams":
         try:
-            params = cls(int(d["poly_degree"]), tuple(int(b) for b in d["prime_bits"]), int(d["scale_bits"]))
+            params = cls(int(d["poly_degree"]), tuple(int(b) for b in d["prime_bits"]), int(d["scale_bits"]),
+                         int(d.get("specials", 1)), int(d.get("alpha", 0)))
         except (KeyError, TypeError, ValueError):
             raise PlanError("the CKKS spec has no valid 'params' (poly_degree, prime_bits, scale_bits); "
                             "fetch the spec again from the server") from None
         params.validate()
         return params
 
+    def layout(self):
+        """The hybrid key-switching layout of this chain (``HybridLayout``, checked); hybrid chains only."""
+        from medhe.he.ckks.hybrid.layout import HybridLayout
+
+        if not self.hybrid:
+            raise PlanError("this chain uses SEAL's key format, not hybrid keys")
+        primes = coeff_modulus(self.poly_degree, tuple(self.prime_bits))
+        k = self.specials
+        return HybridLayout(self.poly_degree, primes[:-k], primes[-k:], self.alpha).check()
+
     def validate(self) -> None:
-        check_rlwe_128(self.poly_degree, self.prime_bits)
+        check_rlwe_128(self.poly_degree, self.prime_bits)  # every prime, the special ones included
+        if not 1 <= self.specials < len(self.prime_bits) - 1 or (self.specials != 1 and not self.hybrid):
+            raise PlanError(f"a CKKS chain has 1 special prime (SEAL's keys) or several with hybrid keys (alpha "
+                            f"> 0), and at least two data primes; got {self.specials} of {len(self.prime_bits)}")
         if len(self.prime_bits) < 3:
             raise PlanError(f"a CKKS chain needs at least 3 primes (first, one level, special), got {self.prime_bits}")
         if any(b > 60 or b < 20 for b in self.prime_bits):
             raise PlanError(f"CKKS primes must have 20 to 60 bits, got {list(self.prime_bits)}")
+        if self.hybrid:
+            self.layout()  # special primes covering each digit, distinct primes
 
 
 def max_depth(poly_degree: int, headroom_bits: int = MIN_HEADROOM_BITS) -> int:
@@ -220,6 +254,6 @@ def coeff_modulus(poly_degree: int, prime_bits: tuple[int, ...]) -> tuple[int, .
 
 
 def data_primes(params: CKKSParams) -> list[int]:
-    """The data primes' values, first prime first (the special prime excluded)."""
+    """The data primes' values, first prime first (the special prime(s) excluded)."""
     params.validate()
-    return list(coeff_modulus(params.poly_degree, tuple(params.prime_bits))[:-1])
+    return list(coeff_modulus(params.poly_degree, tuple(params.prime_bits))[:-params.specials])

@@ -209,6 +209,10 @@ class Plan:
             pub["input"]["blocks"] = int(self.input_ciphertexts)
         if self.output_bound is not None:
             pub["output"]["bound"] = float(self.output_bound)
+        if self.params.hybrid:  # announced, so a client that only makes SEAL's keys stops before keygen
+            pub["key_envelope"] = {"version": 2, "format": "hybrid", "special_primes": self.params.specials,
+                                   "alpha": self.params.alpha,
+                                   "dnum": -(-(len(self.params.prime_bits) - self.params.specials) // self.params.alpha)}
         pub["plan_id"] = hashlib.sha256(json.dumps(pub, sort_keys=True).encode()).hexdigest()[:32]
         return pub
 

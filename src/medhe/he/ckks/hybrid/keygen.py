@@ -101,21 +101,35 @@ class HybridKeyGenerator:
         return out
 
     # -- keys
-    def switch_key(self, target: np.ndarray) -> list[bytes]:
-        """One key: per digit, SEAL's seeded serialization of SEAL's symmetric encryption of P g_j s'."""
+    def switch_key(self, target: np.ndarray, digits: int | None = None) -> list[bytes]:
+        """One key: per digit, SEAL's seeded serialization of SEAL's symmetric encryption of P g_j s' (the first
+        ``digits`` only: a key used low in the chain needs no more)."""
         out = []
-        for j in range(self.layout.dnum):
+        for j in range(self.layout.dnum if digits is None else min(int(digits), self.layout.dnum)):
             raw = sealctx.plain_bytes(self._first_pid, self.gadget_target(target, j), *self._version)
             plain = self.key_context.from_plain_str(raw)
             ct = self._encryptor.encrypt_symmetric(plain)
             out.append(self._seeder.seed_ciphertext(ct, private=True))
         return out
 
-    def galois_key(self, element: int) -> list[bytes]:
-        return self.switch_key(self.rotated_secret(int(element)))
+    def galois_key(self, element: int, digits: int | None = None) -> list[bytes]:
+        return self.switch_key(self.rotated_secret(int(element)), digits)
 
-    def relin_key(self) -> list[bytes]:
-        return self.switch_key(self.squared_secret())
+    def relin_key(self, digits: int | None = None) -> list[bytes]:
+        return self.switch_key(self.squared_secret(), digits)
+
+    def evaluation_keys(self, plan_id: str, need: dict[int, int]) -> bytes:
+        """Key envelope version 2 for ``need`` (Galois element, 0 for relinearization -> highest level used):
+        each key with the digits its level reads, seeded and bit-packed. Fresh seeds and errors on every call."""
+        from medhe.he.ckks.hybrid import wire
+        from medhe.he.ckks.hybrid.planner import digits_at
+
+        keys = []
+        for element, level in sorted(need.items()):
+            digits = digits_at(level, self.layout.alpha)
+            raw = self.relin_key(digits) if element == wire.RELIN else self.galois_key(element, digits)
+            keys.append((element, level, self.compact_key(raw)))
+        return wire.pack_keys(plan_id, keys)
 
     def compact_key(self, digits: list[bytes]) -> list[bytes]:
         """The wire form of one key's digits: medhe's compact, CRC-checked frames (seeded, bit-packed)."""

@@ -8,6 +8,7 @@ prime again). The server never holds a secret: everything here is built from the
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -34,33 +35,38 @@ def native_context(layout: HybridLayout):
 
 
 def key_residues(frames: list[bytes], layout: HybridLayout, what: str) -> np.ndarray:
-    """One key's digit frames -> (dnum, 2, L + k, n) residues (NTT form); ``CiphertextError`` if malformed."""
-    if len(frames) != layout.dnum:
+    """One key's digit frames -> (digits, 2, L + k, n) residues (NTT form); ``CiphertextError`` if malformed.
+
+    A key may carry fewer digits than the chain has (those its highest level reads; see ``wire``).
+    """
+    if not 1 <= len(frames) <= layout.dnum:
         raise CiphertextError(f"{what} has {len(frames)} digits where this model's chain has {layout.dnum}: "
                               "create the keys with this server's spec")
     context = sealctx.key_context(layout)
     limbs, n = len(layout.primes), layout.poly_degree
-    out = np.empty((layout.dnum, 2, limbs, n), dtype=np.uint64)
+    out = np.empty((len(frames), 2, limbs, n), dtype=np.uint64)
     for j, frame in enumerate(frames):
         ct = serialize.load_ciphertext(frame, context)
-        if ct.coeff_modulus_size() != limbs:
+        if ct.coeff_modulus_size() != limbs or ct.size() != 2:
             raise CiphertextError(f"{what} holds a digit at the wrong level: create the keys with this server's spec")
         out[j] = sealctx.cipher_residues(ct.to_string(), limbs, n)
     return out
 
 
-def native_keys(native_ctx, layout: HybridLayout, galois: dict[int, list[bytes]], relin: list[bytes] | None):
-    """The runtime's key set (``_runtime.Keys``) from frames: Galois element -> digits, and relin digits or None.
+def native_keys(native_ctx, layout: HybridLayout, galois: dict[int, Any], relin: Any | None):
+    """The runtime's key set (``_runtime.Keys``) from frames: Galois element -> digit frames (or (level, frames)),
+    and the relinearization key's the same way, or None.
 
     Keys are read one at a time, so the peak is the key set plus one key's residues.
     """
     keys = native_ctx.hybrid_keys({}, None, layout.alpha)
+    items = [(int(e), f"the Galois key for element {e}", v) for e, v in galois.items()]
+    if relin is not None:
+        items.append((0, "the relinearization key", relin))
     try:
-        for elt, frames in galois.items():
-            native_ctx.add_hybrid_key(keys, int(elt), key_residues(frames, layout, f"the Galois key for element {elt}"),
-                                      layout.alpha)
-        if relin is not None:
-            native_ctx.add_hybrid_key(keys, 0, key_residues(relin, layout, "the relinearization key"), layout.alpha)
+        for elt, what, value in items:
+            level, frames = value if isinstance(value, tuple) else (-1, value)
+            native_ctx.add_hybrid_key(keys, elt, key_residues(frames, layout, what), layout.alpha, int(level))
     except ValueError as exc:
         if isinstance(exc, CiphertextError):
             raise

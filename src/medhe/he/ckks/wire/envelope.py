@@ -15,10 +15,15 @@ from medhe.he.framing import Framing
 
 MAGIC = b"MHCK"
 VERSION = 1
+#: key envelope versions: 1 = SEAL's GaloisKeys + RelinKeys; 2 = hybrid keys (``medhe.he.ckks.hybrid.wire``),
+#: announced by a hybrid plan's spec as ``key_envelope.version``
+KEY_ENVELOPE_SEAL, KEY_ENVELOPE_HYBRID = 1, 2
 KIND_INPUT, KIND_KEYS, KIND_OUTPUT = 1, 2, 3
 KIND_NAMES = {KIND_INPUT: "encrypted input", KIND_KEYS: "evaluation keys", KIND_OUTPUT: "encrypted result"}
 _HEADER = struct.Struct("<4sBB16sH")
 FRAMING = Framing("CKKS", MAGIC, VERSION, KIND_NAMES)
+_FRAMINGS = {VERSION: FRAMING, KEY_ENVELOPE_HYBRID: Framing("CKKS", MAGIC, KEY_ENVELOPE_HYBRID, KIND_NAMES)}
+_KEY_FORMATS = {KEY_ENVELOPE_SEAL: "SEAL's key format", KEY_ENVELOPE_HYBRID: "hybrid keys"}
 _LEN = struct.Struct("<I")
 
 
@@ -26,18 +31,29 @@ def plan_id_bytes(plan_id: str) -> bytes:
     return bytes.fromhex(plan_id)[:16].ljust(16, b"\0")
 
 
-def pack(kind: int, plan_id: str, parts: list[bytes]) -> bytes:
-    out = [_HEADER.pack(MAGIC, VERSION, kind, plan_id_bytes(plan_id), len(parts))]
+def pack(kind: int, plan_id: str, parts: list[bytes], version: int = VERSION) -> bytes:
+    out = [_HEADER.pack(MAGIC, version, kind, plan_id_bytes(plan_id), len(parts))]
     for part in parts:
         out.append(_LEN.pack(len(part)))
         out.append(part)
     return b"".join(out)
 
 
-def unpack(data: bytes, kind: int, plan_id: str) -> list[bytes]:
-    """The parts of a message; ``CiphertextError`` naming the problem when it is not what this plan expects."""
-    what = FRAMING.what(kind)
-    view, (_magic, _version, _kind, pid, count) = FRAMING.open(data, kind, _HEADER)
+def unpack(data: bytes, kind: int, plan_id: str, version: int = VERSION) -> list[bytes]:
+    """The parts of a message; ``CiphertextError`` naming the problem when it is not what this plan expects.
+
+    ``version``: what this plan expects (keys: the key envelope version its spec announces).
+    """
+    framing = _FRAMINGS[version]
+    what = framing.what(kind)
+    if kind == KIND_KEYS and isinstance(data, (bytes, bytearray, memoryview)) and len(data) >= 6 \
+            and bytes(data[:4]) == MAGIC and data[4] != version:
+        got = data[4]
+        raise CiphertextError(f"evaluation keys use key envelope version {got} "
+                              f"({_KEY_FORMATS.get(got, 'unknown to this medhe')}), but this model's spec announces "
+                              f"key envelope version {version} ({_KEY_FORMATS[version]}): create the keys with a "
+                              f"medhe client that speaks version {version} (the spec's 'key_envelope')")
+    view, (_magic, _version, _kind, pid, count) = framing.open(data, kind, _HEADER)
     FRAMING.check_binding(kind, pid, plan_id_bytes(plan_id), "another model or parameter set",
                           "fetch this server's spec, then create keys and encrypt again")
     data = bytes(view)

@@ -67,22 +67,26 @@ Ciphertext ciphertext_from(const NativeContext& c, U64Array arr, int level, doub
     return ct;
 }
 
-// A hybrid key from a (digits, 2, L + k, n) array of residues (NTT form), each checked against its prime.
-SwitchKey hybrid_key_from(const NativeContext& c, U64Array arr, std::size_t alpha) {
+// A hybrid key from a (digits, 2, L + k, n) array of residues (NTT form), each checked against its prime. A key
+// used only up to some level may carry just the first digits (those that level reads): it then serves up to
+// min(max_level, digits * alpha - 1).
+SwitchKey hybrid_key_from(const NativeContext& c, U64Array arr, std::size_t alpha, int max_level = -1) {
     const Context& ctx = *c.ctx;
     const std::size_t limbs = ctx.primes.size(), n = ctx.n;
-    const std::size_t digits = (ctx.data_count + alpha - 1) / (alpha ? alpha : 1);
     if (alpha == 0 || alpha > ctx.data_count) throw InputError("hybrid keys need 1 to L data primes per digit");
-    if (arr.ndim() != 4 || std::size_t(arr.shape(0)) != digits || arr.shape(1) != 2 ||
+    const std::size_t full = (ctx.data_count + alpha - 1) / alpha;
+    const std::size_t digits = arr.ndim() == 4 ? std::size_t(arr.shape(0)) : 0;
+    if (arr.ndim() != 4 || digits < 1 || digits > full || arr.shape(1) != 2 ||
         std::size_t(arr.shape(2)) != limbs || std::size_t(arr.shape(3)) != n)
-        throw InputError("hybrid key has the wrong shape: expected (" + std::to_string(digits) + ", 2, " +
+        throw InputError("hybrid key has the wrong shape: expected (1 to " + std::to_string(full) + ", 2, " +
                          std::to_string(limbs) + ", " + std::to_string(n) + ")");
     SwitchKey key;
     key.digits = digits;
     key.key_limbs = limbs;
     key.n = n;
     key.alpha = alpha;
-    key.max_level = int(ctx.data_count) - 1;
+    key.max_level = int(std::min(ctx.data_count, digits * alpha)) - 1;
+    if (max_level >= 0) key.max_level = std::min(key.max_level, max_level);
     key.data.resize(digits * 2 * limbs * n);
     const uint64_t* src = arr.data();
     u64* dst = key.data.data();
@@ -224,8 +228,8 @@ PYBIND11_MODULE(_runtime, m) {
         }, py::arg("galois"), py::arg("relin"), py::arg("alpha"),
            "hybrid evaluation keys: Galois element -> (digits, 2, L + k, n) residues, relin the same or None")
         .def("add_hybrid_key", [](const NativeContext& c, KeySet& keys, uint32_t element, U64Array arr,
-                                  std::size_t alpha) {
-            SwitchKey key = hybrid_key_from(c, arr, alpha);
+                                  std::size_t alpha, int max_level) {
+            SwitchKey key = hybrid_key_from(c, arr, alpha, max_level);
             for (const auto& kv : keys.galois)
                 if (kv.second.alpha != alpha) throw InputError("keys of mixed formats");
             if (keys.relin && keys.relin->alpha != alpha) throw InputError("keys of mixed formats");
@@ -235,8 +239,9 @@ PYBIND11_MODULE(_runtime, m) {
                 if (!(element & 1) || element >= 2 * c.ctx->n) throw InputError("invalid Galois element");
                 keys.galois[element] = std::move(key);
             }
-        }, py::arg("keys"), py::arg("element"), py::arg("residues"), py::arg("alpha"),
-           "add one hybrid key to a key set, one at a time (element 0: the relinearization key)")
+        }, py::arg("keys"), py::arg("element"), py::arg("residues"), py::arg("alpha"), py::arg("max_level") = -1,
+           "add one hybrid key to a key set, one at a time (element 0: the relinearization key); a key of fewer "
+           "digits serves the levels they cover")
         .def("seal_keys_as_hybrid", [](const NativeContext& c, const KeySet& k) {
             // SEAL's keys are hybrid keys with one prime per digit and one special prime (tests: same bytes)
             if (c.ctx->special_count != 1) throw InputError("SEAL's keys have one special prime");

@@ -1,0 +1,92 @@
+"""Hybrid keys end to end (issue 29, step 3): the planner's choice, key envelope version 2, client and server.
+
+pneumoniamnist compiled with ``key_switching="hybrid"`` on the native runtime: the spec announces key envelope
+version 2 and the layout, the client makes hybrid keys (SEAL's samplers), the server loads them and evaluates
+real test images; the logits agree with the SEAL-key plan's. A client of version 1 (SEAL's key format) gets one
+line naming both versions; keys missing or sent for too few levels are refused; the 128-bit check counts every
+special prime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medhe.errors import CiphertextError, PlanError, SecurityError
+from medhe.he.ckks.compiler.params import CKKSParams
+
+pytest.importorskip("medhe.he.ckks._runtime", reason="native runtime not built")
+from medhe.he.ckks.client import CKKSClient  # noqa: E402
+from medhe.he.ckks.server import compile_ckks  # noqa: E402
+from medhe.he.ckks.wire import envelope  # noqa: E402
+from medhe.he.evaluate import run_encrypted  # noqa: E402
+from medhe.models.artifact import load_artifact  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models():
+    art = load_artifact("pneumoniamnist")
+    return art, compile_ckks(art, backend="native"), compile_ckks(art, backend="native", key_switching="hybrid")
+
+
+def _images(art, count: int) -> np.ndarray:
+    from medhe.he.ckks.server import input_shape_of
+
+    rng = np.random.default_rng(5)  # inputs in medhe's normalised range
+    return rng.uniform(-1, 1, (count,) + tuple(input_shape_of(art))).astype(np.float32)
+
+
+def test_the_spec_announces_key_envelope_2_and_the_chain_counts_special_primes(models):
+    _, _, hybrid = models
+    spec = hybrid.spec()
+    params = hybrid.plan.params
+    assert params.hybrid and spec["key_envelope"]["version"] == 2
+    assert spec["key_envelope"]["dnum"] == params.layout().dnum
+    assert any("key switching: hybrid" in c for c in hybrid.plan.choices)
+    assert hybrid.report_params()["security_bits"] >= 128
+    with pytest.raises(SecurityError, match="below 128-bit"):  # 173 data bits + 2 x 30 special bits > 218
+        CKKSParams(8192, (38, 27, 27, 27, 27, 27, 30, 30), 27, 2, 3).validate()
+    with pytest.raises(PlanError):
+        CKKSParams(8192, (38, 27, 27, 27, 27, 27, 40), 27, 2, 0).validate()
+
+
+def test_hybrid_plan_agrees_with_the_seal_key_plan(models):
+    art, seal_plan, hybrid = models
+    x = _images(art, 2)
+    with torch.no_grad():
+        plain = art.model(torch.from_numpy(x)).numpy()
+    ours = run_encrypted(hybrid, x, progress=False)
+    ref = run_encrypted(seal_plan, x, progress=False)
+    err, ref_err = np.abs(ours["logits"] - plain).max(), np.abs(ref["logits"] - plain).max()
+    print(f"\nmax |logit error| hybrid {err:.2e}, SEAL keys {ref_err:.2e}; keys as sent hybrid "
+          f"{ours['keys']['evaluation_keys'] / 1e6:.1f} MB, SEAL {ref['keys']['evaluation_keys'] / 1e6:.1f} MB")
+    assert err < 2 * ref_err + 1e-3
+    assert (ours["logits"].argmax(1) == plain.argmax(1)).all()
+
+
+def test_a_version_1_client_and_bad_keys_get_one_line(models):
+    _, seal_plan, hybrid = models
+    old_spec = {**hybrid.spec()}
+    old_spec.pop("key_envelope")
+    with pytest.raises(PlanError, match="key envelope version 1"):
+        CKKSClient(old_spec)  # this medhe refuses to make SEAL keys for a hybrid chain
+    v1 = envelope.pack(envelope.KIND_KEYS, hybrid.plan_id, [b"", b""])  # what a version-1 client sends
+    with pytest.raises(CiphertextError, match="key envelope version 1 .* announces key envelope version 2"):
+        hybrid.load_keys(v1)
+    client = CKKSClient(hybrid.spec())
+    client.keygen()
+    from medhe.he.ckks.hybrid import wire
+
+    need = wire.needed(hybrid.spec(), client.backend.galois_element)
+    short = dict(need)
+    short.pop(next(iter(short)))
+    with pytest.raises(CiphertextError, match="lack"):
+        hybrid.load_keys(client._hybrid.evaluation_keys(hybrid.plan_id, short))
+    element, level = max(need.items(), key=lambda kv: kv[1])
+    if level > 0:
+        low = {**need, element: 0}
+        with pytest.raises(CiphertextError, match="was sent for levels up to 0"):
+            hybrid.load_keys(client._hybrid.evaluation_keys(hybrid.plan_id, low))
+    with pytest.raises(CiphertextError):
+        seal_plan.load_keys(client.evaluation_keys())  # version 2 to a SEAL-key plan
