@@ -469,6 +469,11 @@ def _compile_rings(graph: Graph, forms: dict[int, PolyForm], max_abs: float, deg
         plan.key_paths = choose_key_paths(plan.rotation_usage(), slots, per_key, max_key_bytes - fixed)
         plan.output_bound = float(max_abs)
         plan.key_levels = key_levels_of(plan)  # once, with the final key paths
+        if key_switching == "hybrid":  # the planner priced one key per step; say what is sent after the key paths
+            final = sum(key_bytes_as_sent(params, lv) for lv in plan.key_levels["galois"].values())
+            final += key_bytes_as_sent(params, plan.key_levels["relin"]) if plan.key_levels["relin"] >= 0 else 0
+            plan.choices[-1] += (f"; {len(plan.rotation_steps)} rotation keys, {final / 1e6:.1f} MB as sent "
+                                 f"(one key per step: {hybrid.key_bytes / 1e6:.1f} MB)")
         if cls is None:
             return plan, needed
         # Multi-block plans: every ring deep enough is a candidate; the cheapest predicted one wins.

@@ -38,9 +38,8 @@ class Choice:
     def describe(self) -> str:
         p = self.params
         return (f"key switching: hybrid, {p.specials} special primes of {p.prime_bits[-1]} bits, "
-                f"{math.ceil(len(p.data_bits) / p.alpha)} digits of {p.alpha} primes; keys "
-                f"{self.key_bytes / 1e6:.1f} MB as sent, predicted switch work {self.cost / self.seal_cost:.2f}x "
-                "SEAL's keys")
+                f"{math.ceil(len(p.data_bits) / p.alpha)} digits of {p.alpha} primes, predicted switch work "
+                f"{self.cost / self.seal_cost:.2f}x SEAL's keys")
 
 
 def digits_at(level: int, alpha: int) -> int:
