@@ -362,6 +362,8 @@ def test_keygen_compile_options_are_recorded_and_reused_by_encrypt_model(tmp_pat
 def test_cli_errors_are_one_line(tmp_path, keys_a, encdir, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
+    scan = tmp_path / "scan.png"  # a real test image: predict reads its images before it looks at the key folder
+    Image.fromarray(load_dataset("pneumoniamnist", split="test", size=28).images[0]).save(scan)
     cases = [
         (["keygen", "--model", "pneumoniamnist", "--out", str(tmp_path / "full")], "not empty"),
         (["keygen", "--model", "no-such-model", "--out", str(tmp_path / "k")], "no-such-model"),
@@ -378,7 +380,7 @@ def test_cli_errors_are_one_line(tmp_path, keys_a, encdir, capsys):
           "--keys", str(keys_a.path), "--limit", "1"], "does not exist"),
         (["serve", "--port", str(free_port())], "nothing to serve"),
         (["serve", "--encrypted-model", str(tmp_path / "none"), "--port", str(free_port())], "card.json"),
-        (["predict", "--server", "http://127.0.0.1:9", "--keys", str(tmp_path / "nokeys"), "x.png"], "medhe keygen"),
+        (["predict", "--server", "http://127.0.0.1:9", "--keys", str(tmp_path / "nokeys"), str(scan)], "medhe keygen"),
     ]
     for args, words in cases:
         assert medhe_main(args) == 2, args
