@@ -134,12 +134,24 @@ def test_native_without_hoisting_is_seal_byte_for_byte_on_multi_block_maps(shall
     assert nat_srv.backend.serialize(out_exact) == seal_srv.backend.serialize(out_seal)
 
 
-@pytest.mark.slow  # N=16384 keys: ~35 s with native, ~1 min with SEAL
-@pytest.mark.parametrize("backend", ["native", "seal"])
-def test_conv_pool_se_and_head_across_blocks_run_encrypted(backend):
+@pytest.fixture(scope="module")
+def latent_keys():
+    """The N=16384 plan and one client key draw, shared by both backends' runs (keygen is most of their cost)."""
     model = latent_64()
     plan = compile_plan(model, (1, 64, 64))
-    srv, client, keys = _session(plan, backend)
+    client = CKKSClient(json.loads(json.dumps(CKKSServerModel(plan, backend="seal").spec())))
+    client.keygen()
+    client.key_bytes = client.evaluation_keys()
+    return model, plan, client
+
+
+@pytest.mark.slow  # N=16384 keys: ~35 s with native, ~1 min with SEAL
+@pytest.mark.parametrize("backend", ["native", "seal"])
+def test_conv_pool_se_and_head_across_blocks_run_encrypted(latent_keys, backend):
+    model, plan, client = latent_keys
+    srv = CKKSServerModel(plan, backend=backend)
+    assert srv.backend.name == backend
+    keys = srv.load_keys(client.key_bytes)
     x = _x(3)
     want = model(torch.tensor(x)[None]).detach().double().numpy()[0]
     assert np.abs(client.decrypt(srv.infer(keys, client.encrypt(x))) - want).max() <= 1e-2
