@@ -30,6 +30,8 @@ from medhe.data.images import MAX_PIXELS
 from medhe.errors import DataError
 from medhe.service.launch import ServerProcess
 
+from dicom_files import write_dicom  # noqa: E402  (tests/, on pytest's path)
+
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medhe", *args], capture_output=True, text=True, timeout=timeout)
@@ -55,29 +57,6 @@ def huge_png(path: Path, width: int, height: int) -> Path:
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts))
                      + chunk(b"IEND", b""))
-    return path
-
-
-def write_dicom(path: Path, pixels: np.ndarray, bits: int, **extra) -> Path:
-    """A real DICOM file (pydicom) of grey ``pixels`` stored in ``bits`` bits, without window tags unless given."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    allocated = 8 if bits <= 8 else 16
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits, bits - 1, 0
-    for key, value in extra.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint8 if allocated == 8 else np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
     return path
 
 

@@ -28,6 +28,8 @@ from medhe.service.errors import ServiceError
 from medhe.service.launch import ServerProcess
 from medhe.service.loadtest import run_load_test
 
+from dicom_files import write_dicom  # noqa: E402  (tests/, on pytest's path)
+
 pytestmark = pytest.mark.slow  # starts a server process and runs real CKKS (CI runs it)
 
 TOKEN = "test-token-7c1f"
@@ -156,32 +158,13 @@ def test_paillier_model_with_client_stage(client, data_dir):
     assert client.session("covid-cxr").stage is not None
 
 
-def _write_dicom(path, pixels):
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_cli_predict_png_jpeg_dicom(server, images, tmp_path, capsys, monkeypatch):
     paths = []
     for i, fmt in enumerate(["png", "jpg", "dcm"]):
         path = tmp_path / f"scan{i}.{fmt}"
         big = np.asarray(Image.fromarray(images[i + 6]).resize((64, 64), Image.Resampling.BICUBIC))
         if fmt == "dcm":
-            _write_dicom(path, big)
+            write_dicom(path, big.astype(np.uint16) * 16, bits=12)
         else:
             Image.fromarray(big).save(path)
         paths.append(str(path))
