@@ -24,7 +24,8 @@ from medhe.data import load_dataset, read_image
 from medhe.service.launch import ServerProcess, free_port
 
 # The SDK's own security test already holds an exact detector for the serialized secret key; reuse it.
-from test_service import CapturingTransport, SecretIndex, _write_dicom, plain_labels, secret_key_material
+from dicom_files import write_dicom
+from test_service import CapturingTransport, SecretIndex, plain_labels, secret_key_material
 
 pytestmark = pytest.mark.slow  # a server, a browser and real CKKS (CI runs it)
 
@@ -113,7 +114,7 @@ def scans(tmp_path_factory, data_dir):
     big = [np.asarray(Image.fromarray(images[i]).resize((96, 96), Image.Resampling.BICUBIC)) for i in (0, 3)]
     png = folder / "chest-0001.png"
     Image.fromarray(big[0]).save(png)
-    dcm = _write_dicom(folder / "chest-0002.dcm", big[1])
+    dcm = write_dicom(folder / "chest-0002.dcm", big[1].astype(np.uint16) * 16, bits=12)
     small = folder / "thumbnail.png"
     Image.fromarray(images[5][4:24, 4:24]).save(small)
     text = folder / "notes.txt"
