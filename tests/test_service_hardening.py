@@ -22,6 +22,7 @@ import pytest
 from medhe.service import protocol
 from medhe.service.client import Client
 from medhe.service.launch import ServerProcess
+from polling import wait_until  # noqa: E402  (tests/, on pytest's path)
 
 pytestmark = pytest.mark.slow  # starts server processes (CI runs it)
 
@@ -134,16 +135,6 @@ def paillier_key_message(bits: int) -> bytes:
 
     n = secrets.randbits(bits) | (1 << (bits - 1)) | 1
     return wire.dumps(wire.Message(wire.KIND_PUBLIC_KEY, wire.fingerprint(n), [n]), (bits + 7) // 8)
-
-
-def wait_until(predicate, timeout: float = 20.0, step: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 # -- one shared server for the tests that do not kill it --------------------------------------------------------

@@ -25,6 +25,7 @@ from medhe.errors import MedheError
 from medhe.service import protocol
 from medhe.service.client import Client
 from medhe.service.launch import ServerProcess, descendants
+from polling import wait_until  # noqa: E402  (tests/, on pytest's path)
 
 pytestmark = pytest.mark.slow  # starts server processes (CI runs it)
 
@@ -109,16 +110,6 @@ def ready(server) -> dict:
 
 def spooled(root: Path) -> list[Path]:
     return [p for p in root.glob("medhe-spool-*/*") if p.name != ".lock"]
-
-
-def wait_until(predicate, timeout: float = 20.0, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def sdk(server, source: str) -> Client:
