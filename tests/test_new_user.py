@@ -112,7 +112,7 @@ def test_bench_json_goes_to_the_file_only(tmp_path, capsys):
 
 
 def test_numbers_print_cleanly():
-    from medhe.cli._format import ms
+    from medhe.textformat import ms
     from medhe.cli.train import label_list
 
     assert [ms(v) for v in (0.7123, 31.456, 1234.5678, None)] == ["0.71", "31.5", "1235", "-"]

@@ -28,7 +28,7 @@ def test_registry_lists_every_scheme_package():
 
 @pytest.fixture(scope="module", params=SCHEMES)
 def compiled(request, data_dir):
-    from medhe.cli.evaluate import load_eval_data
+    from medhe.data.evalsplit import load_eval_data
     from medhe.models.artifact import load_artifact
     from medhe.models.predict import model_inputs
 

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from medhe import atomic
-from medhe.cli._format import ms
+from medhe.textformat import ms
 from medhe.cli._paths import input_dir, output_file
 from medhe.errors import MedheError
 from medhe.he.scheme import SCHEMES, default_model

@@ -37,7 +37,7 @@ def calibrate(model: str, coverage: float = 0.9, split: str = "val", data_dir: s
               write: bool = True) -> dict[str, Any]:
     """Fit the calibration record of ``model`` on ``split`` (val only) and, with ``write``, store it in card.json."""
     from medhe import atomic
-    from medhe.cli.evaluate import load_eval_data
+    from medhe.data.evalsplit import load_eval_data
     from medhe.models.artifact import CARD, load_artifact
     from medhe.models.calibration import fit_calibration
     from medhe.models.predict import model_inputs, predict_logits

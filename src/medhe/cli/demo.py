@@ -10,7 +10,7 @@ import argparse
 
 import numpy as np
 
-from medhe.cli._format import human_bytes, table
+from medhe.textformat import human_bytes, table
 from medhe.errors import MedheError
 from medhe.he.scheme import SCHEMES, default_model
 
@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medhe.cli.evaluate import evaluate, load_eval_data, print_report
+    from medhe.cli.evaluate import evaluate, print_report
+    from medhe.data.evalsplit import load_eval_data
     from medhe.he.evaluate import agreement, run_encrypted
     from medhe.he.scheme import compile_model
     from medhe.models.artifact import load_artifact

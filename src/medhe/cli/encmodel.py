@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from medhe.cli._format import human_bytes
+from medhe.textformat import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:

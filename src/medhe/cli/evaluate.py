@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from medhe import atomic
-from medhe.cli._format import human_bytes, ms, table
+from medhe.textformat import human_bytes, ms, table
 from medhe.errors import DataError, MedheError
+from medhe.data.evalsplit import load_eval_data
 from medhe.he.scheme import SCHEMES
 
 SCHEME_CHOICES = ("plain", *SCHEMES)
@@ -56,35 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="models with a calibration record (medhe calibrate): coverage of the conformal prediction "
                         "sets measured in the report's calibration block (default: the record's, 0.9)")
     p.set_defaults(handler=run)
-
-
-def load_eval_data(artifact: Any, dataset: str | None, split: str, limit: int | None,
-                   data_dir: str | None, sample: int | None = None) -> tuple[str, Any]:
-    """The dataset split to evaluate, checked against the model's label layout."""
-    from medhe.data import dataset_info, load_dataset
-
-    card_ds = artifact.card.get("dataset") or {}
-    name = dataset or card_ds.get("name") or card_ds.get("path")
-    if not name:
-        raise DataError(f"model {artifact.name!r} records no dataset: pass --dataset FLAG|FOLDER")
-    info = dataset_info(name, data_dir=data_dir)
-    size = card_ds.get("size") if info.get("kind") == "medmnist" else None
-    ds = load_dataset(name, split=split, size=size, data_dir=data_dir)
-    if [str(n).lower() for n in ds.label_names] != [str(n).lower() for n in artifact.labels]:
-        raise DataError(f"dataset {name!r} has labels {ds.label_names} but model {artifact.name!r} predicts "
-                        f"{artifact.labels}: evaluate on a dataset with the model's label layout")
-    if limit is not None:
-        if limit < 1:
-            raise DataError("--limit must be at least 1")
-        ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
-        ds.paths = None if ds.paths is None else ds.paths[:limit]
-    if sample is not None:
-        if sample < 1:
-            raise DataError("--sample must be at least 1")
-        keep = np.unique(np.linspace(0, len(ds.labels) - 1, min(sample, len(ds.labels))).round().astype(int))
-        ds.images, ds.labels = ds.images[keep], ds.labels[keep]
-        ds.paths = None if ds.paths is None else [ds.paths[i] for i in keep]
-    return str(name), ds
 
 
 def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, split: str = "test",

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from medhe.cli._format import table
+from medhe.textformat import table
 
 
 def _p4_args(p: argparse.ArgumentParser) -> None:

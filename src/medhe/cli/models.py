@@ -75,7 +75,7 @@ def _data_line(data: Any) -> str:
 
 
 def render_list(records: list[dict[str, Any]]) -> str:
-    from medhe.cli._format import table
+    from medhe.textformat import table
 
     rows = [[r["name"], r["version"], r["task"], r["default_scheme"], _data_line(r["training_data"]), r["license"],
              r["created"], str(r["code_revision"])[:12]] for r in records]

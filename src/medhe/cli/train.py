@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from medhe.cli._format import table
+from medhe.textformat import table
 from medhe.errors import MedheError
 
 

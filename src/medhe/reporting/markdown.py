@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medhe import atomic
-from medhe.cli._format import human_bytes, ms
+from medhe.textformat import human_bytes, ms
 from medhe.errors import DataError
 from medhe.reporting import plots
 from medhe.reporting.clinical import clinical_lines

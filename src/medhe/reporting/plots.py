@@ -163,7 +163,7 @@ def sizes(report: dict[str, Any], path: Path) -> Path | None:
     items = [(k.replace("_", " "), v) for k, v in (report.get("bytes") or {}).items() if isinstance(v, (int, float))]
     if not items:
         return None
-    from medhe.cli._format import human_bytes
+    from medhe.textformat import human_bytes
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 0.6 + 0.6 * len(items)))

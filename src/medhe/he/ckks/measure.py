@@ -64,7 +64,7 @@ def measure(server: CKKSServerModel, images: np.ndarray, reference_logits: np.nd
 
 def run_measurement(model: str, n_images: int, data_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
     """``medhe bench --scheme ckks --engine-only``: compile ``model`` and measure it on its first test images."""
-    from medhe.cli.evaluate import load_eval_data
+    from medhe.data.evalsplit import load_eval_data
     from medhe.he.scheme import compile_model
     from medhe.models.artifact import load_artifact
     from medhe.models.predict import model_inputs, predict_logits

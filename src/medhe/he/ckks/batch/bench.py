@@ -24,7 +24,7 @@ def _median(xs: list[float]) -> float:
 def run_batch_benchmark(model: str = "pneumoniamnist", data_dir: str | os.PathLike | None = None,
                         repeats: int = 3, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
     """One full batch (``batch_size`` images: the test split repeated to fill it) through batch mode."""
-    from medhe.cli.evaluate import load_eval_data
+    from medhe.data.evalsplit import load_eval_data
     from medhe.he.ckks.batch.client import CKKSBatchClient
     from medhe.he.ckks.batch.evaluate import security
     from medhe.he.ckks.batch.server import compile_ckks_batch

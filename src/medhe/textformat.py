@@ -1,4 +1,5 @@
-"""Plain-text tables and summaries for terminal output (no extra dependency)."""
+"""Plain-text tables, latencies and byte counts as people read them; used by the CLI and the reports, so it sits
+below both (no extra dependency)."""
 
 from __future__ import annotations
 
