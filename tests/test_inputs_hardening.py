@@ -27,7 +27,7 @@ from medhe.cli import main as medhe_main
 from medhe.data import Preprocess, load_dataset, read_image
 from medhe.data.guard import check_image
 from medhe.data.images import MAX_PIXELS
-from medhe.errors import DataError
+from medhe.errors import DataError, MedheError
 from medhe.service.launch import ServerProcess
 
 from dicom_files import write_dicom  # noqa: E402  (tests/, on pytest's path)
@@ -232,6 +232,45 @@ def test_predict_batch_refuses_an_unusual_image_before_any_key(server, unusual, 
     assert err.count("\n") == 0 and "zz-tiny.png looks unlike the model's training data" in err
     assert "--skip-bad" in err and "--allow-unusual" in err and not out.exists()
     assert sent_to(server) == before
+
+
+@pytest.mark.slow
+def test_sdk_refuses_unusual_images_by_default_and_marks_them_when_allowed(server, unusual, radiographs):
+    """The SDK follows the CLI's and the page's rule: ``Client.diagnose``/``diagnose_many`` and
+    ``BatchDiagnoser.diagnose`` refuse an unusual image (a file or an array) with one line before any key is
+    registered or ciphertext sent; ``allow_unusual=True`` diagnoses it, ``unreliable`` and its reasons recorded.
+    (A batch diagnosis itself is not run here: the server compiles its batch plan on first use, ~30 s.)"""
+    from medhe.service.batch_client import BatchDiagnoser
+    from medhe.service.client import Client
+
+    photo = read_image(unusual["photo"])
+    before = sent_to(server)
+    with Client(server.url) as client:
+        for image, name in ((unusual["tiny"], str(unusual["tiny"])), (photo, "the photo")):
+            with pytest.raises(DataError) as err:
+                client.diagnose(image, source=name if isinstance(image, np.ndarray) else None)
+            text = str(err.value)
+            assert text.startswith(f"{name} looks unlike the model's training data") and "\n" not in text, text
+            assert "nothing was sent" in text and "allow_unusual=True" in text
+        with pytest.raises(DataError, match=r"^image 2 \(and 1 more image\) looks unlike .* in colour"):
+            client.diagnose_many([radiographs[1], photo, unusual["tiny"]], progress=False)
+        assert client._sessions == {}  # refused before any key was generated
+        batch = BatchDiagnoser(client)
+        with pytest.raises(DataError, match=r"^photo.png looks unlike"):
+            batch.diagnose([radiographs[1], photo], ["real.png", "photo.png"])
+        assert sent_to(server) == before  # no keys registered, no ciphertext sent
+        # allowed: diagnosed and marked; the real radiograph beside them is not
+        results = client.diagnose_many([unusual["tiny"], photo, radiographs[1]], progress=False, allow_unusual=True)
+        assert [r.unreliable for r in results] == [True, True, False]
+        assert "1x1 pixels" in results[0].warnings[0] and "in colour" in results[1].warnings[0]
+        assert results[2].warnings == [] and all(r.label in ("normal", "pneumonia") for r in results)
+        assert results[0].to_dict()["unreliable"] is True and results[2].to_dict()["warnings"] == []
+        one = client.diagnose(photo, source="photo", allow_unusual=True)
+        assert one.unreliable and one.warnings == results[1].warnings
+        assert client.diagnose(radiographs[1]).unreliable is False  # a usual image needs no flag
+        client.forget_keys()
+        with pytest.raises(MedheError, match="allow_unusual must be True or False"):
+            client.diagnose(radiographs[1], allow_unusual="yes")
 
 
 # -- 18: a batch of mixed sizes --------------------------------------------------------------------------------------

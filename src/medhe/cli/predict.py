@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                   and sys.stderr.isatty()):
             results = client.diagnose_many(args.images, model=args.model,
                                            progress=not args.json and len(args.images) > 1 and sys.stderr.isatty(),
-                                           coverage=args.coverage, abstain=args.abstain)
+                                           coverage=args.coverage, abstain=args.abstain,
+                                           allow_unusual=args.allow_unusual)  # refused above unless allowed
         info = client.model_info(results[0].model)
         client.forget_keys()
     if args.json:  # the model and its card version (model cards v2) at the top and in every result

@@ -119,7 +119,8 @@ def run_batch(args: Any) -> int:
         diagnoser = BatchDiagnoser(client, args.model)
         try:
             results = diagnoser.diagnose(images, sources, progress=sys.stderr.isatty(),
-                                         coverage=args.coverage, abstain=args.abstain)
+                                         coverage=args.coverage, abstain=args.abstain,
+                                         allow_unusual=args.allow_unusual)  # refused above unless allowed
         finally:
             diagnoser.forget_keys()
     text = render(results, skipped, fmt, args.server, diagnoser.id, diagnoser.info.get("version"), warnings)

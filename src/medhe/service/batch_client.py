@@ -59,14 +59,18 @@ class BatchDiagnoser:
         return np.stack([np.asarray(self.preprocess(img), dtype=np.float32) for img in images])
 
     def diagnose(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None,
-                 progress: bool = False, coverage: float | None = None, abstain: bool = False) -> list[Diagnosis]:
-        """Diagnoses of ``images`` (``coverage``, ``abstain``: as in ``Client.diagnose``)."""
+                 progress: bool = False, coverage: float | None = None, abstain: bool = False,
+                 allow_unusual: bool = False) -> list[Diagnosis]:
+        """Diagnoses of ``images`` (``coverage``, ``abstain``, ``allow_unusual``: as in ``Client.diagnose``: an
+        image unlike the training data refuses the batch before anything is encrypted or sent, unless
+        ``allow_unusual``, which marks its result unreliable)."""
         from tqdm import tqdm
 
         from medhe.service.client import calibration_for
 
         record = calibration_for(self.info, coverage, abstain)  # before anything is encrypted
         sources = list(sources) if sources is not None else [f"image {i + 1}" for i in range(len(images))]
+        checks = self.client._admit(list(zip(images, sources)), self.id, allow_unusual)
         x = self.inputs(images)
         batch = self.he.batch
         logits = []
@@ -79,8 +83,11 @@ class BatchDiagnoser:
                 raise OutOfRangeError(f"batch {first} .. {last}: {exc}") from None
         out = np.concatenate(logits)[: len(x)]
         task, labels = self.info["task"], self.info["labels"]
-        return [interpret(task, labels, out[i], self.id, sources[i], calibration=record, coverage=coverage,
-                          abstain=abstain, version=self.info.get("version")) for i in range(len(x))]
+        results = [interpret(task, labels, out[i], self.id, sources[i], calibration=record, coverage=coverage,
+                             abstain=abstain, version=self.info.get("version")) for i in range(len(x))]
+        for result, warnings in zip(results, checks):
+            result.warnings = list(warnings)
+        return results
 
     def forget_keys(self) -> None:
         if self.key_id is not None:

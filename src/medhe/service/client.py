@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import httpx
 import numpy as np
 
-from medhe.errors import ArtifactError, MedheError, OutOfRangeError
+from medhe.errors import ArtifactError, DataError, MedheError, OutOfRangeError
 from medhe.service import protocol
 from medhe.service.errors import ServiceError
 
@@ -42,11 +42,20 @@ class Diagnosis:
     coverage: float | None = None
     abstained: bool = False  # abstain asked and the set is not one label: label is None, positive []
     model_version: str | None = None  # the card's version from the listing (model cards v2), so a result names it
+    # Why the image looks unlike the model's training data (medhe.data.guard); non-empty only when it was diagnosed
+    # anyway (allow_unusual=True), and then the result is unreliable.
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def unreliable(self) -> bool:
+        """True when the image was diagnosed although unusual: its label is not to be trusted."""
+        return bool(self.warnings)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"source": self.source, "model": self.model, "model_version": self.model_version or "unknown",
                "task": self.task, "label": self.label,
-               "positive": self.positive, "probabilities": self.probabilities, "logits": self.logits}
+               "positive": self.positive, "probabilities": self.probabilities, "logits": self.logits,
+               "warnings": self.warnings, "unreliable": self.unreliable}
         if self.calibrated is not None:
             out.update({"calibrated_probabilities": self.calibrated, "prediction_set": self.prediction_set,
                         "prediction_set_text": self.set_text, "coverage": self.coverage,
@@ -355,18 +364,53 @@ class Client:
         """The encrypted result of one ciphertext (see ``infer_response`` for the retry)."""
         return self.infer_response(sess, ciphertext).content
 
+    def input_checks(self, image: np.ndarray, model: str | None = None) -> list[str]:
+        """Why ``image`` looks unlike ``model``'s training data (``medhe.data.guard``, the checks ``medhe predict``
+        and the page run); empty when it looks usual. Needs only the public listing: no keys, nothing sent."""
+        from medhe.data import Preprocess
+        from medhe.data.guard import check_image
+
+        return check_image(image, Preprocess.from_dict(self.model_info(model)["preprocessing"]))
+
     def diagnose(self, image: str | os.PathLike | np.ndarray, model: str | None = None,
-                 source: str | None = None, coverage: float | None = None, abstain: bool = False) -> Diagnosis:
+                 source: str | None = None, coverage: float | None = None, abstain: bool = False,
+                 allow_unusual: bool = False) -> Diagnosis:
         """Diagnose one image (a PNG/JPEG/DICOM path, or a uint8 array named ``source``) under encryption.
 
-        Models with a calibration record also get calibrated probabilities and a prediction set at ``coverage``
-        (default the record's, 0.9), computed here from the decrypted logits; ``abstain=True`` withholds the label
-        (``label`` None, ``abstained`` True) unless that set is a single label."""
+        An image unlike the model's training data (a 1x1 PNG, a colour photo, a blank frame: ``input_checks``) is
+        refused with a ``DataError`` before any key is generated or anything is sent, as ``medhe predict`` and the
+        page refuse it; ``allow_unusual=True`` diagnoses it anyway, its result marked (``unreliable`` True, the
+        reasons in ``warnings``). Models with a calibration record also get calibrated probabilities and a
+        prediction set at ``coverage`` (default the record's, 0.9), computed here from the decrypted logits;
+        ``abstain=True`` withholds the label (``label`` None, ``abstained`` True) unless that set is a single
+        label."""
         from medhe.data import read_image
 
         if not isinstance(image, np.ndarray):
             source = str(image)
             image = read_image(Path(image))
+        warnings = self._admit([(image, source or "image")], model, allow_unusual)[0]
+        return self._diagnose(image, model, source, coverage, abstain, warnings)
+
+    def _admit(self, items: Sequence[tuple[np.ndarray, str]], model: str | None, allow_unusual: bool
+               ) -> list[list[str]]:
+        """Each image's input checks; a flagged image refuses the call (naming it and how many more) unless
+        ``allow_unusual``. Runs before keys or uploads, so a refused call sends nothing."""
+        from medhe.data.guard import refusal
+
+        if not isinstance(allow_unusual, bool):
+            raise MedheError(f"allow_unusual must be True or False, not {allow_unusual!r}")
+        checks = [self.input_checks(img, model) for img, _ in items]
+        flagged = [(name, w) for (_, name), w in zip(items, checks) if w]
+        if flagged and not allow_unusual:
+            (name, warnings), more = flagged[0], len(flagged) - 1
+            others = f" (and {more} more image{'s' if more > 1 else ''})" if more else ""
+            raise DataError(refusal(f"{name}{others}", warnings, "pass allow_unusual=True"))
+        return checks
+
+    def _diagnose(self, image: np.ndarray, model: str | None, source: str | None, coverage: float | None,
+                  abstain: bool, warnings: list[str]) -> Diagnosis:
+        """One checked image: keys (once), encrypt, upload, decrypt, interpret; ``warnings`` mark the result."""
         sess = self.session(model)
         record = calibration_for(sess.info, coverage, abstain)  # a missing or bad record fails before any upload
         ciphertext = sess.he.encrypt(sess.inputs(image))
@@ -374,25 +418,30 @@ class Client:
             logits = sess.he.decrypt(self.infer_encrypted(sess, ciphertext))
         except OutOfRangeError as exc:
             raise OutOfRangeError(f"{source or 'image'}: {exc}") from None
-        return interpret(sess.info["task"], sess.info["labels"], logits, sess.id, source,
-                         calibration=record, coverage=coverage, abstain=abstain, version=sess.info.get("version"))
+        result = interpret(sess.info["task"], sess.info["labels"], logits, sess.id, source,
+                           calibration=record, coverage=coverage, abstain=abstain, version=sess.info.get("version"))
+        result.warnings = list(warnings)
+        return result
 
     def diagnose_many(self, images: Iterable[str | os.PathLike | np.ndarray], model: str | None = None,
-                      progress: bool = True, coverage: float | None = None, abstain: bool = False
-                      ) -> list[Diagnosis]:
+                      progress: bool = True, coverage: float | None = None, abstain: bool = False,
+                      allow_unusual: bool = False) -> list[Diagnosis]:
         """Diagnose several images in turn with one key registration, showing a progress bar (``coverage``,
-        ``abstain``: as in ``diagnose``)."""
+        ``abstain``, ``allow_unusual``: as in ``diagnose``; one unusual image refuses the whole call, before any
+        key or upload, unless ``allow_unusual``)."""
         from tqdm import tqdm
 
         from medhe.data import read_image
 
-        # Read everything first: a bad file fails before any key generation or upload.
+        # Read and check everything first: a bad or unusual file fails before any key generation or upload.
         items = [(img, None) if isinstance(img, np.ndarray) else (read_image(Path(img)), str(img)) for img in images]
+        checks = self._admit([(img, source or f"image {i + 1}") for i, (img, source) in enumerate(items)], model,
+                             allow_unusual)
         calibration_for(self.session(model).info, coverage, abstain)  # keys first: the bar measures diagnoses
         results = []
         for i, (img, source) in enumerate(tqdm(items, desc="encrypted diagnosis", unit="img", disable=not progress)):
-            result = self.diagnose(img, model, source=source or f"image {i + 1}",  # errors name the image
-                                   coverage=coverage, abstain=abstain)
+            result = self._diagnose(img, model, source or f"image {i + 1}", coverage, abstain,  # errors name it
+                                    checks[i])
             result.source = source
             results.append(result)
         return results
