@@ -262,7 +262,7 @@ def test_malformed_ciphertexts_and_keys_raise_ciphertext_error(nb):
 
 
 def test_program_refuses_wrong_inputs(nb):
-    from medhe.he.ckks.compiler.lower import compile_plan
+    from medhe.he.ckks.compiler.driver import compile_plan
     from torch import nn
 
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ from medhe.he.ckks.encrypted.client import KeyHolderClient
 from medhe.he.ckks.encrypted.keys import SECRET_FILE, create_keydir, load_keydir
 from medhe.he.ckks.encrypted.model import WEIGHTS_FILE, load_encrypted_model, spec_for, write_encrypted_model
 from medhe.he.ckks.encrypted.spec import encrypted_key_levels, simulate_encrypted
-from medhe.he.ckks.compiler.lower import compile_plan
+from medhe.he.ckks.compiler.driver import compile_plan
 from medhe.he.ckks.server import compile_ckks
 from medhe.he.ckks.simulate import simulate
 from medhe.models import layers

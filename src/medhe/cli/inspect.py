@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medhe.he.ckks.compiler.lower import compile_plan
+    from medhe.he.ckks.compiler.driver import compile_plan
     from medhe.he.ckks.inspect import describe, render
     from medhe.he.ckks.server import input_shape_of
     from medhe.models.artifact import load_artifact

@@ -34,7 +34,7 @@ _LAZY = {
     "Client": ("medhe.he.ckks.client", "CKKSClient"),
     "compile_ckks": "medhe.he.ckks.server",
     "CKKSServerModel": "medhe.he.ckks.server",
-    "compile_plan": "medhe.he.ckks.compiler.lower",
+    "compile_plan": "medhe.he.ckks.compiler.driver",
     "CKKSClient": "medhe.he.ckks.client",
     "layer_errors": "medhe.he.ckks.debug",
     "layer_report": "medhe.he.ckks.debug",

@@ -16,7 +16,7 @@ import torch
 from medhe.errors import CiphertextError, PlanError
 from medhe.he.ckks.backends import get_backend
 from medhe.he.ckks.backends.base import Backend
-from medhe.he.ckks.compiler.lower import compile_plan
+from medhe.he.ckks.compiler.driver import compile_plan
 from medhe.he.ckks.compiler.program import Plan
 from medhe.he.ckks.runtime import PLAINTEXT_CACHE_BYTES, EncodedPlains, run_program
 from medhe.he.ckks.wire import envelope

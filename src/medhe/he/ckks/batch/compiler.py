@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from torch import nn
 
 from medhe.errors import PlanError
-from medhe.he.ckks.compiler.lower import prepare_graph
+from medhe.he.ckks.compiler.driver import prepare_graph
 from medhe.he.ckks.compiler.params import CKKSParams, choose_params, data_primes
 from medhe.he.ckks.compiler.prepare import PolyForm
 from medhe.he.ckks.compiler import trace

@@ -42,7 +42,7 @@ _LEN = struct.Struct("<I")
 
 def compile_for_encryption(artifact: Any, **options: Any) -> Plan:
     """The model's CKKS plan exactly as ``compile_ckks`` makes it (card options apply), without encoding it."""
-    from medhe.he.ckks.compiler.lower import compile_plan
+    from medhe.he.ckks.compiler.driver import compile_plan
     from medhe.he.ckks.server import input_shape_of
 
     card = artifact.card
