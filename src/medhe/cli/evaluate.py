@@ -76,7 +76,7 @@ def evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spli
 def _add_provenance(report: dict[str, Any], model: str) -> None:
     """``model_version`` beside ``model``, and ``provenance``: the card's and this checkout's code revision, medhe's
     version, the weights' SHA-256 (docs/model-cards.md), so a report names exactly which model produced it."""
-    from medhe.models.modelcard import provenance
+    from medhe.models.artifact import provenance
 
     block = provenance(model)
     report["model_version"] = block["model_version"]

@@ -25,7 +25,7 @@ CALIBRATION_SIDE_FIELDS = ("ece_before", "ece_after", "coverage", "mean_set_size
 ENCRYPTED_FIELDS = ("schema", "model", "model_version", "dataset", "scheme", "split", "n", "task", "labels", "plain",
                     "encrypted", "reference", "agreement", "max_abs_logit_error", "latency_ms", "bytes", "params",
                     "machine", "logits", "provenance")
-#: which model and code produced a report (medhe.models.modelcard.provenance); every report has it, plain included
+#: which model and code produced a report (medhe.models.artifact.provenance); every report has it, plain included
 PROVENANCE_FIELDS = ("model", "model_version", "model_code_revision", "code_revision", "medhe_version",
                      "weights_sha256")
 

@@ -8,6 +8,7 @@ compilers, the server and the client — and loading fails with a message naming
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ from medhe import atomic
 from medhe.atomic_folder import note, writing_folder
 from medhe.errors import ArtifactError
 from medhe.models.layers import set_recording
-from medhe.models.modelcard import warn_if_old
+from medhe.models.modelcard import summary, warn_if_old
 from medhe.models.zoo import build_model
+from medhe.revision import code_revision
 
 FORMAT = "medhe-model/1"
 WEIGHTS = "model.safetensors"
@@ -219,3 +221,21 @@ def load_artifact(name_or_dir: str | Path) -> ModelArtifact:
         _load_weights(client_model, path / CLIENT_WEIGHTS, where)
         client_model.eval()
     return ModelArtifact(model=model, card=card, path=path, client_model=client_model)
+
+
+# -- provenance of a result -----------------------------------------------------------------------------------------
+def provenance(model: str | os.PathLike) -> dict[str, Any]:
+    """What a result must name to be traced later: the model id and card version, the card's code revision, the
+    revision running now (``git rev-parse HEAD`` or ``"unknown"``), medhe's version and the weights' SHA-256."""
+    import hashlib
+
+    from medhe import __version__
+
+    path = resolve_model_dir(model)
+    card = read_card(path)
+    fields = summary(card)
+    weights = {f: hashlib.sha256((path / f).read_bytes()).hexdigest()
+               for f in (WEIGHTS, CLIENT_WEIGHTS) if (path / f).is_file()}
+    return {"model": str(card["name"]), "model_version": fields["version"],
+            "model_code_revision": fields["code_revision"], "code_revision": code_revision(),
+            "medhe_version": __version__, "weights_sha256": weights}

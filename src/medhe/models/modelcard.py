@@ -193,22 +193,3 @@ def complete_card(card: dict[str, Any], *, training_data: dict[str, Any] | None 
                                       "training: not run from a git checkout"
     out.setdefault("created", time.strftime("%Y-%m-%d"))
     return out
-
-
-# -- provenance of a result -----------------------------------------------------------------------------------------
-def provenance(model: str | os.PathLike) -> dict[str, Any]:
-    """What a result must name to be traced later: the model id and card version, the card's code revision, the
-    revision running now (``git rev-parse HEAD`` or ``"unknown"``), medhe's version and the weights' SHA-256."""
-    import hashlib
-
-    from medhe import __version__
-    from medhe.models.artifact import CLIENT_WEIGHTS, WEIGHTS, read_card, resolve_model_dir
-
-    path = resolve_model_dir(model)
-    card = read_card(path)
-    fields = summary(card)
-    weights = {f: hashlib.sha256((path / f).read_bytes()).hexdigest()
-               for f in (WEIGHTS, CLIENT_WEIGHTS) if (path / f).is_file()}
-    return {"model": str(card["name"]), "model_version": fields["version"],
-            "model_code_revision": fields["code_revision"], "code_revision": code_revision(),
-            "medhe_version": __version__, "weights_sha256": weights}
