@@ -19,7 +19,7 @@ import pytest
 from medhe.cli import main
 from medhe.data.fingerprint import ARRAYS, FILES, split_names
 from medhe.models import modelcard as mc
-from medhe.models.artifact import PRETRAINED_DIR, load_artifact, read_card
+from medhe.models.artifact import PRETRAINED_DIR, load_artifact, provenance, read_card
 from medhe.revision import code_revision
 
 SHIPPED = sorted(p for p in PRETRAINED_DIR.iterdir()
@@ -136,7 +136,7 @@ def test_a_card_from_before_v2_loads_with_a_warning_and_reads_unknown(tmp_path, 
         art = load_artifact(old)
     assert "before model cards v2" in caplog.text and "version" in caplog.text
     assert set(mc.summary(art.card).values()) == {"unknown"}
-    assert mc.provenance(old)["model_version"] == "unknown"
+    assert provenance(old)["model_version"] == "unknown"
 
 
 def test_complete_card_fills_what_is_missing_and_keeps_what_is_set(data_dir):
