@@ -58,3 +58,34 @@ def test_evaluate_with_2048_bit_keys_is_one_line(capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "3072" in err[0] and "Traceback" not in err[0], err
+
+
+def test_service_limits_take_the_floor_from_the_model_never_2048(server):
+    """The upload rules' ``min_key_bits`` fell back to 2048 for a spec without one (and copied a forged 2048);
+    it is now the spec's own floor, never below 128-bit, listed in ``limits`` and checked from the key message's
+    header, so a 2048-bit key is refused before it is spooled."""
+    from medhe.errors import MedheError
+    from medhe.service import limits
+    from medhe.service.upload import StreamCheck
+
+    rules = limits.rules_for(server)
+    assert rules["min_key_bits"] == server.spec()["params"]["min_key_bits"] == PAILLIER_MIN_KEY_BITS
+    spec = server.spec()
+    bare = dict(spec, params={k: v for k, v in spec["params"].items() if k != "min_key_bits"})
+    forged = dict(spec, params=dict(spec["params"], min_key_bits=2048))
+    higher = dict(spec, params=dict(spec["params"], min_key_bits=4096))
+    assert limits.paillier_rules(bare, 0)["min_key_bits"] == PAILLIER_MIN_KEY_BITS
+    assert limits.paillier_rules(forged, 0)["min_key_bits"] == PAILLIER_MIN_KEY_BITS
+    assert limits.paillier_rules(higher, 0)["min_key_bits"] == 4096
+    assert limits.describe(rules, None, 1 << 30)["min_key_bits"] == PAILLIER_MIN_KEY_BITS
+    weak, _ = paillier.generate_paillier_keypair(n_length=2048)
+    data = wire.dumps(wire.Message(wire.KIND_PUBLIC_KEY, wire.fingerprint(weak.n), [weak.n]), 256)
+    check = StreamCheck(rules, "keys", "the key upload")
+    with pytest.raises(MedheError) as err:
+        check.feed(data[:64])  # the header alone decides
+    assert err.value.status == 422 and err.value.code == "rejected" and "3072-bit floor" in str(err.value)
+    ok, _ = paillier.generate_paillier_keypair(n_length=3072)
+    data = wire.dumps(wire.Message(wire.KIND_PUBLIC_KEY, wire.fingerprint(ok.n), [ok.n]), 384)
+    check = StreamCheck(rules, "keys", "the key upload")
+    check.feed(data)
+    check.finish()

@@ -10,7 +10,8 @@ deserialized, not at their (much smaller, level-trimmed and seeded) size as sent
   coefficient, trimmed digits refilled with zeros. Uploads are bounded by the same keys whole and unseeded
   (every coefficient bit-packed to its prime's width), inputs by ``input.ciphertexts`` unseeded ciphertexts at
   the input level; plus framing and a margin.
-- Paillier: one modulus of at most ``MAX_CLIENT_KEY_BITS`` bits; inputs are ``dim`` integers mod n^2.
+- Paillier: one modulus of ``min_key_bits`` (the spec's, never below the 128-bit floor of 3072) to
+  ``MAX_CLIENT_KEY_BITS`` bits; inputs are ``dim`` integers mod n^2.
 - TFHE: Concrete reports the uncompressed sizes of the circuit's bootstrap and key-switching keys and of its
   input ciphertexts; uploads (compressed, seeded) are bounded by those plus medhe's 34-byte frame and a margin, and
   a key set is accounted at the uncompressed key size (an upper bound: pneumoniamnist-qfcnn's set grew a worker by
@@ -82,9 +83,22 @@ def paillier_rules(spec: dict[str, Any], pool_size: int) -> dict[str, Any]:
         # the key, its precomputations and the re-randomisation pool (one n^2 residue per pooled factor)
         "held_bytes": (pool_size + 8) * ct_width + (64 << 10),
         "max_key_bits": MAX_CLIENT_KEY_BITS,
-        "min_key_bits": int(spec["params"].get("min_key_bits", 2048)),
+        "min_key_bits": paillier_min_key_bits(spec),
         "dim": dim,
     }
+
+
+def paillier_min_key_bits(spec: dict[str, Any]) -> int:
+    """The smallest modulus this model's key registration accepts: the spec's ``min_key_bits``, never below medhe's
+    128-bit floor (a spec from before issue 32 names none, or 2048; the worker refuses those keys anyway)."""
+    from medhe.he.security import PAILLIER_MIN_KEY_BITS
+
+    declared = spec.get("params", {}).get("min_key_bits")
+    try:
+        declared = int(declared) if declared is not None and not isinstance(declared, bool) else 0
+    except (TypeError, ValueError):
+        declared = 0
+    return max(PAILLIER_MIN_KEY_BITS, declared)
 
 
 TFHE_HEADER = 34  # medhe.he.tfhe.wire: magic, version, kind, fingerprint, payload length, CRC-32
@@ -133,6 +147,8 @@ def describe(rules: dict[str, Any] | None, max_body: int | None, max_key_upload:
         out["key_set_held_bytes"] = int(rules["held_bytes"])
     if rules and "max_key_bits" in rules:
         out["max_key_bits"] = int(rules["max_key_bits"])
+    if rules and "min_key_bits" in rules:
+        out["min_key_bits"] = int(rules["min_key_bits"])
     return out
 
 

@@ -190,6 +190,11 @@ class StreamCheck:
                 raise ServiceError(422, "unsupported_key_size",
                                    f"a Paillier modulus of up to {width * 8} bits is larger than the {max_bits}-bit "
                                    f"limit of this server; use a {min(3072, max_bits)}-bit key")
+            floor = int(r.get("min_key_bits", 0))  # the worker refuses such a key too; this needs no spooling
+            if 0 < width * 8 < floor:
+                raise ServiceError(422, "rejected",
+                                   f"a Paillier modulus of at most {width * 8} bits is below this model's "
+                                   f"{floor}-bit floor (128-bit security); use a {floor}-bit key")
         else:
             if count != r["dim"]:
                 raise _bad(what, f"holds {count} encrypted features; this model takes {r['dim']}")
