@@ -186,3 +186,37 @@ def test_batch_defaults_to_one_image_and_is_published_only_when_set(plan):
         CKKSClient(spec)
     server = CKKSServerModel(batched, backend="seal")
     assert load_server(dump_server(server), backend="seal").plan.batch == 4096
+
+
+def test_one_instruction_table_reads_plan_files_and_refuses_malformed_instructions(plan):
+    """The plan file and the encrypted-weight program decode instructions with the same table-checked decoder."""
+    from medhe.he.ckks.compiler.instructions import CT_PRODUCTS, INSTRUCTIONS, instr_from_dict, instr_to_dict
+    from medhe.he.ckks.encrypted.program import load_program, program_dict
+
+    assert {ins.op for ins in plan.instrs} <= set(INSTRUCTIONS)
+    assert plan.summary()["ciphertext_multiplications"] == sum(CT_PRODUCTS[i.op] for i in plan.instrs) > 0
+    for ins in plan.instrs:
+        assert instr_from_dict(json.loads(json.dumps(instr_to_dict(ins))), len(plan.plains),
+                               len(plan.registers)) == ins
+    server = CKKSServerModel(plan, backend="seal")
+    assert load_server(dump_server(server), backend="seal").plan.instrs == plan.instrs
+    assert load_program(json.loads(json.dumps(program_dict(plan))))[0].instrs == plan.instrs
+    poly = next(i for i, ins in enumerate(plan.instrs) if ins.op == "poly2")
+
+    def edit(change):
+        def run(meta):
+            change(meta["instrs"][poly])
+        return run
+
+    cases = [(lambda d: d.update(op="cube"), "unknown instruction 'cube'"),
+             (lambda d: d.update(srcs=[0, 0]), "reads 2 registers"),
+             (lambda d: d["consts"].pop("beta"), "has constants"),
+             (lambda d: d["consts"].update(th=0), "has constants"),
+             (lambda d: d.update(dst=10 ** 6), "refers to missing data")]
+    for change, message in cases:
+        with pytest.raises(PlanError, match=message):
+            load_server(_rewrite_meta(dump_server(server), edit(change)), backend="seal")
+        doc = json.loads(json.dumps(program_dict(plan)))
+        change(doc["instrs"][poly])
+        with pytest.raises(PlanError, match=message):
+            load_program(doc)

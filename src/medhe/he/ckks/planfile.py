@@ -13,7 +13,6 @@ import io
 import json
 import struct
 import zlib
-from dataclasses import asdict
 
 import numpy as np
 
@@ -21,7 +20,8 @@ from medhe.errors import PlanError, SecurityError
 from medhe.he.ckks.compiler.keybudget import key_levels_of
 from medhe.he.ckks.compiler.packing import Layout
 from medhe.he.ckks.compiler.params import CKKSParams
-from medhe.he.ckks.compiler.program import Instr, Plan, PlainVec, Register
+from medhe.he.ckks.compiler.instructions import instr_from_dict, instr_to_dict
+from medhe.he.ckks.compiler.program import Plan, PlainVec, Register
 from medhe.he.ckks.backends.base import Backend
 from medhe.he.ckks.server import CKKSServerModel
 
@@ -67,7 +67,7 @@ def dump_server(server: CKKSServerModel) -> bytes:
             "output_count": plan.output_count, "node_register": {str(k): v for k, v in plan.node_register.items()},
             "strategies": plan.strategies, "key_paths": {str(k): v for k, v in plan.key_paths.items()},
             "output_bound": plan.output_bound, "key_levels": plan.require_key_levels(), "batch": plan.batch,
-            "instrs": [asdict(ins) for ins in plan.instrs], "registers": registers, "plains": plains,
+            "instrs": [instr_to_dict(ins) for ins in plan.instrs], "registers": registers, "plains": plains,
             "task": server.task, "labels": server.labels, "name": server.name, "plan_id": server.plan_id}
     if plan.multi_block:
         meta["node_blocks"] = {str(k): v for k, v in plan.node_blocks.items()}
@@ -147,17 +147,7 @@ def _rebuild(meta: dict, arrays: dict[str, np.ndarray], params: CKKSParams) -> P
         registers.append(Register(layout, int(r["level"]), float(r["scale"]), block))
     instrs = []
     for d in meta["instrs"]:
-        ins = Instr(op=d["op"], dst=int(d["dst"]), srcs=tuple(int(x) for x in d["srcs"]), name=d["name"],
-                    babies=[int(b) for b in d["babies"]],
-                    groups=[(int(g), [(int(a), int(b), int(c)) for a, b, c in terms]) for g, terms in d["groups"]],
-                    reduce=[int(x) for x in d["reduce"]], consts={k: int(v) for k, v in d["consts"].items()},
-                    sign=int(d["sign"]), node=int(d["node"]), conjugate=bool(d.get("conjugate", False)))
-        refs = [pt for _, terms in ins.groups for _, _, pt in terms] + list(ins.consts.values())
-        if any(not 0 <= x < len(plains) for x in refs) or any(not 0 <= x < len(registers) for x in ins.srcs + (ins.dst,)):
-            raise ValueError(f"instruction {ins.name!r} refers to missing data")
-        if ins.op not in ("linear", "poly2", "poly3", "gate3", "mul", "add"):
-            raise ValueError(f"unknown instruction {ins.op!r}")
-        instrs.append(ins)
+        instrs.append(instr_from_dict(d, len(plains), len(registers)))
     gather = arrays["gather"].astype(np.int64)
     if gather.ndim != 2 or gather.shape[1] != slots:
         raise ValueError("input gather map has the wrong shape")

@@ -2,7 +2,9 @@
 decided), SEAL-free.
 
 ``trace`` (scheme-independent IR + folding), ``prepare`` (polynomial factoring/linearising), ``packing`` (slot
-layouts and linear lowerings), ``lower`` (the compiler proper), ``program`` (the plan's types), ``keybudget``
+layouts and linear lowerings), ``lower`` and ``blocklower`` (the lowerings: one ciphertext per value, several),
+``driver`` (``compile_plan``: which ring, primes and lowering), ``instructions`` (the instruction set, declared
+once), ``program`` (the plan's types), ``keybudget``
 (key and input bytes, key paths, key levels), ``params`` (128-bit parameter choice and the prime chain). Names are
 re-exported lazily, so importing one small module does not pull in torch.
 """
@@ -13,8 +15,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "compile_plan": "lower", "prepare_graph": "lower",
-    "Plan": "program", "Instr": "program", "Register": "program", "PlainVec": "program", "naf": "program",
+    "compile_plan": "driver", "prepare_graph": "driver", "INSTRUCTIONS": "instructions", "Instr": "instructions",
+    "Plan": "program", "Register": "program", "PlainVec": "program", "naf": "program",
     "decode_gather": "program",
     "CKKSParams": "params", "choose_params": "params", "params_for_ring": "params", "max_depth": "params",
     "data_primes": "params", "coeff_modulus": "params",

@@ -8,6 +8,8 @@ rank plans; benchmarks measure them.
 
 from __future__ import annotations
 
+from medhe.he.ckks.compiler.instructions import CT_PRODUCTS
+
 OP_US_PER_PRIME_SLOT = {"rotation": 98.0, "product": 2.5, "ct_product": 12.0, "relin": 98.0, "rescale": 5.0,
                         "encode": 6.0}
 
@@ -15,9 +17,6 @@ OP_US_PER_PRIME_SLOT = {"rotation": 98.0, "product": 2.5, "ct_product": 12.0, "r
 def op_ms(kind: str, poly_degree: int, level: int) -> float:
     """Predicted milliseconds of one ``kind`` operation at ``level`` (level + 1 primes)."""
     return OP_US_PER_PRIME_SLOT[kind] * (level + 1) * (poly_degree / 1024) / 1e3
-
-
-CT_PRODUCTS = {"poly2": 1, "mul": 1, "add": 0, "poly3": 2, "gate3": 3}  # ciphertext products per instruction
 
 
 def instr_cost(plan, ins, seen: set) -> tuple[int, int, int, float]:
@@ -35,7 +34,7 @@ def instr_cost(plan, ins, seen: set) -> tuple[int, int, int, float]:
         ms = (rot * op_ms("rotation", n, level) + products * op_ms("product", n, level)
               + len(ins.groups) * op_ms("rescale", n, level))
         return rot, products, 0, ms
-    k = CT_PRODUCTS.get(ins.op, 0)
+    k = CT_PRODUCTS[ins.op]
     return 0, 0, k, k * (op_ms("ct_product", n, level) + op_ms("relin", n, level) + op_ms("rescale", n, level))
 
 

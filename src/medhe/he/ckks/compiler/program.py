@@ -23,6 +23,7 @@ import numpy as np
 from medhe.errors import PlanError
 from medhe.he.ckks.compiler.packing import Layout
 from medhe.he.ckks.compiler.params import CKKSParams
+from medhe.he.ckks.compiler.instructions import CT_PRODUCTS, Instr  # noqa: F401  (Instr: where plans import it)
 from medhe.he.ckks.compiler.trace import Graph
 
 FORMAT = "medhe-ckks-plan/1"
@@ -35,23 +36,6 @@ class PlainVec:
     values: np.ndarray | float
     level: int
     scale: float
-
-
-@dataclass
-class Instr:
-    """One step of the program; ``op`` in linear | poly2 | poly3 | mul | add."""
-
-    op: str
-    dst: int
-    srcs: tuple[int, ...]
-    name: str = ""
-    babies: list[int] = field(default_factory=list)
-    groups: list[tuple[int, list[tuple[int, int, int]]]] = field(default_factory=list)  # (giant, [(src, baby, pt)])
-    reduce: list[int] = field(default_factory=list)
-    consts: dict[str, int] = field(default_factory=dict)  # name -> plaintext index
-    sign: int = 1
-    node: int = -1  # IR node this instruction computes (for debugging)
-    conjugate: bool = False  # linear: add the complex conjugate after the reduction (complex-packed input)
 
 
 @dataclass
@@ -228,8 +212,7 @@ class Plan:
                 "input_ciphertexts": self.input_ciphertexts, "rotations": self.rotation_count(),
                 "rotation_keys": len(self.rotation_steps), "logical_rotation_steps": len(self.logical_steps),
                 "plaintext_multiplications": sum(len(t) for i in self.instrs for _, t in i.groups),
-                "ciphertext_multiplications": sum({"poly2": 1, "mul": 1, "poly3": 2, "gate3": 3}.get(i.op, 0)
-                                                  for i in self.instrs),
+                "ciphertext_multiplications": sum(CT_PRODUCTS[i.op] for i in self.instrs),
                 "strategies": self.strategies}
 
 

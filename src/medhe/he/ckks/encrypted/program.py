@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import zlib
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -18,10 +17,10 @@ import numpy as np
 from medhe.errors import PlanError
 from medhe.he.ckks.compiler.packing import Layout
 from medhe.he.ckks.compiler.params import CKKSParams
-from medhe.he.ckks.compiler.program import Instr, Plan, PlainVec, Register
+from medhe.he.ckks.compiler.instructions import instr_from_dict, instr_to_dict
+from medhe.he.ckks.compiler.program import Plan, PlainVec, Register
 
 FORMAT = "medhe-ckks-encrypted-program/1"
-OPS = ("linear", "poly2", "poly3", "gate3", "mul", "add")
 
 
 def _b64(arr: np.ndarray) -> str:
@@ -55,7 +54,7 @@ def program_dict(plan: Plan) -> dict[str, Any]:
         "batch": plan.batch,
         "strategies": list(plan.strategies),
         "key_paths": {str(k): v for k, v in plan.key_paths.items()},
-        "instrs": [asdict(ins) for ins in plan.instrs],
+        "instrs": [instr_to_dict(ins) for ins in plan.instrs],
         "registers": [{"level": r.level, "scale": r.scale, "period": r.layout.period,
                        "replicated": r.layout.replicated, "slots": _b64(np.asarray(r.layout.slots, dtype=np.int32))}
                       for r in plan.registers],
@@ -91,18 +90,7 @@ def load_program(doc: Any) -> tuple[Plan, list[str]]:
             raise ValueError("a weight lies outside the modulus chain")
         instrs = []
         for d in doc["instrs"]:
-            ins = Instr(op=str(d["op"]), dst=int(d["dst"]), srcs=tuple(int(x) for x in d["srcs"]), name=str(d["name"]),
-                        babies=[int(b) for b in d["babies"]],
-                        groups=[(int(g), [(int(a), int(b), int(c)) for a, b, c in t]) for g, t in d["groups"]],
-                        reduce=[int(x) for x in d["reduce"]], consts={str(k): int(v) for k, v in d["consts"].items()},
-                        sign=int(d["sign"]), node=int(d["node"]), conjugate=bool(d.get("conjugate", False)))
-            refs = [pt for _, t in ins.groups for _, _, pt in t] + list(ins.consts.values())
-            if ins.op not in OPS:
-                raise ValueError(f"unknown instruction {ins.op!r}")
-            if any(not 0 <= x < len(weights) for x in refs) or \
-                    any(not 0 <= x < len(registers) for x in ins.srcs + (ins.dst,)):
-                raise ValueError(f"instruction {ins.name!r} refers to missing data")
-            instrs.append(ins)
+            instrs.append(instr_from_dict(d, len(weights), len(registers)))
         shape = [int(v) for v in doc["gather"]["shape"]]
         gather = _unb64(doc["gather"]["data"], np.int32).astype(np.int64)
         if len(shape) != 2 or shape[1] != slots or gather.size != shape[0] * shape[1]:
