@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "latency, sizes, plan) without the TenSEAL comparison")
     p.add_argument("--baseline-images", type=int, default=1,
                    help="--scheme tfhe: images through the unrounded concrete-python baseline (minutes each)")
+    p.add_argument("--against", metavar="MODEL",
+                   help="--scheme tfhe: also time this TFHE model on the same images (ratio of server eval); "
+                        "with --baseline-images 0 the concrete-python baseline is left out")
     p.add_argument("--rounded-baseline", action="store_true",
                    help="--scheme tfhe: add an extra row with the baseline's accumulators rounded to 6 bits")
     p.add_argument("--url", help="--service: an already running server (default: start one on 127.0.0.1)")
@@ -136,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_tfhe_benchmark(model=args.model or default_model("tfhe"), n_images=args.images,
                                     data_dir=args.data_dir, baseline_images=args.baseline_images,
-                                    rounded_extra=args.rounded_baseline)
+                                    rounded_extra=args.rounded_baseline, against=args.against)
     else:
         from medhe.he.paillier.bench import run_paillier_benchmark
 

@@ -8,6 +8,11 @@ training). Stages are timed separately because they differ by orders of magnitud
 generation (~1 GB of keys, tens of seconds) and per-image execution (minutes on 2 cores), so a slow baseline is
 reported as such instead of looking like a hang; progress lines go to stderr.
 
+``against`` adds a row for another shipped TFHE model on the same images, one after the other in the same run
+(issue 34: ``pneumoniamnist-qfcnn-lut``, one exact 5-bit lookup per hidden neuron, against ``pneumoniamnist-qfcnn``,
+whose exact rounding costs 96 PBS), with the ratio of median server-eval times; ``baseline_images=0`` then skips
+the minutes-long concrete-python baseline.
+
 Optionally (``rounded_extra``) an extra row, clearly labelled, times the same network with exact rounding (medhe's
 circuit form) to 6 bits before each lookup (the recipe behind reference.md's 576-PBS figure). It is not the baseline.
 
@@ -155,15 +160,35 @@ def _pipeline(label: str, server: TFHEServerModel, compile_s: float, images: np.
     }
 
 
+def _against_row(name: str, images: np.ndarray, labels: np.ndarray, progress: bool) -> dict[str, Any]:
+    """The ``against`` model through the same pipeline on the same preprocessed images."""
+    from medhe.models.artifact import load_artifact
+
+    artifact = load_artifact(name)
+    _say(progress, f"compiling {artifact.name} (the row to compare against)")
+    server, compile_ms, _ = _timed(compile_tfhe, artifact, "execute")
+    row = _pipeline(artifact.name, server, compile_ms / 1e3, images, progress)
+    logits, sim = row.pop("_logits"), row.pop("_sim")
+    row.update({
+        "executed_equals_simulated": int(np.sum(predictions(artifact.task, logits)
+                                                == predictions(artifact.task, server.integer.dequantize(sim)))),
+        "accuracy_on_these_images": float(np.mean(predictions(artifact.task, logits) == labels[:, 0])),
+    })
+    return {"against": row}
+
+
 def run_tfhe_benchmark(model: str = "pneumoniamnist-qfcnn", n_images: int = 10, data_dir: Any = None,
                        baseline_images: int = 1, seed: int = 0, rounded_extra: bool = False,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, against: str | None = None) -> dict[str, Any]:
     """Encrypted latency of ``model`` (``n_images``) and of the baseline (``baseline_images``, the same first test
-    images) in one run; JSON-able dict with the ratio of median server-eval times (baseline / medhe)."""
+    images) in one run; JSON-able dict with the ratio of median server-eval times (baseline / medhe).
+
+    ``against``: another TFHE model timed on the same ``n_images`` right after ``model`` (ratio against / model);
+    with it, ``baseline_images=0`` leaves the concrete-python baseline out."""
     from medhe.data import load_dataset
     from medhe.models.artifact import load_artifact
 
-    if n_images < 1 or baseline_images < 1:
+    if n_images < 1 or baseline_images < (0 if against else 1):
         raise DataError(f"the TFHE benchmark needs at least one image per row (got {n_images} and "
                         f"{baseline_images}); pass -n 1 or more")
     load_start = load_average()
@@ -187,6 +212,21 @@ def run_tfhe_benchmark(model: str = "pneumoniamnist-qfcnn", n_images: int = 10, 
         "accuracy_on_these_images": float(np.mean(predictions(artifact.task, ours_logits) == labels[:, 0])),
     })
 
+    result: dict[str, Any] = {"dataset": flag, "machine": machine_info(), "load_average_start": load_start,
+                              "medhe": ours}
+    if against:
+        result.update(_against_row(against, images, labels, progress))
+        result["speedup_vs_against_eval_median"] = round(result["against"]["eval_ms_median"]
+                                                         / ours["eval_ms_median"], 2)
+        result["speedup_vs_against_eval_cpu_median"] = round(result["against"]["latency_ms"]["eval_cpu"]["median"]
+                                                             / ours["latency_ms"]["eval_cpu"]["median"], 2)
+    if baseline_images < 1:
+        result["load_average_end"] = load_average()
+        result["note"] = ("server eval = TFHEServerModel.infer, median over images; speedup_vs_against = against / "
+                          "medhe median server eval, same run, same images, one after the other")
+        _say(progress, f"done: {artifact.name} {ours['eval_ms_median']:.0f} ms vs {against} "
+                       f"{result['against']['eval_ms_median']:.0f} ms: {result['speedup_vs_against_eval_median']}x")
+        return result
     calibration = pre.batch(train.images[:200])
     _say(progress, f"compiling the baseline ({BASELINE_NAME}); its execution takes minutes per image here")
     base_server, base_compile_ms, _ = _timed(baseline_server, calibration, seed)
@@ -194,16 +234,12 @@ def run_tfhe_benchmark(model: str = "pneumoniamnist-qfcnn", n_images: int = 10, 
     base.pop("_logits"), base.pop("_sim")
     base.update({"model": BASELINE_NAME, "recipe": dict(BASELINE, seed=seed, calibration_images=len(calibration),
                                                         weights="torch default init (seeded), 4-bit symmetric")})
-    result: dict[str, Any] = {
-        "dataset": flag,
-        "machine": machine_info(),
-        "load_average_start": load_start,
-        "medhe": ours,
+    result.update({
         "baseline": base,
         "speedup_eval_median": round(base["eval_ms_median"] / ours["eval_ms_median"], 2),
         "speedup_eval_cpu_median": round(base["latency_ms"]["eval_cpu"]["median"]
                                          / ours["latency_ms"]["eval_cpu"]["median"], 2),
-    }
+    })
     if rounded_extra:
         _say(progress, f"extra row: {ROUNDED_NAME}")
         extra_server, extra_ms, _ = _timed(baseline_server, calibration, seed, True)
