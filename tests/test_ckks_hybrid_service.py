@@ -91,3 +91,29 @@ def test_a_version_1_client_and_bad_keys_get_one_line(models):
             hybrid.load_keys(client._hybrid.evaluation_keys(hybrid.plan_id, low))
     with pytest.raises(CiphertextError):
         seal_plan.load_keys(client.evaluation_keys())  # version 2 to a SEAL-key plan
+
+
+def test_service_accounts_a_hybrid_key_set_at_what_it_holds(models):
+    """The service's key memory (``held_bytes``) used SEAL's formula (every key L + k - 1 components) for hybrid
+    sets; it is now the digits each key's level reads, and equals the loaded set's measured size (the runtime's
+    ``Keys.nbytes``), also when a client sends keys for more levels than the plan uses them at."""
+    from medhe.he.ckks.hybrid import wire
+    from medhe.service import limits
+
+    _, seal_plan, hybrid = models
+    spec = hybrid.spec()
+    client = CKKSClient(spec)
+    client.keygen()
+    held = limits.ckks_rules(spec, b"\0" * 16)["held_bytes"]
+    assert held == limits.ckks_spec_held_bytes(spec) == hybrid.load_keys(client.evaluation_keys()).galois.nbytes()
+    nkeys = len(spec["rotation_steps"]) + 1
+    assert held < limits.ckks_key_held_bytes(spec["params"], nkeys)  # what was counted before
+    need = wire.needed(spec, client.backend.galois_element)
+    top = hybrid.plan.params.layout().levels - 1
+    assert max(need.values()) < top  # so sending every key for the top level sends more digits
+    bigger = client._hybrid.evaluation_keys(hybrid.plan_id, {e: top for e in need})
+    assert len(bigger) > len(client.evaluation_keys())
+    assert hybrid.load_keys(bigger).galois.nbytes() == held  # the extra digits are not kept
+    # SEAL-format plans keep their figure
+    assert limits.ckks_spec_held_bytes(seal_plan.spec()) == limits.ckks_key_held_bytes(
+        seal_plan.spec()["params"], len(seal_plan.spec()["rotation_steps"]) + 1)

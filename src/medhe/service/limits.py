@@ -7,7 +7,8 @@ deserialized, not at their (much smaller, level-trimmed and seeded) size as sent
 
 - CKKS: a key set is ``len(rotation_steps)`` Galois keys (+1 relinearization key); SEAL holds each as
   ``d = len(data primes)`` key-switching components of 2 polynomials over all ``d + 1`` primes, 8 bytes per
-  coefficient, trimmed digits refilled with zeros. Uploads are bounded by the same keys whole and unseeded
+  coefficient, trimmed digits refilled with zeros; hybrid keys (key envelope 2) only the digits each key's plan
+  level reads, over the ``L + k`` primes of Q*P. Uploads are bounded by the same keys whole and unseeded
   (every coefficient bit-packed to its prime's width), inputs by ``input.ciphertexts`` unseeded ciphertexts at
   the input level; plus framing and a margin.
 - Paillier: one modulus of ``min_key_bits`` (the spec's, never below the 128-bit floor of 3072) to
@@ -53,7 +54,7 @@ def ckks_rules(spec: dict[str, Any], fingerprint: bytes) -> dict[str, Any]:
         "scheme": "ckks",
         "key_bytes": int(header + nkeys * key_whole * MARGIN + SLACK),
         "input_bytes": int(header + cts * ct_whole * MARGIN + SLACK),
-        "held_bytes": nkeys * data * 2 * k * n * 8,
+        "held_bytes": ckks_spec_held_bytes(spec),
         "plan_id": str(spec["plan_id"]),
         "fingerprint": fingerprint.hex(),
         "input_ciphertexts": cts,
@@ -61,6 +62,25 @@ def ckks_rules(spec: dict[str, Any], fingerprint: bytes) -> dict[str, Any]:
         "relin_part_bytes": int(key_whole * MARGIN + SLACK) if spec.get("relinearization") else 0,
         "input_part_bytes": int(ct_whole * MARGIN + SLACK),
     }
+
+
+def ckks_spec_held_bytes(spec: dict[str, Any]) -> int:
+    """What one key set of this CKKS spec holds once loaded. SEAL's format: ``ckks_key_held_bytes``. Hybrid keys
+    (key envelope 2, docs/protocol.md 4.12): the native runtime keeps, per key, the digits its plan level reads
+    (``ceil((level + 1) / alpha)``; the server drops any extra digits a client sends), each 2 polynomials over all
+    ``L + k`` primes of Q*P, 8 bytes a coefficient -- a fraction of the SEAL-format figure."""
+    params = spec["params"]
+    nkeys = len(spec["rotation_steps"]) + (1 if spec.get("relinearization") else 0)
+    alpha = int(params.get("alpha", 0) or 0)
+    if alpha <= 0:
+        return ckks_key_held_bytes(params, nkeys)
+    n, limbs = int(params["poly_degree"]), len(params["prime_bits"])
+    levels = spec["key_levels"]
+    top = int(spec["input"]["level"])
+    used = [int(levels["galois"].get(str(s), top)) for s in spec["rotation_steps"]]
+    if spec.get("relinearization"):
+        used.append(int(levels["relin"]))
+    return sum(math.ceil((lv + 1) / alpha) for lv in used) * 2 * limbs * n * 8
 
 
 def ckks_key_held_bytes(params: dict[str, Any], nkeys: int = 1) -> int:

@@ -104,8 +104,15 @@ class CKKSServerModel(ServerModel):
         from medhe.he.ckks.hybrid import wire
         from medhe.he.ckks.hybrid.keys import native_keys
 
+        from medhe.he.ckks.hybrid.planner import digits_at
+
         layout = self.plan.params.layout()
-        found = wire.unpack_keys(data, self.plan_id, layout.alpha, wire.needed(self._public, self.backend.galois_element))
+        need = wire.needed(self._public, self.backend.galois_element)
+        found = wire.unpack_keys(data, self.plan_id, layout.alpha, need)
+        # keep the digits the plan reads, no more: a key sent for higher levels than it is used at would hold
+        # memory the server's key accounting (a function of the spec, service.limits) does not count
+        found = {e: (need[e], frames[:digits_at(need[e], layout.alpha)]) for e, (_, frames) in found.items()
+                 if e in need}
         relin = found.pop(wire.RELIN, None)
         keys = native_keys(self.backend.ctx, layout, found, relin if self.plan.needs_relin else None)
         return CKKSKeys(keys, keys if keys.has_relin else None, len(data))
