@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "simulation always covers them all (default 50)")
     p.add_argument("--key-bits", type=int, default=3072,
                    help="Paillier only: modulus size (>= 3072, 128-bit security; 2048 is refused)")
+    p.add_argument("--key-switching", choices=("seal", "hybrid"),
+                   help="CKKS only: the evaluation keys' format, seal (SEAL's, the default) or hybrid (issue 29: a "
+                        "few digits and several special primes chosen by the planner, keys several times smaller; "
+                        "needs the native runtime)")
     p.add_argument("--debug-layers", action="store_true",
                    help="CKKS only: decrypt after every layer of the first image and compare with plaintext")
     p.add_argument("--batch", action="store_true",
@@ -127,7 +131,8 @@ def _evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spl
               limit: int | None = None, data_dir: str | None = None, progress: bool = True,
               fhe: str | None = None, key_bits: int = 3072, debug_layers: bool = False,
               n_execute: int = 50, batch: bool = False, encrypted_model: str | None = None,
-              keys: str | None = None, sample: int | None = None) -> dict[str, Any]:
+              keys: str | None = None, sample: int | None = None,
+              key_switching: str | None = None) -> dict[str, Any]:
     """The shared JSON report for ``model`` under ``scheme`` (plain metrics always included)."""
     from medhe.models.artifact import load_artifact
     from medhe.models.metrics import compute_metrics
@@ -146,6 +151,9 @@ def _evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spl
         raise MedheError("--encrypted-model works with --scheme ckks (and without --debug-layers)")
     if encrypted_model is not None and batch:
         raise MedheError("--batch and --encrypted-model are separate modes: pass one of them")
+    if key_switching is not None and (scheme != "ckks" or batch or encrypted_model is not None):
+        raise MedheError(f"--key-switching applies to --scheme ckks plans (not {scheme}, --batch or "
+                         "--encrypted-model); drop it")
     artifact = load_artifact(model)
     name, ds = load_eval_data(artifact, dataset, split, limit, data_dir, sample)
     inputs = model_inputs(artifact, ds.images)
@@ -179,6 +187,8 @@ def _evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spl
     from medhe.he.evaluate import evaluate_encrypted
 
     options: dict[str, Any] = {"key_bits": key_bits} if scheme == "paillier" else {}
+    if key_switching is not None:
+        options["key_switching"] = key_switching
     hook = None
     if debug_layers:
         if scheme != "ckks":
@@ -281,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(args.model, args.scheme, args.dataset, args.split, args.limit, args.data_dir,
                       progress=not args.no_progress, fhe=args.fhe, key_bits=args.key_bits,
                       debug_layers=args.debug_layers, n_execute=args.n_execute, batch=args.batch,
-                      encrypted_model=args.encrypted_model, keys=args.keys, sample=args.sample)
+                      encrypted_model=args.encrypted_model, keys=args.keys, sample=args.sample,
+                      key_switching=args.key_switching)
     if calibration is not None:
         add_calibration(report, calibration, args.model, args.dataset, args.split, args.limit, args.data_dir,
                         args.coverage, args.sample)

@@ -15,6 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="shipped model name or model directory")
     p.add_argument("--scheme", choices=("ckks",), default="ckks")
     p.add_argument("--poly-degree", type=int, help="force the ring degree N (still 128-bit checked)")
+    p.add_argument("--key-switching", choices=("seal", "hybrid"),
+                   help="the evaluation keys' format: seal (SEAL's: one special prime, a digit per data prime) or "
+                        "hybrid (issue 29: a few digits and several special primes chosen by the planner, keys "
+                        "several times smaller; evaluated by the native runtime only). Default: the card's "
+                        "scheme_options, else seal")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(handler=run)
 
@@ -29,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     options = dict((art.card.get("scheme_options") or {}).get("ckks") or {})
     if args.poly_degree:
         options["poly_degree"] = args.poly_degree
+    if args.key_switching:
+        options["key_switching"] = args.key_switching
     plan = compile_plan(art.model, input_shape_of(art), art.card.get("activation_ranges"), **options)
     info = describe(plan)
     info["model"] = art.card.get("name", args.model)
