@@ -104,7 +104,7 @@ def test_service_accounts_a_hybrid_key_set_at_what_it_holds(models):
     spec = hybrid.spec()
     client = CKKSClient(spec)
     client.keygen()
-    held = limits.ckks_rules(spec, b"\0" * 16)["held_bytes"]
+    held = limits.rules_for(hybrid)["held_bytes"]
     assert held == limits.ckks_spec_held_bytes(spec) == hybrid.load_keys(client.evaluation_keys()).galois.nbytes()
     nkeys = len(spec["rotation_steps"]) + 1
     assert held < limits.ckks_key_held_bytes(spec["params"], nkeys)  # what was counted before
@@ -117,3 +117,45 @@ def test_service_accounts_a_hybrid_key_set_at_what_it_holds(models):
     # SEAL-format plans keep their figure
     assert limits.ckks_spec_held_bytes(seal_plan.spec()) == limits.ckks_key_held_bytes(
         seal_plan.spec()["params"], len(seal_plan.spec()["rotation_steps"]) + 1)
+
+
+def test_a_served_hybrid_model_registers_keys_and_diagnoses_real_scans(tmp_path, data_dir):
+    """Through ``medhe serve`` on 127.0.0.1: the web process's streamed check reads key envelope version 2 (it
+    refused every hybrid key set: "uses envelope version 2; this server reads 1"), the registration counts the set
+    at what it holds, and real PneumoniaMNIST scans get the plaintext model's labels."""
+    import json
+    import shutil
+
+    import httpx
+
+    from medhe.data import load_dataset
+    from medhe.models.artifact import PRETRAINED_DIR
+    from medhe.models.predict import model_inputs, predict_logits
+    from medhe.service import limits, protocol
+    from medhe.service.client import Client
+    from medhe.service.launch import ServerProcess
+
+    folder = tmp_path / "pneumoniamnist-hybrid"
+    shutil.copytree(PRETRAINED_DIR / "pneumoniamnist", folder)
+    card = json.loads((folder / "card.json").read_text())
+    card.setdefault("scheme_options", {}).setdefault("ckks", {})["key_switching"] = "hybrid"
+    (folder / "card.json").write_text(json.dumps(card))
+    art = load_artifact(folder)
+    scans = load_dataset("pneumoniamnist", split="test", size=28, data_dir=data_dir).images[:2]
+    plain = predict_logits(art.model, model_inputs(art, scans)).argmax(1)
+    with ServerProcess([str(folder)], workers=1) as srv, Client(srv.url) as client:
+        info = client.model_info()
+        assert info["spec"]["key_envelope"]["version"] == 2
+        results = client.diagnose_many(list(scans), progress=False)
+        assert [art.labels.index(r.label) for r in results] == plain.tolist()
+        sess = client.session()
+        held = limits.ckks_spec_held_bytes(info["spec"])
+        assert info["limits"]["key_set_held_bytes"] == held
+        assert sess.key_bytes <= info["limits"]["key_bytes"]
+        ready = httpx.get(f"{srv.url}/v1/ready", timeout=10).json()
+        assert ready["key_bytes"] == held
+        v1 = envelope.pack(envelope.KIND_KEYS, info["spec"]["plan_id"], [b"", b""])  # a version-1 client's keys
+        r = httpx.post(srv.url + protocol.keys_path(info["id"]), content=v1,
+                       headers={"Content-Type": protocol.OCTET}, timeout=30)
+        assert r.status_code in (400, 422) and "key envelope version 2" in r.json()["error"]["message"], r.text
+        client.forget_keys()

@@ -70,3 +70,34 @@ def test_paillier_header_bounds_the_key_size():
     feed(rules, "keys", wire.dumps(wire.Message(wire.KIND_PUBLIC_KEY, wire.fingerprint(n), [n]), 384), 10)
     with pytest.raises(ServiceError, match="bytes past"):
         feed(rules, "keys", wire.dumps(wire.Message(wire.KIND_PUBLIC_KEY, wire.fingerprint(n), [n]), 384) + b"x", 50)
+
+
+def test_hybrid_keys_are_read_as_key_envelope_2():
+    """Key envelope version 2 (docs/protocol.md 4.12): an index part, then digit frames of the key context; the
+    check used to refuse every hybrid key set ("uses envelope version 2; this server reads 1")."""
+    import struct
+
+    from medhe.he.ckks.wire import envelope
+
+    model = compile_model(load_artifact("pneumoniamnist"), "ckks", backend="native", key_switching="hybrid")
+    client = client_for(model.spec())
+    client.keygen()
+    rules, keys = rules_for(model), client.evaluation_keys()
+    for step in (997, 65536, len(keys)):
+        feed(rules, "keys", keys, step)
+    assert len(keys) <= rules["key_bytes"]
+    plan_id = model.spec()["plan_id"]
+    assert "key envelope version 2 (hybrid keys)" in refused(rules, "keys", envelope.pack(
+        envelope.KIND_KEYS, plan_id, [b"", b""]))  # a version-1 client's keys
+    parts = envelope.unpack(keys, envelope.KIND_KEYS, plan_id, version=2)
+    def repack(new_parts):
+        return envelope.pack(envelope.KIND_KEYS, plan_id, new_parts, version=2)
+
+    too_many = rules["key_max_parts"]
+    assert "digit frames" in refused(rules, "keys", repack([parts[0]] + [parts[1]] * too_many))
+    frame = bytearray(parts[1])
+    frame[8:24] = bytes(16)  # the digit frame's parameter fingerprint
+    assert "fingerprint" in refused(rules, "keys", repack([parts[0], bytes(frame), *parts[2:]]))
+    assert "index" in refused(rules, "keys", repack([b"\0\0", *parts[1:]]))
+    big_index = struct.pack("<I", 1) + bytes(rules["index_part_bytes"])
+    assert "part 0 declares" in refused(rules, "keys", repack([big_index, *parts[1:]]), status=413)

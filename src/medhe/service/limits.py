@@ -39,7 +39,8 @@ def _bits_bytes(bits: int) -> int:
     return (bits + 7) // 8
 
 
-def ckks_rules(spec: dict[str, Any], fingerprint: bytes) -> dict[str, Any]:
+def ckks_rules(spec: dict[str, Any], fingerprint: bytes, key_fingerprint: bytes | None = None) -> dict[str, Any]:
+    """``fingerprint``: the (client) context's frames; ``key_fingerprint``: hybrid plans' key context (4.12)."""
     params = spec["params"]
     n, primes = int(params["poly_degree"]), [int(b) for b in params["prime_bits"]]
     k = len(primes)  # key level: data primes + special prime
@@ -50,7 +51,7 @@ def ckks_rules(spec: dict[str, Any], fingerprint: bytes) -> dict[str, Any]:
     ct_whole = 2 * _bits_bytes(n * sum(primes[: level + 1])) + _COMPONENT_OVERHEAD
     cts = int(spec["input"]["ciphertexts"])
     header = 24 + 4 * max(2, cts) + 32 * 4
-    return {
+    rules = {
         "scheme": "ckks",
         "key_bytes": int(header + nkeys * key_whole * MARGIN + SLACK),
         "input_bytes": int(header + cts * ct_whole * MARGIN + SLACK),
@@ -61,6 +62,31 @@ def ckks_rules(spec: dict[str, Any], fingerprint: bytes) -> dict[str, Any]:
         "galois_part_bytes": int(len(spec["rotation_steps"]) * key_whole * MARGIN + SLACK),
         "relin_part_bytes": int(key_whole * MARGIN + SLACK) if spec.get("relinearization") else 0,
         "input_part_bytes": int(ct_whole * MARGIN + SLACK),
+    }
+    if int(params.get("alpha", 0) or 0) > 0:
+        rules.update(_hybrid_key_rules(spec, nkeys, key_fingerprint))
+    return rules
+
+
+def _hybrid_key_rules(spec: dict[str, Any], nkeys: int, key_fingerprint: bytes | None) -> dict[str, Any]:
+    """Key envelope 2 (docs/protocol.md 4.12): an index part, then per key at most ``dnum`` digit frames, each a
+    seeded ciphertext of the key context (every prime of Q*P and one unused prime of at most 60 bits)."""
+    if key_fingerprint is None:
+        raise ValueError("a hybrid plan's upload rules need its key context's fingerprint")
+    params = spec["params"]
+    n, primes = int(params["poly_degree"]), [int(b) for b in params["prime_bits"]]
+    levels = len(primes) - int(params["specials"])
+    dnum = math.ceil(levels / int(params["alpha"]))
+    digit_whole = 2 * _bits_bytes(n * (sum(primes) + 60)) + _COMPONENT_OVERHEAD
+    parts = 1 + nkeys * dnum
+    index = 4 + 6 * nkeys
+    return {
+        "key_envelope": 2,
+        "key_fingerprint": key_fingerprint.hex(),
+        "key_max_parts": parts,
+        "index_part_bytes": index,
+        "digit_part_bytes": int(digit_whole * MARGIN + SLACK),
+        "key_bytes": int(24 + 4 * parts + index + nkeys * dnum * digit_whole * MARGIN + SLACK),
     }
 
 
@@ -147,7 +173,13 @@ def rules_for(model: Any) -> dict[str, Any] | None:
         from medhe.he.ckks.wire.serialize import params_fingerprint
 
         # from the parameters, not the model's backend: the frames are SEAL's whatever backend evaluates them
-        return ckks_rules(spec, params_fingerprint(seal_context(CKKSParams.from_dict(spec["params"]))))
+        params = CKKSParams.from_dict(spec["params"])
+        key_fingerprint = None
+        if params.hybrid:
+            from medhe.he.ckks.hybrid import sealctx
+
+            key_fingerprint = params_fingerprint(sealctx.key_context(params.layout()))
+        return ckks_rules(spec, params_fingerprint(seal_context(params)), key_fingerprint)
     if scheme == "paillier":
         return paillier_rules(spec, int(getattr(model, "pool_size", 0)))
     if scheme == "tfhe" and "bootstrap_key_bytes" in spec.get("params", {}):

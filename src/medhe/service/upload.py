@@ -3,7 +3,8 @@
 A body that cannot be a valid message for this model (wrong magic, version, kind, plan, parameter fingerprint,
 part count, or a part or key declaring more bytes than the model's keys or inputs can have) is refused as soon as
 the bytes that show it have arrived, so garbage never reaches the disk, a worker or SEAL. What is checked is the
-framing of protocol v1 (docs/protocol.md); the worker still validates every byte (CRCs, coefficients, SEAL).
+framing of protocol v1 (docs/protocol.md), hybrid keys' key envelope version 2 (4.12) included; the worker still
+validates every byte (CRCs, coefficients, SEAL).
 
 ``StreamCheck(rules, what).feed(chunk)`` raises ``ServiceError`` (422, or 413 for sizes) on the first chunk that
 proves the body wrong; ``finish()`` checks that the body ended exactly where its framing says.
@@ -110,16 +111,26 @@ class StreamCheck:
             if magic != CKKS_MAGIC:
                 raise _bad(what, f"does not start with the CKKS envelope magic {CKKS_MAGIC!r}: send the bytes of "
                                  "a protocol v1 CKKS message (docs/protocol.md)")
-            if version != CKKS_VERSION:
+            hybrid = self.kind == "keys" and version == r.get("key_envelope") == 2  # 4.12: hybrid keys
+            if self.kind == "keys" and r.get("key_envelope") == 2 and version == CKKS_VERSION:
+                raise _bad(what, "use key envelope version 1 (SEAL's key format), but this model's spec announces "
+                                 "key envelope version 2 (hybrid keys): create the keys with this server's spec")
+            if version != CKKS_VERSION and not hybrid:
                 raise _bad(what, f"uses envelope version {version}; this server reads {CKKS_VERSION}")
             if kind != want:
                 raise _bad(what, f"is envelope kind {kind}, expected {want} ({self.kind})")
             if plan != bytes.fromhex(r["plan_id"])[:16].ljust(16, b"\0"):
                 raise _bad(what, "was made for another model or parameter set (plan id differs): fetch this "
                                  "server's spec, then create keys and encrypt again")
-            expected = 2 if self.kind == "keys" else r["input_ciphertexts"]
-            if count != expected:
-                raise _bad(what, f"declares {count} parts; this model's {self.kind} have {expected}")
+            if hybrid:
+                if not 2 <= count <= r["key_max_parts"]:
+                    raise _bad(what, f"declares {count} parts; this model's hybrid keys have an index and 1 to "
+                                     f"{r['key_max_parts'] - 1} digit frames")
+            else:
+                expected = 2 if self.kind == "keys" else r["input_ciphertexts"]
+                if count != expected:
+                    raise _bad(what, f"declares {count} parts; this model's {self.kind} have {expected}")
+            st["hybrid"] = hybrid
             st["count"], st["part"] = count, -1
             self._next_part(st)
             return
@@ -130,8 +141,13 @@ class StreamCheck:
                 raise ServiceError(413, "body_too_large", f"{what}: part {st['part']} declares {size} bytes, more "
                                                           f"than this model's {self.kind} can have ({limit})")
             st["sizes"].append(size)
+            if st["hybrid"] and st["part"] == 0:  # the index: u32 count, 6 bytes per key (the worker reads it)
+                if size < 4:
+                    raise _bad(what, f"has an index of {size} bytes; it holds at least its u32 count")
+                st["skip"], st["head"] = size, False
+                return
             if size == 0:
-                if self.kind != "keys" or st["part"] != 1:
+                if self.kind != "keys" or st["part"] != 1 or st["hybrid"]:
                     raise _bad(what, f"has an empty part {st['part']}")
                 self._next_part(st)
                 return
@@ -140,7 +156,9 @@ class StreamCheck:
             st["need"], st["head"], st["size"] = _FRAME.size, False, size
             return
         magic, version, kind, flags, fingerprint, _crc, skeleton = _FRAME.unpack(buf)
-        if self.kind == "keys":
+        if st["hybrid"]:
+            want = SEAL_KIND_CIPHERTEXT  # each digit is a seeded ciphertext of the key context
+        elif self.kind == "keys":
             want = SEAL_KIND_GALOIS if st["part"] == 0 else SEAL_KIND_RELIN
         else:
             want = SEAL_KIND_CIPHERTEXT
@@ -151,7 +169,7 @@ class StreamCheck:
             raise _bad(what, f"part {st['part']} is frame kind {kind}, expected {want}")
         if flags not in (0, 1) or (flags == 1 and self.kind != "keys"):
             raise _bad(what, f"part {st['part']} has unknown flags {flags}")
-        if fingerprint.hex() != r["fingerprint"]:
+        if fingerprint.hex() != (r["key_fingerprint"] if st["hybrid"] else r["fingerprint"]):
             raise _bad(what, f"part {st['part']} was made for other encryption parameters (fingerprint differs)")
         if skeleton > st["size"] - _FRAME.size:
             raise _bad(what, f"part {st['part']} declares a skeleton longer than the part")
@@ -163,6 +181,8 @@ class StreamCheck:
         r = self.rules
         if self.kind != "keys":
             return r["input_part_bytes"]
+        if self._state.get("hybrid"):
+            return r["index_part_bytes"] if part == 0 else r["digit_part_bytes"]
         return r["galois_part_bytes"] if part == 0 else r["relin_part_bytes"]
 
     # -- Paillier: one fixed header that says exactly how long the message is ----------------------------------------
