@@ -1,6 +1,6 @@
-"""``--key-switching {seal,hybrid}`` on the commands that compile a CKKS plan (issue 29): ``medhe inspect`` and
-``medhe evaluate --scheme ckks`` pass it to ``compile_plan(key_switching=...)``; shown in their help; anything else
-is refused with one line. Real pneumoniamnist plans, two real test images encrypted (~10 s in all)."""
+"""``--key-switching {seal,hybrid}`` on the commands that compile a CKKS plan (issue 29): ``medhe inspect``,
+``medhe evaluate --scheme ckks`` and ``medhe serve`` pass it to ``compile_plan(key_switching=...)``; shown in their
+help; anything else is refused with one line. Real pneumoniamnist plans and test images (~15 s in all)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_inspect_compiles_the_chosen_key_format(capsys):
     assert "key switching: hybrid" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [["inspect", "pneumoniamnist"], ["evaluate"]])
+@pytest.mark.parametrize("command", [["inspect", "pneumoniamnist"], ["evaluate"], ["serve"]])
 def test_the_flag_is_in_the_help_and_other_values_are_refused(command, capsys):
     with pytest.raises(SystemExit):
         medhe_main([command[0], "--help"])
@@ -51,3 +51,23 @@ def test_evaluate_runs_a_hybrid_plan_and_refuses_the_flag_elsewhere(tmp_path, da
                        "--limit", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--key-switching applies to --scheme ckks" in err[0], err
+
+
+def test_serve_compiles_its_ckks_models_for_hybrid_keys(data_dir):
+    from medhe.data import load_dataset
+    from medhe.models.artifact import load_artifact
+    from medhe.models.predict import model_inputs, predict_logits
+    from medhe.service.client import Client
+    from medhe.service.launch import ServerProcess
+
+    art = load_artifact("pneumoniamnist")
+    scans = load_dataset("pneumoniamnist", split="test", size=28, data_dir=data_dir).images[3:5]
+    plain = predict_logits(art.model, model_inputs(art, scans)).argmax(1)
+    with ServerProcess(["pneumoniamnist", "covid-cxr:paillier"], workers=1,
+                       extra_args=["--key-switching", "hybrid"]) as srv, Client(srv.url) as client:
+        spec = client.model_info("pneumoniamnist")["spec"]
+        assert spec["key_envelope"]["version"] == 2 and spec["params"]["alpha"] >= 1
+        assert client.model_info("covid-cxr")["spec"]["scheme"] == "paillier"  # other schemes unaffected
+        results = client.diagnose_many(list(scans), model="pneumoniamnist", progress=False)
+        assert [art.labels.index(r.label) for r in results] == plain.tolist()
+        client.forget_keys()

@@ -19,6 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "keys, send ciphertexts and decrypt the results themselves; see docs/service.md.")
     p.add_argument("--model", action="append", default=[], metavar="NAME|DIR[:SCHEME]",
                    help="model to serve (repeatable); scheme defaults to the card's default, else ckks")
+    p.add_argument("--key-switching", choices=("seal", "hybrid"),
+                   help="CKKS models: the evaluation keys' format their plans are compiled for, seal (SEAL's: one "
+                        "special prime, a digit per data prime) or hybrid (issue 29: a few digits and several "
+                        "special primes chosen by the planner, keys several times smaller, key envelope version 2; "
+                        "needs the native runtime). Default: each card's scheme_options, else seal")
     p.add_argument("--encrypted-model", action="append", default=[], metavar="ENCDIR",
                    help="encrypted model to serve (repeatable; medhe encrypt-model): its weights are ciphertexts "
                         "under the key holder's key, and only that key set's evaluation keys are accepted")
@@ -192,7 +197,8 @@ def _serve(args: argparse.Namespace, say) -> int:
     _check_port_free(args.host, args.port)  # fail now, not after minutes of compiling
     if not args.model and not args.encrypted_model:
         raise MedheError("nothing to serve: pass --model NAME|DIR[:SCHEME] or --encrypted-model ENCDIR")
-    models = load_catalog(args.model) if args.model else []
+    ckks_options = {"key_switching": args.key_switching} if args.key_switching else {}
+    models = load_catalog(args.model, ckks_options) if args.model else []
     models += load_encrypted_catalog(args.encrypted_model, models)
     workers = default_processes() if args.workers is None else args.workers
     if workers < 0:

@@ -128,8 +128,9 @@ def read_model_dir(source: str) -> tuple[Path, dict[str, Any], bytes | None]:
     return path, card, weights
 
 
-def load_catalog(args: list[str]) -> list[ServedModel]:
-    """Resolve ``--model`` arguments into served models with unique URL-safe ids.
+def load_catalog(args: list[str], ckks_options: dict[str, Any] | None = None) -> list[ServedModel]:
+    """Resolve ``--model`` arguments into served models with unique URL-safe ids; ``ckks_options`` (e.g.
+    ``{"key_switching": "hybrid"}``, ``medhe serve --key-switching``) go to every CKKS model's compile.
 
     A model served under one scheme is addressed by its card name; the same name under several schemes becomes
     ``name-scheme`` for each, so one server can offer e.g. CKKS and Paillier variants side by side.
@@ -152,7 +153,8 @@ def load_catalog(args: list[str]) -> list[ServedModel]:
         if model_id in seen:
             raise ArtifactError(f"model {model_id!r} is given twice with the same scheme; serve it once")
         seen.add(model_id)
-        served.append(ServedModel(ModelRef(model_id, path, scheme), card, weights))
+        options = tuple(sorted((ckks_options or {}).items())) if scheme == "ckks" else ()
+        served.append(ServedModel(ModelRef(model_id, path, scheme, options), card, weights))
     return served
 
 
