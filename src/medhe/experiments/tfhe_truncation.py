@@ -1,7 +1,7 @@
 """Where pneumoniamnist-qfcnn's TFHE time goes (issue 34): the same integer function lowered with t of its k
 rounded bits truncated (t PBS per neuron) before a (10 - t)-bit lookup, timed on the first N test images.
 
-    MEDHE_DATA=/path/to/data N=4 .venv/bin/python scripts/tfhe_truncation_sweep.py 5:multi 4:multi 5:mono \
+    MEDHE_DATA=/path/to/data N=4 .venv/bin/python -m medhe.experiments.tfhe_truncation 5:multi 4:multi 5:mono \
         5:multi:global_p_error=0.001
 
 Each argument is ``t:strategy[:option=value]``. Prints one JSON line per design: PBS count and parameters, key
@@ -16,28 +16,17 @@ import warnings
 
 import numpy as np
 
-warnings.simplefilter("ignore")
-from concrete import fhe  # noqa: E402
-from concrete.fhe.compilation.configuration import SecurityLevel  # noqa: E402
+from concrete import fhe
+from concrete.fhe.compilation.configuration import SecurityLevel
 
-from medhe.data import load_dataset  # noqa: E402
-from medhe.he.tfhe.circuit import COMPRESSION, default_inputset  # noqa: E402
-from medhe.models.artifact import load_artifact  # noqa: E402
+from medhe.data import load_dataset
+from medhe.he.tfhe.circuit import COMPRESSION, default_inputset
+from medhe.models.artifact import load_artifact
 
 STRATEGIES = {"mono": fhe.ParameterSelectionStrategy.MONO, "multi": fhe.ParameterSelectionStrategy.MULTI}
-for _spec in sys.argv[1:]:  # bad arguments fail before the data and the model load
-    if len(_spec.split(":")) < 2 or _spec.split(":")[1] not in STRATEGIES or not _spec.split(":")[0].isdigit():
-        sys.exit(f"error: {_spec!r} is not t:mono|multi[:option=value]")
-
-art = load_artifact(os.environ.get("MODEL", "pneumoniamnist-qfcnn"))
-integer = art.model.export_integer()
-pre = art.preprocess()
-test = load_dataset(art.card["dataset"]["name"], split="test", size=pre.size)
-q = integer.quantize_input(pre.batch(test.images[:int(os.environ.get("N", 5))]))
-ref = integer.run(q)
 
 
-def build(trunc):
+def build(integer, trunc):
     """acc + half a step, truncate min(trunc, k) bits, then a lookup that does the rest of floor(. / 2**k)."""
     def forward(x):
         h = x
@@ -58,11 +47,11 @@ def build(trunc):
     return forward
 
 
-def run(trunc, strategy, extra):
+def run(integer, q, ref, trunc, strategy, extra):
     cfg = fhe.Configuration(security_level=SecurityLevel.SECURITY_128_BITS, fhe_simulation=True,
                             parameter_selection_strategy=strategy, **COMPRESSION, **extra)
     t0 = time.perf_counter()
-    c = fhe.Compiler(build(trunc), {"x": "encrypted"}).compile(default_inputset(integer, q), cfg)
+    c = fhe.Compiler(build(integer, trunc), {"x": "encrypted"}).compile(default_inputset(integer, q), cfg)
     info = {"trunc": trunc, "strategy": strategy.name, "extra": extra, "pbs": c.programmable_bootstrap_count,
             "p_error": c.p_error, "bsk_MB": c.size_of_bootstrap_keys / 1e6, "ksk_MB": c.size_of_keyswitch_keys / 1e6,
             "compile_s": round(time.perf_counter() - t0, 1),
@@ -86,7 +75,22 @@ def run(trunc, strategy, extra):
     print(json.dumps(info), flush=True)
 
 
-if __name__ == "__main__":
-    for spec in sys.argv[1:]:
+def main(argv: list[str]) -> None:
+    for spec in argv:  # bad arguments fail before the data and the model load
+        if len(spec.split(":")) < 2 or spec.split(":")[1] not in STRATEGIES or not spec.split(":")[0].isdigit():
+            sys.exit(f"error: {spec!r} is not t:mono|multi[:option=value]")
+    warnings.simplefilter("ignore")
+    art = load_artifact(os.environ.get("MODEL", "pneumoniamnist-qfcnn"))
+    integer = art.model.export_integer()
+    pre = art.preprocess()
+    test = load_dataset(art.card["dataset"]["name"], split="test", size=pre.size)
+    q = integer.quantize_input(pre.batch(test.images[:int(os.environ.get("N", 5))]))
+    ref = integer.run(q)
+    for spec in argv:
         trunc, strategy, *options = spec.split(":")
-        run(int(trunc), STRATEGIES[strategy], {k: float(v) for k, v in (o.split("=", 1) for o in options)})
+        run(integer, q, ref, int(trunc), STRATEGIES[strategy],
+            {k: float(v) for k, v in (o.split("=", 1) for o in options)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
