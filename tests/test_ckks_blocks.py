@@ -237,10 +237,12 @@ def test_service_and_sdk_serve_a_multi_block_model(tmp_path, data_dir):
     kwargs = {"in_channels": 1, "num_outputs": 2, "image_size": 128, "width": 2}
     model = build_latent_classifier(**kwargs)
     pre = Preprocess(channels=1, size=128)
-    images = load_dataset("pneumoniamnist", split="val", size=28, data_dir=data_dir).images  # resized by Preprocess
+    # real 128-px chest X-rays (Kermany's 224-px set, grey stored as RGB): the SDK refuses scans smaller than the
+    # model's input, as it does for a hospital's
+    images = load_dataset("kermany_pneumonia_224", split="val", size=128, data_dir=data_dir).images[:34, :, :, 0]
     record_ranges(model, pre.batch(images[:32]))
     card = {"name": "blocks128", "arch": "latent-hecnn", "arch_kwargs": kwargs, "task": "binary-class",
-            "labels": ["normal", "pneumonia"], "dataset": {"name": "pneumoniamnist", "size": 28},
+            "labels": ["normal", "pneumonia"], "dataset": {"name": "kermany_pneumonia_224", "size": 128},
             "preprocessing": pre.to_dict(), "activation_ranges": layers.activation_ranges(model)}
     model_dir = save_artifact(tmp_path / "blocks128", model.eval(), card)
     art = load_artifact(model_dir)
