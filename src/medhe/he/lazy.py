@@ -18,4 +18,5 @@ def lazy_exports(package: str, table: dict[str, str | tuple[str, str]]) -> Calla
         module, attr = entry if isinstance(entry, tuple) else (entry, name)
         return getattr(importlib.import_module(module), attr)
 
+    __getattr__.exports = frozenset(table)  # type: ignore[attr-defined]  # what it offers, known without importing
     return __getattr__

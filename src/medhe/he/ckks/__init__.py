@@ -28,6 +28,7 @@ DEFAULT_MODEL = "pneumoniamnist"
 
 __all__ = ["SCHEME", "DEFAULT_MODEL", "compile", "Client", "compile_ckks", "compile_plan", "CKKSClient", "CKKSServerModel", "layer_errors", "layer_report",
            "dump_server", "load_server", "server_from_model"]
+# (the HOOKS entries of _LAZY below are reached through medhe.he.scheme, not listed as public API)
 
 _LAZY = {
     "compile": ("medhe.he.ckks.server", "compile_ckks"),  # every scheme package's entries (medhe.he.scheme)
@@ -41,6 +42,28 @@ _LAZY = {
     "server_from_model": "medhe.he.ckks.server",
     "dump_server": "medhe.he.ckks.planfile",
     "load_server": "medhe.he.ckks.planfile",
+    # the optional modes of medhe.he.scheme.HOOKS: how the service and the CLI reach CKKS without importing it
+    "upload_rules": "medhe.he.ckks.limits",
+    "compile_batch": ("medhe.he.ckks.batch.server", "compile_ckks_batch"),
+    "BatchClient": ("medhe.he.ckks.batch.client", "CKKSBatchClient"),
+    "evaluate_batch": "medhe.he.ckks.batch.evaluate",
+    "load_encrypted_model": "medhe.he.ckks.encrypted.model",
+    "read_encrypted_card": ("medhe.he.ckks.encrypted.model", "read_public_card"),
+    "load_keydir": "medhe.he.ckks.encrypted.keys",
+    "KeyHolderClient": "medhe.he.ckks.encrypted.client",
+    "make_keydir": "medhe.he.ckks.encrypted.holder",
+    "encrypt_model": "medhe.he.ckks.encrypted.holder",
+    "KEYDIR_SECRET_FILE": ("medhe.he.ckks.encrypted.keys", "SECRET_FILE"),
+    "evaluate_encrypted_model": "medhe.he.ckks.encrypted.evaluate",
+    "run_benchmark": ("medhe.he.ckks.bench", "run_ckks_benchmark"),
+    "format_benchmark": ("medhe.he.ckks.bench", "format_summary"),
+    "run_engine_measurement": ("medhe.he.ckks.measure", "run_measurement"),
+    "run_op_costs": "medhe.he.ckks.opcost",
+    "run_batch_benchmark": "medhe.he.ckks.batch.bench",
+    "add_batch_comparison": ("medhe.he.ckks.batch.bench", "add_comparison"),
+    "format_batch_throughput": ("medhe.he.ckks.batch.bench", "format_throughput"),
+    "inspect_model": "medhe.he.ckks.inspect",
+    "render_inspection": ("medhe.he.ckks.inspect", "render"),
 }
 
 

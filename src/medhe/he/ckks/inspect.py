@@ -134,3 +134,13 @@ def render(info: dict[str, Any]) -> str:
 
 def _mb(b: int) -> str:
     return f"{b / 1e6:.1f} MB"
+
+
+def inspect_model(artifact: Any, **options: Any) -> dict[str, Any]:
+    """The ``inspect_model`` hook of ``medhe.he.scheme`` (``medhe inspect``): compile ``artifact``'s plan with
+    ``options`` (poly_degree, key_switching, ...) and ``describe`` it; nothing is encrypted."""
+    from medhe.he.ckks.compiler.driver import compile_plan
+    from medhe.he.ckks.server import input_shape_of
+
+    return describe(compile_plan(artifact.model, input_shape_of(artifact), artifact.card.get("activation_ranges"),
+                                 **options))

@@ -27,6 +27,9 @@ _LAZY = {
     "affine_map": ("medhe.he.paillier.server", "affine_map"),
     "DEFAULT_KEY_BITS": ("medhe.he.security", "PAILLIER_DEFAULT_KEY_BITS"),
     "MIN_KEY_BITS": ("medhe.he.security", "PAILLIER_MIN_KEY_BITS"),
+    # the optional modes of medhe.he.scheme.HOOKS
+    "upload_rules": ("medhe.he.paillier.limits", "upload_rules"),
+    "run_benchmark": ("medhe.he.paillier.bench", "run_paillier_benchmark"),
 }
 
 __all__ = ["SCHEME", "DEFAULT_MODEL", *_LAZY]

@@ -26,6 +26,10 @@ _LAZY = {
     "TFHEServerModel": ("medhe.he.tfhe.server", "TFHEServerModel"),
     "evaluate_tfhe": ("medhe.he.tfhe.evaluate", "evaluate_tfhe"),
     "run_tfhe_benchmark": ("medhe.he.tfhe.bench", "run_tfhe_benchmark"),
+    # the optional modes of medhe.he.scheme.HOOKS
+    "upload_rules": ("medhe.he.tfhe.limits", "upload_rules"),
+    "evaluate": ("medhe.he.tfhe.evaluate", "evaluate_report"),
+    "run_benchmark": ("medhe.he.tfhe.bench", "run_tfhe_benchmark"),
 }
 
 __all__ = ["SCHEME", "DEFAULT_MODEL", *_LAZY]

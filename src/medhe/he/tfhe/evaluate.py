@@ -109,3 +109,12 @@ def evaluate_tfhe(artifact: Any, inputs: np.ndarray, labels: np.ndarray, fhe: st
         "logits": logits_block(labels, plain_logits, enc_logits, reference=quant_logits),
     })
     return report
+
+
+def evaluate_report(artifact: Any, inputs: np.ndarray, labels: np.ndarray, report: dict[str, Any],
+                    plain_logits: np.ndarray, progress: bool = True, fhe: str = "simulate",
+                    n_execute: int | None = 50) -> dict[str, Any]:
+    """The ``evaluate`` hook of ``medhe.he.scheme``: ``medhe evaluate --scheme tfhe`` fills ``report`` with
+    ``evaluate_tfhe``'s entries (its own plain side replaces the generic one)."""
+    report.update(evaluate_tfhe(artifact, inputs, labels, fhe=fhe, progress=progress, n_execute=n_execute))
+    return report

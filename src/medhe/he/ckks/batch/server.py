@@ -78,6 +78,13 @@ class CKKSBatchServer:
         return {"scheme": "ckks", "mode": "batch", "format": SPEC_FORMAT, "model": self.name, "task": self.task,
                 "labels": self.labels, **self._public}
 
+    def key_held_bytes(self) -> int:
+        """What one loaded batch key set (one relinearization key) holds, a function of the spec: the service
+        accounts it at this, not at its much smaller upload."""
+        from medhe.he.ckks.limits import ckks_key_held_bytes
+
+        return ckks_key_held_bytes(self.spec()["params"])
+
     def load_keys(self, data: bytes) -> Any:
         """The client's relinearization keys (the only evaluation key a batch plan uses)."""
         parts = wire.unpack(data, wire.KIND_KEYS, self.plan_id)
