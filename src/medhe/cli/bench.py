@@ -11,7 +11,7 @@ from medhe import atomic
 from medhe.textformat import ms
 from medhe.cli._paths import input_dir, output_file
 from medhe.errors import MedheError
-from medhe.he.scheme import SCHEMES, default_model
+from medhe.he.scheme import default_model, scheme_hook, schemes
 from medhe.machine import machine_info
 
 
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Tutorial-4 pipeline, --scheme tfhe with a plain concrete-python FCNN, "
                                    "--service runs concurrent clients against a real server on loopback.")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--scheme", choices=SCHEMES)
+    what.add_argument("--scheme", choices=schemes())
     what.add_argument("--service", action="store_true", help="load-test the HTTP service")
     p.add_argument("--model", help="model to benchmark (default: the scheme's shipped default)")
     p.add_argument("-n", "--images", type=int, default=20, help="images per measured pipeline")
@@ -113,39 +113,29 @@ def run(args: argparse.Namespace) -> int:
                                        kill_worker_after=args.kill_worker_after,
                                        sigterm_after=args.sigterm_after)
     elif args.scheme == "ckks" and args.ops:
-        from medhe.he.ckks.opcost import run_op_costs
-
-        result = {"op_costs_ms": run_op_costs()}
+        result = {"op_costs_ms": scheme_hook("ckks", "run_op_costs")()}
     elif args.scheme == "ckks" and args.engine_only:
-        from medhe.he.ckks.measure import run_measurement
-
-        result = run_measurement(args.model or default_model("ckks"), args.images, data_dir=args.data_dir)
+        result = scheme_hook("ckks", "run_engine_measurement")(args.model or default_model("ckks"), args.images,
+                                                               data_dir=args.data_dir)
     elif args.scheme == "ckks":
-        from medhe.he.ckks.bench import format_summary, run_ckks_benchmark
-
-        result = run_ckks_benchmark(model=args.model or default_model("ckks"), n_images=args.images,
-                                    data_dir=args.data_dir)
-        summary = format_summary(result)
+        result = scheme_hook("ckks", "run_benchmark")(model=args.model or default_model("ckks"),
+                                                      n_images=args.images, data_dir=args.data_dir)
+        summary = scheme_hook("ckks", "format_benchmark")(result)
         print(summary)
         if args.batch:
-            from medhe.he.ckks.batch.bench import add_comparison, format_throughput, run_batch_benchmark
-
-            result["throughput"] = add_comparison(run_batch_benchmark(
-                model=args.model or default_model("ckks"), data_dir=args.data_dir, repeats=args.batch_repeats),
-                result)
-            print(format_throughput(result["throughput"]))
+            result["throughput"] = scheme_hook("ckks", "add_batch_comparison")(scheme_hook(
+                "ckks", "run_batch_benchmark")(model=args.model or default_model("ckks"), data_dir=args.data_dir,
+                                               repeats=args.batch_repeats), result)
+            print(scheme_hook("ckks", "format_batch_throughput")(result["throughput"]))
     elif args.scheme == "tfhe":
-        from medhe.he.tfhe.bench import run_tfhe_benchmark
-
-        result = run_tfhe_benchmark(model=args.model or default_model("tfhe"), n_images=args.images,
-                                    data_dir=args.data_dir, baseline_images=args.baseline_images,
-                                    rounded_extra=args.rounded_baseline, against=args.against)
+        result = scheme_hook("tfhe", "run_benchmark")(model=args.model or default_model("tfhe"),
+                                                      n_images=args.images, data_dir=args.data_dir,
+                                                      baseline_images=args.baseline_images,
+                                                      rounded_extra=args.rounded_baseline, against=args.against)
     else:
-        from medhe.he.paillier.bench import run_paillier_benchmark
-
-        # No reference tool to race for Paillier: per-stage latencies and sizes, warm vs empty re-randomisation pool
-        result = run_paillier_benchmark(args.model or default_model("paillier"), images=args.images,
-                                        data_dir=args.data_dir)
+        # Paillier (no reference tool to race): per-stage latencies and sizes, warm vs empty re-randomisation pool
+        result = scheme_hook(args.scheme, "run_benchmark")(args.model or default_model(args.scheme),
+                                                           images=args.images, data_dir=args.data_dir)
     result = {"benchmark": "service" if args.service else args.scheme, "machine": machine_info(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "wall_s": round(time.time() - started, 1), **result}
