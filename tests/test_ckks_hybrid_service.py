@@ -97,6 +97,7 @@ def test_service_accounts_a_hybrid_key_set_at_what_it_holds(models):
     """The service's key memory (``held_bytes``) used SEAL's formula (every key L + k - 1 components) for hybrid
     sets; it is now the digits each key's level reads, and equals the loaded set's measured size (the runtime's
     ``Keys.nbytes``), also when a client sends keys for more levels than the plan uses them at."""
+    from medhe.he.ckks import limits as ckks_limits
     from medhe.he.ckks.hybrid import wire
     from medhe.service import limits
 
@@ -105,9 +106,9 @@ def test_service_accounts_a_hybrid_key_set_at_what_it_holds(models):
     client = CKKSClient(spec)
     client.keygen()
     held = limits.rules_for(hybrid)["held_bytes"]
-    assert held == limits.ckks_spec_held_bytes(spec) == hybrid.load_keys(client.evaluation_keys()).galois.nbytes()
+    assert held == ckks_limits.ckks_spec_held_bytes(spec) == hybrid.load_keys(client.evaluation_keys()).galois.nbytes()
     nkeys = len(spec["rotation_steps"]) + 1
-    assert held < limits.ckks_key_held_bytes(spec["params"], nkeys)  # what was counted before
+    assert held < ckks_limits.ckks_key_held_bytes(spec["params"], nkeys)  # what was counted before
     need = wire.needed(spec, client.backend.galois_element)
     top = hybrid.plan.params.layout().levels - 1
     assert max(need.values()) < top  # so sending every key for the top level sends more digits
@@ -115,7 +116,7 @@ def test_service_accounts_a_hybrid_key_set_at_what_it_holds(models):
     assert len(bigger) > len(client.evaluation_keys())
     assert hybrid.load_keys(bigger).galois.nbytes() == held  # the extra digits are not kept
     # SEAL-format plans keep their figure
-    assert limits.ckks_spec_held_bytes(seal_plan.spec()) == limits.ckks_key_held_bytes(
+    assert ckks_limits.ckks_spec_held_bytes(seal_plan.spec()) == ckks_limits.ckks_key_held_bytes(
         seal_plan.spec()["params"], len(seal_plan.spec()["rotation_steps"]) + 1)
 
 
@@ -131,7 +132,8 @@ def test_a_served_hybrid_model_registers_keys_and_diagnoses_real_scans(tmp_path,
     from medhe.data import load_dataset
     from medhe.models.artifact import PRETRAINED_DIR
     from medhe.models.predict import model_inputs, predict_logits
-    from medhe.service import limits, protocol
+    from medhe.he.ckks import limits as ckks_limits
+    from medhe.service import protocol
     from medhe.service.client import Client
     from medhe.service.launch import ServerProcess
 
@@ -149,7 +151,7 @@ def test_a_served_hybrid_model_registers_keys_and_diagnoses_real_scans(tmp_path,
         results = client.diagnose_many(list(scans), progress=False)
         assert [art.labels.index(r.label) for r in results] == plain.tolist()
         sess = client.session()
-        held = limits.ckks_spec_held_bytes(info["spec"])
+        held = ckks_limits.ckks_spec_held_bytes(info["spec"])
         assert info["limits"]["key_set_held_bytes"] == held
         assert sess.key_bytes <= info["limits"]["key_bytes"]
         ready = httpx.get(f"{srv.url}/v1/ready", timeout=10).json()

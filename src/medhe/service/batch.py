@@ -5,8 +5,9 @@ file in the server's locked spool folder (never held twice in memory, refused wi
 by medhe's batch kernel in a single evaluation thread (the kernel already uses every core), and the result is
 streamed back from a temporary file. Batch plans are compiled in this process on first use; their keys
 (relinearization only, ~0.65 MB as sent, 5.5 MB as SEAL holds them) live in their own key store, separate from
-the single-image workers' keys, counted at what they hold once loaded (``limits.ckks_key_held_bytes``, a function
-of the batch spec: the same set always counts the same) under ``--max-batch-key-bytes`` and the per-client cap.
+the single-image workers' keys, counted at what they hold once loaded (the batch server's ``key_held_bytes()``,
+a function of the batch spec: the same set always counts the same) under ``--max-batch-key-bytes`` and the
+per-client cap.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ STREAM_CHUNK = 1 << 20
 
 
 class BatchModels:
-    """Batch servers compiled on first use, one per served CKKS model."""
+    """Batch servers compiled on first use (``medhe.he.scheme.compile_batch``), one per served model whose scheme
+    has a batch mode (CKKS)."""
 
     def __init__(self, catalog: dict[str, Any]) -> None:
         self.catalog = catalog
@@ -50,11 +52,11 @@ class BatchModels:
                     raise ServiceError(422, "batch_unsupported", f"model {model_id!r} has no batch mode: it is for "
                                        "CKKS models compiled from their weights without a client stage (the "
                                        "model listing names batch endpoints where they exist)")
-                from medhe.he.ckks.batch.server import compile_ckks_batch
+                from medhe.he.scheme import compile_batch
                 from medhe.models.artifact import load_artifact
 
                 try:
-                    server = compile_ckks_batch(load_artifact(model.ref.source))
+                    server = compile_batch(load_artifact(model.ref.source), model.ref.scheme)
                 except PlanError as exc:
                     raise ServiceError(422, "batch_unsupported", f"model {model_id!r} cannot run in batch mode: "
                                        f"{exc}") from None
@@ -89,7 +91,6 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
     of this process's evaluation thread; keys are still validated here. ``max_key_bytes``: memory all batch key
     sets hold together (as loaded), ``max_keys_per_client``: sets per client address (least recently used evicted
     first, for the per-client cap that client's own)."""
-    from medhe.service.limits import ckks_key_held_bytes
     from medhe.service.worker import trim_heap
 
     models = BatchModels(catalog)
@@ -141,7 +142,7 @@ def install_batch_routes(app: FastAPI, catalog: dict[str, Any], authorize: Calla
                 data = fh.read()
         finally:
             discard(path)
-        held = max(size, ckks_key_held_bytes(server.spec()["params"]))
+        held = max(size, server.key_held_bytes())
         if held > keys.max_bytes:  # refused before SEAL allocates anything
             raise ServiceError(413, "keys_too_large", f"one batch key set of {model_id!r} holds {held} bytes once "
                                                       f"loaded, more than this server's batch key memory of "

@@ -20,7 +20,7 @@ from medhe.service.errors import ServiceError
 class BatchDiagnoser:
     def __init__(self, client: Client, model: str | None = None) -> None:
         from medhe.data import Preprocess
-        from medhe.he.ckks.batch.client import CKKSBatchClient
+        from medhe.he.scheme import batch_client_for
 
         self.client = client
         self.info = client.model_info(model)
@@ -30,7 +30,7 @@ class BatchDiagnoser:
                              "models without a client stage: use medhe predict without --batch")
         self.spec = client._json("GET", protocol.batch_path(self.id))
         self.preprocess = Preprocess.from_dict(self.info["preprocessing"])
-        self.he = CKKSBatchClient(self.spec)
+        self.he = batch_client_for(self.spec)
         self.he.keygen()
         self.key_id: str | None = None
         self.key_secret: str | None = None  # proves to the server that these batch keys are ours

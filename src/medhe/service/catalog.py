@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medhe.errors import ArtifactError
-from medhe.he.scheme import SCHEMES
+from medhe.he.scheme import encrypted_weight_scheme, has_hook, scheme_hook, schemes
 from medhe.models.artifact import CLIENT_WEIGHTS, WEIGHTS, read_card, resolve_model_dir
 from medhe.service import protocol
 
@@ -50,10 +50,11 @@ class ServedModel:
 
     @property
     def batch_capable(self) -> bool:
-        """Whether batch mode may serve it: a CKKS model compiled from its weights, without a client stage. (Its
-        batch plan is compiled on first use and may still not fit; GET the batch spec says so.)"""
-        return self.ref.scheme == "ckks" and not self.ref.encrypted and self.client_weights is None \
-            and not self.card.get("client_stage")
+        """Whether batch mode may serve it: a model of a scheme with a batch mode (CKKS) compiled from its weights,
+        without a client stage. (Its batch plan is compiled on first use and may still not fit; GET the batch spec
+        says so.)"""
+        return has_hook(self.ref.scheme, "compile_batch") and not self.ref.encrypted \
+            and self.client_weights is None and not self.card.get("client_stage")
 
     def describe(self) -> dict[str, Any]:
         """The public listing entry: enough to preprocess, encrypt, decrypt and interpret without other files."""
@@ -99,10 +100,11 @@ class ServedModel:
 def parse_model_arg(arg: str) -> tuple[str, str | None]:
     """``NAME|DIR[:SCHEME]`` -> (source, scheme or None); a colon not followed by a scheme name is part of a path."""
     source, sep, scheme = arg.rpartition(":")
-    if sep and scheme.lower() in SCHEMES:
+    known = schemes()
+    if sep and scheme.lower() in known:
         return source, scheme.lower()
     if sep and not Path(arg).exists() and "/" not in scheme and "\\" not in scheme:
-        raise ArtifactError(f"unknown scheme {scheme!r} in --model {arg!r}: choose one of {', '.join(SCHEMES)}")
+        raise ArtifactError(f"unknown scheme {scheme!r} in --model {arg!r}: choose one of {', '.join(known)}")
     return arg, None
 
 
@@ -142,8 +144,9 @@ def load_catalog(args: list[str], ckks_options: dict[str, Any] | None = None) ->
         source, scheme = parse_model_arg(arg)
         path, card, weights = read_model_dir(source)
         scheme = scheme or default_scheme(card)
-        if scheme not in SCHEMES:
-            raise ArtifactError(f"{source}: card asks for unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if scheme not in schemes():
+            raise ArtifactError(f"{source}: card asks for unknown scheme {scheme!r}; choose one of "
+                                f"{', '.join(schemes())}")
         loaded.append((_ID_RE.sub("-", str(card["name"])).strip("-") or "model", str(path), scheme, card, weights))
     names = Counter(name for name, *_ in loaded)
     seen: set[str] = set()
@@ -161,7 +164,8 @@ def load_catalog(args: list[str], ckks_options: dict[str, Any] | None = None) ->
 def load_encrypted_catalog(dirs: list[str], taken: list[ServedModel] = ()) -> list[ServedModel]:
     """``--encrypted-model ENCDIR`` arguments as served models: only the ENCDIR's public card is read here (the
     workers load its ciphertexts); ids must not clash with ``taken``."""
-    from medhe.he.ckks.encrypted.model import read_public_card
+    scheme = encrypted_weight_scheme() if dirs else ""
+    read_public_card = scheme_hook(scheme, "read_encrypted_card") if dirs else None
 
     seen = {m.id for m in taken}
     served = []
@@ -174,5 +178,5 @@ def load_encrypted_catalog(dirs: list[str], taken: list[ServedModel] = ()) -> li
         if model_id in seen:
             raise ArtifactError(f"encrypted model {model_id!r} is given twice; serve it once")
         seen.add(model_id)
-        served.append(ServedModel(ModelRef(model_id, str(path), "ckks", encrypted=True), card, None))
+        served.append(ServedModel(ModelRef(model_id, str(path), scheme, encrypted=True), card, None))
     return served

@@ -185,7 +185,7 @@ class _ModelSession:
 def _he_session(info: dict[str, Any], keys: Any) -> Any:
     """A fresh key pair per session, or, for an encrypted model, the key holder's KEYDIR (its weights are
     ciphertexts under that one key set)."""
-    from medhe.he.scheme import client_for
+    from medhe.he.scheme import client_for, key_holder_client
 
     spec = info["spec"]
     if keys is None and not (isinstance(spec, dict) and spec.get("encrypted_model")):
@@ -193,9 +193,7 @@ def _he_session(info: dict[str, Any], keys: Any) -> Any:
     if keys is None:
         raise MedheError(f"model {info['id']!r} is an encrypted model: only the holder of the key set its weights "
                          "are encrypted under can use it; pass --keys KEYDIR (SDK: Client(url, keys=KEYDIR))")
-    from medhe.he.ckks.encrypted.client import KeyHolderClient
-
-    return KeyHolderClient(spec, keys, where=f"the server's model {info['id']!r}")
+    return key_holder_client(spec, keys, where=f"the server's model {info['id']!r}")
 
 
 def _build_stage(info: dict[str, Any], weights: bytes):
@@ -235,9 +233,9 @@ class Client:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify,
                                   transport=transport)
         if keys is not None and not hasattr(keys, "key_id"):
-            from medhe.he.ckks.encrypted.keys import load_keydir
+            from medhe.he.scheme import encrypted_weight_scheme, scheme_hook
 
-            keys = load_keydir(keys)
+            keys = scheme_hook(encrypted_weight_scheme(), "load_keydir")(keys)
         self._keys = keys
         self._sessions: dict[str, _ModelSession] = {}
         self._models: list[dict[str, Any]] | None = None

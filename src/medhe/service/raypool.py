@@ -82,11 +82,11 @@ class KeyActor:
     def batch_server(self, model_id: str) -> Any:
         server = self.batch.get(model_id)
         if server is None:
-            from medhe.he.ckks.batch.server import compile_ckks_batch
+            from medhe.he.scheme import compile_batch
             from medhe.models.artifact import load_artifact
 
-            server = self.batch[model_id] = compile_ckks_batch(load_artifact(self.refs[model_id].source),
-                                                               threads=self.threads)
+            ref = self.refs[model_id]
+            server = self.batch[model_id] = compile_batch(load_artifact(ref.source), ref.scheme, threads=self.threads)
         return server
 
     def batch_spec(self, model_id: str) -> dict:

@@ -123,10 +123,10 @@ async def _score_batch(pool: Any, served: Any, spec: dict, images: Sequence[np.n
     from tqdm import tqdm
 
     from medhe.data import Preprocess
-    from medhe.he.ckks.batch.client import CKKSBatchClient
+    from medhe.he.scheme import batch_client_for
     from medhe.service.raycluster import require_ray
 
-    he = CKKSBatchClient(spec)
+    he = batch_client_for(spec)
     he.keygen()
     keys = require_ray().put(he.evaluation_keys())  # once in the object store, read by every actor
     pre = Preprocess.from_dict(served.card["preprocessing"])

@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from typing import Any
 
 from medhe.errors import MedheError
-from medhe.he.scheme import compile_model
+from medhe.he.scheme import compile_model, load_encrypted_model
 from medhe.models.artifact import load_artifact
 from medhe.service.catalog import ModelRef
 from medhe.service.errors import ServiceError
@@ -45,9 +45,7 @@ class WorkerState:
         self.models = {}
         for ref in refs:
             if ref.encrypted:  # weights exist here only as ciphertexts: the plaintext model is never opened
-                from medhe.he.ckks.encrypted.model import load_encrypted_model
-
-                self.models[ref.id] = load_encrypted_model(ref.source)
+                self.models[ref.id] = load_encrypted_model(ref.scheme, ref.source)
             else:
                 self.models[ref.id] = compile_model(load_artifact(ref.source), ref.scheme, **dict(ref.options))
         self.keys = KeyStore(key_cache_bytes, ttl=None)
