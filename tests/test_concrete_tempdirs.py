@@ -80,3 +80,21 @@ def test_a_circuit_removes_its_folder_when_dropped(tmp_path, monkeypatch):
 
     gc.collect()
     assert not folder.exists()
+
+
+@pytest.mark.slow  # a real server start with a TFHE compile, a key registration and one encrypted diagnosis
+def test_a_worker_that_answered_an_inference_removes_its_folders_at_a_graceful_stop(tmp_path, data_dir):
+    """Found by the soak (medhe bench --service --soak): once a circuit has run, Concrete's own exit handler (it
+    stops its dataflow runtime) ends the worker before weakref's exit hook, so every worker that had answered an
+    inference left its sharedlib.so folders behind at a graceful stop; an idle one did not."""
+    from medhe.data import load_dataset
+    from medhe.service.client import Client
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    image = load_dataset("pneumoniamnist", split="test", data_dir=str(data_dir)).images[0]
+    with ServerProcess([MODEL], workers=1, env={"TMPDIR": str(tmpdir)}) as server:
+        with Client(server.url) as client:
+            assert client.diagnose(image).label in ("normal", "pneumonia")
+        assert compile_folders(tmpdir)
+    assert compile_folders(tmpdir) == {}

@@ -10,6 +10,7 @@ that name and removed by the next :func:`scratch` call of any medhe process.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -102,8 +103,17 @@ def remove(path: str | os.PathLike) -> None:
 
 
 def remove_with(owner: Any, path: str | os.PathLike) -> weakref.finalize:
-    """Remove ``path`` when ``owner`` is garbage-collected or, at the latest, when the interpreter exits."""
-    return weakref.finalize(owner, remove, str(path))
+    """Remove ``path`` when ``owner`` is garbage-collected or, at the latest, when the interpreter exits.
+
+    weakref's own exit hook is not enough: it was registered with ``atexit`` early, and exit handlers run last
+    registered first, so a library's handler registered later runs before it; Concrete's (it stops its dataflow
+    runtime) ends the process once a circuit has run, and every TFHE worker that had answered an inference left
+    its compile folder behind at a graceful stop (found by the soak, ``medhe bench --service --soak``). So the
+    finalizer is also registered with ``atexit`` here, after the library was imported: it runs before that one
+    (calling a finalizer a second time does nothing)."""
+    finalizer = weakref.finalize(owner, remove, str(path))
+    atexit.register(finalizer)
+    return finalizer
 
 
 @contextmanager
