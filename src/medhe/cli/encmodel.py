@@ -37,25 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_encrypt)
 
 
-def _compile(model: str, options: dict):
-    from medhe.he.ckks.encrypted.model import compile_for_encryption
-    from medhe.models.artifact import load_artifact
+def _hook(name: str):
+    from medhe.he.scheme import encrypted_weight_scheme, scheme_hook
 
-    artifact = load_artifact(model)
-    return artifact, compile_for_encryption(artifact, **options)
+    return scheme_hook(encrypted_weight_scheme(), name)
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from medhe.he.ckks.encrypted.keys import SECRET_FILE, create_keydir, prepare_keydir
-    from medhe.he.ckks.encrypted.model import spec_for
-
-    prepare_keydir(args.out)  # refuse or clean up before the seconds of compiling and key generation
     options = {k: v for k, v in (("poly_degree", args.poly_degree), ("scale_bits", args.scale_bits)) if v}
-    artifact, plan = _compile(args.model, options)
-    keys = create_keydir(spec_for(plan, artifact.card), args.out, options)
+    artifact, keys = _hook("make_keydir")(args.model, args.out, options)
+    secret_file = _hook("KEYDIR_SECRET_FILE")
     enc = keys.spec["encrypted_model"]
     print(f"key set {keys.key_id} for {artifact.name!r} written to {keys.path}")
-    print(f"  secret key: {keys.path / SECRET_FILE} (mode 0600; it never leaves this folder)")
+    print(f"  secret key: {keys.path / secret_file} (mode 0600; it never leaves this folder)")
     params = keys.spec["params"]
     print(f"  CKKS N={params['poly_degree']}, primes {params['prime_bits']}, depth {keys.spec['depth']}")
     print(f"  evaluation keys: {human_bytes(len(keys.galois) + len(keys.relin))} "
@@ -66,13 +60,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def run_encrypt(args: argparse.Namespace) -> int:
-    from medhe.he.ckks.encrypted.keys import load_keydir
-    from medhe.he.ckks.encrypted.model import prepare_encdir, write_encrypted_model
-
-    prepare_encdir(args.out)
-    keys = load_keydir(args.keys)
-    artifact, plan = _compile(args.model, keys.compile_options)
-    spec = write_encrypted_model(plan, artifact.card, keys, args.out, progress=not args.no_progress)
+    artifact, keys, spec = _hook("encrypt_model")(args.model, args.keys, args.out, progress=not args.no_progress)
     enc = spec["encrypted_model"]
     print(f"encrypted model {artifact.name!r} written to {args.out}: {enc['weight_ciphertexts']} weight "
           f"ciphertexts ({human_bytes(enc['bytes'])}) under key set {keys.key_id}")

@@ -12,9 +12,9 @@ from medhe import atomic
 from medhe.textformat import human_bytes, ms, table
 from medhe.errors import DataError, MedheError
 from medhe.data.evalsplit import load_eval_data
-from medhe.he.scheme import SCHEMES
+from medhe.he.scheme import SCHEMES, schemes
 
-SCHEME_CHOICES = ("plain", *SCHEMES)
+SCHEME_CHOICES = ("plain", *SCHEMES)  # the shipped ones; --scheme also takes schemes registered at run time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a model on a dataset split; encrypted schemes add encrypted metrics, "
                                    "agreement with plaintext, latency, sizes and parameters to the same JSON.")
     p.add_argument("--model", default="pneumoniamnist", help="shipped model name or model directory")
-    p.add_argument("--scheme", choices=SCHEME_CHOICES, default="plain")
+    p.add_argument("--scheme", choices=("plain", *schemes()), default="plain")
     p.add_argument("--dataset", help="MedMNIST flag or image folder with labels.csv (default: the model's own)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--limit", type=int,
@@ -169,21 +169,17 @@ def _evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spl
     if scheme == "plain":  # per-image labels and logits, as encrypted reports have: ROC and clinical view
         report["logits"] = {"labels": np.asarray(ds.labels).astype(int).tolist(), "plain": compact(plain_logits)}
         return report
+    from medhe.he.scheme import has_hook, scheme_hook
+
     if batch:
-        from medhe.he.ckks.batch.evaluate import evaluate_batch
-
-        return evaluate_batch(artifact, inputs, ds.labels, report, plain_logits, progress=progress)
-    if scheme == "tfhe":
-        from medhe.he.tfhe import evaluate_tfhe
-
-        report.update(evaluate_tfhe(artifact, inputs, ds.labels, fhe=fhe, progress=progress,
-                                    n_execute=n_execute))
-        return report
+        return scheme_hook(scheme, "evaluate_batch")(artifact, inputs, ds.labels, report, plain_logits,
+                                                     progress=progress)
+    if has_hook(scheme, "evaluate"):  # a scheme with its own evaluation (TFHE: simulate, then execute a prefix)
+        return scheme_hook(scheme, "evaluate")(artifact, inputs, ds.labels, report, plain_logits, progress=progress,
+                                               fhe=fhe, n_execute=n_execute)
     if encrypted_model is not None:
-        from medhe.he.ckks.encrypted.evaluate import evaluate_encrypted_model
-
-        return evaluate_encrypted_model(artifact, encrypted_model, keys, inputs, ds.labels, report, plain_logits,
-                                        progress=progress)
+        return scheme_hook(scheme, "evaluate_encrypted_model")(artifact, encrypted_model, keys, inputs, ds.labels,
+                                                               report, plain_logits, progress=progress)
     from medhe.he.evaluate import evaluate_encrypted
 
     options: dict[str, Any] = {"key_bits": key_bits} if scheme == "paillier" else {}
@@ -194,9 +190,9 @@ def _evaluate(model: str, scheme: str = "plain", dataset: str | None = None, spl
         if scheme != "ckks":
             raise MedheError("--debug-layers works with --scheme ckks only")
 
-        def hook(server: Any) -> None:
-            from medhe.he.ckks import layer_report
+        layer_report = scheme_hook(scheme, "layer_report")
 
+        def hook(server: Any) -> None:
             report["debug_layers"] = layer_report(server, inputs[0])
 
     return evaluate_encrypted(artifact, scheme, inputs, ds.labels, report, plain_logits,

@@ -25,21 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medhe.he.ckks.compiler.driver import compile_plan
-    from medhe.he.ckks.inspect import describe, render
-    from medhe.he.ckks.server import input_shape_of
+    from medhe.he.scheme import scheme_hook
     from medhe.models.artifact import load_artifact
 
+    inspect_model = scheme_hook(args.scheme, "inspect_model")  # PlanError naming the scheme if it has none
     art = load_artifact(args.model)
-    options = dict((art.card.get("scheme_options") or {}).get("ckks") or {})
+    options = dict((art.card.get("scheme_options") or {}).get(args.scheme) or {})
     if args.poly_degree:
         options["poly_degree"] = args.poly_degree
     if args.key_switching:
         options["key_switching"] = args.key_switching
-    plan = compile_plan(art.model, input_shape_of(art), art.card.get("activation_ranges"), **options)
-    info = describe(plan)
+    info = inspect_model(art, **options)
     info["model"] = art.card.get("name", args.model)
     info["card"] = card_block(art.card)
+    render = scheme_hook(args.scheme, "render_inspection")
     print(json.dumps(info, indent=1) if args.json else card_header(info["card"]) + "\n" + render(info))
     return 0
 
