@@ -1,6 +1,7 @@
 """The one-way import order of docs/architecture.md, checked on the source: a layer never imports a higher one."""
 
 import ast
+import re
 from pathlib import Path
 
 import medhe
@@ -50,6 +51,24 @@ def test_only_the_cli_imports_the_cli():
                 continue
             wrong += [f"{rel} imports {name}" for name in names if name == "medhe.cli" or name.startswith("medhe.cli.")]
     assert not wrong, "; ".join(wrong)
+
+
+#: what issue 30's acceptance greps for: a scheme package imported by name (any indentation, so function-level too)
+SCHEME_IMPORT = re.compile(r"^\s*(from|import) medhe\.he\.(ckks|tfhe|paillier)\b|^\s*from medhe\.he import .*"
+                           r"\b(ckks|tfhe|paillier)\b", re.MULTILINE)
+
+
+def test_service_cli_and_ui_import_no_scheme_package():
+    """They reach every scheme through medhe.he.scheme (the registry and its hooks), so a new scheme is one package:
+    ``grep -rnE "^\\s*(from|import) medhe\\.he\\.(ckks|tfhe|paillier)" src/medhe/{service,cli,ui}`` finds nothing."""
+    root = Path(medhe.__file__).parent
+    found = []
+    for layer in ("service", "cli", "ui"):
+        for path in sorted((root / layer).rglob("*.py")):
+            text = path.read_text()
+            found += [f"{path.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0).strip()}"
+                      for m in SCHEME_IMPORT.finditer(text)]
+    assert not found, "scheme packages imported outside medhe.he: " + "; ".join(found)
 
 
 def _module_imports() -> dict[str, set[str]]:

@@ -117,9 +117,9 @@ def schemes() -> tuple[str, ...]:
 
 def register_scheme(name: str, package: str | ModuleType) -> None:
     """Add scheme ``name`` implemented by ``package`` (an import path, or a module whose ``__name__`` is
-    importable): the registry, the service and the CLI's functions treat it like the shipped schemes. A package
-    given by path is also named in ``$MEDHE_SCHEMES``, so processes started afterwards (``medhe serve``, its
-    workers) know it too; they must be able to import it (``PYTHONPATH``)."""
+    importable): the registry, the service and the CLI's functions treat it like the shipped schemes. Its import
+    path is also named in ``$MEDHE_SCHEMES``, so processes started afterwards (``medhe serve``, its workers) know
+    it too; they must be able to import it (``PYTHONPATH``)."""
     if not name or not name.replace("-", "").replace("_", "").isalnum() or name in _REGISTRY:
         raise PlanError(f"cannot register scheme {name!r}: give a new name of letters, digits, - and _")
     path = package if isinstance(package, str) else package.__name__
@@ -145,7 +145,15 @@ def scheme_package(scheme: str) -> ModuleType:
         package = registry[scheme]
     except (KeyError, TypeError):
         raise PlanError(f"unknown scheme {scheme!r}: choose one of {', '.join(registry)}") from None
-    return package if isinstance(package, ModuleType) else importlib.import_module(package)
+    if isinstance(package, ModuleType):
+        return package
+    try:
+        return importlib.import_module(package)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not package.startswith(exc.name):
+            raise  # the package itself imports something missing: its own error says what
+        raise PlanError(f"scheme {scheme!r}: its package {package!r} cannot be imported; put the folder that "
+                        f"holds it on PYTHONPATH (${ENV} = {os.environ.get(ENV, '')!r})") from None
 
 
 def has_hook(scheme: str, name: str) -> bool:
