@@ -26,6 +26,19 @@ def test_registry_lists_every_scheme_package():
         compile_model(None, "rsa")
 
 
+def test_every_hook_a_package_declares_resolves_and_a_missing_one_names_the_mode():
+    """The optional modes (``HOOKS``) are found without importing them (``has_hook``) and import when used."""
+    from medhe.he.scheme import HOOKS, has_hook, scheme_hook
+
+    declared = {scheme: [h for h in HOOKS if has_hook(scheme, h)] for scheme in SCHEMES}
+    assert {"compile_batch", "load_encrypted_model", "upload_rules", "run_benchmark"} <= set(declared["ckks"])
+    for scheme, hooks in declared.items():
+        for name in hooks:
+            assert scheme_hook(scheme, name) is not None, (scheme, name)
+    with pytest.raises(PlanError, match="scheme 'paillier' has no batch mode"):
+        scheme_hook("paillier", "compile_batch")
+
+
 @pytest.fixture(scope="module", params=SCHEMES)
 def compiled(request, data_dir):
     from medhe.data.evalsplit import load_eval_data

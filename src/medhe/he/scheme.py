@@ -47,12 +47,20 @@ HOOKS = {
     "load_keydir": "encrypted-weight models",  # (KEYDIR) -> the key holder's key set
     "KeyHolderClient": "encrypted-weight models",  # (spec, keys, where=) -> ClientSession of the key holder
     "make_keydir": "encrypted-weight models",  # medhe keygen
+    "KEYDIR_SECRET_FILE": "encrypted-weight models",  # the secret key's file name in a KEYDIR
     "encrypt_model": "encrypted-weight models",  # medhe encrypt-model
     "evaluate_encrypted_model": "encrypted-weight models",  # medhe evaluate --encrypted-model
     "evaluate": "evaluation of its own",  # replaces the generic medhe evaluate loop (TFHE: simulate + execute)
     "layer_report": "per-layer debugging",  # medhe evaluate --debug-layers
-    "run_benchmark": "benchmark",  # medhe bench --scheme
+    "run_benchmark": "benchmark",  # medhe bench --scheme, and format_benchmark for its summary lines
+    "format_benchmark": "benchmark",
+    "run_engine_measurement": "engine-only benchmark",  # medhe bench --engine-only
+    "run_op_costs": "per-operation benchmark",  # medhe bench --ops
+    "run_batch_benchmark": "batch mode",  # medhe bench --batch, with add_batch_comparison, format_batch_throughput
+    "add_batch_comparison": "batch mode",
+    "format_batch_throughput": "batch mode",
     "inspect_model": "plan inspection",  # medhe inspect: (artifact, **options) -> table, and render_inspection
+    "render_inspection": "plan inspection",
 }
 
 
