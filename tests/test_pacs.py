@@ -430,3 +430,74 @@ def test_pacs_with_authentication(tmp_path, capsys, monkeypatch):
         assert rc == 0, stderr
         assert json.loads(stdout)["studies"] == []
         assert "pacs-s3cret" not in stdout + stderr
+
+
+def test_fhir_url_posts_the_report_once_and_a_refusal_stores_nothing(orthanc, server, data_dir, tmp_path, capsys):
+    """``--fhir-url``: the bundle written to --out is POSTed as a transaction to a real FHIR server on 127.0.0.1
+    before the SR is stored; sending it again files nothing new (conditional creates); a FHIR server that refuses
+    it or is down gives one line, no SR in the PACS and no file (runs after the watch tests: it leaves unreported
+    studies in the PACS)."""
+    from fhir_server import running_fhir_server
+
+    from medhe.pacs.fhirclient import FhirServer
+    from medhe.pacs.privacy import study_ref
+
+    dicomweb, _ = orthanc
+    out = tmp_path / "fhir"
+    good, refused, down = (make_study(_xray(data_dir, label, i), n)
+                           for label, i, n in (("PNEUMONIA", 4, 8), ("NORMAL", 5, 9), ("NORMAL", 6, 10)))
+    for ds in (good, refused, down):
+        upload(dicomweb, ds)
+    printed = []
+    with running_fhir_server() as (fhir_url, store):
+        rc, stdout, stderr = run_cli(capsys, "pacs", "diagnose", "--pacs", dicomweb, "--server", server.url,
+                                     "--out", str(out), "--study", good.StudyInstanceUID, "--fhir-url", fhir_url)
+        printed.append(stdout + stderr)
+        assert rc == 0, stderr
+        assert "SR stored in the PACS" in stdout and "(sent to the FHIR server)" in stdout
+        path = out / f"{study_ref(good.StudyInstanceUID)}.fhir.json"
+        on_disk = json.loads(path.read_text())
+        (sent,) = store.bundles
+        assert sent == on_disk  # the same validated bundle, as a transaction
+        (report,) = store.of_type("DiagnosticReport")
+        observations = store.of_type("Observation")
+        assert len(observations) == 2 and len(report["result"]) == 2
+        assert report["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{good.StudyInstanceUID}"
+        probabilities = {o["code"]["coding"][0]["code"]: o["valueQuantity"]["value"] for o in observations}
+        assert probabilities == {e["resource"]["code"]["coding"][0]["code"]: e["resource"]["valueQuantity"]["value"]
+                                 for e in on_disk["entry"][1:]}
+        assert [s["modality"] for s in series_of(dicomweb, good.StudyInstanceUID)].count("SR") == 1
+
+        # a retry (the PACS refused the SR after the FHIR server took the bundle) files nothing new
+        with FhirServer(fhir_url) as again:
+            assert again.send(on_disk) == ["200 OK"] * 3
+        assert len(store.of_type("DiagnosticReport")) == 1 and len(store.of_type("Observation")) == 2
+
+        store.refuse = True  # answers 422 with an OperationOutcome quoting the patient id
+        rc, stdout, stderr = run_cli(capsys, "pacs", "diagnose", "--pacs", dicomweb, "--server", server.url,
+                                     "--out", str(out), "--study", refused.StudyInstanceUID, "--fhir-url", fhir_url)
+        printed.append(stdout + stderr)
+        lines = stderr.strip().splitlines()
+        assert rc == 2 and stdout == "" and len(lines) == 1, stderr
+        assert lines[0].startswith(f"error: study {study_ref(refused.StudyInstanceUID)}: the FHIR server at "
+                                   f"{fhir_url} refused the report (HTTP 422, issue not-found")
+        assert lines[0].endswith("nothing was stored in the PACS"), lines[0]
+        assert len(store.resources) == 3
+
+    closed = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens there
+    rc, stdout, stderr = run_cli(capsys, "pacs", "diagnose", "--pacs", dicomweb, "--server", server.url,
+                                 "--out", str(out), "--study", down.StudyInstanceUID, "--fhir-url", closed)
+    printed.append(stdout + stderr)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and f"cannot reach the FHIR server at {closed}" in lines[0], stderr
+    for ds in (refused, down):
+        assert "SR" not in [s["modality"] for s in series_of(dicomweb, ds.StudyInstanceUID)]
+        assert not (out / f"{study_ref(ds.StudyInstanceUID)}.fhir.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == [path.name]
+    rc, stdout, stderr = run_cli(capsys, "pacs", "diagnose", "--pacs", dicomweb, "--server", server.url,
+                                 "--out", str(out), "--study", down.StudyInstanceUID, "--fhir-url", "ftp://x")
+    printed.append(stdout + stderr)
+    assert rc == 2 and "is not an http(s) URL" in stderr
+    for text in printed:
+        assert "Traceback" not in text
+        assert_no_phi(text)

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--cacert", help="CA bundle to verify the medhe server's self-signed TLS certificate")
             q.add_argument("--out", default="medhe-fhir", metavar="DIR",
                            help="folder for the FHIR bundles, one REF.fhir.json per study (default medhe-fhir)")
+            q.add_argument("--fhir-url", metavar="URL",
+                           help="also POST each study's FHIR bundle (a transaction) to this FHIR server's base URL, "
+                                "before the SR is stored; a bearer token comes from $MEDHE_FHIR_TOKEN")
+            q.add_argument("--fhir-cacert", metavar="FILE", help="CA bundle to verify the FHIR server's certificate")
 
     def query(q: argparse.ArgumentParser) -> None:
         q.add_argument("--patient", metavar="ID", help="Patient ID")
@@ -111,6 +115,18 @@ def _pacs(args: argparse.Namespace):
                 verify=args.pacs_cacert or True)
 
 
+def _fhir(args: argparse.Namespace):
+    """The FHIR server of --fhir-url, or None (the bundles then only go to --out)."""
+    if not args.fhir_url:
+        return None
+    import os
+
+    from medhe.pacs.fhirclient import TOKEN_ENV, FhirServer
+
+    return FhirServer(args.fhir_url, token=os.environ.get(TOKEN_ENV) or None, timeout=args.pacs_timeout,
+                      verify=args.fhir_cacert or True)
+
+
 def _client(args: argparse.Namespace):
     from medhe.service.client import Client
 
@@ -157,11 +173,12 @@ def run_diagnose(args: argparse.Namespace) -> int:
             raise MedheError("no chest X-ray (CR/DX) study in the PACS matches that query; list studies with "
                              "medhe pacs find")
     failed = 0
+    fhir = _fhir(args)
     with _client(args) as client:
         try:
             for uid in uids:
                 try:
-                    outcome = diagnose_study(pacs, client, uid, args.out, args.model)
+                    outcome = diagnose_study(pacs, client, uid, args.out, args.model, fhir=fhir)
                 except MedheError as exc:
                     if len(uids) == 1:
                         raise
@@ -171,6 +188,8 @@ def run_diagnose(args: argparse.Namespace) -> int:
                     continue
                 print(outcome.line, flush=True)
         finally:
+            if fhir is not None:
+                fhir.close()
             client.forget_keys()
     return 2 if failed else 0
 
@@ -185,6 +204,7 @@ def run_watch(args: argparse.Namespace) -> int:
     if args.interval <= 0 or args.max_backoff < args.interval:
         raise MedheError("--interval must be > 0 and --max-backoff at least --interval")
     pacs = _pacs(args)
+    fhir = _fhir(args)
 
     def stop(signum, frame):  # SIGTERM (a service manager stopping us) ends like Ctrl-C: keys forgotten
         raise KeyboardInterrupt
@@ -197,8 +217,10 @@ def run_watch(args: argparse.Namespace) -> int:
         try:
             counts = watch(pacs, client, args.out, since, args.model, interval=args.interval,
                            max_polls=args.max_polls, max_backoff=args.max_backoff,
-                           emit=lambda line: print(line, flush=True))
+                           emit=lambda line: print(line, flush=True), fhir=fhir)
         finally:
+            if fhir is not None:
+                fhir.close()
             try:
                 client.forget_keys()
             except MedheError:

@@ -6,6 +6,10 @@ ids of the hospital's FHIR server: the patient by its DICOM Patient ID, the stud
 UID>`` (FHIR's ImagingStudy.identifier convention), the DICOM SR by its SOP Instance UID. The bundle is a
 ``transaction``, so it can be POSTed as is to a FHIR server's base URL. Status ``preliminary``: AI output that a
 radiologist has not verified, like the SR's UNVERIFIED flag.
+
+Every resource also carries a stable identifier (a name-based UUID of the study, the source image, the finding,
+the model and its version; also its ``fullUrl``) and is a conditional create on it (``ifNoneExist``), so sending the
+same study's result twice (a retry after the PACS refused the SR) files it once (``medhe.pacs.fhirclient``).
 """
 
 from __future__ import annotations
@@ -18,11 +22,23 @@ from medhe.pacs import codes
 from medhe.pacs.sr import ImageResult, statement
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
+URI_SYSTEM = "urn:ietf:rfc:3986"  # FHIR's system for identifiers that are URIs (here urn:uuid:...)
+#: namespace of medhe's name-based (version 5) UUIDs for FHIR resources
+RESOURCE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:medhe:fhir-resource")
 OBSERVATION_CATEGORY = {"system": "http://terminology.hl7.org/CodeSystem/observation-category",
                         "code": "imaging", "display": "Imaging"}
 REPORT_CATEGORY = {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 THORAX = {"system": "http://snomed.info/sct", "code": "51185008", "display": "Thoracic structure"}
+
+
+def stable_urn(*parts: str) -> str:
+    """``urn:uuid:`` of a version-5 UUID of ``parts``: the same study, image, finding and model give the same one."""
+    return f"urn:uuid:{uuid.uuid5(RESOURCE_NAMESPACE, '|'.join(parts))}"
+
+
+def _conditional(urn: str, resource_type: str) -> dict[str, str]:
+    return {"method": "POST", "url": resource_type, "ifNoneExist": f"identifier={URI_SYSTEM}|{urn}"}
 
 
 def _when(ds) -> str | None:
@@ -57,8 +73,10 @@ def build_bundle(results: list[ImageResult], sr_uid: str, model: str, version: s
     for r in results:
         for label, p in r.probabilities.items():
             concept = codes.finding(label)
-            full = f"urn:uuid:{uuid.uuid4()}"
+            full = stable_urn("observation", str(first.StudyInstanceUID), str(r.source.SOPInstanceUID), label,
+                              model, version)
             obs = {"resourceType": "Observation", "status": "preliminary",
+                   "identifier": [{"system": URI_SYSTEM, "value": full}],
                    "category": [{"coding": [OBSERVATION_CATEGORY]}],
                    "code": {"coding": [concept.fhir()], "text": f"Probability of {concept.meaning} (medhe {model})"},
                    "subject": subject, "valueQuantity": {"value": float(p), "unit": "probability",
@@ -71,17 +89,19 @@ def build_bundle(results: list[ImageResult], sr_uid: str, model: str, version: s
                    "note": [{"text": f"source image urn:oid:{r.source.SOPInstanceUID}"}]}
             if effective:
                 obs["effectiveDateTime"] = effective
-            entries.append({"fullUrl": full, "resource": obs, "request": {"method": "POST", "url": "Observation"}})
+            entries.append({"fullUrl": full, "resource": obs, "request": _conditional(full, "Observation")})
             refs.append({"reference": full})
+    report_urn = stable_urn("report", str(first.StudyInstanceUID), model, version)
     report = {"resourceType": "DiagnosticReport", "status": "preliminary", "category": [{"coding": [REPORT_CATEGORY]}],
-              "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{sr_uid}"}],
+              "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{sr_uid}"},
+                             {"system": URI_SYSTEM, "value": report_urn}],
               "code": {"coding": [codes.IMAGING_STUDY_REPORT.fhir()], "text": "AI chest X-ray diagnosis (encrypted)"},
               "subject": subject, "issued": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "imagingStudy": [study], "result": refs, "conclusion": f"{conclusion}. {statement(scheme)}"}
     if effective:
         report["effectiveDateTime"] = effective
-    entries.insert(0, {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": report,
-                       "request": {"method": "POST", "url": "DiagnosticReport"}})
+    entries.insert(0, {"fullUrl": report_urn, "resource": report,
+                       "request": _conditional(report_urn, "DiagnosticReport")})
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     return validate(bundle)
 

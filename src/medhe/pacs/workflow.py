@@ -2,7 +2,8 @@
 
 Order matters for "nothing half-written": every instance is fetched and checked before any key, ciphertext or
 result leaves this process; the SR and the FHIR bundle are built and validated in memory; the FHIR file is written
-(atomically) next, then the SR is stored in one STOW-RS request, and if that fails the FHIR file is removed again.
+(atomically) next, then sent to the hospital's FHIR server when one is named (a refusal stops there), then the SR
+is stored in one STOW-RS request, and if that fails the FHIR file is removed again.
 So a study ends either fully reported (SR in the PACS and its bundle on disk) or not at all. The SR in the PACS is
 also the idempotency record: a study whose series include medhe's SR is skipped, whichever process reported it.
 """
@@ -19,6 +20,7 @@ from medhe.errors import MedheError
 from medhe.pacs import instances as inst
 from medhe.pacs.codes import is_chest_xray_label
 from medhe.pacs.dicomweb import Pacs, PacsCannotTranscode, PacsUnavailable
+from medhe.pacs.fhirclient import FhirError, FhirServer
 from medhe.pacs.privacy import study_ref
 from medhe.pacs.sr import MANUFACTURER, SERIES_DESCRIPTION, ImageResult, build_sr
 
@@ -79,10 +81,11 @@ def _conclusion(results: list[ImageResult], task: str) -> str:
     return "; ".join(parts)
 
 
-def diagnose_study(pacs: Pacs, client, study_uid: str, out_dir: str | os.PathLike, model: str | None = None
-                   ) -> StudyOutcome:
+def diagnose_study(pacs: Pacs, client, study_uid: str, out_dir: str | os.PathLike, model: str | None = None,
+                   fhir: FhirServer | None = None) -> StudyOutcome:
     """Diagnose one study under encryption and write the SR (into the PACS) and the FHIR bundle (into
-    ``out_dir/<ref>.fhir.json``); a study medhe already reported is skipped."""
+    ``out_dir/<ref>.fhir.json``, and to the ``fhir`` server when given, before the SR); a study medhe already
+    reported is skipped."""
     from medhe import __version__
     from medhe.atomic import write_text
 
@@ -115,11 +118,17 @@ def diagnose_study(pacs: Pacs, client, study_uid: str, out_dir: str | os.PathLik
     path = Path(out_dir) / f"{ref}.fhir.json"
     write_text(path, json.dumps(bundle, indent=2) + "\n")
     try:
+        if fhir is not None:  # first: a FHIR server that refuses the report leaves the study unreported
+            fhir.send(bundle)
         pacs.store([sr])
+    except FhirError as exc:
+        path.unlink(missing_ok=True)
+        raise FhirError(f"study {ref}: {exc}; nothing was stored in the PACS", transient=exc.transient) from None
     except BaseException:
         path.unlink(missing_ok=True)  # the SR is not in the PACS, so neither is the study reported
         raise
-    return StudyOutcome(ref, "reported", f"study {ref}: {conclusion} -> SR stored in the PACS, FHIR {path.name}",
+    sent = " (sent to the FHIR server)" if fhir is not None else ""
+    return StudyOutcome(ref, "reported", f"study {ref}: {conclusion} -> SR stored in the PACS, FHIR {path.name}{sent}",
                         sr_uid=str(sr.SOPInstanceUID), fhir_path=path, results=results)
 
 
@@ -128,6 +137,8 @@ def _transient(pacs: Pacs, client, exc: BaseException) -> bool:
     refused for what it is (modality, frames, pixels) stays refused whatever else is down."""
     if isinstance(exc, inst.NotDiagnosable):
         return False
+    if isinstance(exc, FhirError):
+        return exc.transient
     if isinstance(exc, PacsUnavailable):
         return True
     if not pacs.reachable():
@@ -142,7 +153,8 @@ def _transient(pacs: Pacs, client, exc: BaseException) -> bool:
 
 def watch(pacs: Pacs, client, out_dir: str | os.PathLike, since: str, model: str | None = None,
           interval: float = 30.0, max_polls: int | None = None, max_backoff: float = 300.0,
-          emit: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep) -> dict[str, int]:
+          emit: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
+          fhir: FhirServer | None = None) -> dict[str, int]:
     """Poll QIDO-RS for chest X-ray studies dated ``since`` (YYYYMMDD) or later and diagnose each new one; one
     line per study through ``emit``. Unreachable PACS or server: retry with exponential backoff (up to
     ``max_backoff`` s); a study that cannot be diagnosed is reported once and not retried. Returns counts."""
@@ -161,10 +173,10 @@ def watch(pacs: Pacs, client, out_dir: str | os.PathLike, since: str, model: str
             if st.uid in done:
                 continue
             try:
-                outcome = diagnose_study(pacs, client, st.uid, out_dir, model)
+                outcome = diagnose_study(pacs, client, st.uid, out_dir, model, fhir=fhir)
             except MedheError as exc:
                 if _transient(pacs, client, exc):
-                    emit(f"study {study_ref(st.uid)}: will retry ({exc})")
+                    emit(f"study {study_ref(st.uid)}: will retry ({_without_ref(str(exc), study_ref(st.uid))})")
                     retry = True
                     break
                 done.add(st.uid)
