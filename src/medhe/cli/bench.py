@@ -51,6 +51,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sigterm-after", type=int, metavar="N",
                    help="--service: send the server SIGTERM after N completed requests (drain test; the JSON's "
                         "failed_requests splits retryable 503s, refused connections and lost requests)")
+    p.add_argument("--soak", type=float, metavar="SECONDS",
+                   help="--service: a bounded soak instead of the load test: SECONDS of mixed CKKS/Paillier/TFHE SDK "
+                        "clients (every answer checked), uploads abandoned mid-body and slow clients, the web "
+                        "process's and workers' RSS sampled each second against docs/service.md's bounds, the "
+                        "spool checked empty at the end; exits 1 when a bound is broken")
+    p.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
+                   help="--soak: the server's --header-timeout (default medhe serve's)")
+    p.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS",
+                   help="--soak: the server's --body-timeout (default medhe serve's)")
     p.add_argument("--key-sets", type=int, metavar="N",
                    help="--service: instead of the load test, register one client's CKKS keys N times on a one-worker "
                         "server, delete them, and report the worker's memory before, loaded and after")
@@ -87,7 +96,18 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     if args.key_sets is not None and (not args.service or args.key_sets < 1):
         raise MedheError("--key-sets N (N >= 1) goes with --service")
-    if args.service and args.key_sets:
+    if args.soak is not None and (not args.service or args.url or args.ray is not None or args.key_sets):
+        raise MedheError("--soak SECONDS goes with --service, and starts its own server (no --url, --ray, --key-sets)")
+    if (args.header_timeout is not None or args.body_timeout is not None) and args.soak is None:
+        raise MedheError("--header-timeout and --body-timeout go with --soak")
+    if args.soak is not None:
+        from medhe.service import protocol
+        from medhe.service.soak import run_soak
+
+        result = run_soak(args.soak, data_dir=args.data_dir, workers=2 if args.workers is None else args.workers,
+                          header_timeout=args.header_timeout or protocol.DEFAULT_HEADER_TIMEOUT,
+                          body_timeout=args.body_timeout or protocol.DEFAULT_BODY_TIMEOUT)
+    elif args.service and args.key_sets:
         from medhe.service.keymemory import measure_key_memory
 
         result = measure_key_memory(args.model or "pneumoniamnist", args.key_sets)
@@ -140,14 +160,15 @@ def run(args: argparse.Namespace) -> int:
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "wall_s": round(time.time() - started, 1), **result}
     text = json.dumps(result, indent=2, default=float)
+    status = 1 if result.get("ok") is False else 0  # the soak: a bound broken, a request wrong or lost
     if not json_out:
         print(text)
-        return 0
+        return status
     atomic.write_text(json_out, text + "\n")  # --json: the JSON goes to the file only, a short summary here
     if args.scheme != "ckks" or args.engine_only:  # the CKKS comparison printed its own summary above
         print(short_summary(result))
     print(f"benchmark JSON written to {json_out}")
-    return 0
+    return status
 
 
 def short_summary(result: dict[str, Any]) -> str:
