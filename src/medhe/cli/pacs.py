@@ -12,9 +12,6 @@ from datetime import date
 
 from medhe.service import protocol
 
-_DATE = re.compile(r"^\d{8}(-(\d{8})?)?$|^-\d{8}$")
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pacs", help="diagnose chest X-rays from a PACS (DICOMweb) and write DICOM SR + FHIR back",
                        description="Find chest X-ray studies in a PACS over DICOMweb (QIDO-RS), fetch them "
@@ -81,11 +78,9 @@ def _help(p: argparse.ArgumentParser) -> int:
 
 
 def _check_date(value: str | None, flag: str) -> str | None:
-    from medhe.errors import MedheError
+    from medhe.pacs.dicomweb import check_date
 
-    if value is not None and not _DATE.match(value):
-        raise MedheError(f"{flag} {value!r} is not a DICOM date: use YYYYMMDD or a range like 20260101-20261231")
-    return value
+    return check_date(value, flag)
 
 
 def _pacs(args: argparse.Namespace):

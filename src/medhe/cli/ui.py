@@ -20,6 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8765, help="local port of the page (default 8765)")
     p.add_argument("--token", help=f"bearer token of the server (default: ${protocol.TOKEN_ENV})")
     p.add_argument("--cacert", help="CA bundle to verify the server's self-signed TLS certificate")
+    p.add_argument("--pacs", metavar="URL",
+                   help="DICOMweb root of the hospital's PACS (e.g. http://127.0.0.1:8042/dicom-web): the page can "
+                        "then search chest X-ray studies and open their images; credentials as for medhe pacs "
+                        "($MEDHE_PACS_PASSWORD with --pacs-user, or $MEDHE_PACS_TOKEN)")
+    p.add_argument("--pacs-user", metavar="USER", help="HTTP basic authentication user at the PACS")
+    p.add_argument("--pacs-cacert", metavar="FILE", help="CA bundle to verify the PACS's TLS certificate")
     p.add_argument("--scan-store-mb", type=int, default=512, metavar="MB",
                    help="decoded scans the page keeps in memory, in MB of pixels (default 512); the oldest are "
                         "dropped beyond it or beyond 64 scans")
@@ -38,6 +44,24 @@ def run(args: argparse.Namespace) -> int:
         reset()  # logging as it was: the command may run inside another program (the tests)
 
 
+def _pacs(args: argparse.Namespace):
+    """The PACS of --pacs, or None. Its packages are the pacs extra's, named in one line when missing."""
+    if not args.pacs:
+        if args.pacs_user or args.pacs_cacert:
+            raise MedheError("--pacs-user and --pacs-cacert need --pacs URL")
+        return None
+    try:
+        import dicomweb_client  # noqa: F401
+        import highdicom  # noqa: F401
+    except ImportError:
+        raise MedheError("medhe ui --pacs needs dicomweb-client and highdicom: pip install 'medhe[pacs]'") from None
+    from medhe.pacs.dicomweb import PASSWORD_ENV, TOKEN_ENV, Pacs
+
+    return Pacs(args.pacs, user=args.pacs_user, password=os.environ.get(PASSWORD_ENV) if args.pacs_user else None,
+                token=None if args.pacs_user else os.environ.get(TOKEN_ENV) or None,
+                verify=args.pacs_cacert or True)
+
+
 def _ui(args: argparse.Namespace, say) -> int:
     import uvicorn
 
@@ -53,7 +77,8 @@ def _ui(args: argparse.Namespace, say) -> int:
     _check_port_free(host, args.port)
     if args.scan_store_mb < 1:
         raise MedheError(f"--scan-store-mb {args.scan_store_mb} must be at least 1")
-    app = create_ui_app(args.server, token=token, verify=args.cacert or True, store_bytes=args.scan_store_mb << 20)
+    app = create_ui_app(args.server, token=token, verify=args.cacert or True, store_bytes=args.scan_store_mb << 20,
+                        pacs=_pacs(args))
     url = f"http://{host}:{args.port}/"
     say(f"medhe ui: open {url} in a browser (server {args.server}; Ctrl-C stops)", "ready", url=url,
         server=args.server)

@@ -8,6 +8,7 @@ worth retrying (PACS down, timed out, 5xx), which the watch loop backs off on. R
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,16 @@ TOKEN_ENV = "MEDHE_PACS_TOKEN"
 #: DICOM modalities of chest radiographs: computed (CR) and digital (DX) radiography
 CXR_MODALITIES = ("CR", "DX")
 EXPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+_DATE = re.compile(r"^\d{8}(-(\d{8})?)?$|^-\d{8}$")
+
+
+def check_date(value: str | None, what: str = "--date") -> str | None:
+    """A DICOM date or range as QIDO-RS takes it (YYYYMMDD, A-B, A-, -B), else one line naming ``what``."""
+    if value is not None and not _DATE.match(value):
+        raise MedheError(f"{what} {value!r} is not a DICOM date: use YYYYMMDD or a range like 20260101-20261231")
+    return value
 
 
 class PacsError(MedheError):

@@ -69,6 +69,19 @@ def _fetch(pacs: Pacs, ref: str, study_uid: str, series: list[dict[str, str]]) -
     return sorted(found, key=lambda ds: (int(ds.get("SeriesNumber", 0) or 0), int(ds.get("InstanceNumber", 0) or 0)))
 
 
+def study_images(pacs: Pacs, study_uid: str, series: list[dict[str, str]] | None = None) -> list[tuple[Any, Any]]:
+    """(dataset, pixels) of every chest X-ray image of a study, fetched and checked before anything leaves this
+    process: what ``diagnose_study`` diagnoses and what the clinician's page opens."""
+    ref = study_ref(study_uid)
+    series = pacs.series(study_uid) if series is None else series
+    if not series:
+        raise inst.NotDiagnosable(f"study {ref}: the PACS lists no series for it; nothing was sent or written")
+    datasets = _fetch(pacs, ref, study_uid, series)
+    for i, ds in enumerate(datasets, 1):
+        inst.check_instance(ref, i, ds)
+    return [(ds, inst.pixels(ref, i, ds)) for i, ds in enumerate(datasets, 1)]
+
+
 def _conclusion(results: list[ImageResult], task: str) -> str:
     parts = []
     for i, r in enumerate(results, 1):
@@ -95,10 +108,8 @@ def diagnose_study(pacs: Pacs, client, study_uid: str, out_dir: str | os.PathLik
         raise inst.NotDiagnosable(f"study {ref}: the PACS lists no series for it; nothing was sent or written")
     if already_reported(series):
         return StudyOutcome(ref, "skipped", f"study {ref}: skipped (already reported: medhe's SR is in the PACS)")
-    datasets = _fetch(pacs, ref, study_uid, series)
-    for i, ds in enumerate(datasets, 1):
-        inst.check_instance(ref, i, ds)
-    images = [inst.pixels(ref, i, ds) for i, ds in enumerate(datasets, 1)]
+    pairs = study_images(pacs, study_uid, series)
+    datasets, images = [ds for ds, _ in pairs], [image for _, image in pairs]
     info = client.model_info(model)
     check_model(info)
     results = []

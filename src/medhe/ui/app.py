@@ -32,7 +32,9 @@ STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 256 << 20  # one scan file; large DICOM series frames stay well below
 UPLOADS = 2  # scan uploads in flight at once (the page sends one at a time): memory <= UPLOADS x MAX_UPLOAD
 #: the content type each state-changing route takes (origin.refusal refuses any other, forms included)
-BODY_TYPES = {"/api/scans": "application/octet-stream", "/api/jobs": "application/json"}
+BODY_TYPES = {"/api/scans": "application/octet-stream", "/api/jobs": "application/json",
+              "/api/pacs/scans": "application/json"}
+NO_PACS = "this page was started without a PACS: restart it with medhe ui --pacs URL (the PACS's DICOMweb root)"
 ALLOW_UNUSUAL = "tick \"Diagnose unusual scans anyway\""
 
 
@@ -45,8 +47,15 @@ class PageError(Exception):
 
 
 def create_ui_app(server: str, token: str | None = None, verify: Any = True,
-                  transport: httpx.BaseTransport | None = None, store_bytes: int = STORE_BYTES) -> FastAPI:
+                  transport: httpx.BaseTransport | None = None, store_bytes: int = STORE_BYTES,
+                  pacs: Any = None) -> FastAPI:
+    """``pacs``: a ``medhe.pacs.dicomweb.Pacs`` the page may search and open studies from (None: files only)."""
     diagnoser = Diagnoser(server, token=token, verify=verify, transport=transport)
+    browser = None
+    if pacs is not None:
+        from medhe.ui.pacsbrowse import PacsBrowser  # the pacs extra (dicomweb-client, highdicom) only when asked
+
+        browser = PacsBrowser(pacs)
     scans = ScanStore(max_bytes=store_bytes)
     page_token = origin.new_token()
     index_html = (STATIC / "index.html").read_text().replace("__MEDHE_PAGE_TOKEN__", page_token)
@@ -128,6 +137,52 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
             del body
         scan_id = scans.add(name, image)
         return await run_in_threadpool(view, scan_id, model)
+
+    def pacs_browser():
+        if browser is None:
+            raise PageError(404, NO_PACS)
+        return browser
+
+    @app.get("/api/pacs")
+    async def pacs_info() -> dict:
+        return {"enabled": browser is not None, "url": browser.pacs.url if browser is not None else None}
+
+    @app.get("/api/pacs/studies")
+    async def pacs_studies(patient: str = "", date: str = "", accession: str = "") -> dict:
+        found = pacs_browser()
+        from medhe.pacs.dicomweb import PacsError
+
+        try:
+            return await run_in_threadpool(found.search, patient.strip(), date.strip(), accession.strip())
+        except PacsError as exc:
+            raise PageError(502, str(exc)) from None
+
+    @app.post("/api/pacs/scans")
+    async def pacs_scans(request: Request) -> dict:
+        found = pacs_browser()
+        from medhe.pacs.dicomweb import PacsError
+        from medhe.ui.pacsbrowse import UnknownStudy
+
+        try:
+            body = await request.json()
+            ref, model_id = str(body["study"]), str(body["model"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise PageError(400, "the page sent a malformed request; reload it") from None
+        model_info(model_id)  # an unknown model is refused before the PACS is asked
+        if uploads.locked():
+            raise PageError(503, f"study {ref}: the page is still adding {UPLOADS} other scans; open it again in "
+                                 "a moment")
+        async with uploads:
+            try:
+                images = await run_in_threadpool(found.images, ref)
+            except UnknownStudy as exc:
+                raise PageError(404, str(exc)) from None
+            except PacsError as exc:
+                raise PageError(502, str(exc)) from None
+        views = []
+        for name, image in images:
+            views.append(await run_in_threadpool(view, scans.add(name, image), model_id))
+        return {"scans": views}
 
     @app.get("/api/scans/{scan_id}")
     async def get_scan(scan_id: str, model: str) -> dict:

@@ -137,6 +137,67 @@ async function addFiles(files) {
   updateButtons();
 }
 
+// -- the PACS (medhe ui --pacs) ------------------------------------------------------------------------------
+async function loadPacs() {
+  try {
+    const info = await api("GET", "/api/pacs");
+    $("pacs").hidden = !info.enabled;
+    if (info.enabled) $("pacs-url").textContent = info.url;
+  } catch (e) { /* the page works with files alone */ }
+}
+
+function pacsDate(d) { return /^\d{8}$/.test(d || "") ? `${d.slice(0, 4)}-${d.slice(4, 6)}-${d.slice(6)}` : (d || "-"); }
+
+async function searchPacs(event) {
+  event.preventDefault();
+  const q = new URLSearchParams();
+  for (const [key, id] of [["patient", "pacs-patient"], ["date", "pacs-date"], ["accession", "pacs-accession"]]) {
+    const v = $(id).value.trim();
+    if (v) q.set(key, v);
+  }
+  const note = $("pacs-note");
+  note.hidden = false;
+  note.textContent = "Searching the PACS...";
+  $("pacs-studies").hidden = true;
+  try {
+    const data = await api("GET", `/api/pacs/studies?${q}`);
+    const rows = data.studies.map((st) => {
+      const add = el("button", { class: "small", "data-ref": st.ref, text: "Add" });
+      add.addEventListener("click", () => openStudy(st.ref, add));
+      return el("tr", { "data-ref": st.ref },
+        el("td", {}, el("code", { text: st.ref })), el("td", { text: pacsDate(st.date) }),
+        el("td", { text: st.modalities.join("/") || "-" }), el("td", { text: st.images == null ? "?" : String(st.images) }),
+        el("td", { text: st.reported ? "reported" : "-" }), el("td", {}, add));
+    });
+    $("pacs-studies").querySelector("tbody").replaceChildren(...rows);
+    $("pacs-studies").hidden = !rows.length;
+    note.textContent = rows.length ? (data.more ? `The newest ${rows.length} chest X-ray studies; narrow the search for others.` : "")
+                                   : "No chest X-ray (CR/DX) study matches.";
+    note.hidden = !note.textContent;
+    clearError();
+  } catch (e) {
+    note.hidden = true;
+    showError(e.message);
+  }
+}
+
+async function openStudy(ref, button) {
+  if (!state.model) { showError("No model is selected: the server's model list could not be loaded; press Refresh."); return; }
+  button.disabled = true;
+  try {
+    const data = await api("POST", "/api/pacs/scans", JSON.stringify({ study: ref, model: state.model }),
+                           { "Content-Type": "application/json" });
+    for (const view of data.scans) state.scans.push({ id: view.id, name: view.name, view, job: null });
+    clearError();
+  } catch (e) {
+    showError(e.message);
+  } finally {
+    button.disabled = false;
+  }
+  renderScans();
+  updateButtons();
+}
+
 function renderSteps(job) {
   if (!job) return el("p", { class: "muted", text: "Not diagnosed yet." });
   const list = el("ul", { class: "steps" }, ...job.steps.map((s) =>
@@ -290,6 +351,8 @@ $("coverage").addEventListener("input", () => { $("coverage").dataset.touched = 
 $("clear").addEventListener("click", () => { state.scans = []; renderScans(); updateButtons(); clearError(); });
 $("export-csv").addEventListener("click", () => download("medhe-results.csv", "text/csv", toCSV()));
 $("export-json").addEventListener("click", () => download("medhe-results.json", "application/json", toJSON()));
+$("pacs-search").addEventListener("submit", searchPacs);
 
 window.medhe = { state, results, toCSV, toJSON };
 loadModels(false);
+loadPacs();
