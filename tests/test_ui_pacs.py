@@ -75,8 +75,11 @@ class PageClient:
         self.token = html.split('name="medhe-page-token" content="', 1)[1].split('"', 1)[0]
         self.http = httpx.Client(base_url=url, headers={"Origin": url}, timeout=120)
 
-    def get(self, path: str, **params):
-        return self.http.get(path, params=params)
+    def get(self, path: str):
+        return self.http.get(path)
+
+    def search(self, **fields):
+        return self.post("/api/pacs/search", fields)
 
     def post(self, path: str, body: dict, token: bool = True):
         headers = {"X-Medhe-Page-Token": self.token} if token else {}
@@ -138,20 +141,21 @@ def test_page_pacs_routes_refuse_with_one_sentence(orthanc, server, page_with, d
     page = PageClient(page_with(dicomweb))
 
     assert page.get("/api/pacs").json() == {"enabled": True, "url": dicomweb}
-    r = page.get("/api/pacs/studies")
+    r = page.search()
     assert r.status_code == 422 and r.json()["error"].startswith("give a patient ID, a study date or an accession")
-    r = page.get("/api/pacs/studies", date="2026-12-01")
+    r = page.search(date="2026-12-01")
     assert r.status_code == 422 and "is not a DICOM date" in r.json()["error"]
-    r = page.get("/api/pacs/studies", accession="NO-SUCH-ACCESSION")
+    r = page.search(accession="NO-SUCH-ACCESSION")
     assert r.status_code == 200 and r.json()["studies"] == []
 
     r = page.post("/api/pacs/scans", {"study": "0123456789", "model": "pneumoniamnist"})
     assert r.status_code == 404 and r.json()["error"] == (
         "study 0123456789 is not among this page's PACS search results; search again")
-    (row,) = page.get("/api/pacs/studies", accession=multi.AccessionNumber).json()["studies"]
+    (row,) = page.search(accession=multi.AccessionNumber).json()["studies"]
     ref = study_ref(multi.StudyInstanceUID)
     assert row["ref"] == ref and row["reported"] is False
     assert page.post("/api/pacs/scans", {"study": ref, "model": "pneumoniamnist"}, token=False).status_code == 403
+    assert page.post("/api/pacs/search", {"patient": "MRN1"}, token=False).status_code == 403
     r = page.post("/api/pacs/scans", {"study": ref, "model": "no-such-model"})
     assert r.status_code == 422 and "no-such-model" in r.json()["error"]
     r = page.post("/api/pacs/scans", {"study": ref, "model": "pneumoniamnist"})
@@ -161,10 +165,10 @@ def test_page_pacs_routes_refuse_with_one_sentence(orthanc, server, page_with, d
     assert r.status_code == 415
 
     closed = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
-    r = PageClient(page_with(closed)).get("/api/pacs/studies", patient="MRN1")
+    r = PageClient(page_with(closed)).search(patient="MRN1")
     assert r.status_code == 502 and r.json()["error"].startswith(f"cannot reach the PACS at {closed}")
 
     plain = PageClient(page_with(None))
     assert plain.get("/api/pacs").json() == {"enabled": False, "url": None}
-    r = plain.get("/api/pacs/studies", patient="MRN1")
+    r = plain.search(patient="MRN1")
     assert r.status_code == 404 and "restart it with medhe ui --pacs URL" in r.json()["error"]

@@ -33,7 +33,7 @@ MAX_UPLOAD = 256 << 20  # one scan file; large DICOM series frames stay well bel
 UPLOADS = 2  # scan uploads in flight at once (the page sends one at a time): memory <= UPLOADS x MAX_UPLOAD
 #: the content type each state-changing route takes (origin.refusal refuses any other, forms included)
 BODY_TYPES = {"/api/scans": "application/octet-stream", "/api/jobs": "application/json",
-              "/api/pacs/scans": "application/json"}
+              "/api/pacs/search": "application/json", "/api/pacs/scans": "application/json"}
 NO_PACS = "this page was started without a PACS: restart it with medhe ui --pacs URL (the PACS's DICOMweb root)"
 ALLOW_UNUSUAL = "tick \"Diagnose unusual scans anyway\""
 
@@ -147,13 +147,20 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
     async def pacs_info() -> dict:
         return {"enabled": browser is not None, "url": browser.pacs.url if browser is not None else None}
 
-    @app.get("/api/pacs/studies")
-    async def pacs_studies(patient: str = "", date: str = "", accession: str = "") -> dict:
+    @app.post("/api/pacs/search")
+    async def pacs_search(request: Request) -> dict:
+        """A POST with a JSON body, not a GET with a query: access logs record the path and query of each request,
+        and a patient ID or accession number must not end up there."""
         found = pacs_browser()
         from medhe.pacs.dicomweb import PacsError
 
         try:
-            return await run_in_threadpool(found.search, patient.strip(), date.strip(), accession.strip())
+            body = await request.json()
+            fields = [str(body.get(k) or "").strip() for k in ("patient", "date", "accession")]
+        except (ValueError, TypeError, AttributeError):
+            raise PageError(400, "the page sent a malformed request; reload it") from None
+        try:
+            return await run_in_threadpool(found.search, *fields)
         except PacsError as exc:
             raise PageError(502, str(exc)) from None
 

@@ -150,17 +150,17 @@ function pacsDate(d) { return /^\d{8}$/.test(d || "") ? `${d.slice(0, 4)}-${d.sl
 
 async function searchPacs(event) {
   event.preventDefault();
-  const q = new URLSearchParams();
+  const q = {};  // a POST body, not a query string: the query of a URL ends up in access logs
   for (const [key, id] of [["patient", "pacs-patient"], ["date", "pacs-date"], ["accession", "pacs-accession"]]) {
     const v = $(id).value.trim();
-    if (v) q.set(key, v);
+    if (v) q[key] = v;
   }
   const note = $("pacs-note");
   note.hidden = false;
   note.textContent = "Searching the PACS...";
   $("pacs-studies").hidden = true;
   try {
-    const data = await api("GET", `/api/pacs/studies?${q}`);
+    const data = await api("POST", "/api/pacs/search", JSON.stringify(q), { "Content-Type": "application/json" });
     const rows = data.studies.map((st) => {
       const add = el("button", { class: "small", "data-ref": st.ref, text: "Add" });
       add.addEventListener("click", () => openStudy(st.ref, add));
