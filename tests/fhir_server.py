@@ -6,14 +6,12 @@ OperationOutcome that quotes the patient (as some servers do), to check that med
 from __future__ import annotations
 
 import threading
-import time
 from contextlib import contextmanager
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from medhe.service.launch import free_port
+from asgi_thread import serving
 
 
 class FhirStore:
@@ -83,17 +81,5 @@ class FhirStore:
 def running_fhir_server():
     """Yields (base URL, store) of a FHIR server on a free 127.0.0.1 port, stopped on exit."""
     store = FhirStore()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(store.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test FHIR server did not start on 127.0.0.1 within 30 s")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/fhir", store
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(store.app(), "the test FHIR server") as url:
+        yield f"{url}/fhir", store

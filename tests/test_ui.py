@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from medhe.data import load_dataset, read_image
 from medhe.service.launch import ServerProcess, free_port
 
 # The SDK's own security test already holds an exact detector for the serialized secret key; reuse it.
+from asgi_thread import serving
 from dicom_files import write_dicom
 from test_service import CapturingTransport, SecretIndex, plain_labels, secret_key_material
 
@@ -87,22 +87,11 @@ def capture():
 @pytest.fixture(scope="module")
 def ui(server, capture):
     """The page's backend exactly as ``medhe ui`` builds it, on a free loopback port, its traffic captured."""
-    import uvicorn
-
     from medhe.ui.app import create_ui_app
 
     app = create_ui_app(server.url, transport=capture)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "medhe ui did not start"
-        time.sleep(0.05)
-    yield app, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serving(app, "medhe ui") as url:
+        yield app, url
 
 
 @pytest.fixture(scope="module")

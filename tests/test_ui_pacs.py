@@ -7,63 +7,31 @@ a PACS that is down, a page started without --pacs, a call without the page's to
 
 from __future__ import annotations
 
-import threading
-import time
+from contextlib import ExitStack
 
 import httpx
 import pytest
 
-from medhe.service.launch import ServerProcess, free_port
-from test_pacs import PATIENTS, _xray, make_study, running_orthanc, upload
+from asgi_thread import serving
+from medhe.service.launch import free_port
+from test_pacs import PATIENTS, _xray, make_study, orthanc, server, upload  # noqa: F401  (fixtures of test_pacs)
 from test_ui import browser, css, shots, wait_for  # noqa: F401  (browser, shots: fixtures of test_ui)
 
 pytestmark = pytest.mark.slow  # a PACS, a server, a browser and real CKKS (CI runs it)
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as urls:
-        yield urls
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess(["pneumoniamnist"], workers=1) as srv:
-        yield srv
-
-
-def _serve_page(app):
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "medhe ui did not start"
-        time.sleep(0.05)
-    return srv, thread, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture
 def page_with(server):
     """Start page backends (``create_ui_app`` as ``medhe ui`` builds it) for a PACS URL (or None); stopped after."""
-    started = []
+    with ExitStack() as stack:
+        def start(dicomweb: str | None) -> str:
+            from medhe.pacs.dicomweb import Pacs
+            from medhe.ui.app import create_ui_app
 
-    def start(dicomweb: str | None) -> str:
-        from medhe.pacs.dicomweb import Pacs
-        from medhe.ui.app import create_ui_app
+            app = create_ui_app(server.url, pacs=Pacs(dicomweb, timeout=10) if dicomweb else None)
+            return stack.enter_context(serving(app, "medhe ui"))
 
-        app = create_ui_app(server.url, pacs=Pacs(dicomweb, timeout=10) if dicomweb else None)
-        srv, thread, url = _serve_page(app)
-        started.append((srv, thread))
-        return url
-
-    yield start
-    for srv, thread in started:
-        srv.should_exit = True
-        thread.join(timeout=30)
+        yield start
 
 
 class PageClient:
