@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
 from medhe.service.spool import LOCK, PREFIX
+
+FREE_LAG = 10.0  # seconds within which a worker has freed a key set the web process stopped counting
 
 
 def rss(pid: int, field: str = "VmRSS") -> int:
@@ -59,6 +62,11 @@ class MemWatch:
         # at the same moment: evaluation buffers, runtimes, allocator slack (keys freed later than uncounted too)
         self.workers_start = workers_start
         self.beyond_keys_peak = 0
+        # the same against the most accounted in the last FREE_LAG s: a deleted set is uncounted at once but freed
+        # when its worker gets to the drop (behind the inference it runs), so this leaves out that lag
+        self.beyond_lagged_peak = 0
+        self._recent: deque[tuple[float, int]] = deque()
+        self.at_workers_peak: dict[str, float] = {}  # accounted keys when the workers' RSS together peaked
         self.interval, self.timeline_every = interval, timeline_every
         self.samples = 0
         self.web_peak = self.web_last = 0
@@ -111,9 +119,17 @@ class MemWatch:
             except Exception:  # a probe that fails once (server busy) is no reason to stop watching memory
                 accounted = None
             if accounted is not None:
+                now = time.monotonic()
+                self._recent.append((now, accounted))
+                while self._recent[0][0] < now - FREE_LAG:
+                    self._recent.popleft()
+                total = sum(each.values())
                 self.key_bytes_peak = max(self.key_bytes_peak, accounted)
-                beyond = sum(each.values()) - self.workers_start - accounted
-                self.beyond_keys_peak = max(self.beyond_keys_peak, beyond)
+                self.beyond_keys_peak = max(self.beyond_keys_peak, total - self.workers_start - accounted)
+                lagged = total - self.workers_start - max(v for _, v in self._recent)
+                self.beyond_lagged_peak = max(self.beyond_lagged_peak, lagged)
+                if total >= self.workers_total_peak:
+                    self.at_workers_peak = {"workers_mib": mib(total), "keys_accounted_mib": mib(accounted)}
         self.spool_peak_files = max(self.spool_peak_files, len(files))
         self.spool_peak_bytes = max(self.spool_peak_bytes, spooled)
         at = time.monotonic() - self._t0
@@ -134,6 +150,8 @@ class MemWatch:
             "spool_peak_files": self.spool_peak_files, "spool_peak_mib": mib(self.spool_peak_bytes),
             "key_bytes_accounted_peak_mib": mib(self.key_bytes_peak),
             "workers_growth_beyond_accounted_keys_peak_mib": mib(self.beyond_keys_peak),
+            f"workers_growth_beyond_keys_accounted_within_{FREE_LAG:g}s_peak_mib": mib(self.beyond_lagged_peak),
+            "at_workers_peak": self.at_workers_peak,
             "timeline": self.timeline,
         }
 
