@@ -34,6 +34,9 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 DURATIONS = TESTS / "durations.json"
 GROUP_SECONDS = 45.0  # files shorter than this are packed into groups of about this length
+#: files whose recorded peak reaches this run alone even when short: SEAL's pool keeps each file's buffers in the
+#: process, so two such files packed together would add their peaks (the largest process must stay <= 8 GB)
+ALONE_PEAK_MB = 3000
 DEFAULT_SECONDS = 20.0  # a file with no recorded duration (new) is assumed this long
 DEFAULT_PEAK_MB = 3000
 COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)")
@@ -62,12 +65,14 @@ def _known() -> dict[str, dict]:
 
 
 def plan_jobs(files: list[str], known: dict[str, dict]) -> list[Job]:
-    """Longest first; files under GROUP_SECONDS packed (first fit, by decreasing length) into groups."""
+    """Longest first; files under GROUP_SECONDS and ALONE_PEAK_MB packed (first fit, by decreasing length) into
+    groups; a file with no record counts DEFAULT_PEAK_MB, so it runs alone until a --record run has measured it."""
     est = {f: (float(known.get(f, {}).get("seconds", DEFAULT_SECONDS)),
                int(known.get(f, {}).get("peak_mb", DEFAULT_PEAK_MB))) for f in files}
-    big = [Job([f], *est[f]) for f in files if est[f][0] >= GROUP_SECONDS]
+    alone = {f for f in files if est[f][0] >= GROUP_SECONDS or est[f][1] >= ALONE_PEAK_MB}
+    big = [Job([f], *est[f]) for f in files if f in alone]
     groups: list[Job] = []
-    for f in sorted((f for f in files if est[f][0] < GROUP_SECONDS), key=lambda f: -est[f][0]):
+    for f in sorted((f for f in files if f not in alone), key=lambda f: -est[f][0]):
         seconds, peak = est[f]
         target = next((g for g in groups if g.seconds + seconds <= GROUP_SECONDS), None)
         if target is None:

@@ -134,29 +134,6 @@ def test_native_without_hoisting_is_seal_byte_for_byte_on_multi_block_maps(shall
     assert nat_srv.backend.serialize(out_exact) == seal_srv.backend.serialize(out_seal)
 
 
-@pytest.fixture(scope="module")
-def latent_keys():
-    """The N=16384 plan and one client key draw, shared by both backends' runs (keygen is most of their cost)."""
-    model = latent_64()
-    plan = compile_plan(model, (1, 64, 64))
-    client = CKKSClient(json.loads(json.dumps(CKKSServerModel(plan, backend="seal").spec())))
-    client.keygen()
-    client.key_bytes = client.evaluation_keys()
-    return model, plan, client
-
-
-@pytest.mark.slow  # N=16384 keys: ~35 s with native, ~1 min with SEAL
-@pytest.mark.parametrize("backend", ["native", "seal"])
-def test_conv_pool_se_and_head_across_blocks_run_encrypted(latent_keys, backend):
-    model, plan, client = latent_keys
-    srv = CKKSServerModel(plan, backend=backend)
-    assert srv.backend.name == backend
-    keys = srv.load_keys(client.key_bytes)
-    x = _x(3)
-    want = model(torch.tensor(x)[None]).detach().double().numpy()[0]
-    assert np.abs(client.decrypt(srv.infer(keys, client.encrypt(x))) - want).max() <= 1e-2
-
-
 def test_wrong_block_count_from_a_client_is_refused_clearly():
     torch.manual_seed(6)
     model = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(1, 2, 3, padding=1), PolyAct((0.2, 0.5, 0.0)),
@@ -283,7 +260,7 @@ def test_inspect_command_prints_the_plan(capsys):
 @pytest.mark.slow
 def test_blockbench_measures_the_server_alone(tmp_path, capsys):
     """The bench's parent/child split and its report; a small plan (the 64x64 width-8 one runs encrypted in
-    test_conv_pool_se_and_head_across_blocks_run_encrypted, twice)."""
+    test_ckks_blocks_se.py, twice)."""
     from medhe.he.ckks import blockbench
 
     out = tmp_path / "b.json"
