@@ -30,7 +30,7 @@ orthanc:
 demo: $(STAMP)
 	$(BIN)/medhe demo
 
-# tests/suite.py: one pytest process per test file (small ones packed), two at a time; see its docstring for why
+# tests/suite.py: one pytest process per test file (small ones packed), three at a time on 2 cores (cores + 1, at most 3; --jobs N for more); see its docstring for why
 test: $(STAMP) orthanc
 	MEDHE_OFFLINE=1 $(BIN)/python tests/suite.py
 
