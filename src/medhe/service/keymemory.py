@@ -9,7 +9,6 @@ and the server's key accounting, deletes every set, waits, reads the RSS again. 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,13 +16,7 @@ import httpx
 from medhe.service import protocol
 from medhe.service.client import Client
 from medhe.service.launch import ServerProcess
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from medhe.service.memwatch import rss
 
 
 def measure_key_memory(model: str = "pneumoniamnist", sets: int = 30) -> dict[str, Any]:
