@@ -77,13 +77,13 @@ def _help(p: argparse.ArgumentParser) -> int:
     return 1
 
 
-def _check_date(value: str | None, flag: str) -> str | None:
-    from medhe.pacs.dicomweb import check_date
-
-    return check_date(value, flag)
-
-
 def _pacs(args: argparse.Namespace):
+    return open_pacs(args.pacs, args.pacs_user, args.pacs_cacert, timeout=args.pacs_timeout)
+
+
+def open_pacs(url: str, user: str | None, cacert: str | None, timeout: float = 60.0, command: str = "medhe pacs"):
+    """The PACS at ``url`` with the credentials of $MEDHE_PACS_PASSWORD (with ``user``) or $MEDHE_PACS_TOKEN; the
+    pacs extra's packages named in one line when missing (``medhe pacs`` and ``medhe ui --pacs``)."""
     import importlib
 
     from medhe.errors import MedheError
@@ -96,18 +96,14 @@ def _pacs(args: argparse.Namespace):
         except ImportError:
             missing.append(name)
     if missing:
-        raise MedheError(f"medhe pacs needs {', '.join(missing)}: pip install 'medhe[pacs]' (from a clone: "
+        raise MedheError(f"{command} needs {', '.join(missing)}: pip install 'medhe[pacs]' (from a clone: "
                          "pip install -e '.[pacs]')")
-    from medhe.pacs.dicomweb import Pacs
-
     import os
 
-    from medhe.pacs.dicomweb import PASSWORD_ENV, TOKEN_ENV
+    from medhe.pacs.dicomweb import PASSWORD_ENV, TOKEN_ENV, Pacs
 
-    return Pacs(args.pacs, timeout=args.pacs_timeout, user=args.pacs_user,
-                password=os.environ.get(PASSWORD_ENV) if args.pacs_user else None,
-                token=None if args.pacs_user else os.environ.get(TOKEN_ENV) or None,
-                verify=args.pacs_cacert or True)
+    return Pacs(url, timeout=timeout, user=user, password=os.environ.get(PASSWORD_ENV) if user else None,
+                token=None if user else os.environ.get(TOKEN_ENV) or None, verify=cacert or True)
 
 
 def _fhir(args: argparse.Namespace):
@@ -132,7 +128,9 @@ def run_find(args: argparse.Namespace) -> int:
     from medhe.pacs.privacy import study_ref
     from medhe.pacs.workflow import already_reported
 
-    _check_date(args.date, "--date")
+    from medhe.pacs.dicomweb import check_date
+
+    check_date(args.date, "--date")
     pacs = _pacs(args)
     studies = pacs.search_studies(patient=args.patient, modality=args.modality, date=args.date,
                                   accession=args.accession)
@@ -155,7 +153,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from medhe.pacs.privacy import study_ref
     from medhe.pacs.workflow import diagnose_study
 
-    _check_date(args.date, "--date")
+    from medhe.pacs.dicomweb import check_date
+
+    check_date(args.date, "--date")
     if not (args.study or args.patient or args.date or args.accession):
         raise MedheError("say which studies: --study UID, or a query (--patient, --date, --accession)")
     pacs = _pacs(args)

@@ -50,16 +50,9 @@ def _pacs(args: argparse.Namespace):
         if args.pacs_user or args.pacs_cacert:
             raise MedheError("--pacs-user and --pacs-cacert need --pacs URL")
         return None
-    try:
-        import dicomweb_client  # noqa: F401
-        import highdicom  # noqa: F401
-    except ImportError:
-        raise MedheError("medhe ui --pacs needs dicomweb-client and highdicom: pip install 'medhe[pacs]'") from None
-    from medhe.pacs.dicomweb import PASSWORD_ENV, TOKEN_ENV, Pacs
+    from medhe.cli.pacs import open_pacs
 
-    return Pacs(args.pacs, user=args.pacs_user, password=os.environ.get(PASSWORD_ENV) if args.pacs_user else None,
-                token=None if args.pacs_user else os.environ.get(TOKEN_ENV) or None,
-                verify=args.pacs_cacert or True)
+    return open_pacs(args.pacs, args.pacs_user, args.pacs_cacert, command="medhe ui --pacs")
 
 
 def _ui(args: argparse.Namespace, say) -> int:
