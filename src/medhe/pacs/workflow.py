@@ -104,9 +104,7 @@ def diagnose_study(pacs: Pacs, client, study_uid: str, out_dir: str | os.PathLik
 
     ref = study_ref(study_uid)
     series = pacs.series(study_uid)
-    if not series:
-        raise inst.NotDiagnosable(f"study {ref}: the PACS lists no series for it; nothing was sent or written")
-    if already_reported(series):
+    if already_reported(series):  # (no series at all: study_images says so)
         return StudyOutcome(ref, "skipped", f"study {ref}: skipped (already reported: medhe's SR is in the PACS)")
     pairs = study_images(pacs, study_uid, series)
     datasets, images = [ds for ds, _ in pairs], [image for _, image in pairs]
