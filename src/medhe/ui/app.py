@@ -46,6 +46,14 @@ class PageError(Exception):
         self.status = status
 
 
+def _status_handler(status: int):
+    """An exception handler answering the error's one sentence with ``status``."""
+    async def handler(request: Request, exc: Exception):
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    return handler
+
+
 def create_ui_app(server: str, token: str | None = None, verify: Any = True,
                   transport: httpx.BaseTransport | None = None, store_bytes: int = STORE_BYTES,
                   pacs: Any = None) -> FastAPI:
@@ -92,6 +100,13 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
     @app.exception_handler(MedheError)
     async def _medhe_error(request: Request, exc: MedheError):
         return JSONResponse({"error": str(exc)}, status_code=422)
+
+    if browser is not None:  # the PACS's own failures: it is down or refused (502), a ref no search returned (404)
+        from medhe.pacs.dicomweb import PacsError
+        from medhe.ui.pacsbrowse import UnknownStudy
+
+        for kind, status in ((PacsError, 502), (UnknownStudy, 404)):
+            app.add_exception_handler(kind, _status_handler(status))
 
     def model_info(model_id: str) -> dict[str, Any]:
         try:
@@ -152,24 +167,16 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
         """A POST with a JSON body, not a GET with a query: access logs record the path and query of each request,
         and a patient ID or accession number must not end up there."""
         found = pacs_browser()
-        from medhe.pacs.dicomweb import PacsError
-
         try:
             body = await request.json()
             fields = [str(body.get(k) or "").strip() for k in ("patient", "date", "accession")]
         except (ValueError, TypeError, AttributeError):
             raise PageError(400, "the page sent a malformed request; reload it") from None
-        try:
-            return await run_in_threadpool(found.search, *fields)
-        except PacsError as exc:
-            raise PageError(502, str(exc)) from None
+        return await run_in_threadpool(found.search, *fields)
 
     @app.post("/api/pacs/scans")
     async def pacs_scans(request: Request) -> dict:
         found = pacs_browser()
-        from medhe.pacs.dicomweb import PacsError
-        from medhe.ui.pacsbrowse import UnknownStudy
-
         try:
             body = await request.json()
             ref, model_id = str(body["study"]), str(body["model"])
@@ -180,12 +187,7 @@ def create_ui_app(server: str, token: str | None = None, verify: Any = True,
             raise PageError(503, f"study {ref}: the page is still adding {UPLOADS} other scans; open it again in "
                                  "a moment")
         async with uploads:
-            try:
-                images = await run_in_threadpool(found.images, ref)
-            except UnknownStudy as exc:
-                raise PageError(404, str(exc)) from None
-            except PacsError as exc:
-                raise PageError(502, str(exc)) from None
+            images = await run_in_threadpool(found.images, ref)
         views = []
         for name, image in images:
             views.append(await run_in_threadpool(view, scans.add(name, image), model_id))
