@@ -10,7 +10,7 @@ import numpy as np
 
 from medhe import atomic
 from medhe.textformat import human_bytes, ms, table
-from medhe.errors import DataError, MedheError
+from medhe.errors import MedheError
 from medhe.data.evalsplit import load_eval_data
 from medhe.he.scheme import SCHEMES, schemes
 
